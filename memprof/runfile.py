@@ -1,0 +1,213 @@
+"""The run files, read and written in one place.
+
+Layout of a run folder ``<out>/``:
+
+* ``rank<R>.jsonl`` -- written by rank R as it goes, one JSON object per line, flushed and fsynced
+  after every step so a rank that dies loses nothing already measured. Line kinds (``"type"``):
+
+  - ``header``: ``{"type": "header", "schema_version", "rank", "host", "device", "run": {...}}``
+  - ``step``:   ``{"type": "step", "step", "loss", "phases": {phase: PhaseRecord}}``
+  - ``oom``:    ``{"type": "oom", "step", "phase", "breakdown": Breakdown, "total_bytes",
+                   "budget_bytes", "message"}`` (simulated budget exceeded or a real CUDA OOM)
+  - ``end``:    ``{"type": "end", "peak_host_rss_bytes"}``
+
+  A ``PhaseRecord`` is ``{"end": Breakdown, "peak": Breakdown, "peak_total": int,
+  "end_total": int, "host_rss_bytes": int, "cuda": {...}?}`` where a Breakdown is
+  ``{"device": {category: bytes}, "host": {category: bytes}}`` (see :mod:`memprof.categories`),
+  ``peak`` is the breakdown at the moment of the phase's peak and ``peak_total`` its device total.
+  ``cuda`` (CUDA runs only) holds the caching allocator's counters for the phase:
+  ``allocated_bytes``, ``reserved_bytes``, ``peak_allocated_bytes``, ``alloc_retries``.
+
+* ``memprof.json`` -- written atomically by rank 0 at the end after gathering every rank over
+  torch.distributed::
+
+    {"schema_version": 1,
+     "run": {"model", "n_params", "world_size", "nodes", "zero_stage", "optimizer", "precision",
+             "micro_batch", "seq_len", "steps", "device_type", "versions": {...},
+             "deepspeed_config": {...}, "model_config": {...}, ...},
+     "ranks": [{"rank", "host", "device", "steps": [StepRecord...], "oom": OomRecord|null,
+                "complete": bool, "peak_host_rss_bytes": int|null}],
+     "missing_ranks": [int, ...],
+     "estimate": {...} | null}          # memprof.estimate's JSON for the run's own setup
+
+:func:`load_run` reads either form and always returns the ``memprof.json`` shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, IO
+
+from memprof.errors import MemprofError
+
+SCHEMA_VERSION = 1
+RUN_FILE_NAME = "memprof.json"
+_RANK_FILE_RE = re.compile(r"^rank(\d+)\.jsonl$")
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank{rank}.jsonl"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename, so a reader
+    never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+class RankWriter:
+    """Appends one rank's records to ``rank<R>.jsonl``; every record is flushed and fsynced."""
+
+    def __init__(self, out_dir: str | os.PathLike, rank: int, header: dict[str, Any]):
+        self.path = Path(out_dir) / rank_file_name(rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f: IO[str] | None = open(self.path, "w", encoding="utf-8")
+        self.write({"type": "header", "schema_version": SCHEMA_VERSION, "rank": rank, **header})
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            raise RuntimeError(f"{self.path} is already closed")
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_rank_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of one ``rank<R>.jsonl``. A torn last line (the rank died mid-write) is dropped;
+    a corrupt line elsewhere is an error."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MemprofError(f"cannot read {path}: {e.strerror}") from None
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn final line: the rank died while writing it
+            raise MemprofError(f"{path}:{i + 1} is not valid JSON: the file is corrupted") from None
+        if not isinstance(rec, dict) or "type" not in rec:
+            raise MemprofError(f"{path}:{i + 1} is not a memprof record")
+        records.append(rec)
+    if not records or records[0].get("type") != "header":
+        raise MemprofError(f"{path} has no header line: it is not a memprof rank file")
+    _check_version(records[0].get("schema_version"), path)
+    return records
+
+
+def rank_entry_from_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``ranks[i]`` entry of memprof.json built from one rank's records."""
+    header = records[0]
+    entry: dict[str, Any] = {
+        "rank": header["rank"],
+        "host": header.get("host"),
+        "device": header.get("device"),
+        "steps": [],
+        "oom": None,
+        "complete": False,
+        "peak_host_rss_bytes": None,
+    }
+    for rec in records[1:]:
+        kind = rec.get("type")
+        if kind == "step":
+            entry["steps"].append({k: v for k, v in rec.items() if k != "type"})
+        elif kind == "oom":
+            entry["oom"] = {k: v for k, v in rec.items() if k != "type"}
+        elif kind == "end":
+            entry["complete"] = True
+            entry["peak_host_rss_bytes"] = rec.get("peak_host_rss_bytes")
+    return entry
+
+
+def assemble_run(
+    run: dict[str, Any],
+    rank_records: dict[int, list[dict[str, Any]]],
+    estimate: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """memprof.json from the run's metadata and each rank's records (rank -> records)."""
+    world_size = int(run.get("world_size") or (max(rank_records) + 1 if rank_records else 0))
+    ranks = [rank_entry_from_records(rank_records[r]) for r in sorted(rank_records)]
+    present = {r["rank"] for r in ranks}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": run,
+        "ranks": ranks,
+        "missing_ranks": [r for r in range(world_size) if r not in present],
+        "estimate": estimate,
+    }
+
+
+def _check_version(version: Any, path: Path) -> None:
+    if not isinstance(version, int):
+        raise MemprofError(f"{path} has no schema_version: it is not a memprof run file")
+    if version > SCHEMA_VERSION:
+        raise MemprofError(
+            f"{path} has schema_version {version}, newer than this memprof understands "
+            f"({SCHEMA_VERSION}): upgrade memprof"
+        )
+
+
+def load_run(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a run: a ``memprof.json`` file, or a folder holding ``memprof.json`` or
+    ``rank<R>.jsonl`` files. Returns the memprof.json shape; raises MemprofError on bad input."""
+    path = Path(path)
+    if not path.exists():
+        raise MemprofError(f"{path} does not exist: pass a memprof.json or a run folder")
+    if path.is_dir():
+        if (path / RUN_FILE_NAME).is_file():
+            return load_run(path / RUN_FILE_NAME)
+        rank_files = {
+            int(m.group(1)): p
+            for p in path.iterdir()
+            if (m := _RANK_FILE_RE.match(p.name)) is not None
+        }
+        if not rank_files:
+            raise MemprofError(f"{path} holds neither memprof.json nor rank<R>.jsonl files")
+        records = {r: read_rank_lines(p) for r, p in rank_files.items()}
+        run = dict(records[min(records)][0].get("run") or {})
+        return assemble_run(run, records)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MemprofError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MemprofError(f"{path} is not valid JSON (truncated or corrupted): re-run or re-gather it") from None
+    if not isinstance(data, dict):
+        raise MemprofError(f"{path} is not a memprof run file")
+    _check_version(data.get("schema_version"), path)
+    if not isinstance(data.get("ranks"), list) or not isinstance(data.get("run"), dict):
+        raise MemprofError(f"{path} lacks 'run' or 'ranks': it is not a complete memprof run file")
+    data.setdefault("missing_ranks", [])
+    data.setdefault("estimate", None)
+    return data
