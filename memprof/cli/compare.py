@@ -1,0 +1,97 @@
+"""``memprof compare RUN``: a run's measured memory beside the estimate for its own setup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from memprof.compare import PEAK_TOLERANCE, RESIDENT_TOLERANCE, Comparison, compare_run
+from memprof.errors import MemprofError
+from memprof.runfile import load_run
+from memprof.units import format_bytes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memprof compare",
+        description=(
+            "Put a run's measured memory (last complete step, per rank) beside the estimate for its "
+            f"setup. Checked: resident params/master_params/optimizer_state within "
+            f"{RESIDENT_TOLERANCE:.1%}, per-phase peak totals within {PEAK_TOLERANCE:.0%}."
+        ),
+    )
+    p.add_argument("run", help="a memprof.json or a run folder of rank<R>.jsonl files")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.add_argument(
+        "--fresh-estimate",
+        action="store_true",
+        help="re-estimate from the run's metadata with this memprof instead of the stored estimate",
+    )
+    p.add_argument("--check", action="store_true", help="exit 1 when a checked figure is outside its tolerance")
+    return p
+
+
+def run_estimate(run_doc: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    if run_doc.get("estimate") and not fresh:
+        return run_doc["estimate"]
+    from memprof.estimate import estimate, inputs_from_run
+
+    return estimate(inputs_from_run(run_doc["run"])).to_json()
+
+
+def _fmt_err(err: float | None) -> str:
+    if err is None:
+        return "-"
+    if err == float("inf"):
+        return "new"
+    return f"{err:+.2%}"
+
+
+def print_table(cmp: Comparison, run_doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    run = run_doc["run"]
+    title = (
+        f"{run.get('model')} · ZeRO-{run.get('zero_stage')} · {run.get('optimizer')} · "
+        f"{run.get('precision')} · world {run.get('world_size')} · {run.get('device_type')}"
+    )
+    table = Table(title=f"measured vs estimated — {title}")
+    for col in ("rank", "what", "where", "category / phase", "measured", "estimated", "error", "check"):
+        table.add_column(col, justify="right" if col in ("measured", "estimated", "error") else "left")
+    for r in cmp.rows:
+        if r.what == "rest" and r.measured == 0 and r.estimated == 0:
+            continue  # nothing held and nothing predicted: keep the table readable
+        check = {None: "", True: "ok", False: "[red]OUT[/red]"}[r.ok]
+        table.add_row(
+            str(r.rank),
+            "at rest" if r.what == "rest" else "peak",
+            r.location,
+            r.name,
+            format_bytes(r.measured),
+            format_bytes(r.estimated),
+            _fmt_err(r.error),
+            check,
+        )
+    console = Console()
+    console.print(table)
+    if cmp.missing_ranks:
+        console.print(f"missing ranks (no records): {cmp.missing_ranks}")
+    n_bad = len(cmp.failures())
+    console.print("all checked figures within tolerance" if n_bad == 0 else f"{n_bad} checked figure(s) outside tolerance")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    run_doc = load_run(args.run)
+    if not run_doc["ranks"]:
+        raise MemprofError(f"{args.run} holds no rank records: nothing to compare")
+    cmp = compare_run(run_doc, run_estimate(run_doc, args.fresh_estimate))
+    if args.json:
+        json.dump(cmp.to_json(), sys.stdout, indent=1)
+        print()
+    else:
+        print_table(cmp, run_doc)
+    return 1 if (args.check and not cmp.ok) else 0

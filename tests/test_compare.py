@@ -1,0 +1,78 @@
+"""memprof.compare on hand-made run and estimate documents (no training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from memprof.categories import empty_breakdown
+from memprof.compare import compare_run
+from memprof.runfile import SCHEMA_VERSION, write_json_atomic
+
+
+def _run_doc(params: int, opt: int, peaks: dict[str, int]) -> dict:
+    rest = empty_breakdown()
+    rest["device"]["params"] = params
+    rest["device"]["optimizer_state"] = opt
+    phases = {p: {"end": rest, "peak": rest, "peak_total": peaks[p], "end_total": params + opt} for p in peaks}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": {"model": "m", "zero_stage": 1, "optimizer": "adam", "precision": "fp32", "world_size": 1},
+        "ranks": [{"rank": 0, "host": "h", "device": "cpu", "steps": [{"step": 0, "loss": 1.0, "phases": phases}]}],
+        "missing_ranks": [],
+        "estimate": None,
+    }
+
+
+def _estimate(params: int, opt: int, peaks: dict[str, int]) -> dict:
+    rest = empty_breakdown()
+    rest["device"]["params"] = params
+    rest["device"]["optimizer_state"] = opt
+    return {"ranks": [{"rank": 0, **rest, "phases": {p: {"peak": rest, "peak_total": v} for p, v in peaks.items()}}]}
+
+
+PEAKS = {"forward": 1000, "backward": 2000, "step": 3000}
+
+
+def test_exact_estimate_passes_and_errors_are_relative_to_measured():
+    cmp = compare_run(_run_doc(4000, 8000, PEAKS), _estimate(4000, 8000, PEAKS))
+    assert cmp.ok
+    params_row = next(r for r in cmp.rows if r.what == "rest" and r.location == "device" and r.name == "params")
+    assert params_row.error == 0.0
+
+
+def test_resident_off_by_one_percent_fails_but_half_percent_passes():
+    # 0.5% of 8000 bytes is 40 bytes: 8040 is at the limit, 8080 (1%) is outside it
+    assert compare_run(_run_doc(4000, 8000, PEAKS), _estimate(4000, 8040, PEAKS)).ok
+    cmp = compare_run(_run_doc(4000, 8000, PEAKS), _estimate(4000, 8080, PEAKS))
+    bad = cmp.failures()
+    assert [(r.what, r.name) for r in bad] == [("rest", "optimizer_state")]
+    assert abs(bad[0].error - 0.01) < 1e-12
+
+
+def test_peak_within_five_percent():
+    ok_peaks = {"forward": 1050, "backward": 1900, "step": 3000}  # +5%, -5%, exact
+    assert compare_run(_run_doc(1, 1, PEAKS), _estimate(1, 1, ok_peaks)).ok
+    bad_peaks = {"forward": 1060, "backward": 2000, "step": 3000}  # +6%
+    assert [r.name for r in compare_run(_run_doc(1, 1, PEAKS), _estimate(1, 1, bad_peaks)).failures()] == ["forward"]
+
+
+def test_cli_check_exit_codes(tmp_path):
+    doc = _run_doc(4000, 8000, PEAKS)
+    doc["estimate"] = _estimate(4000, 8080, PEAKS)
+    path = tmp_path / "memprof.json"
+    write_json_atomic(path, doc)
+    cmd = [sys.executable, "-m", "memprof", "compare", str(path), "--json", "--check"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    data = json.loads(res.stdout)
+    assert data["ok"] is False
+
+
+def test_cli_missing_file_is_one_line_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "memprof", "compare", str(tmp_path / "nope.json")], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "does not exist" in res.stderr
