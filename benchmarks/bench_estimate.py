@@ -1,0 +1,46 @@
+"""Benchmark: the estimator is pure arithmetic.
+
+* one estimate of a 175B-parameter model (bare count, ZeRO-3, 1024 ranks): must take well under 1 s
+  and import no torch;
+* a 10,000-configuration sweep (the planner's inner loop: stage x world size x micro-batch x
+  precision x optimizer on GPT-2 XL): must take under 1 s.
+
+Run: ``.venv/bin/python benchmarks/bench_estimate.py`` (prints one JSON line per measurement).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+
+from memprof.estimate import EstimateInputs, estimate
+from memprof.estimate.core import peak_device_bytes
+from memprof.models import preset_config
+
+
+def bench_175b() -> dict:
+    t0 = time.perf_counter()
+    est = estimate(EstimateInputs(n_params=175 * 10**9, world_size=1024, zero_stage=3, precision="bf16",
+                                  gpu_memory_bytes=80 * 2**30))
+    dt = time.perf_counter() - t0
+    return {"bench": "estimate_175b", "seconds": dt, "peak_device_bytes": est.peak_device_bytes,
+            "torch_imported": "torch" in sys.modules, "ok": dt < 0.1 and "torch" not in sys.modules}
+
+
+def bench_sweep(n: int = 10_000) -> dict:
+    base = EstimateInputs(model_config=preset_config("gpt2-xl"), seq_len=1024, gpu_memory_bytes=80 * 2**30)
+    grid = itertools.product(range(4), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), range(1, 64),
+                             ("fp32", "bf16"), ("adamw", "sgd"))
+    configs = [base.with_(zero_stage=s, world_size=w, micro_batch=mb, precision=p, optimizer=o)
+               for s, w, mb, p, o in itertools.islice(grid, n)]
+    t0 = time.perf_counter()
+    fits = sum(peak_device_bytes(c) <= base.gpu_memory_bytes for c in configs)
+    dt = time.perf_counter() - t0
+    return {"bench": "sweep_10k_configs", "configs": len(configs), "seconds": dt, "fitting": fits, "ok": dt < 1.0}
+
+
+if __name__ == "__main__":
+    for result in (bench_175b(), bench_sweep()):
+        print(json.dumps(result))

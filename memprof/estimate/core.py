@@ -1,0 +1,247 @@
+"""``estimate()``: per-rank memory by category, at rest and at each phase's peak.
+
+Pure arithmetic over :mod:`model_shapes`, :mod:`optimizers`, :mod:`zero_layout` and
+:mod:`activations`; no torch import, so a planner can call it thousands of times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from memprof.categories import CATEGORIES, PHASES, Breakdown, Category, breakdown_total, empty_breakdown
+from memprof.errors import MemprofError
+from memprof.estimate.activations import Activations, gpt2_activations
+from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.model_shapes import ModelShape, model_shape
+from memprof.estimate.optimizers import OPTIMIZER_SPECS
+from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32, StateLayout, model_state_layout
+
+ACT = Category.ACTIVATIONS.value
+OPT = Category.OPTIMIZER_STATE.value
+
+
+@dataclass
+class RankEstimate:
+    rank: int
+    rest: Breakdown
+    phases: dict[str, Breakdown]
+
+    def phase_total(self, phase: str) -> int:
+        return breakdown_total(self.phases[phase], "device")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "device": dict(self.rest["device"]),
+            "host": dict(self.rest["host"]),
+            "phases": {ph: {"peak": self.phases[ph], "peak_total": self.phase_total(ph)} for ph in PHASES},
+        }
+
+
+@dataclass
+class Estimate:
+    inputs: EstimateInputs
+    shape: ModelShape
+    ranks: list[RankEstimate]
+    activations: Activations | None
+    assumptions: list[str] = field(default_factory=list)
+    overhead: dict[str, Any] = field(default_factory=dict)
+    paper_comparison: dict[str, Any] | None = None
+
+    @property
+    def device_total_bytes(self) -> int:
+        return max(breakdown_total(r.rest, "device") for r in self.ranks)
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return max(r.phase_total(ph) for r in self.ranks for ph in PHASES)
+
+    @property
+    def usable_gpu_bytes(self) -> int | None:
+        g = self.inputs.gpu_memory_bytes
+        return None if g is None else int(g * (1 - self.inputs.headroom))
+
+    @property
+    def fits(self) -> bool | None:
+        usable = self.usable_gpu_bytes
+        return None if usable is None else self.peak_device_bytes <= usable
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ranks": [r.to_json() for r in self.ranks],
+            "device_total_bytes": self.device_total_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "fits": self.fits,
+            "gpu_memory_bytes": self.inputs.gpu_memory_bytes,
+            "usable_gpu_bytes": self.usable_gpu_bytes,
+            "n_params": self.shape.n_params,
+            "layout": self.inputs.layout,
+            "assumptions": list(self.assumptions),
+            "overhead": dict(self.overhead),
+            "paper_comparison": self.paper_comparison,
+            "inputs": self.inputs.to_json(),
+        }
+
+
+def _breakdown(rest: dict[str, dict[str, int]]) -> Breakdown:
+    b = empty_breakdown()
+    for loc, cats in rest.items():
+        for cat, n in cats.items():
+            b[loc][cat] += int(n)
+    return b
+
+
+def _with_extra(rest: Breakdown, extra: dict[str, int]) -> Breakdown:
+    b = {loc: dict(cats) for loc, cats in rest.items()}
+    for cat, n in extra.items():
+        b["device"][cat] += int(n)
+    return b
+
+
+def _phase_extras(lay: StateLayout, acts: Activations | None) -> dict[str, list[dict[str, int]]]:
+    """For each phase, the candidate moments for its peak as device bytes beyond ``lay.rest``.
+
+    forward: the end of the loss (all saved activations, logits, the loss's upcast copy).
+    backward: its start (activations + loss gradients; buckets not yet allocated), the first
+    gradient hook (setup_buckets allocates the reduce buckets while activations are still alive),
+    or its end (gradients held, activations freed but the logits).
+    step: the gradient partitions DeepSpeed materialises plus the optimizer's temporaries.
+    """
+    a_fwd = acts.forward_peak if acts else 0
+    a_bwd = acts.backward_peak if acts else 0
+    a_after = acts.after_forward if acts else 0
+    logits = acts.logits if acts else 0
+    no_buckets = {k: v for k, v in lay.backward_extra.items() if k != Category.COMM_BUFFERS.value}
+    step_extra = dict(lay.step_extra)
+    step_extra[OPT] = step_extra.get(OPT, 0) + lay.step_temp
+    return {
+        "forward": [{**lay.forward_extra, ACT: a_fwd}],
+        "backward": [{**no_buckets, ACT: a_bwd}, {**lay.backward_extra, ACT: a_after},
+                     {**lay.backward_end_extra, ACT: logits}],
+        "step": [step_extra],
+    }
+
+
+def _rank_estimate(
+    inp: EstimateInputs, shape: ModelShape, rank: int, acts: Activations | None
+) -> tuple[RankEstimate, StateLayout]:
+    lay = model_state_layout(inp, shape, rank, inp.device_type)
+    rest = _breakdown(lay.rest)
+    phases = {
+        ph: max((_with_extra(rest, c) for c in cands), key=lambda b: breakdown_total(b, "device"))
+        for ph, cands in _phase_extras(lay, acts).items()
+    }
+    return RankEstimate(rank, rest, phases), lay
+
+
+def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | None:
+    if not shape.has_transformer_shape:
+        return None
+    seq = inputs.seq_len or shape.n_positions
+    if seq > shape.n_positions:
+        raise MemprofError(f"sequence length {seq} exceeds the model's n_positions {shape.n_positions}: lower --seq-len")
+    return gpt2_activations(shape, inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
+                            inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
+
+
+def _ranks_to_model(world_size: int) -> list[int]:
+    # rank 0 and the last rank: only the last partition carries padding; the rest equal rank 0
+    return sorted({0, world_size - 1})
+
+
+def peak_device_bytes(inputs: EstimateInputs) -> int:
+    """Max over ranks and phases of the device total: ``estimate(inputs).peak_device_bytes``
+    without building breakdowns or assumptions (the planner's inner loop)."""
+    shape = model_shape(inputs.model_config, inputs.n_params)
+    acts = _activations(inputs, shape)
+    best = 0
+    for r in _ranks_to_model(inputs.world_size):
+        lay = model_state_layout(inputs, shape, r, inputs.device_type)
+        rest = sum(lay.rest["device"].values())
+        for cands in _phase_extras(lay, acts).values():
+            best = max(best, rest + max(sum(c.values()) for c in cands))
+    return best
+
+
+def estimate(inputs: EstimateInputs) -> Estimate:
+    """Per-rank memory of training ``inputs``' model with DeepSpeed, by category and phase."""
+    shape = model_shape(inputs.model_config, inputs.n_params)
+    if inputs.layout == "zero-paper":
+        from memprof.estimate.paper import paper_estimate
+
+        return paper_estimate(inputs, shape)
+    e = ELEMENT_SIZE[inputs.precision]
+    acts: Activations | None = None
+    assumptions: list[str] = []
+    acts = _activations(inputs, shape)
+    if acts is not None:
+        seq = inputs.seq_len or shape.n_positions
+        assumptions.append(
+            f"activations of GPT2LMHeadModel, {inputs.attn_implementation} attention, micro-batch {inputs.micro_batch} x "
+            f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
+            f"train mode (dropout on), {inputs.device_type} kernels: {acts.formula}"
+        )
+        assumptions.append("the training loop keeps the model output (logits) alive until backward returns")
+    else:
+        assumptions.append("activations not estimated: only a parameter count or a non-GPT-2 model is known")
+
+    ranks_to_model = _ranks_to_model(inputs.world_size)
+    ranks: list[RankEstimate] = []
+    notes: list[str] = []
+    for r in ranks_to_model:
+        rank_est, lay = _rank_estimate(inputs, shape, r, acts)
+        ranks.append(rank_est)
+        notes = lay.notes
+    spec = OPTIMIZER_SPECS[inputs.optimizer]
+    assumptions += notes
+    assumptions += [
+        f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inputs.zero_stage}, world size {inputs.world_size}, {inputs.precision}",
+        f"optimizer {spec.torch_class}: {spec.note}; peaks are for the steady state (step 2 on), when the "
+        + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy else "lazily created state already exists (step 1's step phase allocates it)"),
+        f"reduce_bucket_size {inputs.zero.reduce_bucket_size:,} elements, overlap_comm "
+        f"{inputs.zero.overlap_comm_for(inputs.zero_stage)}, contiguous_gradients {inputs.zero.contiguous_gradients}",
+        "ranks other than the first and the last hold the same as the first (only the last rank's partition carries padding)",
+    ]
+    if inputs.device_type == "cpu":
+        assumptions.append("device_type cpu: 'device' is the CPU memory used for compute, not a GPU")
+    est = Estimate(inputs, shape, ranks, acts, assumptions)
+    est.overhead = overhead(inputs, shape)
+    from memprof.estimate.paper import paper_model_states
+
+    est.paper_comparison = paper_model_states(inputs, shape.n_params) | {
+        "deepspeed_model_states_bytes": max(
+            sum(r.rest["device"][c] for c in ("params", "master_params", "grads", "optimizer_state"))
+            for r in ranks
+        ),
+    }
+    return est
+
+
+def overhead(inputs: EstimateInputs, shape: ModelShape) -> dict[str, Any]:
+    """The Adam-style overhead made explicit: optimizer-state bytes per parameter and the ratio
+    (weights + optimizer state) / weights, plain fp32, mixed precision, and ZeRO-partitioned."""
+    spec = OPTIMIZER_SPECS[inputs.optimizer]
+    k = spec.states_per_param * FP32  # state bytes per parameter (fp32 states)
+    e = ELEMENT_SIZE[inputs.precision]
+    N = inputs.world_size
+    master = FP32 if e < FP32 or inputs.zero_stage in (1, 2) else 0
+    if inputs.zero_stage == 3 and e < FP32:
+        master = FP32
+    weights = e
+    state_here = (k + master) / (N if inputs.zero_stage >= 1 else 1)
+    if inputs.zero_stage == 3:
+        weights = e / N
+    return {
+        "optimizer_state_bytes_per_param": k,
+        "fp32_ratio_weights_plus_state_to_weights": (4 + k) / 4,
+        "mixed_precision_ratio": (e + FP32 + k) / e if e < FP32 else (4 + k) / 4,
+        "this_setup_bytes_per_param": round(weights + state_here, 4),
+        "this_setup_ratio": round((weights + state_here) / e, 4),
+        "explanation": (
+            f"{spec.torch_class} keeps {spec.states_per_param} fp32 tensor(s) per parameter = {k} bytes/param; "
+            f"fp32 training holds 4 + {k} = {4 + k} bytes/param, {(4 + k) / 4:g}x the weights"
+            + (f"; with {inputs.precision} weights the fp32 master adds 4 more: ({e}+4+{k})/{e} = {(e + 4 + k) / e:g}x" if e < FP32 else "")
+            + (f"; ZeRO stage {inputs.zero_stage} divides master+state by N={N}" if inputs.zero_stage else "")
+        ),
+    }

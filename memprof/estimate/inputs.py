@@ -1,0 +1,314 @@
+"""What an estimate is asked about: the resolved settings, and reading them from a DeepSpeed config.
+
+Settings have three sources, strongest first: command-line flags, the DeepSpeed config, defaults.
+Defaults are DeepSpeed 0.19.8's own (``deepspeed/runtime/zero/config.py``,
+``DeepSpeedZeroConfig``), so an estimate without a config describes what DeepSpeed would do with
+an empty ``zero_optimization`` block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from memprof.errors import MemprofError
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw", "amsgrad")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu")
+LAYOUTS: tuple[str, ...] = ("deepspeed", "zero-paper")
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class ZeroKnobs:
+    """The DeepSpeed ``zero_optimization`` knobs that change memory, with DeepSpeed's defaults."""
+
+    reduce_bucket_size: int = 500_000_000  # elements, DeepSpeedZeroConfig.reduce_bucket_size
+    allgather_bucket_size: int = 500_000_000  # elements
+    overlap_comm: bool | None = None  # None: DeepSpeed's dynamic default, True only at stage 3
+    contiguous_gradients: bool = True
+    prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size, elements
+    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters, elements
+    param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold, elements
+    model_persistence_threshold: int = 2**63 - 1  # stage3_model_persistence_threshold (sys.maxsize)
+    sub_group_size: int = 1_000_000_000  # elements per stage-3 optimizer sub-group
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+
+    def overlap_comm_for(self, stage: int) -> bool:
+        # DeepSpeedZeroConfig.overlap_comm_valid: None becomes (stage == 3)
+        return (stage == 3) if self.overlap_comm is None else bool(self.overlap_comm)
+
+
+@dataclass(frozen=True)
+class EstimateInputs:
+    """Everything an estimate depends on, resolved (no None left where a number is needed except
+    ``model_config``/``seq_len``, which are absent when only a parameter count is known)."""
+
+    model_config: dict[str, Any] | None = None
+    n_params: int | None = None
+    model_name: str | None = None
+    world_size: int = 1
+    nodes: int = 1
+    zero_stage: int = 0
+    optimizer: str = "adamw"
+    precision: str = "fp32"
+    micro_batch: int = 1
+    seq_len: int | None = None
+    activation_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    zero: ZeroKnobs = field(default_factory=ZeroKnobs)
+    gpu_memory_bytes: int | None = None
+    headroom: float = 0.10
+    layout: str = "deepspeed"
+    device_type: str = "cuda"
+
+    def __post_init__(self) -> None:
+        validate_inputs(self)
+
+    def with_(self, **changes: Any) -> "EstimateInputs":
+        """A copy with some settings changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["model_config"] is not None:
+            out["model_config"] = {k: v for k, v in out["model_config"].items() if not k.startswith("_")}
+        return out
+
+
+def validate_inputs(inp: EstimateInputs) -> None:
+    """MemprofError, one line naming the bad setting, for anything an estimate cannot use."""
+    if inp.model_config is None and inp.n_params is None:
+        raise MemprofError("no model: pass --model PRESET, --model-config PATH or --params N")
+    if inp.n_params is not None and (not isinstance(inp.n_params, int) or inp.n_params <= 0):
+        raise MemprofError(f"parameter count {inp.n_params!r} must be a positive number, e.g. --params 7.5e9")
+    _positive_int(inp.world_size, "world size", "--world-size 8 (or --nodes and --gpus-per-node)")
+    _positive_int(inp.nodes, "node count", "--nodes 1")
+    if inp.world_size % inp.nodes:
+        raise MemprofError(f"world size {inp.world_size} is not a multiple of the node count {inp.nodes}")
+    if inp.zero_stage not in (0, 1, 2, 3) or isinstance(inp.zero_stage, bool):
+        raise MemprofError(f"ZeRO stage {inp.zero_stage!r} does not exist: use --zero-stage 0, 1, 2 or 3")
+    if inp.optimizer not in OPTIMIZERS:
+        raise MemprofError(f"unknown optimizer {inp.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if inp.precision not in PRECISIONS:
+        raise MemprofError(f"unknown precision {inp.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _positive_int(inp.micro_batch, "micro-batch", "--micro-batch 1")
+    if inp.seq_len is not None:
+        _positive_int(inp.seq_len, "sequence length", "--seq-len 1024")
+    if inp.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise MemprofError(
+            f"unknown attention implementation {inp.attn_implementation!r}: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if inp.layout not in LAYOUTS:
+        raise MemprofError(f"unknown layout {inp.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if inp.gpu_memory_bytes is not None and inp.gpu_memory_bytes <= 0:
+        raise MemprofError("GPU memory must be a positive size, e.g. --gpu-memory 80GiB")
+    if not 0 <= inp.headroom < 1:
+        raise MemprofError(f"headroom {inp.headroom!r} must be a fraction in [0, 1), e.g. 0.1")
+    z = inp.zero
+    for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters",
+                 "param_persistence_threshold", "sub_group_size"):
+        value = getattr(z, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (name == "reduce_bucket_size" and value == 0):
+            raise MemprofError(f"zero_optimization.{name} = {value!r} must be a non-negative whole number of elements")
+    for name in ("offload_optimizer", "offload_param"):
+        if getattr(z, name) not in OFFLOAD_DEVICES:
+            raise MemprofError(
+                f"{name} device {getattr(z, name)!r} is not supported: use none or cpu (nvme is not modelled)"
+            )
+    if z.offload_param != "none" and inp.zero_stage != 3:
+        raise MemprofError("parameter offload needs ZeRO stage 3: use --zero-stage 3 or --offload-params none")
+    if z.offload_optimizer != "none" and inp.zero_stage == 0:
+        raise MemprofError("optimizer offload needs ZeRO stage 1, 2 or 3: raise --zero-stage or use --offload-optimizer none")
+
+
+def _positive_int(value: Any, what: str, example: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise MemprofError(f"{what} {value!r} must be a positive whole number, e.g. {example}")
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed config reading
+
+
+def load_deepspeed_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A DeepSpeed JSON config as a dict; MemprofError when missing, unreadable or malformed."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MemprofError(f"DeepSpeed config {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise MemprofError(f"DeepSpeed config {path} is a folder: pass the JSON file") from None
+    except OSError as e:
+        raise MemprofError(f"cannot read DeepSpeed config {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise MemprofError(f"DeepSpeed config {path} is not valid JSON{where}: fix the file") from None
+    if not isinstance(data, dict):
+        raise MemprofError(f"DeepSpeed config {path} must be a JSON object")
+    return data
+
+
+def settings_from_deepspeed_config(ds: dict[str, Any], source: str = "DeepSpeed config") -> dict[str, Any]:
+    """The estimate settings a DeepSpeed config fixes, as ``EstimateInputs`` field names.
+
+    Only what the config states is returned, so flags can override it and defaults fill the rest.
+    Bad values raise MemprofError naming the key.
+    """
+    if not isinstance(ds, dict):
+        raise MemprofError(f"{source} must be a JSON object")
+    out: dict[str, Any] = {}
+    mb = ds.get("train_micro_batch_size_per_gpu")
+    if mb is not None and mb != "auto":
+        out["micro_batch"] = _cfg_int(mb, "train_micro_batch_size_per_gpu", source, positive=True)
+    precision = _precision_from_config(ds, source)
+    if precision is not None:
+        out["precision"] = precision
+    opt = ds.get("optimizer")
+    if opt is not None:
+        out["optimizer"] = _optimizer_from_config(opt, source)
+    zero = ds.get("zero_optimization")
+    if zero is not None:
+        if isinstance(zero, bool):  # deprecated form: true means stage 1 (read_zero_config_deprecated)
+            out["zero_stage"] = 1 if zero else 0
+        elif not isinstance(zero, dict):
+            raise MemprofError(f"{source}: zero_optimization must be an object")
+        else:
+            if "stage" in zero:
+                out["zero_stage"] = _cfg_int(zero["stage"], "zero_optimization.stage", source)
+            out["zero"] = _zero_knobs_from_config(zero, source)
+    return out
+
+
+_KNOB_KEYS = {
+    # DeepSpeed key (and alias) -> ZeroKnobs field
+    "reduce_bucket_size": "reduce_bucket_size",
+    "allgather_bucket_size": "allgather_bucket_size",
+    "stage3_prefetch_bucket_size": "prefetch_bucket_size",
+    "prefetch_bucket_size": "prefetch_bucket_size",
+    "stage3_max_live_parameters": "max_live_parameters",
+    "max_live_parameters": "max_live_parameters",
+    "stage3_param_persistence_threshold": "param_persistence_threshold",
+    "param_persistence_threshold": "param_persistence_threshold",
+    "stage3_model_persistence_threshold": "model_persistence_threshold",
+    "model_persistence_threshold": "model_persistence_threshold",
+    "sub_group_size": "sub_group_size",
+}
+
+
+def _zero_knobs_from_config(zero: dict[str, Any], source: str) -> ZeroKnobs:
+    kw: dict[str, Any] = {}
+    for key, name in _KNOB_KEYS.items():
+        if key in zero and zero[key] != "auto":
+            kw[name] = _cfg_int(zero[key], f"zero_optimization.{key}", source)
+    for key in ("overlap_comm", "contiguous_gradients"):
+        if key in zero and zero[key] is not None:
+            if not isinstance(zero[key], bool):
+                raise MemprofError(f"{source}: zero_optimization.{key} must be true or false")
+            kw[key] = zero[key]
+    for key, name in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param")):
+        block = zero.get(key)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise MemprofError(f"{source}: zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}")
+        device = str(block.get("device", "none")).lower()
+        if device not in OFFLOAD_DEVICES:
+            raise MemprofError(f"{source}: zero_optimization.{key}.device {device!r} is not modelled: use none or cpu")
+        kw[name] = device
+    # deprecated booleans (DeepSpeedZeroConfig cpu_offload / cpu_offload_param)
+    if zero.get("cpu_offload") is True:
+        kw.setdefault("offload_optimizer", "cpu")
+    if zero.get("cpu_offload_param") is True:
+        kw.setdefault("offload_param", "cpu")
+    return ZeroKnobs(**kw)
+
+
+def _precision_from_config(ds: dict[str, Any], source: str) -> str | None:
+    def enabled(key: str) -> bool:
+        block = ds.get(key)
+        if block is None:
+            return False
+        if not isinstance(block, dict):
+            raise MemprofError(f"{source}: {key} must be an object like {{\"enabled\": true}}")
+        return block.get("enabled", False) is True
+
+    fp16, bf16 = enabled("fp16"), enabled("bf16") or enabled("bfloat16")
+    if fp16 and bf16:
+        raise MemprofError(f"{source}: fp16 and bf16 are both enabled; DeepSpeed accepts only one")
+    if fp16:
+        return "fp16"
+    if bf16:
+        return "bf16"
+    if any(k in ds for k in ("fp16", "bf16", "bfloat16")):
+        return "fp32"
+    return None
+
+
+def _optimizer_from_config(opt: Any, source: str) -> str:
+    """Map DeepSpeed's optimizer block to a zoo name (engine._configure_basic_optimizer)."""
+    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+        raise MemprofError(f"{source}: optimizer must be an object with a \"type\", e.g. {{\"type\": \"AdamW\"}}")
+    kind = opt["type"].lower()
+    params = opt.get("params") or {}
+    if not isinstance(params, dict):
+        raise MemprofError(f"{source}: optimizer.params must be an object")
+    if kind in ("adam", "adamw"):
+        return "amsgrad" if params.get("amsgrad") else ("adam" if kind == "adam" and params.get("adam_w_mode") is False else "adamw")
+    if kind == "sgd":
+        if params.get("nesterov"):
+            return "nesterov"
+        return "momentum" if float(params.get("momentum", 0) or 0) != 0 else "sgd"
+    if kind == "rmsprop":
+        return "rmsprop"
+    if kind == "adagrad":
+        return "adagrad"
+    raise MemprofError(
+        f"{source}: optimizer type {opt['type']!r} is not modelled: use Adam, AdamW, SGD, RMSprop or Adagrad"
+    )
+
+
+def _cfg_int(value: Any, key: str, source: str, positive: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        raise MemprofError(f"{source}: {key} = {value!r} must be a non-negative number")
+    if positive and value <= 0:
+        raise MemprofError(f"{source}: {key} = {value!r} must be positive")
+    if float(value) != int(value):
+        raise MemprofError(f"{source}: {key} = {value!r} must be a whole number")
+    return int(value)
+
+
+def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
+    """EstimateInputs for a run's own setup, from the launcher's ``run`` metadata (runfile.py)."""
+    if not isinstance(run, dict):
+        raise MemprofError("run metadata must be an object")
+    ds = run.get("deepspeed_config") or {}
+    settings = settings_from_deepspeed_config(ds, "the run's deepspeed_config") if ds else {}
+    model_config = run.get("model_config")
+    kw: dict[str, Any] = dict(settings)
+    for key in ("world_size", "nodes", "zero_stage", "micro_batch", "seq_len"):
+        if run.get(key) is not None:
+            kw[key] = int(run[key])
+    for key in ("optimizer", "precision"):
+        if run.get(key) is not None:
+            kw[key] = str(run[key])
+    if run.get("activation_checkpointing") is not None:
+        kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
+    if isinstance(model_config, dict):
+        kw["model_config"] = model_config
+        attn = model_config.get("_attn_implementation") or model_config.get("attn_implementation")
+        if attn in ATTN_IMPLEMENTATIONS:
+            kw["attn_implementation"] = attn
+    elif run.get("n_params"):
+        kw["n_params"] = int(run["n_params"])
+    if run.get("model") is not None:
+        kw["model_name"] = str(run["model"])
+    if run.get("device_type") is not None:
+        kw["device_type"] = str(run["device_type"])
+    return EstimateInputs(**kw)

@@ -1,0 +1,144 @@
+"""``plan()``: the cheapest DeepSpeed configuration that fits a GPU, by sweeping estimates.
+
+Cost order (cheapest first): lower ZeRO stage (less communication), then no offload before
+optimizer offload before parameter offload (offload trades GPU memory for PCIe traffic and CPU
+compute). For each candidate the planner also finds the largest micro-batch that fits on the given
+GPUs and the fewest GPUs that fit at the requested micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from memprof.errors import MemprofError
+from memprof.estimate.core import peak_device_bytes
+from memprof.estimate.inputs import EstimateInputs, ZeroKnobs
+
+MAX_MICRO_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    zero_stage: int
+    offload_optimizer: str
+    offload_param: str
+    fits: bool  # at the requested GPUs and micro-batch
+    peak_device_bytes: int
+    largest_micro_batch: int | None  # at the requested GPUs; None if not even 1 fits
+    fewest_gpus: int | None  # at the requested micro-batch, up to max_gpus; None if none fits
+
+    @property
+    def label(self) -> str:
+        off = []
+        if self.offload_optimizer != "none":
+            off.append(f"optimizer->{self.offload_optimizer}")
+        if self.offload_param != "none":
+            off.append(f"params->{self.offload_param}")
+        return f"ZeRO-{self.zero_stage}" + (f" + offload {', '.join(off)}" if off else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "zero_stage": self.zero_stage,
+            "offload_optimizer": self.offload_optimizer,
+            "offload_param": self.offload_param,
+            "label": self.label,
+            "fits": self.fits,
+            "peak_device_bytes": self.peak_device_bytes,
+            "largest_micro_batch": self.largest_micro_batch,
+            "fewest_gpus": self.fewest_gpus,
+        }
+
+
+@dataclass
+class Plan:
+    base: EstimateInputs
+    gpus: int
+    max_gpus: int
+    rows: list[PlanRow] = field(default_factory=list)
+    evaluations: int = 0
+
+    @property
+    def cheapest(self) -> PlanRow | None:
+        return next((r for r in self.rows if r.fits), None)
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.cheapest
+        return {
+            "gpus": self.gpus,
+            "max_gpus": self.max_gpus,
+            "gpu_memory_bytes": self.base.gpu_memory_bytes,
+            "usable_gpu_bytes": int(self.base.gpu_memory_bytes * (1 - self.base.headroom)) if self.base.gpu_memory_bytes else None,
+            "micro_batch": self.base.micro_batch,
+            "cheapest": best.to_json() if best else None,
+            "rows": [r.to_json() for r in self.rows],
+            "evaluations": self.evaluations,
+        }
+
+
+def candidates() -> list[tuple[int, str, str]]:
+    """(stage, offload_optimizer, offload_param) in cost order."""
+    return [(0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (3, "none", "none"),
+            (1, "cpu", "none"), (2, "cpu", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")]
+
+
+def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None) -> Plan:
+    """Sweep the candidates for ``base`` (its model, precision, optimizer, micro-batch, GPU memory)."""
+    if base.gpu_memory_bytes is None:
+        raise MemprofError("plan needs the GPU memory size: pass --gpu-memory, e.g. 80GiB")
+    if not isinstance(gpus, int) or gpus <= 0:
+        raise MemprofError(f"GPU count {gpus!r} must be a positive whole number, e.g. --gpus 8")
+    max_gpus = gpus if max_gpus is None else max_gpus
+    if not isinstance(max_gpus, int) or max_gpus < gpus:
+        raise MemprofError(f"--max-gpus {max_gpus!r} must be at least --gpus {gpus}")
+    usable = int(base.gpu_memory_bytes * (1 - base.headroom))
+    out = Plan(base, gpus, max_gpus)
+
+    def peak(stage: int, opt: str, par: str, n: int, mb: int) -> int:
+        out.evaluations += 1
+        zero = replace(base.zero, offload_optimizer=opt, offload_param=par)
+        inp = replace(base, zero_stage=stage, zero=zero, world_size=n, nodes=1, micro_batch=mb)
+        return peak_device_bytes(inp)
+
+    for stage, opt, par in candidates():
+        p = peak(stage, opt, par, gpus, base.micro_batch)
+        largest = _largest(lambda mb: peak(stage, opt, par, gpus, mb) <= usable)
+        fewest = _fewest(lambda n: peak(stage, opt, par, n, base.micro_batch) <= usable, max_gpus,
+                         monotone=stage > 0)
+        out.rows.append(PlanRow(stage, opt, par, p <= usable, p, largest, fewest))
+    return out
+
+
+def _largest(fits) -> int | None:
+    """Largest micro-batch in [1, MAX_MICRO_BATCH] that fits (memory grows with the batch)."""
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= MAX_MICRO_BATCH and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, MAX_MICRO_BATCH + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _fewest(fits, max_gpus: int, monotone: bool) -> int | None:
+    """Fewest GPUs in [1, max_gpus] that fit. Stage 0 does not depend on the GPU count; with ZeRO,
+    per-rank memory shrinks as N grows (partition padding moves it by at most a few elements, so
+    the boundary found by bisection is checked one step down)."""
+    if not monotone:
+        return 1 if fits(1) else None
+    if not fits(max_gpus):
+        return None
+    lo, hi = 0, max_gpus  # fits(hi) is true; lo does not fit (0 GPUs)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi

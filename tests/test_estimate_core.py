@@ -1,0 +1,179 @@
+"""Estimator arithmetic against numbers derived by hand from layer shapes and DeepSpeed's rules."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from memprof.estimate import EstimateInputs, ZeroKnobs, estimate, inputs_from_run
+from memprof.estimate.activations import gpt2_activations
+from memprof.estimate.model_shapes import model_shape
+from memprof.models import preset_config
+
+V, H, L, NPOS = 50257, 768, 12, 1024
+
+
+def gpt2_count(n_positions: int, tied: bool = True) -> int:
+    # per block: ln_1 (2H) + c_attn (H*3H + 3H) + attn c_proj (H*H + H) + ln_2 (2H)
+    #            + c_fc (H*4H + 4H) + mlp c_proj (4H*H + H)
+    block = 2 * H + (3 * H * H + 3 * H) + (H * H + H) + 2 * H + (4 * H * H + 4 * H) + (4 * H * H + H)
+    return V * H + n_positions * H + L * block + 2 * H + (0 if tied else V * H)
+
+
+def test_gpt2_parameter_counts_from_layer_shapes():
+    assert gpt2_count(1024) == 124_439_808  # the published GPT-2 small count
+    assert model_shape(preset_config("gpt2")).n_params == gpt2_count(1024)
+    # the field-notes model (n_positions 128) is 123,751,680 params
+    assert model_shape({**preset_config("gpt2"), "n_positions": 128}).n_params == 123_751_680
+    untied = model_shape({**preset_config("gpt2"), "tie_word_embeddings": False})
+    assert untied.n_params == gpt2_count(1024, tied=False) == 124_439_808 + V * H
+    assert model_shape(preset_config("gpt2")).n_tensors == 2 + 12 * L + 2
+
+
+@pytest.mark.parametrize("stage,gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_figure_1(stage, gb):
+    inp = EstimateInputs(n_params=int(7.5e9), world_size=64, precision="fp16", optimizer="adam",
+                         zero_stage=stage, layout="zero-paper")
+    # (2 + 2 + 12) P, 4P + 12P/N, 2P + 14P/N, 16P/N with P = 7.5e9, N = 64
+    P, N = 7.5e9, 64
+    expected = {0: 16 * P, 1: 4 * P + 12 * P / N, 2: 2 * P + 14 * P / N, 3: 16 * P / N}[stage]
+    est = estimate(inp)
+    assert est.paper_comparison["paper_model_states_gb"] == gb
+    assert abs(est.device_total_bytes - expected) <= 1
+
+
+# state tensors per parameter and whether a `step` tensor exists, from torch/optim/*.py
+ZOO = {"sgd": (0, False), "momentum": (1, False), "nesterov": (1, False), "rmsprop": (1, True),
+       "adagrad": (1, True), "adam": (2, True), "adamw": (2, True), "amsgrad": (3, True)}
+
+
+@pytest.mark.parametrize("opt", sorted(ZOO))
+def test_optimizer_state_per_parameter(opt):
+    cfg = preset_config("gpt2-tiny")
+    shape = model_shape(cfg)
+    # gpt2-tiny by hand: wte 512x64, wpe 256x64, 2 blocks of 12*64^2 + 13*64, ln_f 2*64
+    assert shape.n_params == 512 * 64 + 256 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64 == 149_248
+    n_tensors = 2 + 2 * 12 + 2
+    states, step = ZOO[opt]
+    est = estimate(EstimateInputs(model_config=cfg, optimizer=opt, zero_stage=0, precision="fp32"))
+    assert est.ranks[0].rest["device"]["optimizer_state"] == states * 4 * 149_248 + (4 * n_tensors if step else 0)
+    assert est.ranks[0].rest["device"]["params"] == 4 * 149_248
+    assert est.overhead["optimizer_state_bytes_per_param"] == 4 * states
+
+
+def test_adam_overhead_ratios():
+    ov = estimate(EstimateInputs(n_params=10**9, precision="fp32", optimizer="adam")).overhead
+    assert ov["fp32_ratio_weights_plus_state_to_weights"] == 3.0  # (4 + 8) / 4
+    ov = estimate(EstimateInputs(n_params=10**9, precision="bf16", optimizer="adam")).overhead
+    assert ov["mixed_precision_ratio"] == 7.0  # (2 + 4 + 8) / 2
+
+
+def test_field_notes_stage12_resident():
+    """field-notes: GPT-2 (123,751,680 params), N=2, AdamW: bf16 stage 1/2 990.0 MB, fp32 stage 2 1,237.5 MB."""
+    cfg = {**preset_config("gpt2"), "n_positions": 128}
+    P, N = 123_751_680, 2
+    for stage in (1, 2):
+        bf16 = estimate(EstimateInputs(model_config=cfg, world_size=N, zero_stage=stage, precision="bf16", seq_len=128))
+        # P is a multiple of 2N, so no padding: 2P + 4P/N + 8P/N + one 4-byte step tensor
+        assert bf16.device_total_bytes == 2 * P + 4 * P // N + 8 * P // N + 4
+        assert round(bf16.device_total_bytes / 1e6, 1) == 990.0
+    fp32 = estimate(EstimateInputs(model_config=cfg, world_size=N, zero_stage=2, precision="fp32", seq_len=128))
+    assert fp32.device_total_bytes == 4 * P + 12 * P // N + 4
+    assert round(fp32.device_total_bytes / 1e6, 1) == 1237.5
+
+
+def test_stage12_padding_when_world_size_does_not_divide():
+    # 1001 elements, N = 4: flat buffer padded to a multiple of 2N = 8 -> 1008, partition 252
+    est = estimate(EstimateInputs(n_params=1001, world_size=4, zero_stage=2, precision="bf16", optimizer="adam"))
+    for r in est.ranks:
+        dev = r.rest["device"]
+        assert dev["params"] == 1008 * 2
+        assert dev["master_params"] == 252 * 4
+        assert dev["optimizer_state"] == 252 * 8 + 4
+    assert [r.rank for r in est.ranks] == [0, 3]
+
+
+def test_stage3_partitions_per_parameter_and_persistence():
+    cfg = preset_config("gpt2-tiny")
+    numels = model_shape(cfg).param_numels
+    N = 3  # does not divide 64-wide tensors: each param is padded to a multiple of 3
+    part = sum(math.ceil(n / N) for n in numels)
+    z = ZeroKnobs(reduce_bucket_size=1000, param_persistence_threshold=100)  # only the 64-element LN/bias params persist
+    persistent = sum(n for n in numels if n <= 100)
+    # per block: ln_1 w,b, attn.c_proj bias, ln_2 w,b, mlp.c_proj bias (6 x 64); ln_f w,b (2 x 64)
+    assert persistent == 64 * (2 * 6 + 2)
+    bf16 = estimate(EstimateInputs(model_config=cfg, world_size=N, zero_stage=3, precision="bf16", zero=z, seq_len=16))
+    dev = bf16.ranks[0].rest["device"]
+    assert dev["params"] == 2 * part + 2 * persistent
+    assert dev["master_params"] == 4 * part
+    assert dev["grads"] == 2 * part  # grad_partitions_flat_buffer
+    assert dev["comm_buffers"] == 1000 * 2  # IPG bucket
+    assert dev["optimizer_state"] == 8 * part + 4
+    fp32 = estimate(EstimateInputs(model_config=cfg, world_size=N, zero_stage=3, precision="fp32", zero=z, seq_len=16))
+    assert fp32.ranks[0].rest["device"]["master_params"] == 0  # the fp32 partition is the param partition
+
+
+def test_offload_moves_states_to_host():
+    P, N = 8_000_000, 4
+    est = estimate(EstimateInputs(n_params=P, world_size=N, zero_stage=2, precision="bf16",
+                                  zero=ZeroKnobs(offload_optimizer="cpu")))
+    host, dev = est.ranks[0].rest["host"], est.ranks[0].rest["device"]
+    assert host["master_params"] == 4 * P // N and host["optimizer_state"] == 8 * P // N + 4
+    assert host["grads"] == 4 * P // N
+    assert dev["master_params"] == 0 and dev["optimizer_state"] == 0
+    assert dev["params"] == 2 * P
+
+
+def test_activation_formula_matches_cpu_measurement():
+    """Bytes saved for backward by a plain GPT2LMHeadModel forward on CPU (torch 2.13,
+    transformers 5.24), measured with saved_tensors_hooks on gpt2-tiny, B=2, S=64."""
+    shape = model_shape(preset_config("gpt2-tiny"))
+    measured = {("sdpa", 4): 3_120_644, ("sdpa", 2): 2_184_196, ("eager", 2): 1_692_676, ("eager", 4): 3_120_644}
+    for (attn, e), saved in measured.items():
+        assert gpt2_activations(shape, 2, 64, e, attn, False, "cpu").saved == saved
+
+
+def test_activation_checkpointing_keeps_block_inputs_only():
+    shape = model_shape(preset_config("gpt2"))
+    full = gpt2_activations(shape, 4, 1024, 2, "sdpa", False, "cuda")
+    ckpt = gpt2_activations(shape, 4, 1024, 2, "sdpa", True, "cuda")
+    assert full.saved - ckpt.saved == 12 * full.per_layer_saved - 12 * 4 * 1024 * 768 * 2
+    assert ckpt.backward_peak < full.backward_peak
+
+
+def test_json_shape_and_fits():
+    est = estimate(EstimateInputs(model_config=preset_config("gpt2"), world_size=4, zero_stage=1, precision="bf16",
+                                  seq_len=512, gpu_memory_bytes=80 * 2**30))
+    js = est.to_json()
+    assert {"ranks", "device_total_bytes", "peak_device_bytes", "fits", "assumptions", "overhead", "inputs"} <= set(js)
+    r0 = js["ranks"][0]
+    assert set(r0) == {"rank", "device", "host", "phases"}
+    assert set(r0["phases"]) == {"forward", "backward", "step"}
+    assert js["peak_device_bytes"] == max(p["peak_total"] for r in js["ranks"] for p in r["phases"].values())
+    assert js["peak_device_bytes"] >= js["device_total_bytes"]
+    assert js["fits"] is True
+    assert all(v >= 0 for r in js["ranks"] for loc in ("device", "host") for v in r[loc].values())
+
+
+def test_inputs_from_run_reads_deepspeed_config():
+    run = {"model_config": preset_config("gpt2-tiny"), "n_params": 149_248, "world_size": 2, "nodes": 1,
+           "zero_stage": 2, "optimizer": "adamw", "precision": "bf16", "micro_batch": 2, "seq_len": 64,
+           "activation_checkpointing": False, "device_type": "cpu",
+           "deepspeed_config": {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+                                "zero_optimization": {"stage": 2, "reduce_bucket_size": 5_000_000, "overlap_comm": True}}}
+    inp = inputs_from_run(run)
+    assert (inp.world_size, inp.zero_stage, inp.precision, inp.micro_batch, inp.device_type) == (2, 2, "bf16", 2, "cpu")
+    assert inp.zero.reduce_bucket_size == 5_000_000 and inp.zero.overlap_comm is True
+    est = estimate(inp)
+    # overlap_comm doubles the bf16 bucket: 2 x 5e6 x 2 bytes, alive at the backward peak (it
+    # outweighs this tiny model's activations, so the peak is when the buckets appear)
+    assert est.ranks[0].phases["backward"]["device"]["comm_buffers"] == 2 * 5_000_000 * 2
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, memprof.estimate, memprof.cli.estimate, memprof.cli.plan; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,64 @@
+"""The planner's choices on cases reasoned out by hand (bare parameter counts: no activations)."""
+
+from __future__ import annotations
+
+import pytest
+
+from memprof.errors import MemprofError
+from memprof.estimate import EstimateInputs, ZeroKnobs, plan
+from memprof.estimate.plan import MAX_MICRO_BATCH
+
+P = 10**9  # fp32 AdamW, 1e9 params; buckets made negligible (1000 elements)
+SMALL = ZeroKnobs(reduce_bucket_size=1000, allgather_bucket_size=1000, prefetch_bucket_size=1000)
+
+
+def base(gpu_bytes: int) -> EstimateInputs:
+    return EstimateInputs(n_params=P, precision="fp32", optimizer="adamw", zero=SMALL,
+                          gpu_memory_bytes=gpu_bytes, headroom=0.0)
+
+
+def test_huge_gpu_picks_stage_0():
+    result = plan(base(10**12), gpus=8)
+    assert result.cheapest.zero_stage == 0 and result.cheapest.offload_optimizer == "none"
+    # no activations are modelled for a bare count, so every micro-batch up to the cap fits
+    assert result.cheapest.largest_micro_batch == MAX_MICRO_BATCH
+
+
+def test_stage_1_when_stage_0_cannot_fit():
+    # stage 0 holds 4P weights + 12P AdamW state = 16e9 at rest: more than 12e9.
+    # stage 1 on 8 GPUs: 4P + 12P/8 = 5.5e9 at rest, + 4P of gradients at the end of backward
+    # (stage 1 keeps every param.grad until the reduction) + a 4000-byte bucket = 9.5e9 + 4000.
+    result = plan(base(12 * 10**9), gpus=8, max_gpus=64)
+    rows = {(r.zero_stage, r.offload_optimizer, r.offload_param): r for r in result.rows}
+    assert not rows[(0, "none", "none")].fits
+    assert result.cheapest.zero_stage == 1 and result.cheapest.offload_optimizer == "none"
+    assert rows[(1, "none", "none")].peak_device_bytes == 4 * P + 12 * P // 8 + 4 * P + 4 + 4000
+    # fewest GPUs at stage 1: 8P + 12P/N + 4004 <= 12e9  ->  N >= 12/4 = 3 (exactly 3 fails by the bucket) -> 4
+    assert rows[(1, "none", "none")].fewest_gpus == 4
+
+
+def test_tiny_gpu_only_full_offload_fits():
+    # ZeRO-3 with optimizer and parameters on the CPU leaves on the device only the IPG bucket
+    # (1000 x 4 bytes) and the gathered prefetch window (1000 elements x 4 bytes) for a bare count
+    result = plan(base(10**6), gpus=2, max_gpus=4)
+    best = result.cheapest
+    assert (best.zero_stage, best.offload_optimizer, best.offload_param) == (3, "cpu", "cpu")
+    assert best.peak_device_bytes == 1000 * 4 + 1000 * 4
+    assert all(not r.fits and r.fewest_gpus is None and r.largest_micro_batch is None for r in result.rows[:-1])
+
+
+def test_larger_micro_batch_never_fits_worse():
+    from memprof.models import preset_config
+
+    inp = EstimateInputs(model_config=preset_config("gpt2"), precision="bf16", seq_len=1024,
+                         gpu_memory_bytes=16 * 2**30)
+    result = plan(inp, gpus=4)
+    stage0 = result.rows[0]
+    stage3 = next(r for r in result.rows if r.zero_stage == 3 and r.offload_optimizer == "none")
+    assert stage0.largest_micro_batch is not None
+    assert stage3.largest_micro_batch >= 1
+
+
+def test_plan_needs_gpu_memory():
+    with pytest.raises(MemprofError):
+        plan(EstimateInputs(n_params=P), gpus=8)
