@@ -24,7 +24,10 @@ _GPT2_BASE: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tests: small enough for 2-3 CPU ranks in seconds; vocab >= 256 for byte-level tokens
-    "gpt2-tiny": {**_GPT2_BASE, "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512, "n_positions": 256},
+    "gpt2-tiny": {
+        **_GPT2_BASE, "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512, "n_positions": 256,
+        "bos_token_id": 0, "eos_token_id": 0,  # GPT-2's 50256 lies outside this vocabulary
+    },
     "gpt2": {**_GPT2_BASE, "n_layer": 12, "n_embd": 768, "n_head": 12},
     "gpt2-medium": {**_GPT2_BASE, "n_layer": 24, "n_embd": 1024, "n_head": 16},
     "gpt2-large": {**_GPT2_BASE, "n_layer": 36, "n_embd": 1280, "n_head": 20},
