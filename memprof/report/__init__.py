@@ -1,0 +1,65 @@
+"""Self-contained HTML reports of memprof runs (one run, or a sweep of several).
+
+``write_report(run_docs, path)`` is what the launcher calls at the end of a run and what
+``memprof report`` calls; :func:`memprof.report.data.build_report_data` gives the same content as
+plain data.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from memprof.errors import MemprofError
+from memprof.report.data import build_report_data
+from memprof.report.render import render_html
+from memprof.runfile import write_text_atomic
+
+__all__ = ["build_report_data", "collector_paused", "render_html", "write_report"]
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector. Reading a big run and building its report make
+    millions of small dicts and lists and no reference cycles; meanwhile every full collection walks
+    all of them again (64 ranks x 1,000 steps: json.loads 4.0 s -> 1.0 s, the report build 2-4x
+    faster with it paused). Restores the collector's previous state."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def write_report(
+    run_docs: list[dict[str, Any]],
+    path: str | os.PathLike,
+    *,
+    sources: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write the HTML report of ``run_docs`` (memprof.json dicts, as :func:`memprof.runfile.load_run`
+    returns them) to ``path`` atomically and return the path. ``sources`` name the runs in error
+    messages and on the page. Raises MemprofError for a malformed run doc or an unwritable path;
+    nothing is written then."""
+    if not run_docs:
+        raise MemprofError("no run to report: pass at least one memprof.json or run folder")
+    with collector_paused():
+        html = render_html(build_report_data(run_docs, sources), title=title)
+    path = Path(path)
+    if path.is_dir():
+        raise MemprofError(f"{path} is a folder: name the report file, e.g. {path / 'report.html'}")
+    try:
+        write_text_atomic(path, html)
+        # the temporary file behind the atomic write is private (0600); a report is for reading
+        umask = os.umask(0)
+        os.umask(umask)
+        path.chmod(0o666 & ~umask)
+    except OSError as e:
+        raise MemprofError(f"cannot write the report to {path}: {e.strerror or e}: choose a writable path with -o") from None
+    return path

@@ -1,0 +1,148 @@
+"""Open a report in headless Chromium and see what a reader would: console messages, script errors,
+network requests, and values computed in the page. Used by the report tests and the benchmark.
+
+Chromium is driven over the Chrome DevTools Protocol (CDP) through ``websocket-client`` (a test
+dependency; imported here lazily so the report itself never needs it). Chromium picks its own
+debugging port (``--remote-debugging-port=0``) and writes it to ``DevToolsActivePort`` in the
+throw-away profile folder, so parallel test runs never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--remote-debugging-port=0",
+)
+
+
+@dataclass
+class PageLog:
+    """What happened while a page was open."""
+
+    console: list[dict[str, Any]] = field(default_factory=list)  # {"type": "log"|"error"|..., "text"}
+    exceptions: list[str] = field(default_factory=list)  # uncaught script errors
+    log_entries: list[dict[str, Any]] = field(default_factory=list)  # browser log (CSP, network, ...)
+    requests: list[str] = field(default_factory=list)  # every URL the page requested
+
+    def errors(self) -> list[str]:
+        """Console errors, uncaught exceptions and browser errors/warnings, as text."""
+        out = [f"console.{m['type']}: {m['text']}" for m in self.console if m["type"] in ("error", "assert", "warning")]
+        out += [f"uncaught: {e}" for e in self.exceptions]
+        out += [f"{e.get('source')} {e.get('level')}: {e.get('text')}" for e in self.log_entries
+                if e.get("level") in ("error", "warning")]
+        return out
+
+
+class Chromium:
+    """A headless Chromium with one page, driven over CDP. Use as a context manager."""
+
+    def __init__(self, executable: str, timeout_s: float = 60.0):
+        self.executable = executable
+        self.timeout_s = timeout_s
+        self._profile = Path(tempfile.mkdtemp(prefix="memprof-chromium-"))
+        self._proc: subprocess.Popen | None = None
+        self._ws: Any = None
+        self._next_id = 0
+        self.log = PageLog()
+
+    def __enter__(self) -> "Chromium":
+        import websocket  # test dependency: websocket-client
+
+        self._proc = subprocess.Popen(
+            [self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        port_file = self._profile / "DevToolsActivePort"
+        deadline = time.monotonic() + self.timeout_s
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"{self.executable} did not start its DevTools endpoint")
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+            targets = json.load(resp)
+        page = next(t for t in targets if t.get("type") == "page")
+        # suppress_origin: Chromium refuses DevTools websockets that send an unknown Origin
+        self._ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=self.timeout_s,
+                                               suppress_origin=True)
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.call(f"{domain}.enable")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        shutil.rmtree(self._profile, ignore_errors=True)
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    def _record(self, msg: dict[str, Any]) -> None:
+        method, p = msg.get("method"), msg.get("params", {})
+        if method == "Runtime.consoleAPICalled":
+            text = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            self.log.console.append({"type": p.get("type"), "text": text})
+        elif method == "Runtime.exceptionThrown":
+            d = p.get("exceptionDetails", {})
+            self.log.exceptions.append(str((d.get("exception") or {}).get("description") or d.get("text")))
+        elif method == "Log.entryAdded":
+            self.log.log_entries.append(p.get("entry", {}))
+        elif method == "Network.requestWillBeSent":
+            self.log.requests.append(p.get("request", {}).get("url", ""))
+
+    def _receive(self) -> dict[str, Any]:
+        msg = json.loads(self._ws.recv())
+        self._record(msg)
+        return msg
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._next_id += 1
+        my_id = self._next_id
+        self._ws.send(json.dumps({"id": my_id, "method": method, "params": params or {}}))
+        while True:
+            msg = self._receive()
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise RuntimeError(f"CDP {method} failed: {msg['error']}")
+                return msg.get("result", {})
+
+    def evaluate(self, expression: str, await_promise: bool = False) -> Any:
+        """The JSON value of ``expression`` evaluated in the page."""
+        res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                             "awaitPromise": await_promise})
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"page raised evaluating {expression!r}: {res['exceptionDetails'].get('text')}")
+        return res.get("result", {}).get("value")
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    def open(self, path: str | Path, ready_expression: str = "document.body && document.body.hasAttribute('data-charts-drawn')") -> float:
+        """Load ``path`` and wait until ``ready_expression`` is true; returns seconds taken."""
+        self.log = PageLog()
+        start = time.monotonic()
+        self.call("Page.navigate", {"url": Path(path).resolve().as_uri()})
+        while not self.evaluate(f"!!({ready_expression})"):
+            if time.monotonic() - start > self.timeout_s:
+                raise TimeoutError(f"{path} was not ready within {self.timeout_s} s: {self.log.errors()}")
+            time.sleep(0.05)
+        return time.monotonic() - start

@@ -1,0 +1,116 @@
+"""Shape check of a run doc before the report reads it, so a malformed file is one clear line.
+
+:func:`memprof.runfile.load_run` already checks the envelope (valid JSON, schema version, ``run`` and
+``ranks`` present); this checks, with pydantic, every field the report reads, so the message names
+the exact place (``ranks.0.steps.3.phases.step.peak_total``). Two passes keep it fast on big runs
+(64 ranks x 1,000 steps): every step's number, loss and phase peak totals, which the charts read,
+then the full breakdowns only of the steps the tables show (each rank's last complete step).
+Extra keys are allowed: newer writers may add fields within the same schema version.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict
+
+from memprof.categories import PHASES
+from memprof.errors import MemprofError
+
+# Lax ints on purpose: a JSON writer may emit 1.0e6 for a byte count; pydantic rejects fractions.
+Breakdown = dict[str, dict[str, int]]
+
+
+class _PhasePeak(TypedDict):
+    peak_total: int
+
+
+class _StepSeries(TypedDict):
+    step: int
+    loss: NotRequired[Optional[float]]
+    phases: dict[str, _PhasePeak]
+
+
+class _Oom(TypedDict):
+    step: NotRequired[Optional[int]]
+    phase: NotRequired[Optional[str]]
+    breakdown: NotRequired[Optional[Breakdown]]
+    total_bytes: NotRequired[Optional[int]]
+    budget_bytes: NotRequired[Optional[int]]
+    message: NotRequired[Optional[str]]
+
+
+class _Rank(TypedDict):
+    rank: int
+    host: NotRequired[Optional[str]]
+    device: NotRequired[Optional[str]]
+    steps: list[_StepSeries]
+    oom: NotRequired[Optional[_Oom]]
+    complete: NotRequired[bool]
+    peak_host_rss_bytes: NotRequired[Optional[int]]
+
+
+class _EstimatePhase(TypedDict):
+    peak_total: int
+
+
+class _EstimateRank(TypedDict):
+    rank: int
+    device: dict[str, int]
+    host: NotRequired[dict[str, int]]
+    phases: NotRequired[dict[str, _EstimatePhase]]
+
+
+class _Estimate(TypedDict):
+    ranks: list[_EstimateRank]
+    assumptions: NotRequired[list[str]]
+    overhead: NotRequired[dict[str, Any]]
+    device_total_bytes: NotRequired[Optional[int]]
+    peak_device_bytes: NotRequired[Optional[int]]
+
+
+class _RunDoc(TypedDict):
+    schema_version: int
+    run: dict[str, Any]
+    ranks: list[_Rank]
+    missing_ranks: NotRequired[list[int]]
+    estimate: NotRequired[Optional[_Estimate]]
+
+
+class _ShownPhase(TypedDict):
+    end: Breakdown
+    peak: Breakdown
+    peak_total: int
+
+
+_DOC = TypeAdapter(_RunDoc)
+_SHOWN_PHASE = TypeAdapter(_ShownPhase)
+
+
+def _fail(source: str, prefix: str, e: ValidationError) -> MemprofError:
+    err = e.errors()[0]
+    where = ".".join([prefix, *(str(p) for p in err["loc"])] if prefix else [str(p) for p in err["loc"]])
+    return MemprofError(
+        f"{source}: {where or 'the top level'}: {err['msg']} ({e.error_count()} problem(s) there): "
+        "the run file does not follow memprof's schema; re-run or re-gather it"
+    )
+
+
+def check_run_doc(doc: Any, source: str) -> None:
+    """Raise MemprofError naming ``source`` and the first bad field when ``doc`` is malformed."""
+    try:
+        _DOC.validate_python(doc)
+    except ValidationError as e:
+        raise _fail(source, "", e) from None
+    for i, rank in enumerate(doc["ranks"]):
+        # the step the tables show: the last one holding every phase (memprof.compare's rule)
+        for j in range(len(rank["steps"]) - 1, -1, -1):
+            phases = rank["steps"][j]["phases"]
+            if all(p in phases for p in PHASES):
+                for p in PHASES:
+                    try:
+                        _SHOWN_PHASE.validate_python(phases[p])
+                    except ValidationError as e:
+                        raise _fail(source, f"ranks.{i}.steps.{j}.phases.{p}", e) from None
+                break

@@ -1,0 +1,216 @@
+"""The report's plain data: at-rest figures, errors, ZeRO formula, downsampling, gaps.
+
+Expected numbers are derived here from the raw fixture JSON (read with json, not memprof) and from
+the ZeRO paper's expressions written out by hand. The fixtures are synthetic (see
+tests/fixtures/make_report_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from memprof.report.data import build_report_data, zero_paper_model_states
+from memprof.runfile import load_run
+
+FIX = Path(__file__).parent / "fixtures" / "report"
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from make_report_fixtures import synthetic_run  # noqa: E402
+
+CATS = ["params", "master_params", "grads", "optimizer_state", "comm_buffers", "activations", "other"]
+P_TINY = 149_248  # gpt2-tiny: 512*64 + 256*64 + 2*(4*64 + 64*192+192 + 64*64+64 + 64*256+256 + 256*64+64) + 2*64
+
+
+def raw(name: str) -> dict:
+    return json.loads((FIX / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def one_run() -> dict:
+    return build_report_data([load_run(FIX / "one_run.json")], ["one_run.json"])["runs"][0]
+
+
+def test_gpt2_tiny_param_count_used_by_fixtures():
+    v, e, t, layers = 512, 64, 256, 2
+    per_layer = 2 * (2 * e) + (e * 3 * e + 3 * e) + (e * e + e) + (e * 4 * e + 4 * e) + (4 * e * e + e)
+    assert v * e + t * e + layers * per_layer + 2 * e == P_TINY
+    assert raw("one_run.json")["run"]["n_params"] == P_TINY
+
+
+def test_at_rest_is_last_step_end_of_step_phase_every_category(one_run):
+    doc = raw("one_run.json")
+    for entry, rank in zip(doc["ranks"], one_run["ranks"]):
+        last = entry["steps"][-1]
+        assert rank["at_rest_step"] == last["step"] == 5
+        shown = {(c["location"], c["category"]): c for c in rank["cells"]}
+        assert len(shown) == 14  # 2 locations x 7 categories, "other" included even when small
+        for loc in ("device", "host"):
+            for cat in CATS:
+                assert shown[(loc, cat)]["measured"] == last["phases"]["step"]["end"][loc][cat]
+        assert rank["measured_device_total"] == sum(last["phases"]["step"]["end"]["device"].values())
+
+
+def test_estimate_error_is_relative_to_measured(one_run):
+    doc = raw("one_run.json")
+    m = doc["ranks"][1]["steps"][-1]["phases"]["step"]["end"]["device"]["other"]
+    e = doc["estimate"]["ranks"][1]["device"]["other"]  # 0 in the fixture's estimate
+    cell = next(c for c in one_run["ranks"][1]["cells"] if c["location"] == "device" and c["category"] == "other")
+    assert cell["estimated"] == e == 0 and m > 0
+    assert cell["error"] == pytest.approx(-1.0)  # (0 - m) / m
+    params = next(c for c in one_run["ranks"][0]["cells"] if c["category"] == "params" and c["location"] == "device")
+    assert params["error"] == 0.0  # the fixture's estimate matches its params exactly: 4 bytes x P
+    assert params["measured"] == 4 * P_TINY
+
+
+def test_phase_peaks_and_highest_peak_exact(one_run):
+    doc = raw("one_run.json")
+    for entry, rank in zip(doc["ranks"], one_run["ranks"]):
+        best = max((s["phases"][p]["peak_total"], s["step"], p) for s in entry["steps"] for p in s["phases"])
+        assert (rank["peak"]["bytes"], rank["peak"]["step"], rank["peak"]["phase"]) == best
+        last = entry["steps"][-1]["phases"]
+        assert [pp["measured"] for pp in rank["phase_peaks"]] == [last[p]["peak_total"] for p in ("forward", "backward", "step")]
+
+
+def test_zero_paper_figures_7_5b_on_64():
+    # Figure 1 of the ZeRO paper: Ψ = 7.5e9, N = 64, mixed-precision Adam (K = 12):
+    # 16Ψ = 120 GB, 4Ψ + 12Ψ/64 = 31.4 GB, 2Ψ + 14Ψ/64 = 16.6 GB, 16Ψ/64 = 1.9 GB
+    psi = 7_500_000_000
+    got = [zero_paper_model_states(psi, s, 64, "adam", "fp16") for s in range(4)]
+    assert got == [120_000_000_000, 31_406_250_000, 16_640_625_000, 1_875_000_000]
+
+
+def test_zero_formula_fp32_and_optimizers():
+    # fp32: A = B = 4 and no master copy; K = 8 for AdamW, 0 for plain SGD, 12 for AMSGrad
+    assert zero_paper_model_states(P_TINY, 0, 2, "adamw", "fp32") == 16 * P_TINY
+    assert zero_paper_model_states(P_TINY, 2, 4, "adamw", "fp32") == 4 * P_TINY + 12 * P_TINY // 4
+    assert zero_paper_model_states(P_TINY, 1, 4, "sgd", "fp32") == 8 * P_TINY
+    assert zero_paper_model_states(P_TINY, 3, 4, "amsgrad", "fp32") == 20 * P_TINY // 4
+    assert zero_paper_model_states(P_TINY, 2, 2, "lion", "fp32") is None
+
+
+def _sweep():
+    files = sorted((FIX / "sweep").glob("*.json"))
+    data = build_report_data([load_run(f) for f in files], [f.name for f in files])
+    return files, data
+
+
+def test_sweep_zero_saving_measured_and_formula():
+    files, data = _sweep()
+    adamw = next(g for g in data["sweep"]["zero"] if g["optimizer"] == "adamw")
+    points = {(p["stage"], p["world_size"]): p for p in adamw["points"]}
+    assert set(points) == {(0, 2), (2, 1), (2, 2), (2, 4), (3, 1), (3, 2), (3, 4)}
+
+    def measured(name: str) -> int:  # worst rank's model states at rest, from the raw file
+        doc = json.loads((FIX / "sweep" / name).read_text())
+        return max(sum(r["steps"][-1]["phases"]["step"]["end"][loc][c] for loc in ("device", "host")
+                       for c in CATS[:4]) for r in doc["ranks"])
+
+    assert points[(2, 4)]["measured"] == measured("adamw_z2_n4.json")
+    assert points[(2, 2)]["measured_saving"] == pytest.approx(1 - measured("adamw_z2_n2.json") / measured("adamw_z0_n2.json"))
+    assert points[(3, 4)]["formula"] == 16 * P_TINY // 4
+    assert points[(3, 4)]["formula_saving"] == pytest.approx(1 - 4 / 16)
+    assert points[(2, 2)]["formula_saving"] == pytest.approx(1 - (4 + 12 / 2) / 16)
+    # no measured stage-0 run at N = 4: no measured saving rather than a made-up one
+    assert points[(2, 4)]["measured_saving"] is None
+
+
+def test_sweep_loss_vs_memory_per_optimizer_and_labels():
+    files, data = _sweep()
+    lvm = data["sweep"]["loss_vs_memory"]
+    assert set(lvm) == {"adamw", "sgd", "momentum", "rmsprop"}
+    sgd_doc = json.loads((FIX / "sweep" / "sgd_z2_n2.json").read_text())
+    final = [r["steps"][-1]["loss"] for r in sgd_doc["ranks"]]
+    peak = max(s["phases"][p]["peak_total"] for r in sgd_doc["ranks"] for s in r["steps"] for p in s["phases"])
+    (point,) = lvm["sgd"]
+    assert point["final_loss"] == pytest.approx(sum(final) / len(final))
+    assert point["peak_bytes"] == peak
+    assert len({r["label"] for r in data["runs"]}) == len(files)
+    per_rank = sum(len(r["ranks"]) for r in data["sweep"]["model_states"])
+    assert per_rank == sum(len(json.loads(f.read_text())["ranks"]) for f in files)
+
+
+def test_downsampled_chart_keeps_the_peak_and_tables_exact():
+    doc = synthetic_run(world_size=2, steps=1000, seed=3)
+    doc["ranks"][1]["steps"][637]["phases"]["backward"]["peak_total"] = 10**9  # a lone spike
+    data = build_report_data([doc], max_chart_steps=100)["runs"][0]
+    assert data["downsampled"] and data["n_steps"] == 1000
+    t1 = data["timeline"][1]
+    assert len(t1["x"]) <= 3 * 100
+    assert max(t1["y"]) == 10**9  # bucket maxima: the spike survives downsampling
+    assert data["ranks"][1]["peak"] == {"bytes": 10**9, "step": 638, "phase": "backward"}
+    t0 = data["timeline"][0]
+    assert max(t0["y"]) == max(s["phases"][p]["peak_total"] for s in doc["ranks"][0]["steps"] for p in s["phases"])
+    assert len(data["loss"]["x"]) <= 100
+
+
+def test_missing_rank_gap_is_marked():
+    data = build_report_data([load_run(FIX / "missing_rank")])["runs"][0]
+    assert data["missing_ranks"] == [1]
+    assert [r["rank"] for r in data["ranks"]] == [0, 2]
+    hm = data["heatmap"]
+    assert hm["ranks"] == [0, 1, 2] and hm["missing"] == [1]
+    assert all(v is None for v in hm["bytes"][1]) and all(v is not None for v in hm["bytes"][0])
+
+
+def test_no_estimate():
+    data = build_report_data([load_run(FIX / "no_estimate.json")])["runs"][0]
+    assert data["has_estimate"] is False and data["estimate"] is None
+    assert all(c["estimated"] is None and c["error"] is None for r in data["ranks"] for c in r["cells"])
+
+
+def test_overhead_measured_from_rest_breakdown(one_run):
+    rest = raw("one_run.json")["ranks"][0]["steps"][-1]["phases"]["step"]["end"]["device"]
+    held = rest["params"] + rest["master_params"] + rest["optimizer_state"]
+    m = one_run["overhead"]["measured"]
+    assert m["ratio"] == pytest.approx(held / rest["params"])
+    # fixture: stage 2 fp32 AdamW on 2 ranks: 4P + (4P + 8P)/2 over 4P = 2.5 (3.0 without ZeRO)
+    assert m["ratio"] == pytest.approx(2.5, rel=1e-4)
+    assert m["bytes_per_param"] == pytest.approx(10, rel=1e-4)
+    # AdamW keeps 2 fp32 moments: 8 bytes per parameter over all ranks (+ padding of the partitions)
+    assert m["opt_bytes_per_param"] == pytest.approx(8, abs=8 * 2 / P_TINY)
+    assert one_run["overhead"]["estimated"]["ratio"] == pytest.approx(2.5, rel=1e-4)
+
+
+def test_offload_shows_host_categories():
+    data = build_report_data([load_run(FIX / "offload.json")])["runs"][0]
+    assert data["shows_host"]
+    host_opt = next(c for c in data["ranks"][0]["cells"] if c["location"] == "host" and c["category"] == "optimizer_state")
+    assert host_opt["measured"] == 8 * -(-P_TINY // 2) > 0
+    assert "host/optimizer_state" in data["heatmap"]["columns"]
+
+
+def test_rank_without_complete_step_is_shown_not_dropped(tmp_path):
+    from memprof.report import write_report
+
+    doc = synthetic_run(world_size=2, steps=2, with_estimate=False)
+    doc["ranks"][1]["steps"] = doc["ranks"][1]["steps"][:1]
+    del doc["ranks"][1]["steps"][0]["phases"]["step"]  # died in its first optimizer step
+    doc["ranks"][1]["oom"] = {"step": 1, "phase": "step", "message": "simulated budget exceeded"}
+    data = build_report_data([doc])["runs"][0]
+    r1 = data["ranks"][1]
+    assert r1["measured"] is None and r1["at_rest_step"] is None
+    assert r1["peak"]["step"] == 1 and r1["peak"]["phase"] in ("forward", "backward")
+    assert data["heatmap"]["missing"] == [1]
+    html = write_report([doc], tmp_path / "r.html").read_text()
+    assert "no complete step recorded (1 step record(s), out of memory at step 1 step)" in html
+
+
+def test_run_with_no_complete_step_anywhere_still_reports(tmp_path):
+    # e.g. a single rank whose first optimizer step ran out of the simulated budget
+    from memprof.report import write_report
+
+    doc = synthetic_run(world_size=1, steps=1, with_estimate=False)
+    del doc["ranks"][0]["steps"][0]["phases"]["step"]
+    at_death = doc["ranks"][0]["steps"][0]["phases"]["backward"]["peak"]
+    doc["ranks"][0]["oom"] = {"step": 1, "phase": "step", "breakdown": at_death, "total_bytes": 3_000_000,
+                              "budget_bytes": 2 * 2**20, "message": "simulated budget exceeded"}
+    doc["ranks"][0]["complete"] = False
+    html = write_report([doc], tmp_path / "r.html").read_text()
+    assert "No rank has a complete step" in html
+    assert 'data-chart="run0-timeline"' in html and 'data-chart="run0-bars"' not in html
+    assert "Rank 0 ran out of memory at step 1, step: 2.9 MiB of a budget of 2.0 MiB" in html
+    assert "simulated budget exceeded" in html
+    assert f'data-bytes="{at_death["device"]["params"]}"' in html  # the breakdown at the OOM
