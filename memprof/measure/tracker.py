@@ -1,0 +1,322 @@
+"""Allocation tracking on CPU: every tensor storage created and freed while tracking is on.
+
+CPU tensors have no caching allocator with counters, so the tracker sees memory the way PyTorch's
+MemTracker does: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` looks at the output
+storages of every aten op (factory ops such as ``aten.empty`` included, from Python or C++), and a
+weak reference on each new :class:`torch.UntypedStorage` reports its free the moment the storage
+dies. Views share their storage's Python object (PyTorch preserves it), so a view adds nothing.
+
+Every live storage carries a *label*: one (location, category) pair of :mod:`memprof.categories`.
+The tracker keeps a running tally of live bytes per label, so the breakdown at any moment is a
+list copy; it copies that list only when the device total reaches a new peak. Labels of new
+storages come from :attr:`AllocationTracker.new_label` (the profiler sets it per phase); the
+profiler corrects them at phase boundaries from the ownership walk (:meth:`relabel`).
+
+The hot path (one Python call per aten op) does a dict lookup per output and, for a new storage,
+creates one weak reference. Nothing else: no stack walks, no per-op copies.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from memprof.categories import CATEGORIES, LOCATIONS, Breakdown, Category, Location
+from memprof.measure.oom import SimulatedOutOfMemoryError
+
+N_CATEGORIES = len(CATEGORIES)
+N_LABELS = len(LOCATIONS) * N_CATEGORIES
+
+
+def label_of(location: str, category: str) -> int:
+    """The tally index of a (location, category) pair; device labels are 0 .. N_CATEGORIES-1."""
+    return LOCATIONS.index(str(Location(location).value)) * N_CATEGORIES + CATEGORIES.index(
+        str(Category(category).value)
+    )
+
+
+def location_of(label: int) -> str:
+    return LOCATIONS[label // N_CATEGORIES]
+
+
+def category_of(label: int) -> str:
+    return CATEGORIES[label % N_CATEGORIES]
+
+
+DEVICE_ACTIVATIONS = label_of("device", "activations")
+DEVICE_OTHER = label_of("device", "other")
+MODEL_STATE_LABELS = frozenset(
+    label_of(loc, cat)
+    for loc in LOCATIONS
+    for cat in ("params", "master_params", "grads", "optimizer_state", "comm_buffers")
+)
+
+
+def tally_to_breakdown(tally: list[int]) -> Breakdown:
+    """``{location: {category: bytes}}`` from a label-indexed tally (negative entries clamped)."""
+    return {
+        loc: {cat: max(0, int(tally[li * N_CATEGORIES + ci])) for ci, cat in enumerate(CATEGORIES)}
+        for li, loc in enumerate(LOCATIONS)
+    }
+
+
+def device_total(tally: list[int]) -> int:
+    return sum(max(0, v) for v in tally[:N_CATEGORIES])
+
+
+class _Live(weakref.ref):
+    """A weak reference to one live storage that also carries what the tracker knows of it."""
+
+    __slots__ = ("key", "nbytes", "label", "seq")
+
+    key: int
+    nbytes: int
+    label: int
+    seq: int
+
+
+@dataclass
+class Snapshot:
+    """The tally at one moment (a peak, or the allocation that crossed the budget) and the
+    allocation sequence number of that moment: a storage with ``seq <= snapshot.seq`` that is still
+    alive later was alive then too."""
+
+    tally: list[int]
+    seq: int
+
+    @property
+    def device_total(self) -> int:
+        return device_total(self.tally)
+
+    def breakdown(self) -> Breakdown:
+        return tally_to_breakdown(self.tally)
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live bytes per label of every CPU tensor storage, with the peak of the device total.
+
+    Use as a context manager (it is a dispatch mode). ``seed`` it first with the storages that
+    exist already, or their bytes are unknown to it and a free of one is ignored.
+    ``budget_bytes``: raise :class:`SimulatedOutOfMemoryError` from the allocation that takes the
+    device total above it.
+    """
+
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        super().__init__()
+        self.budget_bytes = budget_bytes
+        self.live: dict[int, _Live] = {}  # id(UntypedStorage) -> its record
+        self.tally: list[int] = [0] * N_LABELS
+        self.device_total = 0
+        self.seq = 0
+        self.new_label = DEVICE_OTHER
+        self.peak = Snapshot(list(self.tally), 0)
+        self.peak_total = 0
+        self.oom: Snapshot | None = None
+        self.negative_clamps = 0  # times a tally would have gone below zero (should stay 0)
+        # Large new storages wait here for an ownership walk before their phase ends: a buffer an
+        # engine allocates and frees inside one phase (a reduce bucket, a gradient) would
+        # otherwise keep the phase's default label at the peak. ``on_large_allocation`` (set by
+        # the profiler) runs at the op after one, when the owner has attached it.
+        self.large_bytes: int | None = None
+        self.pending: list[_Live] = []
+        self.on_large_allocation: Callable[[], None] | None = None
+        self._walk_due = False
+        self._free_cb = self._on_free
+
+    # ---- hot path -------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if self._walk_due:
+            # one op after a large allocation: its owner (if any) has attached it by now
+            self._walk_due = False
+            if self.on_large_allocation is not None:
+                self.on_large_allocation()
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        if isinstance(out, torch.Tensor):
+            self._see(out)
+        elif isinstance(out, (tuple, list)):
+            for o in out:
+                if isinstance(o, torch.Tensor):
+                    self._see(o)
+        return out
+
+    def _see(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return  # sparse / nested / functional wrappers: no plain storage to count
+        rec = self.live.get(id(st))
+        if rec is not None:
+            n = st.nbytes()
+            if n != rec.nbytes:  # resize_ / out= grew or shrank a storage we already count
+                self._resize(rec, n)
+            return
+        n = st.nbytes()
+        if n == 0 or st.data_ptr() == 0:
+            return  # empty or meta: holds no memory (a later resize is seen as a new storage)
+        self._add(st, n, self.new_label)
+
+    def _add(self, st: torch.UntypedStorage, n: int, label: int) -> None:
+        self.seq += 1
+        rec = _Live(st, self._free_cb)
+        rec.key = id(st)
+        rec.nbytes = n
+        rec.label = label
+        rec.seq = self.seq
+        self.live[rec.key] = rec
+        self.tally[label] += n
+        if self.large_bytes is not None and n >= self.large_bytes:
+            self.pending.append(rec)
+            self._walk_due = True
+        if label < N_CATEGORIES:
+            self.device_total += n
+            if self.device_total > self.peak_total:
+                self.peak_total = self.device_total
+                self.peak = Snapshot(self.tally.copy(), self.seq)
+            if self.budget_bytes is not None and self.device_total > self.budget_bytes and self.oom is None:
+                self.oom = Snapshot(self.tally.copy(), self.seq)
+                raise SimulatedOutOfMemoryError(
+                    requested_bytes=n, total_bytes=self.device_total, budget_bytes=self.budget_bytes
+                )
+
+    def _on_free(self, rec: _Live) -> None:
+        if self.live.pop(rec.key, None) is None:
+            return
+        self._sub(rec.label, rec.nbytes)
+
+    def _sub(self, label: int, n: int) -> None:
+        v = self.tally[label] - n
+        if v < 0:
+            self.negative_clamps += 1
+            n += v
+            v = 0
+        self.tally[label] = v
+        if label < N_CATEGORIES:
+            self.device_total -= n
+
+    def _resize(self, rec: _Live, n: int) -> None:
+        delta = n - rec.nbytes
+        rec.nbytes = n
+        if delta < 0:
+            self._sub(rec.label, -delta)
+            return
+        self.tally[rec.label] += delta
+        if rec.label < N_CATEGORIES:
+            self.device_total += delta
+            if self.device_total > self.peak_total:
+                self.peak_total = self.device_total
+                self.peak = Snapshot(self.tally.copy(), self.seq)
+
+    # ---- boundaries (cold path) ------------------------------------------------------------
+    def seed(self, storages: Iterable[torch.UntypedStorage], label: int = DEVICE_OTHER) -> int:
+        """Count storages that exist already under ``label`` (those already counted are skipped).
+        Returns the bytes added."""
+        added = 0
+        for st in storages:
+            if id(st) in self.live:
+                continue
+            n = st.nbytes()
+            if n == 0 or st.data_ptr() == 0:
+                continue
+            self.seq += 1
+            rec = _Live(st, self._free_cb)
+            rec.key, rec.nbytes, rec.label, rec.seq = id(st), n, label, self.seq
+            self.live[rec.key] = rec
+            self.tally[label] += n
+            if label < N_CATEGORIES:
+                self.device_total += n
+            added += n
+        self.reset_peak()
+        return added
+
+    def reset_peak(self) -> None:
+        """Start a new peak window at the current moment (a phase start)."""
+        self.peak_total = self.device_total
+        self.peak = Snapshot(self.tally.copy(), self.seq)
+
+    def relabel(
+        self,
+        label_for: Callable[[tuple[str, int], _Live], int],
+        snapshots: Iterable[Snapshot] = (),
+    ) -> set[tuple[str, int]]:
+        """Give every live storage the label ``label_for((device, data_ptr), record)`` returns.
+
+        A storage whose label changes and that was alive at a snapshot (its ``seq`` is at most the
+        snapshot's) moves its bytes in that snapshot too, so the peak's breakdown names what the
+        bytes turned out to be (e.g. gradients born in backward). Sizes changed outside dispatch
+        (``UntypedStorage.resize_``) are picked up here. Returns the keys of the live storages.
+        """
+        snapshots = list(snapshots)
+        keys: set[tuple[str, int]] = set()
+        for rec in list(self.live.values()):
+            st = rec()
+            if st is None:
+                continue
+            n = st.nbytes()
+            if n != rec.nbytes:
+                self._resize(rec, n)
+            key = (str(st.device), st.data_ptr())
+            keys.add(key)
+            new = label_for(key, rec)
+            if new != rec.label:
+                self._move(rec, new, snapshots)
+        self.pending.clear()
+        return keys
+
+    def relabel_pending(self, owned_label: Callable[[tuple[str, int]], int | None]) -> None:
+        """Label the large storages allocated since the last walk that have an owner now
+        (``owned_label(key)`` is not None), in the tally and in the current peak. Those without
+        an owner yet stay pending until the next walk or the phase end."""
+        still: list[_Live] = []
+        for rec in self.pending:
+            st = rec()
+            if st is None or rec.key not in self.live:
+                continue  # freed already: it keeps its label
+            new = owned_label((str(st.device), st.data_ptr()))
+            if new is None:
+                still.append(rec)
+            elif new != rec.label:
+                self._move(rec, new, [self.peak])
+        self.pending = still
+
+    def _move(self, rec: _Live, new: int, snapshots: Iterable[Snapshot]) -> None:
+        """Move one live storage's bytes to label ``new``, also in the snapshots it was alive at."""
+        self._sub(rec.label, rec.nbytes)
+        self.tally[new] += rec.nbytes
+        if new < N_CATEGORIES:
+            self.device_total += rec.nbytes
+        for snap in snapshots:
+            if rec.seq <= snap.seq:
+                snap.tally[rec.label] = max(0, snap.tally[rec.label] - rec.nbytes)
+                snap.tally[new] += rec.nbytes
+        rec.label = new
+        if self.device_total > self.peak_total:  # a host->device move can raise the total
+            self.peak_total = self.device_total
+            self.peak = Snapshot(self.tally.copy(), self.seq)
+
+
+def live_tensor_storages() -> list[torch.UntypedStorage]:
+    """Every distinct CPU storage held by a tensor the garbage collector can see (one-time seed).
+
+    Tensors are GC-tracked objects, so this finds parameters, buffers, optimizer state and
+    DeepSpeed's flat buffers alike; storages reachable only from C++ (none of those above) are
+    missed and show up later only if an op outputs them.
+    """
+    seen: dict[int, torch.UntypedStorage] = {}
+    with warnings.catch_warnings():
+        # isinstance() on some module-level objects (deprecated torch.distributed aliases) warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+                    continue
+                st = obj.untyped_storage()
+            except Exception:  # noqa: BLE001 - exotic tensor subclasses may refuse storage access
+                continue
+            seen.setdefault(id(st), st)
+    return list(seen.values())
