@@ -9,7 +9,8 @@ Layout of a run folder ``<out>/``:
   - ``step``:   ``{"type": "step", "step", "loss", "phases": {phase: PhaseRecord}}``
   - ``oom``:    ``{"type": "oom", "step", "phase", "breakdown": Breakdown, "total_bytes",
                    "budget_bytes", "message"}`` (simulated budget exceeded or a real CUDA OOM)
-  - ``end``:    ``{"type": "end", "peak_host_rss_bytes"}``
+  - ``end``:    ``{"type": "end", "peak_host_rss_bytes", "diagnostics": {...}}`` (the profiler's
+                   self-checks: ``negative_clamps``, ``untracked_owned_bytes_max``, ...)
 
   A ``PhaseRecord`` is ``{"end": Breakdown, "peak": Breakdown, "peak_total": int,
   "end_total": int, "host_rss_bytes": int, "cuda": {...}?}`` where a Breakdown is
@@ -26,7 +27,7 @@ Layout of a run folder ``<out>/``:
              "micro_batch", "seq_len", "steps", "device_type", "versions": {...},
              "deepspeed_config": {...}, "model_config": {...}, ...},
      "ranks": [{"rank", "host", "device", "steps": [StepRecord...], "oom": OomRecord|null,
-                "complete": bool, "peak_host_rss_bytes": int|null}],
+                "complete": bool, "peak_host_rss_bytes": int|null, "diagnostics": {...}?}],
      "missing_ranks": [int, ...],
      "estimate": {...} | null}          # memprof.estimate's JSON for the run's own setup
 
@@ -152,6 +153,8 @@ def rank_entry_from_records(records: list[dict[str, Any]]) -> dict[str, Any]:
         elif kind == "end":
             entry["complete"] = True
             entry["peak_host_rss_bytes"] = rec.get("peak_host_rss_bytes")
+            if "diagnostics" in rec:
+                entry["diagnostics"] = rec["diagnostics"]
     return entry
 
 
