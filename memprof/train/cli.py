@@ -1,0 +1,31 @@
+"""Entry point of ``launch/train.py``: validate, then train; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+from memprof.errors import MemprofError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and validate ``argv`` (no torch import yet), then run the training loop.
+
+    Returns the process exit code: 0 success, 2 bad input (one line on stderr, nothing trained),
+    3 out of memory (see :data:`memprof.train.loop.EXIT_OUT_OF_MEMORY`).
+    """
+    from memprof.train.config import parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        from memprof.train.config import build_arg_parser
+
+        build_arg_parser().print_help()
+        return 0
+    try:
+        config = parse_args(argv)
+        from memprof.train.loop import run_training
+
+        return run_training(config)
+    except MemprofError as e:
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code

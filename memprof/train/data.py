@@ -1,0 +1,73 @@
+"""Training data: real English text, byte-level tokens, deterministic per-rank batches.
+
+Tokenizer: none to download. A token is one UTF-8 byte of the text (ids 0..255); every preset's
+vocabulary has at least 256 entries, so the ids index the embedding table directly. Memory does not
+depend on which tokens are fed, only on their shape, so bytes are enough for a memory profiler and
+keep the run fully offline.
+
+Sharding (data parallelism): a sample is a window of ``seq_len`` tokens starting at offset ``s``.
+Rank ``r`` of ``world_size`` owns the start offsets ``s`` with ``s % world_size == r``, so ranks
+never draw the same window; within its shard a rank draws offsets with a ``torch.Generator`` seeded
+from ``(seed, rank)``: the same flags give the same batches on every run.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from memprof.errors import MemprofError
+
+BYTE_VOCAB = 256
+# The shipped texts, in the order they are joined (see memprof/data/README.md for their sources).
+SHIPPED_TEXTS: tuple[str, ...] = (
+    "declaration_of_independence.txt",
+    "lincoln_speeches.txt",
+    "cc0_legal_code.txt",
+)
+
+
+def load_text(path: Path | None = None) -> bytes:
+    """UTF-8 bytes of ``path``, or of the texts shipped in ``memprof/data`` when None."""
+    if path is not None:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise MemprofError(f"cannot read --data {path}: {e.strerror}") from None
+    folder = resources.files("memprof") / "data"
+    return b"\n\n".join(folder.joinpath(name).read_bytes() for name in SHIPPED_TEXTS)
+
+
+def tokenize(text: bytes) -> torch.Tensor:
+    """Byte-level tokens: a 1-D int64 tensor of the bytes' values (0..255)."""
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.int64)
+
+
+class ByteBatches:
+    """Deterministic micro-batches of one rank's shard: ``next_batch()`` -> ``[micro_batch, seq_len]``.
+
+    The model gets the same tensor as ``input_ids`` and ``labels``: HF's GPT2LMHeadModel shifts
+    the labels by one position itself before computing the loss.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch: int, seed: int, rank: int, world_size: int):
+        n_starts = tokens.numel() - seq_len + 1  # window start offsets 0 .. n - seq_len
+        if n_starts < world_size:
+            raise MemprofError(
+                f"the text has {tokens.numel()} tokens, too few for {world_size} ranks of --seq-len {seq_len} windows: "
+                "use a shorter --seq-len or a longer --data text"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.micro_batch = micro_batch
+        # This rank's shard: every world_size-th start offset, beginning at its rank.
+        self.starts = torch.arange(rank, n_starts, world_size)
+        # Mix the rank into the seed so ranks sample independently, yet reproducibly.
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+
+    def next_batch(self) -> torch.Tensor:
+        picks = torch.randint(0, self.starts.numel(), (self.micro_batch,), generator=self.generator)
+        offsets = self.starts[picks].unsqueeze(1) + torch.arange(self.seq_len).unsqueeze(0)
+        return self.tokens[offsets]

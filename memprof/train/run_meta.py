@@ -1,0 +1,83 @@
+"""The ``run`` metadata dict: what was trained, how, and where. The estimator reads it to rebuild
+the run's own setup (``memprof.estimate.inputs_from_run``) and every report shows it."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Mapping
+
+from memprof import __version__ as memprof_version
+from memprof.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class DistributedFacts:
+    """Facts about the process group, the same on every rank."""
+
+    world_size: int
+    nodes: int
+    device_type: str
+    """``cpu`` or ``cuda`` (the accelerator DeepSpeed picked)."""
+    backend: str
+    """``gloo`` or ``nccl`` (the torch.distributed backend in use)."""
+
+
+def count_nodes(environ: Mapping[str, str], world_size: int) -> int:
+    """Distinct hosts (launcher nodes) in the run, from the launchers' environment.
+
+    torchrun sets GROUP_WORLD_SIZE (agents = nodes) and the deepspeed launcher CROSS_SIZE; both
+    count a node even when two "nodes" share one machine (127.0.0.1), which a hostname count
+    would not. Without either, assume equal nodes of LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE
+    (deepspeed) ranks; a plain ``python`` run is one node.
+    """
+    for key in ("GROUP_WORLD_SIZE", "CROSS_SIZE"):
+        value = environ.get(key, "")
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = environ.get(key, "")
+        if value.isdigit() and int(value) >= 1:
+            return max(1, -(-world_size // int(value)))
+    return 1
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape memory, read from installed metadata (no imports)."""
+    versions = {"memprof": memprof_version, "python": platform.python_version()}
+    for dist in ("torch", "deepspeed", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "missing"
+    return versions
+
+
+def build_run_meta(config: TrainConfig, dist: DistributedFacts, n_params: int) -> dict[str, Any]:
+    """The ``run`` dict recorded in every rank file header and in memprof.json."""
+    ds = config.deepspeed
+    return {
+        "model": config.model.name,
+        "model_config": config.model.config,
+        "n_params": n_params,
+        "world_size": dist.world_size,
+        "nodes": dist.nodes,
+        "zero_stage": ds.zero_stage,
+        "optimizer": ds.optimizer,
+        "precision": ds.precision,
+        "micro_batch": ds.micro_batch,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "seq_len": config.data.seq_len,
+        "steps": config.run.steps,
+        "seed": config.data.seed,
+        "activation_checkpointing": ds.activation_checkpointing,
+        "offload_optimizer": ds.offload_optimizer,
+        "offload_params": ds.offload_params,
+        "device_type": dist.device_type,
+        "backend": dist.backend,
+        "versions": package_versions(),
+        "deepspeed_config_path": str(ds.path),
+        "deepspeed_config": ds.config,
+        "memory_budget_bytes": config.run.memory_budget_bytes,
+    }

@@ -1,0 +1,205 @@
+"""The launcher's validation, config zoo, data and model, without launching anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memprof.errors import MemprofError
+from memprof.models import PRESETS
+from memprof.train.config import load_deepspeed_config, optimizer_zoo_name, parse_args
+from memprof.train.run_meta import count_nodes
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# What each shipped config must mean, written down from its JSON by hand (type + params per
+# DeepSpeed's rules: "Adam" is AdamW unless adam_w_mode is false; SGD momentum/nesterov).
+EXPECTED = {
+    # name: (stage, optimizer, precision, offload_optimizer, offload_params)
+    "stage0_sgd": (0, "sgd", "fp32", "none", "none"),
+    "stage0_momentum": (0, "momentum", "fp32", "none", "none"),
+    "stage0_nesterov": (0, "nesterov", "fp32", "none", "none"),
+    "stage0_rmsprop": (0, "rmsprop", "fp32", "none", "none"),
+    "stage0_adagrad": (0, "adagrad", "fp32", "none", "none"),
+    "stage0_adam": (0, "adam", "fp32", "none", "none"),
+    "stage0_adamw": (0, "adamw", "fp32", "none", "none"),
+    "stage0_amsgrad": (0, "amsgrad", "fp32", "none", "none"),
+    "stage1_adamw": (1, "adamw", "fp32", "none", "none"),
+    "stage2_adamw": (2, "adamw", "fp32", "none", "none"),
+    "stage3_adamw": (3, "adamw", "fp32", "none", "none"),
+    "stage0_adamw_bf16": (0, "adamw", "bf16", "none", "none"),
+    "stage1_adamw_bf16": (1, "adamw", "bf16", "none", "none"),
+    "stage2_adamw_bf16": (2, "adamw", "bf16", "none", "none"),
+    "stage3_adamw_bf16": (3, "adamw", "bf16", "none", "none"),
+    "stage2_adamw_offload_optimizer": (2, "adamw", "fp32", "cpu", "none"),
+    "stage3_adamw_offload_param": (3, "adamw", "fp32", "cpu", "cpu"),
+    "demo": (2, "adamw", "fp32", "none", "none"),
+}
+
+
+def test_every_shipped_config_is_listed_and_means_what_its_name_says() -> None:
+    assert {p.stem for p in CONFIGS.glob("*.json")} == set(EXPECTED)
+    for name, (stage, optimizer, precision, off_opt, off_par) in EXPECTED.items():
+        ds = load_deepspeed_config(CONFIGS / f"{name}.json", world_size=2)
+        assert (ds.zero_stage, ds.optimizer, ds.precision, ds.offload_optimizer, ds.offload_params) == (
+            stage, optimizer, precision, off_opt, off_par,
+        ), name
+        assert ds.micro_batch == 2 and ds.gradient_accumulation_steps == 1
+        # the dict handed to deepspeed.initialize is the file, unchanged
+        assert ds.config == json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "block, stage, expected",
+    [
+        ({"type": "Adam", "params": {}}, 0, "adamw"),  # DeepSpeed's default adam_w_mode=True
+        ({"type": "adam", "params": {"adam_w_mode": False}}, 0, "adam"),
+        ({"type": "AdamW", "params": {"adam_w_mode": False}}, 0, "adamw"),  # AdamW forces it
+        ({"type": "AdamW", "params": {"amsgrad": True, "torch_adam": True}}, 2, "amsgrad"),
+        ({"type": "SGD", "params": {"momentum": 0.0}}, 0, "sgd"),
+        ({"type": "SGD", "params": {"momentum": 0.5, "nesterov": True}}, 0, "nesterov"),
+        ({"type": "Adagrad"}, 3, "adagrad"),  # ZeRO-tested: no opt-in needed
+    ],
+)
+def test_optimizer_zoo_names(block: dict, stage: int, expected: str) -> None:
+    assert optimizer_zoo_name(block, stage, {}) == expected
+
+
+@pytest.mark.parametrize(
+    "block, stage, config, fragment",
+    [
+        ({"type": "sgd"}, 0, {}, "case-sensitive"),  # getattr(torch.optim, "sgd") fails in DeepSpeed
+        ({"type": "Lamb"}, 0, {}, "unknown optimizer type 'Lamb'"),
+        ({"type": "SGD"}, 1, {}, "zero_allow_untested_optimizer"),
+        ({"type": "Adam", "params": {"amsgrad": True}}, 0, {}, "torch_adam"),
+        ({"type": "SGD", "params": {"nesterov": True}}, 0, {}, "momentum > 0"),
+        ({"type": "RMSprop", "params": {"centered": True}}, 0, {}, "centered"),
+        (None, 0, {}, "no \"optimizer\" block"),
+    ],
+)
+def test_optimizer_blocks_deepspeed_would_reject_fail_early(block, stage, config, fragment) -> None:
+    with pytest.raises(MemprofError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        optimizer_zoo_name(block, stage, config)
+    assert optimizer_zoo_name({"type": "SGD"}, 1, {"zero_allow_untested_optimizer": True}) == "sgd"
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_micro_batch_is_derived_from_train_batch_size_and_world_size(tmp_path: Path) -> None:
+    base = {"optimizer": {"type": "AdamW"}, "gradient_accumulation_steps": 2}
+    # 24 = micro x 2 (accumulation) x 3 (ranks) -> micro 4
+    assert load_deepspeed_config(_write(tmp_path, {**base, "train_batch_size": 24}), world_size=3).micro_batch == 4
+    with pytest.raises(MemprofError, match="not divisible"):
+        load_deepspeed_config(_write(tmp_path, {**base, "train_batch_size": 10}), world_size=3)
+    with pytest.raises(MemprofError, match="train_batch_size 10 != micro-batch 1"):
+        load_deepspeed_config(_write(tmp_path, {**base, "train_batch_size": 10, "train_micro_batch_size_per_gpu": 1}), 3)
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}, "offload_param needs ZeRO stage 3"),
+        ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer needs ZeRO"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "'nvme' is not supported"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both bf16 and fp16"),
+        ({"zero_optimization": {"stage": "2"}}, "stage is '2'"),
+        ({"activation_checkpointing": {"cpu_checkpointing": True}}, "cpu_checkpointing is not supported"),
+    ],
+)
+def test_settings_memprof_cannot_honour_are_refused(tmp_path: Path, config: dict, fragment: str) -> None:
+    full = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}, **config}
+    with pytest.raises(MemprofError, match=fragment):
+        load_deepspeed_config(_write(tmp_path, full))
+
+
+def test_activation_checkpointing_follows_the_json_block(tmp_path: Path) -> None:
+    base = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}}
+    assert load_deepspeed_config(_write(tmp_path, base)).activation_checkpointing is False
+    on = {**base, "activation_checkpointing": {"number_checkpoints": 2}}
+    assert load_deepspeed_config(_write(tmp_path, on)).activation_checkpointing is True
+
+
+def test_flags_and_model_config_file(tmp_path: Path) -> None:
+    model_json = tmp_path / "config.json"
+    model_json.write_text(json.dumps({**PRESETS["gpt2-tiny"], "n_layer": 3}))
+    cfg = parse_args(
+        ["--deepspeed_config", str(CONFIGS / "demo.json"), "--model-config", str(model_json), "--out", str(tmp_path / "o"),
+         "--steps", "5", "--seq-len", "64", "--seed", "7", "--memory-budget", "2GiB", "--local_rank=1"],
+        environ={},
+    )
+    assert cfg.model.name == str(model_json) and cfg.model.config["n_layer"] == 3
+    assert (cfg.run.steps, cfg.data.seq_len, cfg.data.seed, cfg.local_rank_flag) == (5, 64, 7, 1)
+    assert cfg.run.memory_budget_bytes == 2 * 2**30
+    with pytest.raises(MemprofError, match="exceeds the model's n_positions"):
+        parse_args(["--deepspeed_config", str(CONFIGS / "demo.json"), "--out", str(tmp_path / "o"), "--seq-len", "257"], environ={})
+    with pytest.raises(MemprofError, match="not allowed with argument"):
+        parse_args(["--deepspeed_config", str(CONFIGS / "demo.json"), "--out", str(tmp_path), "--model", "gpt2",
+                    "--model-config", str(model_json)], environ={})
+
+
+def test_node_count_from_each_launcher_environment() -> None:
+    assert count_nodes({"GROUP_WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}, 3) == 2  # torchrun, uneven nodes
+    assert count_nodes({"CROSS_SIZE": "4", "LOCAL_SIZE": "8"}, 32) == 4  # deepspeed launcher
+    assert count_nodes({"LOCAL_WORLD_SIZE": "2"}, 4) == 2
+    assert count_nodes({}, 1) == 1  # plain python
+
+
+def test_byte_batches_are_deterministic_sharded_and_in_vocab() -> None:
+    torch = pytest.importorskip("torch")
+    from memprof.train.data import ByteBatches, load_text, tokenize
+
+    text = load_text()
+    tokens = tokenize(text)
+    assert tokens.numel() == len(text) > 10_000 and int(tokens.max()) < 256
+    assert bytes(tokens[:40].tolist()).decode() == text[:40].decode()
+
+    def draws(seed: int, rank: int) -> list:
+        b = ByteBatches(tokens, seq_len=16, micro_batch=4, seed=seed, rank=rank, world_size=3)
+        return [b.next_batch() for _ in range(3)]
+
+    a, again, other_rank = draws(5, 1), draws(5, 1), draws(5, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, again))
+    assert not all(torch.equal(x, y) for x, y in zip(a, other_rank))
+    # every window of rank 1 starts at an offset = 1 (mod 3) and is a contiguous slice of the text
+    for batch in a:
+        assert batch.shape == (4, 16)
+        for row in batch:
+            starts = [s for s in range(1, tokens.numel() - 15, 3) if torch.equal(tokens[s : s + 16], row)]
+            assert starts, "a window that is not a rank-1 slice of the text"
+
+
+def test_tiny_model_parameter_count_matches_the_gpt2_formula() -> None:
+    pytest.importorskip("transformers")
+    from memprof.train.model import build_model, count_parameters
+
+    c = PRESETS["gpt2-tiny"]
+    v, p, h, layers = c["vocab_size"], c["n_positions"], c["n_embd"], c["n_layer"]
+    # wte + wpe + per block (2 layer norms, qkv, attn proj, mlp up, mlp down) + final norm;
+    # lm_head is tied to wte so it adds nothing.
+    per_block = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * 4 * h + 4 * h) + (4 * h * h + h)
+    expected = v * h + p * h + layers * per_block + 2 * h
+    model = build_model(c, seed=0)
+    assert count_parameters(model) == expected == 149_248
+    same = build_model(c, seed=0)
+    assert all((a == b).all() for a, b in zip(model.parameters(), same.parameters()))
+
+
+def test_estimator_reads_the_run_metadata_of_every_shipped_config(tmp_path: Path) -> None:
+    """The run dict is the contract with memprof.estimate.inputs_from_run: each config's metadata
+    must come back as the same stage, optimizer and precision."""
+    from memprof.estimate import estimate, inputs_from_run
+    from memprof.train.run_meta import DistributedFacts, build_run_meta
+
+    for name, (stage, optimizer, precision, _, _) in EXPECTED.items():
+        cfg = parse_args(["--deepspeed_config", str(CONFIGS / f"{name}.json"), "--out", str(tmp_path)], environ={})
+        meta = build_run_meta(cfg, DistributedFacts(world_size=2, nodes=1, device_type="cpu", backend="gloo"), n_params=149_248)
+        assert (meta["zero_stage"], meta["optimizer"], meta["precision"]) == (stage, optimizer, precision)
+        inputs = inputs_from_run(meta)
+        assert estimate(inputs).to_json()["n_params"] == 149_248, name

@@ -1,0 +1,45 @@
+"""A rank SIGKILLed mid-run under the deepspeed launcher: every rank's records up to the death
+stay readable, and the launcher reports the failure. One launch (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from memprof.runfile import load_run, read_rank_lines
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+KILL_RANK, KILL_AT_STEP, STEPS = 1, 2, 4
+
+
+def test_killed_rank_leaves_readable_files(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        # test-only hook in memprof.train.loop: SIGKILL rank 1 after the forward of step 2
+        "MEMPROF_TEST_KILL_RANK": str(KILL_RANK),
+        "MEMPROF_TEST_KILL_AT_STEP": str(KILL_AT_STEP),
+    }
+    result = subprocess.run(
+        [str(DEEPSPEED), "--num_gpus", "2", str(TRAIN), "--deepspeed_config", "configs/stage0_adamw.json",
+         "--model", "gpt2-tiny", "--steps", str(STEPS), "--seq-len", "32", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+    )
+    assert result.returncode != 0, "the launcher must report a rank that died"
+    assert not (out / "memprof.json").exists()  # no gather happened: the files are all there is
+
+    run = load_run(out)  # reads rank<R>.jsonl files; raises on anything unreadable
+    assert [r["rank"] for r in run["ranks"]] == [0, 1] and run["missing_ranks"] == []
+    for entry in run["ranks"]:
+        # steps 0 and 1 finished everywhere. The dead rank never reached step 2's backward, and
+        # the survivor cannot finish step 2 either: its gradient all-reduce needs the dead rank.
+        assert [s["step"] for s in entry["steps"]] == list(range(KILL_AT_STEP)), entry["rank"]
+        assert entry["complete"] is False
+        assert all(set(s["phases"]) == {"forward", "backward", "step"} for s in entry["steps"])
+    dead = read_rank_lines(out / f"rank{KILL_RANK}.jsonl")
+    assert dead[0]["type"] == "header" and dead[0]["run"]["world_size"] == 2
