@@ -46,18 +46,21 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Activations:
-    """Activation bytes of one micro-batch on one rank."""
+    """Activation bytes of one micro-batch on one rank (the training loop of ``memprof.train``:
+    it keeps the loss and its input batch, and drops the model output right after forward)."""
 
     saved: int  # everything saved for backward once forward returns (logits excluded)
-    logits: int  # the model output, alive from forward until the caller drops it
+    logits: int  # the model output, alive until the loss returns (the loop keeps only the loss)
     forward_peak: int  # largest activation footprint during forward
     backward_peak: int  # largest activation footprint during backward
     per_layer_saved: int  # one block's saved tensors (without checkpointing)
     formula: str  # the per-layer formula in words
+    loop_held: int = 0  # what the loop holds between steps: its input batch (int64) and the loss
+    backward_first_hook: int = 0  # activations alive when the first parameter gradients appear
 
     @property
     def after_forward(self) -> int:
-        return self.saved + self.logits
+        return self.backward_first_hook
 
 
 def gpt2_activations(
@@ -85,25 +88,42 @@ def gpt2_activations(
     mlp = 5 * BSI * e
     bass = B * a * S * S
     attn_dropout = drop.get("attn_pdrop", 0.1) > 0
-    if attn_implementation == "eager" or cpu:
-        # eager, or CPU sdpa falling back to the math kernel (fp32 inside for half types)
-        ae = e if attn_implementation == "eager" else FP32
-        if attn_implementation == "sdpa" and not attn_dropout:
-            # CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu): q,k,v views + out + lse
-            attn = 3 * BSH * e + B * a * S * FP32
-            attn_words = "3BSH*e (q,k,v views) + 4*B*a*S (logsumexp)"
-        else:
-            attn_mask_e = ae if cpu else 1  # CUDA eager dropout: bool mask
-            probs = 2 * bass * ae + bass * attn_mask_e if attn_dropout else bass * ae
-            attn = 3 * BSH * ae + probs
-            attn_words = f"3BSH*{ae} (q,k,v copies) + {'3' if attn_dropout else '1'} B*a*S*S tensors"
+    # GPT2Model skips the cache under gradient checkpointing in training (cache=None per block)
+    cache = shape.use_cache and not checkpointing
+    # DynamicLayer.update: lazy_initialization makes an empty tensor, then torch.cat copies k and v
+    # into it, so each block's cache holds 2 BSH*e; the attention saves some of them (below)
+    kv_cache_copies = 2 * BSH * e if cache else 0
+    ae = e  # element size inside the attention core
+    if attn_implementation == "eager":
+        # eager_attention_forward: matmul(q, k^T) copies q, views the contiguous cache k; matmul
+        # with v views the cache v (without a cache, k and v are copied): 3 BSH*e saved either way
+        probs = 2 * bass * e + bass * (e if cpu else 1) if attn_dropout else bass * e
+        attn = 3 * BSH * e + probs
+        cache_not_saved = 0
+        attn_words = f"3BSH*e (q copy, k, v) + {'3' if attn_dropout else '1'} B*a*S*S tensors"
+    elif cpu and attn_dropout:
+        # CPU sdpa with dropout falls back to _scaled_dot_product_attention_math, which upcasts
+        # half types to fp32: q, k, v copies at 4 bytes; in fp32 the cache v is saved as it is
+        ae = FP32
+        probs = 3 * bass * FP32
+        attn = 3 * BSH * FP32 + probs
+        cache_not_saved = (L and (BSH * e if e == FP32 else 2 * BSH * e)) if cache else 0
+        attn_words = "3BSH*4 (q,k,v fp32 copies) + 3 B*a*S*S*4 (softmax, dropout noise, dropout output)"
     else:
-        # CUDA fused sdpa: q, k, v are views of the c_attn output; logsumexp fp32
-        attn = 3 * BSH * e + B * a * S * FP32
-        attn_words = "3BSH*e (q,k,v views) + 4*B*a*S (logsumexp)"
+        # fused kernels (CUDA flash / memory-efficient; CPU flash without dropout): they save q
+        # (a view that keeps the whole c_attn output, 3 BSH*e), k and v (the cache copies when
+        # there is a cache, else views of the same c_attn output), the output and a fp32 logsumexp
+        attn = 3 * BSH * e + kv_cache_copies + BSH * e + B * a * S * FP32
+        cache_not_saved = 0
+        attn_words = "3BSH*e (c_attn output via q) + 2BSH*e (cached k, v) + BSH*e (output) + 4*B*a*S (logsumexp)"
     per_layer = ln + linear_inputs + resid_dropout + mlp + attn
 
-    ids = 2 * B * S * INT64 + S * INT64 + FP32  # input ids, shifted labels, position ids, nll total_weight
+    input_ids = B * S * INT64  # the batch the loop made; input_ids and labels are the same tensor
+    shift_labels = B * S * INT64  # labels[..., 1:].contiguous(), saved by nll_loss
+    padded_labels = B * (S + 1) * INT64  # nn.functional.pad(labels, (0, 1)), alive until the loss returns
+    positions = S * INT64  # position ids, saved by the wpe embedding
+    loss = FP32
+    ids = input_ids + shift_labels + positions + FP32  # + nll's total_weight (saved)
     embd = BSH * mask_e if drop.get("embd_pdrop", 0.1) > 0 else 0
     ln_f = BSH * e + 2 * B * S * stat_e + BSH * e  # ln_f input + stats, output (lm_head input)
     log_softmax = B * S * V * FP32
@@ -111,21 +131,40 @@ def gpt2_activations(
     upcast = B * S * V * FP32 if e < FP32 else 0  # logits.float() in ForCausalLMLoss, freed on return
 
     outside = ids + embd + ln_f + log_softmax
+    # the loss's end: every saved tensor, the logits (and their fp32 copy), the cache copies no
+    # kernel saved, the padded labels and the loss itself
+    loss_end = logits + upcast + L * cache_not_saved + padded_labels + loss
+    # backward starts with nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each);
+    # the loop dropped the output, so the logits are gone; nll_loss_backward has released
+    # shift_labels; the loss and its gradient seed (4 bytes each) are alive
+    bwd_start_extra = 2 * B * S * V * FP32 - shift_labels + 2 * FP32
     if checkpointing:
-        # GradientCheckpointingLayer: each block keeps only its input; backward recomputes one
-        # block at a time, so one block's saved tensors come back, plus its gradient temporaries.
+        # GradientCheckpointingLayer (non-reentrant torch.utils.checkpoint): each block keeps only
+        # its input. Forward peaks either at the loss or inside the first block at its attention:
+        # embeddings (wte, wpe outputs, their sum, the dropout noise and output = the block input),
+        # ln_1 output, c_attn output (3BSH), the scaled q, the causal mask (S*S in the attention
+        # dtype) and the attention probabilities (softmax, dropout noise, dropout output).
         saved = L * BSH * e + outside
-        recompute = per_layer + 3 * BSI * e
+        embed = 3 * BSH * e + S * H * e + embd
+        upcast_qkv = 3 * BSH * FP32 if ae > e else 0  # the math kernel's fp32 copies of half q, k, v
+        block_attn = BSH * e + 3 * BSH * e + upcast_qkv + BSH * ae + S * S * ae + (3 if attn_dropout else 1) * bass * ae
+        forward_peak = max(saved + loss_end, input_ids + positions + embed + block_attn)
+        # backward recomputes one block (its saved tensors come back) and peaks in that block's MLP
+        # backward: the incoming gradient (BSH*e) and the GELU chain's gradients (measured on CPU:
+        # 3 BSI*4 alive in fp32, 2 BSI*2 in bf16; 3 taken, so this term is within ~5% of the
+        # activations, not exact)
+        recompute = L * BSH * e + per_layer + 3 * BSI * e + BSH * e
+        backward_peak = max(saved + bwd_start_extra, recompute)
     else:
         saved = L * per_layer + outside
-        recompute = 0
-    forward_peak = saved + logits + upcast
-    # start of backward: nll_loss and log_softmax gradients (B*S*V*4 each) beside everything saved
-    backward_start = saved + logits + 2 * B * S * V * FP32
-    backward_peak = max(backward_start, saved + logits + recompute)
+        forward_peak = saved + loss_end
+        backward_peak = saved + bwd_start_extra
+    loop_held = input_ids + loss
+    first_hook = saved - shift_labels + 2 * FP32
     formula = (
         f"per layer {'(recomputed once in backward) ' if checkpointing else ''}"
         f"= LayerNorms 2BSH*e+4BS*{stat_e} + linear inputs 3BSH*e + dropout masks 2BSH*{mask_e} "
         f"+ GELU/MLP 5BSI*e + attention [{attn_words}]"
+        + ("; KV cache (use_cache) copies k, v per block" if cache else "")
     )
-    return Activations(saved, logits, forward_peak, backward_peak, per_layer, formula)
+    return Activations(saved, logits, forward_peak, backward_peak, per_layer, formula, loop_held, first_hook)

@@ -39,6 +39,8 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model-config", help="path to an HF config.json")
     m.add_argument("--params", help="parameter count only, e.g. 7.5e9 (no activations)")
     p.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default: DeepSpeed config, else adamw)")
+    p.add_argument("--torch-adam", action="store_true",
+                   help="Adam/AdamW as torch.optim (DeepSpeed's \"torch_adam\": true) instead of FusedAdam/CPUAdam")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (default: DeepSpeed config, else fp32)")
     p.add_argument("--zero-stage", help="0, 1, 2 or 3 (default: DeepSpeed config, else 0)")
     p.add_argument("--nodes", help="number of nodes (world size = nodes x gpus-per-node)")
@@ -94,6 +96,8 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
         raise MemprofError("no model: pass --model PRESET, --model-config PATH or --params N")
     if args.optimizer is not None:
         kw["optimizer"] = _choice(args.optimizer, OPTIMIZERS, "optimizer")
+    if args.torch_adam:
+        kw["torch_adam"] = True
     if args.precision is not None:
         kw["precision"] = _choice(args.precision, PRECISIONS, "precision")
     if args.zero_stage is not None:

@@ -100,34 +100,48 @@ def _with_extra(rest: Breakdown, extra: dict[str, int]) -> Breakdown:
 
 
 def _phase_extras(lay: StateLayout, acts: Activations | None) -> dict[str, list[dict[str, int]]]:
-    """For each phase, the candidate moments for its peak as device bytes beyond ``lay.rest``.
+    """For each phase, the candidate moments for its peak as device bytes beyond ``lay.rest``
+    (which already holds what the loop keeps between steps: its batch and loss).
 
-    forward: the end of the loss (all saved activations, logits, the loss's upcast copy).
-    backward: its start (activations + loss gradients; buckets not yet allocated), the first
-    gradient hook (setup_buckets allocates the reduce buckets while activations are still alive),
-    or its end (gradients held, activations freed but the logits).
-    step: the gradient partitions DeepSpeed materialises plus the optimizer's temporaries.
+    forward: the end of the loss (all saved activations, logits, the loss's upcast copy); with
+    checkpointing, possibly inside the first block (``Activations.forward_peak`` picks).
+    backward: its start (the loss gradients beside every saved activation; buckets not yet
+    allocated), the first gradient hook (setup_buckets allocates the reduce buckets while
+    activations are still alive), or its end (gradients held, activations freed).
+    step: the layout's moments (gradient copies DeepSpeed makes, optimizer temporaries).
     """
-    a_fwd = acts.forward_peak if acts else 0
-    a_bwd = acts.backward_peak if acts else 0
-    a_after = acts.after_forward if acts else 0
-    logits = acts.logits if acts else 0
-    no_buckets = {k: v for k, v in lay.backward_extra.items() if k != Category.COMM_BUFFERS.value}
-    step_extra = dict(lay.step_extra)
-    step_extra[OPT] = step_extra.get(OPT, 0) + lay.step_temp
+    held = acts.loop_held if acts else 0
+
+    def act(nbytes: int) -> int:
+        return max(0, nbytes - held)  # beyond what ``rest`` already counts
+
+    a_fwd = act(acts.forward_peak) if acts else 0
+    a_bwd = act(acts.backward_peak) if acts else 0
+    a_hook = act(acts.backward_first_hook) if acts else 0
+    # at backward's start only the params gathered for it exist beside the activations; gradients
+    # and reduce buckets come with the first hook
     return {
         "forward": [{**lay.forward_extra, ACT: a_fwd}],
-        "backward": [{**no_buckets, ACT: a_bwd}, {**lay.backward_extra, ACT: a_after},
-                     {**lay.backward_end_extra, ACT: logits}],
-        "step": [step_extra],
+        "backward": [{**lay.forward_extra, ACT: a_bwd}, {**lay.backward_extra, ACT: a_hook},
+                     dict(lay.backward_end_extra)],
+        "step": [dict(m) for m in lay.step_moments] or [{}],
     }
+
+
+def _rest_with_loop(lay: StateLayout, inp: EstimateInputs, acts: Activations | None) -> Breakdown:
+    """Model states at rest plus what the training loop itself keeps alive between steps: its last
+    batch and loss (activations) and the script's own resident tensors (other)."""
+    rest = _breakdown(lay.rest)
+    rest["device"][ACT] += acts.loop_held if acts else 0
+    rest["device"][Category.OTHER.value] += inp.script_resident_bytes
+    return rest
 
 
 def _rank_estimate(
     inp: EstimateInputs, shape: ModelShape, rank: int, acts: Activations | None
 ) -> tuple[RankEstimate, StateLayout]:
     lay = model_state_layout(inp, shape, rank, inp.device_type)
-    rest = _breakdown(lay.rest)
+    rest = _rest_with_loop(lay, inp, acts)
     phases = {
         ph: max((_with_extra(rest, c) for c in cands), key=lambda b: breakdown_total(b, "device"))
         for ph, cands in _phase_extras(lay, acts).items()
@@ -158,7 +172,7 @@ def peak_device_bytes(inputs: EstimateInputs) -> int:
     best = 0
     for r in _ranks_to_model(inputs.world_size):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
-        rest = sum(lay.rest["device"].values())
+        rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + inputs.script_resident_bytes
         for cands in _phase_extras(lay, acts).values():
             best = max(best, rest + max(sum(c.values()) for c in cands))
     return best
@@ -182,7 +196,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
             f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
             f"train mode (dropout on), {inputs.device_type} kernels: {acts.formula}"
         )
-        assumptions.append("the training loop keeps the model output (logits) alive until backward returns")
+        assumptions.append("the training loop (memprof.train) keeps only the loss and its input batch between forward and "
+                           "the next step; the model output (logits, KV cache) is dropped when forward returns")
     else:
         assumptions.append("activations not estimated: only a parameter count or a non-GPT-2 model is known")
 
@@ -225,9 +240,8 @@ def overhead(inputs: EstimateInputs, shape: ModelShape) -> dict[str, Any]:
     k = spec.states_per_param * FP32  # state bytes per parameter (fp32 states)
     e = ELEMENT_SIZE[inputs.precision]
     N = inputs.world_size
-    master = FP32 if e < FP32 or inputs.zero_stage in (1, 2) else 0
-    if inputs.zero_stage == 3 and e < FP32:
-        master = FP32
+    # ZeRO 1-3 keep an fp32 master partition even for an fp32 model (stage 3: see zero_layout)
+    master = FP32 if e < FP32 or inputs.zero_stage in (1, 2, 3) else 0
     weights = e
     state_here = (k + master) / (N if inputs.zero_stage >= 1 else 1)
     if inputs.zero_stage == 3:

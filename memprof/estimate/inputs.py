@@ -66,6 +66,16 @@ class EstimateInputs:
     headroom: float = 0.10
     layout: str = "deepspeed"
     device_type: str = "cuda"
+    torch_adam: bool = False
+    """Adam/AdamW: False is DeepSpeed's default (FusedAdam, or DeepSpeedCPUAdam under optimizer
+    offload: a Python-int step, no temporaries); True is ``"torch_adam": true`` (torch.optim
+    Adam/AdamW: a 4-byte step tensor per optimized tensor). AMSGrad is always torch's."""
+    grad_accum_dtype: str | None = None
+    """DeepSpeed ``data_types.grad_accum_dtype`` (None: the model dtype). ZeRO-1 + bf16 + fp32
+    switches to BF16_Optimizer; ZeRO-3 keeps its gradient partitions in this dtype."""
+    script_resident_bytes: int = 0
+    """Bytes the training script itself keeps alive for the whole run besides the model and
+    DeepSpeed (e.g. its tokenised data set); counted as ``other`` at rest and in every phase."""
 
     def __post_init__(self) -> None:
         validate_inputs(self)
@@ -106,6 +116,10 @@ def validate_inputs(inp: EstimateInputs) -> None:
         )
     if inp.layout not in LAYOUTS:
         raise MemprofError(f"unknown layout {inp.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if inp.grad_accum_dtype not in (None, *PRECISIONS):
+        raise MemprofError(f"gradient accumulation dtype {inp.grad_accum_dtype!r} is not one of {', '.join(PRECISIONS)}")
+    if not isinstance(inp.script_resident_bytes, int) or isinstance(inp.script_resident_bytes, bool) or inp.script_resident_bytes < 0:
+        raise MemprofError(f"script resident bytes {inp.script_resident_bytes!r} must be a non-negative whole number")
     if inp.gpu_memory_bytes is not None and inp.gpu_memory_bytes <= 0:
         raise MemprofError("GPU memory must be a positive size, e.g. --gpu-memory 80GiB")
     if not 0 <= inp.headroom < 1:
@@ -173,6 +187,20 @@ def settings_from_deepspeed_config(ds: dict[str, Any], source: str = "DeepSpeed 
     opt = ds.get("optimizer")
     if opt is not None:
         out["optimizer"] = _optimizer_from_config(opt, source)
+        # engine.get_optimizer_configuration: torch.optim Adam/AdamW only with "torch_adam": true
+        if isinstance(opt.get("params"), dict) and opt["params"].get("torch_adam") is True:
+            out["torch_adam"] = True
+    types = ds.get("data_types")
+    if types is not None:
+        if not isinstance(types, dict):
+            raise MemprofError(f"{source}: data_types must be an object like {{\"grad_accum_dtype\": \"fp32\"}}")
+        acc = types.get("grad_accum_dtype")
+        if acc is not None:
+            acc_name = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                        "fp16": "fp16", "float16": "fp16", "half": "fp16"}.get(str(acc).lower())
+            if acc_name is None:
+                raise MemprofError(f"{source}: data_types.grad_accum_dtype {acc!r} is not fp32, bf16 or fp16")
+            out["grad_accum_dtype"] = acc_name
     zero = ds.get("zero_optimization")
     if zero is not None:
         if isinstance(zero, bool):  # deprecated form: true means stage 1 (read_zero_config_deprecated)
@@ -311,4 +339,8 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         kw["model_name"] = str(run["model"])
     if run.get("device_type") is not None:
         kw["device_type"] = str(run["device_type"])
+    # what the launcher's own data set tensors hold for the whole run, when the run records it
+    data_bytes = run.get("data_tensor_bytes")
+    if isinstance(data_bytes, int) and not isinstance(data_bytes, bool) and data_bytes >= 0:
+        kw["script_resident_bytes"] = data_bytes
     return EstimateInputs(**kw)

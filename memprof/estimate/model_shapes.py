@@ -33,6 +33,7 @@ class ModelShape:
     n_positions: int | None = None
     tied_embeddings: bool = True
     dropout: dict[str, float] | None = None  # embd/attn/resid dropout probabilities
+    use_cache: bool = True  # HF config.use_cache: forward fills a DynamicCache (k, v copies per layer)
 
     @functools.cached_property
     def n_params(self) -> int:
@@ -63,6 +64,15 @@ class ModelShape:
         key = ("persist", threshold)
         if key not in self._memo:
             self._memo[key] = sum(n for n in self.param_numels if n <= threshold)
+        return self._memo[key]
+
+    def persistent_gathered_numel(self, threshold: int, world_size: int) -> int:
+        """Elements the gathered persistent params hold at stage 3: each one's ``p.data`` is a view
+        of an all-gather buffer of ``partition * N`` elements (partition_parameters.py,
+        ``_allgather_params`` / ``all_gather_coalesced``), i.e. its numel rounded up to N."""
+        key = ("persist_gathered", threshold, world_size)
+        if key not in self._memo:
+            self._memo[key] = sum(-(-n // world_size) * world_size for n in self.param_numels if n <= threshold)
         return self._memo[key]
 
     @property
@@ -133,6 +143,7 @@ def _model_shape_cached(cfg_json: str | None, n_params: int | None) -> ModelShap
             n_positions=_req(cfg, "n_positions"),
             tied_embeddings=cfg.get("tie_word_embeddings", True) is not False,
             dropout={k: float(cfg.get(k, 0.1)) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop")},
+            use_cache=cfg.get("use_cache", True) is not False,  # GPT2Config's default is True
         )
     if not isinstance(model_type, str):
         raise MemprofError("model config has no \"model_type\": pass an HF config.json")

@@ -43,21 +43,48 @@ OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {
 }
 
 
-def optimizer_state_bytes(name: str, numel: int, n_tensors: int, state_bytes_per_element: int = 4) -> int:
-    """Bytes of optimizer state for ``n_tensors`` parameter tensors holding ``numel`` elements."""
+def optimizer_state_bytes(
+    name: str, numel: int, n_tensors: int, state_bytes_per_element: int = 4, step_tensors: bool | None = None
+) -> int:
+    """Bytes of optimizer state for ``n_tensors`` parameter tensors holding ``numel`` elements.
+
+    ``step_tensors`` says whether the implementation keeps ``step`` as a tensor (None: the torch
+    optimizer's own rule); see :func:`keeps_step_tensors`."""
     spec = OPTIMIZER_SPECS[name]
-    step = STEP_TENSOR_BYTES * n_tensors if spec.has_step_tensor else 0
+    has_step = spec.has_step_tensor if step_tensors is None else step_tensors
+    step = STEP_TENSOR_BYTES * n_tensors if has_step else 0
     return spec.states_per_param * state_bytes_per_element * numel + step
 
 
-def step_temporary_bytes(name: str, numel: int, bytes_per_element: int = 4) -> int:
-    """Largest temporary the torch optimizer allocates inside one step (foreach implementation).
+def uses_deepspeed_adam(name: str, torch_adam: bool) -> bool:
+    """Whether DeepSpeed builds its own Adam (FusedAdam, or DeepSpeedCPUAdam under optimizer offload)
+    rather than ``torch.optim.Adam/AdamW``: ``engine.get_optimizer_configuration`` returns the torch
+    class only for ``"torch_adam": true``. AMSGrad exists only in torch's (FusedAdam raises on it)."""
+    return name in ("adam", "adamw") and not torch_adam
 
-    Adam/AdamW/amsgrad build ``denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps`` (one
-    parameter-sized tensor; amsgrad takes the max into max_exp_avg_sq in place); RMSprop builds
-    ``avg = square_avg.sqrt()``; Adagrad ``std = state_sum.sqrt()``; SGD with momentum adds the
-    gradient in place (nesterov: ``grad.add(buf, alpha=momentum)``, one tensor).
+
+def keeps_step_tensors(name: str, torch_adam: bool) -> bool:
+    """torch optimizers keep ``state["step"]`` as a 4-byte tensor per parameter tensor
+    (``_get_scalar_dtype()``); FusedAdam and DeepSpeedCPUAdam count steps in a Python int
+    (``group["step"]``, ops/adam/fused_adam.py, cpu_adam.py)."""
+    if uses_deepspeed_adam(name, torch_adam):
+        return False
+    return OPTIMIZER_SPECS[name].has_step_tensor
+
+
+def single_tensor_temporaries(name: str, torch_adam: bool) -> int:
+    """How many parameter-sized temporaries one step of the optimizer holds at once, per tensor, in
+    torch's single-tensor loop (what torch picks for CPU tensors: ``_default_to_fused_or_foreach``
+    enables foreach only for CUDA tensors):
+
+    * Adam/AdamW/AMSGrad (``_single_tensor_adam``): ``denom = (exp_avg_sq.sqrt() /
+      bias_correction2_sqrt).add_(eps)``: the ``sqrt`` output is alive while ``div`` allocates: 2
+      (AMSGrad takes the max into ``max_exp_avg_sq`` in place and then the same two);
+    * RMSprop (``avg = square_avg.sqrt().add_(eps)``), Adagrad (``std = state_sum.sqrt().add_(eps)``),
+      SGD+nesterov (``grad.add(buf, alpha=momentum)``): 1;
+    * SGD with or without momentum: updates in place, 0;
+    * DeepSpeed's FusedAdam / DeepSpeedCPUAdam: one C++ kernel over the tensors, 0.
     """
-    if name == "sgd" or name == "momentum":
+    if uses_deepspeed_adam(name, torch_adam):
         return 0
-    return bytes_per_element * numel
+    return {"sgd": 0, "momentum": 0, "nesterov": 1, "rmsprop": 1, "adagrad": 1}.get(name, 2)

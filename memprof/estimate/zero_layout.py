@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from memprof.categories import Category
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape
-from memprof.estimate.optimizers import OPTIMIZER_SPECS, optimizer_state_bytes
+from memprof.estimate.optimizers import (
+    keeps_step_tensors,
+    optimizer_state_bytes,
+    single_tensor_temporaries,
+    uses_deepspeed_adam,
+)
 
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
@@ -35,8 +40,9 @@ class StateLayout:
     forward_extra: dict[str, int] = field(default_factory=dict)
     backward_extra: dict[str, int] = field(default_factory=dict)
     backward_end_extra: dict[str, int] = field(default_factory=dict)  # at the end of backward
-    step_extra: dict[str, int] = field(default_factory=dict)
-    step_temp: int = 0  # optimizer-internal temporaries (counted as optimizer_state)
+    # candidate moments of the step phase, each as device bytes beyond ``rest`` (may be negative:
+    # ZeRO-3 releases the gathered persistent params for the step); the phase peak is the largest
+    step_moments: list[dict[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     partition_numel: int = 0  # this rank's partition of the optimizer's parameters (elements)
     padded_numel: int = 0  # the flat buffer's numel, padding included (stage 1/2), or sum of partitions x N
@@ -69,17 +75,31 @@ def stage12_partition(shape: ModelShape, world_size: int, rank: int) -> tuple[in
     return padded, part, cum[last] - cum[first]
 
 
+def optimizer_temporaries(inp: EstimateInputs, tensor_numels_largest: int, total_numel: int, device_type: str) -> int:
+    """Bytes of the torch optimizer's temporaries at their peak inside ``step()`` (fp32 state).
+
+    CPU tensors take the single-tensor loop: ``k`` temporaries the size of one tensor at a time,
+    so the largest tensor counts (under ZeRO the inner optimizer holds one flat partition). CUDA
+    tensors take foreach (``_multi_tensor_adam``: ``_foreach_sqrt`` over the whole list, divided
+    and shifted in place): one temporary the size of everything the optimizer steps at once.
+    DeepSpeed's FusedAdam / CPUAdam: none (see optimizers.single_tensor_temporaries).
+    """
+    k = single_tensor_temporaries(inp.optimizer, inp.torch_adam)
+    if device_type == "cpu":
+        return k * tensor_numels_largest * FP32
+    return (1 if k else 0) * total_numel * FP32
+
+
 def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> StateLayout:
     """The model states of ``rank`` (see module docstring)."""
     e = ELEMENT_SIZE[inp.precision]
     N = inp.world_size
-    spec = OPTIMIZER_SPECS[inp.optimizer]
     numels = shape.param_numels
     total = shape.n_params
     z = inp.zero
     stage = inp.zero_stage
     overlap = z.overlap_comm_for(stage)
-    cpu_single_tensor = device_type == "cpu"
+    step_tensors = keeps_step_tensors(inp.optimizer, inp.torch_adam)
     out = StateLayout()
     # a bare parameter count has no per-tensor shapes: the largest tensor (stage-3 gather unit,
     # offload staging buffers) is unknown and taken as 0, and said so
@@ -87,23 +107,25 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
     if shape.n_tensors == 1:
         out.notes.append("bare parameter count: per-tensor sizes unknown, so buffers sized by the largest "
                          "parameter (stage-3 gathers, offload staging) are left out")
-    # torch optimizers pick foreach (one temporary over the whole list) only for CUDA tensors;
-    # on CPU the single-tensor loop makes temporaries per tensor (Adam: sqrt then divide: 2).
-    temp_factor = 0 if inp.optimizer in ("sgd", "momentum") else (1 if inp.optimizer in ("nesterov", "rmsprop", "adagrad") else 2)
+    if uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
+        out.notes.append("Adam/AdamW without \"torch_adam\": DeepSpeed's FusedAdam (DeepSpeedCPUAdam under optimizer "
+                         "offload) keeps its step count in a Python int and updates in one kernel (no temporaries)")
 
     if stage == 0:
         out.padded_numel = out.partition_numel = total
         out.add("device", P, total * e)
         if e < FP32:
-            # FP16_Optimizer / FP16_UnfusedOptimizer (fp16/fp32 stage 0) keep fp32 copies of all params
+            # engine._do_optimizer_sanity_check: bf16/fp16 at stage 0 -> FP16_Optimizer (FusedAdam) or
+            # FP16_UnfusedOptimizer (any other): fp32 copies of every param, per tensor or flat
             out.add("device", M, total * FP32)
             out.notes.append("stage 0 with bf16/fp16: DeepSpeed's FP16_Optimizer keeps an fp32 master copy of every parameter (4 bytes/param)")
-        out.add("device", O, optimizer_state_bytes(inp.optimizer, total, len(numels)))
+        out.add("device", O, optimizer_state_bytes(inp.optimizer, total, len(numels), step_tensors=step_tensors))
         # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
         # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
         out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if N > 1 else 0}
-        out.step_extra = {G: total * e + (total * FP32 if e < FP32 else 0)}
-        out.step_temp = temp_factor * largest * FP32 if cpu_single_tensor else (1 if temp_factor else 0) * total * FP32
+        # step: param.grad (e) and, in bf16/fp16, the fp32 master grads; the optimizer's temporaries
+        grads = total * e + (total * FP32 if e < FP32 else 0)
+        out.step_moments = [{G: grads, O: optimizer_temporaries(inp, largest, total, device_type)}]
         return out
 
     if stage in (1, 2):
@@ -113,10 +135,23 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         opt_loc = "host" if off else "device"
         out.add("device", P, padded * e)  # bit16_groups_flat (fp32 in fp32 mode), padding included
         out.add(opt_loc, M, part * FP32)  # single_partition_of_fp32_groups
-        out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part, 1))
+        out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part, 1, step_tensors=step_tensors))
+        if inp.optimizer == "adagrad" and not off:
+            # stage_1_and_2.py:946: torch Adagrad is rebuilt over the fp32 partitions, but
+            # engine.basic_optimizer keeps the original one alive with its full-size `sum` and a
+            # step tensor per model parameter (Adagrad creates its state in the constructor)
+            out.add("device", O, optimizer_state_bytes("adagrad", total, len(numels)))
+            out.notes.append("ZeRO-1/2 Adagrad: the engine's original torch Adagrad stays alive with a full-size `sum` (4P + 4 per tensor)")
+        bf16_optimizer = (stage == 1 and inp.precision == "bf16" and inp.grad_accum_dtype == "fp32" and not off)
+        if bf16_optimizer:
+            # engine._do_optimizer_sanity_check -> BF16_Optimizer: fp32_groups_gradients_flat, one
+            # fp32 gradient per element of the whole (padded) group, kept for the run
+            out.add("device", G, padded * FP32)
+            out.notes.append("ZeRO-1 + bf16 + fp32 gradient accumulation: BF16_Optimizer keeps fp32 gradients of the whole group (4 bytes/param)")
         if off:
             # initialize_optimizer_states: the fp32 partition's .grad stays allocated on the host;
-            # param_buffer_of_bit16_for_cpu_offload_groups; temp_grad_buffer_for_{cpu,gpu}_offload
+            # param_buffer_of_bit16_for_cpu_offload_groups (e*p, host);
+            # temp_grad_buffer_for_cpu_offload (host) and _for_gpu_offload (device): largest param x e
             out.add("host", G, part * FP32)
             out.add("host", C, part * e + largest * e)
             out.add("device", C, largest * e)
@@ -129,48 +164,64 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         else:
             grads_end = (touching * e if z.contiguous_gradients and not off else 0)  # grads_in_partition
         out.backward_end_extra = {G: grads_end, C: buckets}
-        if off:
-            out.step_extra = {}
+        if off or bf16_optimizer:
+            # DeepSpeedCPUAdam steps in place on the host; BF16_Optimizer steps its kept fp32 grads
+            out.step_moments = [{O: optimizer_temporaries(inp, part, part, device_type)}] if bf16_optimizer else [{}]
         else:
-            # step(): the averaged low-precision partition, then .to(fp32) for the master's .grad
-            # (the same tensor in fp32 mode: .to is a no-op)
-            out.step_extra = {G: part * e + (part * FP32 if e < FP32 else 0)}
-        out.step_temp = temp_factor * part * FP32 if cpu_single_tensor else (1 if temp_factor else 0) * part * FP32
-        if off:
-            out.step_temp = 0  # DeepSpeedCPUAdam updates in place on the host
+            # step(): flatten(averaged_gradients) (e*p), .to(fp32) for the master's .grad (the same
+            # tensor in fp32 mode); `del flat_grad_partition` frees the low-precision one before
+            # _optimizer_step, where the optimizer's temporaries join the fp32 gradient
+            to_fp32 = {G: part * e + part * FP32} if e < FP32 else {G: part * FP32}
+            in_optimizer = {G: part * FP32, O: optimizer_temporaries(inp, part, part, device_type)}
+            out.step_moments = [to_fp32, in_optimizer]
         return out
 
     # stage 3
-    part_total = shape.stage3_partition_numel(N)
+    part_total = shape.stage3_partition_numel(N)  # S
     out.padded_numel, out.partition_numel = part_total * N, part_total
     thr = min(z.param_persistence_threshold, z.model_persistence_threshold)
-    persistent = shape.persistent_numel(thr)
+    persistent = shape.persistent_gathered_numel(thr, N)  # G
     off_opt = z.offload_optimizer == "cpu"
     off_par = z.offload_param == "cpu"
     par_loc = "host" if off_par else "device"
     opt_loc = "host" if off_opt else "device"
+    ge = ELEMENT_SIZE[inp.grad_accum_dtype or inp.precision]  # gradient_accumulation_dtype
     out.add(par_loc, P, part_total * e)  # ds_tensor partitions (fp16_partitioned_groups_flat)
-    out.add("device", P, persistent * e)  # persistent params stay gathered (ds_persist)
-    if e < FP32 or off_opt:
-        out.add(opt_loc, M, part_total * FP32)  # fp32_partitioned_groups_flat
-    else:
-        out.notes.append("stage 3 fp32 without offload: the fp32 optimizer partition is the parameter partition itself (no separate master copy)")
+    out.add("device", P, persistent * e)  # persistent params stay gathered (ds_persist), numel rounded up to N
+    # fp32_partitioned_groups_flat: a separate fp32 copy even for an fp32 model, because the
+    # share-the-buffer test in _create_fp32_partitions (stage3.py:1162) compares a torch.device
+    # with a device-name string and never holds
+    out.add(opt_loc, M, part_total * FP32)
     n_sub = max(1, math.ceil(part_total / max(1, z.sub_group_size)))
-    out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part_total, n_sub))
-    # grad_partitions_flat_buffer (gradient_accumulation_dtype = model dtype by default)
-    out.add(opt_loc if off_opt else "device", G, part_total * e)
+    largest_sub = min(part_total, max(1, z.sub_group_size))
+    out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part_total, n_sub, step_tensors=step_tensors))
+    # grad_partitions_flat_buffer, in gradient_accumulation_dtype (on the host under optimizer offload)
+    out.add(opt_loc, G, part_total * ge)
+    if off_opt:
+        # _optimizer_states_and_gradient_swap_in / initialize_optimizer_states: each sub-group's
+        # fp32 master also keeps an fp32 .grad buffer on the host for the run
+        out.add("host", G, part_total * FP32)
     if z.contiguous_gradients:
-        out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init
-    gathered = min(total - persistent, largest + z.prefetch_bucket_size, z.max_live_parameters + largest)
+        out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept
+    gathered = min(total - shape.persistent_numel(thr), largest + z.prefetch_bucket_size, z.max_live_parameters + largest)
     out.forward_extra = {P: gathered * e}
     out.backward_extra = {P: gathered * e, G: largest * e}
     out.backward_end_extra = {}
-    out.step_extra = {G: (part_total * e + part_total * FP32) if e < FP32 else part_total * FP32}
     if off_opt:
-        out.step_extra = {}
-    out.step_temp = 0 if off_opt else (temp_factor * part_total * FP32 if cpu_single_tensor else (1 if temp_factor else 0) * part_total * FP32)
+        # DeepSpeedCPUAdam updates the host partitions in place
+        out.step_moments = [{}]
+    else:
+        # step(): _partition_all_parameters releases the gathered persistent params (until
+        # _post_step gathers them again); _prepare_fp32_grad_for_sub_group flattens the gradient
+        # partition (ge*S) and .to(fp32) copies it (the same tensor in fp32); the flat copy dies
+        # before _optimizer_step, where the optimizer's temporaries join the fp32 gradient
+        release = -persistent * e
+        to_fp32 = {P: release, G: largest_sub * ge + (largest_sub * FP32 if ge < FP32 else 0)}
+        in_optimizer = {P: release, G: largest_sub * FP32,
+                        O: optimizer_temporaries(inp, largest_sub, largest_sub, device_type)}
+        out.step_moments = [to_fp32, in_optimizer]
     out.notes.append(
-        f"stage 3: {persistent:,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
+        f"stage 3: {shape.persistent_numel(thr):,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
         f"working set of gathered parameters in forward/backward ~ {gathered:,} elements (largest parameter + prefetch bucket)"
     )
     return out

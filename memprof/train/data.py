@@ -67,6 +67,10 @@ class ByteBatches:
         # Mix the rank into the seed so ranks sample independently, yet reproducibly.
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
 
+    def resident_bytes(self) -> int:
+        """Bytes this sampler keeps alive for the whole run (token stream + start offsets)."""
+        return self.tokens.untyped_storage().nbytes() + self.starts.untyped_storage().nbytes()
+
     def next_batch(self) -> torch.Tensor:
         picks = torch.randint(0, self.starts.numel(), (self.micro_batch,), generator=self.generator)
         offsets = self.starts[picks].unsqueeze(1) + torch.arange(self.seq_len).unsqueeze(0)

@@ -67,6 +67,9 @@ def run_training(config: TrainConfig) -> int:
     model = build_model(config.model.config, seed=config.data.seed, activation_checkpointing=config.deepspeed.activation_checkpointing)
     n_params = count_parameters(model)
     run_meta = build_run_meta(config, dist_facts, n_params)
+    # The script's own resident tensors (the token stream and the batch start offsets) live in the
+    # measured device memory on a CPU run; recorded so the estimate can count them as `other`.
+    run_meta["data_tensor_bytes"] = batches.resident_bytes()
 
     # 4. The engine: the DeepSpeed JSON, exactly as loaded, is the only source of training settings.
     # A deep copy, so whatever DeepSpeed fills in never leaks into the recorded run metadata.
