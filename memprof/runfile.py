@@ -2,8 +2,8 @@
 
 Layout of a run folder ``<out>/``:
 
-* ``rank<R>.jsonl`` -- written by rank R as it goes, one JSON object per line, flushed and fsynced
-  after every step so a rank that dies loses nothing already measured. Line kinds (``"type"``):
+* ``rank<R>.jsonl`` -- written by rank R as it goes, one JSON object per line, flushed after every
+  record so a rank that dies loses nothing already measured (fsynced when the run ends). Line kinds (``"type"``):
 
   - ``header``: ``{"type": "header", "schema_version", "rank", "host", "device", "run": {...}}``
   - ``step``:   ``{"type": "step", "step", "loss", "phases": {phase: PhaseRecord}}``
@@ -84,7 +84,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 class RankWriter:
-    """Appends one rank's records to ``rank<R>.jsonl``; every record is flushed and fsynced."""
+    """Appends one rank's records to ``rank<R>.jsonl``; every record is flushed, the file fsynced at close."""
 
     def __init__(self, out_dir: str | os.PathLike, rank: int, header: dict[str, Any]):
         self.path = Path(out_dir) / rank_file_name(rank)
@@ -96,11 +96,15 @@ class RankWriter:
         if self._f is None:
             raise RuntimeError(f"{self.path} is already closed")
         self._f.write(json.dumps(record) + "\n")
+        # Flushed to the OS at once: a rank that dies (OOM-killed, SIGKILL, a crash) loses nothing
+        # already written. No fsync per record: it would sit on the training hot path (a disk
+        # round trip per step) and only guards against the whole machine going down.
         self._f.flush()
-        os.fsync(self._f.fileno())
 
     def close(self) -> None:
         if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
             self._f.close()
             self._f = None
 

@@ -138,7 +138,7 @@ class MemoryProfiler:
     """Per-rank memory profiler for a DeepSpeed engine or a plain torch model + optimizer.
 
     Writes the ``rank<R>.jsonl`` header at construction (rank and world size from
-    torch.distributed when initialised, else 0 of 1), one ``step`` record (flushed and fsynced)
+    torch.distributed when initialised, else 0 of 1), one ``step`` record (flushed)
     per step, an ``oom`` record if the run runs out of (simulated) memory, and ``end`` in
     :meth:`finish`.
 
