@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Validate the CUDA path on one GPU: launcher on nccl, the allocator's counters against memprof's
+# categories and the estimate, profiler cost on CUDA. Writes everything under ${OUT:-gpu-out}/.
+#
+#   bash benchmarks/gpu_validate.sh [MODEL] [SEQ]        (default: gpt2 512)
+#   PART=launch: launches + compare + CUDA tests only; PART=bench: the profiler benchmarks only
+#
+# Needs deepspeed importable; FusedAdam JIT-builds once (TORCH_CUDA_ARCH_LIST must be plain
+# numbers for DeepSpeed 0.19.8's op builder, e.g. 9.0 on an H100).
+set -uo pipefail
+MODEL=${1:-gpt2}
+SEQ=${2:-512}
+OUT=${OUT:-gpu-out}
+PY=${PY:-python3}
+mkdir -p "$OUT/runs"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST_OVERRIDE:-9.0}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | grep -v "^\[" | tee "$OUT/env.txt"
+
+if [ "${PART:-all}" != bench ]; then
+for cfg in stage0_adamw stage0_sgd stage1_adamw_bf16 stage2_adamw stage2_adamw_bf16 stage3_adamw_bf16; do
+  echo "== $cfg" | tee -a "$OUT/launch.log"
+  start=$(date +%s)
+  timeout 300 $PY -m deepspeed.launcher.runner --num_gpus 1 launch/train.py \
+      --deepspeed_config "configs/$cfg.json" --model "$MODEL" --steps 4 --seq-len "$SEQ" \
+      --out "$OUT/runs/$cfg" >> "$OUT/launch.log" 2>&1
+  echo "rc=$? seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/launch.log"
+  $PY -m memprof compare "$OUT/runs/$cfg" --json > "$OUT/runs/$cfg/compare.json" 2>> "$OUT/launch.log"
+  $PY -m memprof compare "$OUT/runs/$cfg" 2>&1 | tail -40 >> "$OUT/compare.txt"
+done
+
+$PY -m pytest -q tests/test_profiler_cuda.py 2>&1 | tail -3 | tee "$OUT/pytest_cuda.txt"
+tar czf "$OUT/runs.tgz" -C "$OUT" runs && rm -rf "$OUT/runs"
+fi
+[ "${PART:-all}" = launch ] && exit 0
+$PY benchmarks/bench_profiler.py --device cuda --rounds 5 --steps 5 --layers 12 --hidden 768 --batch 8 --seq 1024 2>&1 | tail -12 | tee "$OUT/bench_cuda.txt"
+$PY benchmarks/bench_profiler.py --device cpu --threads 2 --rounds 5 --steps 3 2>&1 | tail -12 | tee "$OUT/bench_cpu.txt"
