@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from memprof.categories import CATEGORIES, LOCATIONS, Breakdown
 from memprof.models import PRESETS
+from launch_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "ds_harness" / "resident.py"
@@ -213,12 +213,6 @@ MID_BACKWARD = {"s2_fp32_adam", "s3_fp32_adam"}
 SCALAR_BYTES = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     work = tmp_path_factory.mktemp("ownership")
@@ -229,7 +223,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not launcher.exists():
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(launcher), "--num_gpus", str(N), "--master_port", str(_free_port()), str(HARNESS),
+    cmd = [str(launcher), "--num_gpus", str(N), "--master_port", str(free_port()), str(HARNESS),
            "--spec", str(work / "spec.json"), "--out", str(work / "out")]
     # ~30 s warm; the first ZeRO-Offload case JIT-builds cpu_adam (about a minute) when not cached.
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from memprof.runfile import load_run
+from launch_helpers import free_port
 
 WORLD = 2
 
@@ -46,14 +46,8 @@ def _worker(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_finish_gathers_every_rank_to_rank0(tmp_path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = {r: json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)}
     assert results[0]["doc_is_none"] is False and results[1]["doc_is_none"] is True
     assert not (tmp_path / "r1" / "memprof.json").exists()
