@@ -106,7 +106,8 @@ def test_stage12_padding_when_world_size_does_not_divide():
         assert dev["params"] == 1008 * 2
         assert dev["master_params"] == 252 * 4
         assert dev["optimizer_state"] == 252 * 8  # FusedAdam (DeepSpeed's default): no step tensor
-    assert [r.rank for r in est.ranks] == [0, 3]
+    # stage 1/2: every rank is modelled (the gradients each holds depend on its partition)
+    assert [r.rank for r in est.ranks] == [0, 1, 2, 3]
 
 
 def test_stage3_partitions_per_parameter_and_persistence():
@@ -291,3 +292,109 @@ def test_peaks_match_cpu_measurements():
         est = estimate(inputs_from_run(run)).ranks[0]
         for phase, m in zip(("forward", "backward", "step"), peaks):
             assert abs(est.phase_total(phase) - m) <= 1e-4 * m, (stage, dtype, phase, est.phase_total(phase), m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step and gathered-parameter moments (GitHub issue 3), derived from gpt2-tiny's layer shapes.
+
+TINY_CUM = [sum(TINY_NUMELS[:i]) for i in range(len(TINY_NUMELS) + 1)]
+
+
+def touching(n: int, rank: int) -> tuple[int, int]:
+    """(elements of the params overlapping rank's stage-1/2 partition, largest overlap of one param)."""
+    part = math.ceil(TP / (2 * n)) * 2 * n // n
+    lo, hi = part * rank, min(part * (rank + 1), TP)
+    spans = [(a, b) for a, b in zip(TINY_CUM, TINY_CUM[1:]) if a < hi and b > lo]
+    return sum(b - a for a, b in spans), max(min(b, hi) - max(a, lo) for a, b in spans)
+
+
+def tiny_run(stage: int, n: int, opt: dict, bf16: bool, **zero: object) -> dict:
+    ds = {"train_micro_batch_size_per_gpu": 2, "optimizer": opt, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000, **zero}}
+    if bf16:
+        ds["bf16"] = {"enabled": True}
+    return {"model_config": preset_config("gpt2-tiny"), "world_size": n, "seq_len": 32, "device_type": "cpu",
+            "deepspeed_config": ds, "data_tensor_bytes": 249_528}
+
+
+def test_stage12_step_holds_partition_grads_while_flattening():
+    # rank 0 of 2: its partition [0, 74624) ends inside block 0's mlp.c_fc weight (which ends at
+    # 82432), so grads_in_partition holds 82432 elements; rank 1 holds c_fc.weight onwards
+    assert touching(2, 0) == (82_432, 32_768) and touching(2, 1) == (TP - 66_048, 16_384)
+    for bf16, e in ((False, 4), (True, 2)):
+        est = estimate(inputs_from_run(tiny_run(2, 2, ADAMW, bf16)))
+        for r in est.ranks:
+            held, piece = touching(2, r.rank)
+            rest = sum(r.rest["device"].values())
+            # flatten(averaged_gradients) (e*PART) and its fp32 copy (4*PART; the same tensor in fp32)
+            # beside the held grads; the fp64 norm copy of one piece (8*piece) is smaller here
+            flatten = held * e + PART * e + (PART * 4 if e < 4 else 0)
+            assert 8 * piece < PART * e + (PART * 4 if e < 4 else 0)
+            assert r.phase_total("step") == rest + flatten, (bf16, r.rank)
+
+
+def test_stage12_norm_copy_can_be_the_step_peak():
+    # 8 ranks, fp32 SGD: partitions of 18656 elements; rank 0 holds wte (32768 elements, one
+    # piece of 18656 in its partition): the fp64 copy of that piece (8 x 18656) beats the flat
+    # fp32 copy (4 x 18656)
+    n = 8
+    part = math.ceil(TP / (2 * n)) * 2 * n // n
+    assert part == 18_656
+    held, piece = touching(n, 0)
+    assert (held, piece) == (32_768, part)
+    est = estimate(inputs_from_run(tiny_run(2, n, {"type": "SGD", "params": {"lr": 1e-3}}, False)))
+    r0 = est.ranks[0]
+    assert r0.phase_total("step") == sum(r0.rest["device"].values()) + 4 * held + 8 * piece
+
+
+def test_stage12_matrix_step_peaks_match_cpu_measurement():
+    """Step peaks measured by memprof's profiler (2 CPU ranks, launch/train.py, gpt2-tiny, micro-batch
+    2 x seq 32, buckets 5e4, FusedAdam, step 2; tests/test_measured_vs_estimated.py's configs)."""
+    measured = {(False, 0): 2_370_764, (False, 1): 2_373_828, (True, 0): 2_056_652, (True, 1): 2_058_180}
+    for bf16 in (False, True):
+        est = estimate(inputs_from_run(tiny_run(1 if not bf16 else 2, 2, ADAMW, bf16)))
+        for r in est.ranks:
+            m = measured[(bf16, r.rank)]
+            assert abs(r.phase_total("step") - m) <= 1e-4 * m, (bf16, r.rank, r.phase_total("step"), m)
+
+
+def test_stage3_params_gathered_when_forward_ends():
+    shape = model_shape(preset_config("gpt2-tiny"))
+    # per block, params of <= 256 elements: ln_1 w,b, c_attn bias (192), attn.c_proj bias, ln_2 w,b,
+    # c_fc bias (256), mlp.c_proj bias; plus ln_f w,b
+    persistent = sum(k for k in TINY_NUMELS if k <= 256)
+    assert persistent == TINY_L * (64 * 2 + 192 + 64 + 64 * 2 + 256 + 64) + 128 == 1_792
+    everything = TP - persistent
+    # With a 50,000-element prefetch bucket the prefetcher's scan runs past forward's remaining
+    # 32,768 ungathered elements (block 1's c_fc and mlp.c_proj, at wpe's fetch) into backward's
+    # entries, which marks every param as needed later: nothing is released, whatever
+    # stage3_max_reuse_distance says (measured on 2 CPU ranks: 147,456 elements with 1e9, 65,793
+    # and 0)
+    for reuse in (10**9, 65_793, 0):
+        assert shape.stage3_gathered_after_forward(256, reuse, 50_000, 10**9) == everything == 147_456
+    # Without prefetch only the reuse distance keeps params: the last block's mlp.c_proj weight has
+    # ln_f and lm_head (forward) and lm_head and ln_f (backward) between its two uses,
+    # 2 x (128 + 32,768) = 65,792 elements; the tied wte (lm_head) has nothing between (measured with
+    # distance 65,793 and no prefetch: 49,152 elements gathered at the forward peak)
+    gap = 2 * (2 * TINY_H + TINY_V * TINY_H)
+    assert shape.stage3_gathered_after_forward(256, gap, 0, 10**9) == TINY_V * TINY_H
+    assert shape.stage3_gathered_after_forward(256, gap + 1, 0, 10**9) == TINY_V * TINY_H + 4 * TINY_H * TINY_H
+    assert shape.stage3_gathered_after_forward(256, 0, 0, 10**9) == 0
+    # a bare count has no modules: the chain stand-in keeps the last max_reuse_distance / 2
+    assert model_shape(n_params=10**6).stage3_gathered_after_forward(0, 10**9, 0, 10**9) is None
+    assert model_shape(n_params=10**6).stage3_retained_numel(0, 2 * 10**5) == 10**5
+
+
+def test_stage3_matrix_forward_peak_holds_every_gathered_param():
+    """tests/test_measured_vs_estimated.py's z3-adamw-fp32-n2: measured (profiler, 2 CPU ranks,
+    step 2) forward 4,067,105 and backward 4,164,373 bytes; the params category at the forward peak
+    was 4*(S + G) + 4 * (all non-persistent elements)."""
+    n = 2
+    s3 = sum(math.ceil(k / n) for k in TINY_NUMELS)
+    g3 = sum(n * math.ceil(k / n) for k in TINY_NUMELS if k <= 256)
+    non_persistent = sum(k for k in TINY_NUMELS if k > 256)
+    run = tiny_run(3, n, ADAMW, False, stage3_param_persistence_threshold=256, stage3_prefetch_bucket_size=50_000)
+    r0 = estimate(inputs_from_run(run)).ranks[0]
+    assert r0.phases["forward"]["device"]["params"] == 4 * (s3 + g3) + 4 * non_persistent
+    for phase, m in (("forward", 4_067_105), ("backward", 4_164_373)):
+        assert abs(r0.phase_total(phase) - m) <= 1e-4 * m, (phase, r0.phase_total(phase), m)

@@ -8,8 +8,9 @@ from memprof.errors import MemprofError
 from memprof.estimate import EstimateInputs, ZeroKnobs, plan
 from memprof.estimate.plan import MAX_MICRO_BATCH
 
-P = 10**9  # fp32 AdamW, 1e9 params; buckets made negligible (1000 elements)
-SMALL = ZeroKnobs(reduce_bucket_size=1000, allgather_bucket_size=1000, prefetch_bucket_size=1000)
+P = 10**9  # fp32 AdamW, 1e9 params; buckets made negligible (1000 elements), and ZeRO-3 keeps no
+# parameter gathered between its forward and backward uses (stage3_max_reuse_distance 0)
+SMALL = ZeroKnobs(reduce_bucket_size=1000, allgather_bucket_size=1000, prefetch_bucket_size=1000, max_reuse_distance=0)
 
 
 def base(gpu_bytes: int) -> EstimateInputs:

@@ -15,7 +15,7 @@ from memprof.estimate.activations import Activations, gpt2_activations
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
-from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32, StateLayout, model_state_layout
+from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32, StateLayout, model_state_layout, stage12_rank_grads
 
 ACT = Category.ACTIVATIONS.value
 OPT = Category.OPTIMIZER_STATE.value
@@ -159,9 +159,24 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
                             inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
 
 
-def _ranks_to_model(world_size: int) -> list[int]:
-    # rank 0 and the last rank: only the last partition carries padding; the rest equal rank 0
-    return sorted({0, world_size - 1})
+ALL_RANKS_UP_TO = 64  # stage 1/2: every rank is modelled up to this world size
+
+
+def _ranks_to_model(inputs: EstimateInputs, shape: ModelShape) -> list[int]:
+    """The ranks whose layout is computed. Stage 0 and 3 ranks are alike except for the last
+    one's padding. At stage 1/2 each rank's gradient bookkeeping depends on which parameters touch
+    its partition (zero_layout.stage12_rank_grads), so every rank is modelled up to
+    ``ALL_RANKS_UP_TO``; beyond, rank 0, the last and the ranks holding the most gradient elements
+    and the largest single piece (the step moments' two rank-dependent terms)."""
+    n = inputs.world_size
+    if inputs.zero_stage not in (1, 2):
+        return sorted({0, n - 1})
+    if n <= ALL_RANKS_UP_TO:
+        return list(range(n))
+    grads = [stage12_rank_grads(shape, n, r) for r in range(n)]
+    most_held = max(range(n), key=lambda r: grads[r].held)
+    largest_piece = max(range(n), key=lambda r: grads[r].largest_piece)
+    return sorted({0, n - 1, most_held, largest_piece})
 
 
 def peak_device_bytes(inputs: EstimateInputs) -> int:
@@ -170,7 +185,7 @@ def peak_device_bytes(inputs: EstimateInputs) -> int:
     shape = model_shape(inputs.model_config, inputs.n_params)
     acts = _activations(inputs, shape)
     best = 0
-    for r in _ranks_to_model(inputs.world_size):
+    for r in _ranks_to_model(inputs, shape):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
         rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + inputs.script_resident_bytes
         for cands in _phase_extras(lay, acts).values():
@@ -201,7 +216,7 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     else:
         assumptions.append("activations not estimated: only a parameter count or a non-GPT-2 model is known")
 
-    ranks_to_model = _ranks_to_model(inputs.world_size)
+    ranks_to_model = _ranks_to_model(inputs, shape)
     ranks: list[RankEstimate] = []
     notes: list[str] = []
     for r in ranks_to_model:
@@ -216,7 +231,11 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy else "lazily created state already exists (step 1's step phase allocates it)"),
         f"reduce_bucket_size {inputs.zero.reduce_bucket_size:,} elements, overlap_comm "
         f"{inputs.zero.overlap_comm_for(inputs.zero_stage)}, contiguous_gradients {inputs.zero.contiguous_gradients}",
-        "ranks other than the first and the last hold the same as the first (only the last rank's partition carries padding)",
+        ("ranks other than the first and the last hold the same as the first (only the last rank's partition carries padding)"
+         if inputs.zero_stage not in (1, 2) else
+         "every rank modelled (stage 1/2: the gradients a rank holds depend on the parameters touching its partition)"
+         if inputs.world_size <= ALL_RANKS_UP_TO else
+         "modelled: rank 0, the last rank and the ranks holding the most gradient elements; the others hold no more"),
     ]
     if inputs.device_type == "cpu":
         assumptions.append("device_type cpu: 'device' is the CPU memory used for compute, not a GPU")

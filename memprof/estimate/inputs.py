@@ -33,6 +33,9 @@ class ZeroKnobs:
     contiguous_gradients: bool = True
     prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size, elements
     max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters, elements
+    # stage3_max_reuse_distance, elements: a gathered parameter whose next use comes within this
+    # many traversed elements is not released (partitioned_param_coordinator.py __params_to_release)
+    max_reuse_distance: int = 1_000_000_000
     param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold, elements
     model_persistence_threshold: int = 2**63 - 1  # stage3_model_persistence_threshold (sys.maxsize)
     sub_group_size: int = 1_000_000_000  # elements per stage-3 optimizer sub-group
@@ -125,7 +128,7 @@ def validate_inputs(inp: EstimateInputs) -> None:
     if not 0 <= inp.headroom < 1:
         raise MemprofError(f"headroom {inp.headroom!r} must be a fraction in [0, 1), e.g. 0.1")
     z = inp.zero
-    for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters",
+    for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters", "max_reuse_distance",
                  "param_persistence_threshold", "sub_group_size"):
         value = getattr(z, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (name == "reduce_bucket_size" and value == 0):
@@ -222,6 +225,8 @@ _KNOB_KEYS = {
     "prefetch_bucket_size": "prefetch_bucket_size",
     "stage3_max_live_parameters": "max_live_parameters",
     "max_live_parameters": "max_live_parameters",
+    "stage3_max_reuse_distance": "max_reuse_distance",
+    "max_reuse_distance": "max_reuse_distance",
     "stage3_param_persistence_threshold": "param_persistence_threshold",
     "param_persistence_threshold": "param_persistence_threshold",
     "stage3_model_persistence_threshold": "model_persistence_threshold",

@@ -34,6 +34,9 @@ class ModelShape:
     tied_embeddings: bool = True
     dropout: dict[str, float] | None = None  # embd/attn/resid dropout probabilities
     use_cache: bool = True  # HF config.use_cache: forward fills a DynamicCache (k, v copies per layer)
+    # the parameter-holding modules in the order forward calls them, each as indices into
+    # ``param_numels`` (a tied lm_head repeats wte's index); None: not known (see ``module_order``)
+    fetch_modules: tuple[tuple[int, ...], ...] | None = None
 
     @functools.cached_property
     def n_params(self) -> int:
@@ -75,6 +78,95 @@ class ModelShape:
             self._memo[key] = sum(-(-n // world_size) * world_size for n in self.param_numels if n <= threshold)
         return self._memo[key]
 
+    def module_order(self) -> tuple[tuple[int, ...], ...]:
+        """The order ZeRO-3's parameter coordinator sees modules in forward: GPT-2's is known
+        (``gpt2_fetch_modules``); otherwise each parameter is taken as its own module, in
+        ``parameters()`` order (a weight and its bias are then two neighbours instead of one)."""
+        if self.fetch_modules is not None:
+            return self.fetch_modules
+        return tuple((i,) for i in range(len(self.param_numels)))
+
+    def stage3_gathered_after_forward(
+        self, threshold: int, max_reuse_distance: int, prefetch_bucket: int, max_live: int
+    ) -> int | None:
+        """Elements of non-persistent parameters still gathered when forward ends (steady state:
+        from the second step on the coordinator replays a complete trace), by replaying
+        ``PartitionedParameterCoordinator`` (partitioned_param_coordinator.py, DeepSpeed 0.19.8)
+        over the trace (forward modules, then backward in reverse):
+
+        * ``_fetch_sub_module_impl`` (:310) gathers the module's params, pops its entries off the
+          parameter queue, then prefetches (:452): it pops queue entries, gathering those not
+          available, until ``min(max_live - available, prefetch_bucket)`` elements are in flight.
+          Entries of params already gathered cost nothing, so once fewer elements than that remain
+          to be gathered the scan runs to the end of the queue, through backward's entries;
+        * every popped entry raises ``__most_recent_step_id_param_fetched_for`` to its step, and
+          ``__params_to_release`` (:634) keeps a param whose entry was popped for a later step
+          ("reuse skipped by prefetch"), and one reused within ``max_reuse_distance`` elements
+          of traversed params (:653-661).
+
+        For a small model the scan reaches backward's entries early in forward, and from then on
+        nothing is released: every parameter is gathered when the loss is computed.
+        None for a bare parameter count (no modules to replay)."""
+        if len(self.param_numels) == 1:
+            return None
+        key = ("gathered", threshold, max_reuse_distance, prefetch_bucket, max_live)
+        if key in self._memo:
+            return self._memo[key]
+        numels = self.param_numels
+        forward = self.module_order()
+        trace = forward + forward[::-1]
+        prefix = [0]
+        for module in trace:
+            prefix.append(prefix[-1] + sum(numels[i] for i in module))
+        persistent = {i for i, n in enumerate(numels) if n <= threshold}
+        queue = [(i, k) for k, module in enumerate(trace) for i in sorted(set(module))]
+        head = 0
+        gathered: set[int] = set()
+        available = 0  # __n_available_params
+        latest = [-1] * len(numels)  # __most_recent_step_id_param_fetched_for
+
+        def gather(i: int) -> int:
+            nonlocal available
+            if i in persistent or i in gathered:
+                return 0
+            gathered.add(i)
+            available += numels[i]
+            return numels[i]
+
+        def reused_soon(i: int, pos: int) -> bool:
+            reuse = next(k for k in range(pos + 1, len(trace)) if i in trace[k])
+            return prefix[reuse] - prefix[pos + 1] < max_reuse_distance
+
+        for pos, module in enumerate(forward):
+            for i in module:
+                gather(i)
+            while head < len(queue) and queue[head][1] <= pos:  # this module's own entries
+                i, k = queue[head]
+                latest[i] = max(latest[i], k)
+                head += 1
+            if prefetch_bucket > 0:
+                budget = min(max_live - available, prefetch_bucket)
+                fetched = 0
+                while head < len(queue) and fetched < budget:
+                    i, k = queue[head]
+                    latest[i] = max(latest[i], k)
+                    fetched += gather(i)
+                    head += 1
+            for i in set(module) - persistent:
+                if latest[i] <= pos and not reused_soon(i, pos) and i in gathered:
+                    gathered.discard(i)
+                    available -= numels[i]
+        out = sum(numels[i] for i in gathered)
+        self._memo[key] = out
+        return out
+
+    def stage3_retained_numel(self, threshold: int, max_reuse_distance: int) -> int:
+        """A bare parameter count's stand-in for :meth:`stage3_gathered_after_forward`: a chain
+        of small modules, where a parameter's reuse distance is twice the numel after it, so the
+        last ``max_reuse_distance / 2`` elements of forward stay gathered (the prefetch window
+        comes on top, see zero_layout)."""
+        return min(self.n_params - self.persistent_numel(threshold), max_reuse_distance // 2)
+
     @property
     def n_tensors(self) -> int:
         return len(self.param_numels)
@@ -111,6 +203,27 @@ def gpt2_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(numels)
 
 
+def gpt2_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """GPT2LMHeadModel's parameter-holding modules in forward call order (modeling_gpt2.py:
+    wte, wpe (GPT2Model.forward), per block ln_1, attn.c_attn, attn.c_proj, [ln_cross_attn,
+    crossattention q_attn, c_attn, c_proj], ln_2, mlp.c_fc, mlp.c_proj, then ln_f and lm_head),
+    as indices into :func:`gpt2_param_numels`. A tied lm_head uses wte's weight (index 0)."""
+    n_layer = _req(cfg, "n_layer")
+    cross = bool(cfg.get("add_cross_attention"))
+    per_block = 20 if cross else 12
+    modules: list[tuple[int, ...]] = [(0,), (1,)]
+    for layer in range(n_layer):
+        b = 2 + layer * per_block
+        modules += [(b, b + 1), (b + 2, b + 3), (b + 4, b + 5)]  # ln_1, attn.c_attn, attn.c_proj
+        if cross:  # appended after the MLP in gpt2_param_numels' block layout
+            modules += [(b + 18, b + 19), (b + 14, b + 15), (b + 12, b + 13), (b + 16, b + 17)]
+        modules += [(b + 6, b + 7), (b + 8, b + 9), (b + 10, b + 11)]  # ln_2, mlp.c_fc, mlp.c_proj
+    ln_f = 2 + n_layer * per_block
+    modules.append((ln_f, ln_f + 1))
+    modules.append((0,) if cfg.get("tie_word_embeddings", True) is not False else (ln_f + 2,))
+    return tuple(modules)
+
+
 def model_shape(cfg: dict[str, Any] | None = None, n_params: int | None = None) -> ModelShape:
     """The shape of a model from its HF config dict, or a bare parameter count (memoised: the
     planner asks for the same model thousands of times)."""
@@ -144,6 +257,7 @@ def _model_shape_cached(cfg_json: str | None, n_params: int | None) -> ModelShap
             tied_embeddings=cfg.get("tie_word_embeddings", True) is not False,
             dropout={k: float(cfg.get(k, 0.1)) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop")},
             use_cache=cfg.get("use_cache", True) is not False,  # GPT2Config's default is True
+            fetch_modules=gpt2_fetch_modules(cfg),
         )
     if not isinstance(model_type, str):
         raise MemprofError("model config has no \"model_type\": pass an HF config.json")

@@ -25,6 +25,7 @@ from memprof.estimate.optimizers import (
 
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
+FP64 = 8  # deepspeed.runtime.zero.utils.get_norm_dtype(): float64 wherever the accelerator has it (CPU, CUDA)
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment / sizeof(fp16)
 
 P, M, G, O, C = (Category.PARAMS.value, Category.MASTER_PARAMS.value, Category.GRADS.value,
@@ -73,6 +74,41 @@ def stage12_partition(shape: ModelShape, world_size: int, rank: int) -> tuple[in
     first = bisect.bisect_right(cum, start) - 1  # param holding element `start`
     last = bisect.bisect_left(cum, end)  # params [first, last) overlap [start, end)
     return padded, part, cum[last] - cum[first]
+
+
+@dataclass(frozen=True)
+class Stage12Grads:
+    """What one rank's gradient bookkeeping holds between backward's end and ``step()``'s flatten."""
+
+    held: int  # elements of the grad storages alive (grads_in_partition: every param touching the partition)
+    pad: int  # elements of the zero tensor that fills the partition past the last param (last rank)
+    largest_piece: int  # largest part of one param inside the partition (one norm copy at a time)
+
+
+def stage12_rank_grads(shape: ModelShape, world_size: int, rank: int) -> Stage12Grads:
+    """The gradient pieces of ``rank``'s stage 1/2 partition (stage_1_and_2.py, DeepSpeed 0.19.8).
+
+    copy_grads_in_partition (:2184) sizes ``grads_in_partition`` by the full numel of every param
+    in ``params_in_partition`` (a param straddling a boundary belongs to both ranks);
+    independent_gradient_partition_epilogue (:1047) keeps ``averaged_gradients`` as views of them,
+    plus, where the params end before the partition does, ``torch.zeros(partition_size -
+    current_size)`` (_get_flat_partition_unpadded, :2890); get_grad_norm_direct (:2684) takes the
+    norm of each view after ``.to(get_norm_dtype())`` (float64), one view at a time.
+    """
+    padded, part, touching = stage12_partition(shape, world_size, rank)
+    cum = shape.prefix_sums
+    total = cum[-1]
+    start, end = part * rank, min(part * (rank + 1), total)
+    if start >= total:
+        return Stage12Grads(0, part, 0)
+    if shape.n_tensors == 1:
+        # a bare parameter count stands for many tensors of unknown sizes (as for the stage-3
+        # gather unit): the rank holds its own share, and no one piece is known to dominate
+        return Stage12Grads(end - start, part - (end - start), 0)
+    first = bisect.bisect_right(cum, start) - 1
+    last = bisect.bisect_left(cum, end)
+    largest = max(min(cum[i + 1], end) - max(cum[i], start) for i in range(first, last))
+    return Stage12Grads(touching, part - (end - start), largest)
 
 
 def optimizer_temporaries(inp: EstimateInputs, tensor_numels_largest: int, total_numel: int, device_type: str) -> int:
@@ -159,21 +195,31 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         buckets = z.reduce_bucket_size * e * (2 if overlap else 1) if z.contiguous_gradients else 0
         # setup_buckets allocates the ipg buffer(s) at the first gradient hook, while activations live
         out.backward_extra = {C: buckets}
+        rank_grads = stage12_rank_grads(shape, N, rank)
+        pad = rank_grads.pad * e if not (off or bf16_optimizer) else 0  # the last rank's zero tail
         if stage == 1:
             grads_end = total * e  # stage 1 keeps every param.grad until the epilogue
         else:
-            grads_end = (touching * e if z.contiguous_gradients and not off else 0)  # grads_in_partition
-        out.backward_end_extra = {G: grads_end, C: buckets}
+            grads_end = (rank_grads.held * e if z.contiguous_gradients and not off else 0)  # grads_in_partition
+        out.backward_end_extra = {G: grads_end + pad, C: buckets}
         if off or bf16_optimizer:
             # DeepSpeedCPUAdam steps in place on the host; BF16_Optimizer steps its kept fp32 grads
             out.step_moments = [{O: optimizer_temporaries(inp, part, part, device_type)}] if bf16_optimizer else [{}]
         else:
-            # step(): flatten(averaged_gradients) (e*p), .to(fp32) for the master's .grad (the same
-            # tensor in fp32 mode); `del flat_grad_partition` frees the low-precision one before
-            # _optimizer_step, where the optimizer's temporaries join the fp32 gradient
-            to_fp32 = {G: part * e + part * FP32} if e < FP32 else {G: part * FP32}
+            # step() (stage_1_and_2.py:3013) with the grads of every param touching the partition
+            # still held (averaged_gradients views of grads_in_partition, + the zero tail):
+            # (1) scaled_global_norm -> get_grad_norm_direct (:2684): a float64 copy of one piece at
+            #     a time (compute_grad_norm is on unless the config turns it off);
+            # (2) flatten(averaged_gradients) (e*p, :3117) and its .to(fp32) (:3119; the same
+            #     tensor in fp32 mode) for the master's .grad;
+            # (3) `del flat_grad_partition` and free_grad_in_param_list(params_in_partition) drop
+            #     the low-precision copies before _optimizer_step, where the optimizer's
+            #     temporaries join the fp32 gradient.
+            held = rank_grads.held * e + pad
+            norm = {G: held + rank_grads.largest_piece * FP64}
+            flatten = {G: held + part * e + (part * FP32 if e < FP32 else 0)}
             in_optimizer = {G: part * FP32, O: optimizer_temporaries(inp, part, part, device_type)}
-            out.step_moments = [to_fp32, in_optimizer]
+            out.step_moments = [norm, flatten, in_optimizer]
         return out
 
     # stage 3
@@ -203,7 +249,20 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         out.add("host", G, part_total * FP32)
     if z.contiguous_gradients:
         out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept
-    gathered = min(total - shape.persistent_numel(thr), largest + z.prefetch_bucket_size, z.max_live_parameters + largest)
+    # Gathered non-persistent params when forward ends (steady state): replayed from the
+    # coordinator's fetch / prefetch / release rules (model_shapes.stage3_gathered_after_forward).
+    # A bare count has no modules: the params within stage3_max_reuse_distance / 2 of forward's
+    # end stay, plus the largest param and the prefetch window (stage3_prefetch_bucket_size,
+    # capped by stage3_max_live_parameters, partitioned_param_coordinator.py:452).
+    non_persistent = total - shape.persistent_numel(thr)
+    replayed = shape.stage3_gathered_after_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
+                                                   z.max_live_parameters)
+    if replayed is not None:
+        gathered = retained = replayed
+    else:
+        retained = shape.stage3_retained_numel(thr, z.max_reuse_distance)
+        window = largest + min(z.prefetch_bucket_size, max(0, z.max_live_parameters - retained))
+        gathered = retained + min(non_persistent - retained, window)
     out.forward_extra = {P: gathered * e}
     out.backward_extra = {P: gathered * e, G: largest * e}
     out.backward_end_extra = {}
@@ -222,6 +281,8 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         out.step_moments = [to_fp32, in_optimizer]
     out.notes.append(
         f"stage 3: {shape.persistent_numel(thr):,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
-        f"working set of gathered parameters in forward/backward ~ {gathered:,} elements (largest parameter + prefetch bucket)"
+        f"gathered when forward ends: {gathered:,} of {non_persistent:,} non-persistent elements "
+        + ("(replayed from the parameter coordinator's fetch/prefetch/release rules)" if replayed is not None else
+           f"({retained:,} within stage3_max_reuse_distance / 2 of forward's end + largest param and prefetch window)")
     )
     return out

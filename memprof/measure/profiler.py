@@ -33,6 +33,7 @@ import gc
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,9 @@ _ACTIVATION_PHASES = (Phase.FORWARD.value, Phase.BACKWARD.value)
 # floor and fraction bound the walks per phase (cost) while catching engine buffers and gradients.
 _MIN_LARGE_BYTES = 2**20
 _LARGE_FRACTION = 64
+# how long a phase end gives up the GIL so gloo's worker threads can drop finished collectives'
+# buffers (see MemoryProfiler._let_comm_threads_release); 3 per step
+_COMM_RELEASE_WAIT_S = 0.005
 
 
 class _OwnedTally(NamedTuple):
@@ -181,6 +185,7 @@ class MemoryProfiler:
         if self.on_cuda and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world_size = rank_and_world()
+        self._multi_rank = self.world_size > 1
         self.run: dict[str, Any] = dict(run or {})
         # memprof never pretends a CPU is a GPU: the device type is what the model is on
         self.run["device_type"] = self.device.type
@@ -304,6 +309,7 @@ class MemoryProfiler:
             self._record_oom_if_unrecorded(exc, ctx.step, phase)
             raise
         if tracker is not None:
+            self._let_comm_threads_release()
             tracker.new_label = DEVICE_OTHER
             tracker.large_bytes = None
             record = self._cpu_phase_record()
@@ -316,6 +322,15 @@ class MemoryProfiler:
             err = SimulatedOutOfMemoryError(None, record["peak_total"], self.memory_budget)
             self._write_oom(ctx.step, phase, record["peak"], record["peak_total"], self.memory_budget, str(err))
             raise err
+
+    def _let_comm_threads_release(self) -> None:
+        """A sync point for the CPU tracker in multi-rank runs. gloo completes a collective on its
+        own worker thread, which drops its references to the buffers (e.g. ZeRO's flat all-reduce
+        copy, a reduce bucket) only once it gets the GIL; until then a buffer DeepSpeed has already
+        released is still alive, at a random rank and step, and would be counted in this phase's
+        end and the next phase's peak. Giving up the GIL briefly lets those threads finish."""
+        if self._multi_rank:
+            time.sleep(_COMM_RELEASE_WAIT_S)
 
     def _cpu_phase_record(self) -> dict[str, Any]:
         tracker = self.tracker

@@ -1,0 +1,173 @@
+"""The profiler's measurements of real multi-rank CPU DeepSpeed runs, checked two ways:
+
+1. resident model states (after `engine.step()`) against numbers derived here, in the test, from
+   gpt2-tiny's layer shapes, dtypes and ZeRO's partitioning rules (DeepSpeed 0.19.8:
+   stage 1/2 pad the flat group to a multiple of 2*N elements (stage_1_and_2.py, alignment =
+   nccl_start_alignment_factor(2) * world size) and give each rank Pp/N; stage 3 gives each
+   parameter its own ceil(numel/N) partition (partition_parameters.py, _partition_param) and keeps
+   parameters of at most stage3_param_persistence_threshold elements gathered);
+2. the estimator's prediction for the run's own setup (`memprof compare --fresh-estimate`):
+   resident params/master_params/optimizer_state within 0.5%, per-phase peak totals within 5%.
+
+One launch per case (2 or 3 CPU ranks, gloo), 3 steps each; the last step is compared (steady state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch_helpers import REPO, launch_deepspeed
+
+# gpt2-tiny (memprof/models.py): vocab 512, n_positions 256, n_embd 64, 2 layers, tied lm_head
+V, NPOS, H, LAYERS = 512, 256, 64, 2
+
+
+def param_numels() -> list[int]:
+    """Every parameter tensor of GPT2LMHeadModel(gpt2-tiny), lm_head tied to wte (counted once)."""
+    per_layer = [
+        H, H,  # ln_1 weight, bias
+        H * 3 * H, 3 * H,  # attn.c_attn (Conv1D weight, bias)
+        H * H, H,  # attn.c_proj
+        H, H,  # ln_2
+        H * 4 * H, 4 * H,  # mlp.c_fc
+        4 * H * H, H,  # mlp.c_proj
+    ]
+    return [V * H, NPOS * H] + per_layer * LAYERS + [H, H]  # wte, wpe, blocks, ln_f
+
+
+P = sum(param_numels())
+assert P == 149_248  # the count the README quotes for gpt2-tiny
+
+
+def zero12_partition(n: int) -> int:
+    """Elements per rank of the stage 1/2 flat group: padded to a multiple of 2*N, split in N."""
+    return math.ceil(P / (2 * n)) * 2 * n // n
+
+
+def zero3(n: int, threshold: int) -> tuple[int, int]:
+    """(S, G): this rank's partition elements, and the elements of persistent (gathered) params."""
+    s = sum(math.ceil(k / n) for k in param_numels())
+    g = sum(n * math.ceil(k / n) for k in param_numels() if k <= threshold)
+    return s, g
+
+
+def _optimizer(kind: str) -> dict:
+    if kind == "sgd":
+        return {"type": "SGD", "params": {"lr": 1e-3}}
+    if kind == "momentum":
+        return {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9}}
+    if kind == "adamw":
+        return {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}}
+    if kind == "amsgrad":  # FusedAdam refuses amsgrad: DeepSpeed's torch Adam path
+        return {"type": "Adam", "params": {"lr": 1e-4, "amsgrad": True, "torch_adam": True}}
+    raise ValueError(kind)
+
+
+def _config(stage: int, opt: str, bf16: bool, **zero: object) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**6,
+        "optimizer": _optimizer(opt),
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, **zero},
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+SMALL_BUCKETS = {"reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000}
+Z3 = {**SMALL_BUCKETS, "stage3_param_persistence_threshold": 256, "stage3_prefetch_bucket_size": 50_000}
+
+
+def expected_stage0_sgd(n: int) -> dict:
+    return {"params": 4 * P, "master_params": 0, "optimizer_state": 0}
+
+
+def expected_stage1_adamw(n: int) -> dict:
+    p = zero12_partition(n)
+    # FusedAdam keeps exp_avg and exp_avg_sq (fp32) and a Python-int step
+    return {"params": 4 * p * n, "master_params": 4 * p, "optimizer_state": 8 * p}
+
+
+def expected_stage2_amsgrad(n: int) -> dict:
+    p = zero12_partition(n)
+    # torch Adam(amsgrad): exp_avg, exp_avg_sq, max_exp_avg_sq + a 4-byte fp32 step tensor, for the
+    # one flat fp32 partition the inner optimizer sees
+    return {"params": 4 * p * n, "master_params": 4 * p, "optimizer_state": 12 * p + 4}
+
+
+def expected_stage2_adamw_bf16(n: int) -> dict:
+    p = zero12_partition(n)
+    return {"params": 2 * p * n, "master_params": 4 * p, "optimizer_state": 8 * p}
+
+
+def expected_stage3_adamw(n: int) -> dict:
+    s, g = zero3(n, 256)
+    return {"params": 4 * (s + g), "master_params": 4 * s, "optimizer_state": 8 * s}
+
+
+def expected_stage3_momentum_bf16(n: int) -> dict:
+    s, g = zero3(n, 256)
+    return {"params": 2 * (s + g), "master_params": 4 * s, "optimizer_state": 4 * s}
+
+
+CASES = {
+    # name: (ranks, DeepSpeed config, derived resident model states per rank)
+    "z0-sgd-fp32-n2": (2, _config(0, "sgd", False), expected_stage0_sgd),
+    "z1-adamw-fp32-n2": (2, _config(1, "adamw", False, **SMALL_BUCKETS), expected_stage1_adamw),
+    "z2-amsgrad-fp32-n3": (3, _config(2, "amsgrad", False, **SMALL_BUCKETS), expected_stage2_amsgrad),
+    "z2-adamw-bf16-n2": (2, _config(2, "adamw", True, **SMALL_BUCKETS), expected_stage2_adamw_bf16),
+    "z3-adamw-fp32-n2": (2, _config(3, "adamw", False, **Z3), expected_stage3_adamw),
+    "z3-momentum-bf16-n3": (3, _config(3, "momentum", True, **Z3), expected_stage3_momentum_bf16),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("matrix")
+    out = {}
+    for name, (ranks, cfg, _) in CASES.items():
+        res = launch_deepspeed(ranks, cfg, root / name)
+        assert res.returncode == 0, f"{name}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_resident_model_states_match_partition_rules(runs, name):
+    ranks, _, expected_fn = CASES[name]
+    doc = json.loads((runs[name] / "memprof.json").read_text())
+    assert [r["rank"] for r in doc["ranks"]] == list(range(ranks))
+    expected = expected_fn(ranks)
+    for entry in doc["ranks"]:
+        rest = entry["steps"][-1]["phases"]["step"]["end"]
+        got = {cat: rest["device"][cat] + rest["host"][cat] for cat in expected}
+        assert got == expected, f"{name} rank {entry['rank']}"
+        assert min(rest["device"].values()) >= 0 and rest["device"]["other"] >= 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_estimate_within_tolerance_of_measurement(runs, name):
+    res = subprocess.run(
+        [sys.executable, "-m", "memprof", "compare", str(runs[name]), "--fresh-estimate", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    cmp = json.loads(res.stdout)
+    bad = [
+        f"rank {r['rank']} {r['what']} {r['location']} {r['name']}: measured {r['measured']} estimated {r['estimated']} ({r['error']:+.2%})"
+        for r in cmp["rows"]
+        if r["ok"] is False
+    ]
+    assert not bad, "\n".join(bad)
+    checked = [r for r in cmp["rows"] if r["ok"] is not None]
+    # every rank: 3 resident categories x 2 locations + 3 phase peaks
+    assert len(checked) == CASES[name][0] * (3 * 2 + 3)
