@@ -6,12 +6,11 @@ parameters in closed form) read these, so a preset means the same model everywhe
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from memprof.errors import MemprofError
+from memprof.jsonfile import read_json_object
 
 _GPT2_BASE: dict[str, Any] = {
     "model_type": "gpt2",
@@ -44,15 +43,4 @@ def preset_config(name: str) -> dict[str, Any]:
 
 def load_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """An HF ``config.json`` as a dict; MemprofError if missing or malformed."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MemprofError(f"model config {path} does not exist: pass an HF config.json") from None
-    except OSError as e:
-        raise MemprofError(f"cannot read model config {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MemprofError(f"model config {path} is not valid JSON: fix or regenerate it") from None
-    if not isinstance(data, dict):
-        raise MemprofError(f"model config {path} must be a JSON object (an HF config.json)")
-    return data
+    return read_json_object(path, "model config", "pass an HF config.json")

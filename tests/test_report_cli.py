@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from memprof.cli import main as memprof_main
 from memprof.report import write_report

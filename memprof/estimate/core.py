@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from memprof.categories import CATEGORIES, PHASES, Breakdown, Category, breakdown_total, empty_breakdown
+from memprof.categories import PHASES, Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.errors import MemprofError
 from memprof.estimate.activations import Activations, gpt2_activations
 from memprof.estimate.inputs import EstimateInputs
@@ -200,7 +200,6 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         from memprof.estimate.paper import paper_estimate
 
         return paper_estimate(inputs, shape)
-    e = ELEMENT_SIZE[inputs.precision]
     acts: Activations | None = None
     assumptions: list[str] = []
     acts = _activations(inputs, shape)

@@ -8,13 +8,12 @@ an empty ``zero_optimization`` block.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from memprof.errors import MemprofError
+from memprof.jsonfile import read_json_object
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw", "amsgrad")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -155,21 +154,7 @@ def _positive_int(value: Any, what: str, example: str) -> None:
 
 def load_deepspeed_config(path: str | os.PathLike) -> dict[str, Any]:
     """A DeepSpeed JSON config as a dict; MemprofError when missing, unreadable or malformed."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MemprofError(f"DeepSpeed config {path} does not exist: check the path") from None
-    except IsADirectoryError:
-        raise MemprofError(f"DeepSpeed config {path} is a folder: pass the JSON file") from None
-    except OSError as e:
-        raise MemprofError(f"cannot read DeepSpeed config {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise MemprofError(f"DeepSpeed config {path} is not valid JSON{where}: fix the file") from None
-    if not isinstance(data, dict):
-        raise MemprofError(f"DeepSpeed config {path} must be a JSON object")
-    return data
+    return read_json_object(path, "DeepSpeed config", "check the path")
 
 
 def settings_from_deepspeed_config(ds: dict[str, Any], source: str = "DeepSpeed config") -> dict[str, Any]:

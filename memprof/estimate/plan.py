@@ -13,7 +13,7 @@ from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.estimate.core import peak_device_bytes
-from memprof.estimate.inputs import EstimateInputs, ZeroKnobs
+from memprof.estimate.inputs import EstimateInputs
 
 MAX_MICRO_BATCH = 4096
 

@@ -9,7 +9,6 @@ both ranks' gradient bookkeeping).
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 from dataclasses import dataclass, field
 

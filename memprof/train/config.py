@@ -12,7 +12,6 @@ data, the length of the run and where its files go.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from memprof.errors import MemprofError
+from memprof.jsonfile import read_json_object
 from memprof.models import PRESETS, load_model_config, preset_config
 from memprof.units import parse_size
 
@@ -210,20 +210,7 @@ def _model_settings(preset: str | None, config_path: str | None) -> ModelSetting
 def load_deepspeed_config(path: str | os.PathLike, world_size: int = 1) -> DeepSpeedSettings:
     """Read and validate a DeepSpeed JSON; MemprofError naming the file and field on any problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MemprofError(f"DeepSpeed config {path} does not exist: pass --deepspeed_config configs/<name>.json") from None
-    except IsADirectoryError:
-        raise MemprofError(f"DeepSpeed config {path} is a folder: pass a JSON file") from None
-    except OSError as e:
-        raise MemprofError(f"cannot read DeepSpeed config {path}: {e.strerror}") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MemprofError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(config, dict):
-        raise MemprofError(f"DeepSpeed config {path} must be a JSON object")
+    config = read_json_object(path, "DeepSpeed config", "pass --deepspeed_config configs/<name>.json")
     where = str(path)
 
     zero = _section(config, "zero_optimization", where)
