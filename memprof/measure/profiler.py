@@ -295,8 +295,13 @@ class MemoryProfiler:
         tracker = self.tracker
         if tracker is not None:
             tracker.new_label = DEVICE_ACTIVATIONS if phase in _ACTIVATION_PHASES else DEVICE_OTHER
-            # "large" = worth an ownership walk before the phase ends (see tracker.pending)
-            tracker.large_bytes = max(_MIN_LARGE_BYTES, tracker.device_total // _LARGE_FRACTION)
+            # "large" = worth an ownership walk before the phase ends (see tracker.pending). Only a
+            # DeepSpeed engine owns buffers that live and die inside one phase (reduce buckets,
+            # gathered ZeRO-3 params); a plain model's grads and optimizer state outlive the phase
+            # and the phase-end walk labels them at the peak too, so no mid-phase walks there.
+            tracker.large_bytes = (
+                max(_MIN_LARGE_BYTES, tracker.device_total // _LARGE_FRACTION) if self.engine is not None else None
+            )
             tracker.reset_peak()
         else:
             cuda_counters.start_phase(self.device)
