@@ -16,8 +16,9 @@ What one ``GPT2Block`` saves for backward (unique storages):
     dropped probabilities (3 B*a*S*S tensors)
   - ``sdpa``: on CPU in training (dropout > 0) torch falls back to the math kernel
     (``_scaled_dot_product_attention_math``), which upcasts half types to fp32: the same tensors as
-    eager but at 4 bytes. On CUDA the fused kernels (flash / memory-efficient) save q, k, v (views
-    of the c_attn output: 3 B*S*H*e in one storage) and a fp32 logsumexp (B*a*S)
+    eager but at 4 bytes. On CUDA the fused kernels (flash / memory-efficient) save q (a view of
+    the c_attn output: 3 B*S*H*e in one storage), k and v (the KV-cache copies), their output (the
+    same storage as ``attn.c_proj``'s input) and a fp32 logsumexp (B*a*S)
 * 2 x residual dropout: the mask (on CPU ``at::dropout`` multiplies by a noise tensor of the input
   dtype; on CUDA ``native_dropout`` saves a bool mask, 1 byte)
 * MLP: ``NewGELUActivation`` (``activations.py``) = 0.5*x*(1+tanh(c*(x+0.044715*x^3))) saves x
@@ -113,9 +114,17 @@ def gpt2_activations(
         # fused kernels (CUDA flash / memory-efficient; CPU flash without dropout): they save q
         # (a view that keeps the whole c_attn output, 3 BSH*e), k and v (the cache copies when
         # there is a cache, else views of the same c_attn output), the output and a fp32 logsumexp
-        attn = 3 * BSH * e + kv_cache_copies + BSH * e + B * a * S * FP32
+        # On CUDA the output is no extra storage: _scaled_dot_product_{flash,efficient}_attention_cuda
+        # (aten/src/ATen/native/transformers/cuda/attention.cu) allocate it as (B, S, a, d) and return
+        # its transpose, so sdpa_attention_forward's transpose(1, 2).contiguous() and the reshape
+        # are views: the saved output IS attn.c_proj's input, already in linear_inputs. (The CPU
+        # flash path without dropout is left as it was: not measured here.)
+        output = 0 if not cpu else BSH * e
+        attn = 3 * BSH * e + kv_cache_copies + output + B * a * S * FP32
         cache_not_saved = 0
-        attn_words = "3BSH*e (c_attn output via q) + 2BSH*e (cached k, v) + BSH*e (output) + 4*B*a*S (logsumexp)"
+        attn_words = ("3BSH*e (c_attn output via q) + 2BSH*e (cached k, v) + 4*B*a*S (logsumexp); the output is "
+                      "attn.c_proj's input" if not cpu else
+                      "3BSH*e (c_attn output via q) + 2BSH*e (cached k, v) + BSH*e (output) + 4*B*a*S (logsumexp)")
     per_layer = ln + linear_inputs + resid_dropout + mlp + attn
 
     input_ids = B * S * INT64  # the batch the loop made; input_ids and labels are the same tensor

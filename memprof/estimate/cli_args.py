@@ -55,6 +55,8 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", help="GPU memory per device, e.g. 80GiB (2**30) or 80GB (10**9)")
     p.add_argument("--headroom", help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--device-type", default="cuda", help="cuda (default) or cpu: which kernels' activations to model")
+    p.add_argument("--cuda-capability",
+                   help="GPU compute capability MAJOR.MINOR, e.g. 9.0 (H100, the default assumed), 8.0 (A100): sizes cuBLAS workspaces")
     p.add_argument("--layout", default="deepspeed", help=f"{' or '.join(LAYOUTS)}")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -135,5 +137,9 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
         except ValueError:
             raise MemprofError(f"--headroom {args.headroom!r} is not a number: use a fraction such as 0.1") from None
     kw["device_type"] = _choice(args.device_type, ("cuda", "cpu"), "device type")
+    if args.cuda_capability is not None:
+        if kw["device_type"] != "cuda":
+            raise MemprofError("--cuda-capability applies to --device-type cuda only: drop it or use --device-type cuda")
+        kw["cuda_capability"] = str(args.cuda_capability).strip()
     kw["layout"] = _choice(args.layout, LAYOUTS, "layout")
     return EstimateInputs(**kw)

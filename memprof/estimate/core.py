@@ -12,6 +12,7 @@ from typing import Any
 from memprof.categories import PHASES, Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.errors import MemprofError
 from memprof.estimate.activations import Activations, gpt2_activations
+from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
@@ -128,12 +129,24 @@ def _phase_extras(lay: StateLayout, acts: Activations | None) -> dict[str, list[
     }
 
 
+def _device_other(inp: EstimateInputs) -> int:
+    """Device bytes that are neither model states nor activations, alive from the second step on.
+
+    CPU: the script's own resident tensors (its tokenised data set lives in the measured memory).
+    CUDA: the cuBLAS/cuBLASLt workspaces PyTorch keeps cached per thread (cuda_runtime.py); the
+    launcher's data set stays in host memory there, so it is no device byte.
+    """
+    if inp.device_type != "cuda":
+        return inp.script_resident_bytes
+    return blas_workspace_bytes(inp.cuda_capability or ASSUMED_CAPABILITY, inp.activation_checkpointing)
+
+
 def _rest_with_loop(lay: StateLayout, inp: EstimateInputs, acts: Activations | None) -> Breakdown:
     """Model states at rest plus what the training loop itself keeps alive between steps: its last
-    batch and loss (activations) and the script's own resident tensors (other)."""
+    batch and loss (activations) and what is neither (other: see ``_device_other``)."""
     rest = _breakdown(lay.rest)
     rest["device"][ACT] += acts.loop_held if acts else 0
-    rest["device"][Category.OTHER.value] += inp.script_resident_bytes
+    rest["device"][Category.OTHER.value] += _device_other(inp)
     return rest
 
 
@@ -187,7 +200,7 @@ def peak_device_bytes(inputs: EstimateInputs) -> int:
     best = 0
     for r in _ranks_to_model(inputs, shape):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
-        rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + inputs.script_resident_bytes
+        rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
         for cands in _phase_extras(lay, acts).values():
             best = max(best, rest + max(sum(c.values()) for c in cands))
     return best
@@ -238,6 +251,16 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     ]
     if inputs.device_type == "cpu":
         assumptions.append("device_type cpu: 'device' is the CPU memory used for compute, not a GPU")
+    else:
+        cap = inputs.cuda_capability or ASSUMED_CAPABILITY
+        assumptions.append(
+            f"CUDA compute capability {cap}"
+            + ("" if inputs.cuda_capability else " assumed (H100; pass --cuda-capability for another GPU)")
+            + f": 'other' holds PyTorch's cached cuBLAS workspaces, 2 x {cublas_workspace_bytes(cap):,} bytes "
+            f"(forward and autograd threads) + cuBLASLt {'2 x ' if inputs.activation_checkpointing else ''}1 MiB, "
+            "at the default CUBLAS_WORKSPACE_CONFIG / CUBLASLT_WORKSPACE_SIZE; the training script's data set stays "
+            "on the host; caching-allocator rounding (< 1 MiB per block) is not modelled"
+        )
     est = Estimate(inputs, shape, ranks, acts, assumptions)
     est.overhead = overhead(inputs, shape)
     from memprof.estimate.paper import paper_model_states

@@ -77,7 +77,11 @@ class EstimateInputs:
     switches to BF16_Optimizer; ZeRO-3 keeps its gradient partitions in this dtype."""
     script_resident_bytes: int = 0
     """Bytes the training script itself keeps alive for the whole run besides the model and
-    DeepSpeed (e.g. its tokenised data set); counted as ``other`` at rest and in every phase."""
+    DeepSpeed (e.g. its tokenised data set); counted as ``other`` at rest and in every phase on a
+    CPU run (on CUDA the launcher keeps its data set in host memory: not device bytes)."""
+    cuda_capability: str | None = None
+    """CUDA compute capability ``MAJOR.MINOR`` of the GPU (device_type cuda only): sizes the
+    cuBLAS workspaces (cuda_runtime.py). None: assume an H100 (9.0), said in the assumptions."""
 
     def __post_init__(self) -> None:
         validate_inputs(self)
@@ -122,6 +126,10 @@ def validate_inputs(inp: EstimateInputs) -> None:
         raise MemprofError(f"gradient accumulation dtype {inp.grad_accum_dtype!r} is not one of {', '.join(PRECISIONS)}")
     if not isinstance(inp.script_resident_bytes, int) or isinstance(inp.script_resident_bytes, bool) or inp.script_resident_bytes < 0:
         raise MemprofError(f"script resident bytes {inp.script_resident_bytes!r} must be a non-negative whole number")
+    if inp.cuda_capability is not None:
+        from memprof.estimate.cuda_runtime import parse_capability
+
+        parse_capability(inp.cuda_capability)
     if inp.gpu_memory_bytes is not None and inp.gpu_memory_bytes <= 0:
         raise MemprofError("GPU memory must be a positive size, e.g. --gpu-memory 80GiB")
     if not 0 <= inp.headroom < 1:
@@ -329,6 +337,9 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         kw["model_name"] = str(run["model"])
     if run.get("device_type") is not None:
         kw["device_type"] = str(run["device_type"])
+    # recorded by the launcher on CUDA runs (run_meta.cuda_device_facts), e.g. "9.0"
+    if kw.get("device_type") == "cuda" and isinstance(run.get("cuda_capability"), str):
+        kw["cuda_capability"] = run["cuda_capability"]
     # what the launcher's own data set tensors hold for the whole run, when the run records it
     data_bytes = run.get("data_tensor_bytes")
     if isinstance(data_bytes, int) and not isinstance(data_bytes, bool) and data_bytes >= 0:

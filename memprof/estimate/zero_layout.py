@@ -225,7 +225,13 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
     part_total = shape.stage3_partition_numel(N)  # S
     out.padded_numel, out.partition_numel = part_total * N, part_total
     thr = min(z.param_persistence_threshold, z.model_persistence_threshold)
-    persistent = shape.persistent_gathered_numel(thr, N)  # G
+    # With one rank nothing is gathered into a new buffer: all_gather_coalesced /
+    # _allgather_params_coalesced take _no_gather_coalesced when every param's partition world
+    # size is 1, and NoGatherHandle sets ``param.data = param.ds_tensor.data.to(same device)``, a
+    # view (partition_parameters.py:61, :904, :1545). Persistent or fetched, a gathered param
+    # then costs no byte beyond its partition.
+    single_rank = N == 1
+    persistent = 0 if single_rank else shape.persistent_gathered_numel(thr, N)  # G
     off_opt = z.offload_optimizer == "cpu"
     off_par = z.offload_param == "cpu"
     par_loc = "host" if off_par else "device"
@@ -256,7 +262,9 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
     non_persistent = total - shape.persistent_numel(thr)
     replayed = shape.stage3_gathered_after_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
                                                    z.max_live_parameters)
-    if replayed is not None:
+    if single_rank:
+        gathered = retained = 0
+    elif replayed is not None:
         gathered = retained = replayed
     else:
         retained = shape.stage3_retained_numel(thr, z.max_reuse_distance)
@@ -281,7 +289,8 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
     out.notes.append(
         f"stage 3: {shape.persistent_numel(thr):,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
         f"gathered when forward ends: {gathered:,} of {non_persistent:,} non-persistent elements "
-        + ("(replayed from the parameter coordinator's fetch/prefetch/release rules)" if replayed is not None else
+        + ("(world size 1: a gathered param is a view of its own partition, no extra bytes)" if single_rank else
+           "(replayed from the parameter coordinator's fetch/prefetch/release rules)" if replayed is not None else
            f"({retained:,} within stage3_max_reuse_distance / 2 of forward's end + largest param and prefetch window)")
     )
     return out

@@ -54,6 +54,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cuda_device_facts(device_type: str) -> dict[str, str]:
+    """The current GPU's name and compute capability ("9.0") on a CUDA run, for the estimator's
+    cuBLAS workspace sizes; empty on any other device (torch.cuda is then never touched)."""
+    if device_type != "cuda":
+        return {}
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"cuda_device_name": torch.cuda.get_device_name(), "cuda_capability": f"{major}.{minor}"}
+
+
 def build_run_meta(config: TrainConfig, dist: DistributedFacts, n_params: int) -> dict[str, Any]:
     """The ``run`` dict recorded in every rank file header and in memprof.json."""
     ds = config.deepspeed
@@ -80,4 +91,5 @@ def build_run_meta(config: TrainConfig, dist: DistributedFacts, n_params: int) -
         "deepspeed_config_path": str(ds.path),
         "deepspeed_config": ds.config,
         "memory_budget_bytes": config.run.memory_budget_bytes,
+        **cuda_device_facts(dist.device_type),
     }
