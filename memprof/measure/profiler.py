@@ -194,7 +194,10 @@ class MemoryProfiler:
         self.host = HostMemory()
         self.tracker: AllocationTracker | None = None
         self.records: list[dict[str, Any]] = []
-        self.diagnostics = {"negative_clamps": 0, "untracked_owned_bytes_max": 0, "mid_phase_walks": 0}
+        self.diagnostics = {"negative_clamps": 0, "untracked_owned_bytes_max": 0, "mid_phase_walks": 0,
+                            # wall time in the profiler's own step/phase bookkeeping (its
+                            # cost outside allocation tracking): phase starts and ends, records
+                            "phase_end_seconds": 0.0}
         self._active = False
         self._finished = False
         self._oom_recorded = False
@@ -276,11 +279,14 @@ class MemoryProfiler:
 
     # ---- steps and phases ---------------------------------------------------------------------
     def _begin_step(self, ctx: StepContext) -> None:
+        started = time.perf_counter()
         if self.tracker is not None:
             # activations are "of the current step": older unowned leftovers become other
             self._retire_activations()
+        self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
 
     def _end_step(self, ctx: StepContext) -> None:
+        started = time.perf_counter()
         loss = ctx.loss
         if isinstance(loss, torch.Tensor):
             loss = loss.detach().float().item()
@@ -289,9 +295,11 @@ class MemoryProfiler:
             if not math.isfinite(loss):
                 loss = None  # strict JSON has no NaN/inf; a missing loss marks it
         self._write({"type": "step", "step": ctx.step, "loss": loss, "phases": ctx.phases})
+        self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
 
     @contextmanager
     def _phase(self, ctx: StepContext, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
         tracker = self.tracker
         if tracker is not None:
             tracker.new_label = DEVICE_ACTIVATIONS if phase in _ACTIVATION_PHASES else DEVICE_OTHER
@@ -305,6 +313,7 @@ class MemoryProfiler:
             tracker.reset_peak()
         else:
             cuda_counters.start_phase(self.device)
+        self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
         try:
             yield
         except BaseException as exc:
@@ -313,6 +322,7 @@ class MemoryProfiler:
                 tracker.large_bytes = None
             self._record_oom_if_unrecorded(exc, ctx.step, phase)
             raise
+        started = time.perf_counter()
         if tracker is not None:
             self._let_comm_threads_release()
             tracker.new_label = DEVICE_OTHER
@@ -321,6 +331,7 @@ class MemoryProfiler:
         else:
             record = self._cuda_phase_record(phase)
         ctx.phases[phase] = record
+        self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
         if self.on_cuda and self.memory_budget is not None and record["peak_total"] > self.memory_budget:
             # On CUDA the budget is checked against the allocator's peak at the phase end: the
             # phase did reach that many bytes, so a GPU of this capacity would have failed in it.
