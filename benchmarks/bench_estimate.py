@@ -42,5 +42,7 @@ def bench_sweep(n: int = 10_000) -> dict:
 
 
 if __name__ == "__main__":
-    for result in (bench_175b(), bench_sweep()):
+    results = [bench_175b(), bench_sweep()]
+    for result in results:
         print(json.dumps(result))
+    sys.exit(0 if all(r["ok"] for r in results) else 1)  # a missed target fails `make bench`

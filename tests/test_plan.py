@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from memprof.errors import MemprofError
@@ -55,16 +57,26 @@ def test_tiny_gpu_only_full_offload_fits():
     assert all(not r.fits and r.fewest_gpus is None and r.largest_micro_batch is None for r in result.rows[:-1])
 
 
-def test_larger_micro_batch_never_fits_worse():
+def test_largest_micro_batch_is_the_fitting_boundary():
+    from memprof.estimate.core import peak_device_bytes
     from memprof.models import preset_config
 
     inp = EstimateInputs(model_config=preset_config("gpt2"), precision="bf16", seq_len=1024,
                          gpu_memory_bytes=16 * 2**30)
+    usable = int(inp.gpu_memory_bytes * (1 - inp.headroom))
     result = plan(inp, gpus=4)
-    stage0 = result.rows[0]
-    stage3 = next(r for r in result.rows if r.zero_stage == 3 and r.offload_optimizer == "none")
-    assert stage0.largest_micro_batch is not None
-    assert stage3.largest_micro_batch >= 1
+    for row in (result.rows[0], next(r for r in result.rows if r.zero_stage == 3 and r.offload_optimizer == "none")):
+        mb = row.largest_micro_batch
+        assert mb is not None and mb >= 1
+        zero = replace(inp.zero, offload_optimizer=row.offload_optimizer, offload_param=row.offload_param)
+
+        def peak(m: int) -> int:
+            return peak_device_bytes(replace(inp, zero_stage=row.zero_stage, zero=zero, world_size=4, micro_batch=m))
+
+        # memory grows with the batch, every batch up to the answer fits, and the next one does not
+        peaks = [peak(m) for m in range(1, mb + 2)]
+        assert peaks == sorted(peaks)
+        assert peaks[mb - 1] <= usable < peaks[mb]
 
 
 def test_plan_needs_gpu_memory():

@@ -6,6 +6,7 @@ Pure arithmetic over :mod:`model_shapes`, :mod:`optimizers`, :mod:`zero_layout` 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,33 +173,44 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
                             inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
 
 
-ALL_RANKS_UP_TO = 64  # stage 1/2: every rank is modelled up to this world size
+ALL_RANKS_UP_TO = 64  # stage 1/2: every rank is modelled up to this world size (estimate())
+PLANNER_ALL_RANKS_UP_TO = 4  # the planner's fast path: the deciding ranks only beyond this
 
 
-def _ranks_to_model(inputs: EstimateInputs, shape: ModelShape) -> list[int]:
+def _ranks_to_model(inputs: EstimateInputs, shape: ModelShape, all_ranks_up_to: int = ALL_RANKS_UP_TO) -> list[int]:
     """The ranks whose layout is computed. Stage 0 and 3 ranks are alike except for the last
     one's padding. At stage 1/2 each rank's gradient bookkeeping depends on which parameters touch
     its partition (zero_layout.stage12_rank_grads), so every rank is modelled up to
-    ``ALL_RANKS_UP_TO``; beyond, rank 0, the last and the ranks holding the most gradient elements
+    ``all_ranks_up_to``; beyond, rank 0, the last and the ranks holding the most gradient elements
     and the largest single piece (the step moments' two rank-dependent terms)."""
     n = inputs.world_size
     if inputs.zero_stage not in (1, 2):
         return sorted({0, n - 1})
-    if n <= ALL_RANKS_UP_TO:
+    if n <= all_ranks_up_to:
         return list(range(n))
+    return list(_deciding_stage12_ranks(shape.param_numels, n))
+
+
+@functools.lru_cache(maxsize=1024)
+def _deciding_stage12_ranks(param_numels: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """Rank 0, the last, and the ranks with the most held gradient and the largest single piece.
+    Memoised per (model, world size): a plan sweep asks for the same pair hundreds of times."""
+    shape = ModelShape(param_numels=param_numels)
     grads = [stage12_rank_grads(shape, n, r) for r in range(n)]
     most_held = max(range(n), key=lambda r: grads[r].held)
     largest_piece = max(range(n), key=lambda r: grads[r].largest_piece)
-    return sorted({0, n - 1, most_held, largest_piece})
+    return tuple(sorted({0, n - 1, most_held, largest_piece}))
 
 
 def peak_device_bytes(inputs: EstimateInputs) -> int:
     """Max over ranks and phases of the device total: ``estimate(inputs).peak_device_bytes``
-    without building breakdowns or assumptions (the planner's inner loop)."""
+    without building breakdowns or assumptions (the planner's inner loop). Beyond
+    ``PLANNER_ALL_RANKS_UP_TO`` ranks at stage 1/2 it models only the deciding ranks (see
+    _ranks_to_model), so it can differ from estimate() by one gradient piece there."""
     shape = model_shape(inputs.model_config, inputs.n_params)
     acts = _activations(inputs, shape)
     best = 0
-    for r in _ranks_to_model(inputs, shape):
+    for r in _ranks_to_model(inputs, shape, PLANNER_ALL_RANKS_UP_TO):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
         rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
         for cands in _phase_extras(lay, acts).values():

@@ -8,6 +8,7 @@ an empty ``zero_optimization`` block.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -256,14 +257,54 @@ def _zero_knobs_from_config(zero: dict[str, Any], source: str) -> ZeroKnobs:
     return ZeroKnobs(**kw)
 
 
+def config_enabled(config: dict[str, Any], key: str, source: str) -> bool:
+    """DeepSpeed's ``<key>.enabled`` switch (``fp16``, ``bf16``, ...), read one way by the estimator
+    and the launcher: a missing block or a missing ``enabled`` is off; ``enabled`` must be a JSON
+    boolean (DeepSpeed's pydantic config would turn the string "false" into off but memprof would
+    not know which reading the user meant), anything else is a MemprofError naming the field."""
+    block = config.get(key)
+    if block is None:
+        return False
+    if not isinstance(block, dict):
+        raise MemprofError(f"{source}: {key} must be an object like {{\"enabled\": true}}")
+    value = block.get("enabled", False)
+    if not isinstance(value, bool):
+        raise MemprofError(f"{source}: {key}.enabled is {value!r}: use true or false (a JSON boolean, not a string or number)")
+    return value
+
+
+def config_number(params: dict[str, Any], key: str, source: str, default: float = 0.0) -> float:
+    """A numeric optimizer setting (``momentum``, ``dampening``, ...) of ``optimizer.params``;
+    MemprofError naming the field when it is not a finite number."""
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise MemprofError(f"{source}: optimizer.params.{key} is {value!r}: it must be a number, e.g. 0.9")
+    return float(value)
+
+
+def torch_optimizer_name(kind: str, params: dict[str, Any], source: str) -> str:
+    """The zoo name of DeepSpeed's torch.optim ``SGD`` / ``RMSprop`` block (``kind`` lower-cased),
+    refusing what torch refuses or what memprof does not model, for the estimator and launcher alike."""
+    momentum = config_number(params, "momentum", source)
+    if momentum < 0:
+        raise MemprofError(f"{source}: optimizer.params.momentum is {params.get('momentum')!r}: it must be 0 or more")
+    if kind == "sgd":
+        nesterov = bool(params.get("nesterov", False))  # torch.optim.SGD tests its truth value
+        if nesterov and (momentum <= 0 or config_number(params, "dampening", source) != 0):
+            # torch.optim.SGD: "Nesterov momentum requires a momentum and zero dampening"
+            raise MemprofError(f"{source}: SGD with nesterov needs momentum > 0 and dampening 0 in optimizer.params")
+        return "nesterov" if nesterov else ("momentum" if momentum > 0 else "sgd")
+    if kind == "rmsprop":
+        # momentum and centered add buffers (momentum_buffer, grad_avg) the zoo does not model.
+        if momentum > 0 or params.get("centered", False):
+            raise MemprofError(f"{source}: RMSprop with momentum or centered=true is not supported by memprof: drop them")
+        return "rmsprop"
+    raise ValueError(f"not a torch.optim type memprof maps: {kind!r}")
+
+
 def _precision_from_config(ds: dict[str, Any], source: str) -> str | None:
     def enabled(key: str) -> bool:
-        block = ds.get(key)
-        if block is None:
-            return False
-        if not isinstance(block, dict):
-            raise MemprofError(f"{source}: {key} must be an object like {{\"enabled\": true}}")
-        return block.get("enabled", False) is True
+        return config_enabled(ds, key, source)
 
     fp16, bf16 = enabled("fp16"), enabled("bf16") or enabled("bfloat16")
     if fp16 and bf16:
@@ -287,12 +328,8 @@ def _optimizer_from_config(opt: Any, source: str) -> str:
         raise MemprofError(f"{source}: optimizer.params must be an object")
     if kind in ("adam", "adamw"):
         return "amsgrad" if params.get("amsgrad") else ("adam" if kind == "adam" and params.get("adam_w_mode") is False else "adamw")
-    if kind == "sgd":
-        if params.get("nesterov"):
-            return "nesterov"
-        return "momentum" if float(params.get("momentum", 0) or 0) != 0 else "sgd"
-    if kind == "rmsprop":
-        return "rmsprop"
+    if kind in ("sgd", "rmsprop"):
+        return torch_optimizer_name(kind, params, source)
     if kind == "adagrad":
         return "adagrad"
     raise MemprofError(
@@ -310,6 +347,16 @@ def _cfg_int(value: Any, key: str, source: str, positive: bool = False) -> int:
     return int(value)
 
 
+def _run_int(value: Any, key: str, positive: bool = False) -> int:
+    """An integer field of a run's metadata (the launcher writes ints; a JSON writer may emit 2.0)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and float(value) == int(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        kind = "a positive whole number" if positive else "a whole number of at least 0"
+        raise MemprofError(f"the run's {key} is {value!r}, not {kind}: the run file is corrupted; re-run or re-gather it")
+    return int(value)
+
+
 def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     """EstimateInputs for a run's own setup, from the launcher's ``run`` metadata (runfile.py)."""
     if not isinstance(run, dict):
@@ -320,7 +367,7 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     kw: dict[str, Any] = dict(settings)
     for key in ("world_size", "nodes", "zero_stage", "micro_batch", "seq_len"):
         if run.get(key) is not None:
-            kw[key] = int(run[key])
+            kw[key] = _run_int(run[key], key)
     for key in ("optimizer", "precision"):
         if run.get(key) is not None:
             kw[key] = str(run[key])
@@ -331,8 +378,13 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         attn = model_config.get("_attn_implementation") or model_config.get("attn_implementation")
         if attn in ATTN_IMPLEMENTATIONS:
             kw["attn_implementation"] = attn
-    elif run.get("n_params"):
-        kw["n_params"] = int(run["n_params"])
+    elif run.get("n_params") is not None:
+        kw["n_params"] = _run_int(run["n_params"], "n_params", positive=True)
+    else:
+        raise MemprofError(
+            "the run records neither model_config nor n_params, so it cannot be re-estimated: "
+            "re-run it with a newer memprof launcher"
+        )
     if run.get("model") is not None:
         kw["model_name"] = str(run["model"])
     if run.get("device_type") is not None:

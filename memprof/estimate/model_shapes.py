@@ -43,6 +43,12 @@ class ModelShape:
         return sum(self.param_numels)
 
     @functools.cached_property
+    def stage12_grads_memo(self) -> dict:
+        """(world size, rank) -> zero_layout.Stage12Grads, filled on use: shapes are memoised
+        (model_shape), so a plan sweep computes each rank's partition walk once."""
+        return {}
+
+    @functools.cached_property
     def prefix_sums(self) -> tuple[int, ...]:
         """Offsets of each parameter in the flattened group (DeepSpeed's flatten order)."""
         out = [0]

@@ -94,6 +94,14 @@ def stage12_rank_grads(shape: ModelShape, world_size: int, rank: int) -> Stage12
     current_size)`` (_get_flat_partition_unpadded, :2890); get_grad_norm_direct (:2684) takes the
     norm of each view after ``.to(get_norm_dtype())`` (float64), one view at a time.
     """
+    memo = shape.stage12_grads_memo
+    found = memo.get((world_size, rank))
+    if found is None:
+        found = memo[(world_size, rank)] = _stage12_rank_grads(shape, world_size, rank)
+    return found
+
+
+def _stage12_rank_grads(shape: ModelShape, world_size: int, rank: int) -> Stage12Grads:
     padded, part, touching = stage12_partition(shape, world_size, rank)
     cum = shape.prefix_sums
     total = cum[-1]

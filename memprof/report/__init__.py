@@ -56,10 +56,6 @@ def write_report(
         raise MemprofError(f"{path} is a folder: name the report file, e.g. {path / 'report.html'}")
     try:
         write_text_atomic(path, html)
-        # the temporary file behind the atomic write is private (0600); a report is for reading
-        umask = os.umask(0)
-        os.umask(umask)
-        path.chmod(0o666 & ~umask)
     except OSError as e:
         raise MemprofError(f"cannot write the report to {path}: {e.strerror or e}: choose a writable path with -o") from None
     return path
