@@ -110,14 +110,17 @@ class RankWriter:
             self._f = None
 
 
-def read_rank_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_rank_lines(path: str | os.PathLike, rank: int | None = None) -> list[dict[str, Any]]:
     """Records of one ``rank<R>.jsonl``. A torn last line (the rank died mid-write) is dropped;
-    a corrupt line elsewhere is an error."""
+    a corrupt line elsewhere is an error. ``rank``: the rank the file name gives (default: parsed
+    from the name when it is ``rank<R>.jsonl``); the header's ``rank`` must match it."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise MemprofError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MemprofError(f"{path} is not UTF-8 text: the rank file is corrupted; re-run or delete it") from None
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -134,6 +137,18 @@ def read_rank_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not records or records[0].get("type") != "header":
         raise MemprofError(f"{path} has no header line: it is not a memprof rank file")
     _check_version(records[0].get("schema_version"), path)
+    header_rank = records[0].get("rank")
+    if not isinstance(header_rank, int) or isinstance(header_rank, bool) or header_rank < 0:
+        raise MemprofError(
+            f"{path}: the header's rank is {header_rank!r}, not a rank number: the rank file is corrupted; re-run or delete it"
+        )
+    if rank is None and (m := _RANK_FILE_RE.match(path.name)) is not None:
+        rank = int(m.group(1))
+    if rank is not None and header_rank != rank:
+        raise MemprofError(
+            f"{path}: the header says rank {header_rank} but the file name says rank {rank}: "
+            f"rename it to {rank_file_name(header_rank)} or re-run"
+        )
     return records
 
 
@@ -207,7 +222,7 @@ def load_run(path: str | os.PathLike) -> dict[str, Any]:
         }
         if not rank_files:
             raise MemprofError(f"{path} holds neither memprof.json nor rank<R>.jsonl files")
-        records = {r: read_rank_lines(p) for r, p in rank_files.items()}
+        records = {r: read_rank_lines(p, r) for r, p in rank_files.items()}
         run = dict(records[min(records)][0].get("run") or {})
         return assemble_run(run, records)
     try:

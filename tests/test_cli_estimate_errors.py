@@ -22,6 +22,12 @@ def bad_configs(tmp_path_factory) -> dict[str, Path]:
     (d / "malformed.json").write_text('{"zero_optimization": {"stage": 2,', encoding="utf-8")
     (d / "list.json").write_text("[1, 2]", encoding="utf-8")
     (d / "neg_bucket.json").write_text('{"zero_optimization": {"reduce_bucket_size": -5}}', encoding="utf-8")
+    (d / "bf16_string.json").write_text('{"bf16": {"enabled": "true"}}', encoding="utf-8")
+    (d / "fp16_number.json").write_text('{"fp16": {"enabled": 1}}', encoding="utf-8")
+    (d / "momentum_string.json").write_text('{"optimizer": {"type": "SGD", "params": {"momentum": "abc"}}}', encoding="utf-8")
+    (d / "momentum_list.json").write_text('{"optimizer": {"type": "SGD", "params": {"momentum": [1]}}}', encoding="utf-8")
+    (d / "nesterov_no_momentum.json").write_text('{"optimizer": {"type": "SGD", "params": {"nesterov": true}}}', encoding="utf-8")
+    (d / "rmsprop_momentum.json").write_text('{"optimizer": {"type": "RMSprop", "params": {"momentum": 0.9}}}', encoding="utf-8")
     return {p.stem: p for p in d.iterdir()}
 
 
@@ -57,7 +63,13 @@ def test_bad_input_is_one_line_exit_2(args, needle):
 
 
 @pytest.mark.parametrize("name,needle", [("malformed", "not valid JSON"), ("list", "JSON object"),
-                                         ("neg_bucket", "reduce_bucket_size")])
+                                         ("neg_bucket", "reduce_bucket_size"),
+                                         ("bf16_string", "bf16.enabled is 'true': use true or false"),
+                                         ("fp16_number", "fp16.enabled is 1: use true or false"),
+                                         ("momentum_string", "optimizer.params.momentum is 'abc'"),
+                                         ("momentum_list", "optimizer.params.momentum is [1]"),
+                                         ("nesterov_no_momentum", "nesterov needs momentum > 0"),
+                                         ("rmsprop_momentum", "RMSprop with momentum")])
 def test_bad_deepspeed_config(bad_configs, name, needle):
     for flag in ("--deepspeed-config", "--deepspeed_config"):
         out = run("estimate", "--model", "gpt2", flag, str(bad_configs[name]))

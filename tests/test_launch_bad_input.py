@@ -58,7 +58,32 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "unwritable out": (["--deepspeed_config", str(DEMO), "--out", str(a_file / "run")], "is not a writable folder"),
         "bad budget": (["--deepspeed_config", str(DEMO), "--out", out, "--memory-budget", "lots"], "is not a size"),
         "unknown flag": (["--deepspeed_config", str(DEMO), "--out", out, "--stpes", "3"], "unrecognized arguments"),
+        "bf16 enabled as a string": (
+            ["--deepspeed_config", str(_ds_json(tmp_path, "bf16str.json", bf16={"enabled": "false"})), "--out", out],
+            "bf16.enabled is 'false': use true or false",
+        ),
+        "momentum not a number": (
+            ["--deepspeed_config", str(_ds_json(tmp_path, "mom.json", stage=0, optimizer={"type": "SGD", "params": {"momentum": "abc"}})),
+             "--out", out],
+            "optimizer.params.momentum is 'abc': it must be a number",
+        ),
+        "momentum a list": (
+            ["--deepspeed_config", str(_ds_json(tmp_path, "momlist.json", stage=0, optimizer={"type": "RMSprop", "params": {"momentum": [1]}})),
+             "--out", out],
+            "optimizer.params.momentum is [1]: it must be a number",
+        ),
+        "bad n_positions": (
+            ["--deepspeed_config", str(DEMO), "--model-config", str(_model_json(tmp_path, n_positions="lots")), "--out", out],
+            "positive integer 'n_positions' (got 'lots')",
+        ),
     }
+
+
+def _model_json(tmp_path: Path, **overrides) -> Path:
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 256, **overrides}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(config))
+    return path
 
 
 def test_each_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:

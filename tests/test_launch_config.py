@@ -206,3 +206,106 @@ def test_estimator_reads_the_run_metadata_of_every_shipped_config(tmp_path: Path
         assert (meta["zero_stage"], meta["optimizer"], meta["precision"]) == (stage, optimizer, precision)
         inputs = inputs_from_run(meta)
         assert estimate(inputs).to_json()["n_params"] == 149_248, name
+
+
+# ---- the launcher and the estimator read a DeepSpeed config the same way ----------------------
+
+_AGREE_BLOCKS = [
+    {"type": "SGD", "params": {"lr": 0.1}},
+    {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+    {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "nesterov": True}},
+    {"type": "RMSprop", "params": {"lr": 0.1}},
+    {"type": "RMSprop", "params": {"lr": 0.1, "momentum": 0}},
+]
+# torch.optim.SGD refuses nesterov without momentum or with dampening ("Nesterov momentum requires a
+# momentum and zero dampening") and any negative momentum; RMSprop's momentum/centered buffers are
+# not modelled: both readers refuse all of these.
+_REFUSED_BLOCKS = [
+    ({"type": "SGD", "params": {"nesterov": True}}, "momentum > 0 and dampening 0"),
+    ({"type": "SGD", "params": {"momentum": 0, "nesterov": True}}, "momentum > 0 and dampening 0"),
+    ({"type": "SGD", "params": {"momentum": 0.9, "dampening": 0.1, "nesterov": True}}, "dampening 0"),
+    ({"type": "SGD", "params": {"momentum": -0.5}}, "must be 0 or more"),
+    ({"type": "RMSprop", "params": {"momentum": 0.9}}, "RMSprop with momentum"),
+    ({"type": "RMSprop", "params": {"centered": True}}, "centered"),
+    ({"type": "SGD", "params": {"momentum": "abc"}}, "optimizer.params.momentum is 'abc': it must be a number"),
+    ({"type": "SGD", "params": {"momentum": [1]}}, r"optimizer.params.momentum is \[1\]: it must be a number"),
+    ({"type": "SGD", "params": {"momentum": None}}, "optimizer.params.momentum is None"),
+    ({"type": "RMSprop", "params": {"momentum": "0.9"}}, "optimizer.params.momentum is '0.9'"),
+    ({"type": "SGD", "params": {"momentum": 0.9, "nesterov": True, "dampening": "x"}}, "optimizer.params.dampening is 'x'"),
+]
+
+
+def _estimator_settings(config: dict) -> dict:
+    from memprof.estimate.inputs import settings_from_deepspeed_config
+
+    return settings_from_deepspeed_config(config, "ds.json")
+
+
+@pytest.mark.parametrize("block", _AGREE_BLOCKS, ids=lambda b: json.dumps(b["params"]))
+def test_launcher_and_estimator_name_torch_optimizers_alike(block: dict) -> None:
+    expected = {"sgd": "sgd", "momentum": "momentum", "nesterov": "nesterov", "rmsprop": "rmsprop"}
+    launcher = optimizer_zoo_name(block, 0, {})
+    assert launcher in expected
+    assert _estimator_settings({"optimizer": block})["optimizer"] == launcher
+
+
+@pytest.mark.parametrize("block,fragment", _REFUSED_BLOCKS, ids=lambda x: json.dumps(x) if isinstance(x, dict) else "")
+def test_launcher_and_estimator_refuse_the_same_torch_optimizer_settings(block: dict, fragment: str) -> None:
+    with pytest.raises(MemprofError, match=fragment):
+        optimizer_zoo_name(block, 0, {})
+    with pytest.raises(MemprofError, match=fragment):
+        _estimator_settings({"optimizer": block})
+
+
+@pytest.mark.parametrize("key", ["bf16", "fp16"])
+@pytest.mark.parametrize("enabled,precision", [(True, None), (False, "fp32")])
+def test_precision_enabled_booleans_agree(tmp_path: Path, key: str, enabled: bool, precision: str | None) -> None:
+    config = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}, key: {"enabled": enabled}}
+    want = precision or key
+    assert load_deepspeed_config(_write(tmp_path, config)).precision == want
+    assert _estimator_settings(config)["precision"] == want
+
+
+@pytest.mark.parametrize("key", ["bf16", "fp16"])
+@pytest.mark.parametrize("value", ["false", "true", 1, 0, None, [True]], ids=repr)
+def test_precision_enabled_non_booleans_are_refused_by_both(tmp_path: Path, key: str, value) -> None:
+    config = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}, key: {"enabled": value}}
+    fragment = rf"{key}\.enabled is .*use true or false"
+    with pytest.raises(MemprofError, match=fragment):
+        load_deepspeed_config(_write(tmp_path, config))
+    with pytest.raises(MemprofError, match=fragment):
+        _estimator_settings(config)
+
+
+@pytest.mark.parametrize("value", ["lots", 0, -3, 1.5, None, True], ids=repr)
+def test_model_config_n_positions_must_be_a_positive_int(tmp_path: Path, value) -> None:
+    model_cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 256, "n_positions": value}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model_cfg))
+    with pytest.raises(MemprofError, match="positive integer 'n_positions'"):
+        parse_args(["--deepspeed_config", str(CONFIGS / "demo.json"), "--model-config", str(path), "--out", str(tmp_path / "o")],
+                   environ={})
+
+
+def test_model_config_without_n_positions_defaults_to_1024(tmp_path: Path) -> None:
+    model_cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 256}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model_cfg))
+    argv = ["--deepspeed_config", str(CONFIGS / "demo.json"), "--model-config", str(path), "--out", str(tmp_path / "o")]
+    assert parse_args([*argv, "--seq-len", "1024"], environ={}).data.seq_len == 1024
+    with pytest.raises(MemprofError, match=r"exceeds the model's n_positions \(1024\)"):
+        parse_args([*argv, "--seq-len", "1025"], environ={})
+
+
+@pytest.mark.parametrize(
+    "blocks,want",
+    [
+        ({"bfloat16": {"enabled": True}}, "bf16"),  # DeepSpeed's older spelling
+        ({"bf16": None, "bfloat16": {"enabled": True}}, "bf16"),  # a null bf16 falls back to it
+        ({"bf16": {"enabled": False}, "bfloat16": {"enabled": True}}, "fp32"),  # bf16 wins when present
+    ],
+)
+def test_bfloat16_alias_is_read_as_deepspeed_reads_it(tmp_path: Path, blocks: dict, want: str) -> None:
+    config = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}, **blocks}
+    assert load_deepspeed_config(_write(tmp_path, config)).precision == want
+    assert _estimator_settings(config)["precision"] == want

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -126,7 +127,12 @@ def test_forward_peak_holds_the_logits_and_hidden_layer(profiled) -> None:
 
 def test_profiler_does_not_change_losses(profiled) -> None:
     _, _, _, losses, _ = profiled
-    assert losses == run_plain()
+    plain = run_plain()
+    # Same computation, same inputs. Not compared bit for bit: CPU BLAS kernels may sum in a
+    # different order for differently aligned buffers, and the profiler changes allocation order
+    # (seen once in eight runs as a last-bit difference). A changed result would be far larger.
+    assert len(losses) == len(plain)
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(losses, plain)), (losses, plain)
 
 
 def test_rank_file_and_run_file_agree(profiled) -> None:

@@ -9,12 +9,14 @@ from typing import Any
 
 from memprof.compare import PEAK_TOLERANCE, RESIDENT_TOLERANCE, Comparison, compare_run
 from memprof.errors import MemprofError
+from memprof.estimate.cli_args import OneLineParser
+from memprof.report.schema import check_run_doc
 from memprof.runfile import load_run
 from memprof.units import format_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="memprof compare",
         description=(
             "Put a run's measured memory (last complete step, per rank) beside the estimate for its "
@@ -86,6 +88,8 @@ def print_table(cmp: Comparison, run_doc: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     run_doc = load_run(args.run)
+    # every field compare reads (phase breakdowns and peaks, the stored estimate, the run's sizes)
+    check_run_doc(run_doc, str(args.run))
     if not run_doc["ranks"]:
         raise MemprofError(f"{args.run} holds no rank records: nothing to compare")
     cmp = compare_run(run_doc, run_estimate(run_doc, args.fresh_estimate))

@@ -273,6 +273,12 @@ def config_enabled(config: dict[str, Any], key: str, source: str) -> bool:
     return value
 
 
+def bf16_enabled(config: dict[str, Any], source: str) -> bool:
+    """Whether DeepSpeed trains in bf16: its ``bf16`` block, else the older ``bfloat16`` spelling
+    (DeepSpeed's get_bfloat16_config reads ``bfloat16`` only when ``bf16`` is absent or null)."""
+    return config_enabled(config, "bf16" if config.get("bf16") is not None else "bfloat16", source)
+
+
 def config_number(params: dict[str, Any], key: str, source: str, default: float = 0.0) -> float:
     """A numeric optimizer setting (``momentum``, ``dampening``, ...) of ``optimizer.params``;
     MemprofError naming the field when it is not a finite number."""
@@ -306,7 +312,7 @@ def _precision_from_config(ds: dict[str, Any], source: str) -> str | None:
     def enabled(key: str) -> bool:
         return config_enabled(ds, key, source)
 
-    fp16, bf16 = enabled("fp16"), enabled("bf16") or enabled("bfloat16")
+    fp16, bf16 = enabled("fp16"), bf16_enabled(ds, source)
     if fp16 and bf16:
         raise MemprofError(f"{source}: fp16 and bf16 are both enabled; DeepSpeed accepts only one")
     if fp16:

@@ -23,23 +23,31 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_records(records: list[dict[str, Any]], dst: int = 0) -> dict[int, list[dict[str, Any]]] | None:
+def gather_records(
+    records: list[dict[str, Any]], dst: int = 0, device: torch.device | str | None = None
+) -> dict[int, list[dict[str, Any]]] | None:
     """Every rank's records on rank ``dst`` as ``{rank: records}``; ``None`` on other ranks.
 
     A collective: every rank of the default group must call it. Without an initialised process
-    group it returns this process's records as rank 0.
+    group it returns this process's records as rank 0. ``device``: the CUDA device this rank
+    computes on (the profiler passes the model's); None keeps the current CUDA device.
     """
     rank, world = rank_and_world()
     if world == 1:
         return {rank: records}
-    if dist.get_backend() == "nccl":
-        # gather_object moves the pickled objects through the current CUDA device; with one
-        # process per GPU that must be this rank's own GPU, which the launcher names LOCAL_RANK.
-        local_rank = os.environ.get("LOCAL_RANK")
-        if local_rank is not None:
-            torch.cuda.set_device(int(local_rank))
     gathered: list[Any] | None = [None] * world if rank == dst else None
-    dist.gather_object(records, gathered, dst=dst)
+    # gather_object moves the pickled objects through the current CUDA device under NCCL; with one
+    # process per GPU that must be this rank's own GPU. The model's device is the right one however
+    # GPUs are made visible (LOCAL_RANK need not be a valid ordinal under a per-rank
+    # CUDA_VISIBLE_DEVICES), and the context restores the caller's current device afterwards.
+    cuda_device = None
+    if device is not None and dist.get_backend() == "nccl" and torch.device(device).type == "cuda":
+        cuda_device = torch.device(device)
+    if cuda_device is not None:
+        with torch.cuda.device(cuda_device):
+            dist.gather_object(records, gathered, dst=dst)
+    else:
+        dist.gather_object(records, gathered, dst=dst)
     if gathered is None:
         return None
     out: dict[int, list[dict[str, Any]]] = {}

@@ -59,7 +59,7 @@ from memprof.measure.tracker import (
     live_tensor_storages,
     tally_to_breakdown,
 )
-from memprof.runfile import RankWriter
+from memprof.runfile import SCHEMA_VERSION, RankWriter
 
 OwnedMap = Mapping[tuple[str, int], Any]
 """``(device string, untyped-storage data_ptr) -> Owned(category, location, nbytes)``."""
@@ -210,7 +210,7 @@ class MemoryProfiler:
             raise MemprofError(
                 f"cannot write the profile to {self.out_dir}: {e.strerror}; pass a writable --out folder"
             ) from None
-        self.records.append({"type": "header", "schema_version": 1, "rank": self.rank, **header})
+        self.records.append({"type": "header", "schema_version": SCHEMA_VERSION, "rank": self.rank, **header})
 
     # ---- public API ---------------------------------------------------------------------------
     def __enter__(self) -> MemoryProfiler:
@@ -265,7 +265,7 @@ class MemoryProfiler:
         self._finished = True
         self._write({"type": "end", "peak_host_rss_bytes": self.host.peak_rss(), "diagnostics": self.diagnostics})
         self._writer.close()
-        gathered = gather_records(self.records)
+        gathered = gather_records(self.records, device=self.device if self.on_cuda else None)
         if gathered is None:
             return None
         return write_run_file(self.out_dir, self.run, gathered, estimate)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import TypeAdapter, ValidationError
-from typing_extensions import NotRequired, TypedDict
+from pydantic import Field, TypeAdapter, ValidationError
+from typing_extensions import Annotated, NotRequired, TypedDict
 
 from memprof.categories import PHASES
 from memprof.errors import MemprofError
@@ -70,9 +70,25 @@ class _Estimate(TypedDict):
     peak_device_bytes: NotRequired[Optional[int]]
 
 
+_Count = Optional[Annotated[int, Field(ge=0)]]
+
+
+class _RunMeta(TypedDict):
+    """The run metadata fields the report and ``compare --fresh-estimate`` do arithmetic with
+    (the others are only shown). Extra keys pass."""
+
+    world_size: NotRequired[_Count]
+    nodes: NotRequired[_Count]
+    zero_stage: NotRequired[Optional[Annotated[int, Field(ge=0, le=3)]]]
+    micro_batch: NotRequired[_Count]
+    seq_len: NotRequired[_Count]
+    n_params: NotRequired[_Count]
+    memory_budget_bytes: NotRequired[_Count]
+
+
 class _RunDoc(TypedDict):
     schema_version: int
-    run: dict[str, Any]
+    run: _RunMeta
     ranks: list[_Rank]
     missing_ranks: NotRequired[list[int]]
     estimate: NotRequired[Optional[_Estimate]]

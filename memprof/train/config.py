@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from memprof.errors import MemprofError
+from memprof.estimate.inputs import bf16_enabled, config_enabled, torch_optimizer_name
 from memprof.jsonfile import read_json_object
 from memprof.models import PRESETS, load_model_config, preset_config
 from memprof.units import parse_size
@@ -194,9 +195,9 @@ def _model_settings(preset: str | None, config_path: str | None) -> ModelSetting
     model_type = config.get("model_type", "gpt2")
     if model_type != "gpt2":
         raise MemprofError(f"model config {name} has model_type {model_type!r}: the launcher builds GPT-2 models only")
-    for key in ("n_layer", "n_embd", "n_head"):
-        value = config.get(key)
-        if not isinstance(value, int) or value < 1:
+    for key in ("n_layer", "n_embd", "n_head", "n_positions"):
+        value = config.get(key, 1024) if key == "n_positions" else config.get(key)  # GPT2Config's default
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise MemprofError(f"model config {name} needs a positive integer {key!r} (got {value!r})")
     if config["n_embd"] % config["n_head"]:
         raise MemprofError(f"model config {name}: n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}")
@@ -270,17 +271,8 @@ def optimizer_zoo_name(block: Any, stage: int, config: Mapping[str, Any], where:
             adam_w = lower == "adamw" or bool(params.get("adam_w_mode", True))
             name = "amsgrad" if amsgrad else ("adamw" if adam_w else "adam")
     elif opt_type in _TORCH_TYPES:
-        if opt_type == "SGD":
-            momentum = float(params.get("momentum", 0) or 0)
-            nesterov = bool(params.get("nesterov", False))
-            if nesterov and momentum <= 0:
-                raise MemprofError(f"{where}: SGD with nesterov needs momentum > 0 in optimizer.params")
-            name = "nesterov" if nesterov else ("momentum" if momentum > 0 else "sgd")
-        else:
-            # momentum and centered add buffers (momentum_buffer, grad_avg) the zoo does not model.
-            if float(params.get("momentum", 0) or 0) > 0 or params.get("centered", False):
-                raise MemprofError(f"{where}: RMSprop with momentum or centered=true is not supported by memprof: drop them")
-            name = "rmsprop"
+        # shared with the estimator so both read SGD/RMSprop settings the same way
+        name = torch_optimizer_name(lower, params, where)
     else:
         hint = next((t for t in _TORCH_TYPES if t.lower() == lower), None)
         did_you_mean = f" (DeepSpeed passes it to torch.optim, which is case-sensitive: write {hint!r})" if hint else ""
@@ -342,7 +334,8 @@ def _micro_batch(config: Mapping[str, Any], grad_accum: int, world_size: int, wh
 
 
 def _precision(config: Mapping[str, Any], where: str) -> str:
-    enabled = [name for name in ("bf16", "fp16") if _section(config, name, where).get("enabled", False)]
+    # shared with the estimator: "enabled" must be a JSON boolean in both
+    enabled = [name for name, on in (("bf16", bf16_enabled(config, where)), ("fp16", config_enabled(config, "fp16", where))) if on]
     if len(enabled) > 1:
         raise MemprofError(f"{where} enables both bf16 and fp16: enable one of them")
     return enabled[0] if enabled else "fp32"
