@@ -32,6 +32,7 @@ import torch
 
 from memprof.measure import MemoryProfiler
 from memprof.models import preset_config
+from memprof.runfile import write_text_atomic
 
 
 def build(device: torch.device, layers: int = 4, hidden: int = 256, batch: int = 4,
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        args.markdown.write_text(text + "\n", encoding="utf-8")
+        write_text_atomic(args.markdown, text + "\n")
     return 0
 
 

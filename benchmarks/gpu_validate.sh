@@ -5,15 +5,15 @@
 #   bash benchmarks/gpu_validate.sh [MODEL] [SEQ]        (default: gpt2 512)
 #   PART=launch: launches + compare + CUDA tests only; PART=bench: the profiler benchmarks only
 #
-# Needs deepspeed importable; FusedAdam JIT-builds once (TORCH_CUDA_ARCH_LIST must be plain
-# numbers for DeepSpeed 0.19.8's op builder, e.g. 9.0 on an H100).
+# Needs deepspeed importable; FusedAdam JIT-builds once, for this GPU's compute capability.
 set -uo pipefail
 MODEL=${1:-gpt2}
 SEQ=${2:-512}
 OUT=${OUT:-gpu-out}
 PY=${PY:-python3}
 mkdir -p "$OUT/runs"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST_OVERRIDE:-9.0}
+# DeepSpeed 0.19.8's op builder cannot parse entries such as "9.0a": build for this GPU's plain capability
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST_OVERRIDE:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"

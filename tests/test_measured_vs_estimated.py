@@ -42,7 +42,7 @@ def param_numels() -> list[int]:
 
 
 P = sum(param_numels())
-assert P == 149_248  # the count the README quotes for gpt2-tiny
+assert P == 149_248  # the count docs/launcher.md quotes for gpt2-tiny
 
 
 def zero12_partition(n: int) -> int:
