@@ -109,6 +109,18 @@ def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None) -> Plan:
     return out
 
 
+def _first_true(pred, lo: int, hi: int) -> int:
+    """Smallest x in (lo, hi] with pred(x), for pred monotone (false up to a point, then true),
+    pred(lo) false and pred(hi) true; hi itself is never evaluated."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def _largest(fits) -> int | None:
     """Largest micro-batch in [1, MAX_MICRO_BATCH] that fits (memory grows with the batch)."""
     if not fits(1):
@@ -116,14 +128,8 @@ def _largest(fits) -> int | None:
     lo, hi = 1, 2
     while hi <= MAX_MICRO_BATCH and fits(hi):
         lo, hi = hi, hi * 2
-    hi = min(hi, MAX_MICRO_BATCH + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    hi = min(hi, MAX_MICRO_BATCH + 1)  # first size known not to fit (or past the range)
+    return _first_true(lambda mb: not fits(mb), lo, hi) - 1
 
 
 def _fewest(fits, max_gpus: int, monotone: bool) -> int | None:
@@ -134,11 +140,7 @@ def _fewest(fits, max_gpus: int, monotone: bool) -> int | None:
         return 1 if fits(1) else None
     if not fits(max_gpus):
         return None
-    lo, hi = 0, max_gpus  # fits(hi) is true; lo does not fit (0 GPUs)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    best = _first_true(fits, 0, max_gpus)  # 0 GPUs never fit; max_gpus does
+    if best > 1 and fits(best - 1):  # padding made the boundary non-monotone by one step
+        best -= 1
+    return best
