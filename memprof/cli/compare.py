@@ -78,6 +78,8 @@ def print_table(cmp: Comparison, run_doc: dict[str, Any]) -> None:
             check,
         )
     console = Console()
+    if not console.is_terminal:  # piped to a log: rich would cut the table to 80 columns
+        console = Console(width=120)
     console.print(table)
     if cmp.missing_ranks:
         console.print(f"missing ranks (no records): {cmp.missing_ranks}")
