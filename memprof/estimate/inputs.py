@@ -178,12 +178,12 @@ def settings_from_deepspeed_config(ds: dict[str, Any], source: str = "DeepSpeed 
     mb = ds.get("train_micro_batch_size_per_gpu")
     if mb is not None and mb != "auto":
         out["micro_batch"] = _cfg_int(mb, "train_micro_batch_size_per_gpu", source, positive=True)
-    precision = _precision_from_config(ds, source)
+    precision = precision_from_config(ds, source)
     if precision is not None:
         out["precision"] = precision
     opt = ds.get("optimizer")
     if opt is not None:
-        out["optimizer"] = _optimizer_from_config(opt, source)
+        out["optimizer"] = optimizer_name_from_block(opt, source)
         # engine.get_optimizer_configuration: torch.optim Adam/AdamW only with "torch_adam": true
         if isinstance(opt.get("params"), dict) and opt["params"].get("torch_adam") is True:
             out["torch_adam"] = True
@@ -308,13 +308,13 @@ def torch_optimizer_name(kind: str, params: dict[str, Any], source: str) -> str:
     raise ValueError(f"not a torch.optim type memprof maps: {kind!r}")
 
 
-def _precision_from_config(ds: dict[str, Any], source: str) -> str | None:
+def precision_from_config(ds: dict[str, Any], source: str) -> str | None:
     def enabled(key: str) -> bool:
         return config_enabled(ds, key, source)
 
     fp16, bf16 = enabled("fp16"), bf16_enabled(ds, source)
     if fp16 and bf16:
-        raise MemprofError(f"{source}: fp16 and bf16 are both enabled; DeepSpeed accepts only one")
+        raise MemprofError(f"{source} enables both bf16 and fp16: DeepSpeed accepts only one, enable one of them")
     if fp16:
         return "fp16"
     if bf16:
@@ -324,7 +324,7 @@ def _precision_from_config(ds: dict[str, Any], source: str) -> str | None:
     return None
 
 
-def _optimizer_from_config(opt: Any, source: str) -> str:
+def optimizer_name_from_block(opt: Any, source: str) -> str:
     """Map DeepSpeed's optimizer block to a zoo name (engine._configure_basic_optimizer)."""
     if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
         raise MemprofError(f"{source}: optimizer must be an object with a \"type\", e.g. {{\"type\": \"AdamW\"}}")
@@ -333,7 +333,9 @@ def _optimizer_from_config(opt: Any, source: str) -> str:
     if not isinstance(params, dict):
         raise MemprofError(f"{source}: optimizer.params must be an object")
     if kind in ("adam", "adamw"):
-        return "amsgrad" if params.get("amsgrad") else ("adam" if kind == "adam" and params.get("adam_w_mode") is False else "adamw")
+        # DeepSpeed's "Adam" means AdamW unless adam_w_mode is false (engine._configure_basic_optimizer)
+        adam_w = kind == "adamw" or bool(params.get("adam_w_mode", True))
+        return "amsgrad" if params.get("amsgrad") else ("adamw" if adam_w else "adam")
     if kind in ("sgd", "rmsprop"):
         return torch_optimizer_name(kind, params, source)
     if kind == "adagrad":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from memprof.errors import MemprofError
-from memprof.estimate.inputs import bf16_enabled, config_enabled, torch_optimizer_name
+from memprof.estimate.inputs import optimizer_name_from_block, precision_from_config
 from memprof.jsonfile import read_json_object
 from memprof.models import PRESETS, load_model_config, preset_config
 from memprof.units import parse_size
@@ -259,20 +259,12 @@ def optimizer_zoo_name(block: Any, stage: int, config: Mapping[str, Any], where:
         raise MemprofError(f'{where}: optimizer.params must be an object')
     lower = opt_type.lower()
 
-    if lower in _CASE_FREE_TYPES:
-        if lower == "adagrad":
-            name = "adagrad"
-        else:
-            amsgrad = bool(params.get("amsgrad", False))
-            if amsgrad and not params.get("torch_adam", False):
-                # DeepSpeed's FusedAdam (used unless torch_adam is set) raises on amsgrad.
-                raise MemprofError(f'{where}: amsgrad needs "torch_adam": true in optimizer.params (FusedAdam has no AMSGrad)')
-            # DeepSpeed's "Adam" means AdamW unless adam_w_mode is false (runtime/engine.py).
-            adam_w = lower == "adamw" or bool(params.get("adam_w_mode", True))
-            name = "amsgrad" if amsgrad else ("adamw" if adam_w else "adam")
-    elif opt_type in _TORCH_TYPES:
-        # shared with the estimator so both read SGD/RMSprop settings the same way
-        name = torch_optimizer_name(lower, params, where)
+    if lower in _CASE_FREE_TYPES or opt_type in _TORCH_TYPES:
+        if lower in ("adam", "adamw") and params.get("amsgrad") and not params.get("torch_adam", False):
+            # DeepSpeed's FusedAdam (used unless torch_adam is set) raises on amsgrad.
+            raise MemprofError(f'{where}: amsgrad needs "torch_adam": true in optimizer.params (FusedAdam has no AMSGrad)')
+        # the estimator's reader: launcher and estimate name every block the same way
+        name = optimizer_name_from_block(block, where)
     else:
         hint = next((t for t in _TORCH_TYPES if t.lower() == lower), None)
         did_you_mean = f" (DeepSpeed passes it to torch.optim, which is case-sensitive: write {hint!r})" if hint else ""
@@ -334,11 +326,8 @@ def _micro_batch(config: Mapping[str, Any], grad_accum: int, world_size: int, wh
 
 
 def _precision(config: Mapping[str, Any], where: str) -> str:
-    # shared with the estimator: "enabled" must be a JSON boolean in both
-    enabled = [name for name, on in (("bf16", bf16_enabled(config, where)), ("fp16", config_enabled(config, "fp16", where))) if on]
-    if len(enabled) > 1:
-        raise MemprofError(f"{where} enables both bf16 and fp16: enable one of them")
-    return enabled[0] if enabled else "fp32"
+    # the estimator's reader: "enabled" must be a JSON boolean, one of bf16/fp16 at most
+    return precision_from_config(dict(config), where) or "fp32"
 
 
 def _offload_device(zero: Mapping[str, Any], key: str, where: str) -> str:
