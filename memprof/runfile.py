@@ -232,11 +232,16 @@ def load_run(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         if (path / RUN_FILE_NAME).is_file():
             return load_run(path / RUN_FILE_NAME)
-        rank_files = {
-            int(m.group(1)): p
-            for p in path.iterdir()
-            if (m := _RANK_FILE_RE.match(p.name)) is not None
-        }
+        rank_files: dict[int, Path] = {}
+        for p in sorted(path.iterdir()):
+            if (m := _RANK_FILE_RE.match(p.name)) is None:
+                continue
+            rank = int(m.group(1))
+            if rank in rank_files:  # rank7.jsonl and rank07.jsonl: keeping either would hide the other
+                raise MemprofError(
+                    f"{path} holds two files for rank {rank} ({rank_files[rank].name}, {p.name}): remove the stray one"
+                )
+            rank_files[rank] = p
         if not rank_files:
             raise MemprofError(f"{path} holds neither memprof.json nor rank<R>.jsonl files")
         records = {r: read_rank_lines(p, r) for r, p in rank_files.items()}

@@ -1,14 +1,24 @@
-"""Shared by the tests that launch real DeepSpeed runs: a free port and a launch wrapper."""
+"""Shared by the tests that launch real DeepSpeed runs: a free port, process-group handling, a launch wrapper.
+
+Every launch runs in its own session (process group) so that a timeout kills the launcher *and* its
+ranks: a rank left spinning in a gloo collective would otherwise steal the two CPU cores from every
+later test. A timeout fails the test with the tail of what the launch printed, so a hang says where.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -19,6 +29,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    """Start ``cmd`` in a new session with captured text output."""
+    return subprocess.Popen(list(cmd), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def finish_groups(procs: Sequence[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Wait for every process (one shared deadline); on timeout kill all their groups and fail with output tails."""
+    deadline = time.monotonic() + timeout
+    done: list[subprocess.CompletedProcess] = []
+    try:
+        for proc in procs:
+            try:
+                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    _kill_group(p)
+                out, err = proc.communicate()
+                raise AssertionError(
+                    f"{' '.join(map(str, proc.args))[:300]} did not finish in {timeout:.0f} s; killed.\n"
+                    f"--- stdout tail ---\n{out[-4000:]}\n--- stderr tail ---\n{err[-4000:]}"
+                ) from None
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for p in procs:  # ranks orphaned by a launcher that exited early must not outlive the test
+            _kill_group(p)
+    return done
+
+
+def run_group(cmd: Sequence[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for launches: own process group, killed whole on timeout."""
+    return finish_groups([start_group(cmd, **kwargs)], timeout)[0]
+
+
+def leaked_shm_segments(port: int) -> list[str]:
+    """DeepSpeed CPU shm segments still in /dev/shm for a launch on ``port`` (see memprof.train.deepspeed_shm)."""
+    if not SHM_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}_*_{port}_*"))
 
 
 def launch_deepspeed(
@@ -34,4 +91,4 @@ def launch_deepspeed(
         "--deepspeed_config", str(cfg), "--model", model, "--steps", str(steps), "--seq-len", str(seq_len),
         "--out", str(out),
     ]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, cwd=REPO, env=env, timeout=timeout)

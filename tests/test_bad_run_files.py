@@ -87,6 +87,14 @@ def test_rank_file_header_rank_differs_from_its_name(tmp_path):
         assert "header says rank 0" in err and "file name says rank 1" in err
 
 
+def test_two_files_for_one_rank(tmp_path):
+    _rank_file(tmp_path / "run", 7, 7)
+    (tmp_path / "run" / "rank7.jsonl").rename(tmp_path / "run" / "rank07.jsonl")
+    _rank_file(tmp_path / "run", 7, 7)  # rank7.jsonl and rank07.jsonl both claim rank 7
+    for err in _both(tmp_path, tmp_path / "run"):
+        assert "two files for rank 7" in err and "rank07.jsonl" in err and "rank7.jsonl" in err
+
+
 def test_rank_file_header_missing_rank_key(tmp_path):
     path = _rank_file(tmp_path / "run", 0, 0)
     lines = path.read_text().splitlines()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from launch_helpers import run_group
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 DEMO = REPO / "configs" / "demo.json"
@@ -105,9 +107,9 @@ def test_deepspeed_launcher_exits_non_zero_when_ranks_reject_input(tmp_path: Pat
         pytest.fail(f"{DEEPSPEED} is missing: install deepspeed in this environment")
     bad = _ds_json(tmp_path, "stage4.json", stage=4)
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(
+    result = run_group(
         [str(DEEPSPEED), "--num_gpus", "2", str(TRAIN), "--deepspeed_config", str(bad), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+        timeout=300, cwd=REPO, env=env,
     )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     errors = [l for l in result.stderr.splitlines() if l.startswith("train.py: error: ")]

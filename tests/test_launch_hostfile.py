@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
-from launch_helpers import DEEPSPEED, REPO, TRAIN, free_port
+from launch_helpers import DEEPSPEED, REPO, TRAIN, finish_groups, free_port, start_group
 
 
 def test_two_nodes_from_a_hostfile(tmp_path: Path) -> None:
@@ -22,23 +21,17 @@ def test_two_nodes_from_a_hostfile(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     procs = [
-        subprocess.Popen(
+        start_group(
             [str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
              "--master_addr", "127.0.0.1", "--master_port", str(port), str(TRAIN),
              "--deepspeed_config", "configs/demo.json", "--model", "gpt2-tiny", "--steps", "2",
              "--seq-len", "32", "--out", str(out)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, env=env,
         )
         for node_rank in (0, 1)
     ]
-    try:
-        results = [p.communicate(timeout=420) + (p.returncode,) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for stdout, stderr, rc in results:
-        assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    for res in finish_groups(procs, timeout=420):
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = json.loads((out / "memprof.json").read_text())
     assert (doc["run"]["world_size"], doc["run"]["nodes"]) == (3, 2)
     assert [r["rank"] for r in doc["ranks"]] == [0, 1, 2] and doc["missing_ranks"] == []

@@ -4,11 +4,11 @@ stay readable, and the launcher reports the failure. One launch (2 CPU ranks).""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from memprof.runfile import load_run, read_rank_lines
+from launch_helpers import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -25,10 +25,10 @@ def test_killed_rank_leaves_readable_files(tmp_path: Path) -> None:
         "MEMPROF_TEST_KILL_RANK": str(KILL_RANK),
         "MEMPROF_TEST_KILL_AT_STEP": str(KILL_AT_STEP),
     }
-    result = subprocess.run(
+    result = run_group(
         [str(DEEPSPEED), "--num_gpus", "2", str(TRAIN), "--deepspeed_config", "configs/stage0_adamw.json",
          "--model", "gpt2-tiny", "--steps", str(STEPS), "--seq-len", "32", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+        cwd=REPO, env=env, timeout=420,
     )
     assert result.returncode != 0, "the launcher must report a rank that died"
     assert not (out / "memprof.json").exists()  # no gather happened: the files are all there is

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from memprof.models import PRESETS
 from memprof.runfile import load_run
-from launch_helpers import free_port
+from launch_helpers import finish_groups, free_port, start_group
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -37,16 +36,8 @@ def two_node_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             str(TRAIN), "--deepspeed_config", str(CONFIG), "--model", "gpt2-tiny",
             "--steps", str(STEPS), "--seq-len", str(SEQ_LEN), "--seed", str(SEED), "--out", str(out),
         ]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=420)
-            results.append((p.returncode, stdout, stderr))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        procs.append(start_group(cmd, cwd=REPO, env=env))
+    results = [(res.returncode, res.stdout, res.stderr) for res in finish_groups(procs, timeout=420)]
     return {"out": out, "results": results}
 
 

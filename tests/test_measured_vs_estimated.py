@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import REPO, launch_deepspeed
+from launch_helpers import REPO, launch_deepspeed, leaked_shm_segments
 
 # gpt2-tiny (memprof/models.py): vocab 512, n_positions 256, n_embd 64, 2 layers, tied lm_head
 V, NPOS, H, LAYERS = 512, 256, 64, 2
@@ -131,14 +131,28 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     root = tmp_path_factory.mktemp("matrix")
     out = {}
     for name, (ranks, cfg, _) in CASES.items():
         res = launch_deepspeed(ranks, cfg, root / name)
         assert res.returncode == 0, f"{name}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        out[name] = root / name
+        out[name] = (root / name, res)
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(launches) -> dict[str, Path]:
+    return {name: path for name, (path, _) in launches.items()}
+
+
+def test_launches_leave_no_shared_memory_behind(launches):
+    # DeepSpeed's CPU shm op makes a ~67 MB /dev/shm segment per rank and never unlinks it; the
+    # launcher removes its own. The op must really have been active for this to mean anything.
+    for name, (_, res) in launches.items():
+        assert "deepspeed_shm_comm_op built successfully" in res.stdout, name
+        port = int(res.args[res.args.index("--master_port") + 1])
+        assert leaked_shm_segments(port) == [], name
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 
 from memprof.categories import CATEGORIES, LOCATIONS, Breakdown
 from memprof.models import PRESETS
-from launch_helpers import free_port
+from launch_helpers import free_port, leaked_shm_segments, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "ds_harness" / "resident.py"
@@ -223,11 +222,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not launcher.exists():
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(launcher), "--num_gpus", str(N), "--master_port", str(free_port()), str(HARNESS),
+    port = free_port()
+    cmd = [str(launcher), "--num_gpus", str(N), "--master_port", str(port), str(HARNESS),
            "--spec", str(work / "spec.json"), "--out", str(work / "out")]
     # ~30 s warm; the first ZeRO-Offload case JIT-builds cpu_adam (about a minute) when not cached.
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    proc = run_group(cmd, cwd=REPO, env=env, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert leaked_shm_segments(port) == []
     return [json.loads((work / "out" / f"rank{r}.json").read_text()) for r in range(N)]
 
 

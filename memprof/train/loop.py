@@ -32,6 +32,7 @@ def run_training(config: TrainConfig) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from memprof.train.data import ByteBatches, load_text, tokenize
+    from memprof.train.deepspeed_shm import release_own_segment
     from memprof.train.model import build_model, count_parameters
     from memprof.train.run_meta import DistributedFacts, build_run_meta, count_nodes
 
@@ -45,6 +46,11 @@ def run_training(config: TrainConfig) -> int:
     backend = accelerator.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend)
     rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+    if device_type == "cpu" and world_size > 1:
+        # A sync point: after it every rank has mapped its peers' shm segments, so each can unlink
+        # its own; otherwise every CPU launch leaks ~67 MB of /dev/shm per rank (see deepspeed_shm).
+        torch_dist.barrier()
+        release_own_segment(rank)
     dist_facts = DistributedFacts(
         world_size=world_size,
         nodes=count_nodes(os.environ, world_size),

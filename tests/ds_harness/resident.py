@@ -34,6 +34,7 @@ import transformers
 
 from memprof.measure.ownership import owned_breakdown, owned_storages, storage_key
 from memprof.models import preset_config
+from memprof.train.deepspeed_shm import release_own_segment
 
 SEQ_LEN = 32
 STEPS = 2
@@ -172,8 +173,13 @@ def main() -> int:
     spec = json.loads(Path(args.spec).read_text())
     deepspeed.init_distributed()
     rank = torch.distributed.get_rank()
+    torch.distributed.barrier()  # every rank has mapped its peers' shm segments: each may unlink its own
+    release_own_segment(rank)
     results: dict[str, Any] = {"world_size": torch.distributed.get_world_size(), "rank": rank, "cases": {}}
+    started = time.monotonic()
     for case in spec["cases"]:
+        if rank == 0:  # progress, so that a launch killed on timeout shows which case it was in
+            print(f"[{time.monotonic() - started:6.1f} s] case {case['name']}", flush=True)
         try:
             results["cases"][case["name"]] = run_case(case)
         except Exception as exc:  # record and go on: one broken case must not hide the others

@@ -1,0 +1,37 @@
+"""Session-wide test set-up: a closing line on the shared memory the launch tests depend on."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+
+from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
+
+
+SHM_AT_START = pytest.StashKey[str]()
+
+
+def _shm_state() -> str:
+    if not SHM_DIR.is_dir():
+        return "absent"
+    usage = shutil.disk_usage(SHM_DIR)
+    stale = [p for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}_*") if p.is_file()]
+    stale_bytes = sum(p.stat().st_size for p in stale)
+    return (
+        f"{usage.used / 2**30:.1f} of {usage.total / 2**30:.1f} GiB used, "
+        f"{len(stale)} DeepSpeed shm segments ({stale_bytes / 2**30:.2f} GiB)"
+    )
+
+
+def pytest_sessionstart(session: Any) -> None:
+    session.config.stash[SHM_AT_START] = _shm_state()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    # /dev/shm is RAM. Stale DeepSpeed segments (left by other programs, or by DeepSpeed launches
+    # that do not unlink theirs) shrink the memory the launch tests run in, and a machine short of
+    # memory shows up as launches that hang rather than fail: say so in every run's output.
+    start = config.stash.get(SHM_AT_START, "unknown")
+    terminalreporter.write_line(f"/dev/shm before the tests: {start}; after: {_shm_state()}")
