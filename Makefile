@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DeepSpeed's JIT-built ops live in this checkout's venv: torch caches them by name only, so a shared
+# ~/.cache/torch_extensions makes two checkouts rebuild each other's ops on every launch.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test bench clean
 
@@ -10,12 +13,14 @@ install: $(STAMP)
 
 # torch first, pinned, so the CPU wheel on this disk is used; anything that depends on torch
 # afterwards finds it satisfied and does not pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation "deepspeed==0.19.8"
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/python tests/browser_setup.py --install
+	# compiled once here (a few minutes on 2 cores), not inside the first launch that needs them
+	DS_ACCELERATOR=cpu $(BIN)/python launch/build_ops.py
 	touch $(STAMP)
 
 demo: install

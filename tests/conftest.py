@@ -1,8 +1,12 @@
-"""Session-wide test set-up: a closing line on the shared memory the launch tests depend on."""
+"""Session-wide test set-up: where launches find DeepSpeed's compiled ops, and a closing line on the
+shared memory the launch tests depend on."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,3 +39,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
     # memory shows up as launches that hang rather than fail: say so in every run's output.
     start = config.stash.get(SHM_AT_START, "unknown")
     terminalreporter.write_line(f"/dev/shm before the tests: {start}; after: {_shm_state()}")
+
+
+# Launches started by the tests use the ops `make install` compiled into this virtual environment
+# (see memprof/train/deepspeed_ops.py); an explicit TORCH_EXTENSIONS_DIR wins.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))

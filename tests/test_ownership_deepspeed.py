@@ -225,7 +225,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     port = free_port()
     cmd = [str(launcher), "--num_gpus", str(N), "--master_port", str(port), str(HARNESS),
            "--spec", str(work / "spec.json"), "--out", str(work / "out")]
-    # ~30 s warm; the first ZeRO-Offload case JIT-builds cpu_adam (about a minute) when not cached.
+    # ~30 s; `make install` compiled DeepSpeed's ops (a cold cache would add minutes of JIT build here).
     proc = run_group(cmd, cwd=REPO, env=env, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert leaked_shm_segments(port) == []
