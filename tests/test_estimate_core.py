@@ -335,6 +335,22 @@ def test_stage12_step_holds_partition_grads_while_flattening():
             assert r.phase_total("step") == rest + flatten, (bf16, r.rank)
 
 
+def test_bf16_optimizer_has_no_reduce_buckets_and_holds_bf16_grads_through_step():
+    # ZeRO-1 + bf16 + fp32 gradient accumulation runs BF16_Optimizer: no IPG buckets at all (the
+    # default 5e8-element reduce bucket must not appear), its fp32 gradients of the whole padded
+    # group (4*PP) at rest, and every parameter's bf16 .grad (2*TP) alive from the end of backward
+    # through step() (the engine's zero_grad frees them after it)
+    run = tiny_run(1, 2, ADAMW, True)
+    run["deepspeed_config"]["data_types"] = {"grad_accum_dtype": "fp32"}
+    del run["deepspeed_config"]["zero_optimization"]["reduce_bucket_size"]
+    for r in estimate(inputs_from_run(run)).ranks:
+        assert r.rest["device"]["grads"] == 4 * PP
+        for ph in ("forward", "backward", "step"):
+            assert r.phases[ph]["device"]["comm_buffers"] == 0, ph
+        assert r.phases["step"]["device"]["grads"] == 4 * PP + 2 * TP
+        assert r.phase_total("backward") >= sum(r.rest["device"].values()) + 2 * TP
+
+
 def test_stage12_norm_copy_can_be_the_step_peak():
     # 8 ranks, fp32 SGD: partitions of 18656 elements; rank 0 holds wte (32768 elements, one
     # piece of 18656 in its partition): the fp64 copy of that piece (8 x 18656) beats the flat

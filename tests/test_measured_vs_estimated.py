@@ -109,6 +109,13 @@ def expected_stage2_adamw_bf16(n: int) -> dict:
     return {"params": 2 * p * n, "master_params": 4 * p, "optimizer_state": 8 * p}
 
 
+def expected_stage1_adamw_bf16_fp32_accum(n: int) -> dict:
+    p = zero12_partition(n)
+    # BF16_Optimizer: the bf16 flat group, the fp32 master partition and AdamW's two fp32 states,
+    # plus fp32 gradients for the whole padded group (fp32_groups_gradients_flat), kept for the run
+    return {"params": 2 * p * n, "master_params": 4 * p, "optimizer_state": 8 * p, "grads": 4 * p * n}
+
+
 def expected_stage3_adamw(n: int) -> dict:
     s, g = zero3(n, 256)
     return {"params": 4 * (s + g), "master_params": 4 * s, "optimizer_state": 8 * s}
@@ -125,6 +132,11 @@ CASES = {
     "z1-adamw-fp32-n2": (2, _config(1, "adamw", False, **SMALL_BUCKETS), expected_stage1_adamw),
     "z2-amsgrad-fp32-n3": (3, _config(2, "amsgrad", False, **SMALL_BUCKETS), expected_stage2_amsgrad),
     "z2-adamw-bf16-n2": (2, _config(2, "adamw", True, **SMALL_BUCKETS), expected_stage2_adamw_bf16),
+    # stage 1 + bf16 + fp32 gradient accumulation switches DeepSpeed to BF16_Optimizer, which has no
+    # reduce buckets: default bucket sizes on purpose (a 5e8-element bucket would be 1 GB if counted)
+    "z1-adamw-bf16-fp32acc-n2": (
+        2, {**_config(1, "adamw", True), "data_types": {"grad_accum_dtype": "fp32"}}, expected_stage1_adamw_bf16_fp32_accum,
+    ),
     "z3-adamw-fp32-n2": (2, _config(3, "adamw", False, **Z3), expected_stage3_adamw),
     "z3-momentum-bf16-n3": (3, _config(3, "momentum", True, **Z3), expected_stage3_momentum_bf16),
 }

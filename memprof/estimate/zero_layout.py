@@ -199,19 +199,26 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
             out.add("host", C, part * e + largest * e)
             out.add("device", C, largest * e)
             out.notes.append("offload_optimizer cpu: fp32 master, its gradient partition and optimizer state live on the host")
+        if bf16_optimizer:
+            # BF16_Optimizer has no IPG buckets: backward_epilogue adds every param's bf16 .grad into
+            # the kept fp32 gradients and leaves the bf16 grads allocated through step() (the
+            # engine's zero_grad frees them after it); the optimizer steps the fp32 partition in place.
+            lp_grads = {G: total * e}
+            out.backward_end_extra = lp_grads
+            out.step_moments = [{**lp_grads, O: optimizer_temporaries(inp, part, part, device_type)}]
+            return out
         buckets = z.reduce_bucket_size * e * (2 if overlap else 1) if z.contiguous_gradients else 0
         # setup_buckets allocates the ipg buffer(s) at the first gradient hook, while activations live
         out.backward_extra = {C: buckets}
         rank_grads = stage12_rank_grads(shape, N, rank)
-        pad = rank_grads.pad * e if not (off or bf16_optimizer) else 0  # the last rank's zero tail
+        pad = rank_grads.pad * e if not off else 0  # the last rank's zero tail
         if stage == 1:
             grads_end = total * e  # stage 1 keeps every param.grad until the epilogue
         else:
             grads_end = (rank_grads.held * e if z.contiguous_gradients and not off else 0)  # grads_in_partition
         out.backward_end_extra = {G: grads_end + pad, C: buckets}
-        if off or bf16_optimizer:
-            # DeepSpeedCPUAdam steps in place on the host; BF16_Optimizer steps its kept fp32 grads
-            out.step_moments = [{O: optimizer_temporaries(inp, part, part, device_type)}] if bf16_optimizer else [{}]
+        if off:
+            out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
         else:
             # step() (stage_1_and_2.py:3013) with the grads of every param touching the partition
             # still held (averaged_gradients views of grads_in_partition, + the zero tail):
