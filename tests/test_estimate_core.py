@@ -351,6 +351,19 @@ def test_bf16_optimizer_has_no_reduce_buckets_and_holds_bf16_grads_through_step(
         assert r.phase_total("backward") >= sum(r.rest["device"].values()) + 2 * TP
 
 
+def test_stage2_fp32_accumulation_steps_from_the_compact_fp32_partition():
+    # ZeRO-2 + bf16 + fp32 gradient accumulation: DeepSpeed accumulates into one fp32 buffer of the
+    # rank's partition (4*PART) and steps from it directly; the step's only other moment is the
+    # norm's fp64 copy of one piece (8*piece), FusedAdam adds nothing
+    run = tiny_run(2, 2, ADAMW, True)
+    run["deepspeed_config"]["data_types"] = {"grad_accum_dtype": "fp32"}
+    for r in estimate(inputs_from_run(run)).ranks:
+        _, piece = touching(2, r.rank)
+        assert r.rest["device"]["grads"] == 0
+        assert r.phase_total("step") == sum(r.rest["device"].values()) + 4 * PART + 8 * piece, r.rank
+        assert r.phases["step"]["device"]["comm_buffers"] == 0
+
+
 def test_stage12_norm_copy_can_be_the_step_peak():
     # 8 ranks, fp32 SGD: partitions of 18656 elements; rank 0 holds wte (32768 elements, one
     # piece of 18656 in its partition): the fp64 copy of that piece (8 x 18656) beats the flat

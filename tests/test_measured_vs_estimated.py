@@ -116,6 +116,11 @@ def expected_stage1_adamw_bf16_fp32_accum(n: int) -> dict:
     return {"params": 2 * p * n, "master_params": 4 * p, "optimizer_state": 8 * p, "grads": 4 * p * n}
 
 
+def expected_stage2_adamw_bf16_fp32_accum(n: int) -> dict:
+    # the fp32 gradient partition buffer lives from the first reduction to the step, none at rest
+    return {**expected_stage2_adamw_bf16(n), "grads": 0}
+
+
 def expected_stage3_adamw(n: int) -> dict:
     s, g = zero3(n, 256)
     return {"params": 4 * (s + g), "master_params": 4 * s, "optimizer_state": 8 * s}
@@ -136,6 +141,11 @@ CASES = {
     # reduce buckets: default bucket sizes on purpose (a 5e8-element bucket would be 1 GB if counted)
     "z1-adamw-bf16-fp32acc-n2": (
         2, {**_config(1, "adamw", True), "data_types": {"grad_accum_dtype": "fp32"}}, expected_stage1_adamw_bf16_fp32_accum,
+    ),
+    # stage 2 + bf16 + fp32 accumulation: DeepSpeed's compact fp32 gradient-partition buffer path
+    "z2-adamw-bf16-fp32acc-n2": (
+        2, {**_config(2, "adamw", True, **SMALL_BUCKETS), "data_types": {"grad_accum_dtype": "fp32"}},
+        expected_stage2_adamw_bf16_fp32_accum,
     ),
     "z3-adamw-fp32-n2": (2, _config(3, "adamw", False, **Z3), expected_stage3_adamw),
     "z3-momentum-bf16-n3": (3, _config(3, "momentum", True, **Z3), expected_stage3_momentum_bf16),

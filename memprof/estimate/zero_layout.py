@@ -211,6 +211,20 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         # setup_buckets allocates the ipg buffer(s) at the first gradient hook, while activations live
         out.backward_extra = {C: buckets}
         rank_grads = stage12_rank_grads(shape, N, rank)
+        compact = stage == 2 and not off and inp.grad_accum_dtype == "fp32" and e < FP32
+        if compact:
+            # _use_compact_grad_partition_buffer (stage_1_and_2.py:1259): gradients accumulate into
+            # one fp32 buffer of this rank's partition (torch.zeros(partition_size), :1270) instead
+            # of grads_in_partition; the reduce buckets are gone by backward's end; step() takes the
+            # buffer as its flat fp32 gradient (no flatten, no copy) after the norm's fp64 copy of
+            # one piece at a time. Measured on gpt2-tiny, 2 CPU ranks: exact.
+            compact_grads = {G: part * FP32}
+            out.backward_end_extra = compact_grads
+            norm = {G: part * FP32 + rank_grads.largest_piece * FP64}
+            in_optimizer = {**compact_grads, O: optimizer_temporaries(inp, part, part, device_type)}
+            out.step_moments = [norm, in_optimizer]
+            out.notes.append("ZeRO-2 + fp32 gradient accumulation: gradients accumulate in an fp32 partition buffer (4 bytes/param / N)")
+            return out
         pad = rank_grads.pad * e if not off else 0  # the last rank's zero tail
         if stage == 1:
             grads_end = total * e  # stage 1 keeps every param.grad until the epilogue
