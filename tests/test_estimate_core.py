@@ -364,6 +364,28 @@ def test_stage2_fp32_accumulation_steps_from_the_compact_fp32_partition():
         assert r.phases["step"]["device"]["comm_buffers"] == 0
 
 
+@pytest.mark.parametrize("opt,extra_elements", [
+    # Adagrad's `std` (RMSprop's `avg`) outlives its tensor: stepping wpe (256*64) happens while
+    # wte's (512*64) is still bound, so the peak is both
+    ({"type": "Adagrad", "params": {"lr": 1e-3}}, 512 * 64 + 256 * 64),
+    ({"type": "RMSprop", "params": {"lr": 1e-3}}, 512 * 64 + 256 * 64),
+    # nesterov's `grad.add(buf)` is dropped when the loop rebinds `grad`: the largest tensor alone
+    ({"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9, "nesterov": True}}, 512 * 64),
+])
+def test_stage0_cpu_optimizer_temporaries_follow_the_single_tensor_loop(opt, extra_elements):
+    for r in estimate(inputs_from_run(tiny_run(0, 2, opt, False))).ranks:
+        step = r.phases["step"]["device"]
+        assert step["optimizer_state"] - r.rest["device"]["optimizer_state"] == 4 * extra_elements
+        assert step["grads"] == 4 * TP
+
+
+def test_stage0_bf16_fused_adam_flattens_per_parameter_fp32_copies():
+    # FP16_Optimizer (FusedAdam): bf16 grads (2P) + per-parameter fp32 copies (4P) + their flat
+    # concatenation (4P) alive together
+    for r in estimate(inputs_from_run(tiny_run(0, 2, ADAMW, True))).ranks:
+        assert r.phase_total("step") == sum(r.rest["device"].values()) + 2 * TP + 8 * TP
+
+
 def test_stage12_norm_copy_can_be_the_step_peak():
     # 8 ranks, fp32 SGD: partitions of 18656 elements; rank 0 holds wte (32768 elements, one
     # piece of 18656 in its partition): the fp64 copy of that piece (8 x 18656) beats the flat

@@ -64,6 +64,8 @@ def _optimizer(kind: str) -> dict:
         return {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9}}
     if kind == "adamw":
         return {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}}
+    if kind == "adagrad":
+        return {"type": "Adagrad", "params": {"lr": 1e-3}}
     if kind == "amsgrad":  # FusedAdam refuses amsgrad: DeepSpeed's torch Adam path
         return {"type": "Adam", "params": {"lr": 1e-4, "amsgrad": True, "torch_adam": True}}
     raise ValueError(kind)
@@ -89,6 +91,16 @@ Z3 = {**SMALL_BUCKETS, "stage3_param_persistence_threshold": 256, "stage3_prefet
 
 def expected_stage0_sgd(n: int) -> dict:
     return {"params": 4 * P, "master_params": 0, "optimizer_state": 0}
+
+
+def expected_stage0_adamw_bf16(n: int) -> dict:
+    # FP16_Optimizer over FusedAdam: bf16 params, an fp32 master of each, exp_avg + exp_avg_sq (fp32)
+    return {"params": 2 * P, "master_params": 4 * P, "optimizer_state": 8 * P}
+
+
+def expected_stage0_adagrad(n: int) -> dict:
+    # torch Adagrad: `sum` (fp32) and a 4-byte fp32 step tensor per parameter tensor
+    return {"params": 4 * P, "master_params": 0, "optimizer_state": 4 * P + 4 * len(param_numels())}
 
 
 def expected_stage1_adamw(n: int) -> dict:
@@ -134,6 +146,8 @@ def expected_stage3_momentum_bf16(n: int) -> dict:
 CASES = {
     # name: (ranks, DeepSpeed config, derived resident model states per rank)
     "z0-sgd-fp32-n2": (2, _config(0, "sgd", False), expected_stage0_sgd),
+    "z0-adamw-bf16-n2": (2, _config(0, "adamw", True), expected_stage0_adamw_bf16),
+    "z0-adagrad-fp32-n2": (2, _config(0, "adagrad", False), expected_stage0_adagrad),
     "z1-adamw-fp32-n2": (2, _config(1, "adamw", False, **SMALL_BUCKETS), expected_stage1_adamw),
     "z2-amsgrad-fp32-n3": (3, _config(2, "amsgrad", False, **SMALL_BUCKETS), expected_stage2_amsgrad),
     "z2-adamw-bf16-n2": (2, _config(2, "adamw", True, **SMALL_BUCKETS), expected_stage2_adamw_bf16),

@@ -88,3 +88,14 @@ def single_tensor_temporaries(name: str, torch_adam: bool) -> int:
     if uses_deepspeed_adam(name, torch_adam):
         return 0
     return {"sgd": 0, "momentum": 0, "nesterov": 1, "rmsprop": 1, "adagrad": 1}.get(name, 2)
+
+
+def temporary_outlives_its_tensor(name: str, torch_adam: bool) -> bool:
+    """Whether one tensor's temporary is still alive while the next tensor's are made.
+
+    In the single-tensor loops the result is bound to a local that is only rebound on the next
+    iteration: Adam's ``denom``, RMSprop's ``avg``, Adagrad's ``std`` (so the peak is the previous
+    tensor's temporary plus this one's). SGD+nesterov rebinds ``grad = grads[i]`` at the top of
+    the loop first, which frees the previous ``grad.add(buf)`` before the next is made.
+    """
+    return single_tensor_temporaries(name, torch_adam) > 0 and name != "nesterov"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memprof.categories import Category
@@ -19,6 +20,7 @@ from memprof.estimate.optimizers import (
     keeps_step_tensors,
     optimizer_state_bytes,
     single_tensor_temporaries,
+    temporary_outlives_its_tensor,
     uses_deepspeed_adam,
 )
 
@@ -118,19 +120,28 @@ def _stage12_rank_grads(shape: ModelShape, world_size: int, rank: int) -> Stage1
     return Stage12Grads(touching, part - (end - start), largest)
 
 
-def optimizer_temporaries(inp: EstimateInputs, tensor_numels_largest: int, total_numel: int, device_type: str) -> int:
+def optimizer_temporaries(
+    inp: EstimateInputs, tensor_numels_largest: int, total_numel: int, device_type: str,
+    tensor_numels: Sequence[int] | None = None,
+) -> int:
     """Bytes of the torch optimizer's temporaries at their peak inside ``step()`` (fp32 state).
 
     CPU tensors take the single-tensor loop: ``k`` temporaries the size of one tensor at a time,
-    so the largest tensor counts (under ZeRO the inner optimizer holds one flat partition). CUDA
-    tensors take foreach (``_multi_tensor_adam``: ``_foreach_sqrt`` over the whole list, divided
-    and shifted in place): one temporary the size of everything the optimizer steps at once.
+    so the largest tensor counts (under ZeRO the inner optimizer holds one flat partition). Where
+    the loop's result outlives its tensor (optimizers.temporary_outlives_its_tensor) and the
+    optimizer steps several tensors (``tensor_numels``, in the optimizer's order), the previous
+    tensor's temporary is alive too: max over i of numel[i-1] + k * numel[i]. CUDA tensors take
+    foreach (``_multi_tensor_adam``: ``_foreach_sqrt`` over the whole list, divided and shifted in
+    place): one temporary the size of everything the optimizer steps at once.
     DeepSpeed's FusedAdam / CPUAdam: none (see optimizers.single_tensor_temporaries).
     """
     k = single_tensor_temporaries(inp.optimizer, inp.torch_adam)
-    if device_type == "cpu":
-        return k * tensor_numels_largest * FP32
-    return (1 if k else 0) * total_numel * FP32
+    if device_type != "cpu":
+        return (1 if k else 0) * total_numel * FP32
+    peak = k * tensor_numels_largest
+    if tensor_numels and temporary_outlives_its_tensor(inp.optimizer, inp.torch_adam):
+        peak = max([peak] + [prev + k * cur for prev, cur in zip(tensor_numels, tensor_numels[1:])])
+    return peak * FP32
 
 
 def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> StateLayout:
@@ -166,9 +177,19 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
         # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
         out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if N > 1 else 0}
+        temporaries = optimizer_temporaries(inp, largest, total, device_type, numels)
+        if e < FP32 and uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
+            # FP16_Optimizer.step (fp16/fused_optimizer.py:284): _flatten_dense_tensors over a list
+            # of p.grad.to(fp32) copies, so the per-parameter fp32 copies (4P) and the flat fp32
+            # gradient (4P) are alive together beside the bf16/fp16 grads (eP); then `p.grad = None`
+            # and FusedAdam steps from the flat fp32 gradient
+            flatten = {G: total * e + 2 * total * FP32}
+            in_optimizer = {G: total * FP32, O: temporaries}
+            out.step_moments = [flatten, in_optimizer]
+            return out
         # step: param.grad (e) and, in bf16/fp16, the fp32 master grads; the optimizer's temporaries
         grads = total * e + (total * FP32 if e < FP32 else 0)
-        out.step_moments = [{G: grads, O: optimizer_temporaries(inp, largest, total, device_type)}]
+        out.step_moments = [{G: grads, O: temporaries}]
         return out
 
     if stage in (1, 2):
