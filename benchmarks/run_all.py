@@ -15,6 +15,7 @@ BENCHMARKS = [
     ["bench_estimate.py"],
     ["bench_report.py"],
     ["bench_profiler.py", "--rounds", "5", "--steps", "3"],
+    ["sweep_configs.py"],
 ]
 
 
