@@ -169,7 +169,25 @@ def gpt2_activations(
         forward_peak = saved + loss_end
         backward_peak = saved + bwd_start_extra
     loop_held = input_ids + loss
-    first_hook = saved - shift_labels + 2 * FP32
+    if checkpointing or not shape.tied_embeddings:
+        first_hook = saved - shift_labels + 2 * FP32
+    else:
+        # The first gradient hook is ln_f.weight's (traced with post-accumulate-grad hooks): by then
+        # nll/log_softmax (B*S*V*4 saved), the lm_head input (ln_f output) and ln_f's saved input
+        # and stats are released, while the tied wte's lm_head gradient (V*H*e) waits in its
+        # AccumulateGrad buffer for the embedding's share and ln_f's input gradient (BSH*e) is
+        # alive; the loss and its gradient seed are 4 bytes each.
+        first_hook = (saved - shift_labels - log_softmax - ln_f + BSH * e + V * H * e + 2 * FP32)
+        # After it, the last block's MLP backward can hold more: the residual dropout's backward
+        # output (BSH*e) replaces its mask; mlp.c_proj's backward makes grad_x (BSI*e), grad_W
+        # (I*H*e) and grad_b (H*e) beside its incoming gradient; once it returns, that gradient and
+        # its saved GELU output (BSI*e) are freed (weight and bias gradients go on to the reduce
+        # bucket or .grad), and GELU's last mul (out = 0.5x * (1 + tanh)) makes two BSI*e
+        # gradients. The peak of the three moments counts.
+        resid_mask = BSH * mask_e if drop.get("resid_pdrop", 0.1) > 0 else 0
+        c_proj = first_hook + BSI * e + I * H * e + H * e + (BSH * e - resid_mask if resid_mask else 0)
+        gelu_mul = first_hook + 2 * BSI * e - resid_mask
+        first_hook = max(first_hook, c_proj, gelu_mul)
     formula = (
         f"per layer {'(recomputed once in backward) ' if checkpointing else ''}"
         f"= LayerNorms 2BSH*e+4BS*{stat_e} + linear inputs 3BSH*e + dropout masks 2BSH*{mask_e} "
