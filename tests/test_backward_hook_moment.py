@@ -1,5 +1,6 @@
-"""The activation bytes alive once parameter gradients start arriving (the moment DeepSpeed's reduce
-buckets appear), traced on plain HF GPT-2 and compared with the estimator's formula.
+"""Activation bytes traced on plain HF GPT-2 and compared with the estimator's formulas: the bytes
+alive once parameter gradients start arriving (the moment DeepSpeed's reduce buckets appear), and,
+under activation checkpointing, the forward and backward peaks.
 
 Tracing: a TorchDispatchMode sees every new tensor storage and a weak reference sees it die; a
 post-accumulate-grad hook on every parameter marks the first gradient. From then on the largest
@@ -76,3 +77,23 @@ def test_activations_after_the_first_gradient_match_the_formula(batch: int, seq:
     # the loss and its gradient seed (4 bytes each) are counted by the formula and may already be
     # gone or not yet made at the traced maximum
     assert abs(tracker.peak - expected) <= 8, (tracker.peak, expected)
+
+
+@pytest.mark.parametrize("batch,seq,dtype", [(2, 32, torch.float32), (2, 128, torch.float32), (4, 64, torch.float32),
+                                             (2, 32, torch.bfloat16), (2, 128, torch.bfloat16)])
+def test_checkpointed_peaks_match_the_formula(batch: int, seq: int, dtype: torch.dtype) -> None:
+    config = preset_config("gpt2-tiny")
+    model = build_model(config, seed=0, activation_checkpointing=True).to(dtype)
+    tracker = _LiveBytes(list(model.parameters()))
+    tracker.recording = True  # the whole step; parameters and their .grad excluded
+    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    with tracker:
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        del out
+        forward_peak, tracker.peak = tracker.peak, 0
+        loss.backward()
+    acts = gpt2_activations(model_shape(config), batch, seq, dtype.itemsize, "sdpa", True, "cpu")
+    assert acts.forward_peak == forward_peak
+    # c_proj's bias gradient (H*e) may be counted at a moment it is already a .grad; + the loss bytes
+    assert 0 <= acts.backward_peak - tracker.peak <= config["n_embd"] * dtype.itemsize + 8, (tracker.peak, acts.backward_peak)

@@ -147,47 +147,56 @@ def gpt2_activations(
     # the loop dropped the output, so the logits are gone; nll_loss_backward has released
     # shift_labels; the loss and its gradient seed (4 bytes each) are alive
     bwd_start_extra = 2 * B * S * V * FP32 - shift_labels + 2 * FP32
+    resid_mask = BSH * mask_e if drop.get("resid_pdrop", 0.1) > 0 else 0
     if checkpointing:
         # GradientCheckpointingLayer (non-reentrant torch.utils.checkpoint): each block keeps only
-        # its input. Forward peaks either at the loss or inside the first block at its attention:
-        # embeddings (wte, wpe outputs, their sum, the dropout noise and output = the block input),
+        # its input. Forward peaks at the loss, inside the first block at its attention
+        # (embeddings: wte, wpe outputs, their sum, the dropout noise and output = the block input;
         # ln_1 output, c_attn output (3BSH), the scaled q, the causal mask (S*S in the attention
-        # dtype) and the attention probabilities (softmax, dropout noise, dropout output).
+        # dtype) and the attention probabilities: softmax, dropout noise, dropout output), or inside
+        # the last block's MLP (no_grad there, so only live locals count: ids and positions, the
+        # wte and wpe outputs, the embedding dropout noise, every block's input, the block's
+        # attn_output, post-attention sum and ln_2 output, and GELU's chain at its widest: c_fc
+        # output, 0.5*x, x**3 and 0.044715*x**3, 4 BSI*e; traced with a dispatch-mode tracker).
         saved = L * BSH * e + outside
         embed = 3 * BSH * e + S * H * e + embd
         upcast_qkv = 3 * BSH * FP32 if ae > e else 0  # the math kernel's fp32 copies of half q, k, v
         block_attn = BSH * e + 3 * BSH * e + upcast_qkv + BSH * ae + S * S * ae + (3 if attn_dropout else 1) * bass * ae
-        forward_peak = max(saved + loss_end, input_ids + positions + embed + block_attn)
-        # backward recomputes one block (its saved tensors come back) and peaks in that block's MLP
-        # backward: the incoming gradient (BSH*e) and the GELU chain's gradients (measured on CPU:
-        # 3 BSI*4 alive in fp32, 2 BSI*2 in bf16; 3 taken, so this term is within ~5% of the
-        # activations, not exact)
-        recompute = L * BSH * e + per_layer + 3 * BSI * e + BSH * e
-        backward_peak = max(saved + bwd_start_extra, recompute)
+        last_mlp = input_ids + positions + BSH * e + S * H * e + embd + L * BSH * e + 3 * BSH * e + 4 * BSI * e
+        forward_peak = max(saved + loss_end, input_ids + positions + embed + block_attn, last_mlp)
+        # backward recomputes the last block: its saved tensors come back, except ln_1's input,
+        # which is the checkpointed block input itself (already in L*BSH*e)
+        recomputed = per_layer - BSH * e
     else:
         saved = L * per_layer + outside
         forward_peak = saved + loss_end
-        backward_peak = saved + bwd_start_extra
+        recomputed = 0
     loop_held = input_ids + loss
-    if checkpointing or not shape.tied_embeddings:
+    untied_recompute = 0
+    if not shape.tied_embeddings:
+        # (not traced) the first hook is lm_head.weight's: counted as every saved tensor less the
+        # loss's labels; under checkpointing the recomputed block's MLP backward as the tied model
+        # had it before tracing (incoming gradient + 3 BSI*e of GELU-chain gradients: approximate)
         first_hook = saved - shift_labels + 2 * FP32
+        if checkpointing:
+            untied_recompute = L * BSH * e + per_layer + 3 * BSI * e + BSH * e
     else:
         # The first gradient hook is ln_f.weight's (traced with post-accumulate-grad hooks): by then
         # nll/log_softmax (B*S*V*4 saved), the lm_head input (ln_f output) and ln_f's saved input
         # and stats are released, while the tied wte's lm_head gradient (V*H*e) waits in its
         # AccumulateGrad buffer for the embedding's share and ln_f's input gradient (BSH*e) is
         # alive; the loss and its gradient seed are 4 bytes each.
-        first_hook = (saved - shift_labels - log_softmax - ln_f + BSH * e + V * H * e + 2 * FP32)
-        # After it, the last block's MLP backward can hold more: the residual dropout's backward
-        # output (BSH*e) replaces its mask; mlp.c_proj's backward makes grad_x (BSI*e), grad_W
-        # (I*H*e) and grad_b (H*e) beside its incoming gradient; once it returns, that gradient and
-        # its saved GELU output (BSI*e) are freed (weight and bias gradients go on to the reduce
-        # bucket or .grad), and GELU's last mul (out = 0.5x * (1 + tanh)) makes two BSI*e
-        # gradients. The peak of the three moments counts.
-        resid_mask = BSH * mask_e if drop.get("resid_pdrop", 0.1) > 0 else 0
-        c_proj = first_hook + BSI * e + I * H * e + H * e + (BSH * e - resid_mask if resid_mask else 0)
-        gelu_mul = first_hook + 2 * BSI * e - resid_mask
-        first_hook = max(first_hook, c_proj, gelu_mul)
+        at_first_hook = saved - shift_labels - log_softmax - ln_f + BSH * e + V * H * e + 2 * FP32
+        # After it, the last block's backward (its saved tensors recomputed first under
+        # checkpointing) can hold more: the residual dropout's backward output (BSH*e) replaces
+        # its mask; mlp.c_proj's backward makes grad_x (BSI*e), grad_W (I*H*e) and grad_b (H*e)
+        # beside its incoming gradient; once it returns, that gradient and its saved GELU output
+        # (BSI*e) are freed (weight and bias gradients go on to the reduce bucket or .grad), and
+        # GELU's last mul (out = 0.5x * (1 + tanh)) makes two BSI*e gradients. The peak counts.
+        c_proj = at_first_hook + recomputed + BSI * e + I * H * e + H * e + (BSH * e - resid_mask if resid_mask else 0)
+        gelu_mul = at_first_hook + recomputed + 2 * BSI * e - resid_mask
+        first_hook = max(at_first_hook, c_proj, gelu_mul)
+    backward_peak = max(saved + bwd_start_extra, first_hook, untied_recompute)
     formula = (
         f"per layer {'(recomputed once in backward) ' if checkpointing else ''}"
         f"= LayerNorms 2BSH*e+4BS*{stat_e} + linear inputs 3BSH*e + dropout masks 2BSH*{mask_e} "
