@@ -542,3 +542,13 @@ def test_h100_peaks(name):
     for phase, m in zip(("forward", "backward", "step"), measured):
         err = est.ranks[0].phase_total(phase) / m - 1
         assert abs(err) <= H100_TOLERANCE.get((name, phase), 0.011), (phase, f"{err:+.2%}")
+
+
+def test_unmodelled_attention_backward_is_stated_where_attention_keeps_s_squared_tensors():
+    def says(device: str, attn: str) -> bool:
+        est = estimate(EstimateInputs(model_config=preset_config("gpt2-tiny"), micro_batch=1, seq_len=64,
+                                      device_type=device, attn_implementation=attn))
+        return any("attention backward" in a for a in est.assumptions)
+
+    assert says("cpu", "sdpa") and says("cuda", "eager") and says("cpu", "eager")
+    assert not says("cuda", "sdpa")  # fused kernels keep no B*a*S*S tensor
