@@ -544,7 +544,7 @@ def test_h100_peaks(name):
         assert abs(err) <= H100_TOLERANCE.get((name, phase), 0.011), (phase, f"{err:+.2%}")
 
 
-def test_unmodelled_attention_backward_is_stated_where_attention_keeps_s_squared_tensors():
+def test_attention_backward_limits_are_stated_where_attention_keeps_s_squared_tensors():
     def says(device: str, attn: str) -> bool:
         est = estimate(EstimateInputs(model_config=preset_config("gpt2-tiny"), micro_batch=1, seq_len=64,
                                       device_type=device, attn_implementation=attn))

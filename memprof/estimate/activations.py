@@ -195,7 +195,19 @@ def gpt2_activations(
         # GELU's last mul (out = 0.5x * (1 + tanh)) makes two BSI*e gradients. The peak counts.
         c_proj = at_first_hook + recomputed + BSI * e + I * H * e + H * e + (BSH * e - resid_mask if resid_mask else 0)
         gelu_mul = at_first_hook + recomputed + 2 * BSI * e - resid_mask
-        first_hook = max(at_first_hook, c_proj, gelu_mul)
+        # Where attention keeps B*a*S*S tensors (eager; CPU sdpa's math fallback), the last block's
+        # attention-core backward can hold more at long sequences (traced at the BmmBackward of
+        # probs @ v): its MLP half is released by then (5 BSI*e of GELU/c_proj inputs, ln_2's input,
+        # output and stats, both residual-dropout masks, attn.c_proj's input), while the residual
+        # stream's gradient and the attention output's gradient (BSH*e each), grad_v (BSH) and
+        # grad_probs (B*a*S*S) in the attention dtype are alive. CUDA's fused kernels keep no
+        # S*S tensor: not applied there.
+        attn_bwd = 0
+        if attn_implementation == "eager" or (cpu and attn_dropout):
+            mlp_half = 5 * BSI * e + 2 * BSH * e + 2 * B * S * stat_e + 2 * resid_mask + BSH * e
+            attn_grads = 2 * BSH * e + BSH * ae + bass * ae
+            attn_bwd = at_first_hook + recomputed - mlp_half + attn_grads
+        first_hook = max(at_first_hook, c_proj, gelu_mul, attn_bwd)
     backward_peak = max(saved + bwd_start_extra, first_hook, untied_recompute)
     formula = (
         f"per layer {'(recomputed once in backward) ' if checkpointing else ''}"
