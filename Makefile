@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # DeepSpeed's JIT-built ops live in this checkout's venv: torch caches them by name only, so a shared
 # ~/.cache/torch_extensions makes two checkouts rebuild each other's ops on every launch.
-export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export TORCH_EXTENSIONS_DIR
 
 .PHONY: install demo test bench clean
 

@@ -53,7 +53,10 @@ def _launch(config: Path, out: Path, args: argparse.Namespace) -> tuple[int, str
     try:
         log, _ = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks
+        except ProcessLookupError:
+            pass
         log, _ = proc.communicate()
         return 124, log
     return proc.returncode, log
@@ -90,8 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             tail = " | ".join(log.strip().splitlines()[-3:])
             print(f"{config.stem:36} {took:6.0f}s  launch failed (exit {rc}): {tail}", flush=True)
             continue
-        cmp = _compare(out)
+        try:
+            cmp = _compare(out)
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+            failures += 1
+            print(f"{config.stem:36} {took:6.0f}s  compare failed: {exc}", flush=True)
+            continue
         checked = [r for r in cmp["rows"] if r["ok"] is not None and r["error"] is not None]
+        if not checked:
+            failures += 1
+            print(f"{config.stem:36} {took:6.0f}s  nothing was checked (no complete step?)", flush=True)
+            continue
         worst = max((abs(r["error"]) for r in checked), default=0.0)
         bad = [f"rank {r['rank']} {r['what']} {r['location']} {r['name']} {r['error']:+.2%}"
                for r in cmp["rows"] if r["ok"] is False]

@@ -3,14 +3,12 @@ shared memory the launch tests depend on."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from memprof.train.deepspeed_ops import use_venv_extensions_dir
 from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 
 
@@ -43,4 +41,4 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
 
 # Launches started by the tests use the ops `make install` compiled into this virtual environment
 # (see memprof/train/deepspeed_ops.py); an explicit TORCH_EXTENSIONS_DIR wins.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+use_venv_extensions_dir()

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +39,21 @@ def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process's group and every live descendant (torchrun starts each rank in a session
+    of its own, out of reach of the group kill)."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def finish_groups(procs: Sequence[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
@@ -54,7 +67,10 @@ def finish_groups(procs: Sequence[subprocess.Popen], timeout: float) -> list[sub
             except subprocess.TimeoutExpired:
                 for p in procs:
                     _kill_group(p)
-                out, err = proc.communicate()
+                try:
+                    out, err = proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:  # a stray holder of the pipes: report without its output
+                    out, err = "", ""
                 raise AssertionError(
                     f"{' '.join(map(str, proc.args))[:300]} did not finish in {timeout:.0f} s; killed.\n"
                     f"--- stdout tail ---\n{out[-4000:]}\n--- stderr tail ---\n{err[-4000:]}"

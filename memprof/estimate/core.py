@@ -237,8 +237,9 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         )
         assumptions.append("the training loop (memprof.train) keeps only the loss and its input batch between forward and "
                            "the next step; the model output (logits, KV cache) is dropped when forward returns")
-        if inputs.attn_implementation == "eager" or inputs.device_type == "cpu":
-            # eager attention and CPU sdpa (math fallback) keep B*a*S*S tensors; CUDA's fused sdpa does not
+        attn_dropout = (shape.dropout or {}).get("attn_pdrop", 0.1) > 0
+        if inputs.attn_implementation == "eager" or (inputs.device_type == "cpu" and attn_dropout):
+            # eager attention and CPU sdpa with dropout (math fallback) keep B*a*S*S tensors; fused kernels do not
             assumptions.append(
                 "backward peak: the last block's attention backward (B*a*S*S tensors) is modelled at its "
                 "grad-of-probabilities moment only; later moments of it are not (traced on a 64-wide GPT-2: "

@@ -233,6 +233,10 @@ def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device
         out.backward_extra = {C: buckets}
         rank_grads = stage12_rank_grads(shape, N, rank)
         compact = stage == 2 and not off and inp.grad_accum_dtype == "fp32" and e < FP32
+        if inp.grad_accum_dtype == "fp32" and e < FP32 and not compact and not bf16_optimizer:
+            out.notes.append("fp32 gradient accumulation with fp16/bf16 weights here (stage 1 fp16, or offload) takes "
+                             "DeepSpeed's compact fp32 gradient-buffer path, modelled only for ZeRO-2 without offload: "
+                             "backward/step peaks are approximate")
         if compact:
             # _use_compact_grad_partition_buffer (stage_1_and_2.py:1259): gradients accumulate into
             # one fp32 buffer of this rank's partition (torch.zeros(partition_size), :1270) instead

@@ -12,12 +12,21 @@ install`` runs this once per virtual environment, with ``TORCH_EXTENSIONS_DIR`` 
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 
 # The ops a CPU run of the shipped configs loads: ZeRO-Offload's Adam, DeepSpeed's Adam on the CPU
 # accelerator, and the shared-memory communication op init_distributed builds under `deepspeed`.
 CPU_OPS: tuple[str, ...] = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder")
+
+
+def use_venv_extensions_dir() -> None:
+    """Point torch's JIT build cache at this virtual environment's ``torch_extensions`` (where
+    ``make install`` compiled the ops), unless ``TORCH_EXTENSIONS_DIR`` is set or no venv is active."""
+    if sys.prefix != sys.base_prefix:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def build_ops(builder_names: Sequence[str] = CPU_OPS, log: Callable[[str], None] = print) -> list[str]:

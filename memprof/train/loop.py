@@ -46,10 +46,11 @@ def run_training(config: TrainConfig) -> int:
     backend = accelerator.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend)
     rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
-    if device_type == "cpu" and world_size > 1:
-        # A sync point: after it every rank has mapped its peers' shm segments, so each can unlink
-        # its own; otherwise every CPU launch leaks ~67 MB of /dev/shm per rank (see deepspeed_shm).
-        torch_dist.barrier()
+    if device_type == "cpu":
+        # Otherwise every CPU `deepspeed` launch leaks ~67 MB of /dev/shm per rank (deepspeed_shm).
+        if world_size > 1:
+            # A sync point: after it every rank has mapped its peers' segments, so each can unlink its own.
+            torch_dist.barrier()
         release_own_segment(rank)
     dist_facts = DistributedFacts(
         world_size=world_size,
