@@ -18,20 +18,15 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from memprof.train.ports import free_local_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch_env() -> dict[str, str]:
@@ -45,7 +40,7 @@ def _launch_env() -> dict[str, str]:
 
 
 def _launch(config: Path, out: Path, args: argparse.Namespace) -> tuple[int, str]:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(_free_port()),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(free_local_port()),
            str(REPO / "launch" / "train.py"), "--deepspeed_config", str(config), "--model", args.model,
            "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ from typing import Any
 import psutil
 
 from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
+from memprof.train.ports import free_local_port as free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:

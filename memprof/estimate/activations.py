@@ -64,6 +64,12 @@ class Activations:
         return self.backward_first_hook
 
 
+def attention_keeps_probabilities(attn_implementation: str, device_type: str, attn_dropout: bool) -> bool:
+    """Whether the attention saves B*a*S*S tensors: eager always; sdpa on CPU with dropout, which
+    falls back to the math kernel. CUDA's fused sdpa kernels save none."""
+    return attn_implementation == "eager" or (device_type == "cpu" and attn_dropout)
+
+
 def gpt2_activations(
     shape: ModelShape,
     micro_batch: int,
@@ -203,7 +209,7 @@ def gpt2_activations(
         # grad_probs (B*a*S*S) in the attention dtype are alive. CUDA's fused kernels keep no
         # S*S tensor: not applied there.
         attn_bwd = 0
-        if attn_implementation == "eager" or (cpu and attn_dropout):
+        if attention_keeps_probabilities(attn_implementation, device_type, attn_dropout):
             mlp_half = 5 * BSI * e + 2 * BSH * e + 2 * B * S * stat_e + 2 * resid_mask + BSH * e
             attn_grads = 2 * BSH * e + BSH * ae + bass * ae
             attn_bwd = at_first_hook + recomputed - mlp_half + attn_grads

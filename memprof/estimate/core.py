@@ -12,7 +12,7 @@ from typing import Any
 
 from memprof.categories import PHASES, Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.errors import MemprofError
-from memprof.estimate.activations import Activations, gpt2_activations
+from memprof.estimate.activations import Activations, attention_keeps_probabilities, gpt2_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
@@ -238,8 +238,7 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         assumptions.append("the training loop (memprof.train) keeps only the loss and its input batch between forward and "
                            "the next step; the model output (logits, KV cache) is dropped when forward returns")
         attn_dropout = (shape.dropout or {}).get("attn_pdrop", 0.1) > 0
-        if inputs.attn_implementation == "eager" or (inputs.device_type == "cpu" and attn_dropout):
-            # eager attention and CPU sdpa with dropout (math fallback) keep B*a*S*S tensors; fused kernels do not
+        if attention_keeps_probabilities(inputs.attn_implementation, inputs.device_type, attn_dropout):
             assumptions.append(
                 "backward peak: the last block's attention backward (B*a*S*S tensors) is modelled at its "
                 "grad-of-probabilities moment only; later moments of it are not (traced on a 64-wide GPT-2: "

@@ -42,3 +42,13 @@ def release_own_segment(rank: int, env: Mapping[str, str] | None = None, *, shm_
     except FileNotFoundError:  # torchrun, plain python, GPUs, several nodes: no segment was made
         return False
     return True
+
+
+def release_after_peers_mapped(rank: int, world_size: int) -> bool:
+    """After ``deepspeed.init_distributed`` on CPU: a barrier (a sync point: past it every rank has
+    mapped its peers' segments), then :func:`release_own_segment`. Every rank must call it."""
+    if world_size > 1:
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()
+    return release_own_segment(rank)

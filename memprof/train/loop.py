@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import socket
 import sys
 from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.train.config import TrainConfig
+from memprof.train.ports import free_local_port
 
 # Exit status when the device (or the simulated --memory-budget) runs out of memory; bad input is 2.
 EXIT_OUT_OF_MEMORY = 3
@@ -32,7 +32,7 @@ def run_training(config: TrainConfig) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from memprof.train.data import ByteBatches, load_text, tokenize
-    from memprof.train.deepspeed_shm import release_own_segment
+    from memprof.train.deepspeed_shm import release_after_peers_mapped
     from memprof.train.model import build_model, count_parameters
     from memprof.train.run_meta import DistributedFacts, build_run_meta, count_nodes
 
@@ -48,10 +48,7 @@ def run_training(config: TrainConfig) -> int:
     rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
     if device_type == "cpu":
         # Otherwise every CPU `deepspeed` launch leaks ~67 MB of /dev/shm per rank (deepspeed_shm).
-        if world_size > 1:
-            # A sync point: after it every rank has mapped its peers' segments, so each can unlink its own.
-            torch_dist.barrier()
-        release_own_segment(rank)
+        release_after_peers_mapped(rank, world_size)
     dist_facts = DistributedFacts(
         world_size=world_size,
         nodes=count_nodes(os.environ, world_size),
@@ -146,9 +143,7 @@ def _default_single_process_env() -> None:
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_local_port())
 
 
 def _table_console() -> Any:

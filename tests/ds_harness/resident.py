@@ -34,7 +34,7 @@ import transformers
 
 from memprof.measure.ownership import owned_breakdown, owned_storages, storage_key
 from memprof.models import preset_config
-from memprof.train.deepspeed_shm import release_own_segment
+from memprof.train.deepspeed_shm import release_after_peers_mapped
 
 SEQ_LEN = 32
 STEPS = 2
@@ -173,8 +173,7 @@ def main() -> int:
     spec = json.loads(Path(args.spec).read_text())
     deepspeed.init_distributed()
     rank = torch.distributed.get_rank()
-    torch.distributed.barrier()  # every rank has mapped its peers' shm segments: each may unlink its own
-    release_own_segment(rank)
+    release_after_peers_mapped(rank, torch.distributed.get_world_size())  # DeepSpeed's CPU shm segment
     results: dict[str, Any] = {"world_size": torch.distributed.get_world_size(), "rank": rank, "cases": {}}
     started = time.monotonic()
     for case in spec["cases"]:
