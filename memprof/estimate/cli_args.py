@@ -19,8 +19,7 @@ from memprof.estimate.inputs import (
     PRECISIONS,
     EstimateInputs,
     ZeroKnobs,
-    load_deepspeed_config,
-    settings_from_deepspeed_config,
+    settings_from_setup_files,
 )
 from memprof.models import load_model_config, preset_config
 from memprof.units import parse_count, parse_size
@@ -52,6 +51,8 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-optimizer", help="none or cpu")
     p.add_argument("--offload-params", help="none or cpu (stage 3 only)")
     p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", help="DeepSpeed JSON config")
+    p.add_argument("--accelerate-config", help="accelerate config YAML (its DeepSpeed settings, num_processes, num_machines)")
+    p.add_argument("--gradient-accumulation-steps", help="micro-steps per optimizer step (default: the DeepSpeed config, else 1)")
     p.add_argument("--gpu-memory", help="GPU memory per device, e.g. 80GiB (2**30) or 80GB (10**9)")
     p.add_argument("--headroom", help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--device-type", default="cuda", help="cuda (default) or cpu: which kernels' activations to model")
@@ -85,9 +86,6 @@ def _choice(text: str | None, choices: tuple[str, ...], what: str) -> str | None
 def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> EstimateInputs:
     """Resolve flags over the DeepSpeed config over defaults."""
     kw: dict[str, Any] = {}
-    if args.deepspeed_config:
-        kw.update(settings_from_deepspeed_config(load_deepspeed_config(args.deepspeed_config),
-                                                 f"DeepSpeed config {args.deepspeed_config}"))
     if args.model:
         kw["model_config"], kw["model_name"] = preset_config(args.model), args.model
     elif args.model_config:
@@ -116,6 +114,13 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
         kw["world_size"] = world_size
     if nodes:
         kw["nodes"] = nodes
+    # the DeepSpeed JSON / accelerate YAML, under the flags ("auto" values settled by them)
+    for key, value in settings_from_setup_files(
+            deepspeed_config=args.deepspeed_config, accelerate_config=args.accelerate_config,
+            model_config=kw.get("model_config"), world_size=kw.get("world_size"), precision=kw.get("precision"),
+            micro_batch=_int(args.micro_batch, "--micro-batch"),
+            gradient_accumulation_steps=_int(args.gradient_accumulation_steps, "--gradient-accumulation-steps")).items():
+        kw.setdefault(key, value)
     for flag, key in ((args.micro_batch, "micro_batch"), (args.seq_len, "seq_len")):
         if flag is not None:
             kw[key] = _int(flag, f"--{key.replace('_', '-')}")

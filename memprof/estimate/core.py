@@ -280,6 +280,7 @@ def estimate(inputs: EstimateInputs) -> Estimate:
             "at the default CUBLAS_WORKSPACE_CONFIG / CUBLASLT_WORKSPACE_SIZE; the training script's data set stays "
             "on the host; caching-allocator rounding (< 1 MiB per block) is not modelled"
         )
+    assumptions += list(inputs.config_notes)  # what reading the DeepSpeed config decided (memprof.dsconfig)
     est = Estimate(inputs, shape, ranks, acts, assumptions)
     est.overhead = overhead(inputs, shape)
     from memprof.estimate.paper import paper_model_states

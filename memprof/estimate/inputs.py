@@ -13,38 +13,23 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from memprof.dsconfig import (
+    OFFLOAD_DEVICES,
+    OPTIMIZERS,
+    PRECISIONS,
+    DeepSpeedSettings,
+    ZeroKnobs,
+    load_config_file,
+    read_deepspeed_config,
+)
 from memprof.errors import MemprofError
-from memprof.jsonfile import read_json_object
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw", "amsgrad")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu")
+__all__ = ["OFFLOAD_DEVICES", "OPTIMIZERS", "PRECISIONS", "ZeroKnobs", "EstimateInputs", "inputs_from_run",
+           "hidden_size_of", "load_deepspeed_config", "settings_from_deepspeed_config", "settings_from_ds",
+           "settings_from_setup_files"]
+
 LAYOUTS: tuple[str, ...] = ("deepspeed", "zero-paper")
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class ZeroKnobs:
-    """The DeepSpeed ``zero_optimization`` knobs that change memory, with DeepSpeed's defaults."""
-
-    reduce_bucket_size: int = 500_000_000  # elements, DeepSpeedZeroConfig.reduce_bucket_size
-    allgather_bucket_size: int = 500_000_000  # elements
-    overlap_comm: bool | None = None  # None: DeepSpeed's dynamic default, True only at stage 3
-    contiguous_gradients: bool = True
-    prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size, elements
-    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters, elements
-    # stage3_max_reuse_distance, elements: a gathered parameter whose next use comes within this
-    # many traversed elements is not released (partitioned_param_coordinator.py __params_to_release)
-    max_reuse_distance: int = 1_000_000_000
-    param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold, elements
-    model_persistence_threshold: int = 2**63 - 1  # stage3_model_persistence_threshold (sys.maxsize)
-    sub_group_size: int = 1_000_000_000  # elements per stage-3 optimizer sub-group
-    offload_optimizer: str = "none"
-    offload_param: str = "none"
-
-    def overlap_comm_for(self, stage: int) -> bool:
-        # DeepSpeedZeroConfig.overlap_comm_valid: None becomes (stage == 3)
-        return (stage == 3) if self.overlap_comm is None else bool(self.overlap_comm)
 
 
 @dataclass(frozen=True)
@@ -83,6 +68,14 @@ class EstimateInputs:
     cuda_capability: str | None = None
     """CUDA compute capability ``MAJOR.MINOR`` of the GPU (device_type cuda only): sizes the
     cuBLAS workspaces (cuda_runtime.py). None: assume an H100 (9.0), said in the assumptions."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step (DeepSpeed ``gradient_accumulation_steps``, or the flag)."""
+    config_notes: tuple[str, ...] = ()
+    """What reading the DeepSpeed config decided that the numbers above do not show: each "auto"
+    and what it became, keys ignored at this stage, checkpointing from the config's block. The
+    estimate lists them among its assumptions."""
+    auto_values: dict[str, Any] = field(default_factory=dict)
+    """``{dotted config key: value}`` for every "auto" the config had, as resolved."""
 
     def __post_init__(self) -> None:
         validate_inputs(self)
@@ -115,6 +108,7 @@ def validate_inputs(inp: EstimateInputs) -> None:
     if inp.precision not in PRECISIONS:
         raise MemprofError(f"unknown precision {inp.precision!r}: choose one of {', '.join(PRECISIONS)}")
     _positive_int(inp.micro_batch, "micro-batch", "--micro-batch 1")
+    _positive_int(inp.gradient_accumulation_steps, "gradient accumulation steps", "--gradient-accumulation-steps 1")
     if inp.seq_len is not None:
         _positive_int(inp.seq_len, "sequence length", "--seq-len 1024")
     if inp.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -158,201 +152,117 @@ def _positive_int(value: Any, what: str, example: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# DeepSpeed config reading
+# DeepSpeed config reading: memprof.dsconfig reads; this turns its settings into EstimateInputs fields
 
 
 def load_deepspeed_config(path: str | os.PathLike) -> dict[str, Any]:
-    """A DeepSpeed JSON config as a dict; MemprofError when missing, unreadable or malformed."""
-    return read_json_object(path, "DeepSpeed config", "check the path")
+    """A DeepSpeed config file as a dict; MemprofError when missing, unreadable or malformed."""
+    return load_config_file(path, "check the path")
 
 
-def settings_from_deepspeed_config(ds: dict[str, Any], source: str = "DeepSpeed config") -> dict[str, Any]:
-    """The estimate settings a DeepSpeed config fixes, as ``EstimateInputs`` field names.
+def settings_from_ds(settings: DeepSpeedSettings) -> dict[str, Any]:
+    """The ``EstimateInputs`` fields a read DeepSpeed config fixes (flags may override them after).
 
-    Only what the config states is returned, so flags can override it and defaults fill the rest.
-    Bad values raise MemprofError naming the key.
-    """
-    if not isinstance(ds, dict):
-        raise MemprofError(f"{source} must be a JSON object")
-    out: dict[str, Any] = {}
-    mb = ds.get("train_micro_batch_size_per_gpu")
-    if mb is not None and mb != "auto":
-        out["micro_batch"] = _cfg_int(mb, "train_micro_batch_size_per_gpu", source, positive=True)
-    precision = precision_from_config(ds, source)
-    if precision is not None:
-        out["precision"] = precision
-    opt = ds.get("optimizer")
-    if opt is not None:
-        out["optimizer"] = optimizer_name_from_block(opt, source)
+    An "auto" that changes memory and that nothing settled is a MemprofError naming the flag."""
+    missing = settings.unresolved()
+    if missing:
+        a = missing[0]
+        raise MemprofError(f'{settings.source}: {a.key} is "auto" and nothing settles it: {a.how}')
+    out: dict[str, Any] = {"zero_stage": settings.zero_stage, "zero": settings.zero,
+                           "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+                           "config_notes": tuple(settings.notes()), "auto_values": settings.auto_values()}
+    if settings.precision is not None:
+        out["precision"] = settings.precision
+    if settings.optimizer is not None:
+        out["optimizer"] = settings.optimizer
         # engine.get_optimizer_configuration: torch.optim Adam/AdamW only with "torch_adam": true
-        if isinstance(opt.get("params"), dict) and opt["params"].get("torch_adam") is True:
+        if settings.torch_adam:
             out["torch_adam"] = True
-    types = ds.get("data_types")
-    if types is not None:
-        if not isinstance(types, dict):
-            raise MemprofError(f"{source}: data_types must be an object like {{\"grad_accum_dtype\": \"fp32\"}}")
-        acc = types.get("grad_accum_dtype")
-        if acc is not None:
-            acc_name = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
-                        "fp16": "fp16", "float16": "fp16", "half": "fp16"}.get(str(acc).lower())
-            if acc_name is None:
-                raise MemprofError(f"{source}: data_types.grad_accum_dtype {acc!r} is not fp32, bf16 or fp16")
-            out["grad_accum_dtype"] = acc_name
-    zero = ds.get("zero_optimization")
-    if zero is not None:
-        if isinstance(zero, bool):  # deprecated form: true means stage 1 (read_zero_config_deprecated)
-            out["zero_stage"] = 1 if zero else 0
-        elif not isinstance(zero, dict):
-            raise MemprofError(f"{source}: zero_optimization must be an object")
-        else:
-            if "stage" in zero:
-                out["zero_stage"] = _cfg_int(zero["stage"], "zero_optimization.stage", source)
-            out["zero"] = _zero_knobs_from_config(zero, source)
+    if settings.micro_batch is not None:
+        out["micro_batch"] = settings.micro_batch
+    if settings.grad_accum_dtype is not None:
+        out["grad_accum_dtype"] = settings.grad_accum_dtype
+    if settings.activation_checkpointing:
+        out["activation_checkpointing"] = True
     return out
 
 
-_KNOB_KEYS = {
-    # DeepSpeed key (and alias) -> ZeroKnobs field
-    "reduce_bucket_size": "reduce_bucket_size",
-    "allgather_bucket_size": "allgather_bucket_size",
-    "stage3_prefetch_bucket_size": "prefetch_bucket_size",
-    "prefetch_bucket_size": "prefetch_bucket_size",
-    "stage3_max_live_parameters": "max_live_parameters",
-    "max_live_parameters": "max_live_parameters",
-    "stage3_max_reuse_distance": "max_reuse_distance",
-    "max_reuse_distance": "max_reuse_distance",
-    "stage3_param_persistence_threshold": "param_persistence_threshold",
-    "param_persistence_threshold": "param_persistence_threshold",
-    "stage3_model_persistence_threshold": "model_persistence_threshold",
-    "model_persistence_threshold": "model_persistence_threshold",
-    "sub_group_size": "sub_group_size",
-}
+def settings_from_deepspeed_config(ds: dict[str, Any], source: str = "DeepSpeed config", **resolve: Any) -> dict[str, Any]:
+    """The estimate settings a DeepSpeed config dict fixes, as ``EstimateInputs`` field names.
+
+    ``resolve`` (world_size, hidden_size, micro_batch, gradient_accumulation_steps, precision) goes
+    to :func:`memprof.dsconfig.read_deepspeed_config` to settle "auto" values. Bad values raise
+    MemprofError naming the key.
+    """
+    if not isinstance(ds, dict):
+        raise MemprofError(f"{source} must be a JSON object")
+    return settings_from_ds(read_deepspeed_config(ds, source=source, **resolve))
 
 
-def _zero_knobs_from_config(zero: dict[str, Any], source: str) -> ZeroKnobs:
-    kw: dict[str, Any] = {}
-    for key, name in _KNOB_KEYS.items():
-        if key in zero and zero[key] != "auto":
-            kw[name] = _cfg_int(zero[key], f"zero_optimization.{key}", source)
-    for key in ("overlap_comm", "contiguous_gradients"):
-        if key in zero and zero[key] is not None:
-            if not isinstance(zero[key], bool):
-                raise MemprofError(f"{source}: zero_optimization.{key} must be true or false")
-            kw[key] = zero[key]
-    for key, name in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param")):
-        block = zero.get(key)
-        if block is None:
-            continue
-        if not isinstance(block, dict):
-            raise MemprofError(f"{source}: zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}")
-        device = str(block.get("device", "none")).lower()
-        if device not in OFFLOAD_DEVICES:
-            raise MemprofError(f"{source}: zero_optimization.{key}.device {device!r} is not modelled: use none or cpu")
-        kw[name] = device
-    # deprecated booleans (DeepSpeedZeroConfig cpu_offload / cpu_offload_param)
-    if zero.get("cpu_offload") is True:
-        kw.setdefault("offload_optimizer", "cpu")
-    if zero.get("cpu_offload_param") is True:
-        kw.setdefault("offload_param", "cpu")
-    return ZeroKnobs(**kw)
-
-
-def config_enabled(config: dict[str, Any], key: str, source: str) -> bool:
-    """DeepSpeed's ``<key>.enabled`` switch (``fp16``, ``bf16``, ...), read one way by the estimator
-    and the launcher: a missing block or a missing ``enabled`` is off; ``enabled`` must be a JSON
-    boolean (DeepSpeed's pydantic config would turn the string "false" into off but memprof would
-    not know which reading the user meant), anything else is a MemprofError naming the field."""
-    block = config.get(key)
-    if block is None:
-        return False
-    if not isinstance(block, dict):
-        raise MemprofError(f"{source}: {key} must be an object like {{\"enabled\": true}}")
-    value = block.get("enabled", False)
-    if not isinstance(value, bool):
-        raise MemprofError(f"{source}: {key}.enabled is {value!r}: use true or false (a JSON boolean, not a string or number)")
-    return value
-
-
-def bf16_enabled(config: dict[str, Any], source: str) -> bool:
-    """Whether DeepSpeed trains in bf16: its ``bf16`` block, else the older ``bfloat16`` spelling
-    (DeepSpeed's get_bfloat16_config reads ``bfloat16`` only when ``bf16`` is absent or null)."""
-    return config_enabled(config, "bf16" if config.get("bf16") is not None else "bfloat16", source)
-
-
-def config_number(params: dict[str, Any], key: str, source: str, default: float = 0.0) -> float:
-    """A numeric optimizer setting (``momentum``, ``dampening``, ...) of ``optimizer.params``;
-    MemprofError naming the field when it is not a finite number."""
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        raise MemprofError(f"{source}: optimizer.params.{key} is {value!r}: it must be a number, e.g. 0.9")
-    return float(value)
-
-
-def torch_optimizer_name(kind: str, params: dict[str, Any], source: str) -> str:
-    """The zoo name of DeepSpeed's torch.optim ``SGD`` / ``RMSprop`` block (``kind`` lower-cased),
-    refusing what torch refuses or what memprof does not model, for the estimator and launcher alike."""
-    momentum = config_number(params, "momentum", source)
-    if momentum < 0:
-        raise MemprofError(f"{source}: optimizer.params.momentum is {params.get('momentum')!r}: it must be 0 or more")
-    if kind == "sgd":
-        nesterov = bool(params.get("nesterov", False))  # torch.optim.SGD tests its truth value
-        if nesterov and (momentum <= 0 or config_number(params, "dampening", source) != 0):
-            # torch.optim.SGD: "Nesterov momentum requires a momentum and zero dampening"
-            raise MemprofError(f"{source}: SGD with nesterov needs momentum > 0 and dampening 0 in optimizer.params")
-        return "nesterov" if nesterov else ("momentum" if momentum > 0 else "sgd")
-    if kind == "rmsprop":
-        # momentum and centered add buffers (momentum_buffer, grad_avg) the zoo does not model.
-        if momentum > 0 or params.get("centered", False):
-            raise MemprofError(f"{source}: RMSprop with momentum or centered=true is not supported by memprof: drop them")
-        return "rmsprop"
-    raise ValueError(f"not a torch.optim type memprof maps: {kind!r}")
-
-
-def precision_from_config(ds: dict[str, Any], source: str) -> str | None:
-    def enabled(key: str) -> bool:
-        return config_enabled(ds, key, source)
-
-    fp16, bf16 = enabled("fp16"), bf16_enabled(ds, source)
-    if fp16 and bf16:
-        raise MemprofError(f"{source} enables both bf16 and fp16: DeepSpeed accepts only one, enable one of them")
-    if fp16:
-        return "fp16"
-    if bf16:
-        return "bf16"
-    if any(k in ds for k in ("fp16", "bf16", "bfloat16")):
-        return "fp32"
+def hidden_size_of(model_config: dict[str, Any] | None) -> int | None:
+    """The hidden size HF's Trainer reads (``model.config.hidden_size``; GPT-2's maps to ``n_embd``)."""
+    if not isinstance(model_config, dict):
+        return None
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = model_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
     return None
 
 
-def optimizer_name_from_block(opt: Any, source: str) -> str:
-    """Map DeepSpeed's optimizer block to a zoo name (engine._configure_basic_optimizer)."""
-    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
-        raise MemprofError(f"{source}: optimizer must be an object with a \"type\", e.g. {{\"type\": \"AdamW\"}}")
-    kind = opt["type"].lower()
-    params = opt.get("params") or {}
-    if not isinstance(params, dict):
-        raise MemprofError(f"{source}: optimizer.params must be an object")
-    if kind in ("adam", "adamw"):
-        # DeepSpeed's "Adam" means AdamW unless adam_w_mode is false (engine._configure_basic_optimizer)
-        adam_w = kind == "adamw" or bool(params.get("adam_w_mode", True))
-        return "amsgrad" if params.get("amsgrad") else ("adamw" if adam_w else "adam")
-    if kind in ("sgd", "rmsprop"):
-        return torch_optimizer_name(kind, params, source)
-    if kind == "adagrad":
-        return "adagrad"
-    raise MemprofError(
-        f"{source}: optimizer type {opt['type']!r} is not modelled: use Adam, AdamW, SGD, RMSprop or Adagrad"
-    )
+def settings_from_setup_files(
+    *,
+    deepspeed_config: str | os.PathLike | None = None,
+    accelerate_config: str | os.PathLike | None = None,
+    model_config: dict[str, Any] | None = None,
+    world_size: int | None = None,
+    micro_batch: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    precision: str | None = None,
+) -> dict[str, Any]:
+    """``EstimateInputs`` fields from the user's setup files, for ``memprof estimate`` / ``plan``.
 
+    The accelerate YAML gives the world size, the nodes and (unless ``deepspeed_config`` is also
+    given, which wins) the DeepSpeed config; the flags' values (``world_size``, ``micro_batch``,
+    ``gradient_accumulation_steps``, ``precision``) and the model's hidden size settle "auto"
+    values as HF's Trainer would. The caller lets its flags override what is returned.
+    """
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    ds: dict[str, Any] | None = None
+    source = "DeepSpeed config"
+    if accelerate_config is not None:
+        from memprof.accelerate_config import read_accelerate_config
 
-def _cfg_int(value: Any, key: str, source: str, positive: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
-        raise MemprofError(f"{source}: {key} = {value!r} must be a non-negative number")
-    if positive and value <= 0:
-        raise MemprofError(f"{source}: {key} = {value!r} must be positive")
-    if float(value) != int(value):
-        raise MemprofError(f"{source}: {key} = {value!r} must be a whole number")
-    return int(value)
+        acc = read_accelerate_config(accelerate_config)
+        if acc.num_processes is not None:
+            out["world_size"] = acc.num_processes
+        if acc.num_machines is not None:
+            out["nodes"] = acc.num_machines
+        if deepspeed_config is None:
+            ds, source = acc.deepspeed_config, acc.deepspeed_source
+            notes += acc.notes
+        else:
+            notes.append(f"--deepspeed-config {deepspeed_config} used instead of {accelerate_config}'s deepspeed_config")
+    if deepspeed_config is not None:
+        ds, source = load_deepspeed_config(deepspeed_config), f"DeepSpeed config {deepspeed_config}"
+    world = world_size or out.get("world_size") or 1
+    if ds is not None:
+        settings = read_deepspeed_config(ds, source=source, world_size=world, hidden_size=hidden_size_of(model_config),
+                                         micro_batch=micro_batch, gradient_accumulation_steps=gradient_accumulation_steps,
+                                         precision=precision)
+        fields = settings_from_ds(settings)
+        if settings.optimizer is None:
+            notes.append("the DeepSpeed config has no optimizer block (the training script brings its own, e.g. HF "
+                         "Trainer's torch.optim.AdamW): estimated with --optimizer's choice, default adamw (add "
+                         "--torch-adam for torch's AdamW)")
+        fields["config_notes"] = tuple(notes) + fields["config_notes"]
+        out.update(fields)
+    elif notes:
+        out["config_notes"] = tuple(notes)
+    if gradient_accumulation_steps is not None:
+        out["gradient_accumulation_steps"] = gradient_accumulation_steps
+    return out
 
 
 def _run_int(value: Any, key: str, positive: bool = False) -> int:
@@ -370,7 +280,9 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     if not isinstance(run, dict):
         raise MemprofError("run metadata must be an object")
     ds = run.get("deepspeed_config") or {}
-    settings = settings_from_deepspeed_config(ds, "the run's deepspeed_config") if ds else {}
+    world = run.get("world_size")
+    world = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
+    settings = settings_from_deepspeed_config(ds, "the run's deepspeed_config", world_size=world) if ds else {}
     model_config = run.get("model_config")
     kw: dict[str, Any] = dict(settings)
     for key in ("world_size", "nodes", "zero_stage", "micro_batch", "seq_len"):
@@ -379,6 +291,8 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     for key in ("optimizer", "precision"):
         if run.get(key) is not None:
             kw[key] = str(run[key])
+    if run.get("gradient_accumulation_steps") is not None:
+        kw["gradient_accumulation_steps"] = _run_int(run["gradient_accumulation_steps"], "gradient_accumulation_steps", positive=True)
     if run.get("activation_checkpointing") is not None:
         kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
     if isinstance(model_config, dict):

@@ -24,7 +24,7 @@ from memprof.estimate.optimizers import (
     uses_deepspeed_adam,
 )
 
-ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+from memprof.dsconfig import ELEMENT_SIZE  # bytes per element, defined once (memprof.dsconfig)
 FP32 = 4
 FP64 = 8  # deepspeed.runtime.zero.utils.get_norm_dtype(): float64 wherever the accelerator has it (CPU, CUDA)
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment / sizeof(fp16)

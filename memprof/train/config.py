@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from memprof.dsconfig import DeepSpeedSettings, find_auto, optimizer_name_from_block, read_deepspeed_config
 from memprof.errors import MemprofError
-from memprof.estimate.inputs import optimizer_name_from_block, precision_from_config
-from memprof.jsonfile import read_json_object
 from memprof.models import PRESETS, load_model_config, preset_config
 from memprof.units import parse_size
 
-# Optimizer "zoo" names, the vocabulary the estimator reads from run metadata.
-OPTIMIZER_ZOO: tuple[str, ...] = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw", "amsgrad")
-
+# The launcher's own checks (what DeepSpeed 0.19.8 accepts to *run*); reading the config, and the
+# vocabularies (memprof.dsconfig.OPTIMIZERS, PRECISIONS, OFFLOAD_DEVICES), live in memprof.dsconfig.
 # DeepSpeed lower-cases these optimizer types before matching them (runtime/config.py,
 # DEEPSPEED_OPTIMIZERS), so any spelling works.
 _CASE_FREE_TYPES = ("adam", "adamw", "adagrad")
@@ -35,9 +33,6 @@ _TORCH_TYPES = ("SGD", "RMSprop")
 # torch.optim / FusedAdam classes DeepSpeed's ZeRO treats as tested (runtime/zero/utils.py,
 # ZERO_SUPPORTED_OPTIMIZERS); anything else needs "zero_allow_untested_optimizer": true.
 _ZERO_TESTED_TYPES = ("adam", "adamw", "adagrad")
-
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu")
 
 
 @dataclass(frozen=True)
@@ -77,30 +72,6 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
-class DeepSpeedSettings:
-    """The DeepSpeed JSON as loaded, plus the facts memprof reads out of it."""
-
-    path: Path
-    config: dict[str, Any]
-    """The whole JSON object, exactly as loaded; handed unchanged to ``deepspeed.initialize``."""
-    zero_stage: int
-    optimizer: str
-    """One of :data:`OPTIMIZER_ZOO`, derived from the "optimizer" block."""
-    precision: str
-    """``fp32``, ``bf16`` or ``fp16``, from the ``bf16`` / ``fp16`` blocks."""
-    micro_batch: int
-    """Samples per rank per micro-step (``train_micro_batch_size_per_gpu``, or derived)."""
-    gradient_accumulation_steps: int
-    offload_optimizer: str
-    """``none`` or ``cpu`` (zero_optimization.offload_optimizer.device)."""
-    offload_params: str
-    """``none`` or ``cpu`` (zero_optimization.offload_param.device, ZeRO-3 only)."""
-    activation_checkpointing: bool
-    """True when the JSON has an ``activation_checkpointing`` block: the launcher then turns on
-    the HF model's gradient checkpointing (one checkpoint per transformer block)."""
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     """Everything one launch needs, validated."""
 
@@ -108,6 +79,7 @@ class TrainConfig:
     data: DataSettings
     run: RunSettings
     deepspeed: DeepSpeedSettings
+    """The DeepSpeed JSON as read by memprof.dsconfig (``.config`` is the object as loaded)."""
     local_rank_flag: int | None = field(default=None)
     """``--local_rank`` as passed by the deepspeed launcher (the env LOCAL_RANK wins when set)."""
 
@@ -209,44 +181,27 @@ def _model_settings(preset: str | None, config_path: str | None) -> ModelSetting
 
 
 def load_deepspeed_config(path: str | os.PathLike, world_size: int = 1) -> DeepSpeedSettings:
-    """Read and validate a DeepSpeed JSON; MemprofError naming the file and field on any problem."""
+    """Read a DeepSpeed JSON (memprof.dsconfig) and check what the launcher needs to run it;
+    MemprofError naming the file and field on any problem."""
     path = Path(path)
-    config = read_json_object(path, "DeepSpeed config", "pass --deepspeed_config configs/<name>.json")
-    where = str(path)
-
-    zero = _section(config, "zero_optimization", where)
-    stage = zero.get("stage", 0)
-    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 3:
-        raise MemprofError(f"{where}: zero_optimization.stage is {stage!r}: ZeRO stages are 0, 1, 2 or 3")
-
-    grad_accum = _positive_int(config.get("gradient_accumulation_steps", 1), "gradient_accumulation_steps", where)
-    micro_batch = _micro_batch(config, grad_accum, world_size, where)
-    precision = _precision(config, where)
-    optimizer = optimizer_zoo_name(config.get("optimizer"), stage, config, where)
-    offload_optimizer = _offload_device(zero, "offload_optimizer", where)
-    offload_params = _offload_device(zero, "offload_param", where)
-    if offload_optimizer != "none" and stage == 0:
-        raise MemprofError(f"{where}: offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
-    if offload_params != "none" and stage != 3:
-        raise MemprofError(f"{where}: offload_param needs ZeRO stage 3 (stage is {stage})")
-    activation_checkpointing = _activation_checkpointing(config, where)
-
-    return DeepSpeedSettings(
-        path=path,
-        config=config,
-        zero_stage=stage,
-        optimizer=optimizer,
-        precision=precision,
-        micro_batch=micro_batch,
-        gradient_accumulation_steps=grad_accum,
-        offload_optimizer=offload_optimizer,
-        offload_params=offload_params,
-        activation_checkpointing=activation_checkpointing,
-    )
+    ds = read_deepspeed_config(path, world_size=world_size, fix_missing="pass --deepspeed_config configs/<name>.json")
+    where = ds.source
+    autos = find_auto(ds.config)
+    if autos:
+        # DeepSpeed drops an "auto" inside its sub-configs and fails on a top-level one; only HF's
+        # Trainer / accelerate fill them in (transformers/integrations/deepspeed.py).
+        raise MemprofError(
+            f'{where}: {autos[0]} is "auto": launch/train.py hands the JSON to DeepSpeed as is, and only HF\'s '
+            "Trainer or accelerate fill in \"auto\": write a value (memprof estimate shows what HF would choose)"
+        )
+    if ds.micro_batch is None:
+        raise MemprofError(f"{where} sets neither train_micro_batch_size_per_gpu nor train_batch_size: add train_micro_batch_size_per_gpu")
+    optimizer_zoo_name(ds.config.get("optimizer"), ds.zero_stage, ds.config, where)
+    return ds
 
 
 def optimizer_zoo_name(block: Any, stage: int, config: Mapping[str, Any], where: str = "DeepSpeed config") -> str:
-    """The zoo name (:data:`OPTIMIZER_ZOO`) of a DeepSpeed "optimizer" block, checking that
+    """The zoo name (:data:`memprof.dsconfig.OPTIMIZERS`) of a DeepSpeed "optimizer" block, checking that
     DeepSpeed will accept it at this ZeRO stage on any accelerator."""
     supported = "SGD, RMSprop, Adagrad, Adam, AdamW"
     if block is None:
@@ -288,72 +243,6 @@ def check_writable_dir(out_dir: Path) -> None:
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise MemprofError(f"--out {out_dir} is not a writable folder ({reason}): choose another path") from None
-
-
-def _section(config: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = config.get(key, {})
-    if not isinstance(value, dict):
-        raise MemprofError(f"{where}: {key} must be an object")
-    return value
-
-
-def _positive_int(value: Any, what: str, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise MemprofError(f"{where}: {what} is {value!r}: it must be an integer of at least 1")
-    return value
-
-
-def _micro_batch(config: Mapping[str, Any], grad_accum: int, world_size: int, where: str) -> int:
-    if "train_micro_batch_size_per_gpu" in config:
-        micro = _positive_int(config["train_micro_batch_size_per_gpu"], "train_micro_batch_size_per_gpu", where)
-        if "train_batch_size" in config:
-            total = _positive_int(config["train_batch_size"], "train_batch_size", where)
-            if total != micro * grad_accum * world_size:
-                raise MemprofError(
-                    f"{where}: train_batch_size {total} != micro-batch {micro} x gradient_accumulation_steps {grad_accum} "
-                    f"x world size {world_size}: drop train_batch_size and DeepSpeed derives it"
-                )
-        return micro
-    if "train_batch_size" in config:
-        total = _positive_int(config["train_batch_size"], "train_batch_size", where)
-        if total % (grad_accum * world_size):
-            raise MemprofError(
-                f"{where}: train_batch_size {total} is not divisible by gradient_accumulation_steps {grad_accum} "
-                f"x world size {world_size}: set train_micro_batch_size_per_gpu instead"
-            )
-        return total // (grad_accum * world_size)
-    raise MemprofError(f"{where} sets neither train_micro_batch_size_per_gpu nor train_batch_size: add train_micro_batch_size_per_gpu")
-
-
-def _precision(config: Mapping[str, Any], where: str) -> str:
-    # the estimator's reader: "enabled" must be a JSON boolean, one of bf16/fp16 at most
-    return precision_from_config(dict(config), where) or "fp32"
-
-
-def _offload_device(zero: Mapping[str, Any], key: str, where: str) -> str:
-    block = zero.get(key)
-    if block is None:
-        return "none"
-    if not isinstance(block, dict):
-        raise MemprofError(f"{where}: zero_optimization.{key} must be an object")
-    device = str(block.get("device", "none")).lower()
-    if device not in OFFLOAD_DEVICES:
-        raise MemprofError(f"{where}: zero_optimization.{key}.device {device!r} is not supported by memprof: use 'cpu' or 'none'")
-    return device
-
-
-def _activation_checkpointing(config: Mapping[str, Any], where: str) -> bool:
-    if "activation_checkpointing" not in config:
-        return False
-    block = _section(config, "activation_checkpointing", where)
-    # The HF model checkpoints through torch.utils.checkpoint, which has no DeepSpeed extras.
-    unsupported = [k for k in ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization") if block.get(k)]
-    if unsupported:
-        raise MemprofError(
-            f"{where}: activation_checkpointing.{unsupported[0]} is not supported by the launcher "
-            "(it checkpoints with torch.utils.checkpoint): remove it"
-        )
-    return True
 
 
 def _int_env(environ: Mapping[str, str], key: str, default: int) -> int:

@@ -20,7 +20,6 @@ import torch
 
 from memprof.errors import MemprofError
 
-BYTE_VOCAB = 256
 # The shipped texts, in the order they are joined (see memprof/data/README.md for their sources).
 SHIPPED_TEXTS: tuple[str, ...] = (
     "declaration_of_independence.txt",
