@@ -670,7 +670,7 @@ def optimizer_name_from_block(opt: Any, source: str) -> str:
         raise MemprofError(f"{source}: optimizer type {opt['type']!r} ({feature}) is not modelled by memprof: "
                            "use Adam, AdamW, SGD, RMSprop or Adagrad")
     raise MemprofError(
-        f"{source}: optimizer type {opt['type']!r} is not modelled: use Adam, AdamW, SGD, RMSprop or Adagrad"
+        f"{source}: unknown optimizer type {opt['type']!r}, not modelled by memprof: use Adam, AdamW, SGD, RMSprop or Adagrad"
     )
 
 

@@ -116,3 +116,80 @@ def test_deepspeed_launcher_exits_non_zero_when_ranks_reject_input(tmp_path: Pat
     assert errors and all("ZeRO stages are 0, 1, 2 or 3" in l for l in errors)
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ---- a precision DeepSpeed's accelerator lacks: one line, exit 2, before training ----------------
+
+
+def _fp16_config(tmp_path: Path) -> Path:
+    return _ds_json(tmp_path, "fp16.json", fp16={"enabled": True})
+
+
+def test_fp16_where_the_cpu_lacks_it_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The real path, on a CPU whose DeepSpeed accelerator has no fp16 (skipped where it has it)."""
+    from precision_support import unsupported_reason
+
+    if unsupported_reason("fp16") is None:
+        pytest.skip("DeepSpeed's CPU accelerator supports fp16 on this machine: nothing to refuse")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, str(TRAIN), "--deepspeed_config", str(_fp16_config(tmp_path)),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: fp16 is not supported"), result.stderr[-2000:]
+    assert "use bf16 or fp32 on this CPU" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_precision_support_is_refused_before_the_out_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Simulated in-process (the accelerator's answer patched), so it runs on any machine."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    from memprof.train.cli import main
+    from memprof.train.config import check_precision_supported, parse_args
+
+    accelerator = get_accelerator()
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: False)
+    out = tmp_path / "out"
+    assert main(["--deepspeed_config", str(_fp16_config(tmp_path)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp16 is not supported by DeepSpeed's cpu accelerator" in err[0], err
+    assert "use bf16 or fp32 on this CPU" in err[0]
+    assert not out.exists()
+    # where the accelerator has fp16, the same config passes validation
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: True)
+    cfg = parse_args(["--deepspeed_config", str(_fp16_config(tmp_path)), "--out", str(out)], environ={},
+                     check_precision=check_precision_supported)
+    assert cfg.deepspeed.precision == "fp16"
+
+
+class _FakeAccelerator:
+    def __init__(self, device: str, fp16: bool, bf16: bool):
+        self.device, self.fp16, self.bf16 = device, fp16, bf16
+
+    def device_name(self) -> str:
+        return self.device
+
+    def is_fp16_supported(self) -> bool:
+        return self.fp16
+
+    def is_bf16_supported(self) -> bool:
+        return self.bf16
+
+
+def test_precision_check_names_the_precision_and_the_fix() -> None:
+    from memprof.errors import MemprofError
+    from memprof.train.config import check_precision_supported
+
+    no_fp16_cpu = _FakeAccelerator("cpu", fp16=False, bf16=True)
+    for ok in ("fp32", "bf16"):
+        check_precision_supported(ok, no_fp16_cpu)
+    with pytest.raises(MemprofError, match="fp16 is not supported .* use bf16 or fp32 on this CPU"):
+        check_precision_supported("fp16", no_fp16_cpu)
+    old_gpu = _FakeAccelerator("cuda", fp16=True, bf16=False)
+    check_precision_supported("fp16", old_gpu)
+    with pytest.raises(MemprofError, match="bf16 is not supported by DeepSpeed's cuda accelerator.*use fp16 or fp32 on this device"):
+        check_precision_supported("bf16", old_gpu)

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns the process exit code: 0 success, 2 bad input (one line on stderr, nothing trained),
     3 out of memory (see :data:`memprof.train.loop.EXIT_OUT_OF_MEMORY`).
     """
-    from memprof.train.config import parse_args
+    from memprof.train.config import check_precision_supported, parse_args
     from memprof.train.deepspeed_ops import use_venv_extensions_dir
 
     use_venv_extensions_dir()  # before DeepSpeed is imported: the ops `make install` compiled
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         build_arg_parser().print_help()
         return 0
     try:
-        config = parse_args(argv)
+        config = parse_args(argv, check_precision=check_precision_supported)
         from memprof.train.loop import run_training
 
         return run_training(config)

@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from memprof.dsconfig import DeepSpeedSettings, find_auto, optimizer_name_from_block, read_deepspeed_config
 from memprof.errors import MemprofError
@@ -117,11 +117,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> TrainConfig:
+def parse_args(
+    argv: list[str],
+    environ: Mapping[str, str] | None = None,
+    check_precision: Callable[[str], None] | None = None,
+) -> TrainConfig:
     """Parse and validate the launcher's flags and DeepSpeed JSON; MemprofError on any problem.
 
     ``environ`` (default ``os.environ``) supplies WORLD_SIZE, needed only when the JSON gives
-    ``train_batch_size`` instead of ``train_micro_batch_size_per_gpu``.
+    ``train_batch_size`` instead of ``train_micro_batch_size_per_gpu``. ``check_precision`` (the
+    launcher passes :func:`check_precision_supported`) vets the config's precision on this
+    machine before the --out folder is created.
     """
     environ = os.environ if environ is None else environ
     args = build_arg_parser().parse_args(argv)
@@ -145,6 +151,8 @@ def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> Tra
 
     world_size = _int_env(environ, "WORLD_SIZE", default=1)
     ds = load_deepspeed_config(args.deepspeed_config, world_size=world_size)
+    if check_precision is not None:
+        check_precision(ds.precision)
     out_dir = Path(args.out)
     check_writable_dir(out_dir)
 
@@ -231,6 +239,33 @@ def optimizer_zoo_name(block: Any, stage: int, config: Mapping[str, Any], where:
             f'{where}: DeepSpeed refuses {opt_type} under ZeRO stage {stage} unless the config sets "zero_allow_untested_optimizer": true'
         )
     return name
+
+
+def check_precision_supported(precision: str, accelerator: Any = None) -> None:
+    """MemprofError, before anything is trained, when DeepSpeed's accelerator lacks ``precision``.
+
+    DeepSpeed's engine refuses it only inside ``deepspeed.initialize`` (``engine._do_sanity_check``:
+    "Type fp16 is not supported on your device", a traceback). On the CPU accelerator
+    ``is_fp16_supported()`` is ``torch.ops.mkldnn._is_mkldnn_fp16_supported()`` (oneDNN fp16
+    kernels: AVX512-FP16 or AMX-FP16) and ``is_bf16_supported()`` is always true. ``accelerator``
+    defaults to ``deepspeed.accelerator.get_accelerator()`` (imports torch)."""
+    if precision not in ("fp16", "bf16"):
+        return
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    supported = accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported()
+    if supported:
+        return
+    device = accelerator.device_name()
+    other = "bf16" if precision == "fp16" else "fp16"
+    on_cpu = device == "cpu"
+    why = " (torch's oneDNN has no fp16 kernels for this CPU: it needs AVX512-FP16 or AMX-FP16)" if on_cpu and precision == "fp16" else ""
+    raise MemprofError(
+        f"{precision} is not supported by DeepSpeed's {device} accelerator on this machine{why}: "
+        f"use {other} or fp32 on this {'CPU' if on_cpu else 'device'} (enable the {other} block instead, or drop the {precision} block)"
+    )
 
 
 def check_writable_dir(out_dir: Path) -> None:
