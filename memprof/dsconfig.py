@@ -141,6 +141,8 @@ class DeepSpeedSettings:
     """Every ``"auto"`` value found, with what it became."""
     ignored: tuple[str, ...] = ()
     """Keys present in the config that DeepSpeed does not read at this stage, as notes."""
+    derived: tuple[str, ...] = ()
+    """Values DeepSpeed derives or renames (batch sizes from train_batch_size, deprecated aliases), as notes."""
     path: Path | None = None
 
     @property
@@ -157,13 +159,13 @@ class DeepSpeedSettings:
 
     def notes(self) -> list[str]:
         """One line per resolved "auto", ignored key and the checkpointing rule, for an estimate's assumptions."""
-        out = []
+        out = [f'{a.key} "auto" -> {a.value!r} ({a.how})' for a in self.auto if a.resolved]
+        inert: dict[str, list[str]] = {}
         for a in self.auto:
-            if a.resolved:
-                out.append(f'{a.key} "auto" -> {a.value!r} ({a.how})')
-            elif not a.changes_memory:
-                out.append(f'{a.key} "auto": {a.how}')
-        out += list(self.ignored)
+            if not a.resolved and not a.changes_memory:
+                inert.setdefault(a.how, []).append(a.key)
+        out += [f'"auto" left as is ({how}): {", ".join(keys)}' for how, keys in inert.items()]
+        out += list(self.derived) + list(self.ignored)
         if self.activation_checkpointing:
             out.append("activation checkpointing on: the DeepSpeed config has an activation_checkpointing block, "
                        "which memprof reads as one checkpoint per transformer block (HF gradient checkpointing, "
@@ -305,6 +307,7 @@ class _Reader:
         self.hidden, self.micro_flag, self.gas_flag, self.precision_flag = hidden, micro, gas, precision
         self.auto: list[AutoValue] = []
         self.ignored: list[str] = []
+        self.derived: list[str] = []
 
     def fail(self, message: str) -> MemprofError:
         return MemprofError(f"{self.where}: {message}")
@@ -324,7 +327,7 @@ class _Reader:
             zero_allow_untested_optimizer=ds.get("zero_allow_untested_optimizer", False) is True,
             micro_batch=micro, gradient_accumulation_steps=gas, train_batch_size=total,
             activation_checkpointing=ckpt, grad_accum_dtype=self._grad_accum_dtype(),
-            auto=tuple(self.auto), ignored=tuple(self.ignored), path=self.path,
+            auto=tuple(self.auto), ignored=tuple(self.ignored), derived=tuple(self.derived), path=self.path,
         )
 
     # -- what memprof does not model
@@ -423,6 +426,10 @@ class _Reader:
                 raise self.fail(f"{dotted} = 0 must be a positive whole number of elements (DeepSpeedZeroConfig: gt=0)")
             if not used:
                 self.ignored.append(f"{dotted} ignored: DeepSpeed does not read it at ZeRO stage {stage}")
+        if stage < 3:
+            for key in zero:
+                if key.startswith("stage3_") and key not in _KNOB_KEYS:
+                    self.ignored.append(f"zero_optimization.{key} ignored: DeepSpeed does not read it at ZeRO stage {stage}")
         for key in ("overlap_comm", "contiguous_gradients"):
             value = zero.get(key)
             if value is None or value == AUTO:
@@ -448,6 +455,7 @@ class _Reader:
                 if new in zero:  # DeepSpeed: "Cannot provide deprecated parameter ... and replacing parameter ... together"
                     raise self.fail(f"zero_optimization sets both {old} and {new}: DeepSpeed refuses that; keep {new}")
                 kw[new] = "cpu"
+                self.derived.append(f"zero_optimization.{old}: true read as {new}.device cpu (DeepSpeed's deprecated alias)")
         knobs = ZeroKnobs(**kw)
         if knobs.offload_optimizer != "none" and stage == 0:
             raise self.fail("offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
@@ -504,7 +512,7 @@ class _Reader:
         for key, value in params.items():
             if value == AUTO:
                 self.auto.append(AutoValue(f"optimizer.params.{key}", None, "HF fills it from TrainingArguments; "
-                                           "it does not change memory", changes_memory=False))
+                                           "no effect on memory", changes_memory=False))
         return name, block["type"], dict(params), params.get("torch_adam") is True
 
     # -- batch sizes
@@ -545,11 +553,15 @@ class _Reader:
                 raise self.fail(f"train_batch_size {total} is not divisible by micro-batch {micro} x world size {world}: "
                                 "set gradient_accumulation_steps, or drop train_batch_size")
             gas = total // micro // world
+            self.derived.append(f"gradient_accumulation_steps {gas} derived as DeepSpeed does: train_batch_size {total} / "
+                                f"micro-batch {micro} / world size {world}")
         elif total is not None and micro is None and not unresolved_auto:
             if total % ((gas or 1) * world):
                 raise self.fail(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas or 1} "
                                 f"x world size {world}: set train_micro_batch_size_per_gpu instead")
             micro = total // world // (gas or 1)
+            self.derived.append(f"micro-batch {micro} derived as DeepSpeed does: train_batch_size {total} / "
+                                f"gradient_accumulation_steps {gas or 1} / world size {world}")
         gas = gas or 1
         if total is not None and micro is not None and not unresolved_auto and total != micro * gas * world:
             raise self.fail(
@@ -596,13 +608,13 @@ class _Reader:
     def _other_autos(self) -> None:
         if self.ds.get("gradient_clipping") == AUTO:
             self.auto.append(AutoValue("gradient_clipping", None, "HF fills it from TrainingArguments.max_grad_norm; "
-                                       "memprof does not model clipping's temporaries", changes_memory=False))
+                                       "clipping's temporaries are not modelled", changes_memory=False))
         sched = self.ds.get("scheduler")
         if isinstance(sched, dict) and isinstance(sched.get("params"), dict):
             for key, value in sched["params"].items():
                 if value == AUTO:
-                    self.auto.append(AutoValue(f"scheduler.params.{key}", None, "HF fills it; it does not change memory",
-                                               changes_memory=False))
+                    self.auto.append(AutoValue(f"scheduler.params.{key}", None, "HF fills it from TrainingArguments; "
+                                               "no effect on memory", changes_memory=False))
 
 
 def _whole(value: Any, key: str, where: str, positive: bool = False) -> int:

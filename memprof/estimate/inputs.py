@@ -166,8 +166,11 @@ def settings_from_ds(settings: DeepSpeedSettings) -> dict[str, Any]:
     An "auto" that changes memory and that nothing settled is a MemprofError naming the flag."""
     missing = settings.unresolved()
     if missing:
-        a = missing[0]
-        raise MemprofError(f'{settings.source}: {a.key} is "auto" and nothing settles it: {a.how}')
+        by_fix: dict[str, list[str]] = {}
+        for a in missing:
+            by_fix.setdefault(a.how, []).append(a.key)
+        what = "; ".join(f"{' and '.join(keys)}: {fix}" for fix, keys in by_fix.items())
+        raise MemprofError(f'{settings.source} leaves "auto" values that change memory and that nothing settles: {what}')
     out: dict[str, Any] = {"zero_stage": settings.zero_stage, "zero": settings.zero,
                            "gradient_accumulation_steps": settings.gradient_accumulation_steps,
                            "config_notes": tuple(settings.notes()), "auto_values": settings.auto_values()}
