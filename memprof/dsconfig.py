@@ -40,10 +40,12 @@ parallelism, optimizers outside :data:`OPTIMIZERS`) is refused with one line nam
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from memprof.errors import MemprofError
 
@@ -225,7 +227,7 @@ def _hjson_or_none(text: str) -> dict[str, Any] | None:
         return None
     try:
         data = hjson.loads(text)
-    except Exception:  # hjson.HjsonDecodeError and friends
+    except (ValueError, TypeError, RecursionError):  # hjson.HjsonDecodeError is a ValueError
         return None
     return _plain(data) if isinstance(data, dict) else None
 
@@ -418,7 +420,7 @@ class _Reader:
                     else:
                         self.auto.append(AutoValue(dotted, None, f"not read at ZeRO stage {stage}", changes_memory=False))
                 else:
-                    self.auto.append(AutoValue(dotted, None, f"DeepSpeed drops it and keeps its default"
+                    self.auto.append(AutoValue(dotted, None, "DeepSpeed drops it and keeps its default"
                                                + ("" if used else f"; not read at ZeRO stage {stage}"), changes_memory=False))
                 continue
             kw[name] = _whole(value, dotted, self.where)
@@ -619,7 +621,7 @@ class _Reader:
 
 def _whole(value: Any, key: str, where: str, positive: bool = False) -> int:
     """A whole number as DeepSpeed's pydantic int fields take it (``5e8`` included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise MemprofError(f"{where}: {key} = {value!r} must be a non-negative whole number")
     if value < 0 or (positive and value < 1):
         kind = "an integer of at least 1" if positive else "a non-negative whole number"
@@ -636,7 +638,7 @@ def config_number(params: Mapping[str, Any], key: str, source: str, default: flo
     """A numeric optimizer setting (``momentum``, ``dampening``, ...) of ``optimizer.params``;
     MemprofError naming the field when it is not a finite number."""
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise MemprofError(f"{source}: optimizer.params.{key} is {value!r}: it must be a number, e.g. 0.9")
     return float(value)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from memprof.cli.estimate import build_parser
 from memprof.estimate import estimate, inputs_from_run
 from memprof.estimate.cli_args import inputs_from_args
-from memprof.cli.estimate import build_parser
 from memprof.train.config import load_deepspeed_config, parse_args
 from memprof.train.run_meta import DistributedFacts, build_run_meta
 
@@ -31,7 +31,7 @@ H = 768  # GPT-2 (124M) hidden size, n_embd
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*MEMPROF, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run([*MEMPROF, *args], capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
 
 
 def estimate_inputs(*args: str) -> dict[str, Any]:
@@ -52,9 +52,9 @@ def one_line_error(*args: str) -> str:
 
 
 def _settings_tuple(stage, optimizer, precision, micro, gas, off_opt, off_par, ckpt, zero, torch_adam, acc_dtype):
-    return dict(zero_stage=stage, optimizer=optimizer, precision=precision, micro_batch=micro, gradient_accumulation_steps=gas,
-                offload_optimizer=off_opt, offload_param=off_par, activation_checkpointing=ckpt, zero=zero,
-                torch_adam=torch_adam, grad_accum_dtype=acc_dtype)
+    return {"zero_stage": stage, "optimizer": optimizer, "precision": precision, "micro_batch": micro,
+            "gradient_accumulation_steps": gas, "offload_optimizer": off_opt, "offload_param": off_par,
+            "activation_checkpointing": ckpt, "zero": zero, "torch_adam": torch_adam, "grad_accum_dtype": acc_dtype}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.stem)
@@ -85,16 +85,16 @@ def test_launcher_and_estimator_resolve_every_shipped_config_alike(path: Path, t
 
 def test_vocabularies_and_element_sizes_are_defined_once() -> None:
     import memprof.dsconfig as ds
-    import memprof.estimate.inputs as inputs
     import memprof.estimate.zero_layout as layout
     import memprof.train.config as train
+    from memprof.estimate import inputs
 
     assert inputs.OPTIMIZERS is ds.OPTIMIZERS and inputs.PRECISIONS is ds.PRECISIONS and inputs.OFFLOAD_DEVICES is ds.OFFLOAD_DEVICES
     assert layout.ELEMENT_SIZE is ds.ELEMENT_SIZE and ds.ELEMENT_SIZE == {"fp32": 4, "bf16": 2, "fp16": 2}
     assert inputs.ZeroKnobs is ds.ZeroKnobs
     for gone in ("OPTIMIZER_ZOO", "PRECISIONS", "OFFLOAD_DEVICES"):
         assert not hasattr(train, gone)
-    import memprof.train.data as data
+    from memprof.train import data
 
     assert not hasattr(data, "BYTE_VOCAB")
 

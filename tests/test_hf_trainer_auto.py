@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
+
 from memprof.estimate.inputs import settings_from_setup_files
 from memprof.models import preset_config
 

@@ -24,9 +24,19 @@ from memprof.dsconfig import (
 )
 from memprof.errors import MemprofError
 
-__all__ = ["OFFLOAD_DEVICES", "OPTIMIZERS", "PRECISIONS", "ZeroKnobs", "EstimateInputs", "inputs_from_run",
-           "hidden_size_of", "load_deepspeed_config", "settings_from_deepspeed_config", "settings_from_ds",
-           "settings_from_setup_files"]
+__all__ = [
+    "OFFLOAD_DEVICES",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "EstimateInputs",
+    "ZeroKnobs",
+    "hidden_size_of",
+    "inputs_from_run",
+    "load_deepspeed_config",
+    "settings_from_deepspeed_config",
+    "settings_from_ds",
+    "settings_from_setup_files",
+]
 
 LAYOUTS: tuple[str, ...] = ("deepspeed", "zero-paper")
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
@@ -80,7 +90,7 @@ class EstimateInputs:
     def __post_init__(self) -> None:
         validate_inputs(self)
 
-    def with_(self, **changes: Any) -> "EstimateInputs":
+    def with_(self, **changes: Any) -> EstimateInputs:
         """A copy with some settings changed (validated again)."""
         return replace(self, **changes)
 

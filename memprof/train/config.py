@@ -14,11 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from memprof.dsconfig import DeepSpeedSettings, find_auto, optimizer_name_from_block, read_deepspeed_config
+from memprof.dsconfig import (
+    DeepSpeedSettings,
+    find_auto,
+    optimizer_name_from_block,
+    read_deepspeed_config,
+)
 from memprof.errors import MemprofError
 from memprof.models import PRESETS, load_model_config, preset_config
 from memprof.units import parse_size
