@@ -26,6 +26,7 @@ from typing import Any
 
 from memprof.dsconfig import AUTO, load_config_file
 from memprof.errors import MemprofError
+from memprof.jsonfile import read_user_text
 
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
@@ -49,16 +50,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         import yaml
     except ImportError:  # pragma: no cover - PyYAML ships with accelerate and transformers
         raise MemprofError("reading an accelerate config needs PyYAML: pip install pyyaml") from None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MemprofError(f"accelerate config {path} does not exist: check the path") from None
-    except IsADirectoryError:
-        raise MemprofError(f"accelerate config {path} is a folder: pass the YAML file") from None
-    except OSError as e:
-        raise MemprofError(f"cannot read accelerate config {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise MemprofError(f"accelerate config {path} is not UTF-8 text: fix the file") from None
+    text = read_user_text(path, "accelerate config", "check the path")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

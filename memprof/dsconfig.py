@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from memprof.errors import MemprofError
+from memprof.jsonfile import read_user_text
 
 # ---- vocabularies and element sizes: defined here only -----------------------------------------
 
@@ -188,16 +189,7 @@ def load_config_file(path: str | os.PathLike, fix: str = "check the path") -> di
     template with placeholders is one MemprofError line."""
     path = Path(path)
     what = "DeepSpeed config"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MemprofError(f"{what} {path} does not exist: {fix}") from None
-    except IsADirectoryError:
-        raise MemprofError(f"{what} {path} is a folder: pass the JSON file") from None
-    except OSError as e:
-        raise MemprofError(f"cannot read {what} {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise MemprofError(f"{what} {path} is not valid JSON (not UTF-8 text): fix the file") from None
+    text = read_user_text(path, what, fix)
     if path.suffix.lower() in (".yaml", ".yml"):
         raise MemprofError(f"{what} {path} is a YAML file, not DeepSpeed JSON: if it is an accelerate config, "
                            "pass it with --accelerate-config")

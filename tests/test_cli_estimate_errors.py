@@ -47,6 +47,11 @@ BAD = [
     (["estimate", "--model", "gpt2", "--deepspeed-config", "/nonexistent/ds.json"], "does not exist"),
     (["estimate", "--model", "gpt2", "--no-such-flag"], "no-such-flag"),
     (["estimate"], "no model"),
+    (["estimate", "--model", "gpt2", "--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
+    (["estimate", "--model", "gpt2", "--gradient-accumulation-steps", "two"], "--gradient-accumulation-steps"),
+    (["estimate", "--model", "gpt2", "--accelerate-config", "/nonexistent/acc.yaml"], "does not exist"),
+    (["plan", "--model", "gpt2", "--gpus", "8", "--gpu-memory", "80GiB", "--accelerate-config", "/nonexistent/acc.yaml"],
+     "does not exist"),
     (["plan", "--model", "gpt2", "--gpus", "8"], "gpu-memory"),
     (["plan", "--model", "gpt2", "--gpu-memory", "80GiB"], "--gpus"),
 ]
