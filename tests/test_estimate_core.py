@@ -198,6 +198,40 @@ def test_import_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_estimate_modules_import_no_circle():
+    """The estimator's modules import one another without a cycle (at module level or inside a
+    function): walked from their source, so a lazy import that hides a circle counts too."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "memprof" / "estimate"
+    graph = {}
+    for path in pkg.glob("*.py"):
+        name = f"memprof.estimate.{path.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("memprof.estimate."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("memprof.estimate.")}
+        graph[name] = deps
+    assert {"memprof.estimate.core", "memprof.estimate.paper"} <= graph.keys()
+
+    def cycle_from(start, node, seen):
+        for dep in graph.get(node, ()):
+            if dep == start:
+                return [node, dep]
+            if dep not in seen:
+                seen.add(dep)
+                found = cycle_from(start, dep, seen)
+                if found:
+                    return [node, *found]
+        return None
+
+    for mod in graph:
+        assert cycle_from(mod, mod, set()) is None, f"import circle: {' -> '.join(cycle_from(mod, mod, set()))}"
+
+
 # ---------------------------------------------------------------------------------------------
 # At-rest layout table (docs/ownership.md, confirmed by measurement on 2 CPU ranks): every
 # category written out from gpt2-tiny's layer shapes and DeepSpeed's partition rules.
