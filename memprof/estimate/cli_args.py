@@ -46,6 +46,8 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", help="number of nodes (world size = nodes x gpus-per-node)")
     p.add_argument("--gpus-per-node", help="GPUs per node")
     p.add_argument("--micro-batch", help="micro-batch per GPU (default: train_micro_batch_size_per_gpu, else 1)")
+    p.add_argument("--gradient-accumulation-steps",
+                   help="micro-steps per optimizer step (default: gradient_accumulation_steps, else 1)")
     p.add_argument("--seq-len", help="sequence length (default: the model's n_positions)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
@@ -116,7 +118,8 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
         kw["world_size"] = world_size
     if nodes:
         kw["nodes"] = nodes
-    for flag, key in ((args.micro_batch, "micro_batch"), (args.seq_len, "seq_len")):
+    for flag, key in ((args.micro_batch, "micro_batch"), (args.gradient_accumulation_steps, "gradient_accumulation_steps"),
+                      (args.seq_len, "seq_len")):
         if flag is not None:
             kw[key] = _int(flag, f"--{key.replace('_', '-')}")
     if args.activation_checkpointing:

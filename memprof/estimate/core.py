@@ -195,6 +195,9 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inputs.zero_stage}, world size {inputs.world_size}, {inputs.precision}",
         f"optimizer {spec.torch_class}: {spec.note}; peaks are for the steady state (step 2 on), when the "
         + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy else "lazily created state already exists (step 1's step phase allocates it)"),
+        (f"gradient_accumulation_steps {inputs.gradient_accumulation_steps}: phase peaks are the worst micro-step of a "
+         "steady cycle (the boundary, or a non-boundary step phase), 'at rest' is after the boundary's optimizer step"
+         if inputs.gradient_accumulation_steps > 1 else "gradient_accumulation_steps 1: every micro-step is a boundary"),
         f"reduce_bucket_size {inputs.zero.reduce_bucket_size:,} elements, overlap_comm "
         f"{inputs.zero.overlap_comm_for(inputs.zero_stage)}, contiguous_gradients {inputs.zero.contiguous_gradients}",
         ("ranks other than the first and the last hold the same as the first (only the last rank's partition carries padding)"

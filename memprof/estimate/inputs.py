@@ -61,6 +61,10 @@ class EstimateInputs:
     optimizer: str = "adamw"
     precision: str = "fp32"
     micro_batch: int = 1
+    gradient_accumulation_steps: int = 1
+    """DeepSpeed ``gradient_accumulation_steps``: micro-steps per optimizer step. Above 1 the
+    gradients of the earlier micro-steps stay alive into the next (zero_layout.py); the phase
+    peaks are those of the worst micro-step of a steady cycle."""
     seq_len: int | None = None
     activation_checkpointing: bool = False
     attn_implementation: str = "sdpa"
@@ -115,6 +119,7 @@ def validate_inputs(inp: EstimateInputs) -> None:
     if inp.precision not in PRECISIONS:
         raise MemprofError(f"unknown precision {inp.precision!r}: choose one of {', '.join(PRECISIONS)}")
     _positive_int(inp.micro_batch, "micro-batch", "--micro-batch 1")
+    _positive_int(inp.gradient_accumulation_steps, "gradient accumulation steps", "--gradient-accumulation-steps 1")
     if inp.seq_len is not None:
         _positive_int(inp.seq_len, "sequence length", "--seq-len 1024")
     if inp.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -178,6 +183,9 @@ def settings_from_deepspeed_config(ds: dict[str, Any], source: str = "DeepSpeed 
     mb = ds.get("train_micro_batch_size_per_gpu")
     if mb is not None and mb != "auto":
         out["micro_batch"] = _cfg_int(mb, "train_micro_batch_size_per_gpu", source, positive=True)
+    gas = ds.get("gradient_accumulation_steps")
+    if gas is not None and gas != "auto":
+        out["gradient_accumulation_steps"] = _cfg_int(gas, "gradient_accumulation_steps", source, positive=True)
     precision = precision_from_config(ds, source)
     if precision is not None:
         out["precision"] = precision
@@ -373,7 +381,7 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     settings = settings_from_deepspeed_config(ds, "the run's deepspeed_config") if ds else {}
     model_config = run.get("model_config")
     kw: dict[str, Any] = dict(settings)
-    for key in ("world_size", "nodes", "zero_stage", "micro_batch", "seq_len"):
+    for key in ("world_size", "nodes", "zero_stage", "micro_batch", "gradient_accumulation_steps", "seq_len"):
         if run.get(key) is not None:
             kw[key] = _run_int(run[key], key)
     for key in ("optimizer", "precision"):

@@ -45,6 +45,9 @@ class StateLayout:
     # candidate moments of the step phase, each as device bytes beyond ``rest`` (may be negative:
     # ZeRO-3 releases the gathered persistent params for the step); the phase peak is the largest
     step_moments: list[dict[str, int]] = field(default_factory=list)
+    # gradient accumulation (gradient_accumulation_steps > 1): device bytes beyond ``rest`` alive
+    # from a non-boundary micro-step's backward to the boundary's reduction (see _accumulate)
+    between_microsteps: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def add(self, where: str, category: str, nbytes: int) -> None:
@@ -161,6 +164,38 @@ class _Setup:
         return self.shape.param_numels
 
 
+def _plus(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for cat, n in b.items():
+        out[cat] = out.get(cat, 0) + n
+    return out
+
+
+def _accumulate(s: _Setup, out: StateLayout, between: dict[str, int], same_at_hook: tuple[str, ...] = (),
+                same_at_end: tuple[str, ...] = (), how: str = "") -> None:
+    """Gradient accumulation (``gradient_accumulation_steps`` k > 1): the engine calls the
+    optimizer's reduction / epilogue and ``step()`` only at the boundary
+    (``engine.is_gradient_accumulation_boundary``: every k-th micro-step), so what a non-boundary
+    micro-step's backward leaves behind (``between``: device bytes beyond ``rest``) is alive
+    through the next micro-step's forward and backward. The worst micro-step of a steady cycle is
+    the last one (the boundary): its forward and backward start carry ``between``; its first
+    gradient hook and backward's end carry it too, except the categories named in
+    ``same_at_hook`` / ``same_at_end``, whose storage is the one already counted there (e.g.
+    ``param.grad``, which autograd's AccumulateGrad adds into in place). A non-boundary
+    micro-step's step phase holds ``rest + between`` (engine.step does nothing else there)."""
+    if s.inp.gradient_accumulation_steps <= 1:
+        return
+    between = {cat: n for cat, n in between.items() if n}
+    out.between_microsteps = between
+    out.forward_extra = _plus(out.forward_extra, between)
+    out.backward_extra = _plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
+    out.backward_end_extra = _plus(out.backward_end_extra, {c: n for c, n in between.items() if c not in same_at_end})
+    out.step_moments = [*out.step_moments, dict(between)]
+    out.notes.append(f"gradient accumulation over {s.inp.gradient_accumulation_steps} micro-steps: "
+                     f"{how or 'nothing beyond the run-long state'} stays alive between micro-steps; "
+                     "peaks are those of the cycle's boundary micro-step")
+
+
 def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> StateLayout:
     """The model states of ``rank`` (see module docstring): picks the DeepSpeed 0.19.8 code path
     that ``engine._configure_zero_optimizer`` / ``_configure_fp16_optimizer`` /
@@ -218,10 +253,13 @@ def _stage0(s: _Setup, out: StateLayout) -> None:
         flatten = {G: total * e + 2 * total * FP32}
         in_optimizer = {G: total * FP32, O: temporaries}
         out.step_moments = [flatten, in_optimizer]
-        return
-    # step: param.grad (e) and, in bf16/fp16, the fp32 master grads; the optimizer's temporaries
-    grads = total * e + (total * FP32 if e < FP32 else 0)
-    out.step_moments = [{G: grads, O: temporaries}]
+    else:
+        # step: param.grad (e) and, in bf16/fp16, the fp32 master grads; the optimizer's temporaries
+        grads = total * e + (total * FP32 if e < FP32 else 0)
+        out.step_moments = [{G: grads, O: temporaries}]
+    # engine.backward calls allreduce_gradients only at the boundary, and zero_grad runs in
+    # engine.step's boundary branch: every param.grad (e*P) is alive between micro-steps
+    _accumulate(s, out, {G: total * e}, same_at_end=(G,), how="every param.grad (e*P)")
 
 
 def _stage12_resident(s: _Setup, out: StateLayout, opt_loc: str) -> int:
@@ -263,6 +301,9 @@ def _bf16_optimizer(s: _Setup, out: StateLayout) -> None:
     lp_grads = {G: s.total * e}
     out.backward_end_extra = lp_grads
     out.step_moments = [{**lp_grads, O: optimizer_temporaries(inp, part, part, s.device_type)}]
+    # the bf16 .grads accumulate in place until the boundary's backward_epilogue (measured: +e*P
+    # between micro-steps on gpt2-tiny, 2 CPU ranks)
+    _accumulate(s, out, lp_grads, same_at_end=(G,), how="every bf16 param.grad (e*P)")
 
 
 def _reduce_buckets(s: _Setup) -> int:
@@ -296,6 +337,20 @@ def _stage12_offload(s: _Setup, out: StateLayout) -> None:
     grads_end = s.total * e if stage == 1 else 0
     out.backward_end_extra = {G: grads_end, C: buckets}
     out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
+    if inp.gradient_accumulation_steps > 1:
+        if stage == 1:
+            _stage1_accumulation(s, out, buckets)
+        else:
+            # copy_grads_in_partition (stage_1_and_2.py:2166): reducing at every micro-step (stage 2),
+            # a non-boundary micro-step keeps each partition param's reduced gradient in
+            # accumulated_grads_in_cpu (async_accumulate_grad_in_cpu_via_gpu, :1809): the whole
+            # param (param.numel()) in the model dtype on the host (pinned with
+            # offload_optimizer.pin_memory), kept for the run; accumulate_gradients adds it back
+            # into the device gradient through temp_grad_buffer_for_gpu_offload (no new device bytes)
+            touching = stage12_partition(s.shape, s.N, s.rank)[2]
+            out.add("host", G, touching * e)
+            _accumulate(s, out, {}, how="on the device nothing (the host keeps accumulated_grads_in_cpu, "
+                                        "the partition's params whole in the model dtype)")
 
 
 _APPROXIMATE_FP32_ACCUMULATION = (
@@ -340,6 +395,26 @@ def _stage12(s: _Setup, out: StateLayout) -> None:
     flatten = {G: held + part * e + (part * FP32 if e < FP32 else 0)}
     in_optimizer = {G: part * FP32, O: optimizer_temporaries(inp, part, part, s.device_type)}
     out.step_moments = [norm, flatten, in_optimizer]
+    if stage == 1:
+        _stage1_accumulation(s, out, buckets)
+    else:
+        # stage 2 reduces at every micro-step: a non-boundary epilogue keeps the reduced grads of
+        # the partition's params (get_all_grad_tensors -> all_grad_tensors, views of that
+        # micro-step's grads_in_partition, :1037) and the next micro-step's copy_grads_in_partition
+        # allocates a new grads_in_partition beside them (:2184); the boundary's epilogue adds the
+        # new into the old (:1044) and step() flattens the old
+        _accumulate(s, out, {G: rank_grads.held * e},
+                    how="the partition params' reduced gradients (all_grad_tensors, e x their numel)")
+
+
+def _stage1_accumulation(s: _Setup, out: StateLayout, buckets: int) -> None:
+    """ZeRO-1 (partition_gradients off) reduces only at the boundary
+    (reduce_ready_partitions_and_remove_grads, stage_1_and_2.py:2291) and the engine calls the
+    epilogue only there: a non-boundary micro-step's param.grads (e*P) stay and accumulate in
+    place, and the ipg buckets setup_buckets (:3256) allocated at its first hook are not released
+    (_release_ipg_buffers runs in the epilogue). At the boundary the same buckets are reused."""
+    _accumulate(s, out, {G: s.total * s.e, C: buckets}, same_at_hook=(C,), same_at_end=(G, C),
+                how="every param.grad (e*P) and the reduce buckets")
 
 
 def _stage2_compact_fp32_grads(s: _Setup, out: StateLayout, part: int, rank_grads: Stage12Grads) -> None:
@@ -354,6 +429,8 @@ def _stage2_compact_fp32_grads(s: _Setup, out: StateLayout, part: int, rank_grad
     in_optimizer = {**compact_grads, O: optimizer_temporaries(s.inp, part, part, s.device_type)}
     out.step_moments = [norm, in_optimizer]
     out.notes.append("ZeRO-2 + fp32 gradient accumulation: gradients accumulate in an fp32 partition buffer (4 bytes/param / N)")
+    # the compact buffer lives from the first reduction to the boundary's step: between micro-steps too
+    _accumulate(s, out, compact_grads, same_at_end=(G,), how="the fp32 gradient-partition buffer (4 bytes/param / N)")
 
 
 def _stage3(s: _Setup, out: StateLayout) -> None:
@@ -410,6 +487,9 @@ def _stage3(s: _Setup, out: StateLayout) -> None:
         in_optimizer = {P: release, G: largest_sub * FP32,
                         O: optimizer_temporaries(inp, largest_sub, largest_sub, s.device_type)}
         out.step_moments = [to_fp32, in_optimizer]
+    # the gradient partitions (grad_partitions_flat_buffer) are at rest already; a micro-step
+    # after the first adds into them in place (stage3.py:2024, `micro_step_id == 0` copies)
+    _accumulate(s, out, {}, how="on the device nothing beyond the run-long gradient partitions")
     out.notes.append(
         f"stage 3: {shape.persistent_numel(thr):,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
         f"gathered when forward ends: {gathered:,} of {total - shape.persistent_numel(thr):,} non-persistent elements " + how
