@@ -707,3 +707,42 @@ def test_compare_takes_the_worst_micro_step_of_the_last_cycle():
     assert [s["step"] for s in steady_cycle({"steps": steps}, 3)] == [3, 4, 5]  # step 6 starts a cycle it does not finish
     assert [s["step"] for s in steady_cycle({"steps": steps}, 1)] == [6]
     assert [s["step"] for s in steady_cycle({"steps": steps[:2]}, 3)] == [1]  # no whole cycle: the last complete step
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer zoo at ZeRO-1/2 in every dtype (issue 8): the inner optimizer's state on the fp32
+# partition (k fp32 tensors of PART elements + a 4-byte step tensor for torch's counting
+# optimizers), plus, for the one optimizer that creates its state in its constructor (torch
+# Adagrad: `sum = full_like(p)` and a 0-dim fp32 `step`), a stale full-size copy on the engine's
+# original optimizer, built over the model's params after they were cast to the model dtype.
+
+ZOO_AT_STAGE12 = {
+    # name: (ds optimizer block, fp32 state tensors per element, torch step tensor, state made in the constructor)
+    "sgd": ({"type": "SGD", "params": {"lr": 1e-3}}, 0, False, False),
+    "momentum": ({"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9}}, 1, False, False),
+    "nesterov": ({"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9, "nesterov": True}}, 1, False, False),
+    "rmsprop": ({"type": "RMSprop", "params": {"lr": 1e-3}}, 1, True, False),
+    "adagrad": ({"type": "Adagrad", "params": {"lr": 1e-3}}, 1, True, True),
+    "adamw-fused": (ADAMW, 2, False, False),
+    "adamw-torch": (TORCH_ADAMW, 2, True, False),
+    "amsgrad": ({"type": "Adam", "params": {"lr": 1e-3, "amsgrad": True, "torch_adam": True}}, 3, True, False),
+}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(ZOO_AT_STAGE12))
+def test_zoo_optimizer_state_at_stage12_in_its_real_dtype(name, dtype, stage):
+    block, k, step_tensor, constructor_state = ZOO_AT_STAGE12[name]
+    e = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    ds = {"train_micro_batch_size_per_gpu": 2, "optimizer": block, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": stage}}
+    if dtype != "fp32":
+        ds[dtype] = {"enabled": True}
+    run = {"model_config": preset_config("gpt2-tiny"), "world_size": N2, "seq_len": 32, "device_type": "cpu",
+           "deepspeed_config": ds}
+    expected = 4 * k * PART + (4 if step_tensor else 0)
+    if constructor_state:
+        expected += e * TP + 4 * TT  # the stale `sum` in the model dtype, fp32 step per model tensor
+    for r in estimate(inputs_from_run(run)).ranks:
+        assert r.rest["device"]["optimizer_state"] + r.rest["host"]["optimizer_state"] == expected, r.rank

@@ -17,6 +17,7 @@ from memprof.categories import Category
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import (
+    OPTIMIZER_SPECS,
     keeps_step_tensors,
     optimizer_state_bytes,
     single_tensor_temporaries,
@@ -276,13 +277,21 @@ def _stage12_resident(s: _Setup, out: StateLayout, opt_loc: str) -> int:
 
 
 def _stale_adagrad_state(s: _Setup, out: StateLayout) -> None:
-    """stage_1_and_2.py:946: torch Adagrad is rebuilt over the fp32 partitions, but
-    engine.basic_optimizer keeps the original one alive with its full-size `sum` and a step tensor
-    per model parameter (Adagrad creates its state in the constructor)."""
-    if s.inp.optimizer != "adagrad":
+    """State an optimizer created in its constructor, left on the engine's original instance.
+
+    engine._configure_basic_optimizer builds the torch optimizer over the model's parameters after
+    _configure_distributed_model has cast them to the model dtype. Of the zoo only torch Adagrad
+    creates its state there (adagrad.py ``__init__``: ``sum = torch.full_like(p, ...)``, so in
+    p's dtype: bf16/fp16 in mixed precision; ``step = torch.zeros((), dtype=_get_scalar_dtype())``,
+    4 bytes fp32 per tensor); the others create it lazily in ``step()``, on the fp32 partitions the
+    ZeRO optimizer hands them. stage_1_and_2.py:946 builds a new Adagrad over the fp32 partitions,
+    but engine.basic_optimizer keeps the original one alive with that full-size ``sum``."""
+    spec = OPTIMIZER_SPECS[s.inp.optimizer]
+    if spec.lazy:
         return
-    out.add("device", O, optimizer_state_bytes("adagrad", s.total, len(s.numels)))
-    out.notes.append("ZeRO-1/2 Adagrad: the engine's original torch Adagrad stays alive with a full-size `sum` (4P + 4 per tensor)")
+    out.add("device", O, optimizer_state_bytes(s.inp.optimizer, s.total, len(s.numels), state_bytes_per_element=s.e))
+    out.notes.append(f"ZeRO-1/2 {spec.torch_class}: the engine's original optimizer stays alive with its "
+                     f"constructor-made full-size state in the model dtype ({s.e}P + 4 per tensor)")
 
 
 def _bf16_optimizer(s: _Setup, out: StateLayout) -> None:
