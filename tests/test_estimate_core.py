@@ -136,8 +136,10 @@ def test_stage3_partitions_per_parameter_and_persistence():
 
 def test_offload_moves_states_to_host():
     P, N = 8_000_000, 4
+    # unpinned host buffers (offload_optimizer.pin_memory false): exact sizes; pinned ones on CUDA
+    # are rounded up by PyTorch's host allocator (test_pinned_host_buffers_round_up_on_cuda)
     est = estimate(EstimateInputs(n_params=P, world_size=N, zero_stage=2, precision="bf16",
-                                  zero=ZeroKnobs(offload_optimizer="cpu")))
+                                  zero=ZeroKnobs(offload_optimizer="cpu", offload_optimizer_pin_memory=False)))
     host, dev = est.ranks[0].rest["host"], est.ranks[0].rest["device"]
     # DeepSpeedCPUAdam keeps its step in a Python int
     assert host["master_params"] == 4 * P // N and host["optimizer_state"] == 8 * P // N
@@ -746,3 +748,87 @@ def test_zoo_optimizer_state_at_stage12_in_its_real_dtype(name, dtype, stage):
         expected += e * TP + 4 * TT  # the stale `sum` in the model dtype, fp32 step per model tensor
     for r in estimate(inputs_from_run(run)).ranks:
         assert r.rest["device"]["optimizer_state"] + r.rest["host"]["optimizer_state"] == expected, r.rank
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory (issue 8): per rank and per node, pinned buffers included.
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def test_pinned_host_buffers_round_up_on_cuda():
+    """ZeRO-2 + offload_optimizer (pin_memory true, DeepSpeed's default) on CUDA: the fp32 master
+    partition, its fp32 .grad, the low-precision partition buffer and the largest-param staging
+    buffer are each page-locked through PyTorch's CachingHostAllocator, which hands out the next
+    power of two; the optimizer state (made by the optimizer, unpinned) keeps its size. On CPU
+    ranks nothing is rounded."""
+    part = PART
+    kw = dict(model_config=preset_config("gpt2-tiny"), world_size=2, zero_stage=2, precision="bf16", optimizer="adamw",
+              zero=ZeroKnobs(offload_optimizer="cpu"), seq_len=32)
+    cuda = estimate(EstimateInputs(**kw, device_type="cuda")).ranks[0].rest["host"]
+    cpu = estimate(EstimateInputs(**kw, device_type="cpu")).ranks[0].rest["host"]
+    assert cpu["master_params"] == 4 * part and cpu["grads"] == 4 * part
+    assert cuda["master_params"] == _pow2(4 * part) == 524_288 and cuda["grads"] == _pow2(4 * part)
+    assert cuda["comm_buffers"] == _pow2(2 * part) + _pow2(2 * MAXN) and cpu["comm_buffers"] == 2 * part + 2 * MAXN
+    assert cuda["optimizer_state"] == cpu["optimizer_state"] == 8 * part
+    unpinned = ZeroKnobs(offload_optimizer="cpu", offload_optimizer_pin_memory=False)
+    assert estimate(EstimateInputs(**{**kw, "zero": unpinned}, device_type="cuda")).ranks[0].rest["host"] == cpu
+
+
+def test_host_bytes_per_rank_and_per_node():
+    # 2 nodes x 4 ranks, ZeRO-3 + optimizer offload, bf16, no pinning: per rank the fp32 master,
+    # the bf16 gradient partitions, the sub-group fp32 .grad and AdamW's two states: (4+2+4+8) S
+    s3 = sum(math.ceil(n / 8) for n in TINY_NUMELS)
+    est = estimate(EstimateInputs(model_config=preset_config("gpt2-tiny"), world_size=8, nodes=2, zero_stage=3,
+                                  precision="bf16", zero=ZeroKnobs(offload_optimizer="cpu", offload_optimizer_pin_memory=False),
+                                  host_memory_bytes=10**6, device_type="cpu", seq_len=32))
+    assert est.host_bytes_per_rank == 18 * s3
+    assert est.ranks_per_node == 4 and est.host_bytes_per_node == 4 * 18 * s3
+    assert est.host_fits is (4 * 18 * s3 <= 10**6)
+    j = est.to_json()
+    assert j["host_bytes_per_node"] == 4 * 18 * s3 and j["host_bytes_per_rank"] == 18 * s3
+    # no offload: no host bytes
+    assert estimate(EstimateInputs(model_config=preset_config("gpt2-tiny"), world_size=8, zero_stage=2,
+                                   device_type="cpu", seq_len=32)).host_bytes_per_node == 0
+
+
+def test_plan_rejects_configurations_whose_host_share_does_not_fit():
+    from memprof.estimate import plan
+
+    base = EstimateInputs(model_config=preset_config("gpt2-tiny"), precision="bf16", optimizer="adamw", seq_len=32,
+                          device_type="cpu", gpu_memory_bytes=10**10, zero=ZeroKnobs(offload_optimizer_pin_memory=False))
+    free = plan(base, 4)
+    offload_rows = [r for r in free.rows if r.offload_optimizer == "cpu"]
+    assert all(r.fits for r in free.rows) and all(r.host_bytes_per_node > 0 for r in offload_rows)
+    assert all(r.host_bytes_per_node == 0 for r in free.rows if r.offload_optimizer == "none")
+    # a node of 4 ranks with less host RAM than the smallest offload share: offload rows do not fit
+    limit = min(r.host_bytes_per_node for r in offload_rows) - 1
+    tight = plan(base.with_(host_memory_bytes=limit), 4)
+    for r in tight.rows:
+        assert r.fits is (r.offload_optimizer == "none"), r.label
+        if r.offload_optimizer == "cpu":
+            assert r.largest_micro_batch is None
+    assert tight.to_json()["rows"][-1]["host_bytes_per_node"] == offload_rows[-1].host_bytes_per_node
+
+
+def test_cli_host_memory_flag():
+    import json
+
+    cmd = [sys.executable, "-m", "memprof", "plan", "--model", "gpt2-tiny", "--gpus", "2", "--gpu-memory", "80GiB",
+           "--precision", "bf16", "--seq-len", "32", "--json", "--host-memory", "1KiB"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    assert out["host_memory_bytes"] == 1024
+    for row in out["rows"]:
+        assert row["fits"] is (row["offload_optimizer"] == "none") and ("host_bytes_per_node" in row)
+    est = json.loads(subprocess.run([sys.executable, "-m", "memprof", "estimate", "--model", "gpt2-tiny", "--zero-stage", "2",
+                                     "--offload-optimizer", "cpu", "--nodes", "2", "--gpus-per-node", "4", "--json",
+                                     "--host-memory", "1GiB"], capture_output=True, text=True, check=True).stdout)
+    assert est["ranks_per_node"] == 4 and est["host_bytes_per_node"] == 4 * est["host_bytes_per_rank"] > 0
+    assert est["host_fits"] is True
+    bad = subprocess.run(cmd[:-1] + ["lots"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--host-memory" in bad.stderr

@@ -144,15 +144,21 @@ def peak_device_bytes(inputs: EstimateInputs) -> int:
     without building breakdowns or assumptions (the planner's inner loop). Beyond
     ``PLANNER_ALL_RANKS_UP_TO`` ranks at stage 1/2 it models only the deciding ranks (see
     _ranks_to_model), so it can differ from estimate() by one gradient piece there."""
+    return peak_device_and_host_bytes(inputs)[0]
+
+
+def peak_device_and_host_bytes(inputs: EstimateInputs) -> tuple[int, int]:
+    """(``peak_device_bytes``, the largest host bytes of one rank: ``Estimate.host_bytes_per_rank``)."""
     shape = model_shape(inputs.model_config, inputs.n_params)
     acts = _activations(inputs, shape)
-    best = 0
+    best = host = 0
     for r in _ranks_to_model(inputs, shape, PLANNER_ALL_RANKS_UP_TO):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
         rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
         for cands in _phase_extras(lay, acts).values():
             best = max(best, rest + max(sum(c.values()) for c in cands))
-    return best
+        host = max(host, sum(lay.rest["host"].values()))
+    return best, host
 
 
 def estimate(inputs: EstimateInputs) -> Estimate:
@@ -206,6 +212,13 @@ def estimate(inputs: EstimateInputs) -> Estimate:
          if inputs.world_size <= ALL_RANKS_UP_TO else
          "modelled: rank 0, the last rank and the ranks holding the most gradient elements; the others hold no more"),
     ]
+    if inputs.zero.offload_optimizer != "none" or inputs.zero.offload_param != "none":
+        assumptions.append(
+            "host bytes: the offloaded states and DeepSpeed's host buffers, per rank and x ranks per node "
+            + (f"({inputs.world_size // inputs.nodes})" if inputs.nodes else "")
+            + "; pinned buffers (offload pin_memory, on by default) on CUDA rounded up to a power of two by "
+            "PyTorch's host allocator (not measured on a GPU); the processes' own RSS (Python, torch, CUDA context) is not included"
+        )
     if inputs.device_type == "cpu":
         assumptions.append("device_type cpu: 'device' is the CPU memory used for compute, not a GPU")
     else:

@@ -41,6 +41,10 @@ class ZeroKnobs:
     sub_group_size: int = 1_000_000_000  # elements per stage-3 optimizer sub-group
     offload_optimizer: str = "none"
     offload_param: str = "none"
+    # offload_optimizer.pin_memory / offload_param.pin_memory (offload_config.py: default true):
+    # DeepSpeed page-locks its host buffers (zero_layout._host_bytes)
+    offload_optimizer_pin_memory: bool = True
+    offload_param_pin_memory: bool = True
 
     def overlap_comm_for(self, stage: int) -> bool:
         # DeepSpeedZeroConfig.overlap_comm_valid: None becomes (stage == 3)
@@ -70,6 +74,9 @@ class EstimateInputs:
     attn_implementation: str = "sdpa"
     zero: ZeroKnobs = field(default_factory=ZeroKnobs)
     gpu_memory_bytes: int | None = None
+    host_memory_bytes: int | None = None
+    """Host RAM per node (``--host-memory``): the node's ranks share it for their offloaded states
+    and DeepSpeed's host buffers. None: not checked."""
     headroom: float = 0.10
     layout: str = "deepspeed"
     device_type: str = "cuda"
@@ -138,6 +145,8 @@ def validate_inputs(inp: EstimateInputs) -> None:
         parse_capability(inp.cuda_capability)
     if inp.gpu_memory_bytes is not None and inp.gpu_memory_bytes <= 0:
         raise MemprofError("GPU memory must be a positive size, e.g. --gpu-memory 80GiB")
+    if inp.host_memory_bytes is not None and inp.host_memory_bytes <= 0:
+        raise MemprofError("host memory must be a positive size per node, e.g. --host-memory 512GiB")
     if not 0 <= inp.headroom < 1:
         raise MemprofError(f"headroom {inp.headroom!r} must be a fraction in [0, 1), e.g. 0.1")
     z = inp.zero
@@ -257,6 +266,8 @@ def _zero_knobs_from_config(zero: dict[str, Any], source: str) -> ZeroKnobs:
         if device not in OFFLOAD_DEVICES:
             raise MemprofError(f"{source}: zero_optimization.{key}.device {device!r} is not modelled: use none or cpu")
         kw[name] = device
+        if isinstance(block.get("pin_memory"), bool):
+            kw[f"{name}_pin_memory"] = block["pin_memory"]
     # deprecated booleans (DeepSpeedZeroConfig cpu_offload / cpu_offload_param)
     if zero.get("cpu_offload") is True:
         kw.setdefault("offload_optimizer", "cpu")

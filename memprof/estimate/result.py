@@ -59,6 +59,26 @@ class Estimate:
         usable = self.usable_gpu_bytes
         return None if usable is None else self.peak_device_bytes <= usable
 
+    @property
+    def host_bytes_per_rank(self) -> int:
+        """Host bytes one rank holds (the largest over the modelled ranks): offloaded model states
+        and DeepSpeed's host buffers (pinned ones included), constant through a step."""
+        return max(breakdown_total(r.rest, "host") for r in self.ranks)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.inputs.world_size // self.inputs.nodes
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        """What a node's ranks hold in its host RAM together: ranks per node x per rank."""
+        return self.ranks_per_node * self.host_bytes_per_rank
+
+    @property
+    def host_fits(self) -> bool | None:
+        h = self.inputs.host_memory_bytes
+        return None if h is None else self.host_bytes_per_node <= h
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ranks": [r.to_json() for r in self.ranks],
@@ -67,6 +87,11 @@ class Estimate:
             "fits": self.fits,
             "gpu_memory_bytes": self.inputs.gpu_memory_bytes,
             "usable_gpu_bytes": self.usable_gpu_bytes,
+            "host_bytes_per_rank": self.host_bytes_per_rank,
+            "ranks_per_node": self.ranks_per_node,
+            "host_bytes_per_node": self.host_bytes_per_node,
+            "host_memory_bytes": self.inputs.host_memory_bytes,
+            "host_fits": self.host_fits,
             "n_params": self.shape.n_params,
             "layout": self.inputs.layout,
             "assumptions": list(self.assumptions),

@@ -165,6 +165,30 @@ class _Setup:
         return self.shape.param_numels
 
 
+def _host_bytes(s: _Setup, nbytes: int, pinned: bool) -> int:
+    """Host bytes of one DeepSpeed host allocation. ``get_accelerator().pin_memory`` on CUDA is
+    ``tensor.pin_memory()``, served by PyTorch's CachingHostAllocator, which rounds every request
+    up to the next power of two (torch/include/ATen/core/CachingHostAllocator.h ``allocate``:
+    ``c10::llvm::PowerOf2Ceil(size)`` below ``pinned_max_round_threshold``, unlimited by default,
+    c10/core/AllocatorConfig.h). The CPU accelerator's pin_memory page-locks nothing and rounds
+    nothing. Not measured on a GPU."""
+    if not pinned or s.device_type != "cuda" or nbytes <= 0:
+        return nbytes
+    return 1 << (nbytes - 1).bit_length()
+
+
+def stage12_partition_param_numels(shape: ModelShape, world_size: int, rank: int) -> list[int]:
+    """Numels of the params that touch ``rank``'s stage 1/2 partition (params_in_partition), whole."""
+    padded, part, touching = stage12_partition(shape, world_size, rank)
+    cum, total = shape.prefix_sums, shape.prefix_sums[-1]
+    start, end = part * rank, min(part * (rank + 1), total)
+    if start >= total or shape.n_tensors == 1:
+        return [touching] if touching else []
+    first = bisect.bisect_right(cum, start) - 1
+    last = bisect.bisect_left(cum, end)
+    return list(shape.param_numels[first:last])
+
+
 def _plus(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     out = dict(a)
     for cat, n in b.items():
@@ -263,7 +287,7 @@ def _stage0(s: _Setup, out: StateLayout) -> None:
     _accumulate(s, out, {G: total * e}, same_at_end=(G,), how="every param.grad (e*P)")
 
 
-def _stage12_resident(s: _Setup, out: StateLayout, opt_loc: str) -> int:
+def _stage12_resident(s: _Setup, out: StateLayout, opt_loc: str, pinned: bool = False) -> int:
     """What every ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer.__init__``, stage_1_and_2.py, and
     ``BF16_Optimizer.__init__``, bf16_optimizer.py) keeps for the run: the padded flat low-precision
     group, this rank's fp32 master partition and the inner optimizer's state for it. Returns the
@@ -271,7 +295,7 @@ def _stage12_resident(s: _Setup, out: StateLayout, opt_loc: str) -> int:
     inp, e = s.inp, s.e
     padded, part, _ = stage12_partition(s.shape, s.N, s.rank)
     out.add("device", P, padded * e)  # bit16_groups_flat (fp32 in fp32 mode), padding included
-    out.add(opt_loc, M, part * FP32)  # single_partition_of_fp32_groups
+    out.add(opt_loc, M, _host_bytes(s, part * FP32, pinned))  # single_partition_of_fp32_groups (pinned: :565)
     out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part, 1, step_tensors=s.step_tensors))
     return part
 
@@ -329,12 +353,14 @@ def _stage12_offload(s: _Setup, out: StateLayout) -> None:
     fp32 master, its gradient partition and the optimizer state on the host, DeepSpeedCPUAdam (or
     the torch optimizer) stepping there in place."""
     inp, e, stage = s.inp, s.e, s.inp.zero_stage
-    part = _stage12_resident(s, out, "host")
-    # initialize_optimizer_states: the fp32 partition's .grad stays allocated on the host;
-    # param_buffer_of_bit16_for_cpu_offload_groups (e*p, host);
-    # temp_grad_buffer_for_cpu_offload (host) and _for_gpu_offload (device): largest param x e
-    out.add("host", G, part * FP32)
-    out.add("host", C, part * e + s.largest * e)
+    pinned = inp.zero.offload_optimizer_pin_memory  # cpu_offload_pin_memory
+    part = _stage12_resident(s, out, "host", pinned)
+    # initialize_optimizer_states: the fp32 partition's .grad stays allocated on the host (:940);
+    # param_buffer_of_bit16_for_cpu_offload_groups (e*p, host, :572);
+    # temp_grad_buffer_for_cpu_offload (host, :657) and _for_gpu_offload (device): largest param x e;
+    # each pinned with offload_optimizer.pin_memory (the optimizer state, made by the optimizer, is not)
+    out.add("host", G, _host_bytes(s, part * FP32, pinned))
+    out.add("host", C, _host_bytes(s, part * e, pinned) + _host_bytes(s, s.largest * e, pinned))
     out.add("device", C, s.largest * e)
     out.notes.append("offload_optimizer cpu: fp32 master, its gradient partition and optimizer state live on the host")
     if inp.grad_accum_dtype == "fp32" and e < FP32:
@@ -356,8 +382,8 @@ def _stage12_offload(s: _Setup, out: StateLayout) -> None:
             # param (param.numel()) in the model dtype on the host (pinned with
             # offload_optimizer.pin_memory), kept for the run; accumulate_gradients adds it back
             # into the device gradient through temp_grad_buffer_for_gpu_offload (no new device bytes)
-            touching = stage12_partition(s.shape, s.N, s.rank)[2]
-            out.add("host", G, touching * e)
+            out.add("host", G, sum(_host_bytes(s, n * e, pinned)
+                                   for n in stage12_partition_param_numels(s.shape, s.N, s.rank)))
             _accumulate(s, out, {}, how="on the device nothing (the host keeps accumulated_grads_in_cpu, "
                                         "the partition's params whole in the model dtype)")
 
@@ -462,7 +488,8 @@ def _stage3(s: _Setup, out: StateLayout) -> None:
     par_loc = "host" if off_par else "device"
     opt_loc = "host" if off_opt else "device"
     ge = ELEMENT_SIZE[inp.grad_accum_dtype or inp.precision]  # gradient_accumulation_dtype
-    out.add(par_loc, P, part_total * e)  # ds_tensor partitions (fp16_partitioned_groups_flat)
+    # ds_tensor partitions (fp16_partitioned_groups_flat; offloaded: param_groups_fp16_flat_cpu_memory, pinned, stage3.py:906)
+    out.add(par_loc, P, _host_bytes(s, part_total * e, z.offload_param_pin_memory) if off_par else part_total * e)
     out.add("device", P, persistent * e)  # persistent params stay gathered (ds_persist), numel rounded up to N
     # fp32_partitioned_groups_flat: a separate fp32 copy even for an fp32 model, because the
     # share-the-buffer test in _create_fp32_partitions (stage3.py:1162) compares a torch.device
@@ -471,12 +498,15 @@ def _stage3(s: _Setup, out: StateLayout) -> None:
     n_sub = max(1, math.ceil(part_total / max(1, z.sub_group_size)))
     largest_sub = min(part_total, max(1, z.sub_group_size))
     out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part_total, n_sub, step_tensors=s.step_tensors))
-    # grad_partitions_flat_buffer, in gradient_accumulation_dtype (on the host under optimizer offload)
-    out.add(opt_loc, G, part_total * ge)
+    # grad_partitions_flat_buffer, in gradient_accumulation_dtype (on the host under optimizer
+    # offload, pinned with offload_optimizer.pin_memory: stage3.py:795)
+    pin_opt = off_opt and z.offload_optimizer_pin_memory
+    out.add(opt_loc, G, _host_bytes(s, part_total * ge, pin_opt) if off_opt else part_total * ge)
     if off_opt:
-        # _optimizer_states_and_gradient_swap_in / initialize_optimizer_states: each sub-group's
-        # fp32 master also keeps an fp32 .grad buffer on the host for the run
-        out.add("host", G, part_total * FP32)
+        # initialize_optimizer_states (stage3.py:1338): each sub-group's fp32 master also keeps an
+        # fp32 .grad buffer (subgroup_gradient_buffer, pinned the same way) on the host for the run
+        subs = [largest_sub] * (n_sub - 1) + [part_total - largest_sub * (n_sub - 1)]
+        out.add("host", G, sum(_host_bytes(s, n * FP32, pin_opt) for n in subs if n > 0))
     if z.contiguous_gradients:
         out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept
     gathered, how = _stage3_gathered(s, thr, single_rank)
