@@ -374,6 +374,9 @@ def _stage12_offload(s: _Setup, out: StateLayout) -> None:
     out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
     if inp.gradient_accumulation_steps > 1:
         if stage == 1:
+            # as on the device; and no host accumulation buffer: without a non-boundary epilogue
+            # ready_for_gradients stays set, so setup_buckets (:3256) raises micro_step_id once per
+            # window and the boundary's copy_grads_in_partition sees 0 (:2166; measured: none)
             _stage1_accumulation(s, out, buckets)
         else:
             # copy_grads_in_partition (stage_1_and_2.py:2166): reducing at every micro-step (stage 2),
