@@ -124,6 +124,15 @@ def expected_stage2_adamw_bf16(n: int) -> dict:
     return {"params": 2 * p * n, "master_params": 4 * p, "optimizer_state": 8 * p}
 
 
+def expected_stage1_adagrad_bf16(n: int) -> dict:
+    p = zero12_partition(n)
+    # the inner torch Adagrad over the fp32 partition: `sum` (fp32) + a 4-byte step; and the engine's
+    # original Adagrad (engine.basic_optimizer), built over the bf16 model params with its state
+    # made in the constructor: a bf16 `sum` of every param and a 4-byte fp32 step per tensor
+    return {"params": 2 * p * n, "master_params": 4 * p,
+            "optimizer_state": 4 * p + 4 + 2 * P + 4 * len(param_numels())}
+
+
 def expected_stage1_adamw_bf16_fp32_accum(n: int) -> dict:
     p = zero12_partition(n)
     # BF16_Optimizer: the bf16 flat group, the fp32 master partition and AdamW's two fp32 states,
@@ -159,6 +168,7 @@ CASES = {
     "z1-adamw-fp32-n2": (2, _config(1, "adamw", False, **SMALL_BUCKETS), expected_stage1_adamw),
     "z2-amsgrad-fp32-n3": (3, _config(2, "amsgrad", False, **SMALL_BUCKETS), expected_stage2_amsgrad),
     "z2-adamw-bf16-n2": (2, _config(2, "adamw", True, **SMALL_BUCKETS), expected_stage2_adamw_bf16),
+    "z1-adagrad-bf16-n2": (2, _config(1, "adagrad", True, **SMALL_BUCKETS), expected_stage1_adagrad_bf16),
     # stage 1 + bf16 + fp32 gradient accumulation switches DeepSpeed to BF16_Optimizer, which has no
     # reduce buckets: default bucket sizes on purpose (a 5e8-element bucket would be 1 GB if counted)
     "z1-adamw-bf16-fp32acc-n2": (
