@@ -4,7 +4,9 @@ For each rank present in a run, the last complete step is taken as steady state 
 state is created lazily, so later steps are what the estimator models):
 
 * at rest (the ``step`` phase's ``end`` breakdown) per location and category, measured vs estimated;
-* per phase, the peak device total, measured vs estimated.
+* per phase, the peak device total, measured vs estimated; with gradient accumulation (k > 1
+  micro-steps per optimizer step, one step record each) the largest over the last complete cycle
+  of k micro-steps ending at a boundary, the worst micro-step the estimate models.
 
 Tolerances are the ones memprof promises: resident model states (``params``, ``master_params``,
 ``optimizer_state``) within 0.5%, per-phase peak totals within 5%.
@@ -83,17 +85,34 @@ def last_complete_step(rank_entry: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def steady_cycle(rank_entry: dict[str, Any], gradient_accumulation_steps: int) -> list[dict[str, Any]]:
+    """The last complete accumulation cycle of a rank: the k step records ending at the last
+    complete boundary micro-step (DeepSpeed's engine.is_gradient_accumulation_boundary: micro-step
+    index i with (i + 1) % k == 0, counting from the run's first step 0). Falls back to the last
+    complete step when the run holds no whole cycle."""
+    k = max(1, int(gradient_accumulation_steps or 1))
+    complete = {int(s["step"]): s for s in rank_entry.get("steps") or [] if all(p in (s.get("phases") or {}) for p in PHASES)}
+    for end in sorted((i for i in complete if (i + 1) % k == 0), reverse=True):
+        cycle = [complete.get(i) for i in range(end - k + 1, end + 1)]
+        if all(cycle):
+            return cycle
+    last = last_complete_step(rank_entry)
+    return [last] if last else []
+
+
 def compare_run(run_doc: dict[str, Any], estimate: dict[str, Any]) -> Comparison:
     """Compare every rank of ``run_doc`` with ``estimate`` (the estimator's JSON for its setup)."""
     est_ranks = {int(r["rank"]): r for r in estimate.get("ranks", [])}
     if not est_ranks:
         raise MemprofError("the estimate has no ranks: nothing to compare against")
     out = Comparison(missing_ranks=list(run_doc.get("missing_ranks") or []))
+    gas = (run_doc.get("run") or {}).get("gradient_accumulation_steps") or 1
     for entry in run_doc["ranks"]:
         rank = int(entry["rank"])
-        step = last_complete_step(entry)
-        if step is None:
+        cycle = steady_cycle(entry, gas if isinstance(gas, int) else 1)
+        if not cycle:
             continue
+        step = cycle[-1]
         out.step[rank] = int(step["step"])
         # the estimator may give one rank per distinct layout; fall back to rank 0's figures
         est = est_ranks.get(rank, est_ranks[min(est_ranks)])
@@ -121,7 +140,7 @@ def compare_run(run_doc: dict[str, Any], estimate: dict[str, Any]) -> Comparison
                     what="peak",
                     location="device",
                     name=phase,
-                    measured=int(step["phases"][phase]["peak_total"]),
+                    measured=max(int(s["phases"][phase]["peak_total"]) for s in cycle),
                     estimated=int(est_phase["peak_total"]),
                     tolerance=PEAK_TOLERANCE,
                 )

@@ -87,6 +87,10 @@ class ZeroKnobs:
     sub_group_size: int = 1_000_000_000  # elements per stage-3 optimizer sub-group
     offload_optimizer: str = "none"
     offload_param: str = "none"
+    # offload_optimizer.pin_memory / offload_param.pin_memory (offload_config.py: default true):
+    # DeepSpeed page-locks its host buffers (zero_layout._host_bytes)
+    offload_optimizer_pin_memory: bool = True
+    offload_param_pin_memory: bool = True
 
     def overlap_comm_for(self, stage: int) -> bool:
         # DeepSpeedZeroConfig.overlap_comm_valid: None becomes (stage == 3)
@@ -443,6 +447,11 @@ class _Reader:
             if device not in OFFLOAD_DEVICES:
                 raise self.fail(f"zero_optimization.{key}.device {device!r} is not supported by memprof: use 'cpu' or 'none'")
             kw[key] = device
+            pin = block.get("pin_memory")
+            if pin is not None:
+                if not isinstance(pin, bool):
+                    raise self.fail(f"zero_optimization.{key}.pin_memory must be true or false")
+                kw[f"{key}_pin_memory"] = pin
         # deprecated booleans (DeepSpeedZeroConfig cpu_offload / cpu_offload_param -> offload_* cpu)
         for old, new in (("cpu_offload", "offload_optimizer"), ("cpu_offload_param", "offload_param")):
             if zero.get(old) is True:

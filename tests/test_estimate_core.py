@@ -136,8 +136,10 @@ def test_stage3_partitions_per_parameter_and_persistence():
 
 def test_offload_moves_states_to_host():
     P, N = 8_000_000, 4
+    # unpinned host buffers (offload_optimizer.pin_memory false): exact sizes; pinned ones on CUDA
+    # are rounded up by PyTorch's host allocator (test_pinned_host_buffers_round_up_on_cuda)
     est = estimate(EstimateInputs(n_params=P, world_size=N, zero_stage=2, precision="bf16",
-                                  zero=ZeroKnobs(offload_optimizer="cpu")))
+                                  zero=ZeroKnobs(offload_optimizer="cpu", offload_optimizer_pin_memory=False)))
     host, dev = est.ranks[0].rest["host"], est.ranks[0].rest["device"]
     # DeepSpeedCPUAdam keeps its step in a Python int
     assert host["master_params"] == 4 * P // N and host["optimizer_state"] == 8 * P // N
@@ -196,6 +198,40 @@ def test_import_does_not_import_torch():
     code = "import sys, memprof.estimate, memprof.cli.estimate, memprof.cli.plan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_estimate_modules_import_no_circle():
+    """The estimator's modules import one another without a cycle (at module level or inside a
+    function): walked from their source, so a lazy import that hides a circle counts too."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "memprof" / "estimate"
+    graph = {}
+    for path in pkg.glob("*.py"):
+        name = f"memprof.estimate.{path.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("memprof.estimate."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("memprof.estimate.")}
+        graph[name] = deps
+    assert {"memprof.estimate.core", "memprof.estimate.paper"} <= graph.keys()
+
+    def cycle_from(start, node, seen):
+        for dep in graph.get(node, ()):
+            if dep == start:
+                return [node, dep]
+            if dep not in seen:
+                seen.add(dep)
+                found = cycle_from(start, dep, seen)
+                if found:
+                    return [node, *found]
+        return None
+
+    for mod in graph:
+        assert cycle_from(mod, mod, set()) is None, f"import circle: {' -> '.join(cycle_from(mod, mod, set()))}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,3 +588,247 @@ def test_attention_backward_limits_are_stated_where_attention_keeps_s_squared_te
 
     assert says("cpu", "sdpa") and says("cuda", "eager") and says("cpu", "eager")
     assert not says("cuda", "sdpa")  # fused kernels keep no B*a*S*S tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation (issue 8): what a non-boundary micro-step leaves alive, derived from
+# gpt2-tiny's shapes (TP elements, TINY_NUMELS), the stage-1/2 partition walk (touching) and the
+# bucket size tiny_run sets (5e4 elements); the boundary micro-step carries it.
+
+TINY_RBS = 50_000
+
+
+def _between(stage: int, bf16: bool, rank: int, acc32: bool = False, offload: bool = False) -> tuple[int, int]:
+    """(device, host) bytes alive between micro-steps, from DeepSpeed 0.19.8's code paths."""
+    e = 2 if bf16 else 4
+    held = touching(2, rank)[0]
+    if stage == 0:
+        return e * TP, 0  # every param.grad (engine zero_grad only at the boundary)
+    if stage == 1 and bf16 and acc32:
+        return e * TP, 0  # BF16_Optimizer: every bf16 param.grad
+    if stage == 1:
+        return e * TP + TINY_RBS * e, 0  # param.grad (no reduction before the boundary) + the ipg bucket
+    if stage == 2 and offload:
+        return 0, e * held  # accumulated_grads_in_cpu: the partition's params whole, on the host
+    if stage == 2 and acc32:
+        return 4 * PART, 0  # the compact fp32 partition buffer
+    if stage == 2:
+        return e * held, 0  # all_grad_tensors: the reduced grads of the params touching the partition
+    return 0, 0  # ZeRO-3: the gradient partitions are at rest already
+
+
+@pytest.mark.parametrize("stage,bf16,acc32,offload", [
+    (0, False, False, False), (0, True, False, False), (1, False, False, False), (1, True, False, False),
+    (1, True, True, False), (2, False, False, False), (2, True, False, False), (2, True, True, False),
+    (2, True, False, True), (1, False, False, True), (3, False, False, False), (3, True, False, True),
+])
+def test_gradient_accumulation_carries_the_micro_step_leftovers(stage, bf16, acc32, offload):
+    zero = {"offload_optimizer": {"device": "cpu"}} if offload else {}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 256
+    run = tiny_run(stage, 2, ADAMW, bf16, **zero)
+    if acc32:
+        run["deepspeed_config"]["data_types"] = {"grad_accum_dtype": "fp32"}
+    one = estimate(inputs_from_run(run))
+    for gas in (2, 3):
+        many = estimate(inputs_from_run({**run, "gradient_accumulation_steps": gas}))
+        for r1, rk in zip(one.ranks, many.ranks):
+            device, host = _between(stage, bf16, r1.rank, acc32, offload)
+            if stage == 1 and offload:
+                device = (2 if bf16 else 4) * TP + TINY_RBS * (2 if bf16 else 4)  # as on the device: ZeRO-1 waits for the boundary
+            rest1 = sum(r1.rest["device"].values())
+            assert rk.rest["device"] == r1.rest["device"], (gas, r1.rank)
+            assert sum(rk.rest["host"].values()) == sum(r1.rest["host"].values()) + host, (gas, r1.rank)
+            # the boundary micro-step's forward holds everything the earlier micro-steps left
+            assert rk.phase_total("forward") == r1.phase_total("forward") + device, (gas, r1.rank)
+            # a non-boundary step phase holds rest + the leftovers; the boundary's step is GAS 1's
+            assert rk.phase_total("step") == max(r1.phase_total("step"), rest1 + device), (gas, r1.rank)
+            # backward: every moment carries them too, except that ZeRO-1's reduce bucket is the one
+            # its first gradient hook already allocated in GAS 1
+            same_bucket = TINY_RBS * (2 if bf16 else 4) if stage == 1 and not acc32 else 0
+            assert rk.phase_total("backward") >= r1.phase_total("backward") + device - same_bucket
+
+
+def test_gradient_accumulation_read_from_config_flag_and_run(tmp_path):
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}
+    from memprof.estimate import settings_from_deepspeed_config
+
+    assert settings_from_deepspeed_config(ds)["gradient_accumulation_steps"] == 4
+    assert "gradient_accumulation_steps" not in settings_from_deepspeed_config({**ds, "gradient_accumulation_steps": "auto"})
+    with pytest.raises(MemprofError, match="gradient_accumulation_steps"):
+        settings_from_deepspeed_config({**ds, "gradient_accumulation_steps": 0})
+    with pytest.raises(MemprofError, match="gradient accumulation steps"):
+        EstimateInputs(n_params=10**6, gradient_accumulation_steps=0)
+    run = tiny_run(2, 2, ADAMW, False)
+    assert inputs_from_run({**run, "gradient_accumulation_steps": 3}).gradient_accumulation_steps == 3
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(__import__("json").dumps(ds))
+    common = [sys.executable, "-m", "memprof", "estimate", "--model", "gpt2-tiny", "--world-size", "2", "--json",
+              "--device-type", "cpu", "--deepspeed-config", str(cfg)]
+    out = __import__("json").loads(subprocess.run(common, capture_output=True, text=True, check=True).stdout)
+    assert out["inputs"]["gradient_accumulation_steps"] == 4
+    out = __import__("json").loads(subprocess.run(common + ["--gradient-accumulation-steps", "2"],
+                                                  capture_output=True, text=True, check=True).stdout)
+    assert out["inputs"]["gradient_accumulation_steps"] == 2  # the flag wins over the config
+    bad = subprocess.run(common + ["--gradient-accumulation-steps", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_gradient_accumulation_peaks_match_cpu_measurements():
+    """Phase peaks measured on 2 CPU ranks (launch/train.py, gpt2-tiny, micro-batch 2 x seq 32,
+    buckets 5e4, FusedAdam, 3 cycles; the largest over the last cycle's micro-steps, rank 0 / rank
+    1): the estimate within 0.05%. Before accumulation was modelled: ZeRO-0 fp32 forward -14.3%,
+    ZeRO-1 fp32 GAS 3 step -6.6%, ZeRO-2 fp32 backward -8.8%."""
+    measured = {  # (stage, bf16, gas, offload): ((forward, backward, step) rank 0, rank 1)
+        (0, False, 2, False): ((4_165_592, 4_262_856, 2_638_352), (4_165_584, 4_262_848, 2_638_344)),
+        (0, True, 2, False): ((3_762_904, 3_794_632, 3_832_000), (3_762_896, 3_794_624, 3_831_992)),
+        (1, False, 3, False): ((4_067_100, 4_164_368, 2_539_524), (4_067_092, 4_164_360, 2_539_516)),
+        (1, True, 2, False): ((2_967_420, 2_999_152, 2_056_652), (2_967_412, 2_999_144, 2_058_180)),
+        (1, False, 2, True): ((3_302_680, 3_399_948, 1_775_104), (3_302_672, 3_399_940, 1_775_096)),
+        (2, False, 2, False): ((3_599_836, 3_749_392, 2_370_764), (3_602_900, 3_752_456, 2_373_828)),
+        (2, True, 2, True): ((1_738_968, 1_770_700, 614_192), (1_738_960, 1_770_692, 614_240)),
+        (3, False, 2, False): ((4_067_105, 4_164_373, 2_241_089), (4_067_097, 4_164_365, 2_241_089)),
+        (3, True, 3, False): ((2_967_425, 2_999_157, 1_991_809), (2_967_417, 2_999_149, 1_991_801)),
+    }
+    for (stage, bf16, gas, offload), per_rank in measured.items():
+        zero = {"offload_optimizer": {"device": "cpu"}} if offload else {}
+        if stage == 3:
+            zero.update(stage3_param_persistence_threshold=256, stage3_prefetch_bucket_size=50_000)
+        run = {**tiny_run(stage, 2, ADAMW, bf16, **zero), "gradient_accumulation_steps": gas}
+        est = estimate(inputs_from_run(run))
+        for r, peaks in zip(est.ranks, per_rank):
+            for phase, m in zip(("forward", "backward", "step"), peaks):
+                got = r.phase_total(phase)
+                assert abs(got - m) <= 5e-4 * m, (stage, bf16, gas, offload, r.rank, phase, got, m)
+
+
+def test_compare_takes_the_worst_micro_step_of_the_last_cycle():
+    from memprof.compare import steady_cycle
+
+    steps = [{"step": i, "phases": {p: {"peak_total": 10 * i} for p in ("forward", "backward", "step")}} for i in range(7)]
+    assert [s["step"] for s in steady_cycle({"steps": steps}, 3)] == [3, 4, 5]  # step 6 starts a cycle it does not finish
+    assert [s["step"] for s in steady_cycle({"steps": steps}, 1)] == [6]
+    assert [s["step"] for s in steady_cycle({"steps": steps[:2]}, 3)] == [1]  # no whole cycle: the last complete step
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer zoo at ZeRO-1/2 in every dtype (issue 8): the inner optimizer's state on the fp32
+# partition (k fp32 tensors of PART elements + a 4-byte step tensor for torch's counting
+# optimizers), plus, for the one optimizer that creates its state in its constructor (torch
+# Adagrad: `sum = full_like(p)` and a 0-dim fp32 `step`), a stale full-size copy on the engine's
+# original optimizer, built over the model's params after they were cast to the model dtype.
+
+ZOO_AT_STAGE12 = {
+    # name: (ds optimizer block, fp32 state tensors per element, torch step tensor, state made in the constructor)
+    "sgd": ({"type": "SGD", "params": {"lr": 1e-3}}, 0, False, False),
+    "momentum": ({"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9}}, 1, False, False),
+    "nesterov": ({"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9, "nesterov": True}}, 1, False, False),
+    "rmsprop": ({"type": "RMSprop", "params": {"lr": 1e-3}}, 1, True, False),
+    "adagrad": ({"type": "Adagrad", "params": {"lr": 1e-3}}, 1, True, True),
+    "adamw-fused": (ADAMW, 2, False, False),
+    "adamw-torch": (TORCH_ADAMW, 2, True, False),
+    "amsgrad": ({"type": "Adam", "params": {"lr": 1e-3, "amsgrad": True, "torch_adam": True}}, 3, True, False),
+}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(ZOO_AT_STAGE12))
+def test_zoo_optimizer_state_at_stage12_in_its_real_dtype(name, dtype, stage):
+    block, k, step_tensor, constructor_state = ZOO_AT_STAGE12[name]
+    e = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    ds = {"train_micro_batch_size_per_gpu": 2, "optimizer": block, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": stage}}
+    if dtype != "fp32":
+        ds[dtype] = {"enabled": True}
+    run = {"model_config": preset_config("gpt2-tiny"), "world_size": N2, "seq_len": 32, "device_type": "cpu",
+           "deepspeed_config": ds}
+    expected = 4 * k * PART + (4 if step_tensor else 0)
+    if constructor_state:
+        expected += e * TP + 4 * TT  # the stale `sum` in the model dtype, fp32 step per model tensor
+    for r in estimate(inputs_from_run(run)).ranks:
+        assert r.rest["device"]["optimizer_state"] + r.rest["host"]["optimizer_state"] == expected, r.rank
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory (issue 8): per rank and per node, pinned buffers included.
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def test_pinned_host_buffers_round_up_on_cuda():
+    """ZeRO-2 + offload_optimizer (pin_memory true, DeepSpeed's default) on CUDA: the fp32 master
+    partition, its fp32 .grad, the low-precision partition buffer and the largest-param staging
+    buffer are each page-locked through PyTorch's CachingHostAllocator, which hands out the next
+    power of two; the optimizer state (made by the optimizer, unpinned) keeps its size. On CPU
+    ranks nothing is rounded."""
+    part = PART
+    kw = dict(model_config=preset_config("gpt2-tiny"), world_size=2, zero_stage=2, precision="bf16", optimizer="adamw",
+              zero=ZeroKnobs(offload_optimizer="cpu"), seq_len=32)
+    cuda = estimate(EstimateInputs(**kw, device_type="cuda")).ranks[0].rest["host"]
+    cpu = estimate(EstimateInputs(**kw, device_type="cpu")).ranks[0].rest["host"]
+    assert cpu["master_params"] == 4 * part and cpu["grads"] == 4 * part
+    assert cuda["master_params"] == _pow2(4 * part) == 524_288 and cuda["grads"] == _pow2(4 * part)
+    assert cuda["comm_buffers"] == _pow2(2 * part) + _pow2(2 * MAXN) and cpu["comm_buffers"] == 2 * part + 2 * MAXN
+    assert cuda["optimizer_state"] == cpu["optimizer_state"] == 8 * part
+    unpinned = ZeroKnobs(offload_optimizer="cpu", offload_optimizer_pin_memory=False)
+    assert estimate(EstimateInputs(**{**kw, "zero": unpinned}, device_type="cuda")).ranks[0].rest["host"] == cpu
+
+
+def test_host_bytes_per_rank_and_per_node():
+    # 2 nodes x 4 ranks, ZeRO-3 + optimizer offload, bf16, no pinning: per rank the fp32 master,
+    # the bf16 gradient partitions, the sub-group fp32 .grad and AdamW's two states: (4+2+4+8) S
+    s3 = sum(math.ceil(n / 8) for n in TINY_NUMELS)
+    est = estimate(EstimateInputs(model_config=preset_config("gpt2-tiny"), world_size=8, nodes=2, zero_stage=3,
+                                  precision="bf16", zero=ZeroKnobs(offload_optimizer="cpu", offload_optimizer_pin_memory=False),
+                                  host_memory_bytes=10**6, device_type="cpu", seq_len=32))
+    assert est.host_bytes_per_rank == 18 * s3
+    assert est.ranks_per_node == 4 and est.host_bytes_per_node == 4 * 18 * s3
+    assert est.host_fits is (4 * 18 * s3 <= 10**6)
+    j = est.to_json()
+    assert j["host_bytes_per_node"] == 4 * 18 * s3 and j["host_bytes_per_rank"] == 18 * s3
+    # no offload: no host bytes
+    assert estimate(EstimateInputs(model_config=preset_config("gpt2-tiny"), world_size=8, zero_stage=2,
+                                   device_type="cpu", seq_len=32)).host_bytes_per_node == 0
+
+
+def test_plan_rejects_configurations_whose_host_share_does_not_fit():
+    from memprof.estimate import plan
+
+    base = EstimateInputs(model_config=preset_config("gpt2-tiny"), precision="bf16", optimizer="adamw", seq_len=32,
+                          device_type="cpu", gpu_memory_bytes=10**10, zero=ZeroKnobs(offload_optimizer_pin_memory=False))
+    free = plan(base, 4)
+    offload_rows = [r for r in free.rows if r.offload_optimizer == "cpu"]
+    assert all(r.fits for r in free.rows) and all(r.host_bytes_per_node > 0 for r in offload_rows)
+    assert all(r.host_bytes_per_node == 0 for r in free.rows if r.offload_optimizer == "none")
+    # a node of 4 ranks with less host RAM than the smallest offload share: offload rows do not fit
+    limit = min(r.host_bytes_per_node for r in offload_rows) - 1
+    tight = plan(base.with_(host_memory_bytes=limit), 4)
+    for r in tight.rows:
+        assert r.fits is (r.offload_optimizer == "none"), r.label
+        if r.offload_optimizer == "cpu":
+            assert r.largest_micro_batch is None
+    assert tight.to_json()["rows"][-1]["host_bytes_per_node"] == offload_rows[-1].host_bytes_per_node
+
+
+def test_cli_host_memory_flag():
+    import json
+
+    cmd = [sys.executable, "-m", "memprof", "plan", "--model", "gpt2-tiny", "--gpus", "2", "--gpu-memory", "80GiB",
+           "--precision", "bf16", "--seq-len", "32", "--json", "--host-memory", "1KiB"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    assert out["host_memory_bytes"] == 1024
+    for row in out["rows"]:
+        assert row["fits"] is (row["offload_optimizer"] == "none") and ("host_bytes_per_node" in row)
+    est = json.loads(subprocess.run([sys.executable, "-m", "memprof", "estimate", "--model", "gpt2-tiny", "--zero-stage", "2",
+                                     "--offload-optimizer", "cpu", "--nodes", "2", "--gpus-per-node", "4", "--json",
+                                     "--host-memory", "1GiB"], capture_output=True, text=True, check=True).stdout)
+    assert est["ranks_per_node"] == 4 and est["host_bytes_per_node"] == 4 * est["host_bytes_per_rank"] > 0
+    assert est["host_fits"] is True
+    bad = subprocess.run(cmd[:-1] + ["lots"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--host-memory" in bad.stderr

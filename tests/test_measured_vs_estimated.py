@@ -7,9 +7,12 @@
    parameter its own ceil(numel/N) partition (partition_parameters.py, _partition_param) and keeps
    parameters of at most stage3_param_persistence_threshold elements gathered);
 2. the estimator's prediction for the run's own setup (`memprof compare --fresh-estimate`):
-   resident params/master_params/optimizer_state within 0.5%, per-phase peak totals within 5%.
+   resident params/master_params/optimizer_state within 0.5%, per-phase peak totals within 3%.
 
 One launch per case (2 or 3 CPU ranks, gloo), 3 steps each; the last step is compared (steady state).
+With gradient accumulation (k micro-steps per optimizer step, one step record each) a case runs two
+cycles (2k micro-steps): the resident states after the last boundary, and each phase's peak over the
+last cycle's micro-steps (the worst micro-step, which the estimate models), are compared.
 """
 
 from __future__ import annotations
@@ -71,10 +74,10 @@ def _optimizer(kind: str) -> dict:
     raise ValueError(kind)
 
 
-def _config(stage: int, opt: str, bf16: bool, **zero: object) -> dict:
+def _config(stage: int, opt: str, bf16: bool, gas: int = 1, **zero: object) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": gas,
         "steps_per_print": 10**6,
         "optimizer": _optimizer(opt),
         "zero_allow_untested_optimizer": True,
@@ -121,6 +124,15 @@ def expected_stage2_adamw_bf16(n: int) -> dict:
     return {"params": 2 * p * n, "master_params": 4 * p, "optimizer_state": 8 * p}
 
 
+def expected_stage1_adagrad_bf16(n: int) -> dict:
+    p = zero12_partition(n)
+    # the inner torch Adagrad over the fp32 partition: `sum` (fp32) + a 4-byte step; and the engine's
+    # original Adagrad (engine.basic_optimizer), built over the bf16 model params with its state
+    # made in the constructor: a bf16 `sum` of every param and a 4-byte fp32 step per tensor
+    return {"params": 2 * p * n, "master_params": 4 * p,
+            "optimizer_state": 4 * p + 4 + 2 * P + 4 * len(param_numels())}
+
+
 def expected_stage1_adamw_bf16_fp32_accum(n: int) -> dict:
     p = zero12_partition(n)
     # BF16_Optimizer: the bf16 flat group, the fp32 master partition and AdamW's two fp32 states,
@@ -138,6 +150,11 @@ def expected_stage3_adamw(n: int) -> dict:
     return {"params": 4 * (s + g), "master_params": 4 * s, "optimizer_state": 8 * s}
 
 
+def expected_stage3_adamw_bf16(n: int) -> dict:
+    s, g = zero3(n, 256)
+    return {"params": 2 * (s + g), "master_params": 4 * s, "optimizer_state": 8 * s}
+
+
 def expected_stage3_momentum_bf16(n: int) -> dict:
     s, g = zero3(n, 256)
     return {"params": 2 * (s + g), "master_params": 4 * s, "optimizer_state": 4 * s}
@@ -151,6 +168,7 @@ CASES = {
     "z1-adamw-fp32-n2": (2, _config(1, "adamw", False, **SMALL_BUCKETS), expected_stage1_adamw),
     "z2-amsgrad-fp32-n3": (3, _config(2, "amsgrad", False, **SMALL_BUCKETS), expected_stage2_amsgrad),
     "z2-adamw-bf16-n2": (2, _config(2, "adamw", True, **SMALL_BUCKETS), expected_stage2_adamw_bf16),
+    "z1-adagrad-bf16-n2": (2, _config(1, "adagrad", True, **SMALL_BUCKETS), expected_stage1_adagrad_bf16),
     # stage 1 + bf16 + fp32 gradient accumulation switches DeepSpeed to BF16_Optimizer, which has no
     # reduce buckets: default bucket sizes on purpose (a 5e8-element bucket would be 1 GB if counted)
     "z1-adamw-bf16-fp32acc-n2": (
@@ -163,7 +181,24 @@ CASES = {
     ),
     "z3-adamw-fp32-n2": (2, _config(3, "adamw", False, **Z3), expected_stage3_adamw),
     "z3-momentum-bf16-n3": (3, _config(3, "momentum", True, **Z3), expected_stage3_momentum_bf16),
+    # gradient accumulation (issue 8): what a non-boundary micro-step leaves alive (param.grad at
+    # stage 0, param.grad + the reduce bucket at stage 1, the partition's reduced grads at stage 2,
+    # a host copy under offload, nothing at stage 3) rides through the boundary micro-step
+    "z0-adamw-bf16-gas2-n2": (2, _config(0, "adamw", True, 2), expected_stage0_adamw_bf16),
+    "z1-adamw-fp32-gas3-n2": (2, _config(1, "adamw", False, 3, **SMALL_BUCKETS), expected_stage1_adamw),
+    "z2-adamw-fp32-gas2-n3": (3, _config(2, "adamw", False, 2, **SMALL_BUCKETS), expected_stage1_adamw),
+    "z2-adamw-bf16-offload-gas2-n2": (
+        2, _config(2, "adamw", True, 2, **SMALL_BUCKETS, offload_optimizer={"device": "cpu"}), expected_stage2_adamw_bf16,
+    ),
+    "z3-adamw-bf16-gas3-n2": (2, _config(3, "adamw", True, 3, **Z3), expected_stage3_adamw_bf16),
 }
+RESIDENT_TOLERANCE = 0.005
+PEAK_TOLERANCE = 0.03
+
+
+def _steps(cfg: dict) -> int:
+    gas = cfg["gradient_accumulation_steps"]
+    return 3 if gas == 1 else 2 * gas  # two whole accumulation cycles: the second is steady
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +206,7 @@ def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     root = tmp_path_factory.mktemp("matrix")
     out = {}
     for name, (ranks, cfg, _) in CASES.items():
-        res = launch_deepspeed(ranks, cfg, root / name)
+        res = launch_deepspeed(ranks, cfg, root / name, steps=_steps(cfg))
         assert res.returncode == 0, f"{name}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
         out[name] = (root / name, res)
     return out
@@ -212,12 +247,29 @@ def test_estimate_within_tolerance_of_measurement(runs, name):
     )
     assert res.returncode == 0, res.stderr
     cmp = json.loads(res.stdout)
+    checked = [r for r in cmp["rows"] if r["ok"] is not None]
+
+    def within(r: dict) -> bool:
+        if r["measured"] == r["estimated"]:
+            return True
+        limit = PEAK_TOLERANCE if r["what"] == "peak" else RESIDENT_TOLERANCE
+        return r["measured"] != 0 and abs(r["estimated"] - r["measured"]) <= limit * r["measured"]
+
     bad = [
-        f"rank {r['rank']} {r['what']} {r['location']} {r['name']}: measured {r['measured']} estimated {r['estimated']} ({r['error']:+.2%})"
-        for r in cmp["rows"]
-        if r["ok"] is False
+        f"rank {r['rank']} {r['what']} {r['location']} {r['name']}: measured {r['measured']} estimated {r['estimated']}"
+        + (f" ({r['error']:+.2%})" if r["error"] is not None else "")
+        for r in checked
+        if not within(r)
     ]
     assert not bad, "\n".join(bad)
-    checked = [r for r in cmp["rows"] if r["ok"] is not None]
+    # with accumulation, the peaks compared are the largest over the last cycle's micro-steps
+    doc = json.loads((runs[name] / "memprof.json").read_text())
+    gas = CASES[name][1]["gradient_accumulation_steps"]
+    for entry in doc["ranks"]:
+        cycle = [s for s in entry["steps"] if s["step"] >= len(entry["steps"]) - gas]
+        assert len(cycle) == gas and (cycle[-1]["step"] + 1) % gas == 0
+        for phase in ("forward", "backward", "step"):
+            row = next(r for r in checked if r["rank"] == entry["rank"] and r["what"] == "peak" and r["name"] == phase)
+            assert row["measured"] == max(s["phases"][phase]["peak_total"] for s in cycle), (name, entry["rank"], phase)
     # every rank: 3 resident categories x 2 locations + 3 phase peaks
     assert len(checked) == CASES[name][0] * (3 * 2 + 3)

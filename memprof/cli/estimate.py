@@ -52,6 +52,10 @@ def render(est: Estimate) -> None:
         console.print(t)
     console.print(f"device at rest (max over ranks): {format_bytes(est.device_total_bytes)}; "
                   f"peak device: {format_bytes(est.peak_device_bytes)} ({est.peak_device_bytes:,} bytes)")
+    console.print(f"host (offloaded states, DeepSpeed's host buffers): {format_bytes(est.host_bytes_per_rank)} per rank, "
+                  f"{format_bytes(est.host_bytes_per_node)} per node ({est.ranks_per_node} ranks)"
+                  + ("" if est.host_fits is None else
+                     f"; fits {format_bytes(inp.host_memory_bytes)} per node: [bold]{'yes' if est.host_fits else 'no'}[/bold]"))
     if est.fits is not None:
         console.print(f"fits {format_bytes(inp.gpu_memory_bytes)} with {inp.headroom:.0%} headroom "
                       f"(usable {format_bytes(est.usable_gpu_bytes)}): [bold]{'yes' if est.fits else 'no'}[/bold]")

@@ -38,13 +38,14 @@ def main(argv: list[str]) -> int:
     console.print(f"[bold]memprof plan[/bold]: {inputs.model_name or inputs.n_params}, {inputs.precision}, {inputs.optimizer}, "
                   f"{gpus} GPUs of {format_bytes(inputs.gpu_memory_bytes)} (usable {format_bytes(usable)}), micro-batch {inputs.micro_batch}")
     t = Table()
-    for col in ("configuration", "peak per GPU", "fits", "largest micro-batch", f"fewest GPUs (<= {result.max_gpus})"):
+    for col in ("configuration", "peak per GPU", "host per node", "fits", "largest micro-batch", f"fewest GPUs (<= {result.max_gpus})"):
         t.add_column(col)
     for r in result.rows:
-        t.add_row(r.label, format_bytes(r.peak_device_bytes), "yes" if r.fits else "no",
+        t.add_row(r.label, format_bytes(r.peak_device_bytes), format_bytes(r.host_bytes_per_node), "yes" if r.fits else "no",
                   str(r.largest_micro_batch or "-"), str(r.fewest_gpus or "-"))
     console.print(t)
     best = result.cheapest
     console.print(f"cheapest that fits: [bold]{best.label}[/bold]" if best else
-                  "nothing fits: use more GPUs (--max-gpus), a smaller micro-batch or sequence, or activation checkpointing")
+                  "nothing fits: use more GPUs (--max-gpus), a smaller micro-batch or sequence, or activation checkpointing"
+                  + (", or more host memory per node (--host-memory)" if inputs.host_memory_bytes else ""))
     return 0

@@ -4,7 +4,7 @@ Public API: :func:`estimate`, :class:`EstimateInputs`, :class:`Estimate`, :func:
 :func:`plan` (see :mod:`memprof.estimate.plan`).
 """
 
-from memprof.estimate.core import Estimate, RankEstimate, estimate
+from memprof.estimate.core import estimate
 from memprof.estimate.inputs import (
     OPTIMIZERS,
     PRECISIONS,
@@ -15,6 +15,7 @@ from memprof.estimate.inputs import (
     settings_from_deepspeed_config,
 )
 from memprof.estimate.plan import Plan, PlanRow, plan
+from memprof.estimate.result import Estimate, RankEstimate
 
 __all__ = [
     "Estimate",

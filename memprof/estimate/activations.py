@@ -51,17 +51,12 @@ class Activations:
     it keeps the loss and its input batch, and drops the model output right after forward)."""
 
     saved: int  # everything saved for backward once forward returns (logits excluded)
-    logits: int  # the model output, alive until the loss returns (the loop keeps only the loss)
     forward_peak: int  # largest activation footprint during forward
     backward_peak: int  # largest activation footprint during backward
     per_layer_saved: int  # one block's saved tensors (without checkpointing)
     formula: str  # the per-layer formula in words
     loop_held: int = 0  # what the loop holds between steps: its input batch (int64) and the loss
     backward_first_hook: int = 0  # activations alive when the first parameter gradients appear
-
-    @property
-    def after_forward(self) -> int:
-        return self.backward_first_hook
 
 
 def attention_keeps_probabilities(attn_implementation: str, device_type: str, attn_dropout: bool) -> bool:
@@ -221,4 +216,4 @@ def gpt2_activations(
         f"+ GELU/MLP 5BSI*e + attention [{attn_words}]"
         + ("; KV cache (use_cache) copies k, v per block" if cache else "")
     )
-    return Activations(saved, logits, forward_peak, backward_peak, per_layer, formula, loop_held, first_hook)
+    return Activations(saved, forward_peak, backward_peak, per_layer, formula, loop_held, first_hook)

@@ -54,6 +54,7 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerate-config", help="accelerate config YAML (its DeepSpeed settings, num_processes, num_machines)")
     p.add_argument("--gradient-accumulation-steps", help="micro-steps per optimizer step (default: the DeepSpeed config, else 1)")
     p.add_argument("--gpu-memory", help="GPU memory per device, e.g. 80GiB (2**30) or 80GB (10**9)")
+    p.add_argument("--host-memory", help="host RAM per node, e.g. 512GiB: offloaded states of the node's ranks must fit")
     p.add_argument("--headroom", help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--device-type", default="cuda", help="cuda (default) or cpu: which kernels' activations to model")
     p.add_argument("--cuda-capability",
@@ -136,6 +137,8 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
     kw["zero"] = zero
     if args.gpu_memory is not None:
         kw["gpu_memory_bytes"] = parse_size(args.gpu_memory, "--gpu-memory")
+    if args.host_memory is not None:
+        kw["host_memory_bytes"] = parse_size(args.host_memory, "--host-memory")
     if args.headroom is not None:
         try:
             kw["headroom"] = float(args.headroom)

@@ -7,83 +7,20 @@ Pure arithmetic over :mod:`model_shapes`, :mod:`optimizers`, :mod:`zero_layout` 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any
 
-from memprof.categories import PHASES, Breakdown, Category, breakdown_total, empty_breakdown
+from memprof.categories import Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.errors import MemprofError
 from memprof.estimate.activations import Activations, attention_keeps_probabilities, gpt2_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
-from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32, StateLayout, model_state_layout, stage12_rank_grads
+from memprof.estimate.overhead import overhead
+from memprof.estimate.paper import paper_estimate, paper_model_states
+from memprof.estimate.result import Estimate, RankEstimate
+from memprof.estimate.zero_layout import ELEMENT_SIZE, StateLayout, model_state_layout, stage12_rank_grads
 
 ACT = Category.ACTIVATIONS.value
-OPT = Category.OPTIMIZER_STATE.value
-
-
-@dataclass
-class RankEstimate:
-    rank: int
-    rest: Breakdown
-    phases: dict[str, Breakdown]
-
-    def phase_total(self, phase: str) -> int:
-        return breakdown_total(self.phases[phase], "device")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "device": dict(self.rest["device"]),
-            "host": dict(self.rest["host"]),
-            "phases": {ph: {"peak": self.phases[ph], "peak_total": self.phase_total(ph)} for ph in PHASES},
-        }
-
-
-@dataclass
-class Estimate:
-    inputs: EstimateInputs
-    shape: ModelShape
-    ranks: list[RankEstimate]
-    activations: Activations | None
-    assumptions: list[str] = field(default_factory=list)
-    overhead: dict[str, Any] = field(default_factory=dict)
-    paper_comparison: dict[str, Any] | None = None
-
-    @property
-    def device_total_bytes(self) -> int:
-        return max(breakdown_total(r.rest, "device") for r in self.ranks)
-
-    @property
-    def peak_device_bytes(self) -> int:
-        return max(r.phase_total(ph) for r in self.ranks for ph in PHASES)
-
-    @property
-    def usable_gpu_bytes(self) -> int | None:
-        g = self.inputs.gpu_memory_bytes
-        return None if g is None else int(g * (1 - self.inputs.headroom))
-
-    @property
-    def fits(self) -> bool | None:
-        usable = self.usable_gpu_bytes
-        return None if usable is None else self.peak_device_bytes <= usable
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ranks": [r.to_json() for r in self.ranks],
-            "device_total_bytes": self.device_total_bytes,
-            "peak_device_bytes": self.peak_device_bytes,
-            "fits": self.fits,
-            "gpu_memory_bytes": self.inputs.gpu_memory_bytes,
-            "usable_gpu_bytes": self.usable_gpu_bytes,
-            "n_params": self.shape.n_params,
-            "layout": self.inputs.layout,
-            "assumptions": list(self.assumptions),
-            "overhead": dict(self.overhead),
-            "paper_comparison": self.paper_comparison,
-            "inputs": self.inputs.to_json(),
-        }
 
 
 def _breakdown(rest: dict[str, dict[str, int]]) -> Breakdown:
@@ -207,23 +144,27 @@ def peak_device_bytes(inputs: EstimateInputs) -> int:
     without building breakdowns or assumptions (the planner's inner loop). Beyond
     ``PLANNER_ALL_RANKS_UP_TO`` ranks at stage 1/2 it models only the deciding ranks (see
     _ranks_to_model), so it can differ from estimate() by one gradient piece there."""
+    return peak_device_and_host_bytes(inputs)[0]
+
+
+def peak_device_and_host_bytes(inputs: EstimateInputs) -> tuple[int, int]:
+    """(``peak_device_bytes``, the largest host bytes of one rank: ``Estimate.host_bytes_per_rank``)."""
     shape = model_shape(inputs.model_config, inputs.n_params)
     acts = _activations(inputs, shape)
-    best = 0
+    best = host = 0
     for r in _ranks_to_model(inputs, shape, PLANNER_ALL_RANKS_UP_TO):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
         rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
         for cands in _phase_extras(lay, acts).values():
             best = max(best, rest + max(sum(c.values()) for c in cands))
-    return best
+        host = max(host, sum(lay.rest["host"].values()))
+    return best, host
 
 
 def estimate(inputs: EstimateInputs) -> Estimate:
     """Per-rank memory of training ``inputs``' model with DeepSpeed, by category and phase."""
     shape = model_shape(inputs.model_config, inputs.n_params)
     if inputs.layout == "zero-paper":
-        from memprof.estimate.paper import paper_estimate
-
         return paper_estimate(inputs, shape)
     acts: Activations | None = None
     assumptions: list[str] = []
@@ -260,6 +201,9 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inputs.zero_stage}, world size {inputs.world_size}, {inputs.precision}",
         f"optimizer {spec.torch_class}: {spec.note}; peaks are for the steady state (step 2 on), when the "
         + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy else "lazily created state already exists (step 1's step phase allocates it)"),
+        (f"gradient_accumulation_steps {inputs.gradient_accumulation_steps}: phase peaks are the worst micro-step of a "
+         "steady cycle (the boundary, or a non-boundary step phase), 'at rest' is after the boundary's optimizer step"
+         if inputs.gradient_accumulation_steps > 1 else "gradient_accumulation_steps 1: every micro-step is a boundary"),
         f"reduce_bucket_size {inputs.zero.reduce_bucket_size:,} elements, overlap_comm "
         f"{inputs.zero.overlap_comm_for(inputs.zero_stage)}, contiguous_gradients {inputs.zero.contiguous_gradients}",
         ("ranks other than the first and the last hold the same as the first (only the last rank's partition carries padding)"
@@ -268,6 +212,13 @@ def estimate(inputs: EstimateInputs) -> Estimate:
          if inputs.world_size <= ALL_RANKS_UP_TO else
          "modelled: rank 0, the last rank and the ranks holding the most gradient elements; the others hold no more"),
     ]
+    if inputs.zero.offload_optimizer != "none" or inputs.zero.offload_param != "none":
+        assumptions.append(
+            "host bytes: the offloaded states and DeepSpeed's host buffers, per rank and x ranks per node "
+            + (f"({inputs.world_size // inputs.nodes})" if inputs.nodes else "")
+            + "; pinned buffers (offload pin_memory, on by default) on CUDA rounded up to a power of two by "
+            "PyTorch's host allocator (not measured on a GPU); the processes' own RSS (Python, torch, CUDA context) is not included"
+        )
     if inputs.device_type == "cpu":
         assumptions.append("device_type cpu: 'device' is the CPU memory used for compute, not a GPU")
     else:
@@ -283,8 +234,6 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     assumptions += list(inputs.config_notes)  # what reading the DeepSpeed config decided (memprof.dsconfig)
     est = Estimate(inputs, shape, ranks, acts, assumptions)
     est.overhead = overhead(inputs, shape)
-    from memprof.estimate.paper import paper_model_states
-
     est.paper_comparison = paper_model_states(inputs, shape.n_params) | {
         "deepspeed_model_states_bytes": max(
             sum(r.rest["device"][c] for c in ("params", "master_params", "grads", "optimizer_state"))
@@ -292,31 +241,3 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         ),
     }
     return est
-
-
-def overhead(inputs: EstimateInputs, shape: ModelShape) -> dict[str, Any]:
-    """The Adam-style overhead made explicit: optimizer-state bytes per parameter and the ratio
-    (weights + optimizer state) / weights, plain fp32, mixed precision, and ZeRO-partitioned."""
-    spec = OPTIMIZER_SPECS[inputs.optimizer]
-    k = spec.states_per_param * FP32  # state bytes per parameter (fp32 states)
-    e = ELEMENT_SIZE[inputs.precision]
-    N = inputs.world_size
-    # ZeRO 1-3 keep an fp32 master partition even for an fp32 model (stage 3: see zero_layout)
-    master = FP32 if e < FP32 or inputs.zero_stage in (1, 2, 3) else 0
-    weights = e
-    state_here = (k + master) / (N if inputs.zero_stage >= 1 else 1)
-    if inputs.zero_stage == 3:
-        weights = e / N
-    return {
-        "optimizer_state_bytes_per_param": k,
-        "fp32_ratio_weights_plus_state_to_weights": (4 + k) / 4,
-        "mixed_precision_ratio": (e + FP32 + k) / e if e < FP32 else (4 + k) / 4,
-        "this_setup_bytes_per_param": round(weights + state_here, 4),
-        "this_setup_ratio": round((weights + state_here) / e, 4),
-        "explanation": (
-            f"{spec.torch_class} keeps {spec.states_per_param} fp32 tensor(s) per parameter = {k} bytes/param; "
-            f"fp32 training holds 4 + {k} = {4 + k} bytes/param, {(4 + k) / 4:g}x the weights"
-            + (f"; with {inputs.precision} weights the fp32 master adds 4 more: ({e}+4+{k})/{e} = {(e + 4 + k) / e:g}x" if e < FP32 else "")
-            + (f"; ZeRO stage {inputs.zero_stage} divides master+state by N={N}" if inputs.zero_stage else "")
-        ),
-    }

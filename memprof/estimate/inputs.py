@@ -61,6 +61,9 @@ class EstimateInputs:
     attn_implementation: str = "sdpa"
     zero: ZeroKnobs = field(default_factory=ZeroKnobs)
     gpu_memory_bytes: int | None = None
+    host_memory_bytes: int | None = None
+    """Host RAM per node (``--host-memory``): the node's ranks share it for their offloaded states
+    and DeepSpeed's host buffers. None: not checked."""
     headroom: float = 0.10
     layout: str = "deepspeed"
     device_type: str = "cuda"
@@ -137,6 +140,8 @@ def validate_inputs(inp: EstimateInputs) -> None:
         parse_capability(inp.cuda_capability)
     if inp.gpu_memory_bytes is not None and inp.gpu_memory_bytes <= 0:
         raise MemprofError("GPU memory must be a positive size, e.g. --gpu-memory 80GiB")
+    if inp.host_memory_bytes is not None and inp.host_memory_bytes <= 0:
+        raise MemprofError("host memory must be a positive size per node, e.g. --host-memory 512GiB")
     if not 0 <= inp.headroom < 1:
         raise MemprofError(f"headroom {inp.headroom!r} must be a fraction in [0, 1), e.g. 0.1")
     z = inp.zero

@@ -17,6 +17,8 @@ from memprof.categories import Category, empty_breakdown
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
+from memprof.estimate.overhead import overhead
+from memprof.estimate.result import Estimate, RankEstimate
 from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32
 
 
@@ -40,9 +42,7 @@ def paper_model_states(inputs: EstimateInputs, n_params: int) -> dict[str, Any]:
     return {"paper_model_states_bytes": int(round(total)), "paper_model_states_gb": round(total / 1e9, 1)}
 
 
-def paper_estimate(inputs: EstimateInputs, shape: ModelShape):  # -> Estimate (import cycle avoided)
-    from memprof.estimate.core import Estimate, RankEstimate, overhead
-
+def paper_estimate(inputs: EstimateInputs, shape: ModelShape) -> Estimate:
     b = empty_breakdown()
     for cat, nbytes in paper_terms(inputs, shape.n_params).items():
         b["device"][cat] = int(round(nbytes))

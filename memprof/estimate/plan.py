@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from memprof.errors import MemprofError
-from memprof.estimate.core import peak_device_bytes
+from memprof.estimate.core import peak_device_and_host_bytes
 from memprof.estimate.inputs import EstimateInputs
 
 MAX_MICRO_BATCH = 4096
@@ -23,8 +23,9 @@ class PlanRow:
     zero_stage: int
     offload_optimizer: str
     offload_param: str
-    fits: bool  # at the requested GPUs and micro-batch
+    fits: bool  # at the requested GPUs and micro-batch, in GPU memory and (when given) host memory
     peak_device_bytes: int
+    host_bytes_per_node: int  # what the node's ranks hold in host RAM (offloaded states, host buffers)
     largest_micro_batch: int | None  # at the requested GPUs; None if not even 1 fits
     fewest_gpus: int | None  # at the requested micro-batch, up to max_gpus; None if none fits
 
@@ -45,6 +46,7 @@ class PlanRow:
             "label": self.label,
             "fits": self.fits,
             "peak_device_bytes": self.peak_device_bytes,
+            "host_bytes_per_node": self.host_bytes_per_node,
             "largest_micro_batch": self.largest_micro_batch,
             "fewest_gpus": self.fewest_gpus,
         }
@@ -69,6 +71,7 @@ class Plan:
             "max_gpus": self.max_gpus,
             "gpu_memory_bytes": self.base.gpu_memory_bytes,
             "usable_gpu_bytes": int(self.base.gpu_memory_bytes * (1 - self.base.headroom)) if self.base.gpu_memory_bytes else None,
+            "host_memory_bytes": self.base.host_memory_bytes,
             "micro_batch": self.base.micro_batch,
             "cheapest": best.to_json() if best else None,
             "rows": [r.to_json() for r in self.rows],
@@ -92,20 +95,38 @@ def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None) -> Plan:
     if not isinstance(max_gpus, int) or max_gpus < gpus:
         raise MemprofError(f"--max-gpus {max_gpus!r} must be at least --gpus {gpus}")
     usable = int(base.gpu_memory_bytes * (1 - base.headroom))
+    host_limit = base.host_memory_bytes
+    # ranks sharing one node's host RAM: --gpus-per-node when given (base.nodes > 1), else all
+    per_node = max(1, base.world_size // base.nodes) if base.nodes > 1 else None
     out = Plan(base, gpus, max_gpus)
 
-    def peak(stage: int, opt: str, par: str, n: int, mb: int) -> int:
+    def peaks(stage: int, opt: str, par: str, n: int, mb: int) -> tuple[int, int]:
+        """(peak device bytes per GPU, host bytes per node) for n GPUs at micro-batch mb."""
         out.evaluations += 1
         zero = replace(base.zero, offload_optimizer=opt, offload_param=par)
         inp = replace(base, zero_stage=stage, zero=zero, world_size=n, nodes=1, micro_batch=mb)
-        return peak_device_bytes(inp)
+        device, host_per_rank = peak_device_and_host_bytes(inp)
+        return device, host_per_rank * (min(n, per_node) if per_node else n)
+
+    def fits(stage: int, opt: str, par: str, n: int, mb: int) -> bool:
+        device, host = peaks(stage, opt, par, n, mb)
+        return device <= usable and (host_limit is None or host <= host_limit)
+
+    def fewest_gpus(stage: int, opt: str, par: str) -> int | None:
+        # device memory per GPU falls with n (bisection); host bytes per node need not (n ranks on a
+        # node each keep per-rank host buffers), so from the device boundary up, the first n whose
+        # host share fits too
+        n = _fewest(lambda k: peaks(stage, opt, par, k, base.micro_batch)[0] <= usable, max_gpus, monotone=stage > 0)
+        if n is None or host_limit is None:
+            return n
+        return next((k for k in range(n, max_gpus + 1) if fits(stage, opt, par, k, base.micro_batch)), None)
 
     for stage, opt, par in candidates():
-        p = peak(stage, opt, par, gpus, base.micro_batch)
-        largest = _largest(lambda mb: peak(stage, opt, par, gpus, mb) <= usable)
-        fewest = _fewest(lambda n: peak(stage, opt, par, n, base.micro_batch) <= usable, max_gpus,
-                         monotone=stage > 0)
-        out.rows.append(PlanRow(stage, opt, par, p <= usable, p, largest, fewest))
+        p, host = peaks(stage, opt, par, gpus, base.micro_batch)
+        largest = _largest(lambda mb: fits(stage, opt, par, gpus, mb))
+        fewest = fewest_gpus(stage, opt, par)
+        ok = p <= usable and (host_limit is None or host <= host_limit)
+        out.rows.append(PlanRow(stage, opt, par, ok, p, host, largest, fewest))
     return out
 
 
