@@ -654,7 +654,11 @@ def test_gradient_accumulation_read_from_config_flag_and_run(tmp_path):
     from memprof.estimate import settings_from_deepspeed_config
 
     assert settings_from_deepspeed_config(ds)["gradient_accumulation_steps"] == 4
-    assert "gradient_accumulation_steps" not in settings_from_deepspeed_config({**ds, "gradient_accumulation_steps": "auto"})
+    # an HF-style "auto" changes memory: settled by the flag's value, else one line naming the flag
+    auto = {**ds, "gradient_accumulation_steps": "auto"}
+    assert settings_from_deepspeed_config(auto, gradient_accumulation_steps=3)["gradient_accumulation_steps"] == 3
+    with pytest.raises(MemprofError, match="--gradient-accumulation-steps"):
+        settings_from_deepspeed_config(auto)
     with pytest.raises(MemprofError, match="gradient_accumulation_steps"):
         settings_from_deepspeed_config({**ds, "gradient_accumulation_steps": 0})
     with pytest.raises(MemprofError, match="gradient accumulation steps"):
