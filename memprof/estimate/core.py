@@ -17,6 +17,7 @@ from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_byt
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
+from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS
 from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32, StateLayout, model_state_layout, stage12_rank_grads
 
 ACT = Category.ACTIVATIONS.value
@@ -50,6 +51,9 @@ class Estimate:
     assumptions: list[str] = field(default_factory=list)
     overhead: dict[str, Any] = field(default_factory=dict)
     paper_comparison: dict[str, Any] | None = None
+    activations_not_estimated: str | None = None
+    """Why this estimate holds no activations (None when it estimates them): its peaks are then
+    model states only and :attr:`fits` is None (unknown), never a "yes" that was not computed."""
 
     @property
     def device_total_bytes(self) -> int:
@@ -66,8 +70,11 @@ class Estimate:
 
     @property
     def fits(self) -> bool | None:
+        """Whether the peak fits the usable GPU memory; None without a GPU size or without activations."""
         usable = self.usable_gpu_bytes
-        return None if usable is None else self.peak_device_bytes <= usable
+        if usable is None or self.activations_not_estimated is not None:
+            return None
+        return self.peak_device_bytes <= usable
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +82,7 @@ class Estimate:
             "device_total_bytes": self.device_total_bytes,
             "peak_device_bytes": self.peak_device_bytes,
             "fits": self.fits,
+            "activations_not_estimated": self.activations_not_estimated,
             "gpu_memory_bytes": self.inputs.gpu_memory_bytes,
             "usable_gpu_bytes": self.usable_gpu_bytes,
             "n_params": self.shape.n_params,
@@ -173,6 +181,20 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
                             inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
 
 
+def _why_no_activations(shape: ModelShape) -> str:
+    if shape.model_type is None:
+        return "activations not estimated for a bare parameter count (--params)"
+    return f"activations not estimated for model_type {shape.model_type}"
+
+
+def activations_not_estimated(inputs: EstimateInputs, shape: ModelShape) -> str | None:
+    """Why an estimate of ``inputs`` holds no activations (the planner asks before sweeping), or
+    None when it estimates them; ``estimate(inputs).activations_not_estimated`` is the same."""
+    if inputs.layout == "zero-paper":
+        return PAPER_LAYOUT_HAS_NO_ACTIVATIONS
+    return None if _activations(inputs, shape) is not None else _why_no_activations(shape)
+
+
 ALL_RANKS_UP_TO = 64  # stage 1/2: every rank is modelled up to this world size (estimate())
 PLANNER_ALL_RANKS_UP_TO = 4  # the planner's fast path: the deciding ranks only beyond this
 
@@ -245,7 +267,7 @@ def estimate(inputs: EstimateInputs) -> Estimate:
                 "within 0.4% at seq 1024, -0.7% at 512, -2.2% at 256 with checkpointing; docs/estimator.md)"
             )
     else:
-        assumptions.append("activations not estimated: only a parameter count or a non-GPT-2 model is known")
+        assumptions.append(f"{_why_no_activations(shape)}: the peaks hold model states only, so whether it fits is unknown")
 
     ranks_to_model = _ranks_to_model(inputs, shape)
     ranks: list[RankEstimate] = []
@@ -280,7 +302,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
             "at the default CUBLAS_WORKSPACE_CONFIG / CUBLASLT_WORKSPACE_SIZE; the training script's data set stays "
             "on the host; caching-allocator rounding (< 1 MiB per block) is not modelled"
         )
-    est = Estimate(inputs, shape, ranks, acts, assumptions)
+    est = Estimate(inputs, shape, ranks, acts, assumptions,
+                   activations_not_estimated=None if acts is not None else _why_no_activations(shape))
     est.overhead = overhead(inputs, shape)
     from memprof.estimate.paper import paper_model_states
 
