@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from memprof import cli
-from memprof.cli.parser import MemprofArgumentParser, parse_positive_int, positive_int, positive_size
+from memprof.cli.parser import MemprofArgumentParser, positive_int, positive_size
 from memprof.errors import MemprofError
+from memprof.units import parse_positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -55,9 +56,11 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 BAD = {
     # every command's unknown flag, missing value and bad number: one line, exit 2
-    "estimate unknown flag": (["-m", "memprof", "estimate", "--model", "gpt2", "--bogus"], "memprof estimate: error: unrecognized arguments: --bogus"),
+    "estimate unknown flag": (["-m", "memprof", "estimate", "--model", "gpt2", "--bogus"],
+                              "memprof estimate: error: unrecognized arguments: --bogus"),
     "estimate bad nodes": (["-m", "memprof", "estimate", "--model", "gpt2", "--nodes", "two"], "--nodes 'two' is not a number"),
-    "plan bad gpus": (["-m", "memprof", "plan", "--model", "gpt2", "--gpus", "0", "--gpu-memory", "80GiB"], "--gpus '0' must be a positive whole number"),
+    "plan bad gpus": (["-m", "memprof", "plan", "--model", "gpt2", "--gpus", "0", "--gpu-memory", "80GiB"],
+                      "--gpus '0' must be a positive whole number"),
     "plan missing value": (["-m", "memprof", "plan", "--model", "gpt2", "--gpus"], "expected one argument"),
     "compare no run": (["-m", "memprof", "compare"], "memprof compare: error: the following arguments are required: run"),
     "report no run": (["-m", "memprof", "report"], "memprof report: error: the following arguments are required: RUN"),
@@ -67,7 +70,8 @@ BAD = {
                            "train.py: error: --steps '0' must be a positive whole number"),
     "train.py bad seq-len": ([str(TRAIN), "--deepspeed_config", str(DEMO), "--out", "{out}", "--seq-len", "1.5"],
                              "train.py: error: --seq-len '1.5' must be a positive whole number"),
-    "train.py missing out": ([str(TRAIN), "--deepspeed_config", str(DEMO)], "train.py: error: the following arguments are required: --out"),
+    "train.py missing out": ([str(TRAIN), "--deepspeed_config", str(DEMO)],
+                             "train.py: error: the following arguments are required: --out"),
 }
 
 
@@ -92,7 +96,8 @@ def test_top_level_usage_comes_from_the_subcommand_modules(monkeypatch, capsys):
     # the usage is built from the modules, not kept by hand: a changed summary shows at once
     monkeypatch.setattr(importlib.import_module(cli.SUBCOMMANDS["plan"]), "SUMMARY", "a summary changed in a test")
     assert cli.main(["--help"]) == 0
-    assert ["plan", "a", "summary", "changed", "in", "a", "test"] in [line.split() for line in capsys.readouterr().out.splitlines()]
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["plan", "a", "summary", "changed", "in", "a", "test"] in lines
 
 
 def test_each_subcommand_help_starts_with_its_summary(capsys):

@@ -47,7 +47,8 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-optimizer", help="none or cpu")
     p.add_argument("--offload-params", help="none or cpu (stage 3 only)")
     p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", help="DeepSpeed JSON config")
-    p.add_argument("--gpu-memory", type=positive_size("--gpu-memory"), help="GPU memory per device, e.g. 80GiB (2**30) or 80GB (10**9)")
+    p.add_argument("--gpu-memory", type=positive_size("--gpu-memory"),
+                   help="GPU memory per device, e.g. 80GiB (2**30) or 80GB (10**9)")
     p.add_argument("--headroom", help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--device-type", default="cuda", help="cuda (default) or cpu: which kernels' activations to model")
     p.add_argument("--cuda-capability",

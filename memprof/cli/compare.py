@@ -14,7 +14,6 @@ from memprof.report.schema import check_run_doc
 from memprof.runfile import load_run
 from memprof.units import format_bytes
 
-
 SUMMARY = "put a run's measured memory beside its estimate, per rank and category"
 
 

@@ -39,7 +39,8 @@ def fits_line(est: Estimate) -> str | None:
     missing = est.activations_not_estimated
     if inp.gpu_memory_bytes is None:
         return None if missing is None else f"[bold]{missing}[/bold]: the peaks below hold model states only"
-    head = f"fits {format_bytes(inp.gpu_memory_bytes)} with {inp.headroom:.0%} headroom (usable {format_bytes(est.usable_gpu_bytes)})"
+    head = (f"fits {format_bytes(inp.gpu_memory_bytes)} with {inp.headroom:.0%} headroom "
+            f"(usable {format_bytes(est.usable_gpu_bytes)})")
     if missing is not None:
         return f"{head}: [bold]unknown[/bold] ({missing}; the peaks below hold model states only)"
     return f"{head}: [bold]{'yes' if est.fits else 'no'}[/bold]"

@@ -9,11 +9,11 @@ from inside the parser).
 from __future__ import annotations
 
 import argparse
-import math
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from memprof.errors import MemprofError
-from memprof.units import parse_size
+from memprof.units import parse_positive_int, parse_size
 
 
 class MemprofArgumentParser(argparse.ArgumentParser):
@@ -21,18 +21,6 @@ class MemprofArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise MemprofError(f"{message}: see '{self.prog} --help'")
-
-
-def parse_positive_int(text: str, flag: str) -> int:
-    """A positive whole number written on the command line (``8``, ``1e3``, ``1_000``), or a
-    MemprofError naming ``flag``."""
-    try:
-        value = float(str(text).replace("_", ""))
-    except ValueError:
-        raise MemprofError(f"{flag} {text!r} is not a number: use a positive whole number, e.g. 8") from None
-    if not math.isfinite(value) or value <= 0 or value != int(value):
-        raise MemprofError(f"{flag} {text!r} must be a positive whole number, e.g. 8")
-    return int(value)
 
 
 def positive_int(flag: str) -> Callable[[str], int]:

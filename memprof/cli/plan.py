@@ -44,7 +44,8 @@ def main(argv: list[str]) -> int:
     if result.model_states_only:
         title += f" [bold](model states only: {result.activations_not_estimated})[/bold]"
     console.print(f"{title}: {inputs.model_name or inputs.n_params}, {inputs.precision}, {inputs.optimizer}, "
-                  f"{gpus} GPUs of {format_bytes(inputs.gpu_memory_bytes)} (usable {format_bytes(usable)}), micro-batch {inputs.micro_batch}")
+                  f"{gpus} GPUs of {format_bytes(inputs.gpu_memory_bytes)} (usable {format_bytes(usable)}), "
+                  f"micro-batch {inputs.micro_batch}")
     columns = [Column("ZeRO stage"), Column("offload"), Column("peak per GPU", numeric=True), Column("fits"),
                Column("largest micro-batch", numeric=True), Column(f"fewest GPUs (<= {result.max_gpus})", numeric=True)]
     rows = [[str(r.zero_stage), r.offload_label or "-", format_bytes(r.peak_device_bytes), "yes" if r.fits else "no",

@@ -129,7 +129,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int("--seq-len"), default=128, help="tokens (bytes) per sample (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and data sampling (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for rank<R>.jsonl, memprof.json, report.html")
-    p.add_argument("--memory-budget", type=positive_size("--memory-budget"), default=None, metavar="SIZE", help="simulated device capacity, e.g. 2GiB (default: none)")
+    p.add_argument("--memory-budget", type=positive_size("--memory-budget"), default=None, metavar="SIZE",
+                   help="simulated device capacity, e.g. 2GiB (default: none)")
     p.add_argument("--data", default=None, metavar="PATH", help="UTF-8 text file to train on (default: the text shipped with memprof)")
     # The deepspeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
