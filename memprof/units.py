@@ -1,4 +1,4 @@
-"""Byte sizes: parsing user input ("80GiB", "80GB", "2e9") and formatting for display.
+"""Byte sizes and counts: parsing user input ("80GiB", "80GB", "2e9", "8") and formatting for display.
 
 Internally memprof always holds integer bytes; this module is the only place units appear.
 """
@@ -52,6 +52,18 @@ def parse_count(text: str, what: str = "count") -> int:
     if not math.isfinite(value) or value <= 0:
         raise MemprofError(f"{what} {text!r} must be a positive number, e.g. 7.5e9")
     return int(round(value))
+
+
+def parse_positive_int(text: str, what: str) -> int:
+    """A positive whole number written by the user (``8``, ``1e3``, ``1_000``), or a MemprofError
+    naming ``what`` (the flag)."""
+    try:
+        value = float(str(text).replace("_", ""))
+    except ValueError:
+        raise MemprofError(f"{what} {text!r} is not a number: use a positive whole number, e.g. 8") from None
+    if not math.isfinite(value) or value <= 0 or value != int(value):
+        raise MemprofError(f"{what} {text!r} must be a positive whole number, e.g. 8")
+    return int(value)
 
 
 def format_bytes(n: float, binary: bool = True, precision: int = 1) -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from memprof.cli.estimate import build_parser
 from memprof.estimate import estimate, inputs_from_run
-from memprof.estimate.cli_args import inputs_from_args
+from memprof.cli.cli_args import inputs_from_args
 from memprof.train.config import load_deepspeed_config, parse_args
 from memprof.train.run_meta import DistributedFacts, build_run_meta
 

@@ -1,6 +1,8 @@
-"""``memprof`` command line: one module per subcommand, each with ``main(argv) -> int``.
+"""``memprof`` command line: one module per subcommand, each with ``SUMMARY`` (its line in the
+top-level usage and the start of its ``--help``) and ``main(argv) -> int``.
 
-A MemprofError anywhere becomes one line on stderr and exit code 2, never a traceback.
+A MemprofError anywhere, a bad flag included (:mod:`memprof.cli.parser`), becomes one line on
+stderr and exit code 2, never a traceback or a usage dump.
 """
 
 from __future__ import annotations
@@ -17,30 +19,31 @@ SUBCOMMANDS = {
     "report": "memprof.cli.report",
 }
 
-USAGE = """usage: memprof {estimate,plan,compare,report} [options]
 
-  estimate   predict per-rank memory by category for a model and DeepSpeed setup
-  plan       find the cheapest configuration that fits a GPU memory size
-  compare    put a run's measured memory beside its estimate, per rank and category
-  report     write a self-contained HTML report of one or more runs
-
-'memprof COMMAND --help' describes each command."""
+def usage() -> str:
+    """The top-level usage: each subcommand with its module's SUMMARY."""
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [f"usage: memprof {{{','.join(SUBCOMMANDS)}}} [options]", ""]
+    lines += [f"  {name:<{width}}   {importlib.import_module(module).SUMMARY}" for name, module in SUBCOMMANDS.items()]
+    lines += ["", "'memprof COMMAND --help' describes each command."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version"):
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
         from memprof import __version__
 
         print(f"memprof {__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"memprof: unknown command {name!r}: choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        problem = "no command" if not argv else f"unknown command {argv[0]!r}"
+        print(f"memprof: error: {problem}: choose one of {', '.join(SUBCOMMANDS)} (see 'memprof --help')", file=sys.stderr)
         return 2
+    name, rest = argv[0], argv[1:]
     module = importlib.import_module(SUBCOMMANDS[name])
     try:
         return int(module.main(rest) or 0)

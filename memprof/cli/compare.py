@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any
 
+from memprof.cli.parser import MemprofArgumentParser
+from memprof.cli.tables import Column, output_console, print_tables
 from memprof.compare import PEAK_TOLERANCE, RESIDENT_TOLERANCE, Comparison, compare_run
 from memprof.errors import MemprofError
-from memprof.estimate.cli_args import OneLineParser
 from memprof.report.schema import check_run_doc
 from memprof.runfile import load_run
 from memprof.units import format_bytes
 
+SUMMARY = "put a run's measured memory beside its estimate, per rank and category"
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
+
+def build_parser() -> MemprofArgumentParser:
+    p = MemprofArgumentParser(
         prog="memprof compare",
         description=(
-            "Put a run's measured memory (last complete step, per rank) beside the estimate for its "
-            f"setup. Checked: resident params/master_params/optimizer_state within "
+            f"{SUMMARY} (the last complete step, against the estimate for the run's own "
+            f"setup). Checked: resident params/master_params/optimizer_state within "
             f"{RESIDENT_TOLERANCE:.1%}, per-phase peak totals within {PEAK_TOLERANCE:.0%}."
         ),
     )
@@ -52,35 +54,23 @@ def _fmt_err(err: float | None) -> str:
 
 
 def print_table(cmp: Comparison, run_doc: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     run = run_doc["run"]
     title = (
         f"{run.get('model')} · ZeRO-{run.get('zero_stage')} · {run.get('optimizer')} · "
         f"{run.get('precision')} · world {run.get('world_size')} · {run.get('device_type')}"
     )
-    table = Table(title=f"measured vs estimated — {title}")
-    for col in ("rank", "what", "where", "category / phase", "measured", "estimated", "error", "check"):
-        table.add_column(col, justify="right" if col in ("measured", "estimated", "error") else "left")
+    columns = [Column("rank"), Column("what"), Column("where"), Column("category / phase"),
+               Column("measured", numeric=True), Column("estimated", numeric=True), Column("error", numeric=True),
+               Column("check")]
+    rows = []
     for r in cmp.rows:
         if r.what == "rest" and r.measured == 0 and r.estimated == 0:
             continue  # nothing held and nothing predicted: keep the table readable
         check = {None: "", True: "ok", False: "[red]OUT[/red]"}[r.ok]
-        table.add_row(
-            str(r.rank),
-            "at rest" if r.what == "rest" else "peak",
-            r.location,
-            r.name,
-            format_bytes(r.measured),
-            format_bytes(r.estimated),
-            _fmt_err(r.error),
-            check,
-        )
-    console = Console()
-    if not console.is_terminal:  # piped to a log: rich would cut the table to 80 columns
-        console = Console(width=120)
-    console.print(table)
+        rows.append([str(r.rank), "at rest" if r.what == "rest" else "peak", r.location, r.name,
+                     format_bytes(r.measured), format_bytes(r.estimated), _fmt_err(r.error), check])
+    console = output_console()
+    print_tables(console, columns, rows, f"measured vs estimated — {title}", key_columns=4)
     if cmp.missing_ranks:
         console.print(f"missing ranks (no records): {cmp.missing_ranks}")
     n_bad = len(cmp.failures())

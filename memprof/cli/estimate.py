@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
-from rich.table import Table
-
 from memprof.categories import CATEGORIES, PHASES
-from memprof.estimate.cli_args import OneLineParser, _int, add_setup_flags, inputs_from_args
+from memprof.cli.cli_args import add_setup_flags, inputs_from_args
+from memprof.cli.parser import MemprofArgumentParser, positive_int
+from memprof.cli.tables import Column, output_console, print_tables
 from memprof.estimate import Estimate, estimate
 from memprof.units import format_bytes
 
+SUMMARY = "predict per-rank memory by category for a model and DeepSpeed setup"
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="memprof estimate", description="Predict per-rank training memory for a DeepSpeed setup.")
+
+def build_parser() -> MemprofArgumentParser:
+    p = MemprofArgumentParser(prog="memprof estimate", description=f"{SUMMARY}.")
     add_setup_flags(p)
-    p.add_argument("--world-size", help="number of ranks (default 1, or nodes x gpus-per-node)")
+    p.add_argument("--world-size", type=positive_int("--world-size"),
+                   help="number of ranks (default 1, or nodes x gpus-per-node)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    inputs = inputs_from_args(args, _int(args.world_size, "--world-size"))
-    est = estimate(inputs)
+    est = estimate(inputs_from_args(args, args.world_size))
     if args.json:
         print(json.dumps(est.to_json(), indent=1))
     else:
@@ -31,34 +32,46 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def render(est: Estimate) -> None:
-    console = Console(highlight=False)
+def fits_line(est: Estimate) -> str | None:
+    """The verdict on the GPU, or why there is none; None when no GPU size was given and the
+    activations are estimated (nothing to say)."""
     inp = est.inputs
-    model = inp.model_name or f"{est.shape.n_params:,} parameters"
-    console.print(f"[bold]memprof estimate[/bold]: {model} ({est.shape.n_params:,} params), ZeRO-{inp.zero_stage}, "
+    missing = est.activations_not_estimated
+    if inp.gpu_memory_bytes is None:
+        return None if missing is None else f"[bold]{missing}[/bold]: the peaks below hold model states only"
+    head = (f"fits {format_bytes(inp.gpu_memory_bytes)} with {inp.headroom:.0%} headroom "
+            f"(usable {format_bytes(est.usable_gpu_bytes)})")
+    if missing is not None:
+        return f"{head}: [bold]unknown[/bold] ({missing}; the peaks below hold model states only)"
+    return f"{head}: [bold]{'yes' if est.fits else 'no'}[/bold]"
+
+
+def render(est: Estimate) -> None:
+    console = output_console()
+    inp = est.inputs
+    model = f"{inp.model_name} ({est.shape.n_params:,} params)" if inp.model_name else f"{est.shape.n_params:,} parameters"
+    console.print(f"[bold]memprof estimate[/bold]: {model}, ZeRO-{inp.zero_stage}, "
                   f"{inp.precision}, {inp.optimizer}, world size {inp.world_size}, layout {inp.layout}")
+    verdict = fits_line(est)
+    if est.activations_not_estimated is not None and verdict is not None:
+        console.print(verdict)  # first: a missing activation model changes how every number reads
+    columns = [Column("category"), Column("device at rest", numeric=True), Column("host at rest", numeric=True),
+               *(Column(f"{ph} peak", numeric=True) for ph in PHASES)]
     for r in est.ranks:
-        t = Table(title=f"rank {r.rank}" + (" (and every rank but the last)" if r.rank == 0 and inp.world_size > 2 else ""))
-        t.add_column("category")
-        t.add_column("device at rest", justify="right")
-        t.add_column("host at rest", justify="right")
-        for ph in PHASES:
-            t.add_column(f"{ph} peak", justify="right")
-        for cat in CATEGORIES:
-            t.add_row(cat, format_bytes(r.rest["device"][cat]), format_bytes(r.rest["host"][cat]),
-                      *(format_bytes(r.phases[ph]["device"][cat]) for ph in PHASES))
-        t.add_row("[bold]total[/bold]", format_bytes(sum(r.rest["device"].values())), format_bytes(sum(r.rest["host"].values())),
-                  *(format_bytes(r.phase_total(ph)) for ph in PHASES))
-        console.print(t)
+        rows = [[cat, format_bytes(r.rest["device"][cat]), format_bytes(r.rest["host"][cat]),
+                 *(format_bytes(r.phases[ph]["device"][cat]) for ph in PHASES)] for cat in CATEGORIES]
+        rows.append(["[bold]total[/bold]", format_bytes(sum(r.rest["device"].values())),
+                     format_bytes(sum(r.rest["host"].values())), *(format_bytes(r.phase_total(ph)) for ph in PHASES)])
+        title = f"rank {r.rank}" + (" (and every rank but the last)" if r.rank == 0 and inp.world_size > 2 else "")
+        print_tables(console, columns, rows, title)
     console.print(f"device at rest (max over ranks): {format_bytes(est.device_total_bytes)}; "
                   f"peak device: {format_bytes(est.peak_device_bytes)} ({est.peak_device_bytes:,} bytes)")
     console.print(f"host (offloaded states, DeepSpeed's host buffers): {format_bytes(est.host_bytes_per_rank)} per rank, "
                   f"{format_bytes(est.host_bytes_per_node)} per node ({est.ranks_per_node} ranks)"
                   + ("" if est.host_fits is None else
                      f"; fits {format_bytes(inp.host_memory_bytes)} per node: [bold]{'yes' if est.host_fits else 'no'}[/bold]"))
-    if est.fits is not None:
-        console.print(f"fits {format_bytes(inp.gpu_memory_bytes)} with {inp.headroom:.0%} headroom "
-                      f"(usable {format_bytes(est.usable_gpu_bytes)}): [bold]{'yes' if est.fits else 'no'}[/bold]")
+    if est.activations_not_estimated is None and verdict is not None:
+        console.print(verdict)
     pc = est.paper_comparison or {}
     if inp.layout == "zero-paper":
         console.print(f"model states (ZeRO paper accounting): [bold]{pc['paper_model_states_gb']} GB[/bold] per rank")

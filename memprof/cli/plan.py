@@ -4,48 +4,62 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
-from rich.table import Table
-
-from memprof.estimate.cli_args import OneLineParser, _int, add_setup_flags, inputs_from_args
+from memprof.cli.cli_args import add_setup_flags, inputs_from_args
+from memprof.cli.parser import MemprofArgumentParser, positive_int
+from memprof.cli.tables import Column, output_console, print_tables
 from memprof.errors import MemprofError
 from memprof.estimate import plan
 from memprof.units import format_bytes
 
+SUMMARY = "find the cheapest configuration that fits a GPU memory size"
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="memprof plan", description="Find the cheapest ZeRO/offload setup that fits.")
+
+def build_parser() -> MemprofArgumentParser:
+    p = MemprofArgumentParser(prog="memprof plan", description=f"{SUMMARY}: ZeRO stage and offload, cheapest first.")
     add_setup_flags(p)
-    p.add_argument("--gpus", help="GPUs available (the cluster size)")
-    p.add_argument("--max-gpus", help="largest GPU count to consider for 'fewest GPUs' (default --gpus)")
+    p.add_argument("--gpus", type=positive_int("--gpus"), help="GPUs available (the cluster size)")
+    p.add_argument("--max-gpus", type=positive_int("--max-gpus"),
+                   help="largest GPU count to consider for 'fewest GPUs' (default --gpus)")
+    p.add_argument("--model-states-only", action="store_true",
+                   help="plan a model whose activations memprof does not estimate (a --params count, a model_type "
+                        "without an activation model) on its model states alone")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    gpus = _int(args.gpus, "--gpus")
+    gpus = args.gpus
     if gpus is None:
         raise MemprofError("plan needs the cluster size: pass --gpus N")
     if args.zero_stage is not None or args.offload_optimizer is not None or args.offload_params is not None:
         raise MemprofError("plan chooses the ZeRO stage and offload itself: drop --zero-stage/--offload-*")
     inputs = inputs_from_args(args, gpus)
-    result = plan(inputs, gpus, _int(args.max_gpus, "--max-gpus"))
+    result = plan(inputs, gpus, args.max_gpus, model_states_only=args.model_states_only)
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
         return 0
-    console = Console(highlight=False)
+    console = output_console()
     usable = int(inputs.gpu_memory_bytes * (1 - inputs.headroom))
-    console.print(f"[bold]memprof plan[/bold]: {inputs.model_name or inputs.n_params}, {inputs.precision}, {inputs.optimizer}, "
-                  f"{gpus} GPUs of {format_bytes(inputs.gpu_memory_bytes)} (usable {format_bytes(usable)}), micro-batch {inputs.micro_batch}")
-    t = Table()
-    for col in ("configuration", "peak per GPU", "host per node", "fits", "largest micro-batch", f"fewest GPUs (<= {result.max_gpus})"):
-        t.add_column(col)
-    for r in result.rows:
-        t.add_row(r.label, format_bytes(r.peak_device_bytes), format_bytes(r.host_bytes_per_node), "yes" if r.fits else "no",
-                  str(r.largest_micro_batch or "-"), str(r.fewest_gpus or "-"))
-    console.print(t)
+    title = "[bold]memprof plan[/bold]"
+    if result.model_states_only:
+        title += f" [bold](model states only: {result.activations_not_estimated})[/bold]"
+    console.print(f"{title}: {inputs.model_name or inputs.n_params}, {inputs.precision}, {inputs.optimizer}, "
+                  f"{gpus} GPUs of {format_bytes(inputs.gpu_memory_bytes)} (usable {format_bytes(usable)}), "
+                  f"micro-batch {inputs.micro_batch}")
+    columns = [Column("ZeRO stage"), Column("offload"), Column("peak per GPU", numeric=True),
+               Column("host per node", numeric=True), Column("fits"),
+               Column("largest micro-batch", numeric=True), Column(f"fewest GPUs (<= {result.max_gpus})", numeric=True)]
+    # "opt->cpu" in the table (the row's label says "optimizer->cpu"): the 80-column table keeps one line per row
+    rows = [[str(r.zero_stage), r.offload_label.replace("optimizer->", "opt->") or "-", format_bytes(r.peak_device_bytes),
+             format_bytes(r.host_bytes_per_node), "yes" if r.fits else "no",
+             str(r.largest_micro_batch or "-"), str(r.fewest_gpus or "-")] for r in result.rows]
+    print_tables(console, columns, rows)
     best = result.cheapest
-    console.print(f"cheapest that fits: [bold]{best.label}[/bold]" if best else
-                  "nothing fits: use more GPUs (--max-gpus), a smaller micro-batch or sequence, or activation checkpointing"
-                  + (", or more host memory per node (--host-memory)" if inputs.host_memory_bytes else ""))
+    if best is None:
+        console.print("nothing fits" + (", even on model states alone" if result.model_states_only else "")
+                      + ": use more GPUs (--max-gpus), a smaller micro-batch or sequence, or activation checkpointing"
+                      + (", or more host memory per node (--host-memory)" if inputs.host_memory_bytes else ""))
+    else:
+        what = "whose model states fit" if result.model_states_only else "that fits"
+        console.print(f"cheapest {what}: [bold]{best.label}[/bold]")
     return 0

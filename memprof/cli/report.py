@@ -6,23 +6,17 @@ report; several give each run plus the comparison across them (a sweep).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from memprof.errors import MemprofError
+from memprof.cli.parser import MemprofArgumentParser
 from memprof.runfile import load_run
 
+SUMMARY = "write a self-contained HTML report of one or more runs"
 DEFAULT_OUTPUT = "reports/report.html"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # one line and exit 2, like every other memprof error (argparse would print the usage too)
-        raise MemprofError(f"{message}: see 'memprof report --help'")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="memprof report", description="Write a self-contained HTML report of one or more memprof runs.")
+def build_parser() -> MemprofArgumentParser:
+    p = MemprofArgumentParser(prog="memprof report", description=f"{SUMMARY}.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="a memprof.json or a run folder of rank<R>.jsonl files")
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="PATH",
                    help=f"the HTML file to write (default {DEFAULT_OUTPUT})")

@@ -16,7 +16,7 @@ from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
-from memprof.estimate.paper import paper_estimate, paper_model_states
+from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
 from memprof.estimate.result import Estimate, RankEstimate
 from memprof.estimate.zero_layout import ELEMENT_SIZE, StateLayout, model_state_layout, stage12_rank_grads
 
@@ -110,6 +110,20 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
                             inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
 
 
+def _why_no_activations(shape: ModelShape) -> str:
+    if shape.model_type is None:
+        return "activations not estimated for a bare parameter count (--params)"
+    return f"activations not estimated for model_type {shape.model_type}"
+
+
+def activations_not_estimated(inputs: EstimateInputs, shape: ModelShape) -> str | None:
+    """Why an estimate of ``inputs`` holds no activations (the planner asks before sweeping), or
+    None when it estimates them; ``estimate(inputs).activations_not_estimated`` is the same."""
+    if inputs.layout == "zero-paper":
+        return PAPER_LAYOUT_HAS_NO_ACTIVATIONS
+    return None if _activations(inputs, shape) is not None else _why_no_activations(shape)
+
+
 ALL_RANKS_UP_TO = 64  # stage 1/2: every rank is modelled up to this world size (estimate())
 PLANNER_ALL_RANKS_UP_TO = 4  # the planner's fast path: the deciding ranks only beyond this
 
@@ -186,7 +200,7 @@ def estimate(inputs: EstimateInputs) -> Estimate:
                 "within 0.4% at seq 1024, -0.7% at 512, -2.2% at 256 with checkpointing; docs/estimator.md)"
             )
     else:
-        assumptions.append("activations not estimated: only a parameter count or a non-GPT-2 model is known")
+        assumptions.append(f"{_why_no_activations(shape)}: the peaks hold model states only, so whether it fits is unknown")
 
     ranks_to_model = _ranks_to_model(inputs, shape)
     ranks: list[RankEstimate] = []
@@ -232,7 +246,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
             "on the host; caching-allocator rounding (< 1 MiB per block) is not modelled"
         )
     assumptions += list(inputs.config_notes)  # what reading the DeepSpeed config decided (memprof.dsconfig)
-    est = Estimate(inputs, shape, ranks, acts, assumptions)
+    est = Estimate(inputs, shape, ranks, acts, assumptions,
+                   activations_not_estimated=None if acts is not None else _why_no_activations(shape))
     est.overhead = overhead(inputs, shape)
     est.paper_comparison = paper_model_states(inputs, shape.n_params) | {
         "deepspeed_model_states_bytes": max(

@@ -21,6 +21,8 @@ from memprof.estimate.overhead import overhead
 from memprof.estimate.result import Estimate, RankEstimate
 from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32
 
+PAPER_LAYOUT_HAS_NO_ACTIVATIONS = "activations not estimated: layout zero-paper counts model states only"
+
 
 def paper_terms(inputs: EstimateInputs, n_params: int) -> dict[str, float]:
     """Bytes per rank of weights, gradients, fp32 master and optimizer states, the paper's way."""
@@ -59,6 +61,7 @@ def paper_estimate(inputs: EstimateInputs, shape: ModelShape) -> Estimate:
             "the default --layout deepspeed shows what DeepSpeed 0.19.8 really holds: gradients exist only "
             "during backward/step (not at rest), reduce buckets of reduce_bucket_size elements, padding to 2*N elements",
         ],
+        activations_not_estimated=PAPER_LAYOUT_HAS_NO_ACTIVATIONS,
     )
     est.overhead = overhead(inputs, shape)
     est.paper_comparison = paper_model_states(inputs, shape.n_params)

@@ -4,6 +4,10 @@ Cost order (cheapest first): lower ZeRO stage (less communication), then no offl
 optimizer offload before parameter offload (offload trades GPU memory for PCIe traffic and CPU
 compute). For each candidate the planner also finds the largest micro-batch that fits on the given
 GPUs and the fewest GPUs that fit at the requested micro-batch.
+
+A model whose activations the estimator does not model (a bare parameter count, a model_type
+without an activation model) has no peak to compare with the GPU: the planner refuses it unless
+asked to plan on model states alone (``model_states_only``), and the plan then says so.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from memprof.errors import MemprofError
-from memprof.estimate.core import peak_device_and_host_bytes
+from memprof.estimate.core import activations_not_estimated, peak_device_and_host_bytes
 from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.model_shapes import model_shape
 
 MAX_MICRO_BATCH = 4096
 
@@ -23,20 +28,26 @@ class PlanRow:
     zero_stage: int
     offload_optimizer: str
     offload_param: str
-    fits: bool  # at the requested GPUs and micro-batch, in GPU memory and (when given) host memory
+    fits: bool  # at the requested GPUs and micro-batch, in GPU memory and (when given) host memory;
+    # model states only when the plan says so (model_states_only)
     peak_device_bytes: int
     host_bytes_per_node: int  # what the node's ranks hold in host RAM (offloaded states, host buffers)
     largest_micro_batch: int | None  # at the requested GPUs; None if not even 1 fits
     fewest_gpus: int | None  # at the requested micro-batch, up to max_gpus; None if none fits
 
     @property
-    def label(self) -> str:
+    def offload_label(self) -> str:
+        """What is offloaded where (``optimizer->cpu, params->cpu``); empty without offload."""
         off = []
         if self.offload_optimizer != "none":
             off.append(f"optimizer->{self.offload_optimizer}")
         if self.offload_param != "none":
             off.append(f"params->{self.offload_param}")
-        return f"ZeRO-{self.zero_stage}" + (f" + offload {', '.join(off)}" if off else "")
+        return ", ".join(off)
+
+    @property
+    def label(self) -> str:
+        return f"ZeRO-{self.zero_stage}" + (f" + offload {self.offload_label}" if self.offload_label else "")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +70,12 @@ class Plan:
     max_gpus: int
     rows: list[PlanRow] = field(default_factory=list)
     evaluations: int = 0
+    activations_not_estimated: str | None = None
+    """Set when the plan fits model states only: why the activations are not in its peaks."""
+
+    @property
+    def model_states_only(self) -> bool:
+        return self.activations_not_estimated is not None
 
     @property
     def cheapest(self) -> PlanRow | None:
@@ -73,6 +90,8 @@ class Plan:
             "usable_gpu_bytes": int(self.base.gpu_memory_bytes * (1 - self.base.headroom)) if self.base.gpu_memory_bytes else None,
             "host_memory_bytes": self.base.host_memory_bytes,
             "micro_batch": self.base.micro_batch,
+            "model_states_only": self.model_states_only,
+            "activations_not_estimated": self.activations_not_estimated,
             "cheapest": best.to_json() if best else None,
             "rows": [r.to_json() for r in self.rows],
             "evaluations": self.evaluations,
@@ -85,10 +104,22 @@ def candidates() -> list[tuple[int, str, str]]:
             (1, "cpu", "none"), (2, "cpu", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")]
 
 
-def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None) -> Plan:
-    """Sweep the candidates for ``base`` (its model, precision, optimizer, micro-batch, GPU memory)."""
+def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None, model_states_only: bool = False) -> Plan:
+    """Sweep the candidates for ``base`` (its model, precision, optimizer, micro-batch, GPU memory).
+
+    ``model_states_only``: plan a model whose activations are not estimated on its model states
+    alone (otherwise such a model is refused: nothing could be said to fit).
+    """
     if base.gpu_memory_bytes is None:
         raise MemprofError("plan needs the GPU memory size: pass --gpu-memory, e.g. 80GiB")
+    if base.layout != "deepspeed":
+        raise MemprofError(f"plan sweeps DeepSpeed's own layout, not --layout {base.layout}: drop --layout")
+    missing = activations_not_estimated(base, model_shape(base.model_config, base.n_params))
+    if missing is not None and not model_states_only:
+        raise MemprofError(f"{missing}, so plan cannot tell what fits: pass --model-states-only to plan on model states alone")
+    if missing is None and model_states_only:
+        raise MemprofError("--model-states-only is for models whose activations are not estimated; "
+                           "this model's are, and plan counts them: drop --model-states-only")
     if not isinstance(gpus, int) or gpus <= 0:
         raise MemprofError(f"GPU count {gpus!r} must be a positive whole number, e.g. --gpus 8")
     max_gpus = gpus if max_gpus is None else max_gpus
@@ -98,7 +129,7 @@ def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None) -> Plan:
     host_limit = base.host_memory_bytes
     # ranks sharing one node's host RAM: --gpus-per-node when given (base.nodes > 1), else all
     per_node = max(1, base.world_size // base.nodes) if base.nodes > 1 else None
-    out = Plan(base, gpus, max_gpus)
+    out = Plan(base, gpus, max_gpus, activations_not_estimated=missing)
 
     def peaks(stage: int, opt: str, par: str, n: int, mb: int) -> tuple[int, int]:
         """(peak device bytes per GPU, host bytes per node) for n GPUs at micro-batch mb."""

@@ -40,6 +40,9 @@ class Estimate:
     assumptions: list[str] = field(default_factory=list)
     overhead: dict[str, Any] = field(default_factory=dict)
     paper_comparison: dict[str, Any] | None = None
+    activations_not_estimated: str | None = None
+    """Why this estimate holds no activations (None when it estimates them): its peaks are then
+    model states only and :attr:`fits` is None (unknown), never a "yes" that was not computed."""
 
     @property
     def device_total_bytes(self) -> int:
@@ -56,8 +59,11 @@ class Estimate:
 
     @property
     def fits(self) -> bool | None:
+        """Whether the peak fits the usable GPU memory; None without a GPU size or without activations."""
         usable = self.usable_gpu_bytes
-        return None if usable is None else self.peak_device_bytes <= usable
+        if usable is None or self.activations_not_estimated is not None:
+            return None
+        return self.peak_device_bytes <= usable
 
     @property
     def host_bytes_per_rank(self) -> int:
@@ -85,6 +91,7 @@ class Estimate:
             "device_total_bytes": self.device_total_bytes,
             "peak_device_bytes": self.peak_device_bytes,
             "fits": self.fits,
+            "activations_not_estimated": self.activations_not_estimated,
             "gpu_memory_bytes": self.inputs.gpu_memory_bytes,
             "usable_gpu_bytes": self.usable_gpu_bytes,
             "host_bytes_per_rank": self.host_bytes_per_rank,

@@ -1,6 +1,6 @@
 """End of a run: rank 0 gathers every rank's records over torch.distributed, writes
-``<out>/memprof.json`` atomically and prints the per-rank table. No shared filesystem is assumed:
-records travel as objects."""
+``<out>/memprof.json`` atomically and prints the per-rank table (laid out by memprof.cli.tables).
+No shared filesystem is assumed: records travel as objects."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from memprof.categories import CATEGORIES
 from memprof.runfile import RUN_FILE_NAME, assemble_run, write_json_atomic
-from memprof.units import format_bytes
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -69,52 +67,8 @@ def write_run_file(
     return doc
 
 
-def worst_phase(rank_entry: dict[str, Any]) -> tuple[int, str, dict[str, Any]] | None:
-    """(step, phase, PhaseRecord) of the rank's highest device peak, or None without steps."""
-    worst = None
-    for step in rank_entry.get("steps") or []:
-        for phase, rec in (step.get("phases") or {}).items():
-            if worst is None or rec.get("peak_total", 0) > worst[2].get("peak_total", 0):
-                worst = (step.get("step"), phase, rec)
-    return worst
-
-
 def render_rank_table(run_doc: dict[str, Any], console: Any = None) -> None:
-    """Print one row per rank: its highest phase peak split by category, host bytes, peak RSS."""
-    from rich.console import Console
-    from rich.table import Table
+    """Print the per-rank table (laid out in :mod:`memprof.cli.tables` with memprof's other tables)."""
+    from memprof.cli.tables import print_rank_table
 
-    run = run_doc.get("run") or {}
-    title = f"memprof: peak memory per rank ({run.get('device_type', '?')} run"
-    if run.get("device_type") == "cpu":
-        title += "; 'device' is the CPU memory used for compute"
-    table = Table(title=title + ")")
-    for col in ("rank", "peak at", "device peak", *CATEGORIES, "host", "peak RSS", "status"):
-        table.add_column(col, justify="left" if col in ("rank", "peak at", "status") else "right")
-    for entry in run_doc.get("ranks") or []:
-        worst = worst_phase(entry)
-        status = "OOM" if entry.get("oom") else ("complete" if entry.get("complete") else "incomplete")
-        if worst is None:
-            row = [str(entry.get("rank")), "-", "-", *("-" for _ in CATEGORIES), "-"]
-        else:
-            step, phase, rec = worst
-            peak = rec.get("peak") or {}
-            device = peak.get("device") or {}
-            host_total = sum(int(v) for v in (peak.get("host") or {}).values())
-            row = [
-                str(entry.get("rank")),
-                f"step {step} {phase}",
-                format_bytes(rec.get("peak_total", 0)),
-                *(format_bytes(device.get(cat, 0)) for cat in CATEGORIES),
-                format_bytes(host_total),
-            ]
-        rss = entry.get("peak_host_rss_bytes")
-        row += [format_bytes(rss) if rss is not None else "-", status]
-        table.add_row(*row)
-    for missing in run_doc.get("missing_ranks") or []:
-        table.add_row(str(missing), *(["-"] * (len(CATEGORIES) + 4)), "missing")
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # a log file: 80 columns would fold every number
-            console = Console(width=160)
-    console.print(table)
+    print_rank_table(run_doc, console=console)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memprof.cli.parser import MemprofArgumentParser, positive_int, positive_size
 from memprof.dsconfig import (
     DeepSpeedSettings,
     find_auto,
@@ -27,7 +28,6 @@ from memprof.dsconfig import (
 )
 from memprof.errors import MemprofError
 from memprof.models import PRESETS, load_model_config, preset_config
-from memprof.units import parse_size
 
 # The launcher's own checks (what DeepSpeed 0.19.8 accepts to *run*); reading the config, and the
 # vocabularies (memprof.dsconfig.OPTIMIZERS, PRECISIONS, OFFLOAD_DEVICES), live in memprof.dsconfig.
@@ -90,16 +90,9 @@ class TrainConfig:
     """``--local_rank`` as passed by the deepspeed launcher (the env LOCAL_RANK wins when set)."""
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises MemprofError instead of printing usage and exiting, so every bad flag
-    reaches the user as the same single ``train.py: error: ...`` line with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise MemprofError(f"{message} (see --help)")
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(
+    # every bad flag reaches the user as one ``train.py: error: ...`` line, exit code 2
+    p = MemprofArgumentParser(
         prog="train.py",
         description="Train a randomly initialised GPT-2 under DeepSpeed and profile its memory. "
         "All training settings come from the DeepSpeed JSON named by --deepspeed_config.",
@@ -110,11 +103,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", default=None, metavar="PRESET", help=f"model preset: {', '.join(PRESETS)} (default gpt2-tiny)")
     model.add_argument("--model-config", default=None, metavar="PATH", help="an HF GPT-2 config.json instead of a preset")
-    p.add_argument("--steps", type=int, default=3, help="training iterations (default 3)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per sample (default 128)")
+    p.add_argument("--steps", type=positive_int("--steps"), default=3, help="training iterations (default 3)")
+    p.add_argument("--seq-len", type=positive_int("--seq-len"), default=128, help="tokens (bytes) per sample (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and data sampling (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for rank<R>.jsonl, memprof.json, report.html")
-    p.add_argument("--memory-budget", default=None, metavar="SIZE", help="simulated device capacity, e.g. 2GiB (default: none)")
+    p.add_argument("--memory-budget", type=positive_size("--memory-budget"), default=None, metavar="SIZE",
+                   help="simulated device capacity, e.g. 2GiB (default: none)")
     p.add_argument("--data", default=None, metavar="PATH", help="UTF-8 text file to train on (default: the text shipped with memprof)")
     # The deepspeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -139,10 +133,6 @@ def parse_args(
     args = build_arg_parser().parse_args(argv)
 
     model = _model_settings(args.model, args.model_config)
-    if args.steps < 1:
-        raise MemprofError(f"--steps {args.steps} must be at least 1")
-    if args.seq_len < 1:
-        raise MemprofError(f"--seq-len {args.seq_len} must be at least 1")
     n_positions = int(model.config.get("n_positions", 1024))
     if args.seq_len > n_positions:
         raise MemprofError(
@@ -150,7 +140,7 @@ def parse_args(
         )
     if args.seed < 0:
         raise MemprofError(f"--seed {args.seed} must be 0 or more")
-    budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
+    budget = args.memory_budget
     text_path = Path(args.data) if args.data is not None else None
     if text_path is not None and not text_path.is_file():
         raise MemprofError(f"--data {text_path} is not a file: pass a UTF-8 text file or leave --data out")

@@ -1,5 +1,5 @@
-"""Shared argument handling (used by memprof.cli.estimate and memprof.cli.plan) for ``memprof estimate`` and ``memprof plan``: model and setup flags,
-parsed into EstimateInputs with flags over the DeepSpeed config over DeepSpeed's defaults.
+"""The model and setup flags ``memprof estimate`` and ``memprof plan`` share, parsed into
+EstimateInputs with flags over the DeepSpeed config over DeepSpeed's defaults.
 
 Not a subcommand (no ``main``); the dispatcher only maps ``estimate`` and ``plan`` to their modules.
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import Any
 
+from memprof.cli.parser import positive_int, positive_size
 from memprof.errors import MemprofError
 from memprof.estimate.inputs import (
     ATTN_IMPLEMENTATIONS,
@@ -22,14 +23,7 @@ from memprof.estimate.inputs import (
     settings_from_setup_files,
 )
 from memprof.models import load_model_config, preset_config
-from memprof.units import parse_count, parse_size
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a MemprofError (one line, exit 2) instead of usage text."""
-
-    def error(self, message: str) -> NoReturn:
-        raise MemprofError(f"{message} (see --help)")
+from memprof.units import parse_count
 
 
 def add_setup_flags(p: argparse.ArgumentParser) -> None:
@@ -42,38 +36,29 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
                    help="Adam/AdamW as torch.optim (DeepSpeed's \"torch_adam\": true) instead of FusedAdam/CPUAdam")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (default: DeepSpeed config, else fp32)")
     p.add_argument("--zero-stage", help="0, 1, 2 or 3 (default: DeepSpeed config, else 0)")
-    p.add_argument("--nodes", help="number of nodes (world size = nodes x gpus-per-node)")
-    p.add_argument("--gpus-per-node", help="GPUs per node")
-    p.add_argument("--micro-batch", help="micro-batch per GPU (default: train_micro_batch_size_per_gpu, else 1)")
-    p.add_argument("--seq-len", help="sequence length (default: the model's n_positions)")
+    p.add_argument("--nodes", type=positive_int("--nodes"), help="number of nodes (world size = nodes x gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=positive_int("--gpus-per-node"), help="GPUs per node")
+    p.add_argument("--micro-batch", type=positive_int("--micro-batch"),
+                   help="micro-batch per GPU (default: train_micro_batch_size_per_gpu, else 1)")
+    p.add_argument("--seq-len", type=positive_int("--seq-len"), help="sequence length (default: the model's n_positions)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
     p.add_argument("--offload-optimizer", help="none or cpu")
     p.add_argument("--offload-params", help="none or cpu (stage 3 only)")
     p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", help="DeepSpeed JSON config")
     p.add_argument("--accelerate-config", help="accelerate config YAML (its DeepSpeed settings, num_processes, num_machines)")
-    p.add_argument("--gradient-accumulation-steps", help="micro-steps per optimizer step (default: the DeepSpeed config, else 1)")
-    p.add_argument("--gpu-memory", help="GPU memory per device, e.g. 80GiB (2**30) or 80GB (10**9)")
-    p.add_argument("--host-memory", help="host RAM per node, e.g. 512GiB: offloaded states of the node's ranks must fit")
+    p.add_argument("--gradient-accumulation-steps", type=positive_int("--gradient-accumulation-steps"),
+                   help="micro-steps per optimizer step (default: the DeepSpeed config, else 1)")
+    p.add_argument("--gpu-memory", type=positive_size("--gpu-memory"),
+                   help="GPU memory per device, e.g. 80GiB (2**30) or 80GB (10**9)")
+    p.add_argument("--host-memory", type=positive_size("--host-memory"),
+                   help="host RAM per node, e.g. 512GiB: offloaded states of the node's ranks must fit")
     p.add_argument("--headroom", help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--device-type", default="cuda", help="cuda (default) or cpu: which kernels' activations to model")
     p.add_argument("--cuda-capability",
                    help="GPU compute capability MAJOR.MINOR, e.g. 9.0 (H100, the default assumed), 8.0 (A100): sizes cuBLAS workspaces")
     p.add_argument("--layout", default="deepspeed", help=f"{' or '.join(LAYOUTS)}")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def _int(text: str | None, what: str) -> int | None:
-    """A positive whole number from a flag (``1e3`` allowed), or MemprofError naming the flag."""
-    if text is None:
-        return None
-    try:
-        value = float(str(text).replace("_", ""))
-    except ValueError:
-        raise MemprofError(f"{what} {text!r} is not a number: use a positive whole number, e.g. 8") from None
-    if not value > 0 or value != value or value == float("inf") or value != int(value):
-        raise MemprofError(f"{what} {text!r} must be a positive whole number, e.g. 8")
-    return int(value)
 
 
 def _choice(text: str | None, choices: tuple[str, ...], what: str) -> str | None:
@@ -106,7 +91,7 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
             kw["zero_stage"] = int(args.zero_stage)
         except ValueError:
             raise MemprofError(f"ZeRO stage {args.zero_stage!r} is not a number: use 0, 1, 2 or 3") from None
-    nodes, per_node = _int(args.nodes, "--nodes"), _int(args.gpus_per_node, "--gpus-per-node")
+    nodes, per_node = args.nodes, args.gpus_per_node
     if world_size is None and (nodes or per_node):
         world_size = (nodes or 1) * (per_node or 1)
     elif world_size is not None and per_node and world_size != (nodes or 1) * per_node:
@@ -119,12 +104,11 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
     for key, value in settings_from_setup_files(
             deepspeed_config=args.deepspeed_config, accelerate_config=args.accelerate_config,
             model_config=kw.get("model_config"), world_size=kw.get("world_size"), precision=kw.get("precision"),
-            micro_batch=_int(args.micro_batch, "--micro-batch"),
-            gradient_accumulation_steps=_int(args.gradient_accumulation_steps, "--gradient-accumulation-steps")).items():
+            micro_batch=args.micro_batch, gradient_accumulation_steps=args.gradient_accumulation_steps).items():
         kw.setdefault(key, value)
-    for flag, key in ((args.micro_batch, "micro_batch"), (args.seq_len, "seq_len")):
-        if flag is not None:
-            kw[key] = _int(flag, f"--{key.replace('_', '-')}")
+    for key in ("micro_batch", "gradient_accumulation_steps", "seq_len"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
     if args.activation_checkpointing:
         kw["activation_checkpointing"] = True
     if args.attn_implementation is not None:
@@ -136,9 +120,9 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
         zero = replace(zero, offload_param=_choice(args.offload_params, OFFLOAD_DEVICES, "--offload-params device"))
     kw["zero"] = zero
     if args.gpu_memory is not None:
-        kw["gpu_memory_bytes"] = parse_size(args.gpu_memory, "--gpu-memory")
+        kw["gpu_memory_bytes"] = args.gpu_memory
     if args.host_memory is not None:
-        kw["host_memory_bytes"] = parse_size(args.host_memory, "--host-memory")
+        kw["host_memory_bytes"] = args.host_memory
     if args.headroom is not None:
         try:
             kw["headroom"] = float(args.headroom)
