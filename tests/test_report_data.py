@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from memprof.report.data import build_report_data, zero_paper_model_states
+from memprof.estimate.paper import zero_paper_model_states
+from memprof.report.data import build_report_data
 from memprof.runfile import load_run
 
 FIX = Path(__file__).parent / "fixtures" / "report"
