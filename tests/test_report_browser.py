@@ -43,7 +43,7 @@ def browser():
         import websocket  # noqa: F401  (websocket-client, in the test extra)
     except ImportError:
         pytest.fail("websocket-client is missing: pip install -e '.[test]' (make install does)")
-    from memprof.report.headless import Chromium
+    from headless import Chromium
 
     with Chromium(path, timeout_s=120) as chromium:
         yield chromium
