@@ -405,7 +405,8 @@ def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_
     missing = sorted(set(int(r) for r in doc.get("missing_ranks") or [])
                      | (set(range(world_size)) - {r["rank"] for r in ranks}))
     longest = max((len(e["steps"]) for e in entries), default=0)
-    shows_host = any(r[k] and sum(r[k]["host"].values()) for r in ranks for k in ("measured", "estimated"))
+    shows_host = any(r[k] and sum(r[k]["host"].values()) for r in ranks for k in ("measured", "estimated")) or any(
+        b[k] and sum(b[k]["host"].values()) for r in ranks for b in r["phase_breakdowns"] for k in ("measured", "estimated"))
 
     # the stacked timeline follows the rank with the highest peak (the one that runs out first)
     stacked = None
