@@ -63,7 +63,7 @@ def browser_metrics(path: Path) -> dict[str, float] | None:
     exe = chromium_path()
     if exe is None:
         return None
-    from memprof.report.headless import Chromium
+    from headless import Chromium
 
     with Chromium(exe, timeout_s=300) as c:
         c.call("Page.addScriptToEvaluateOnNewDocument", {"source": _LONG_TASKS})

@@ -1,19 +1,25 @@
-"""Measured beside estimated: the plain data behind ``memprof compare`` (and the tests' checks).
+"""Measured beside estimated: the one definition, used by ``memprof compare`` and by the report.
 
-For each rank present in a run, the last complete step is taken as steady state (step 1's optimizer
-state is created lazily, so later steps are what the estimator models):
+For each rank present in a run, the last complete step (:func:`last_complete_step`: the last step
+record holding all three phases) is taken as steady state (step 1's optimizer state is created
+lazily, so later steps are what the estimator models):
 
 * at rest (the ``step`` phase's ``end`` breakdown) per location and category, measured vs estimated;
 * per phase, the peak device total, measured vs estimated; with gradient accumulation (k > 1
   micro-steps per optimizer step, one step record each) the largest over the last complete cycle
   of k micro-steps ending at a boundary, the worst micro-step the estimate models.
 
+The estimate's figures for a rank are :func:`estimate_for_rank`'s (rank 0's stand in for a rank the
+estimator did not list); the error is :func:`relative_error`, (estimated - measured) / measured.
 Tolerances are the ones memprof promises: resident model states (``params``, ``master_params``,
-``optimizer_state``) within 0.5%, per-phase peak totals within 5%.
+``optimizer_state``) within 0.5%, per-phase peak totals within 5%. :mod:`memprof.report` builds its
+tables and charts on :func:`comparison_of`, so the page can never disagree with
+``memprof compare --check``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +29,38 @@ from memprof.errors import MemprofError
 RESIDENT_TOLERANCE = 0.005
 PEAK_TOLERANCE = 0.05
 RESIDENT_CHECKED = ("params", "master_params", "optimizer_state")
+
+
+def relative_error(measured: int, estimated: int) -> float | None:
+    """(estimated - measured) / measured; None when both are 0, inf when only the measurement is."""
+    if measured == 0:
+        return None if estimated == 0 else math.inf
+    return (estimated - measured) / measured
+
+
+def last_complete_step_index(rank_entry: dict[str, Any]) -> int | None:
+    """Index in ``rank_entry["steps"]`` of the last step record that has all three phases."""
+    steps = rank_entry.get("steps") or []
+    for i in range(len(steps) - 1, -1, -1):
+        if all(p in (steps[i].get("phases") or {}) for p in PHASES):
+            return i
+    return None
+
+
+def last_complete_step(rank_entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The last step record of a rank that has all three phases (None when there is none)."""
+    i = last_complete_step_index(rank_entry)
+    return None if i is None else rank_entry["steps"][i]
+
+
+def estimate_for_rank(estimate: dict[str, Any] | None, rank: int) -> dict[str, Any] | None:
+    """The estimator's entry for ``rank``. The estimator may give one entry per distinct layout, so
+    rank 0's (the lowest rank listed) stands in for a rank it did not list. None without an estimate
+    or when it lists no rank."""
+    if not estimate or not estimate.get("ranks"):
+        return None
+    by_rank = {int(r["rank"]): r for r in estimate["ranks"]}
+    return by_rank.get(rank, by_rank[min(by_rank)])
 
 
 @dataclass
@@ -40,9 +78,7 @@ class Row:
     @property
     def error(self) -> float | None:
         """Relative error of the estimate against the measurement (None when both are 0)."""
-        if self.measured == 0:
-            return None if self.estimated == 0 else float("inf")
-        return (self.estimated - self.measured) / self.measured
+        return relative_error(self.measured, self.estimated)
 
     @property
     def ok(self) -> bool | None:
@@ -67,6 +103,10 @@ class Comparison:
     def failures(self) -> list[Row]:
         return [r for r in self.rows if r.ok is False]
 
+    def rows_by_figure(self) -> dict[tuple[int, str, str, str], Row]:
+        """The rows keyed by (rank, what, location, name)."""
+        return {(r.rank, r.what, r.location, r.name): r for r in self.rows}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
@@ -75,14 +115,6 @@ class Comparison:
             "missing_ranks": self.missing_ranks,
             "rows": [dict(asdict(r), error=r.error, ok=r.ok) for r in self.rows],
         }
-
-
-def last_complete_step(rank_entry: dict[str, Any]) -> dict[str, Any] | None:
-    """The last step record of a rank that has all three phases."""
-    for step in reversed(rank_entry.get("steps") or []):
-        if all(p in (step.get("phases") or {}) for p in PHASES):
-            return step
-    return None
 
 
 def steady_cycle(rank_entry: dict[str, Any], gradient_accumulation_steps: int) -> list[dict[str, Any]]:
@@ -100,22 +132,20 @@ def steady_cycle(rank_entry: dict[str, Any], gradient_accumulation_steps: int) -
     return [last] if last else []
 
 
-def compare_run(run_doc: dict[str, Any], estimate: dict[str, Any]) -> Comparison:
-    """Compare every rank of ``run_doc`` with ``estimate`` (the estimator's JSON for its setup)."""
-    est_ranks = {int(r["rank"]): r for r in estimate.get("ranks", [])}
-    if not est_ranks:
-        raise MemprofError("the estimate has no ranks: nothing to compare against")
+def comparison_of(run_doc: dict[str, Any], estimate: dict[str, Any]) -> Comparison:
+    """Every figure of every rank of ``run_doc`` that has a complete step, beside ``estimate`` (the
+    estimator's JSON for the run's setup, listing at least one rank). Ranks without a complete step
+    give no rows; nothing is raised for them (the report shows such runs too)."""
     out = Comparison(missing_ranks=list(run_doc.get("missing_ranks") or []))
     gas = (run_doc.get("run") or {}).get("gradient_accumulation_steps") or 1
     for entry in run_doc["ranks"]:
         rank = int(entry["rank"])
         cycle = steady_cycle(entry, gas if isinstance(gas, int) else 1)
-        if not cycle:
+        est = estimate_for_rank(estimate, rank)
+        if not cycle or est is None:
             continue
         step = cycle[-1]
         out.step[rank] = int(step["step"])
-        # the estimator may give one rank per distinct layout; fall back to rank 0's figures
-        est = est_ranks.get(rank, est_ranks[min(est_ranks)])
         rest = step["phases"]["step"]["end"]
         for loc in LOCATIONS:
             for cat in CATEGORIES:
@@ -126,7 +156,7 @@ def compare_run(run_doc: dict[str, Any], estimate: dict[str, Any]) -> Comparison
                         location=loc,
                         name=cat,
                         measured=int(rest.get(loc, {}).get(cat, 0)),
-                        estimated=int(est.get(loc, {}).get(cat, 0)),
+                        estimated=int((est.get(loc) or {}).get(cat, 0)),
                         tolerance=RESIDENT_TOLERANCE if cat in RESIDENT_CHECKED else None,
                     )
                 )
@@ -145,6 +175,14 @@ def compare_run(run_doc: dict[str, Any], estimate: dict[str, Any]) -> Comparison
                     tolerance=PEAK_TOLERANCE,
                 )
             )
+    return out
+
+
+def compare_run(run_doc: dict[str, Any], estimate: dict[str, Any]) -> Comparison:
+    """:func:`comparison_of`, for ``memprof compare``: MemprofError when there is nothing to compare."""
+    if not estimate.get("ranks"):
+        raise MemprofError("the estimate has no ranks: nothing to compare against")
+    out = comparison_of(run_doc, estimate)
     if not out.rows:
         raise MemprofError("the run has no complete step on any rank: nothing to compare")
     return out

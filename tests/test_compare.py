@@ -76,3 +76,28 @@ def test_cli_missing_file_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert "does not exist" in res.stderr
+
+
+def test_a_rank_the_estimate_does_not_list_is_compared_with_rank_0s_figures():
+    doc = _run_doc(4000, 8000, PEAKS)
+    second = json.loads(json.dumps(doc["ranks"][0]))
+    second["rank"] = 1
+    second["steps"][0]["phases"]["step"]["end"]["device"]["params"] = 4100  # 4000 estimated: -2.44%
+    doc["ranks"].append(second)
+    cmp = compare_run(doc, _estimate(4000, 8000, PEAKS))
+    row = next(r for r in cmp.rows if (r.rank, r.what, r.name) == (1, "rest", "params"))
+    assert (row.measured, row.estimated) == (4100, 4000)
+    assert row.error == (4000 - 4100) / 4100 and row.ok is False
+    assert [(r.rank, r.name) for r in cmp.failures()] == [(1, "params")]
+
+
+def test_the_last_complete_step_is_compared():
+    doc = _run_doc(4000, 8000, PEAKS)
+    later = json.loads(json.dumps(doc["ranks"][0]["steps"][0]))
+    later["step"] = 1
+    later["phases"]["step"]["end"]["device"]["params"] = 4400
+    died = {"step": 2, "loss": None, "phases": {"forward": later["phases"]["forward"]}}  # no backward/step
+    doc["ranks"][0]["steps"] += [later, died]
+    cmp = compare_run(doc, _estimate(4000, 8000, PEAKS))
+    assert cmp.step == {0: 1}
+    assert next(r for r in cmp.rows if r.name == "params").measured == 4400

@@ -43,7 +43,7 @@ def browser():
         import websocket  # noqa: F401  (websocket-client, in the test extra)
     except ImportError:
         pytest.fail("websocket-client is missing: pip install -e '.[test]' (make install does)")
-    from memprof.report.headless import Chromium
+    from headless import Chromium
 
     with Chromium(path, timeout_s=120) as chromium:
         yield chromium
@@ -85,7 +85,8 @@ def chart_data(browser, name: str) -> list[dict]:
 def test_one_run_page_numbers_match_the_json(browser, reports):
     open_clean(browser, reports["one"])
     names = browser.evaluate("Array.from(document.querySelectorAll('div.chart')).map(d => d.dataset.chart)")
-    assert names == ["run0-bars", "run0-timeline", "run0-heatmap", "run0-loss"]
+    assert names == ["run0-bars", "run0-peak-forward", "run0-peak-backward", "run0-peak-step", "run0-timeline",
+                     "run0-stacked", "run0-heatmap", "run0-loss"]
     doc = raw("one_run.json")
 
     cells = browser.evaluate(
@@ -121,6 +122,77 @@ def test_one_run_page_numbers_match_the_json(browser, reports):
     summary = browser.evaluate("Object.fromEntries(Array.from(document.querySelectorAll('table.summary td'))"
                                ".map(td => [td.dataset.field, td.textContent]))")
     assert summary["Parameters"] == f"{P_TINY:,}" and summary["ZeRO stage"] == "2" and summary["World size"] == "2"
+    run = doc["run"]
+    assert summary["Gradient accumulation"] == str(run["gradient_accumulation_steps"]) == "1"
+    assert summary["Activation checkpointing"] == "False" and summary["Precision"] == "fp32"
+    assert summary["Micro-batch x sequence"] == "1 x 64" and summary["Offload"] == "optimizer: none, params: none"
+    assert summary["Samples per optimizer step"] == "2 (1 x 1 x 2 ranks)"
+    # the fixture's estimate is within every tolerance (params exact, peaks within 5%)
+    assert browser.evaluate("document.querySelector('.verdict').dataset.check") == "pass"
+
+
+def test_each_peak_is_shown_by_category_measured_beside_estimated(browser, reports):
+    open_clean(browser, reports["one"])
+    doc = raw("one_run.json")
+    cats = ["params", "master_params", "grads", "optimizer_state", "comm_buffers", "activations", "other"]
+    for phase in ("forward", "backward", "step"):
+        bars = {t["name"]: t for t in chart_data(browser, f"run0-peak-{phase}")}
+        assert list(bars) == cats
+        for cat, t in bars.items():
+            want = []
+            for r in (0, 1):
+                want += [doc["ranks"][r]["steps"][-1]["phases"][phase]["peak"]["device"][cat] / MIB,
+                         doc["estimate"]["ranks"][r]["phases"][phase]["peak"]["device"][cat] / MIB]
+            assert t["y"] == pytest.approx(want, rel=1e-12), (phase, cat)
+            assert t["x"] == [["rank 0", "rank 0", "rank 1", "rank 1"], ["measured", "estimated"] * 2]
+        # drawn: one bar path per rank and kind in every category's trace
+        n_bars = browser.evaluate(
+            f"document.querySelectorAll('div.chart[data-chart=\"run0-peak-{phase}\"] g.point').length")
+        assert n_bars == len(cats) * 4
+    # the table holds the same bytes, exact
+    cells = browser.evaluate(
+        "Array.from(document.querySelectorAll('table.peak-breakdown td[data-category]')).map(td => ({"
+        " rank: +td.parentElement.dataset.rank, phase: td.parentElement.dataset.phase, cat: td.dataset.category,"
+        " bytes: +td.dataset.bytes, est: td.querySelector('.est') && +td.querySelector('.est').dataset.bytes}))")
+    assert len(cells) == 2 * 3 * (len(cats) + 1)
+    for c in cells:
+        rec = doc["ranks"][c["rank"]]["steps"][-1]["phases"][c["phase"]]
+        est = doc["estimate"]["ranks"][c["rank"]]["phases"][c["phase"]]
+        if c["cat"] == "total":
+            assert (c["bytes"], c["est"]) == (rec["peak_total"], est["peak_total"])
+        else:
+            assert (c["bytes"], c["est"]) == (rec["peak"]["device"][c["cat"]], est["peak"]["device"][c["cat"]])
+
+
+def test_stacked_timeline_by_category_with_the_estimate_overlaid(browser, reports):
+    open_clean(browser, reports["one"])
+    doc = raw("one_run.json")
+    peaks = {e["rank"]: max(s["phases"][p]["peak_total"] for s in e["steps"] for p in s["phases"]) for e in doc["ranks"]}
+    worst = max(peaks, key=lambda r: (peaks[r], -r))
+    assert browser.evaluate("+document.querySelector('.stacked-note').dataset.rank") == worst
+    traces = {t["name"]: t for t in chart_data(browser, "run0-stacked")}
+    cats = ["params", "master_params", "grads", "optimizer_state", "comm_buffers", "activations", "other"]
+    assert list(traces) == [*cats, "estimate (total)"]
+    entry = doc["ranks"][worst]
+    for cat in cats:
+        want = [s["phases"][p][k]["device"][cat] / MIB for s in entry["steps"] for p in ("forward", "backward", "step")
+                for k in ("peak", "end")]
+        assert traces[cat]["y"] == pytest.approx(want, abs=1e-6), cat
+        assert traces[cat]["x"] == pytest.approx([s + i / 3 + d for s in range(1, 6) for i in range(3) for d in (0, 1 / 6)])
+    est = doc["estimate"]["ranks"][worst]
+    per_step = [est["phases"][p]["peak_total"] / MIB for p in ("forward", "backward", "step")] + [sum(est["device"].values()) / MIB]
+    assert traces["estimate (total)"]["y"] == pytest.approx(per_step * 5, abs=1e-6)
+    # stacked as plotly drew it: every category filled onto the one below, and the top of the stack at each
+    # moment (plotly's computed y of the last category) is that moment's device total in the run file
+    drawn = browser.evaluate(
+        "(() => { const d = document.querySelector('div.chart[data-chart=\"run0-stacked\"]');"
+        " return {fills: d._fullData.filter(t => t.stackgroup).map(t => t.fill),"
+        " top: d.calcdata[6].map(p => p.y), areas: Array.from(d.querySelectorAll('path.js-fill'))"
+        ".filter(p => (p.getAttribute('d') || '').length > 20).length}; })()")
+    assert drawn["fills"] == ["tonexty"] * len(cats) and drawn["areas"] >= len(cats)
+    totals = [sum(s["phases"][p][k]["device"].values()) / MIB for s in entry["steps"] for p in ("forward", "backward", "step")
+              for k in ("peak", "end")]
+    assert drawn["top"] == pytest.approx(totals, abs=1e-5)
 
 
 def test_script_markup_in_a_run_is_text_and_runs_nothing(browser, reports):
@@ -160,7 +232,7 @@ def test_sweep_page(browser, reports):
     open_clean(browser, reports["sweep"])
     names = browser.evaluate("Array.from(document.querySelectorAll('div.chart')).map(d => d.dataset.chart)")
     assert {"sweep-model-states", "sweep-zero-0", "sweep-loss-vs-memory"} <= set(names)
-    assert len([n for n in names if n.startswith("run")]) == 4 * 10  # ten runs, four charts each
+    assert len([n for n in names if n.startswith("run")]) == 8 * 10  # ten runs, eight charts each
     lvm = chart_data(browser, "sweep-loss-vs-memory")
     assert sorted(t["name"] for t in lvm) == ["adamw", "momentum", "rmsprop", "sgd"]
     # ZeRO formula in the table: AdamW fp32 stage 3 on 4 ranks = 16Ψ/4, stage 0 on 2 ranks = 16Ψ

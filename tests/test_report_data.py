@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from memprof.report.data import build_report_data, zero_paper_model_states
+from memprof.estimate.paper import zero_paper_model_states
+from memprof.report.data import build_report_data
 from memprof.runfile import load_run
 
 FIX = Path(__file__).parent / "fixtures" / "report"
@@ -214,3 +215,140 @@ def test_run_with_no_complete_step_anywhere_still_reports(tmp_path):
     assert "Rank 0 ran out of memory at step 1, step: 2.9 MiB of a budget of 2.0 MiB" in html
     assert "simulated budget exceeded" in html
     assert f'data-bytes="{at_death["device"]["params"]}"' in html  # the breakdown at the OOM
+
+
+# ---- the report builds on memprof.compare ----------------------------------------------------
+
+def _with_estimate() -> list[Path]:
+    files = [FIX / "one_run.json", FIX / "offload.json", FIX / "xss.json", *sorted((FIX / "sweep").glob("*.json"))]
+    assert all(raw(str(f.relative_to(FIX)))["estimate"] for f in files)
+    return files
+
+
+def _assert_report_equals_compare(doc: dict) -> None:
+    from memprof.compare import compare_run
+
+    cmp = compare_run(doc, doc["estimate"])
+    run = build_report_data([doc])["runs"][0]
+    by_rank = {r["rank"]: r for r in run["ranks"]}
+    assert {r.rank for r in cmp.rows} == set(by_rank)
+    for row in cmp.rows:
+        shown = by_rank[row.rank]
+        if row.what == "rest":
+            fig = next(c for c in shown["cells"] if (c["location"], c["category"]) == (row.location, row.name))
+        else:
+            fig = next(p for p in shown["phase_peaks"] if p["phase"] == row.name)
+        assert (fig["measured"], fig["estimated"], fig["error"], fig["ok"]) == (row.measured, row.estimated, row.error, row.ok)
+    assert run["check"]["ok"] == cmp.ok
+    assert [(f["rank"], f["what"], f["name"]) for f in run["check"]["failures"]] == [
+        (r.rank, r.what, r.name) for r in cmp.failures()]
+
+
+@pytest.mark.parametrize("path", _with_estimate(), ids=lambda p: p.name)
+def test_report_errors_equal_compare_for_every_fixture(path):
+    _assert_report_equals_compare(load_run(path))
+
+
+def test_report_and_compare_agree_on_failures_and_the_rank_0_fallback():
+    doc = load_run(FIX / "one_run.json")
+    # the estimate lists rank 0 only (one entry per distinct layout): rank 1 is compared with it
+    doc["estimate"]["ranks"] = doc["estimate"]["ranks"][:1]
+    doc["estimate"]["ranks"][0]["device"]["optimizer_state"] = int(doc["estimate"]["ranks"][0]["device"]["optimizer_state"] * 1.01)
+    _assert_report_equals_compare(doc)
+    run = build_report_data([doc])["runs"][0]
+    # 1% over on optimizer_state (tolerance 0.5%) on both ranks: compare --check would fail
+    assert run["check"]["ok"] is False
+    assert [(f["rank"], f["name"]) for f in run["check"]["failures"]] == [(0, "optimizer_state"), (1, "optimizer_state")]
+    r1 = next(c for c in run["ranks"][1]["cells"] if c["category"] == "optimizer_state" and c["location"] == "device")
+    measured = raw("one_run.json")["ranks"][1]["steps"][-1]["phases"]["step"]["end"]["device"]["optimizer_state"]
+    assert r1["error"] == pytest.approx(0.01, abs=1 / measured) and r1["ok"] is False
+
+
+# ---- what each peak is made of -----------------------------------------------------------------
+
+def test_phase_peak_breakdowns_of_the_last_step_beside_the_estimate(one_run):
+    doc = raw("one_run.json")
+    for entry, rank in zip(doc["ranks"], one_run["ranks"]):
+        last = entry["steps"][-1]
+        est = doc["estimate"]["ranks"][entry["rank"]]["phases"]
+        assert [b["phase"] for b in rank["phase_breakdowns"]] == ["forward", "backward", "step"]
+        for b in rank["phase_breakdowns"]:
+            m, e = last["phases"][b["phase"]]["peak"], est[b["phase"]]["peak"]
+            assert b["step"] == last["step"] == 5
+            assert b["measured_total"] == last["phases"][b["phase"]]["peak_total"] == sum(m["device"].values())
+            assert b["estimated_total"] == est[b["phase"]]["peak_total"]
+            for c in b["cells"]:
+                mv, ev = m[c["location"]][c["category"]], e[c["location"]][c["category"]]
+                assert (c["measured"], c["estimated"]) == (mv, ev)
+                assert c["error"] == (None if mv == ev == 0 else (ev - mv) / mv if mv else float("inf"))
+        # the fixture's activations at the forward peak: 1.1 x 900,000 + noise < 8192, estimate 1.05 x
+        fwd = next(c for c in rank["phase_breakdowns"][0]["cells"] if c["category"] == "activations" and c["location"] == "device")
+        assert 990_000 <= fwd["measured"] < 990_000 + 8192 and fwd["estimated"] == 945_000
+
+
+def test_phase_breakdowns_without_an_estimate():
+    data = build_report_data([load_run(FIX / "no_estimate.json")])["runs"][0]
+    b = data["ranks"][0]["phase_breakdowns"][1]
+    assert b["estimated"] is None and b["estimated_total"] is None and all(c["error"] is None for c in b["cells"])
+    assert b["measured_total"] == raw("no_estimate.json")["ranks"][0]["steps"][-1]["phases"]["backward"]["peak_total"]
+    assert data["check"] is None and data["stacked_timeline"]["estimate"] is None
+
+
+def test_stacked_timeline_follows_the_rank_with_the_highest_peak(one_run):
+    doc = raw("one_run.json")
+    peaks = {e["rank"]: max(s["phases"][p]["peak_total"] for s in e["steps"] for p in s["phases"]) for e in doc["ranks"]}
+    worst = max(peaks, key=lambda r: (peaks[r], -r))
+    t = one_run["stacked_timeline"]
+    assert t["rank"] == worst
+    entry = doc["ranks"][worst]
+    want_x, want = [], {c: [] for c in CATS}
+    for s in entry["steps"]:
+        for i, phase in enumerate(("forward", "backward", "step")):
+            for k, dx in (("peak", 0), ("end", 1 / 6)):
+                want_x.append(s["step"] + i / 3 + dx)
+                for c in CATS:
+                    want[c].append(s["phases"][phase][k]["device"][c])
+    assert t["x"] == pytest.approx(want_x) and t["device"] == want
+    assert t["total"] == [sum(want[c][i] for c in CATS) for i in range(len(want_x))]
+    # the estimate at the moments it models: each phase's peak, and at rest after the step
+    est = doc["estimate"]["ranks"][worst]
+    per_step = [est["phases"]["forward"]["peak_total"], est["phases"]["backward"]["peak_total"],
+                est["phases"]["step"]["peak_total"], sum(est["device"].values())]
+    assert t["estimate"]["y"] == per_step * 5
+    assert t["estimate"]["x"] == pytest.approx([s + dx for s in range(1, 6) for dx in (0, 1 / 3, 2 / 3, 2 / 3 + 1 / 6)])
+
+
+def test_stacked_timeline_downsampled_keeps_the_spike_step_whole():
+    doc = synthetic_run(world_size=2, steps=1000, seed=3)
+    spike = doc["ranks"][1]["steps"][637]["phases"]["backward"]
+    spike["peak"]["device"]["activations"] += 10**9
+    spike["peak_total"] += 10**9
+    t = build_report_data([doc], max_chart_steps=100)["runs"][0]["stacked_timeline"]
+    assert t["rank"] == 1 and len(t["x"]) <= 6 * 100
+    i = t["total"].index(max(t["total"]))
+    assert (t["step"][i], t["phase"][i], t["kind"][i]) == (638, "backward", "peak")
+    assert {c: t["device"][c][i] for c in CATS} == spike["peak"]["device"]
+    assert {c: t["device"][c][i + 1] for c in CATS} == spike["end"]["device"]  # that step's end, not a mix
+
+
+def test_a_bad_breakdown_the_stacked_timeline_reads_is_named():
+    from memprof.errors import MemprofError
+
+    doc = synthetic_run(world_size=2, steps=3, seed=0)
+    worst = max(range(2), key=lambda r: max(s["phases"][p]["peak_total"] for s in doc["ranks"][r]["steps"] for p in s["phases"]))
+    doc["ranks"][worst]["steps"][0]["phases"]["forward"]["end"]["device"]["grads"] = "big"  # not the last step
+    with pytest.raises(MemprofError, match=rf"run 1: ranks\.{worst}\.steps\.0\.phases\.forward\.end\.device\.grads"):
+        build_report_data([doc])
+
+
+def test_summary_shows_the_launch_settings():
+    doc = synthetic_run(world_size=2, steps=2)
+    doc["run"].update(micro_batch=2, gradient_accumulation_steps=4, activation_checkpointing=True)
+    rows = {r["field"]: r for r in build_report_data([doc])["runs"][0]["summary"]}
+    assert rows["Gradient accumulation"]["value"] == "4"
+    assert rows["Samples per optimizer step"]["value"] == "16 (2 x 4 x 2 ranks)"  # 2 x 4 x 2
+    assert rows["Activation checkpointing"]["value"] == "True"
+    assert rows["Micro-batch x sequence"]["value"] == "2 x 64"
+    settings = [f for f, r in rows.items() if r["setting"]]
+    assert settings == ["World size", "ZeRO stage", "Precision", "Micro-batch x sequence", "Gradient accumulation",
+                        "Samples per optimizer step", "Activation checkpointing", "Offload"]

@@ -10,7 +10,7 @@ from memprof.cli.parser import MemprofArgumentParser
 from memprof.cli.tables import Column, output_console, print_tables
 from memprof.compare import PEAK_TOLERANCE, RESIDENT_TOLERANCE, Comparison, compare_run
 from memprof.errors import MemprofError
-from memprof.report.schema import check_run_doc
+from memprof.runschema import check_run_doc
 from memprof.runfile import load_run
 from memprof.units import format_bytes
 

@@ -24,18 +24,35 @@ from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32
 PAPER_LAYOUT_HAS_NO_ACTIVATIONS = "activations not estimated: layout zero-paper counts model states only"
 
 
-def paper_terms(inputs: EstimateInputs, n_params: int) -> dict[str, float]:
-    """Bytes per rank of weights, gradients, fp32 master and optimizer states, the paper's way."""
-    e = ELEMENT_SIZE[inputs.precision]
-    states = OPTIMIZER_SPECS[inputs.optimizer].states_per_param * FP32
+def zero_paper_terms(n_params: int, stage: int, world_size: int, optimizer: str, precision: str) -> dict[str, float]:
+    """Bytes per rank of weights, gradients, fp32 master and optimizer states, the paper's way:
+    with A = B = the element size (2 in bf16/fp16, 4 in fp32) and K = 4 bytes per fp32 state
+    tensor + 4 for the fp32 master copy in mixed precision, stage 0 (A+B+K)Ψ, stage 1
+    (A+B)Ψ + KΨ/N, stage 2 AΨ + (B+K)Ψ/N, stage 3 (A+B+K)Ψ/N. The only home of the formula
+    (the estimator's ``--layout zero-paper`` and the report's ZeRO-saving curves use it)."""
+    e = ELEMENT_SIZE[precision]
+    states = OPTIMIZER_SPECS[optimizer].states_per_param * FP32
     master = FP32 if e < FP32 else 0
-    N, s, P = inputs.world_size, inputs.zero_stage, n_params
+    N, s, P = world_size, stage, n_params
     return {
         Category.PARAMS.value: e * P / (N if s >= 3 else 1),
         Category.GRADS.value: e * P / (N if s >= 2 else 1),
         Category.MASTER_PARAMS.value: master * P / (N if s >= 1 else 1),
         Category.OPTIMIZER_STATE.value: states * P / (N if s >= 1 else 1),
     }
+
+
+def zero_paper_model_states(n_params: int, stage: int, world_size: int, optimizer: str, precision: str) -> int | None:
+    """Per-rank model-state bytes by :func:`zero_paper_terms`, or None when the optimizer, precision,
+    stage or world size is not one the formula knows (e.g. a run of an optimizer outside the zoo)."""
+    if optimizer not in OPTIMIZER_SPECS or precision not in ELEMENT_SIZE or stage not in (0, 1, 2, 3) or world_size < 1:
+        return None
+    return int(round(sum(zero_paper_terms(n_params, stage, world_size, optimizer, precision).values())))
+
+
+def paper_terms(inputs: EstimateInputs, n_params: int) -> dict[str, float]:
+    """:func:`zero_paper_terms` for the estimator's inputs."""
+    return zero_paper_terms(n_params, inputs.zero_stage, inputs.world_size, inputs.optimizer, inputs.precision)
 
 
 def paper_model_states(inputs: EstimateInputs, n_params: int) -> dict[str, Any]:

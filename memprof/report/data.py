@@ -18,31 +18,23 @@ import math
 from typing import Any, Sequence
 
 from memprof.categories import CATEGORIES, LOCATIONS, MODEL_STATE_CATEGORIES, PHASES
-from memprof.compare import last_complete_step
-from memprof.report.schema import check_run_doc
+from memprof.compare import (
+    Comparison,
+    comparison_of,
+    estimate_for_rank,
+    last_complete_step,
+    relative_error,
+)
+from memprof.estimate.paper import zero_paper_model_states
+from memprof.runschema import check_phase_records, check_run_doc
 from memprof.units import format_bytes
 
 MAX_CHART_STEPS = 250
 """Per-step series longer than this are bucketed for charts (the page says so)."""
 
-OPTIMIZER_STATE_BYTES = {
-    "sgd": 0, "momentum": 4, "nesterov": 4, "rmsprop": 4, "adagrad": 4, "adam": 8, "adamw": 8, "amsgrad": 12,
-}
-"""fp32 optimizer-state bytes per parameter of each optimizer of the zoo (state tensors x 4 bytes):
-momentum_buffer; square_avg; sum; exp_avg + exp_avg_sq; + max_exp_avg_sq for AMSGrad."""
-
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def relative_error(measured: int, estimated: int) -> float | None:
-    """(estimated - measured) / measured; None when both are 0, inf when only the measurement is."""
-    if measured == 0:
-        return None if estimated == 0 else math.inf
-    return (estimated - measured) / measured
 
 
 def bucket_ranges(n: int, max_points: int) -> list[tuple[int, int]]:
@@ -59,33 +51,9 @@ def _full_breakdown(b: dict[str, dict[str, int]] | None) -> dict[str, dict[str, 
     return {loc: {cat: int((b.get(loc) or {}).get(cat, 0)) for cat in CATEGORIES} for loc in LOCATIONS}
 
 
-def _estimate_rank(estimate: dict[str, Any] | None, rank: int) -> dict[str, Any] | None:
-    """The estimator's entry for ``rank``; like ``memprof compare``, rank 0's figures stand in for a
-    rank the estimator did not list (it may give one entry per distinct layout)."""
-    if not estimate or not estimate.get("ranks"):
-        return None
-    by_rank = {int(r["rank"]): r for r in estimate["ranks"]}
-    return by_rank.get(rank, by_rank[min(by_rank)])
-
-
 def model_state_bytes(b: dict[str, dict[str, int]]) -> int:
     """params + master_params + grads + optimizer_state, device and host together."""
     return sum(int(b[loc][cat]) for loc in LOCATIONS for cat in MODEL_STATE_CATEGORIES)
-
-
-def zero_paper_model_states(n_params: int, stage: int, world_size: int, optimizer: str, precision: str) -> int | None:
-    """Per-rank model-state bytes by the ZeRO paper's expressions (Rajbhandari et al., SC'20):
-    stage 0 (A+B+K)Ψ, stage 1 (A+B)Ψ + KΨ/N, stage 2 AΨ + (B+K)Ψ/N, stage 3 (A+B+K)Ψ/N, with A and B
-    the parameter and gradient bytes (2 in bf16/fp16, 4 in fp32) and K the optimizer's bytes: its
-    fp32 state plus, in mixed precision, the fp32 master copy (K = 12 for mixed-precision Adam).
-    None when the optimizer or precision is not one the formula knows."""
-    if optimizer not in OPTIMIZER_STATE_BYTES or precision not in PRECISION_BYTES or world_size < 1:
-        return None
-    a = b = PRECISION_BYTES[precision]
-    k = OPTIMIZER_STATE_BYTES[optimizer] + (4 if precision != "fp32" else 0)
-    psi, n = n_params, world_size
-    per_param = {0: a + b + k, 1: a + b + k / n, 2: a + (b + k) / n, 3: (a + b + k) / n}.get(stage)
-    return None if per_param is None else round(per_param * psi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +75,20 @@ def run_label(run: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _samples_per_update(run: dict[str, Any]) -> str | None:
+    """micro-batch x gradient accumulation x world size, when all three are recorded."""
+    vals = [run.get(k) for k in ("micro_batch", "gradient_accumulation_steps", "world_size")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        return None
+    mb, ga, n = vals
+    return f"{mb * ga * n:,} ({mb} x {ga} x {n} ranks)"
+
+
+SETTING_FIELDS = ("World size", "ZeRO stage", "Precision", "Micro-batch x sequence", "Gradient accumulation",
+                  "Samples per optimizer step", "Activation checkpointing", "Offload")
+"""The summary's rows that are the launcher's or Trainer's memory-shaping settings (in this order)."""
+
+
 def _summary(run: dict[str, Any], ranks: list[dict[str, Any]]) -> list[dict[str, str]]:
     n_params = run.get("n_params")
     versions = run.get("versions") or {}
@@ -121,33 +103,45 @@ def _summary(run: dict[str, Any], ranks: list[dict[str, Any]]) -> list[dict[str,
         ("Optimizer", run.get("optimizer")),
         ("Precision", run.get("precision")),
         ("Micro-batch x sequence", f"{run.get('micro_batch', '?')} x {run.get('seq_len', '?')}"),
+        ("Gradient accumulation", run.get("gradient_accumulation_steps")),
+        ("Samples per optimizer step", _samples_per_update(run)),
+        ("Activation checkpointing", run.get("activation_checkpointing")),
+        ("Offload", offload),
         ("Steps", run.get("steps")),
         ("Device", f"{run.get('device_type', '?')} ({', '.join(devices) or 'no rank reported one'})"),
         ("Backend", run.get("backend")),
-        ("Offload", offload),
-        ("Activation checkpointing", run.get("activation_checkpointing")),
         ("Memory budget", None if not run.get("memory_budget_bytes")
          else f"{format_bytes(int(run['memory_budget_bytes']))} ({int(run['memory_budget_bytes']):,} B, simulated)"),
         ("Versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or None),
     ]
-    return [{"field": k, "value": "—" if v is None else str(v)} for k, v in rows]
+    return [{"field": k, "value": "—" if v is None else str(v), "setting": k in SETTING_FIELDS}
+            for k, v in rows]
 
 
-def _rank_data(entry: dict[str, Any], estimate: dict[str, Any] | None) -> dict[str, Any]:
+def _figure(row: Any, measured: int | None, estimated: int | None) -> dict[str, Any]:
+    """measured, estimated, error and check of one figure: ``memprof compare``'s row when it has one
+    (so the page shows exactly what ``compare --check`` checks), else measured only."""
+    if row is not None:
+        return {"measured": row.measured, "estimated": row.estimated, "error_bytes": row.estimated - row.measured,
+                "error": row.error, "ok": row.ok, "tolerance": row.tolerance}
+    return {"measured": measured, "estimated": estimated, "error_bytes": None, "error": None, "ok": None,
+            "tolerance": None}
+
+
+def _rank_data(entry: dict[str, Any], estimate: dict[str, Any] | None,
+               rows: dict[tuple[int, str, str, str], Any]) -> dict[str, Any]:
     rank = int(entry["rank"])
     last = last_complete_step(entry)
     measured = _full_breakdown(last["phases"]["step"]["end"]) if last else None
-    est = _estimate_rank(estimate, rank)
+    est = estimate_for_rank(estimate, rank)
     estimated = _full_breakdown({"device": est.get("device"), "host": est.get("host")}) if est else None
 
     cells = []
     for loc in LOCATIONS:
         for cat in CATEGORIES:
-            m = measured[loc][cat] if measured else None
-            e = estimated[loc][cat] if estimated else None
-            err = relative_error(m, e) if m is not None and e is not None else None
-            cells.append({"location": loc, "category": cat, "measured": m, "estimated": e,
-                          "error_bytes": None if m is None or e is None else e - m, "error": err})
+            fig = _figure(rows.get((rank, "rest", loc, cat)), measured[loc][cat] if measured else None,
+                          estimated[loc][cat] if estimated else None)
+            cells.append({"location": loc, "category": cat, **fig})
 
     # the highest peak of the rank over every step and phase, exact (the chart is downsampled)
     peak = None
@@ -158,12 +152,28 @@ def _rank_data(entry: dict[str, Any], estimate: dict[str, Any] | None) -> dict[s
                 peak = {"bytes": int(rec["peak_total"]), "step": int(s["step"]), "phase": phase}
 
     phase_peaks = []
+    # what each phase's peak of the last complete step is made of, beside the estimate's breakdown
+    # of that phase's peak moment (memprof.estimate's ``phases[phase]["peak"]``)
+    phase_breakdowns = []
     for phase in PHASES:
-        m = int(last["phases"][phase]["peak_total"]) if last else None
         e_phase = ((est or {}).get("phases") or {}).get(phase)
-        e = int(e_phase["peak_total"]) if e_phase else None
-        phase_peaks.append({"phase": phase, "measured": m, "estimated": e,
-                            "error": relative_error(m, e) if m is not None and e is not None else None})
+        m_total = int(last["phases"][phase]["peak_total"]) if last else None
+        fig = _figure(rows.get((rank, "peak", "device", phase)), m_total,
+                      int(e_phase["peak_total"]) if e_phase else None)
+        phase_peaks.append({"phase": phase, **fig})
+        if last is None:
+            continue
+        m_b = _full_breakdown(last["phases"][phase]["peak"])
+        e_b = _full_breakdown(e_phase["peak"]) if e_phase and e_phase.get("peak") is not None else None
+        phase_breakdowns.append({
+            "phase": phase, "step": int(last["step"]),
+            "measured": m_b, "estimated": e_b,
+            "measured_total": fig["measured"], "estimated_total": fig["estimated"], "total_error": fig["error"],
+            "cells": [{"location": loc, "category": cat, "measured": m_b[loc][cat],
+                       "estimated": None if e_b is None else e_b[loc][cat],
+                       "error": None if e_b is None else relative_error(m_b[loc][cat], e_b[loc][cat])}
+                      for loc in LOCATIONS for cat in CATEGORIES],
+        })
 
     def total(b: dict[str, dict[str, int]] | None, loc: str) -> int | None:
         return None if b is None else sum(b[loc].values())
@@ -186,6 +196,7 @@ def _rank_data(entry: dict[str, Any], estimate: dict[str, Any] | None) -> dict[s
         "estimated_host_total": total(estimated, "host"),
         "peak": peak,
         "phase_peaks": phase_peaks,
+        "phase_breakdowns": phase_breakdowns,
         "peak_host_rss_bytes": entry.get("peak_host_rss_bytes"),
     }
 
@@ -209,6 +220,82 @@ def _timeline(entry: dict[str, Any], max_steps: int) -> dict[str, Any]:
                 labels.append(f"step {best[0]} {phase}" if stop - start == 1
                               else f"steps {steps[start]['step']}-{steps[stop - 1]['step']} {phase}, max at {best[0]}")
     return {"rank": int(entry["rank"]), "x": x, "y": y, "labels": labels}
+
+
+def _stacked_choice(entry: dict[str, Any], max_steps: int) -> list[tuple[int, int, int, int]]:
+    """The points of the stacked timeline: (bucket start, bucket stop, phase index, step index),
+    the step of the bucket whose phase peak is highest (so the stacked total at a bucket is that of
+    one real step, and no peak is lost). Reads only ``peak_total``."""
+    steps = entry["steps"]
+    out = []
+    for start, stop in bucket_ranges(len(steps), max_steps):
+        for i, phase in enumerate(PHASES):
+            best: tuple[int, int] | None = None
+            for j in range(start, stop):
+                rec = steps[j]["phases"].get(phase)
+                if rec is not None and (best is None or int(rec["peak_total"]) > best[0]):
+                    best = (int(rec["peak_total"]), j)
+            if best is not None:
+                out.append((start, stop, i, best[1]))
+    return out
+
+
+def _stacked_timeline(entry: dict[str, Any], choice: list[tuple[int, int, int, int]],
+                      est: dict[str, Any] | None) -> dict[str, Any]:
+    """Device bytes by category at each phase's peak (x = step + phase index / 3) and end (+1/6),
+    for one rank; beside them the estimate's moments: each phase's peak and, at the optimizer step's
+    end, the state at rest (the estimator gives no forward/backward end)."""
+    steps = entry["steps"]
+    n = len(PHASES)
+    x: list[float] = []
+    kind: list[str] = []
+    phases: list[str] = []
+    step_no: list[int] = []
+    labels: list[str] = []
+    series: dict[str, list[int]] = {cat: [] for cat in CATEGORIES}
+    totals: list[int] = []
+    est_x: list[float] = []
+    est_y: list[int] = []
+    est_labels: list[str] = []
+    est_breakdowns: list[dict[str, int]] = []
+    est_phases = (est or {}).get("phases") or {}
+    for start, stop, i, j in choice:
+        phase = PHASES[i]
+        rec = steps[j]["phases"][phase]
+        step = int(steps[j]["step"])
+        where = (f"step {step}" if stop - start == 1
+                 else f"steps {steps[start]['step']}-{steps[stop - 1]['step']} (step {step}: highest {phase} peak)")
+        x0 = int(steps[start]["step"]) + i / n
+        for k, xk in (("peak", x0), ("end", x0 + 1 / (2 * n))):
+            dev = _full_breakdown(rec[k])["device"]
+            x.append(xk)
+            kind.append(k)
+            phases.append(phase)
+            step_no.append(step)
+            labels.append(f"{where}, {phase} {k}")
+            for cat in CATEGORIES:
+                series[cat].append(dev[cat])
+            totals.append(sum(dev.values()))
+            e_dev = None
+            if k == "peak" and est_phases.get(phase) is not None:
+                e_dev = _full_breakdown(est_phases[phase].get("peak"))["device"] if est_phases[phase].get("peak") else None
+                e_total = int(est_phases[phase]["peak_total"])
+                e_label = f"estimate at {phase}'s peak"
+            elif k == "end" and phase == PHASES[-1] and est is not None:
+                e_dev = _full_breakdown({"device": est.get("device")})["device"]
+                e_total = sum(e_dev.values())
+                e_label = "estimate at rest (optimizer step's end)"
+            else:
+                continue
+            est_x.append(xk)
+            est_y.append(e_total)
+            est_labels.append(f"{where}: {e_label}")
+            est_breakdowns.append(e_dev or {})
+    return {
+        "rank": int(entry["rank"]), "x": x, "kind": kind, "phase": phases, "step": step_no, "labels": labels,
+        "device": series, "total": totals,
+        "estimate": None if not est_x else {"x": est_x, "y": est_y, "labels": est_labels, "device": est_breakdowns},
+    }
 
 
 def _loss(ranks: list[dict[str, Any]], max_steps: int) -> dict[str, Any]:
@@ -292,18 +379,43 @@ def _heatmap(ranks: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
     }
 
 
+def _check_verdict(cmp: Comparison) -> dict[str, Any]:
+    """What ``memprof compare --check`` says of this run's stored estimate."""
+    bad = cmp.failures()
+    return {
+        "ok": cmp.ok,
+        "checked": sum(1 for r in cmp.rows if r.tolerance is not None),
+        "failures": [{"rank": r.rank, "what": r.what, "location": r.location, "name": r.name,
+                      "measured": r.measured, "estimated": r.estimated, "error": r.error, "tolerance": r.tolerance}
+                     for r in bad],
+    }
+
+
 def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_CHART_STEPS) -> dict[str, Any]:
     """The plain data of one run (checks its shape first; MemprofError names ``source``)."""
     check_run_doc(doc, source)
     run = doc["run"]
     estimate = doc.get("estimate")
-    entries = sorted(doc["ranks"], key=lambda e: int(e["rank"]))
+    order = sorted(range(len(doc["ranks"])), key=lambda i: int(doc["ranks"][i]["rank"]))
+    entries = [doc["ranks"][i] for i in order]
     world_size = int(run.get("world_size") or len(entries))
-    ranks = [_rank_data(e, estimate) for e in entries]
+    cmp = comparison_of(doc, estimate) if estimate and estimate.get("ranks") else None
+    rows = cmp.rows_by_figure() if cmp else {}
+    ranks = [_rank_data(e, estimate, rows) for e in entries]
     missing = sorted(set(int(r) for r in doc.get("missing_ranks") or [])
                      | (set(range(world_size)) - {r["rank"] for r in ranks}))
     longest = max((len(e["steps"]) for e in entries), default=0)
-    shows_host = any(r[k] and sum(r[k]["host"].values()) for r in ranks for k in ("measured", "estimated"))
+    shows_host = any(r[k] and sum(r[k]["host"].values()) for r in ranks for k in ("measured", "estimated")) or any(
+        b[k] and sum(b[k]["host"].values()) for r in ranks for b in r["phase_breakdowns"] for k in ("measured", "estimated"))
+
+    # the stacked timeline follows the rank with the highest peak (the one that runs out first)
+    stacked = None
+    with_peak = [(r["peak"]["bytes"], -r["rank"], pos) for pos, r in enumerate(ranks) if r["peak"] is not None]
+    if with_peak:
+        pos = max(with_peak)[2]
+        choice = _stacked_choice(entries[pos], max_chart_steps)
+        check_phase_records(doc, source, order[pos], sorted({c[3] for c in choice}))
+        stacked = _stacked_timeline(entries[pos], choice, estimate_for_rank(estimate, ranks[pos]["rank"]))
     return {
         "source": source,
         "label": run_label(run),
@@ -321,7 +433,9 @@ def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_
             "assumptions": [str(a) for a in estimate.get("assumptions") or []],
             "inputs": estimate.get("inputs"),
         },
+        "check": None if not cmp or not cmp.rows else _check_verdict(cmp),
         "timeline": [_timeline(e, max_chart_steps) for e in entries],
+        "stacked_timeline": stacked,
         "downsampled": longest > max_chart_steps,
         "max_chart_steps": max_chart_steps,
         "n_steps": longest,

@@ -105,6 +105,77 @@ def timeline(run: dict[str, Any]) -> dict[str, Any]:
         xaxis={"title": {"text": "step (+1/3 backward, +2/3 optimizer step)"}})}
 
 
+def peak_bars(run: dict[str, Any], phase: str) -> dict[str, Any]:
+    """Per rank, at ``phase``'s peak of the last complete step, every category stacked: measured
+    beside estimated (the estimator's breakdown of that phase's peak moment)."""
+    ranks = [r for r in run["ranks"] if r["phase_breakdowns"]]
+    has_est = any(next(b for b in r["phase_breakdowns"] if b["phase"] == phase)["estimated"] is not None
+                  for r in ranks)
+    kinds = ["measured", "estimated"] if has_est else ["measured"]
+    locations = LOCATIONS if run["shows_host"] else ("device",)
+    traces = []
+    for loc in locations:
+        for cat in CATEGORIES:
+            outer, inner, y, hover = [], [], [], []
+            for r in ranks:
+                b = next(b for b in r["phase_breakdowns"] if b["phase"] == phase)
+                cell = next(c for c in b["cells"] if c["location"] == loc and c["category"] == cat)
+                for kind in kinds:
+                    v = cell[kind]
+                    total = b[f"{kind}_total"]
+                    outer.append(f"rank {r['rank']}")
+                    inner.append(kind)
+                    y.append(mib(v))
+                    hover.append(f"rank {r['rank']}, step {b['step']}, at the {phase} peak, {kind}<br>"
+                                 f"{loc}/{cat}: {format_bytes(v) if v is not None else 'n/a'} ({v} B)"
+                                 f"<br>estimate error: {fmt_error(cell['error'])}"
+                                 f"<br>device total: {format_bytes(total) if total is not None else 'n/a'}")
+            trace = {
+                "type": "bar", "name": f"{loc}/{cat}" if run["shows_host"] else cat,
+                "x": [outer, inner], "y": y, "text": hover, "hoverinfo": "text", "textposition": "none",
+                "marker": {"color": CATEGORY_COLOURS[cat]},
+            }
+            if loc == "host":
+                trace["marker"]["pattern"] = {"shape": "/"}
+            traces.append(trace)
+    layout = _layout(f"{phase} peak", "MiB", barmode="stack", showlegend=False,  # colours: the at-rest chart's legend
+                     margin={"l": 60, "r": 10, "t": 40, "b": 60})
+    layout["title"].update(x=0.01, xanchor="left")  # clear of the mode bar on a narrow chart
+    return {"data": traces, "layout": layout}
+
+
+def stacked_timeline(run: dict[str, Any]) -> dict[str, Any]:
+    """One rank's device bytes by category at each phase's peak and end through the steps,
+    stacked, with the estimate's total at the moments it models overlaid."""
+    t = run["stacked_timeline"]
+    traces = []
+    for cat in CATEGORIES:
+        ys = t["device"][cat]
+        traces.append({
+            "type": "scatter", "mode": "lines", "name": cat, "stackgroup": "measured",
+            "x": t["x"], "y": [round(v / MIB, 6) for v in ys], "line": {"width": 0.5, "color": CATEGORY_COLOURS[cat]},
+            "fillcolor": CATEGORY_COLOURS[cat],
+            "text": [f"{label}<br>{cat}: {format_bytes(v)} ({v} B)<br>device total {format_bytes(tot)}"
+                     for label, v, tot in zip(t["labels"], ys, t["total"])],
+            "hoverinfo": "text",
+        })
+    e = t["estimate"]
+    if e is not None:
+        traces.append({
+            "type": "scatter", "mode": "lines+markers", "name": "estimate (total)", "x": e["x"],
+            "y": [round(v / MIB, 6) for v in e["y"]], "line": {"color": "#111", "dash": "dash", "width": 1.5},
+            "marker": {"symbol": "diamond-open", "size": 7, "color": "#111"},
+            "text": [f"{label}: {format_bytes(v)} ({v} B)<br>"
+                     + "<br>".join(f"{cat}: {format_bytes(n)}" for cat, n in b.items() if n)
+                     for label, v, b in zip(e["labels"], e["y"], e["device"])],
+            "hoverinfo": "text",
+        })
+    sub = " (per bucket of steps, the step with the highest peak)" if run["downsampled"] else ""
+    return {"data": traces, "layout": _layout(
+        f"Rank {t['rank']} (highest peak): device memory by category at each phase's peak and end{sub}", "MiB",
+        xaxis={"title": {"text": "step (+0 forward, +1/3 backward, +2/3 optimizer step; peak, then end +1/6)"}})}
+
+
 def heatmap(run: dict[str, Any]) -> dict[str, Any]:
     h = run["heatmap"]
     missing = set(h["missing"])

@@ -19,6 +19,7 @@ import plotly.io as pio
 from markupsafe import Markup
 
 from memprof import __version__
+from memprof.categories import CATEGORIES, PHASES
 from memprof.report import figures
 from memprof.units import format_bytes
 
@@ -86,13 +87,17 @@ def render_html(data: dict[str, Any], title: str | None = None) -> str:
     charts = _Charts()
     runs = []
     for i, run in enumerate(data["runs"]):
-        c: dict[str, Any] = {"bars": None, "timeline": None, "heatmap": None, "loss": None}
+        c: dict[str, Any] = {"bars": None, "peaks": [], "timeline": None, "stacked": None, "heatmap": None,
+                             "loss": None}
         has_rest = any(r["measured"] is not None for r in run["ranks"])
         # added in page order, so chart ids follow the page
         if has_rest:
             c["bars"] = charts.add(f"run{i}-bars", figures.rest_bars(run))
+            c["peaks"] = [charts.add(f"run{i}-peak-{phase}", figures.peak_bars(run, phase)) for phase in PHASES]
         if any(t["x"] for t in run["timeline"]):
             c["timeline"] = charts.add(f"run{i}-timeline", figures.timeline(run))
+        if run["stacked_timeline"] is not None and run["stacked_timeline"]["x"]:
+            c["stacked"] = charts.add(f"run{i}-stacked", figures.stacked_timeline(run))
         if has_rest:
             c["heatmap"] = charts.add(f"run{i}-heatmap", figures.heatmap(run))
         if run["loss"]["x"]:
@@ -123,4 +128,5 @@ def render_html(data: dict[str, Any], title: str | None = None) -> str:
         memprof_version=__version__,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         locations=("device", "host"),
+        categories=CATEGORIES,
     )

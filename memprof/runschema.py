@@ -1,10 +1,13 @@
-"""Shape check of a run doc before the report reads it, so a malformed file is one clear line.
+"""Shape check of a run doc (the memprof.json shape of :mod:`memprof.runfile`) before
+``memprof compare`` or the report reads it, so a malformed file is one clear line.
 
 :func:`memprof.runfile.load_run` already checks the envelope (valid JSON, schema version, ``run`` and
-``ranks`` present); this checks, with pydantic, every field the report reads, so the message names
-the exact place (``ranks.0.steps.3.phases.step.peak_total``). Two passes keep it fast on big runs
-(64 ranks x 1,000 steps): every step's number, loss and phase peak totals, which the charts read,
-then the full breakdowns only of the steps the tables show (each rank's last complete step).
+``ranks`` present); :func:`check_run_doc` checks, with pydantic, every field compare and the report
+read, so the message names the exact place (``ranks.0.steps.3.phases.step.peak_total``). Two passes
+keep it fast on big runs (64 ranks x 1,000 steps): every step's number, loss and phase peak totals,
+which the charts read, then the full breakdowns only of the steps the tables show (each rank's last
+complete step, :func:`memprof.compare.last_complete_step`). :func:`check_phase_records` checks the
+full breakdowns of further steps a reader uses (the report's stacked timeline).
 Extra keys are allowed: newer writers may add fields within the same schema version.
 """
 
@@ -16,6 +19,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from typing_extensions import Annotated, NotRequired, TypedDict
 
 from memprof.categories import PHASES
+from memprof.compare import last_complete_step_index
 from memprof.errors import MemprofError
 
 # Lax ints on purpose: a JSON writer may emit 1.0e6 for a byte count; pydantic rejects fractions.
@@ -53,6 +57,7 @@ class _Rank(TypedDict):
 
 class _EstimatePhase(TypedDict):
     peak_total: int
+    peak: NotRequired[Breakdown]  # the breakdown at the phase's peak moment
 
 
 class _EstimateRank(TypedDict):
@@ -113,6 +118,17 @@ def _fail(source: str, prefix: str, e: ValidationError) -> MemprofError:
     )
 
 
+def _check_phases(doc: dict[str, Any], source: str, rank_index: int, step_index: int) -> None:
+    phases = doc["ranks"][rank_index]["steps"][step_index]["phases"]
+    for p in PHASES:
+        if p not in phases:
+            continue
+        try:
+            _SHOWN_PHASE.validate_python(phases[p])
+        except ValidationError as e:
+            raise _fail(source, f"ranks.{rank_index}.steps.{step_index}.phases.{p}", e) from None
+
+
 def check_run_doc(doc: Any, source: str) -> None:
     """Raise MemprofError naming ``source`` and the first bad field when ``doc`` is malformed."""
     try:
@@ -120,13 +136,13 @@ def check_run_doc(doc: Any, source: str) -> None:
     except ValidationError as e:
         raise _fail(source, "", e) from None
     for i, rank in enumerate(doc["ranks"]):
-        # the step the tables show: the last one holding every phase (memprof.compare's rule)
-        for j in range(len(rank["steps"]) - 1, -1, -1):
-            phases = rank["steps"][j]["phases"]
-            if all(p in phases for p in PHASES):
-                for p in PHASES:
-                    try:
-                        _SHOWN_PHASE.validate_python(phases[p])
-                    except ValidationError as e:
-                        raise _fail(source, f"ranks.{i}.steps.{j}.phases.{p}", e) from None
-                break
+        j = last_complete_step_index(rank)  # the step compare and the tables read
+        if j is not None:
+            _check_phases(doc, source, i, j)
+
+
+def check_phase_records(doc: dict[str, Any], source: str, rank_index: int, step_indices: Any) -> None:
+    """After :func:`check_run_doc`: the full phase records (``end``, ``peak``, ``peak_total``) of
+    the steps ``step_indices`` of ``doc["ranks"][rank_index]``."""
+    for j in step_indices:
+        _check_phases(doc, source, rank_index, j)

@@ -1,8 +1,10 @@
 """Open a report in headless Chromium and see what a reader would: console messages, script errors,
-network requests, and values computed in the page. Used by the report tests and the benchmark.
+network requests, and values computed in the page. Used by the report tests
+(``tests/test_report_browser.py``) and the benchmark (``benchmarks/bench_report.py``, which puts
+``tests/`` on its path); not part of the memprof package.
 
 Chromium is driven over the Chrome DevTools Protocol (CDP) through ``websocket-client`` (a test
-dependency; imported here lazily so the report itself never needs it). Chromium picks its own
+dependency, imported lazily). Chromium picks its own
 debugging port (``--remote-debugging-port=0``) and writes it to ``DevToolsActivePort`` in the
 throw-away profile folder, so parallel test runs never collide.
 """
