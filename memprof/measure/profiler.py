@@ -60,12 +60,29 @@ def _detect_device(engine: Any, model: torch.nn.Module | None) -> torch.device:
     return torch.device("cpu")
 
 
-class StepContext:
-    """One training step: ``with s.phase(name):`` around each phase; set ``s.loss``."""
+def _accumulation_position(engine: Any) -> tuple[int | None, bool | None]:
+    """(micro-step index in the accumulation cycle, is it the boundary) of a DeepSpeed engine's
+    next micro-batch (deepspeed/runtime/engine.py: ``is_gradient_accumulation_boundary``,
+    ``micro_steps``, incremented at the end of ``step()``); (None, None) for anything else."""
+    boundary_of = getattr(engine, "is_gradient_accumulation_boundary", None)
+    gas_of = getattr(engine, "gradient_accumulation_steps", None)
+    micro_steps = getattr(engine, "micro_steps", None)
+    if not callable(boundary_of) or not callable(gas_of) or not isinstance(micro_steps, int):
+        return None, None
+    return micro_steps % max(1, int(gas_of())), bool(boundary_of())
 
-    def __init__(self, profiler: MemoryProfiler, step: int) -> None:
+
+class StepContext:
+    """One training step (one micro-step under gradient accumulation): ``with s.phase(name):``
+    around each phase; set ``s.loss``. ``micro_step`` (its index in the accumulation cycle) and
+    ``boundary`` (whether the optimizer steps at its end) go into the step record when known."""
+
+    def __init__(self, profiler: MemoryProfiler, step: int, micro_step: int | None = None,
+                 boundary: bool | None = None) -> None:
         self._profiler = profiler
         self.step = int(step)
+        self.micro_step = micro_step
+        self.boundary = boundary
         self.loss: float | torch.Tensor | None = None
         self.phases: dict[str, dict[str, Any]] = {}
 
@@ -179,11 +196,20 @@ class MemoryProfiler:
         self._active = False
         return False
 
-    def step(self, step: int) -> StepContext:
-        """Context manager for one training step (use inside ``with profiler:``)."""
+    def step(self, step: int, *, micro_step: int | None = None, boundary: bool | None = None) -> StepContext:
+        """Context manager for one training step (use inside ``with profiler:``): one call per
+        micro-batch, i.e. per ``engine.step()`` call under gradient accumulation.
+
+        ``micro_step`` / ``boundary``: the micro-batch's index in its accumulation cycle and whether
+        the optimizer steps at its end. Left None with a DeepSpeed engine, they are read from it
+        when the step starts (``engine.micro_steps % gradient_accumulation_steps()`` and
+        ``engine.is_gradient_accumulation_boundary()``, which ``engine.step()`` itself consults);
+        with a plain model they are recorded only when given."""
         if not self._active:
             raise RuntimeError("profiler.step() must run inside `with profiler:`")
-        return StepContext(self, step)
+        if micro_step is None and boundary is None:
+            micro_step, boundary = _accumulation_position(self.engine)
+        return StepContext(self, step, micro_step, boundary)
 
     def finish(self, estimate: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Write the ``end`` record, gather every rank's records to rank 0 and write
@@ -223,7 +249,13 @@ class MemoryProfiler:
             loss = float(loss)
             if not math.isfinite(loss):
                 loss = None  # strict JSON has no NaN/inf; a missing loss marks it
-        self._write({"type": "step", "step": ctx.step, "loss": loss, "phases": ctx.phases})
+        record: dict[str, Any] = {"type": "step", "step": ctx.step, "loss": loss}
+        if ctx.micro_step is not None:
+            record["micro_step"] = int(ctx.micro_step)
+        if ctx.boundary is not None:
+            record["boundary"] = bool(ctx.boundary)
+        record["phases"] = ctx.phases
+        self._write(record)
         self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
 
     @contextmanager

@@ -84,8 +84,10 @@ def run_training(config: TrainConfig) -> int:
 
     estimate_json = _estimate_or_none(run_meta, rank)
 
-    # 5. The profiled steps. Each iteration is one micro-batch; with gradient_accumulation_steps
-    # k > 1, DeepSpeed's engine.step() updates the weights on every k-th call only.
+    # 5. The profiled steps. Each iteration is one micro-batch, profiled whole; with
+    # gradient_accumulation_steps k > 1, DeepSpeed's engine.step() is called every micro-batch and
+    # updates the weights on every k-th call only. profiler.step() reads the micro-step's place in
+    # the cycle from the engine, so each step record says whether it was a boundary.
     profiler = MemoryProfiler(engine=engine, out_dir=config.run.out_dir, run=run_meta, memory_budget=config.run.memory_budget_bytes)
     try:
         with profiler:
