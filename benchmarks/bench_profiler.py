@@ -151,6 +151,29 @@ def per_op_costs(n: int = 20000, rounds: int = 5) -> list[str]:
         "memprof tracker": AllocationTracker,
         "torch.profiler(profile_memory=True)": lambda: profile(activities=[ProfilerActivity.CPU], profile_memory=True),
     }
+    class RawAllocationEvents:
+        """torch.profiler's machinery at its lowest Python level, memory events only: what memprof
+        would pay to use the allocator's reportMemoryUsage events (c10 reports every alloc/free to
+        the profiler in C++) for a phase: enable, run, disable, read the allocation events."""
+
+        def __enter__(self) -> None:
+            from torch._C._profiler import ProfilerConfig, ProfilerState, _ExperimentalConfig
+            from torch.autograd import _enable_profiler, _prepare_profiler
+
+            # (state, report_input_shapes, profile_memory, with_stack, with_flops, with_modules, experimental)
+            cfg = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+            _prepare_profiler(cfg, {ProfilerActivity.CPU})
+            _enable_profiler(cfg, {ProfilerActivity.CPU})
+
+        def __exit__(self, *exc: Any) -> None:
+            from torch.autograd import _disable_profiler
+
+            live = 0
+            for ev in _disable_profiler().events():
+                if ev.name() == "[memory]":
+                    live += ev.nbytes()  # a replay would follow each alloc/free like this
+
+    makers["torch.profiler's allocation events, raw (enable, disable, read them)"] = RawAllocationEvents
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in makers}
