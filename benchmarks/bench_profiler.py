@@ -10,7 +10,8 @@ interleaved round by round (the order rotates each round) so drifting machine lo
 * ``profiler``       -- memprof's full API: tracking plus the per-phase bookkeeping (ownership walk,
   relabelling, RSS, one record per step);
 * ``memtracker``     -- PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` (a
-  TorchDispatchMode with module hooks), model and optimizer registered with ``track_external``;
+  TorchDispatchMode with module hooks), model and optimizer registered with ``track_external``,
+  ``reset_mod_stats()`` before each step (it refuses a second iteration otherwise);
 * ``torch_profiler`` -- ``torch.profiler.profile(activities=[CPU], profile_memory=True)``.
 
 Each mode opens its tool once per round, times ``--steps`` steps inside it, and separately times
@@ -105,6 +106,14 @@ class Round:
 
             ctx = MemTracker()
             ctx.track_external(model, optimizer)
+            tracker = ctx
+
+            def memtracker_step(i: int) -> None:
+                # MemTracker refuses a second iteration unless its module stats are cleared first
+                tracker.reset_mod_stats()
+                bare_step(model, optimizer, batch)
+
+            self.step = memtracker_step
         elif mode == "torch_profiler":
             from torch.profiler import ProfilerActivity, profile
 
