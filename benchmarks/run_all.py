@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ["bench_estimate.py"],
     ["bench_report.py"],
-    ["bench_profiler.py", "--rounds", "5", "--steps", "3"],
+    ["bench_profiler.py", "--rounds", "10", "--steps", "2"],
     ["sweep_configs.py"],
 ]
 

@@ -6,7 +6,14 @@ Layout of a run folder ``<out>/``:
   record so a rank that dies loses nothing already measured (fsynced when the run ends). Line kinds (``"type"``):
 
   - ``header``: ``{"type": "header", "schema_version", "rank", "host", "device", "run": {...}}``
-  - ``step``:   ``{"type": "step", "step", "loss", "phases": {phase: PhaseRecord}}``
+  - ``step``:   ``{"type": "step", "step", "loss", "micro_step"?, "boundary"?, "phases": {phase: PhaseRecord}}``
+                 -- one per micro-batch (per ``engine.step()`` call). ``micro_step``: its index in
+                 the gradient-accumulation cycle; ``boundary``: true when the optimizer stepped at
+                 its end (every ``step`` phase is recorded; off the boundary DeepSpeed's
+                 ``engine.step()`` updates nothing). Both absent in files written before they
+                 existed (and for plain-torch loops that do not pass them): read them with
+                 :func:`step_is_boundary` / :func:`step_micro_index`, which treat that as micro-step
+                 0 on a boundary (gradient accumulation 1).
   - ``oom``:    ``{"type": "oom", "step", "phase", "breakdown": Breakdown, "total_bytes",
                    "budget_bytes", "message"}`` (simulated budget exceeded or a real CUDA OOM)
   - ``end``:    ``{"type": "end", "peak_host_rss_bytes", "diagnostics": {...}}`` (the profiler's
@@ -56,6 +63,16 @@ _RANK_FILE_RE = re.compile(r"^rank(\d+)\.jsonl$")
 
 def rank_file_name(rank: int) -> str:
     return f"rank{rank}.jsonl"
+
+
+def step_is_boundary(step: dict[str, Any]) -> bool:
+    """Whether a step record's micro-step ended with an optimizer step (older files: always)."""
+    return bool(step.get("boundary", True))
+
+
+def step_micro_index(step: dict[str, Any]) -> int:
+    """A step record's index in its gradient-accumulation cycle (older files: 0)."""
+    return int(step.get("micro_step", 0))
 
 
 @contextmanager

@@ -16,12 +16,9 @@
     run_doc = profiler.finish()                      # collective; memprof.json on rank 0
     profiler.print_table(run_doc)
 
-Two ways of measuring, chosen by the device the model computes on:
-
-* CPU: an :class:`~memprof.measure.tracker.AllocationTracker` sees every storage allocation and
-  free, so the peak is exact at op granularity and its breakdown is a copy of a running tally.
-* CUDA: the caching allocator's counters (peak reset per phase), the ownership walk for model
-  states, and no dispatch mode, which keeps the cost to a few reads per phase.
+Two ways of measuring, chosen by the device the model computes on, each a small backend of
+:mod:`memprof.measure.backends`: on CPU an allocation tracker sees every storage allocation and free
+(exact peaks at op granularity); on CUDA the caching allocator's counters are read per phase.
 
 Categories of model states come from the ownership walk (:mod:`memprof.measure.ownership`) at phase
 boundaries; see docs/profiler.md for the rules and the approximations left.
@@ -29,73 +26,26 @@ boundaries; see docs/profiler.md for the rules and the approximations left.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from memprof.categories import PHASES, Breakdown, Phase, empty_breakdown
 from memprof.errors import MemprofError
-from memprof.measure import cuda_counters
+from memprof.measure.backends import Backend, CpuBackend, CudaBackend, OwnedMap, OwnershipWalk
 from memprof.measure.gather import gather_records, rank_and_world, render_rank_table, write_run_file
 from memprof.measure.host import HostMemory
-from memprof.measure.oom import SimulatedOutOfMemoryError, oom_record
-from memprof.measure.tracker import (
-    DEVICE_ACTIVATIONS,
-    DEVICE_OTHER,
-    MODEL_STATE_LABELS,
-    N_LABELS,
-    AllocationTracker,
-    Snapshot,
-    device_total,
-    label_of,
-    live_tensor_storages,
-    tally_to_breakdown,
-)
+from memprof.measure.oom import oom_record
 from memprof.runfile import SCHEMA_VERSION, RankWriter
 
-OwnedMap = Mapping[tuple[str, int], Any]
-"""``(device string, untyped-storage data_ptr) -> Owned(category, location, nbytes)``."""
-OwnershipWalk = Callable[[], OwnedMap]
-
-_ACTIVATION_PHASES = (Phase.FORWARD.value, Phase.BACKWARD.value)
-# A new storage of at least max(1 MiB, 1/64 of the tracked device bytes at the phase start) gets
-# an ownership walk before the phase ends; smaller ones are labelled at the phase end only. The
-# floor and fraction bound the walks per phase (cost) while catching engine buffers and gradients.
-_MIN_LARGE_BYTES = 2**20
-_LARGE_FRACTION = 64
-# how long a phase end gives up the GIL so gloo's worker threads can drop finished collectives'
-# buffers (see MemoryProfiler._let_comm_threads_release); 3 per step
-_COMM_RELEASE_WAIT_S = 0.005
-
-
-class _OwnedTally(NamedTuple):
-    tally: list[int]  # label-indexed bytes of owned storages
-    labels: dict[tuple[str, int], int]  # storage key -> label
-    nbytes: dict[tuple[str, int], int]  # storage key -> bytes
-
-
-def _tally_owned(owned: OwnedMap) -> _OwnedTally:
-    tally = [0] * N_LABELS
-    labels: dict[tuple[str, int], int] = {}
-    nbytes: dict[tuple[str, int], int] = {}
-    for key, o in owned.items():
-        label = label_of(o.location, o.category)
-        labels[key] = label
-        nbytes[key] = int(o.nbytes)
-        tally[label] += int(o.nbytes)
-    return _OwnedTally(tally, labels, nbytes)
-
-
-def _add_tallies(a: list[int], b: list[int]) -> list[int]:
-    return [x + y for x, y in zip(a, b)]
+__all__ = ["MemoryProfiler", "OwnedMap", "OwnershipWalk", "StepContext"]
 
 
 def _detect_device(engine: Any, model: torch.nn.Module | None) -> torch.device:
@@ -110,12 +60,29 @@ def _detect_device(engine: Any, model: torch.nn.Module | None) -> torch.device:
     return torch.device("cpu")
 
 
-class StepContext:
-    """One training step: ``with s.phase(name):`` around each phase; set ``s.loss``."""
+def _accumulation_position(engine: Any) -> tuple[int | None, bool | None]:
+    """(micro-step index in the accumulation cycle, is it the boundary) of a DeepSpeed engine's
+    next micro-batch (deepspeed/runtime/engine.py: ``is_gradient_accumulation_boundary``,
+    ``micro_steps``, incremented at the end of ``step()``); (None, None) for anything else."""
+    boundary_of = getattr(engine, "is_gradient_accumulation_boundary", None)
+    gas_of = getattr(engine, "gradient_accumulation_steps", None)
+    micro_steps = getattr(engine, "micro_steps", None)
+    if not callable(boundary_of) or not callable(gas_of) or not isinstance(micro_steps, int):
+        return None, None
+    return micro_steps % max(1, int(gas_of())), bool(boundary_of())
 
-    def __init__(self, profiler: MemoryProfiler, step: int) -> None:
+
+class StepContext:
+    """One training step (one micro-step under gradient accumulation): ``with s.phase(name):``
+    around each phase; set ``s.loss``. ``micro_step`` (its index in the accumulation cycle) and
+    ``boundary`` (whether the optimizer steps at its end) go into the step record when known."""
+
+    def __init__(self, profiler: MemoryProfiler, step: int, micro_step: int | None = None,
+                 boundary: bool | None = None) -> None:
         self._profiler = profiler
         self.step = int(step)
+        self.micro_step = micro_step
+        self.boundary = boundary
         self.loss: float | torch.Tensor | None = None
         self.phases: dict[str, dict[str, Any]] = {}
 
@@ -181,28 +148,30 @@ class MemoryProfiler:
             raise MemprofError(
                 f"memprof measures CPU and CUDA runs; the model is on {self.device.type!r}"
             )
-        self.on_cuda = self.device.type == "cuda"
-        if self.on_cuda and self.device.index is None:
+        on_cuda = self.device.type == "cuda"
+        if on_cuda and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world_size = rank_and_world()
-        self._multi_rank = self.world_size > 1
         self.run: dict[str, Any] = dict(run or {})
         # memprof never pretends a CPU is a GPU: the device type is what the model is on
         self.run["device_type"] = self.device.type
         self.run.setdefault("world_size", self.world_size)
 
         self.host = HostMemory()
-        self.tracker: AllocationTracker | None = None
         self.records: list[dict[str, Any]] = []
         self.diagnostics = {"negative_clamps": 0, "untracked_owned_bytes_max": 0, "mid_phase_walks": 0,
                             # wall time in the profiler's own step/phase bookkeeping (its
                             # cost outside allocation tracking): phase starts and ends, records
                             "phase_end_seconds": 0.0}
+        self._backend: Backend = (
+            CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget)
+            if on_cuda
+            else CpuBackend(self._owner_walk, self.diagnostics, memory_budget=memory_budget,
+                            mid_phase_walks=engine is not None, multi_rank=self.world_size > 1)
+        )
         self._active = False
         self._finished = False
         self._oom_recorded = False
-        self._unowned_baseline = 0  # CUDA: unowned allocated bytes at the step start
-        self._backward_activations = 0  # CUDA: activations at the end of backward
         header = {"host": socket.gethostname(), "device": self._device_label(), "run": self.run}
         try:
             self._writer = RankWriter(self.out_dir, self.rank, header)
@@ -216,43 +185,31 @@ class MemoryProfiler:
     def __enter__(self) -> MemoryProfiler:
         if self._active:
             raise RuntimeError("this MemoryProfiler is already active")
-        if self.on_cuda:
-            owned = _tally_owned(self._owner_walk())
-            self._unowned_baseline = max(
-                0, torch.cuda.memory_allocated(self.device) - device_total(owned.tally)
-            )
-        else:
-            # dead reference cycles holding tensors would otherwise be seeded, then "freed"
-            # inside some phase whenever the collector happens to run
-            gc.collect()
-            tracker = AllocationTracker(budget_bytes=self.memory_budget)
-            labels = _tally_owned(self._owner_walk()).labels
-            by_label: dict[int, list[torch.UntypedStorage]] = {}
-            for st in live_tensor_storages():
-                label = labels.get((str(st.device), st.data_ptr()), DEVICE_OTHER)
-                by_label.setdefault(label, []).append(st)
-            for label, storages in by_label.items():
-                tracker.seed(storages, label)
-            tracker.on_large_allocation = self._mid_phase_walk
-            tracker.__enter__()
-            self.tracker = tracker
+        self._backend.start()
         self._active = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None:
             self._record_oom_if_unrecorded(exc, None, None)
-        if self.tracker is not None:
-            self.tracker.__exit__(exc_type, exc, tb)
-            self.diagnostics["negative_clamps"] += self.tracker.negative_clamps
+        self._backend.stop()
         self._active = False
         return False
 
-    def step(self, step: int) -> StepContext:
-        """Context manager for one training step (use inside ``with profiler:``)."""
+    def step(self, step: int, *, micro_step: int | None = None, boundary: bool | None = None) -> StepContext:
+        """Context manager for one training step (use inside ``with profiler:``): one call per
+        micro-batch, i.e. per ``engine.step()`` call under gradient accumulation.
+
+        ``micro_step`` / ``boundary``: the micro-batch's index in its accumulation cycle and whether
+        the optimizer steps at its end. Left None with a DeepSpeed engine, they are read from it
+        when the step starts (``engine.micro_steps % gradient_accumulation_steps()`` and
+        ``engine.is_gradient_accumulation_boundary()``, which ``engine.step()`` itself consults);
+        with a plain model they are recorded only when given."""
         if not self._active:
             raise RuntimeError("profiler.step() must run inside `with profiler:`")
-        return StepContext(self, step)
+        if micro_step is None and boundary is None:
+            micro_step, boundary = _accumulation_position(self.engine)
+        return StepContext(self, step, micro_step, boundary)
 
     def finish(self, estimate: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Write the ``end`` record, gather every rank's records to rank 0 and write
@@ -265,7 +222,7 @@ class MemoryProfiler:
         self._finished = True
         self._write({"type": "end", "peak_host_rss_bytes": self.host.peak_rss(), "diagnostics": self.diagnostics})
         self._writer.close()
-        gathered = gather_records(self.records, device=self.device if self.on_cuda else None)
+        gathered = gather_records(self.records, device=self.device if self.device.type == "cuda" else None)
         if gathered is None:
             return None
         return write_run_file(self.out_dir, self.run, gathered, estimate)
@@ -280,9 +237,7 @@ class MemoryProfiler:
     # ---- steps and phases ---------------------------------------------------------------------
     def _begin_step(self, ctx: StepContext) -> None:
         started = time.perf_counter()
-        if self.tracker is not None:
-            # activations are "of the current step": older unowned leftovers become other
-            self._retire_activations()
+        self._backend.begin_step()
         self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
 
     def _end_step(self, ctx: StepContext) -> None:
@@ -294,168 +249,47 @@ class MemoryProfiler:
             loss = float(loss)
             if not math.isfinite(loss):
                 loss = None  # strict JSON has no NaN/inf; a missing loss marks it
-        self._write({"type": "step", "step": ctx.step, "loss": loss, "phases": ctx.phases})
+        record: dict[str, Any] = {"type": "step", "step": ctx.step, "loss": loss}
+        if ctx.micro_step is not None:
+            record["micro_step"] = int(ctx.micro_step)
+        if ctx.boundary is not None:
+            record["boundary"] = bool(ctx.boundary)
+        record["phases"] = ctx.phases
+        self._write(record)
         self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
 
     @contextmanager
     def _phase(self, ctx: StepContext, phase: str) -> Iterator[None]:
         started = time.perf_counter()
-        tracker = self.tracker
-        if tracker is not None:
-            tracker.new_label = DEVICE_ACTIVATIONS if phase in _ACTIVATION_PHASES else DEVICE_OTHER
-            # "large" = worth an ownership walk before the phase ends (see tracker.pending). Only a
-            # DeepSpeed engine owns buffers that live and die inside one phase (reduce buckets,
-            # gathered ZeRO-3 params); a plain model's grads and optimizer state outlive the phase
-            # and the phase-end walk labels them at the peak too, so no mid-phase walks there.
-            tracker.large_bytes = (
-                max(_MIN_LARGE_BYTES, tracker.device_total // _LARGE_FRACTION) if self.engine is not None else None
-            )
-            tracker.reset_peak()
-        else:
-            cuda_counters.start_phase(self.device)
+        self._backend.begin_phase(phase)
         self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
         try:
             yield
         except BaseException as exc:
-            if tracker is not None:
-                tracker.new_label = DEVICE_OTHER
-                tracker.large_bytes = None
+            self._backend.abandon_phase()
             self._record_oom_if_unrecorded(exc, ctx.step, phase)
             raise
         started = time.perf_counter()
-        if tracker is not None:
-            self._let_comm_threads_release()
-            tracker.new_label = DEVICE_OTHER
-            tracker.large_bytes = None
-            record = self._cpu_phase_record()
-        else:
-            record = self._cuda_phase_record(phase)
+        record = self._backend.end_phase(phase)
+        record["host_rss_bytes"] = self.host.rss()
+        if "cuda" in record:  # keep the documented key order: host_rss_bytes before cuda
+            record["cuda"] = record.pop("cuda")
         ctx.phases[phase] = record
         self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
-        if self.on_cuda and self.memory_budget is not None and record["peak_total"] > self.memory_budget:
-            # On CUDA the budget is checked against the allocator's peak at the phase end: the
-            # phase did reach that many bytes, so a GPU of this capacity would have failed in it.
-            err = SimulatedOutOfMemoryError(None, record["peak_total"], self.memory_budget)
-            self._write_oom(ctx.step, phase, record["peak"], record["peak_total"], self.memory_budget, str(err))
+        err = self._backend.over_budget(record)
+        if err is not None:
+            self._write_oom(ctx.step, phase, record["peak"], err.total_bytes, err.budget_bytes, str(err))
             raise err
-
-    def _let_comm_threads_release(self) -> None:
-        """A sync point for the CPU tracker in multi-rank runs. gloo completes a collective on its
-        own worker thread, which drops its references to the buffers (e.g. ZeRO's flat all-reduce
-        copy, a reduce bucket) only once it gets the GIL; until then a buffer DeepSpeed has already
-        released is still alive, at a random rank and step, and would be counted in this phase's
-        end and the next phase's peak. Giving up the GIL briefly lets those threads finish."""
-        if self._multi_rank:
-            time.sleep(_COMM_RELEASE_WAIT_S)
-
-    def _cpu_phase_record(self) -> dict[str, Any]:
-        tracker = self.tracker
-        assert tracker is not None
-        peak = tracker.peak
-        extra = self._relabel_from_ownership([peak])
-        end_tally = _add_tallies(tracker.tally, extra)
-        peak_tally = _add_tallies(peak.tally, extra)
-        return {
-            "end": tally_to_breakdown(end_tally),
-            "peak": tally_to_breakdown(peak_tally),
-            "peak_total": device_total(peak_tally),
-            "end_total": device_total(end_tally),
-            "host_rss_bytes": self.host.rss(),
-        }
-
-    def _cuda_phase_record(self, phase: str) -> dict[str, Any]:
-        counters = cuda_counters.read(self.device)
-        owned = _tally_owned(self._owner_walk())
-        end = self._cuda_breakdown(owned.tally, counters["allocated_bytes"], phase)
-        peak = self._cuda_breakdown(owned.tally, counters["peak_allocated_bytes"], phase)
-        if phase == Phase.BACKWARD.value:
-            self._backward_activations = end["device"]["activations"]
-        if phase == Phase.STEP.value:
-            # the next step starts from what is left unowned now
-            self._unowned_baseline = max(0, counters["allocated_bytes"] - device_total(owned.tally))
-        return {
-            "end": end,
-            "peak": peak,
-            "peak_total": counters["peak_allocated_bytes"],
-            "end_total": counters["allocated_bytes"],
-            "host_rss_bytes": self.host.rss(),
-            "cuda": counters,
-        }
-
-    def _cuda_breakdown(self, owned_tally: list[int], allocated: int, phase: str) -> Breakdown:
-        """Owned states by category; the allocated bytes nobody owns split into activations (what
-        grew since the step start) and other (what was there before). See docs/profiler.md."""
-        tally = list(owned_tally)
-        unowned = allocated - device_total(owned_tally)
-        if unowned < 0:
-            self.diagnostics["negative_clamps"] += 1
-            unowned = 0
-        activations = max(0, unowned - self._unowned_baseline)
-        if phase == Phase.STEP.value:
-            activations = min(activations, self._backward_activations)
-        tally[DEVICE_ACTIVATIONS] += activations
-        tally[DEVICE_OTHER] += unowned - activations
-        return tally_to_breakdown(tally)
-
-    # ---- ownership bookkeeping (CPU) ----------------------------------------------------------
-    def _relabel_from_ownership(self, snapshots: list[Snapshot]) -> list[int]:
-        """Relabel the tracker's live storages from a fresh ownership walk, fixing ``snapshots``.
-        Returns the label tally of owned storages the tracker does not hold (counted as alive
-        throughout; should be empty)."""
-        tracker = self.tracker
-        assert tracker is not None
-        owned = _tally_owned(self._owner_walk())
-
-        def label_for(key: tuple[str, int], rec: Any) -> int:
-            label = owned.labels.get(key)
-            if label is not None:
-                return label
-            if rec.label in MODEL_STATE_LABELS:
-                return DEVICE_OTHER  # no longer owned by the engine (e.g. a dropped buffer)
-            return rec.label
-
-        live_keys = tracker.relabel(label_for, snapshots)
-        extra = [0] * N_LABELS
-        missing = 0
-        for key, label in owned.labels.items():
-            if key not in live_keys:
-                # owned but never seen allocated (made outside dispatch before tracking could see
-                # it): counted from the walk's size, as if alive for the whole phase
-                extra[label] += owned.nbytes[key]
-                missing += owned.nbytes[key]
-        if missing > self.diagnostics["untracked_owned_bytes_max"]:
-            self.diagnostics["untracked_owned_bytes_max"] = missing
-        return extra
-
-    def _mid_phase_walk(self) -> None:
-        tracker = self.tracker
-        assert tracker is not None
-        self.diagnostics["mid_phase_walks"] += 1
-        tracker.relabel_pending(_tally_owned(self._owner_walk()).labels.get)
-
-    def _retire_activations(self) -> None:
-        tracker = self.tracker
-        assert tracker is not None
-        tracker.relabel(lambda key, rec: DEVICE_OTHER if rec.label == DEVICE_ACTIVATIONS else rec.label)
 
     # ---- out-of-memory ------------------------------------------------------------------------
     def _record_oom_if_unrecorded(self, exc: BaseException, step: int | None, phase: str | None) -> None:
         if self._oom_recorded or not isinstance(exc, torch.OutOfMemoryError):
             return
         try:
-            if isinstance(exc, SimulatedOutOfMemoryError) and self.tracker is not None and self.tracker.oom:
-                snap = self.tracker.oom
-                extra = self._relabel_from_ownership([snap])
-                tally = _add_tallies(snap.tally, extra)
-                breakdown, total, budget = tally_to_breakdown(tally), exc.total_bytes, exc.budget_bytes
-            elif self.on_cuda:
-                allocated = torch.cuda.memory_allocated(self.device)
-                owned = _tally_owned(self._owner_walk())
-                breakdown = self._cuda_breakdown(owned.tally, allocated, phase or Phase.STEP.value)
-                total = allocated
-                budget = self.memory_budget or cuda_counters.device_capacity(self.device)
-            else:
+            state = self._backend.oom_state(exc, phase)
+            if state is None:
                 return
+            breakdown, total, budget = state
         except Exception:  # noqa: BLE001 - the walk itself failed under OOM: keep the total
             breakdown = empty_breakdown()
             total = getattr(exc, "total_bytes", 0)
@@ -477,7 +311,7 @@ class MemoryProfiler:
         self.records.append(record)
 
     def _device_label(self) -> str:
-        if self.on_cuda:
+        if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         return "cpu"
 

@@ -41,14 +41,6 @@ def label_of(location: str, category: str) -> int:
     )
 
 
-def location_of(label: int) -> str:
-    return LOCATIONS[label // N_CATEGORIES]
-
-
-def category_of(label: int) -> str:
-    return CATEGORIES[label % N_CATEGORIES]
-
-
 DEVICE_ACTIVATIONS = label_of("device", "activations")
 DEVICE_OTHER = label_of("device", "other")
 MODEL_STATE_LABELS = frozenset(
@@ -93,9 +85,6 @@ class Snapshot:
     @property
     def device_total(self) -> int:
         return device_total(self.tally)
-
-    def breakdown(self) -> Breakdown:
-        return tally_to_breakdown(self.tally)
 
 
 class AllocationTracker(TorchDispatchMode):

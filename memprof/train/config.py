@@ -73,8 +73,6 @@ class RunSettings:
     """Folder for ``rank<R>.jsonl``, ``memprof.json`` and ``report.html``."""
     memory_budget_bytes: int | None = None
     """Simulated device capacity handed to the profiler (None: no budget)."""
-    profile: bool = True
-    """False runs the bare training loop without the profiler (a hidden developer flag)."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +110,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="PATH", help="UTF-8 text file to train on (default: the text shipped with memprof)")
     # The deepspeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    # Developer switch: run the bare loop without the profiler (nothing is written to --out).
-    p.add_argument("--no-profile", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -155,7 +151,7 @@ def parse_args(
     return TrainConfig(
         model=model,
         data=DataSettings(seq_len=args.seq_len, seed=args.seed, text_path=text_path),
-        run=RunSettings(steps=args.steps, out_dir=out_dir, memory_budget_bytes=budget, profile=not args.no_profile),
+        run=RunSettings(steps=args.steps, out_dir=out_dir, memory_budget_bytes=budget),
         deepspeed=ds,
         local_rank_flag=args.local_rank,
     )

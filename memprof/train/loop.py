@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import sys
 from typing import Any
 
@@ -81,25 +80,14 @@ def run_training(config: TrainConfig) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     device = engine.device
 
-    if not config.run.profile:
-        # Developer path: the bare loop, nothing written.
-        for step in range(config.run.steps):
-            x = batches.next_batch().to(device)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            if rank == 0:
-                print(f"step {step}: loss {loss.item():.4f}", flush=True)
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()
-        return 0
-
     from memprof.measure import MemoryProfiler
 
     estimate_json = _estimate_or_none(run_meta, rank)
 
-    # 5. The profiled steps. Each iteration is one micro-batch; with gradient_accumulation_steps
-    # k > 1, DeepSpeed's engine.step() updates the weights on every k-th call only.
+    # 5. The profiled steps. Each iteration is one micro-batch, profiled whole; with
+    # gradient_accumulation_steps k > 1, DeepSpeed's engine.step() is called every micro-batch and
+    # updates the weights on every k-th call only. profiler.step() reads the micro-step's place in
+    # the cycle from the engine, so each step record says whether it was a boundary.
     profiler = MemoryProfiler(engine=engine, out_dir=config.run.out_dir, run=run_meta, memory_budget=config.run.memory_budget_bytes)
     try:
         with profiler:
@@ -110,7 +98,6 @@ def run_training(config: TrainConfig) -> int:
                         x = batches.next_batch().to(device)
                         # HF shifts labels by one inside the model: labels are the inputs themselves.
                         loss = engine(input_ids=x, labels=x).loss
-                    _test_only_kill_hook(rank, step)
                     with s.phase("backward"):
                         engine.backward(loss)
                     with s.phase("step"):
@@ -180,10 +167,3 @@ def _write_report(run_doc: dict[str, Any], path: os.PathLike) -> None:
         return
     print(f"memprof: report {os.fspath(path)}", flush=True)
 
-
-def _test_only_kill_hook(rank: int, step: int) -> None:
-    """TEST ONLY (tests/test_launch_kill.py): SIGKILL this rank between forward and backward of a
-    chosen step, to check that a rank dying mid-run leaves readable files. Inert unless both
-    MEMPROF_TEST_KILL_RANK and MEMPROF_TEST_KILL_AT_STEP are set."""
-    if os.environ.get("MEMPROF_TEST_KILL_RANK") == str(rank) and os.environ.get("MEMPROF_TEST_KILL_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)

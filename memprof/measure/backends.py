@@ -1,0 +1,315 @@
+"""The two ways the profiler measures a phase, behind one interface.
+
+* :class:`CpuBackend`: the :class:`~memprof.measure.tracker.AllocationTracker` sees every storage
+  allocation and free, so the peak is exact at op granularity and its breakdown is a copy of a
+  running tally, relabelled from the ownership walk at phase boundaries.
+* :class:`CudaBackend`: the caching allocator's counters (peak reset per phase), the ownership walk
+  for model states, and no dispatch mode, which keeps the cost to a few reads per phase.
+
+:class:`~memprof.measure.profiler.MemoryProfiler` owns the steps, the records and the files and asks
+its backend only for what differs: starting, a phase's start and end (its PhaseRecord), the budget
+check and the breakdown at an out-of-memory error. See docs/profiler.md for the rules.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from memprof.categories import Breakdown, Phase
+from memprof.measure import cuda_counters
+from memprof.measure.oom import SimulatedOutOfMemoryError
+from memprof.measure.tracker import (
+    DEVICE_ACTIVATIONS,
+    DEVICE_OTHER,
+    MODEL_STATE_LABELS,
+    N_LABELS,
+    AllocationTracker,
+    Snapshot,
+    device_total,
+    label_of,
+    live_tensor_storages,
+    tally_to_breakdown,
+)
+
+OwnedMap = Mapping[tuple[str, int], Any]
+"""``(device string, untyped-storage data_ptr) -> Owned(category, location, nbytes)``."""
+OwnershipWalk = Callable[[], OwnedMap]
+Diagnostics = dict[str, Any]
+
+_ACTIVATION_PHASES = (Phase.FORWARD.value, Phase.BACKWARD.value)
+# A new storage of at least max(1 MiB, 1/64 of the tracked device bytes at the phase start) gets
+# an ownership walk before the phase ends; smaller ones are labelled at the phase end only. The
+# floor and fraction bound the walks per phase (cost) while catching engine buffers and gradients.
+_MIN_LARGE_BYTES = 2**20
+_LARGE_FRACTION = 64
+# how long a phase end gives up the GIL so gloo's worker threads can drop finished collectives'
+# buffers (see CpuBackend._let_comm_threads_release); 3 per step
+_COMM_RELEASE_WAIT_S = 0.005
+
+
+class OwnedTally(NamedTuple):
+    tally: list[int]  # label-indexed bytes of owned storages
+    labels: dict[tuple[str, int], int]  # storage key -> label
+    nbytes: dict[tuple[str, int], int]  # storage key -> bytes
+
+
+def tally_owned(owned: OwnedMap) -> OwnedTally:
+    tally = [0] * N_LABELS
+    labels: dict[tuple[str, int], int] = {}
+    nbytes: dict[tuple[str, int], int] = {}
+    for key, o in owned.items():
+        label = label_of(o.location, o.category)
+        labels[key] = label
+        nbytes[key] = int(o.nbytes)
+        tally[label] += int(o.nbytes)
+    return OwnedTally(tally, labels, nbytes)
+
+
+def _add_tallies(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b)]
+
+
+class Backend(Protocol):
+    """What differs between measuring on CPU and on CUDA."""
+
+    def start(self) -> None:
+        """``with profiler:`` entered: note (or start tracking) what is alive now."""
+
+    def stop(self) -> None:
+        """``with profiler:`` left."""
+
+    def begin_step(self) -> None:
+        """A step starts (before its first phase)."""
+
+    def begin_phase(self, phase: str) -> None:
+        """A phase starts: open its peak window."""
+
+    def abandon_phase(self) -> None:
+        """The phase raised; nothing of it is recorded."""
+
+    def end_phase(self, phase: str) -> dict[str, Any]:
+        """The phase ended: its PhaseRecord less ``host_rss_bytes`` (see memprof.runfile)."""
+
+    def over_budget(self, record: dict[str, Any]) -> SimulatedOutOfMemoryError | None:
+        """The error to raise after a phase whose record shows the budget was crossed, if any."""
+
+    def oom_state(self, exc: torch.OutOfMemoryError, phase: str | None) -> tuple[Breakdown, int, int | None] | None:
+        """(breakdown, total bytes, budget bytes) at an out-of-memory error, or None to record
+        nothing. May raise if the ownership walk fails under memory pressure."""
+
+
+class CpuBackend:
+    """Every CPU storage allocation and free, seen by the dispatch-mode tracker."""
+
+    def __init__(
+        self,
+        owner_walk: OwnershipWalk,
+        diagnostics: Diagnostics,
+        *,
+        memory_budget: int | None,
+        mid_phase_walks: bool,
+        multi_rank: bool,
+    ) -> None:
+        self._owner_walk = owner_walk
+        self._diagnostics = diagnostics
+        self._memory_budget = memory_budget
+        # Only a DeepSpeed engine owns buffers that live and die inside one phase (reduce buckets,
+        # gathered ZeRO-3 params); a plain model's grads and optimizer state outlive the phase and
+        # the phase-end walk labels them at the peak too, so no mid-phase walks there.
+        self._mid_phase_walks = mid_phase_walks
+        self._multi_rank = multi_rank
+        self.tracker: AllocationTracker | None = None
+
+    def start(self) -> None:
+        # dead reference cycles holding tensors would otherwise be seeded, then "freed"
+        # inside some phase whenever the collector happens to run
+        gc.collect()
+        tracker = AllocationTracker(budget_bytes=self._memory_budget)
+        labels = tally_owned(self._owner_walk()).labels
+        by_label: dict[int, list[torch.UntypedStorage]] = {}
+        for st in live_tensor_storages():
+            label = labels.get((str(st.device), st.data_ptr()), DEVICE_OTHER)
+            by_label.setdefault(label, []).append(st)
+        for label, storages in by_label.items():
+            tracker.seed(storages, label)
+        tracker.on_large_allocation = self._mid_phase_walk
+        tracker.__enter__()
+        self.tracker = tracker
+
+    def stop(self) -> None:
+        tracker = self._live_tracker()
+        tracker.__exit__(None, None, None)
+        self._diagnostics["negative_clamps"] += tracker.negative_clamps
+
+    def begin_step(self) -> None:
+        # activations are "of the current step": older unowned leftovers become other
+        self._live_tracker().relabel(
+            lambda key, rec: DEVICE_OTHER if rec.label == DEVICE_ACTIVATIONS else rec.label
+        )
+
+    def begin_phase(self, phase: str) -> None:
+        tracker = self._live_tracker()
+        tracker.new_label = DEVICE_ACTIVATIONS if phase in _ACTIVATION_PHASES else DEVICE_OTHER
+        # "large" = worth an ownership walk before the phase ends (see tracker.pending)
+        tracker.large_bytes = (
+            max(_MIN_LARGE_BYTES, tracker.device_total // _LARGE_FRACTION) if self._mid_phase_walks else None
+        )
+        tracker.reset_peak()
+
+    def abandon_phase(self) -> None:
+        tracker = self._live_tracker()
+        tracker.new_label = DEVICE_OTHER
+        tracker.large_bytes = None
+
+    def end_phase(self, phase: str) -> dict[str, Any]:
+        self._let_comm_threads_release()
+        tracker = self._live_tracker()
+        tracker.new_label = DEVICE_OTHER
+        tracker.large_bytes = None
+        peak = tracker.peak
+        extra = self._relabel_from_ownership([peak])
+        end_tally = _add_tallies(tracker.tally, extra)
+        peak_tally = _add_tallies(peak.tally, extra)
+        return {
+            "end": tally_to_breakdown(end_tally),
+            "peak": tally_to_breakdown(peak_tally),
+            "peak_total": device_total(peak_tally),
+            "end_total": device_total(end_tally),
+        }
+
+    def over_budget(self, record: dict[str, Any]) -> SimulatedOutOfMemoryError | None:
+        return None  # the tracker raises from inside the allocation that crosses the budget
+
+    def oom_state(self, exc: torch.OutOfMemoryError, phase: str | None) -> tuple[Breakdown, int, int | None] | None:
+        tracker = self.tracker
+        if not isinstance(exc, SimulatedOutOfMemoryError) or tracker is None or tracker.oom is None:
+            return None
+        snap = tracker.oom
+        tally = _add_tallies(snap.tally, self._relabel_from_ownership([snap]))
+        return tally_to_breakdown(tally), exc.total_bytes, exc.budget_bytes
+
+    # ---- internals ------------------------------------------------------------------------
+    def _live_tracker(self) -> AllocationTracker:
+        assert self.tracker is not None, "CpuBackend.start() was not called"
+        return self.tracker
+
+    def _let_comm_threads_release(self) -> None:
+        """A sync point in multi-rank runs. gloo completes a collective on its own worker thread,
+        which drops its references to the buffers (e.g. ZeRO's flat all-reduce copy, a reduce
+        bucket) only once it gets the GIL; until then a buffer DeepSpeed has already released is
+        still alive, at a random rank and step, and would be counted in this phase's end and the
+        next phase's peak. Giving up the GIL briefly lets those threads finish."""
+        if self._multi_rank:
+            time.sleep(_COMM_RELEASE_WAIT_S)
+
+    def _relabel_from_ownership(self, snapshots: list[Snapshot]) -> list[int]:
+        """Relabel the tracker's live storages from a fresh ownership walk, fixing ``snapshots``.
+        Returns the label tally of owned storages the tracker does not hold (counted as alive
+        throughout; should be empty)."""
+        tracker = self._live_tracker()
+        owned = tally_owned(self._owner_walk())
+
+        def label_for(key: tuple[str, int], rec: Any) -> int:
+            label = owned.labels.get(key)
+            if label is not None:
+                return label
+            if rec.label in MODEL_STATE_LABELS:
+                return DEVICE_OTHER  # no longer owned by the engine (e.g. a dropped buffer)
+            return rec.label
+
+        live_keys = tracker.relabel(label_for, snapshots)
+        extra = [0] * N_LABELS
+        missing = 0
+        for key, label in owned.labels.items():
+            if key not in live_keys:
+                # owned but never seen allocated (made outside dispatch before tracking could see
+                # it): counted from the walk's size, as if alive for the whole phase
+                extra[label] += owned.nbytes[key]
+                missing += owned.nbytes[key]
+        if missing > self._diagnostics["untracked_owned_bytes_max"]:
+            self._diagnostics["untracked_owned_bytes_max"] = missing
+        return extra
+
+    def _mid_phase_walk(self) -> None:
+        self._diagnostics["mid_phase_walks"] += 1
+        self._live_tracker().relabel_pending(tally_owned(self._owner_walk()).labels.get)
+
+
+class CudaBackend:
+    """The caching allocator's counters per phase; unowned bytes split into activations/other."""
+
+    def __init__(self, device: torch.device, owner_walk: OwnershipWalk, diagnostics: Diagnostics,
+                 *, memory_budget: int | None) -> None:
+        self._device = device
+        self._owner_walk = owner_walk
+        self._diagnostics = diagnostics
+        self._memory_budget = memory_budget
+        self._unowned_baseline = 0  # unowned allocated bytes at the step start
+        self._backward_activations = 0  # activations at the end of backward
+
+    def start(self) -> None:
+        owned = tally_owned(self._owner_walk())
+        self._unowned_baseline = max(0, torch.cuda.memory_allocated(self._device) - device_total(owned.tally))
+
+    def stop(self) -> None:
+        pass
+
+    def begin_step(self) -> None:
+        pass  # the baseline of unowned bytes is taken at the end of the previous step
+
+    def begin_phase(self, phase: str) -> None:
+        cuda_counters.start_phase(self._device)
+
+    def abandon_phase(self) -> None:
+        pass
+
+    def end_phase(self, phase: str) -> dict[str, Any]:
+        counters = cuda_counters.read(self._device)
+        owned = tally_owned(self._owner_walk())
+        end = self._breakdown(owned.tally, counters["allocated_bytes"], phase)
+        peak = self._breakdown(owned.tally, counters["peak_allocated_bytes"], phase)
+        if phase == Phase.BACKWARD.value:
+            self._backward_activations = end["device"]["activations"]
+        if phase == Phase.STEP.value:
+            # the next step starts from what is left unowned now
+            self._unowned_baseline = max(0, counters["allocated_bytes"] - device_total(owned.tally))
+        return {
+            "end": end,
+            "peak": peak,
+            "peak_total": counters["peak_allocated_bytes"],
+            "end_total": counters["allocated_bytes"],
+            "cuda": counters,
+        }
+
+    def over_budget(self, record: dict[str, Any]) -> SimulatedOutOfMemoryError | None:
+        # The budget is checked against the allocator's peak at the phase end: the phase did
+        # reach that many bytes, so a GPU of this capacity would have failed in it.
+        if self._memory_budget is not None and record["peak_total"] > self._memory_budget:
+            return SimulatedOutOfMemoryError(None, record["peak_total"], self._memory_budget)
+        return None
+
+    def oom_state(self, exc: torch.OutOfMemoryError, phase: str | None) -> tuple[Breakdown, int, int | None] | None:
+        allocated = torch.cuda.memory_allocated(self._device)
+        owned = tally_owned(self._owner_walk())
+        breakdown = self._breakdown(owned.tally, allocated, phase or Phase.STEP.value)
+        return breakdown, allocated, self._memory_budget or cuda_counters.device_capacity(self._device)
+
+    def _breakdown(self, owned_tally: list[int], allocated: int, phase: str) -> Breakdown:
+        """Owned states by category; the allocated bytes nobody owns split into activations (what
+        grew since the step start) and other (what was there before). See docs/profiler.md."""
+        tally = list(owned_tally)
+        unowned = allocated - device_total(owned_tally)
+        if unowned < 0:
+            self._diagnostics["negative_clamps"] += 1
+            unowned = 0
+        activations = max(0, unowned - self._unowned_baseline)
+        if phase == Phase.STEP.value:
+            activations = min(activations, self._backward_activations)
+        tally[DEVICE_ACTIVATIONS] += activations
+        tally[DEVICE_OTHER] += unowned - activations
+        return tally_to_breakdown(tally)
