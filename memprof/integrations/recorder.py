@@ -140,17 +140,31 @@ class MicroStepRecorder:
 
         self._patches.append(_Patch(module, "forward", forward))
 
-    def wrap_phase(self, owner: Any, name: str, phase: str, when: Callable[[], bool] | None = None) -> None:
+    def wrap_phase(
+        self,
+        owner: Any,
+        name: str,
+        phase: str,
+        when: Callable[[], bool] | None = None,
+        before: Callable[[], None] | None = None,
+        after: Callable[[], None] | None = None,
+    ) -> None:
         """Measure every call of ``owner.<name>`` (e.g. ``engine.backward``) as ``phase``; with
-        ``when``, only calls for which it returns True."""
+        ``when``, only calls for which it returns True. ``before`` / ``after`` run just outside
+        the measured phase (e.g. noting the accumulation boundary, ending the micro-step)."""
         original = getattr(owner, name)
 
         @functools.wraps(original)
         def call(*args: Any, **kwargs: Any) -> Any:
             if self.stopped or self.finished or self._step is None or (when is not None and not when()):
                 return original(*args, **kwargs)
+            if before is not None:
+                before()
             with self._phase_guard(phase):
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
+            if after is not None:
+                after()
+            return out
 
         self._patches.append(_Patch(owner, name, call))
 
