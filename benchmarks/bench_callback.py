@@ -112,17 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     fixed_steps = fixed - (cb - base) * (args.steps - 1)
     command = "python benchmarks/bench_callback.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     lines = [
-        f"HF Trainer, GPT-2 4x256 (vocab 50257), micro-batch {args.micro_batch} x {args.seq_len}, "
-        f"gradient accumulation {args.gas}, torch AdamW, CPU, {torch.get_num_threads()} threads, "
-        f"{args.rounds} rounds x {args.steps - 1} timed optimizer steps",
+        (f"HF Trainer, GPT-2 4x256 (vocab 50257), micro-batch {args.micro_batch} x {args.seq_len}, "
+         f"gradient accumulation {args.gas}, torch AdamW, CPU, {torch.get_num_threads()} threads, "
+         f"{args.rounds} rounds x {args.steps - 1} timed optimizer steps"),
         "",
         "| mode | median optimizer step | ratio |",
         "|---|---|---|",
         f"| baseline (no callback) | {base * 1000:.1f} ms | 1.000x |",
         f"| MemprofCallback | {cb * 1000:.1f} ms | {ratio:.3f}x |",
         "",
-        f"Fixed cost per run outside the steps (start, gather, memprof.json, estimate, report.html): "
-        f"{fixed_steps:.2f} s",
+        (f"Fixed cost per run outside the steps (start, gather, memprof.json, estimate, report.html): "
+         f"{fixed_steps:.2f} s"),
         "",
         f"Command: `{command.strip()}`",
     ]

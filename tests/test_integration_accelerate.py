@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from launch_helpers import DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
-from memprof.categories import PHASES
 from test_integration_trainer import PEAK_TOLERANCE, _all_values
 from test_ownership_deepspeed import gpt2_param_numels, zero12_padded
+
+from memprof.categories import PHASES
 
 N = 2
 FP32 = 4
@@ -34,7 +34,7 @@ SAMPLES, MICRO_BATCH, GAS, SEQ = 16, 2, 2, 32
 
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()
-    m = re.search(r"<!-- accelerate-example -->\s*```python\n(.*?)```", text, re.S)
+    m = re.search(r"<!-- accelerate-example -->\s*```python\n(.*?)```", text, re.DOTALL)
     assert m, "README.md lost its accelerate example block"
     return m.group(1)
 
@@ -105,7 +105,7 @@ def test_resident_states_match_the_partition_rules(run_dir: Path) -> None:
 
 
 def test_recorded_estimate_matches_the_measurement(run_dir: Path) -> None:
-    proc = subprocess.run([str(MEMPROF), "compare", str(run_dir), "--json"], capture_output=True, text=True, env=_env())
+    proc = subprocess.run(check=False, args=[str(MEMPROF), "compare", str(run_dir), "--json"], capture_output=True, text=True, env=_env())
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
     resident = [r for r in rows if r["what"] == "rest" and r["tolerance"] is not None]
@@ -115,6 +115,6 @@ def test_recorded_estimate_matches_the_measurement(run_dir: Path) -> None:
 
 
 def test_report_builds(run_dir: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([str(MEMPROF), "report", str(run_dir), "-o", str(tmp_path / "r.html")],
+    proc = subprocess.run(check=False, args=[str(MEMPROF), "report", str(run_dir), "-o", str(tmp_path / "r.html")],
                           capture_output=True, text=True, env=_env())
     assert proc.returncode == 0, proc.stderr

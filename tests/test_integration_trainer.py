@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from launch_helpers import DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
+from test_ownership_deepspeed import gpt2_param_numels, zero3_partition, zero12_padded
+
 from memprof.categories import PHASES
 from memprof.models import PRESETS
-from test_ownership_deepspeed import gpt2_param_numels, zero3_partition, zero12_padded
 
 HARNESS = REPO / "tests" / "hf_harness" / "trainer_run.py"
 CONFIGS = REPO / "tests" / "hf_harness"
 MEMPROF = Path(sys.executable).parent / "memprof"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 N = 2
 FP32 = 4
 MICRO_BATCH, GAS, STEPS, SEQ = 2, 2, 3, 32
@@ -51,10 +52,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def launch_trainer(out: Path, config: str | None, *extra: str, timeout: int = 480) -> subprocess.CompletedProcess:
+def launch_trainer(out: Path, config: str | None, *extra: str, timeout: int = 480, ddp: bool = False) -> subprocess.CompletedProcess:
     args = ["--out", str(out), "--steps", str(STEPS), "--micro-batch", str(MICRO_BATCH), "--gas", str(GAS),
             "--seq-len", str(SEQ), *extra]
-    if config is None:
+    if ddp:  # torchrun, no DeepSpeed: the Trainer wraps the model in DDP (gloo on CPU)
+        cmd = [str(TORCHRUN), "--nproc_per_node", str(N), "--master_port", str(free_port()), str(HARNESS), *args]
+    elif config is None:
         cmd = [sys.executable, str(HARNESS), *args]
     else:
         cmd = [str(DEEPSPEED), "--num_gpus", str(N), "--master_port", str(free_port()), str(HARNESS),
@@ -63,7 +66,7 @@ def launch_trainer(out: Path, config: str | None, *extra: str, timeout: int = 48
 
 
 def _memprof(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(MEMPROF), *args], capture_output=True, text=True, env=_env(), timeout=300)
+    return subprocess.run(check=False, args=[str(MEMPROF), *args], capture_output=True, text=True, env=_env(), timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,14 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("trainer") / "ddp"
+    proc = launch_trainer(out, None, ddp=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
 def _doc(out: Path) -> dict[str, Any]:
     return json.loads((out / "memprof.json").read_text())
 
@@ -107,7 +118,7 @@ def _all_values(obj: Any) -> list[Any]:
 
 
 # ---- structure: micro-steps, phases, run metadata ------------------------------------------------
-@pytest.mark.parametrize("which", ["z2", "z3", "plain"])
+@pytest.mark.parametrize("which", ["z2", "z3", "plain", "ddp"])
 def test_every_micro_step_is_recorded_with_its_place_in_the_accumulation(which: str, request: pytest.FixtureRequest) -> None:
     out = request.getfixturevalue(which)
     doc = _doc(out)
@@ -186,19 +197,25 @@ def test_zero3_resident_states_match_the_partition_rules(z3: Path) -> None:
         assert rest["comm_buffers"] == FP32 * AUTO_REDUCE_BUCKET
 
 
-def test_plain_trainer_resident_states(plain: Path) -> None:
-    (rank,) = _doc(plain)["ranks"]
-    rest = _rest(rank["steps"][-1])
-    # torch AdamW (the Trainer's own, no DeepSpeed): exp_avg and exp_avg_sq per parameter and a
-    # 4-byte float32 `step` tensor per parameter tensor; model.zero_grad() sets .grad to None
-    assert rest["params"] == FP32 * P
-    assert rest["optimizer_state"] == 2 * FP32 * P + 4 * len(NUMELS)
-    assert rest["grads"] == 0 and rest["master_params"] == 0 and rest["comm_buffers"] == 0
-    # accumulation keeps every .grad alive between the two micro-steps (tied wte/lm_head: once)
-    mid = rank["steps"][-2]["phases"]["backward"]["end"]["device"]
-    assert mid["grads"] == FP32 * P
-    assert rank["steps"][-1]["phases"]["forward"]["end"]["device"]["grads"] == FP32 * P
-    assert _doc(plain)["run"]["torch_adam"] is True and _doc(plain)["run"]["deepspeed_config"] is None
+@pytest.mark.parametrize("which", ["plain", "ddp"])
+def test_trainer_without_deepspeed_resident_states(which: str, request: pytest.FixtureRequest) -> None:
+    doc = _doc(request.getfixturevalue(which))
+    assert len(doc["ranks"]) == (1 if which == "plain" else N)
+    for rank in doc["ranks"]:
+        rest = _rest(rank["steps"][-1])
+        # torch AdamW (the Trainer's own, no DeepSpeed): exp_avg and exp_avg_sq per parameter and a
+        # 4-byte float32 `step` tensor per parameter tensor; model.zero_grad() sets .grad to None
+        assert rest["params"] == FP32 * P
+        assert rest["optimizer_state"] == 2 * FP32 * P + 4 * len(NUMELS)
+        assert rest["grads"] == 0 and rest["master_params"] == 0 and rest["comm_buffers"] == 0
+        # accumulation keeps every .grad alive between the two micro-steps (tied wte/lm_head: once)
+        mid = rank["steps"][-2]["phases"]["backward"]["end"]["device"]
+        assert mid["grads"] == FP32 * P
+        assert rank["steps"][-1]["phases"]["forward"]["end"]["device"]["grads"] == FP32 * P
+    run = doc["run"]
+    assert run["torch_adam"] is True and run["deepspeed_config"] is None and run["zero_stage"] == 0
+    assert run["world_size"] == len(doc["ranks"])
+    assert run["trainer"]["wrapped_model_class"] == ("GPT2LMHeadModel" if which == "plain" else "DistributedDataParallel")
 
 
 # ---- estimate, compare, report -------------------------------------------------------------------

@@ -52,7 +52,7 @@ class _StepFieldsProfiler(MemoryProfiler):
 
     step_fields: StepFields
 
-    def _write(self, record: dict[str, Any]) -> None:  # noqa: D401 - see class docstring
+    def _write(self, record: dict[str, Any]) -> None:
         if record.get("type") == "step":
             fields = getattr(self, "step_fields", None) or {}
             record = {"type": "step", "step": record["step"], **fields,

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from memprof.estimate.inputs import optimizer_name_from_block
 from memprof.errors import MemprofError
+from memprof.estimate.inputs import optimizer_name_from_block
 from memprof.train.run_meta import count_nodes, cuda_device_facts, package_versions
 
 
@@ -55,7 +55,7 @@ def optimizer_facts(optimizer: Any, ds_config: dict[str, Any]) -> dict[str, Any]
         return {"optimizer": None, "torch_adam": False}
     cls = type(inner).__name__
     defaults = getattr(inner, "defaults", {}) or {}
-    if isinstance(inner, torch.optim.Adam) or isinstance(inner, torch.optim.AdamW):
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
         if defaults.get("amsgrad"):
             name = "amsgrad"
         else:
