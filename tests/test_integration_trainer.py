@@ -274,3 +274,20 @@ def test_rank_killed_mid_run_leaves_readable_rank_files(tmp_path: Path) -> None:
     assert len([r for r in r0 if r["type"] == "step"]) >= 3
     report = _memprof("report", str(out), "-o", str(tmp_path / "r.html"))
     assert report.returncode == 0, report.stderr
+
+
+def test_callback_report_opens_in_a_browser_with_every_chart_drawn(z2: Path) -> None:
+    # the browser checks of tests/test_report_browser.py (one Chromium, no console error, no network
+    # request, every chart drawn) on the report.html the callback wrote; then the summary says what ran
+    from browser_setup import chromium_path
+    from test_report_browser import open_clean
+
+    from memprof.report.headless import Chromium
+
+    path = chromium_path()
+    assert path is not None, "chromium is missing: `python tests/browser_setup.py --install` (make install) installs it"
+    with Chromium(path, timeout_s=120) as browser:
+        open_clean(browser, z2 / "report.html")
+        summary = browser.evaluate("Object.fromEntries(Array.from(document.querySelectorAll('table.summary td'))"
+                                   ".map(td => [td.dataset.field, td.textContent]))")
+    assert summary["Parameters"] == f"{P:,}" and summary["ZeRO stage"] == "2" and summary["World size"] == str(N)
