@@ -88,6 +88,8 @@ def test_micro_steps_and_run_metadata(run_dir: Path) -> None:
     assert "auto" not in _all_values(run["deepspeed_config"])
     assert run["deepspeed_config"]["train_micro_batch_size_per_gpu"] == MICRO_BATCH
     assert run["accelerate"]["gradient_accumulation_steps"] == GAS
+    assert run["accelerate"]["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert run["accelerate"]["prepared_model_class"] == "DeepSpeedEngine"
     assert (run_dir / "report.html").stat().st_size > 10_000
 
 
