@@ -105,6 +105,7 @@ class MicroStepRecorder:
         self._describe = describe
         self._memory_budget = memory_budget
         self.profiler: _StepFieldsProfiler | None = None
+        self._tracking = False  # inside `with profiler:` (entered by hand)
         self._patches: list[_Patch] = []
         self._step: StepContext | None = None
         self._open_phase: Any = None  # a phase context entered by hand (open_phase)
@@ -233,7 +234,8 @@ class MicroStepRecorder:
         profiler = self.profiler
         if profiler is None:  # no training forward ever ran on this rank
             profiler = self._start(None)
-        if profiler._active:
+        if self._tracking:
+            self._tracking = False
             profiler.__exit__(None, None, None)
         estimate = estimate_for_run(profiler.run, profiler.rank)
         run_doc = profiler.finish(estimate=estimate)
@@ -258,6 +260,7 @@ class MicroStepRecorder:
         )
         profiler.step_fields = {}
         profiler.__enter__()
+        self._tracking = True
         self.profiler = profiler
         return profiler
 
@@ -295,7 +298,8 @@ class MicroStepRecorder:
         try:
             if step is not None:
                 step.__exit__(type(exc), exc, exc.__traceback__)  # writes the oom record when it is one
-            if self.profiler is not None and self.profiler._active:
+            if self.profiler is not None and self._tracking:
+                self._tracking = False
                 self.profiler.__exit__(type(exc), exc, exc.__traceback__)
         finally:
             self.detach()
