@@ -27,6 +27,7 @@ and every finished micro-step is already on disk in ``rank<R>.jsonl``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -169,6 +170,23 @@ class MicroStepRecorder:
 
         self._patches.append(_Patch(owner, name, call))
 
+    def guard(self, owner: Any, name: str) -> None:
+        """Make an exception inside ``owner.<name>`` end the recording as one inside a wrapped phase
+        does (for calls made inside a phase opened by hand, e.g. the Trainer's ``optimizer.step``)."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except BaseException as exc:
+                if not (self.stopped or self.finished):
+                    self._fail_open_phase(exc)
+                    self._stop(exc)
+                raise
+
+        self._patches.append(_Patch(owner, name, call))
+
     def detach(self) -> None:
         for patch in reversed(self._patches):
             patch.restore()
@@ -288,6 +306,15 @@ class MicroStepRecorder:
             self._stop(exc)
             raise
         self._phases_done.add(phase)
+
+    def _fail_open_phase(self, exc: BaseException) -> None:
+        if self._open_phase is None:
+            return
+        _, cm = self._open_phase
+        self._open_phase = None
+        # writes the oom record when it is one; the generator re-raises exc, already on its way up
+        with contextlib.suppress(BaseException):
+            cm.__exit__(type(exc), exc, exc.__traceback__)
 
     def _stop(self, exc: BaseException) -> None:
         """An exception ended training mid-phase: keep what is on disk, stop tracking."""

@@ -109,6 +109,7 @@ class MemprofCallback(TrainerCallback):
             recorder.wrap_phase(engine, "step", "step")
         else:
             recorder.wrap_phase(trainer.accelerator, "backward", "backward")
+            recorder.guard(trainer.optimizer, "step")  # inside the step phase opened by hand
         self.recorder = recorder
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
