@@ -66,7 +66,7 @@ def test_the_example_says_what_this_test_assumes() -> None:
     for key, value in EXAMPLE_MODEL.items():
         assert f"{key}={value}" in code
     assert f"(0, 512, ({SEQ},)) for _ in range({SAMPLES})" in code and f"batch_size={MICRO_BATCH}" in code
-    assert f"zero_stage=2, gradient_accumulation_steps={GAS}" in code
+    assert f"Accelerator(gradient_accumulation_steps={GAS}, deepspeed_plugin=DeepSpeedPlugin(zero_stage=2))" in code
 
 
 def test_micro_steps_and_run_metadata(run_dir: Path) -> None:
