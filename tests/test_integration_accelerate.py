@@ -90,6 +90,9 @@ def test_micro_steps_and_run_metadata(run_dir: Path) -> None:
     assert run["accelerate"]["gradient_accumulation_steps"] == GAS
     assert run["accelerate"]["distributed_type"] == "DistributedType.DEEPSPEED"
     assert run["accelerate"]["prepared_model_class"] == "DeepSpeedEngine"
+    # accelerate sets steps_per_print to float("inf"): strict JSON has no Infinity (browsers parse the run)
+    assert run["deepspeed_config"]["steps_per_print"] == "inf"
+    assert "Infinity" not in (run_dir / "memprof.json").read_text()
     assert (run_dir / "report.html").stat().st_size > 10_000
 
 

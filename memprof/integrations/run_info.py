@@ -13,7 +13,7 @@ read both alike.
 from __future__ import annotations
 
 import copy
-import json
+import math
 import os
 from typing import Any
 
@@ -31,8 +31,22 @@ def resolved_deepspeed_config(engine: Any) -> dict[str, Any]:
     raw = getattr(getattr(engine, "_config", None), "_param_dict", None)
     if not isinstance(raw, dict):
         return {}
-    # JSON round trip: the run files are strict JSON; anything else (rare) becomes its repr
-    return json.loads(json.dumps(copy.deepcopy(raw), default=repr))
+    return strict_json(copy.deepcopy(raw))
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` as strict JSON values: run files are read by browsers too, whose JSON has no
+    Infinity or NaN (accelerate sets ``steps_per_print`` to ``float("inf")``, utils/dataclasses.py
+    DeepSpeedPlugin); those become the strings "inf" / "nan", anything not JSON its repr."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
 
 
 def optimizer_facts(optimizer: Any, ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +105,7 @@ def model_config_dict(model: torch.nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None
-    out = json.loads(json.dumps(config.to_dict(), default=repr))
+    out = strict_json(config.to_dict())
     attn = getattr(config, "_attn_implementation", None)
     if isinstance(attn, str):
         out["_attn_implementation"] = attn
