@@ -1,0 +1,404 @@
+"""Drive a :class:`~memprof.measure.MemoryProfiler` from a loop memprof does not own.
+
+One profiler *step* per micro-step (one forward + backward, and the optimizer step on the
+accumulation boundary), as in memprof's own launcher (memprof/train/loop.py). Each step record
+also says where it sits in the accumulation cycle::
+
+    {"type": "step", "step": <micro-step index from 0>, "optimizer_step": <optimizer step from 0>,
+     "micro_step": <index inside the accumulation, from 0>, "boundary": <the optimizer stepped>,
+     "loss": ..., "phases": {...}}
+
+Phases are measured around calls the framework makes, found by patching *instance* attributes
+(never classes), restored by :meth:`MicroStepRecorder.detach`:
+
+* ``forward``: the training module's ``forward`` (the DeepSpeed engine, the DDP wrapper or the
+  model itself), only while it is in training mode with grad enabled, so evaluation and
+  generation are not counted;
+* ``backward``: ``engine.backward`` under DeepSpeed; otherwise whatever the front end wraps
+  (accelerate's ``Accelerator.backward``);
+* ``step``: ``engine.step`` under DeepSpeed; otherwise the front end opens and closes it.
+
+A training forward that finds the previous micro-step still open (it had its forward) closes it
+first, so a loop that never tells the recorder where a micro-step ends is still recorded.
+An exception inside a measured phase (out of memory, KeyboardInterrupt, a crash) ends the
+recording there: the profiler writes its ``oom`` record when it is one, allocation tracking stops,
+and every finished micro-step is already on disk in ``rank<R>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memprof.errors import MemprofError
+from memprof.measure import MemoryProfiler
+from memprof.measure.profiler import StepContext
+
+StepFields = dict[str, Any]
+
+
+class _StepFieldsProfiler(MemoryProfiler):
+    """A MemoryProfiler whose ``step`` records also carry the micro-step fields above.
+
+    TODO(profiler): drop this once MemoryProfiler's own step records carry micro-step fields; it
+    hooks the one place every record passes through."""
+
+    step_fields: StepFields
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if record.get("type") == "step":
+            fields = getattr(self, "step_fields", None) or {}
+            record = {"type": "step", "step": record["step"], **fields,
+                      **{k: v for k, v in record.items() if k not in ("type", "step")}}
+        super()._write(record)
+
+
+class _Patch:
+    """One instance attribute replaced, restorable (the previous instance attribute, if any, comes back)."""
+
+    def __init__(self, owner: Any, name: str, replacement: Callable[..., Any]) -> None:
+        self.owner, self.name = owner, name
+        self.had_own = name in vars(owner)
+        self.previous = vars(owner).get(name)
+        setattr(owner, name, replacement)
+
+    def restore(self) -> None:
+        if self.had_own:
+            setattr(self.owner, self.name, self.previous)
+        else:
+            try:
+                delattr(self.owner, self.name)
+            except AttributeError:
+                pass
+
+
+class MicroStepRecorder:
+    """Per rank: one MemoryProfiler, started lazily at the first training forward (when the batch
+    shape is known, so the rank file header carries the sequence length).
+
+    ``describe(batch_shape) -> run dict`` builds the run metadata (memprof.integrations.run_info).
+    ``engine``: the DeepSpeed engine or None; ``model``/``optimizer``: the plain-torch objects the
+    ownership walk names states from when there is no engine.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        engine: Any,
+        model: torch.nn.Module,
+        optimizer: Any,
+        describe: Callable[[tuple[int, ...] | None], dict[str, Any]],
+        memory_budget: int | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.engine = engine
+        self.model = model
+        self.optimizer = optimizer
+        self._describe = describe
+        self._memory_budget = memory_budget
+        self.profiler: _StepFieldsProfiler | None = None
+        self._tracking = False  # inside `with profiler:` (entered by hand)
+        self._patches: list[_Patch] = []
+        self._step: StepContext | None = None
+        self._open_phase: Any = None  # a phase context entered by hand (open_phase)
+        self._phases_done: set[str] = set()
+        self._in_forward = 0
+        self._micro_index = 0  # next profiler step number
+        self.optimizer_step = 0  # the optimizer step being accumulated
+        self.micro_step = 0  # micro-steps seen in this optimizer step
+        self._boundary: bool | None = None
+        self.stopped = False  # an exception ended the recording
+        self.finished = False
+
+    # ---- attaching ---------------------------------------------------------------------------
+    def wrap_forward(self, module: torch.nn.Module) -> None:
+        """Measure ``module``'s training forwards as the ``forward`` phase."""
+        original = module.forward
+
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.stopped or self.finished or self._in_forward or not module.training or not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            self._in_forward += 1
+            try:
+                self._before_forward(args, kwargs)
+                with self._phase_guard("forward"):
+                    out = original(*args, **kwargs)
+                loss = _loss_of(out)
+                if loss is not None and self._step is not None:
+                    self._step.loss = loss.detach()
+                return out
+            finally:
+                self._in_forward -= 1
+
+        self._patches.append(_Patch(module, "forward", forward))
+
+    def wrap_phase(
+        self,
+        owner: Any,
+        name: str,
+        phase: str,
+        when: Callable[[], bool] | None = None,
+        before: Callable[[], None] | None = None,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """Measure every call of ``owner.<name>`` (e.g. ``engine.backward``) as ``phase``; with
+        ``when``, only calls for which it returns True. ``before`` / ``after`` run just outside
+        the measured phase (e.g. noting the accumulation boundary, ending the micro-step)."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.stopped or self.finished or self._step is None or (when is not None and not when()):
+                return original(*args, **kwargs)
+            if before is not None:
+                before()
+            with self._phase_guard(phase):
+                out = original(*args, **kwargs)
+            if after is not None:
+                after()
+            return out
+
+        self._patches.append(_Patch(owner, name, call))
+
+    def guard(self, owner: Any, name: str) -> None:
+        """Make an exception inside ``owner.<name>`` end the recording as one inside a wrapped phase
+        does (for calls made inside a phase opened by hand, e.g. the Trainer's ``optimizer.step``)."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except BaseException as exc:
+                if not (self.stopped or self.finished):
+                    self._fail_open_phase(exc)
+                    self._stop(exc)
+                raise
+
+        self._patches.append(_Patch(owner, name, call))
+
+    def detach(self) -> None:
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._patches.clear()
+
+    # ---- micro-steps, driven by the front ends ------------------------------------------------
+    def begin_optimizer_step(self, index: int) -> None:
+        """The framework starts accumulating optimizer step ``index`` (0-based)."""
+        self.optimizer_step = int(index)
+        self.micro_step = 0
+
+    def set_boundary(self, boundary: bool) -> None:
+        """Whether the current micro-step ends the accumulation (the optimizer steps in it)."""
+        self._boundary = bool(boundary)
+
+    def open_phase(self, phase: str) -> None:
+        """Open ``phase`` by hand (closed by :meth:`close_phase`): for phases that start and end in
+        two different callbacks, e.g. the Trainer's optimizer step without DeepSpeed."""
+        if self.stopped or self.finished or self._step is None or self._open_phase is not None:
+            return
+        cm = self._step.phase(phase)
+        cm.__enter__()
+        self._open_phase = (phase, cm)
+
+    def close_phase(self) -> None:
+        if self._open_phase is None:
+            return
+        phase, cm = self._open_phase
+        self._open_phase = None
+        cm.__exit__(None, None, None)
+        self._phases_done.add(phase)
+
+    def end_micro_step(self) -> None:
+        """The current micro-step is over: its record is written (and flushed) now."""
+        self.close_phase()
+        step = self._step
+        if step is None:
+            return
+        self._step = None
+        assert self.profiler is not None
+        boundary = self._boundary if self._boundary is not None else ("step" in self._phases_done)
+        self.profiler.step_fields = {"optimizer_step": self.optimizer_step, "micro_step": self.micro_step, "boundary": boundary}
+        step.__exit__(None, None, None)
+        self._micro_index += 1
+        if boundary:
+            self.optimizer_step += 1
+            self.micro_step = 0
+        else:
+            self.micro_step += 1
+        self._boundary = None
+        self._phases_done = set()
+
+    # ---- the end --------------------------------------------------------------------------------
+    def finish(self, *, write_report: bool = True, print_table: bool = True) -> dict[str, Any] | None:
+        """End the last micro-step, stop tracking, gather every rank into ``memprof.json`` with the
+        estimate for the recorded setup (rank 0), write ``report.html`` beside it. A collective:
+        every rank calls it. Returns the run document on rank 0, None elsewhere."""
+        if self.finished:
+            return None
+        self.end_micro_step()
+        self.detach()
+        self.finished = True
+        profiler = self.profiler
+        if profiler is None:  # no training forward ever ran on this rank
+            profiler = self._start(None)
+        if self._tracking:
+            self._tracking = False
+            profiler.__exit__(None, None, None)
+        estimate = estimate_for_run(profiler.run, profiler.rank)
+        run_doc = profiler.finish(estimate=estimate)
+        if run_doc is not None:
+            if print_table:
+                profiler.print_table(run_doc, console=_console())
+            if write_report:
+                write_report_beside(run_doc, self.out_dir / "report.html")
+            print(f"memprof: run files in {self.out_dir.resolve()} (memprof.json, rank<R>.jsonl)", flush=True)
+        return run_doc
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _start(self, batch_shape: tuple[int, ...] | None) -> _StepFieldsProfiler:
+        run = self._describe(batch_shape)
+        profiler = _StepFieldsProfiler(
+            engine=self.engine,
+            model=None if self.engine is not None else self.model,
+            optimizer=None if self.engine is not None else _plain_optimizer(self.optimizer),
+            out_dir=self.out_dir,
+            run=run,
+            memory_budget=self._memory_budget,
+        )
+        profiler.step_fields = {}
+        profiler.__enter__()
+        self._tracking = True
+        self.profiler = profiler
+        return profiler
+
+    def _before_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.profiler is None:
+            self._start(_batch_shape(args, kwargs))
+        if self._step is not None and "forward" in self._phases_done:
+            self.end_micro_step()  # the loop moved on to the next micro-batch without telling us
+        if self._step is None:
+            assert self.profiler is not None
+            self._step = self.profiler.step(self._micro_index)
+            self._step.__enter__()
+
+    @contextmanager
+    def _phase_guard(self, phase: str) -> Iterator[None]:
+        """``with step.phase(phase)``; an exception inside stops the recording (see module doc)."""
+        step = self._step
+        if step is None:
+            yield
+            return
+        try:
+            with step.phase(phase):
+                yield
+        except BaseException as exc:
+            self._stop(exc)
+            raise
+        self._phases_done.add(phase)
+
+    def _fail_open_phase(self, exc: BaseException) -> None:
+        if self._open_phase is None:
+            return
+        _, cm = self._open_phase
+        self._open_phase = None
+        # writes the oom record when it is one; the generator re-raises exc, already on its way up
+        with contextlib.suppress(BaseException):
+            cm.__exit__(type(exc), exc, exc.__traceback__)
+
+    def _stop(self, exc: BaseException) -> None:
+        """An exception ended training mid-phase: keep what is on disk, stop tracking."""
+        if self.stopped:
+            return
+        self.stopped = True
+        step, self._step = self._step, None
+        try:
+            if step is not None:
+                step.__exit__(type(exc), exc, exc.__traceback__)  # writes the oom record when it is one
+            if self.profiler is not None and self._tracking:
+                self._tracking = False
+                self.profiler.__exit__(type(exc), exc, exc.__traceback__)
+        finally:
+            self.detach()
+
+
+def _plain_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer under accelerate's AcceleratedOptimizer (its state is what the ownership walk names)."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if not isinstance(ids, torch.Tensor):
+        ids = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    return tuple(int(d) for d in ids.shape) if isinstance(ids, torch.Tensor) else None
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, torch.Tensor) and out.numel() == 1:
+        loss = out
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def estimate_for_run(run: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """The estimator's prediction for the recorded setup (memprof.estimate.inputs_from_run, as the
+    launcher does in memprof/train/loop.py), or None with a one-line warning on rank 0: a missing
+    estimate must not cost the measurement. A torch.optim Adam the framework built itself keeps a
+    step tensor per parameter, which the DeepSpeed config cannot say (``torch_adam``)."""
+    try:
+        from memprof.estimate import estimate, inputs_from_run
+
+        inputs = inputs_from_run(run)
+        if run.get("torch_adam") and not inputs.torch_adam:
+            inputs = inputs.with_(torch_adam=True)
+        return estimate(inputs).to_json()
+    except Exception as e:  # noqa: BLE001 - any estimator failure degrades to "estimate": null
+        if rank == 0:
+            print(f"memprof: warning: no estimate recorded ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return None
+
+
+def write_report_beside(run_doc: dict[str, Any], path: Path) -> None:
+    try:
+        from memprof.report import write_report
+
+        write_report([run_doc], path)
+    except (ImportError, MemprofError) as e:
+        print(f"memprof: report.html skipped: {e}", file=sys.stderr, flush=True)
+        return
+    print(f"memprof: report {path}", flush=True)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=180)
+
+
+def release_cpu_shm_segment() -> None:
+    """On a CPU DeepSpeed launch, unlink this rank's /dev/shm segment once every rank mapped its
+    peers' (memprof.train.deepspeed_shm: otherwise every launch leaks ~67 MB per rank). A barrier:
+    every rank must call it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from memprof.train.deepspeed_shm import release_after_peers_mapped
+
+    release_after_peers_mapped(dist.get_rank(), dist.get_world_size())
