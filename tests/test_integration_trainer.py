@@ -282,7 +282,7 @@ def test_callback_report_opens_in_a_browser_with_every_chart_drawn(z2: Path) -> 
     from browser_setup import chromium_path
     from test_report_browser import open_clean
 
-    from memprof.report.headless import Chromium
+    from headless import Chromium
 
     path = chromium_path()
     assert path is not None, "chromium is missing: `python tests/browser_setup.py --install` (make install) installs it"
