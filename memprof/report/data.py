@@ -430,6 +430,8 @@ def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_
             "device_total_bytes": estimate.get("device_total_bytes"),
             "peak_device_bytes": estimate.get("peak_device_bytes"),
             "fits": estimate.get("fits"),
+            # why fits is unknown (no activation model for this model): said instead of a verdict
+            "activations_not_estimated": estimate.get("activations_not_estimated"),
             "assumptions": [str(a) for a in estimate.get("assumptions") or []],
             "inputs": estimate.get("inputs"),
         },
