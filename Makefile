@@ -29,6 +29,7 @@ demo: install
 		--deepspeed_config configs/demo.json --model gpt2-tiny --steps 3 --out reports/demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 bench: install
