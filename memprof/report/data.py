@@ -3,11 +3,15 @@
 Everything the page displays is computed here, so tests check numbers without parsing HTML, and
 :mod:`memprof.report.render` only turns this data into charts and tables.
 
-Conventions (the same as ``memprof compare``, see :mod:`memprof.compare`):
+Measured beside estimated is :mod:`memprof.compare`'s, not a copy of it: every at-rest cell and
+every phase-peak total takes its measured, estimated, error and check from
+:func:`memprof.compare.comparison_of`'s row, so the page cannot disagree with
+``memprof compare --check``. Its conventions:
 
 * "at rest" is the ``step`` phase's ``end`` breakdown of a rank's last complete step (step 1 creates
   optimizer state lazily, so the last step is the steady state the estimator models);
-* estimate error = (estimated - measured) / measured;
+* estimate error = (estimated - measured) / measured; rank 0's estimate stands in for a rank the
+  estimator does not list;
 * per-step series are downsampled for charts only (bucket maxima for memory so no peak is lost,
   bucket means for loss); tables hold exact bytes.
 """

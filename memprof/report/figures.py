@@ -126,10 +126,9 @@ def peak_bars(run: dict[str, Any], phase: str) -> dict[str, Any]:
                     outer.append(f"rank {r['rank']}")
                     inner.append(kind)
                     y.append(mib(v))
-                    hover.append(f"rank {r['rank']}, step {b['step']}, at the {phase} peak, {kind}<br>"
-                                 f"{loc}/{cat}: {format_bytes(v) if v is not None else 'n/a'} ({v} B)"
-                                 f"<br>estimate error: {fmt_error(cell['error'])}"
-                                 f"<br>device total: {format_bytes(total) if total is not None else 'n/a'}")
+                    hover.append(f"rank {r['rank']} {kind}, step {b['step']} {phase} peak ({format_bytes(total) if total is not None else 'n/a'})<br>"
+                                 f"{loc}/{cat}: {format_bytes(v) if v is not None else 'n/a'} ({v} B), "
+                                 f"error {fmt_error(cell['error'])}")
             trace = {
                 "type": "bar", "name": f"{loc}/{cat}" if run["shows_host"] else cat,
                 "x": [outer, inner], "y": y, "text": hover, "hoverinfo": "text", "textposition": "none",
@@ -149,31 +148,36 @@ def stacked_timeline(run: dict[str, Any]) -> dict[str, Any]:
     stacked, with the estimate's total at the moments it models overlaid."""
     t = run["stacked_timeline"]
     traces = []
-    for cat in CATEGORIES:
-        ys = t["device"][cat]
-        traces.append({
+    x = [round(v, 6) for v in t["x"]]
+    for j, cat in enumerate(CATEGORIES):
+        trace = {
             "type": "scatter", "mode": "lines", "name": cat, "stackgroup": "measured",
-            "x": t["x"], "y": [round(v / MIB, 6) for v in ys], "line": {"width": 0.5, "color": CATEGORY_COLOURS[cat]},
-            "fillcolor": CATEGORY_COLOURS[cat],
-            "text": [f"{label}<br>{cat}: {format_bytes(v)} ({v} B)<br>device total {format_bytes(tot)}"
-                     for label, v, tot in zip(t["labels"], ys, t["total"])],
-            "hoverinfo": "text",
-        })
+            # 6 decimals of MiB is byte resolution
+            "x": x, "y": [round(v / MIB, 6) for v in t["device"][cat]],
+            "line": {"width": 0.5, "color": CATEGORY_COLOURS[cat]}, "fillcolor": CATEGORY_COLOURS[cat],
+            "hovertemplate": f"{cat}: %{{y:.3f}} MiB<extra></extra>",
+        }
+        if j == 0:  # one hover box lists every category at the moment (hovermode "x unified"); it opens with the moment
+            trace["text"] = [f"{label} (device total {format_bytes(tot)})" for label, tot in zip(t["labels"], t["total"])]
+            trace["hovertemplate"] = f"%{{text}}<br>{cat}: %{{y:.3f}} MiB<extra></extra>"
+        traces.append(trace)
     e = t["estimate"]
     if e is not None:
         traces.append({
-            "type": "scatter", "mode": "lines+markers", "name": "estimate (total)", "x": e["x"],
+            "type": "scatter", "mode": "lines+markers", "name": "estimate (total)", "x": [round(v, 6) for v in e["x"]],
             "y": [round(v / MIB, 6) for v in e["y"]], "line": {"color": "#111", "dash": "dash", "width": 1.5},
             "marker": {"symbol": "diamond-open", "size": 7, "color": "#111"},
-            "text": [f"{label}: {format_bytes(v)} ({v} B)<br>"
-                     + "<br>".join(f"{cat}: {format_bytes(n)}" for cat, n in b.items() if n)
+            "text": [f"{label}: {v / MIB:.3f} MiB ({v:,} B)<br>"
+                     + "<br>".join(f"  estimated {cat}: {n / MIB:.3f} MiB" for cat, n in b.items() if n)
                      for label, v, b in zip(e["labels"], e["y"], e["device"])],
-            "hoverinfo": "text",
+            "hovertemplate": "%{text}<extra></extra>",
         })
     sub = " (per bucket of steps, the step with the highest peak)" if run["downsampled"] else ""
     return {"data": traces, "layout": _layout(
         f"Rank {t['rank']} (highest peak): device memory by category at each phase's peak and end{sub}", "MiB",
-        xaxis={"title": {"text": "step (+0 forward, +1/3 backward, +2/3 optimizer step; peak, then end +1/6)"}})}
+        hovermode="x unified",
+        xaxis={"title": {"text": "step (+0 forward, +1/3 backward, +2/3 optimizer step; peak, then end +1/6)"},
+               "hoverformat": ".3f"})}
 
 
 def heatmap(run: dict[str, Any]) -> dict[str, Any]:
