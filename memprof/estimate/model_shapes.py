@@ -46,6 +46,7 @@ class ModelShape:
     # module buffers (not parameters) the model holds, in elements: the Llama family's rotary
     # ``inv_freq`` and ``original_inv_freq`` (head_dim / 2 each); cast with the model like params
     buffer_numel: int = 0
+    mlp_bias: bool = False  # Llama's mlp_bias: gate/up/down_proj carry biases
 
     @functools.cached_property
     def n_params(self) -> int:
@@ -356,6 +357,7 @@ def _model_shape_cached(cfg_json: str | None, n_params: int | None) -> ModelShap
             n_kv_head=f["num_key_value_heads"],
             head_dim=f["head_dim"],
             buffer_numel=2 * (f["head_dim"] // 2),  # LlamaRotaryEmbedding: inv_freq, original_inv_freq
+            mlp_bias=_llama_biases(f)[2],
         )
     if not isinstance(model_type, str):
         raise MemprofError("model config has no \"model_type\": pass an HF config.json")
