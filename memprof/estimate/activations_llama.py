@@ -82,8 +82,6 @@ def llama_activations(
 ) -> Activations | None:
     """Activation memory of a Llama-family causal LM for one micro-batch (module docstring), or
     None where it is not modelled: activation checkpointing (not traced for this family yet)."""
-    if checkpointing:
-        return None
     B, S, e = micro_batch, seq_len, element_size
     H, I, a, V, L = shape.hidden, shape.inner, shape.n_head, shape.vocab, shape.n_layer
     kv, d = shape.n_kv_head, shape.head_dim
@@ -97,7 +95,8 @@ def llama_activations(
     norm_saved = 4 * BSH + 4 * BS + BSH * e  # fp32 input (copy or itself), rsqrt, normalised in e
     norms = 2 * norm_saved + 2 * BSH * e  # input_layernorm, post_attention_layernorm + outputs
     mlp = 4 * BSI * e  # SwiGLU: gate output, silu output, up output, their product
-    cache = shape.use_cache
+    # GradientCheckpointingLayer (modeling_layers.py) sets use_cache=False and cache=None in training
+    cache = shape.use_cache and not checkpointing
     cache_not_saved = 0
     if kernel == "flash":
         attn = BSQ * e + 2 * BSK * e + BSQ * e + B * a * S * FP32  # q, k, v, output = o_proj input, lse
@@ -128,29 +127,67 @@ def llama_activations(
     logits = BS * V * e
     upcast = BS * V * FP32 if e < FP32 else 0
 
-    saved = L * per_layer + ids + rotary + final_norm + log_softmax
+    outside = ids + rotary + final_norm + log_softmax
     loss_end = logits + upcast + L * cache_not_saved + padded_labels + loss
-    forward_peak = saved + loss_end
+    if checkpointing:
+        # non-reentrant torch.utils.checkpoint: each layer keeps only its input (BSH*e); backward
+        # recomputes the last layer first, so its saved tensors come back (less the fp32 norm
+        # input, which is the layer input itself in fp32)
+        # the checkpoints also hold their other inputs: cos, sin (already in ``outside``) and the
+        # position ids (S*8; freed after the rotary embedding without checkpointing)
+        # position ids (S*8; freed after the rotary embedding without checkpointing), and for eager
+        # attention the causal mask create_causal_mask built (B, 1, S, S) in the compute dtype
+        mask = B * S * S * e if kernel == "eager" else 0
+        saved = L * BSH * e + outside + S * INT64 + mask
+        recomputed = per_layer - (BSH * FP32 if e == FP32 else 0)
+        # inside the last layer's forward (only live locals count: the checkpoint drops what
+        # autograd would save): ids, position ids, cos, sin, the mask, every layer's input,
+        # then either the MLP at its widest (the post-attention sum and post_attention_layernorm's
+        # output beside silu's output, up's output and their product, 3 BSI*e), or eager
+        # attention at its widest (input_layernorm's output, v_proj's output, the rotated q and k,
+        # repeat_kv's copies, then the scores and their scaled copy, or in bf16 the masked scores
+        # beside softmax's fp32 input copy and output)
+        layer_base = input_ids + S * INT64 + rotary + mask + L * BSH * e
+        moments = [saved + loss_end, layer_base + 2 * BSH * e + 3 * BSI * e]
+        if kernel == "eager":
+            rep = 2 * B * a * S * d * e if n_rep > 1 else 0
+            scores = max(2 * bass * e, bass * e + (2 * bass * FP32 if e < FP32 else bass * FP32))
+            moments.append(layer_base + BSH * e + BSK * e + BSQ * e + BSK * e + rep + scores)
+        forward_peak = max(moments)
+    else:
+        saved = L * per_layer + outside
+        recomputed = 0
+        forward_peak = saved + loss_end
     # backward's start: nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each),
     # shift_labels released, the loss and its gradient seed alive
     bwd_start = saved + 2 * BS * V * FP32 - shift_labels + 2 * FP32
     # After the final norm's backward (its saved tensors and output freed, the residual stream's
     # gradient BSH*e alive; the loss gradients and log_softmax's output freed; a tied embedding's
     # lm_head gradient V*H*e waiting in its AccumulateGrad buffer for the embedding's share):
-    after_norm = saved - shift_labels - log_softmax - norm_saved + (0 if not shape.tied_embeddings else V * H * e) + 2 * FP32
+    after_norm = saved + recomputed - shift_labels - log_softmax - norm_saved + (0 if not shape.tied_embeddings else V * H * e) + 2 * FP32
     # the final RMSNorm's backward at its widest (pow's backward): its saved tensors, the fp32
     # gradient of the normalised states (a ToCopyBackward copy when e < 4) and the pow/mean/rsqrt
     # chain's BSH*4 temporaries, less the B*S*4 of rsqrt's gradient already freed
-    norm_bwd = after_norm + norm_saved + 3 * BSH * FP32 + (BSH * FP32 if e < FP32 else 0) - 4 * BS
+    norm_bwd = after_norm - recomputed + norm_saved + 3 * BSH * FP32 + (BSH * FP32 if e < FP32 else 0) - 4 * BS
     # the last layer's down_proj backward: grad_x (BSI*e) and grad_W (H*I*e) (+ its bias)
     down_proj = after_norm + BSI * e + H * I * e + (H * e if shape.mlp_bias else 0)
     # the first hook itself: lm_head.weight's (untied: only the loss gradients are gone) or
     # model.norm.weight's (tied: the normalised states and lm_head's input freed)
-    first = (saved - shift_labels - log_softmax + 2 * FP32) if not shape.tied_embeddings else (after_norm + norm_saved - BSH * e)
+    first = (saved - shift_labels - log_softmax + 2 * FP32) if not shape.tied_embeddings else (after_norm - recomputed + norm_saved - BSH * e)
     # the SwiGLU product's backward (grad of silu's output and of up's output, BSI*e each, beside
     # down_proj's grad_x; down_proj's saved input, the product, already freed)
     swiglu_mul = after_norm + 2 * BSI * e
-    first_hook = max(first, norm_bwd, down_proj, swiglu_mul)
+    moments = [first, norm_bwd, down_proj, swiglu_mul]
+    if kernel != "flash":
+        # The last layer's eager attention backward, at _softmax_backward_data (traced): by then its
+        # MLP half is released (SwiGLU's 4 BSI*e, post_attention_layernorm's saved tensors and
+        # output, o_proj's input, replaced by o_proj's grad_x, BSQ*e), and matmul(probs, v)'s
+        # backward has freed v's saved copy, the output gradient and (bf16) the probabilities'
+        # copy; alive: the gradient of the probabilities in fp32 (a ToCopyBackward copy when
+        # e < 4) and softmax's backward output (B*a*S*S*4 each).
+        after_o_proj = after_norm - mlp - norm_saved - BSH * e
+        moments.append(after_o_proj - kv_saved // 2 + 2 * bass * FP32 - (bass * e if e < FP32 and kernel == "eager" else 0))
+    first_hook = max(moments)
     backward_peak = max(bwd_start, first_hook)
     formula = (
         f"per layer = RMSNorms 2x(4BSH+4BS+BSH*e) + norm outputs 2BSH*e + SwiGLU 4BSI*e + attention "
