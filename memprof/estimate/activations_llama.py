@@ -128,6 +128,11 @@ def llama_activations(
     upcast = BS * V * FP32 if e < FP32 else 0
 
     outside = ids + rotary + final_norm + log_softmax
+    # eager_attention_forward at its widest: repeat_kv's copies of k and v (n_rep > 1), then the
+    # scores and their scaled copy (``matmul(...) * scaling``), or in bf16 the masked scores beside
+    # softmax(dtype=float32)'s fp32 input copy and output (traced)
+    eager_core = ((2 * B * a * S * d * e if n_rep > 1 else 0)
+                  + max(2 * bass * e, bass * e + (2 * bass * FP32 if e < FP32 else bass * FP32)))
     loss_end = logits + upcast + L * cache_not_saved + padded_labels + loss
     if checkpointing:
         # non-reentrant torch.utils.checkpoint: each layer keeps only its input (BSH*e); backward
@@ -150,14 +155,25 @@ def llama_activations(
         layer_base = input_ids + S * INT64 + rotary + mask + L * BSH * e
         moments = [saved + loss_end, layer_base + 2 * BSH * e + 3 * BSI * e]
         if kernel == "eager":
-            rep = 2 * B * a * S * d * e if n_rep > 1 else 0
-            scores = max(2 * bass * e, bass * e + (2 * bass * FP32 if e < FP32 else bass * FP32))
-            moments.append(layer_base + BSH * e + BSK * e + BSQ * e + BSK * e + rep + scores)
+            moments.append(layer_base + BSH * e + BSQ * e + 2 * BSK * e + eager_core)
         forward_peak = max(moments)
     else:
         saved = L * per_layer + outside
         recomputed = 0
         forward_peak = saved + loss_end
+        if kernel == "eager":
+            # inside the last layer's attention, at its widest: the earlier layers' saved tensors
+            # (and cache copies), ids, position ids (a local of LlamaModel.forward), cos, sin, the
+            # causal mask (B, 1, S, S), input_layernorm's saved tensors and output, the rotated q,
+            # k and v (the cache copies), repeat_kv's copies and the scores (see eager_core)
+            # In bf16 two more bf16 copies of the residual stream are alive than autograd saves (it
+            # saves the norms' fp32 copies): the layer's input (``residual``) and the embedding
+            # output (LlamaModel.forward's ``inputs_embeds`` local); in fp32 both are saved tensors.
+            mask = B * S * S * e
+            stream = 0 if e == FP32 else (2 if L > 1 else 1) * BSH * e
+            inside = ((L - 1) * (per_layer + cache_not_saved) + input_ids + S * INT64 + rotary + mask + stream
+                      + norm_saved + BSH * e + BSQ * e + 2 * BSK * e + eager_core)
+            forward_peak = max(forward_peak, inside)
     # backward's start: nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each),
     # shift_labels released, the loss and its gradient seed alive
     bwd_start = saved + 2 * BS * V * FP32 - shift_labels + 2 * FP32

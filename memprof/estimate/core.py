@@ -12,7 +12,7 @@ from typing import Any
 
 from memprof.categories import PHASES, Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.errors import MemprofError
-from memprof.estimate.activations import Activations, attention_keeps_probabilities, gpt2_activations
+from memprof.estimate.activations import Activations, attention_keeps_probabilities, model_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
@@ -163,14 +163,18 @@ def _rank_estimate(
     return RankEstimate(rank, rest, phases), lay
 
 
+_CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM"}  # llama helper: names in the activation assumption
+
+
 def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | None:
     if not shape.has_transformer_shape:
         return None
     seq = inputs.seq_len or shape.n_positions
     if seq > shape.n_positions:
         raise MemprofError(f"sequence length {seq} exceeds the model's n_positions {shape.n_positions}: lower --seq-len")
-    return gpt2_activations(shape, inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
-                            inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
+    return model_activations(shape, inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
+                             inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
 
 
 ALL_RANKS_UP_TO = 64  # stage 1/2: every rank is modelled up to this world size (estimate())
@@ -231,21 +235,23 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     if acts is not None:
         seq = inputs.seq_len or shape.n_positions
         assumptions.append(
-            f"activations of GPT2LMHeadModel, {inputs.attn_implementation} attention, micro-batch {inputs.micro_batch} x "
+            f"activations of {_CAUSAL_LM_CLASS.get(shape.model_type, shape.model_type)}, {inputs.attn_implementation} attention, micro-batch {inputs.micro_batch} x "
             f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
-            f"train mode (dropout on), {inputs.device_type} kernels: {acts.formula}"
+            f"train mode ({'dropout on' if shape.model_type == 'gpt2' else 'no dropout: attention_dropout 0'}), "
+            f"{inputs.device_type} kernels: {acts.formula}"
         )
         assumptions.append("the training loop (memprof.train) keeps only the loss and its input batch between forward and "
                            "the next step; the model output (logits, KV cache) is dropped when forward returns")
         attn_dropout = (shape.dropout or {}).get("attn_pdrop", 0.1) > 0
-        if attention_keeps_probabilities(inputs.attn_implementation, inputs.device_type, attn_dropout):
+        if shape.model_type == "gpt2" and attention_keeps_probabilities(inputs.attn_implementation, inputs.device_type, attn_dropout):
             assumptions.append(
                 "backward peak: the last block's attention backward (B*a*S*S tensors) is modelled at its "
                 "grad-of-probabilities moment only; later moments of it are not (traced on a 64-wide GPT-2: "
                 "within 0.4% at seq 1024, -0.7% at 512, -2.2% at 256 with checkpointing; docs/estimator.md)"
             )
     else:
-        assumptions.append("activations not estimated: only a parameter count or a non-GPT-2 model is known")
+        assumptions.append("activations not estimated: only a parameter count or a model outside the GPT-2 and "
+                           "Llama families (llama, mistral, qwen2) is known")
 
     ranks_to_model = _ranks_to_model(inputs, shape)
     ranks: list[RankEstimate] = []
