@@ -144,6 +144,8 @@ def llama_family_fields(cfg: dict[str, Any], where: str = "model config") -> dic
             raise MemprofError(f"{where}: hidden_size {out['hidden_size']} is not divisible by num_attention_heads {heads}")
         out["head_dim"] = out["hidden_size"] // heads
     _positive_int(out, "head_dim", where)
+    if out["head_dim"] % 2:
+        raise MemprofError(f"{where}: head_dim {out['head_dim']} must be even (rotary embeddings rotate pairs of channels)")
     if heads % out["num_key_value_heads"]:
         raise MemprofError(
             f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {out['num_key_value_heads']}"

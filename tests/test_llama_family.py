@@ -135,3 +135,17 @@ def test_real_shapes_estimate_fast_without_allocating(preset: str) -> None:
     assert proc.returncode == 0, proc.stderr
     seconds, torch_imported = proc.stdout.split()
     assert float(seconds) < 0.5 and torch_imported == "False"
+
+
+def test_activations_not_modelled_outside_the_traced_code_paths() -> None:
+    from memprof.estimate.activations import model_activations
+
+    mistral = {**VARIANTS["mistral gqa tied"], "max_position_embeddings": 8192}
+    assert model_activations(model_shape(mistral), 1, 4096, 2, "sdpa", False, "cpu") is not None
+    # beyond MistralConfig's default sliding_window (4096) the mask materialises: not traced
+    assert model_activations(model_shape(mistral), 1, 4097, 2, "sdpa", False, "cpu") is None
+    assert model_activations(model_shape({**mistral, "sliding_window": None}), 1, 4097, 2, "sdpa", False, "cpu") is not None
+    gelu = {**VARIANTS["llama gqa untied"], "hidden_act": "gelu"}
+    assert model_activations(model_shape(gelu), 1, 32, 2, "sdpa", False, "cpu") is None
+    # other families: no activation model (the estimate's fits is then unknown)
+    assert model_activations(model_shape(n_params=10**9), 1, 32, 2, "sdpa", False, "cpu") is None

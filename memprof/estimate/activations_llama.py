@@ -81,7 +81,12 @@ def llama_activations(
     device_type: str = "cuda",
 ) -> Activations | None:
     """Activation memory of a Llama-family causal LM for one micro-batch (module docstring), or
-    None where it is not modelled: activation checkpointing (not traced for this family yet)."""
+    None where it is not modelled: an MLP activation other than SiLU, or a sequence longer than a
+    sliding attention window (the mask then materialises and sdpa changes kernel; not traced)."""
+    if (shape.hidden_act or "silu") != "silu":
+        return None
+    if shape.sliding_window is not None and seq_len > shape.sliding_window:
+        return None
     B, S, e = micro_batch, seq_len, element_size
     H, I, a, V, L = shape.hidden, shape.inner, shape.n_head, shape.vocab, shape.n_layer
     kv, d = shape.n_kv_head, shape.head_dim

@@ -151,11 +151,19 @@ def _rest_with_loop(lay: StateLayout, inp: EstimateInputs, acts: Activations | N
     return rest
 
 
+def _buffer_bytes(shape: ModelShape) -> int:
+    """Module buffers (the Llama family's rotary inv_freq, original_inv_freq): on the device at
+    every stage, fp32 even under bf16/fp16 (DeepSpeed's engine casts parameters only,
+    engine._configure_distributed_model); the ownership walk counts them as params."""
+    return FP32 * shape.buffer_numel
+
+
 def _rank_estimate(
     inp: EstimateInputs, shape: ModelShape, rank: int, acts: Activations | None
 ) -> tuple[RankEstimate, StateLayout]:
     lay = model_state_layout(inp, shape, rank, inp.device_type)
     rest = _rest_with_loop(lay, inp, acts)
+    rest["device"][Category.PARAMS.value] += _buffer_bytes(shape)  # llama helper: module buffers
     phases = {
         ph: max((_with_extra(rest, c) for c in cands), key=lambda b: breakdown_total(b, "device"))
         for ph, cands in _phase_extras(lay, acts).items()
@@ -216,7 +224,8 @@ def peak_device_bytes(inputs: EstimateInputs) -> int:
     best = 0
     for r in _ranks_to_model(inputs, shape, PLANNER_ALL_RANKS_UP_TO):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
-        rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
+        rest = (sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
+                + _buffer_bytes(shape))
         for cands in _phase_extras(lay, acts).values():
             best = max(best, rest + max(sum(c.values()) for c in cands))
     return best

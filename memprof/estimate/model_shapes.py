@@ -47,6 +47,8 @@ class ModelShape:
     # ``inv_freq`` and ``original_inv_freq`` (head_dim / 2 each); cast with the model like params
     buffer_numel: int = 0
     mlp_bias: bool = False  # Llama's mlp_bias: gate/up/down_proj carry biases
+    hidden_act: str | None = None  # Llama family: the MLP activation (the activation model is SiLU's)
+    sliding_window: int | None = None  # Mistral / Qwen2 (use_sliding_window): attention window
 
     @functools.cached_property
     def n_params(self) -> int:
@@ -256,6 +258,16 @@ def _llama_biases(f: dict[str, Any]) -> tuple[bool, bool, bool]:
     return False, False, False
 
 
+def _sliding_window(f: dict[str, Any]) -> int | None:
+    """The attention window in effect: MistralConfig's ``sliding_window`` (default 4096, None
+    turns it off); Qwen2's only with ``use_sliding_window`` (Qwen2Config.__post_init__); Llama none."""
+    if f["model_type"] == "mistral":
+        return f.get("sliding_window", 4096)
+    if f["model_type"] == "qwen2" and f.get("use_sliding_window"):
+        return f.get("sliding_window", 4096)
+    return None
+
+
 def llama_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
     """``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` parameter numels in
     ``parameters()`` (registration) order: model.embed_tokens V*H; per decoder layer
@@ -358,6 +370,8 @@ def _model_shape_cached(cfg_json: str | None, n_params: int | None) -> ModelShap
             head_dim=f["head_dim"],
             buffer_numel=2 * (f["head_dim"] // 2),  # LlamaRotaryEmbedding: inv_freq, original_inv_freq
             mlp_bias=_llama_biases(f)[2],
+            hidden_act=str(f.get("hidden_act", "silu")),
+            sliding_window=_sliding_window(f),
         )
     if not isinstance(model_type, str):
         raise MemprofError("model config has no \"model_type\": pass an HF config.json")
