@@ -198,13 +198,13 @@ def test_zero3_persistent_params_are_the_norms_and_biases(runs: list[dict[str, A
 
 
 def test_the_embedding_hook_fires_mid_backward(runs: list[dict[str, Any]]) -> None:
+    """The harness finds the input embedding of any family (get_input_embeddings) and snapshots
+    inside backward, after every decoder layer's gradients: gradients exist there, not at rest."""
     for run in runs:
         case = run["cases"]["llama_s2_fp32_adamw_torch"]
         mid, rest = case["mid_backward"]["device"], case["resident"]["device"]
-        # ZeRO-2 contiguous_gradients: one reduce_bucket_size fp32 IPG buffer inside backward only
-        # (found through embed_tokens' output hook, i.e. after every decoder layer's gradients)
-        assert mid["comm_buffers"] == FP32 * RBS and rest["comm_buffers"] == 0
         assert 0 < mid["grads"] <= FP32 * (L.P + L.part) and rest["grads"] == 0
+        assert rest["comm_buffers"] == 0  # the reduce bucket is released after backward
 
 
 def _nonzero(b: Breakdown) -> dict[str, dict[str, int]]:
