@@ -3,7 +3,10 @@
 * one estimate of a 175B-parameter model (bare count, ZeRO-3, 1024 ranks): must take well under 1 s
   and import no torch;
 * a 10,000-configuration sweep (the planner's inner loop: stage x world size x micro-batch x
-  precision x optimizer on GPT-2 XL): must take under 1 s.
+  precision x optimizer on GPT-2 XL, and the same on Llama-2-7B at seq 4096): must take under 1 s;
+* one estimate of each real Llama-family shape (TinyLlama-1.1B, Llama-2-7B, Qwen2-0.5B,
+  Llama-2-70B; ZeRO-3, 8 ranks, bf16, micro-batch 4 x seq 2048) with activations modelled: well
+  under a second, no torch import.
 
 Run: ``.venv/bin/python benchmarks/bench_estimate.py`` (prints one JSON line per measurement).
 """
@@ -29,8 +32,22 @@ def bench_175b() -> dict:
             "torch_imported": "torch" in sys.modules, "ok": dt < 0.1 and "torch" not in sys.modules}
 
 
-def bench_sweep(n: int = 10_000) -> dict:
-    base = EstimateInputs(model_config=preset_config("gpt2-xl"), seq_len=1024, gpu_memory_bytes=80 * 2**30)
+def bench_llama_shapes() -> list[dict]:
+    out = []
+    for preset in ("tinyllama-1.1b", "llama-2-7b", "qwen2-0.5b", "llama-2-70b"):
+        t0 = time.perf_counter()
+        est = estimate(EstimateInputs(model_config=preset_config(preset), model_name=preset, optimizer="adamw",
+                                      precision="bf16", zero_stage=3, world_size=8, micro_batch=4, seq_len=2048,
+                                      gpu_memory_bytes=80 * 2**30))
+        dt = time.perf_counter() - t0
+        out.append({"bench": f"estimate_{preset}", "seconds": dt, "peak_device_bytes": est.peak_device_bytes,
+                    "activations_modelled": est.activations is not None, "torch_imported": "torch" in sys.modules,
+                    "ok": dt < 0.5 and est.activations is not None and "torch" not in sys.modules})
+    return out
+
+
+def bench_sweep(n: int = 10_000, preset: str = "gpt2-xl", seq_len: int = 1024) -> dict:
+    base = EstimateInputs(model_config=preset_config(preset), seq_len=seq_len, gpu_memory_bytes=80 * 2**30)
     grid = itertools.product(range(4), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), range(1, 64),
                              ("fp32", "bf16"), ("adamw", "sgd"))
     configs = [base.with_(zero_stage=s, world_size=w, micro_batch=mb, precision=p, optimizer=o)
@@ -38,11 +55,11 @@ def bench_sweep(n: int = 10_000) -> dict:
     t0 = time.perf_counter()
     fits = sum(peak_device_bytes(c) <= base.gpu_memory_bytes for c in configs)
     dt = time.perf_counter() - t0
-    return {"bench": "sweep_10k_configs", "configs": len(configs), "seconds": dt, "fitting": fits, "ok": dt < 1.0}
+    return {"bench": f"sweep_10k_configs_{preset}", "configs": len(configs), "seconds": dt, "fitting": fits, "ok": dt < 1.0}
 
 
 if __name__ == "__main__":
-    results = [bench_175b(), bench_sweep()]
+    results = [bench_175b(), *bench_llama_shapes(), bench_sweep(), bench_sweep(preset="llama-2-7b", seq_len=4096)]
     for result in results:
         print(json.dumps(result))
     sys.exit(0 if all(r["ok"] for r in results) else 1)  # a missed target fails `make bench`

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_validate.sh [MODEL] [SEQ]        (default: gpt2 512)
 #   PART=launch: launches + compare + CUDA tests only; PART=bench: the profiler benchmarks only
+#   LLAMA_MODEL (default tinyllama-1.1b), LLAMA_SEQ (default 1024): the Llama-family launches
+#   (bf16: CUDA sdpa flash with GQA, the fp32 logits upcast at a 32k vocabulary); LLAMA_MODEL=none skips them
 #
 # Needs deepspeed importable; FusedAdam JIT-builds once, for this GPU's compute capability.
 set -uo pipefail
@@ -30,6 +32,22 @@ for cfg in stage0_adamw stage0_sgd stage1_adamw_bf16 stage2_adamw stage2_adamw_b
   $PY -m memprof compare "$OUT/runs/$cfg" --json > "$OUT/runs/$cfg/compare.json" 2>> "$OUT/launch.log"
   $PY -m memprof compare "$OUT/runs/$cfg" 2>&1 | tail -40 >> "$OUT/compare.txt"
 done
+
+LLAMA_MODEL=${LLAMA_MODEL:-tinyllama-1.1b}
+LLAMA_SEQ=${LLAMA_SEQ:-1024}
+if [ "$LLAMA_MODEL" != none ]; then
+for cfg in stage2_adamw_bf16 stage3_adamw_bf16; do
+  run="llama_$cfg"
+  echo "== $run ($LLAMA_MODEL, seq $LLAMA_SEQ)" | tee -a "$OUT/launch.log"
+  start=$(date +%s)
+  timeout 600 $PY -m deepspeed.launcher.runner --num_gpus 1 launch/train.py \
+      --deepspeed_config "configs/$cfg.json" --model "$LLAMA_MODEL" --steps 4 --seq-len "$LLAMA_SEQ" \
+      --out "$OUT/runs/$run" >> "$OUT/launch.log" 2>&1
+  echo "rc=$? seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/launch.log"
+  $PY -m memprof compare "$OUT/runs/$run" --json > "$OUT/runs/$run/compare.json" 2>> "$OUT/launch.log"
+  $PY -m memprof compare "$OUT/runs/$run" 2>&1 | tail -40 >> "$OUT/compare.txt"
+done
+fi
 
 $PY -m pytest -q tests/test_profiler_cuda.py 2>&1 | tail -3 | tee "$OUT/pytest_cuda.txt"
 tar czf "$OUT/runs.tgz" -C "$OUT" runs && rm -rf "$OUT/runs"

@@ -22,13 +22,13 @@ from memprof.estimate.inputs import (
     ZeroKnobs,
     settings_from_setup_files,
 )
-from memprof.models import load_model_config, preset_config
+from memprof.models import PRESETS, load_model_config, preset_config
 from memprof.units import parse_count
 
 
 def add_setup_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--model", help="GPT-2 preset: gpt2-tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    m.add_argument("--model", help="model preset: " + ", ".join(PRESETS))
     m.add_argument("--model-config", help="path to an HF config.json")
     m.add_argument("--params", help="parameter count only, e.g. 7.5e9 (no activations)")
     p.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default: DeepSpeed config, else adamw)")

@@ -10,7 +10,7 @@ import functools
 
 from memprof.categories import Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.errors import MemprofError
-from memprof.estimate.activations import Activations, attention_keeps_probabilities, gpt2_activations
+from memprof.estimate.activations import Activations, attention_keeps_probabilities, model_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
@@ -18,7 +18,7 @@ from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
 from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
 from memprof.estimate.result import Estimate, RankEstimate
-from memprof.estimate.zero_layout import ELEMENT_SIZE, StateLayout, model_state_layout, stage12_rank_grads
+from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32, StateLayout, model_state_layout, stage12_rank_grads
 
 ACT = Category.ACTIVATIONS.value
 
@@ -88,16 +88,28 @@ def _rest_with_loop(lay: StateLayout, inp: EstimateInputs, acts: Activations | N
     return rest
 
 
+def _buffer_bytes(shape: ModelShape) -> int:
+    """Module buffers (the Llama family's rotary inv_freq, original_inv_freq): on the device at
+    every stage, fp32 even under bf16/fp16 (DeepSpeed's engine casts parameters only,
+    engine._configure_distributed_model); the ownership walk counts them as params."""
+    return FP32 * shape.buffer_numel
+
+
 def _rank_estimate(
     inp: EstimateInputs, shape: ModelShape, rank: int, acts: Activations | None
 ) -> tuple[RankEstimate, StateLayout]:
     lay = model_state_layout(inp, shape, rank, inp.device_type)
     rest = _rest_with_loop(lay, inp, acts)
+    rest["device"][Category.PARAMS.value] += _buffer_bytes(shape)  # llama helper: module buffers
     phases = {
         ph: max((_with_extra(rest, c) for c in cands), key=lambda b: breakdown_total(b, "device"))
         for ph, cands in _phase_extras(lay, acts).items()
     }
     return RankEstimate(rank, rest, phases), lay
+
+
+_CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM"}  # llama helper: names in the activation assumption
 
 
 def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | None:
@@ -106,8 +118,8 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
     seq = inputs.seq_len or shape.n_positions
     if seq > shape.n_positions:
         raise MemprofError(f"sequence length {seq} exceeds the model's n_positions {shape.n_positions}: lower --seq-len")
-    return gpt2_activations(shape, inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
-                            inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
+    return model_activations(shape, inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
+                             inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
 
 
 def _why_no_activations(shape: ModelShape) -> str:
@@ -168,7 +180,8 @@ def peak_device_and_host_bytes(inputs: EstimateInputs) -> tuple[int, int]:
     best = host = 0
     for r in _ranks_to_model(inputs, shape, PLANNER_ALL_RANKS_UP_TO):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
-        rest = sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
+        rest = (sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
+                + _buffer_bytes(shape))
         for cands in _phase_extras(lay, acts).values():
             best = max(best, rest + max(sum(c.values()) for c in cands))
         host = max(host, sum(lay.rest["host"].values()))
@@ -186,14 +199,15 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     if acts is not None:
         seq = inputs.seq_len or shape.n_positions
         assumptions.append(
-            f"activations of GPT2LMHeadModel, {inputs.attn_implementation} attention, micro-batch {inputs.micro_batch} x "
+            f"activations of {_CAUSAL_LM_CLASS.get(shape.model_type, shape.model_type)}, {inputs.attn_implementation} attention, micro-batch {inputs.micro_batch} x "
             f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
-            f"train mode (dropout on), {inputs.device_type} kernels: {acts.formula}"
+            f"train mode ({'dropout on' if shape.model_type == 'gpt2' else 'no dropout: attention_dropout 0'}), "
+            f"{inputs.device_type} kernels: {acts.formula}"
         )
         assumptions.append("the training loop (memprof.train) keeps only the loss and its input batch between forward and "
                            "the next step; the model output (logits, KV cache) is dropped when forward returns")
         attn_dropout = (shape.dropout or {}).get("attn_pdrop", 0.1) > 0
-        if attention_keeps_probabilities(inputs.attn_implementation, inputs.device_type, attn_dropout):
+        if shape.model_type == "gpt2" and attention_keeps_probabilities(inputs.attn_implementation, inputs.device_type, attn_dropout):
             assumptions.append(
                 "backward peak: the last block's attention backward (B*a*S*S tensors) is modelled at its "
                 "grad-of-probabilities moment only; later moments of it are not (traced on a 64-wide GPT-2: "

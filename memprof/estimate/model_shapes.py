@@ -2,8 +2,10 @@
 
 GPT-2 is counted in closed form from ``transformers/models/gpt2/modeling_gpt2.py``
 (GPT2LMHeadModel: wte, wpe, per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj;
-ln_f; lm_head tied to wte unless ``tie_word_embeddings`` is false). Other model types are built on
-the meta device with ``accelerate.init_empty_weights`` (imported lazily: it pulls in torch).
+ln_f; lm_head tied to wte unless ``tie_word_embeddings`` is false). The Llama family (``llama``,
+``mistral``, ``qwen2``) in closed form from ``modeling_llama.py`` / ``modeling_mistral.py`` /
+``modeling_qwen2.py`` (see :func:`llama_param_numels`). Other model types are built on the meta
+device (``with torch.device("meta")``; torch is imported lazily).
 
 The order is ``model.parameters()`` order, which is the order DeepSpeed flattens them in, so the
 ZeRO partition boundaries computed from it fall where DeepSpeed's do.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
+from memprof.models import LLAMA_FAMILY, llama_family_fields
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,15 @@ class ModelShape:
     # the parameter-holding modules in the order forward calls them, each as indices into
     # ``param_numels`` (a tied lm_head repeats wte's index); None: not known (see ``module_order``)
     fetch_modules: tuple[tuple[int, ...], ...] | None = None
+    # Llama family: key/value heads (grouped-query attention when fewer than n_head), head size
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    # module buffers (not parameters) the model holds, in elements: the Llama family's rotary
+    # ``inv_freq`` and ``original_inv_freq`` (head_dim / 2 each); cast with the model like params
+    buffer_numel: int = 0
+    mlp_bias: bool = False  # Llama's mlp_bias: gate/up/down_proj carry biases
+    hidden_act: str | None = None  # Llama family: the MLP activation (the activation model is SiLU's)
+    sliding_window: int | None = None  # Mistral / Qwen2 (use_sliding_window): attention window
 
     @functools.cached_property
     def n_params(self) -> int:
@@ -183,8 +195,12 @@ class ModelShape:
 
     @property
     def has_transformer_shape(self) -> bool:
-        """Whether activations can be computed (a GPT-2 shape is known)."""
-        return self.model_type == "gpt2" and self.n_layer is not None
+        """Whether activations can be computed (a GPT-2 or Llama-family shape is known)."""
+        return self.model_type in ("gpt2", *LLAMA_FAMILY) and self.n_layer is not None
+
+    @property
+    def is_llama_family(self) -> bool:
+        return self.model_type in LLAMA_FAMILY and self.n_layer is not None
 
 
 def gpt2_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
@@ -230,6 +246,76 @@ def gpt2_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
     return tuple(modules)
 
 
+def _llama_biases(f: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o_proj bias, MLP bias) by family: LlamaAttention/LlamaMLP take
+    ``attention_bias`` (all four projections) and ``mlp_bias``; Qwen2Attention has
+    ``bias=True`` on q/k/v and none on o_proj, Qwen2MLP none; Mistral none anywhere."""
+    if f["model_type"] == "llama":
+        att = bool(f.get("attention_bias", False))
+        return att, att, bool(f.get("mlp_bias", False))
+    if f["model_type"] == "qwen2":
+        return True, False, False
+    return False, False, False
+
+
+def _sliding_window(f: dict[str, Any]) -> int | None:
+    """The attention window in effect: MistralConfig's ``sliding_window`` (default 4096, None
+    turns it off); Qwen2's only with ``use_sliding_window`` (Qwen2Config.__post_init__); Llama none."""
+    if f["model_type"] == "mistral":
+        return f.get("sliding_window", 4096)
+    if f["model_type"] == "qwen2" and f.get("use_sliding_window"):
+        return f.get("sliding_window", 4096)
+    return None
+
+
+def llama_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` parameter numels in
+    ``parameters()`` (registration) order: model.embed_tokens V*H; per decoder layer
+    self_attn.q_proj a*d*H (+a*d), k_proj and v_proj kv*d*H (+kv*d each), o_proj H*a*d (+H),
+    mlp.gate_proj, up_proj I*H (+I each), down_proj H*I (+H), input_layernorm H,
+    post_attention_layernorm H (RMSNorm: weight only); model.norm H; lm_head V*H unless tied
+    (``tie_word_embeddings``; no bias). a heads, kv key/value heads, d head_dim."""
+    f = llama_family_fields(cfg)
+    h, inter, vocab = f["hidden_size"], f["intermediate_size"], f["vocab_size"]
+    a, kv, d = f["num_attention_heads"], f["num_key_value_heads"], f["head_dim"]
+    qkv_bias, o_bias, mlp_bias = _llama_biases(f)
+    layer: list[int] = []
+    for out in (a * d, kv * d, kv * d):  # q_proj, k_proj, v_proj (nn.Linear weight is (out, in))
+        layer += [out * h] + ([out] if qkv_bias else [])
+    layer += [h * a * d] + ([h] if o_bias else [])  # o_proj
+    for out, inp in ((inter, h), (inter, h), (h, inter)):  # gate_proj, up_proj, down_proj
+        layer += [out * inp] + ([out] if mlp_bias else [])
+    layer += [h, h]  # input_layernorm, post_attention_layernorm
+    numels = [vocab * h] + layer * f["num_hidden_layers"] + [h]
+    if not f["tie_word_embeddings"]:
+        numels.append(vocab * h)
+    return tuple(numels)
+
+
+def llama_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """The parameter-holding modules in forward call order (LlamaModel.forward: embed_tokens,
+    then per LlamaDecoderLayer input_layernorm, self_attn.q_proj, k_proj, v_proj, o_proj,
+    post_attention_layernorm, mlp.gate_proj, up_proj (``down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))``), down_proj; then norm and lm_head), as indices into :func:`llama_param_numels`.
+    A tied lm_head is embed_tokens' weight (index 0)."""
+    f = llama_family_fields(cfg)
+    qkv_bias, o_bias, mlp_bias = _llama_biases(f)
+    sizes = [1 + qkv_bias] * 3 + [1 + o_bias] + [1 + mlp_bias] * 3 + [1, 1]  # per layer, param order
+    per_layer = sum(sizes)
+    modules: list[tuple[int, ...]] = [(0,)]
+    for layer in range(f["num_hidden_layers"]):
+        start, own = 1 + layer * per_layer, []
+        for n in sizes:
+            own.append(tuple(range(start, start + n)))
+            start += n
+        q, k, v, o, gate, up, down, ln_in, ln_post = own
+        modules += [ln_in, q, k, v, o, ln_post, gate, up, down]
+    norm = 1 + f["num_hidden_layers"] * per_layer
+    modules.append((norm,))
+    modules.append((0,) if f["tie_word_embeddings"] else (norm + 1,))
+    return tuple(modules)
+
+
 def model_shape(cfg: dict[str, Any] | None = None, n_params: int | None = None) -> ModelShape:
     """The shape of a model from its HF config dict, or a bare parameter count (memoised: the
     planner asks for the same model thousands of times)."""
@@ -265,15 +351,40 @@ def _model_shape_cached(cfg_json: str | None, n_params: int | None) -> ModelShap
             use_cache=cfg.get("use_cache", True) is not False,  # GPT2Config's default is True
             fetch_modules=gpt2_fetch_modules(cfg),
         )
+    if model_type in LLAMA_FAMILY:
+        f = llama_family_fields(cfg)
+        return ModelShape(
+            param_numels=llama_param_numels(cfg),
+            model_type=model_type,
+            n_layer=f["num_hidden_layers"],
+            hidden=f["hidden_size"],
+            n_head=f["num_attention_heads"],
+            inner=f["intermediate_size"],
+            vocab=f["vocab_size"],
+            n_positions=f["max_position_embeddings"],
+            tied_embeddings=bool(f["tie_word_embeddings"]),
+            dropout={"attention_dropout": float(f.get("attention_dropout") or 0.0)},
+            use_cache=f.get("use_cache", True) is not False,
+            fetch_modules=llama_fetch_modules(cfg),
+            n_kv_head=f["num_key_value_heads"],
+            head_dim=f["head_dim"],
+            buffer_numel=2 * (f["head_dim"] // 2),  # LlamaRotaryEmbedding: inv_freq, original_inv_freq
+            mlp_bias=_llama_biases(f)[2],
+            hidden_act=str(f.get("hidden_act", "silu")),
+            sliding_window=_sliding_window(f),
+        )
     if not isinstance(model_type, str):
         raise MemprofError("model config has no \"model_type\": pass an HF config.json")
     return ModelShape(param_numels=_meta_param_numels(cfg), model_type=model_type)
 
 
 def _meta_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
-    """Any HF model type: instantiate on the meta device (no weights allocated) and list parameters."""
+    """Any HF model type: instantiate on the meta device (no weights allocated) and list parameters.
+
+    ``with torch.device("meta")``, not ``accelerate.init_empty_weights``: under the latter,
+    transformers 5.24 leaves tied weights untied (a tied Qwen2 then counts lm_head twice)."""
     try:
-        from accelerate import init_empty_weights
+        import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModel
     except ImportError as e:  # pragma: no cover - both are project dependencies
         raise MemprofError(f"counting a {cfg.get('model_type')} model needs transformers and accelerate: {e}") from None
@@ -282,7 +393,7 @@ def _meta_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
         config = AutoConfig.for_model(cfg["model_type"], **kwargs)
     except (ValueError, KeyError, TypeError) as e:
         raise MemprofError(f"model config: transformers cannot build a {cfg['model_type']!r} config: {e}".splitlines()[0]) from None
-    with init_empty_weights():
+    with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(config)
         except ValueError:

@@ -168,6 +168,11 @@ def _walk_module(col: _Collector, module: torch.nn.Module, offload_param: bool) 
         # stage_1_and_2.py: `param.grad_accum` holds the fp32 accumulation of a low-precision grad
         # (use_grad_accum_attribute, ZeRO-1 with grad_accum_dtype != param dtype).
         col.add(getattr(p, "grad_accum", None), GRADS, False)
+    # Module buffers (e.g. the Llama family's rotary `inv_freq` / `original_inv_freq`): model tensors
+    # the forward reads, never partitioned or offloaded by ZeRO; DeepSpeed keeps them fp32 under
+    # bf16/fp16 (engine._configure_distributed_model casts parameters only). Counted as params.
+    for b in module.buffers():
+        col.add(b, PARAMS, False)
 
 
 def _walk_zero_1_2(col: _Collector, zo: Any) -> None:

@@ -27,7 +27,7 @@ from memprof.dsconfig import (
     read_deepspeed_config,
 )
 from memprof.errors import MemprofError
-from memprof.models import PRESETS, load_model_config, preset_config
+from memprof.models import PRESETS, load_model_config, max_positions, preset_config, validate_launchable
 
 # The launcher's own checks (what DeepSpeed 0.19.8 accepts to *run*); reading the config, and the
 # vocabularies (memprof.dsconfig.OPTIMIZERS, PRECISIONS, OFFLOAD_DEVICES), live in memprof.dsconfig.
@@ -100,7 +100,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", default=None, metavar="PRESET", help=f"model preset: {', '.join(PRESETS)} (default gpt2-tiny)")
-    model.add_argument("--model-config", default=None, metavar="PATH", help="an HF GPT-2 config.json instead of a preset")
+    model.add_argument("--model-config", default=None, metavar="PATH", help="an HF config.json (model_type gpt2, llama, mistral or qwen2) instead of a preset")
     p.add_argument("--steps", type=positive_int("--steps"), default=3, help="training iterations (default 3)")
     p.add_argument("--seq-len", type=positive_int("--seq-len"), default=128, help="tokens (bytes) per sample (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and data sampling (default 0)")
@@ -129,10 +129,10 @@ def parse_args(
     args = build_arg_parser().parse_args(argv)
 
     model = _model_settings(args.model, args.model_config)
-    n_positions = int(model.config.get("n_positions", 1024))
+    field, n_positions = max_positions(model.config)
     if args.seq_len > n_positions:
         raise MemprofError(
-            f"--seq-len {args.seq_len} exceeds the model's n_positions ({n_positions}): use --seq-len {n_positions} or less"
+            f"--seq-len {args.seq_len} exceeds the model's {field} ({n_positions}): use --seq-len {n_positions} or less"
         )
     if args.seed < 0:
         raise MemprofError(f"--seed {args.seed} must be 0 or more")
@@ -164,19 +164,7 @@ def _model_settings(preset: str | None, config_path: str | None) -> ModelSetting
     else:
         name = preset or "gpt2-tiny"
         config = preset_config(name)
-    model_type = config.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise MemprofError(f"model config {name} has model_type {model_type!r}: the launcher builds GPT-2 models only")
-    for key in ("n_layer", "n_embd", "n_head", "n_positions"):
-        value = config.get(key, 1024) if key == "n_positions" else config.get(key)  # GPT2Config's default
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MemprofError(f"model config {name} needs a positive integer {key!r} (got {value!r})")
-    if config["n_embd"] % config["n_head"]:
-        raise MemprofError(f"model config {name}: n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}")
-    vocab = config.get("vocab_size", 50257)
-    # Tokens are raw UTF-8 bytes (ids 0..255), so the embedding table needs at least 256 rows.
-    if not isinstance(vocab, int) or vocab < 256:
-        raise MemprofError(f"model config {name} has vocab_size {vocab!r}: byte-level tokens need vocab_size >= 256")
+    validate_launchable(config, name)  # models.py: family, shape, vocabulary
     return ModelSettings(name=name, config=config)
 
 

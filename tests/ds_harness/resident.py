@@ -2,8 +2,10 @@
 
 Launched by tests/test_ownership_deepspeed.py as
 ``deepspeed --num_gpus 2 tests/ds_harness/resident.py --spec SPEC.json --out DIR``.
-For each case of the spec (a name, GPT-2 config overrides on top of a memprof preset, a DeepSpeed
-config) it builds a fresh seeded GPT2LMHeadModel and engine, runs two training steps and records:
+For each case of the spec (a name, model config overrides on top of a memprof preset, a DeepSpeed
+config) it builds a fresh seeded model of the preset's family (``memprof.train.model.build_model``:
+GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) and engine, runs two
+training steps and records:
 
 * ``resident``: ``owned_breakdown(owned_storages(engine))`` after the second ``engine.step()``;
 * ``mid_backward``: the same, taken inside the second backward (a hook on the token-embedding
@@ -30,11 +32,11 @@ from typing import Any
 
 import deepspeed
 import torch
-import transformers
 
 from memprof.measure.ownership import owned_breakdown, owned_storages, storage_key
 from memprof.models import preset_config
 from memprof.train.deepspeed_shm import release_after_peers_mapped
+from memprof.train.model import build_model, model_classes
 
 SEQ_LEN = 32
 STEPS = 2
@@ -99,9 +101,10 @@ def _zero3_param_report(module: torch.nn.Module) -> dict[str, Any] | None:
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     model_cfg = {**preset_config(case.get("preset", "gpt2-tiny")), **case.get("model", {})}
-    # gpt2 presets inherit eos/bos 50256 from HF defaults; keep ids inside the tiny vocabulary.
-    model_cfg.setdefault("bos_token_id", 0)
-    model_cfg.setdefault("eos_token_id", 0)
+    if model_cfg.get("model_type", "gpt2") == "gpt2":
+        # gpt2 presets inherit eos/bos 50256 from HF defaults; keep ids inside the tiny vocabulary.
+        model_cfg.setdefault("bos_token_id", 0)
+        model_cfg.setdefault("eos_token_id", 0)
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -109,8 +112,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         **case["ds_config"],
     }
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**model_cfg))
+    model = build_model(model_cfg, seed=0)  # torch.manual_seed(0), then the family's causal-LM class
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     snapshots: dict[str, Any] = {}
@@ -122,7 +124,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
     handle = None
     if case.get("mid_backward"):
-        wte = engine.module.transformer.wte
+        wte = engine.module.get_input_embeddings()  # GPT-2's wte, the Llama family's embed_tokens
 
         def hook_embedding_output(mod: torch.nn.Module, inp: Any, out: torch.Tensor) -> None:
             out.register_hook(snapshot_in_backward)  # a forward hook must return None
@@ -171,6 +173,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args, _ = parser.parse_known_args()  # the launcher adds --local_rank
     spec = json.loads(Path(args.spec).read_text())
+    for case in spec["cases"]:  # import every model class before any engine exists (see model_classes)
+        model_classes(preset_config(case.get("preset", "gpt2-tiny")).get("model_type", "gpt2"))
     deepspeed.init_distributed()
     rank = torch.distributed.get_rank()
     release_after_peers_mapped(rank, torch.distributed.get_world_size())  # DeepSpeed's CPU shm segment
