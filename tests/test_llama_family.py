@@ -138,7 +138,7 @@ def test_real_shapes_estimate_fast_without_allocating(preset: str) -> None:
 
 
 def test_activations_not_modelled_outside_the_traced_code_paths() -> None:
-    from memprof.estimate.activations import model_activations
+    from memprof.estimate.activations_by_family import model_activations
 
     mistral = {**VARIANTS["mistral gqa tied"], "max_position_embeddings": 8192}
     assert model_activations(model_shape(mistral), 1, 4096, 2, "sdpa", False, "cpu") is not None

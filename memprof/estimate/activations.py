@@ -218,23 +218,3 @@ def gpt2_activations(
     )
     return Activations(saved, forward_peak, backward_peak, per_layer, formula, loop_held, first_hook)
 
-
-def model_activations(
-    shape: ModelShape,
-    micro_batch: int,
-    seq_len: int,
-    element_size: int,
-    attn_implementation: str = "sdpa",
-    checkpointing: bool = False,
-    device_type: str = "cuda",
-) -> Activations | None:
-    """The activation model of ``shape``'s family: GPT-2 (:func:`gpt2_activations`), the Llama
-    family (``activations_llama.llama_activations``), or None where none exists (other model
-    types, a bare parameter count, Llama-family activation checkpointing)."""
-    if shape.model_type == "gpt2" and shape.n_layer is not None:
-        return gpt2_activations(shape, micro_batch, seq_len, element_size, attn_implementation, checkpointing, device_type)
-    if shape.is_llama_family:
-        from memprof.estimate.activations_llama import llama_activations
-
-        return llama_activations(shape, micro_batch, seq_len, element_size, attn_implementation, checkpointing, device_type)
-    return None

@@ -10,7 +10,8 @@ import functools
 
 from memprof.categories import Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.errors import MemprofError
-from memprof.estimate.activations import Activations, attention_keeps_probabilities, model_activations
+from memprof.estimate.activations import Activations, attention_keeps_probabilities
+from memprof.estimate.activations_by_family import model_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape, model_shape
