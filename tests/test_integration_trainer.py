@@ -213,7 +213,9 @@ def test_trainer_without_deepspeed_resident_states(which: str, request: pytest.F
         assert mid["grads"] == FP32 * P
         assert rank["steps"][-1]["phases"]["forward"]["end"]["device"]["grads"] == FP32 * P
     run = doc["run"]
-    assert run["torch_adam"] is True and run["deepspeed_config"] is None and run["zero_stage"] == 0
+    # TrainingArguments' default optim is "adamw_torch_fused": no update temporaries (torch_adam false)
+    assert run["trainer"]["optim"] == "adamw_torch_fused" and run["optimizer_implementation"] == "fused"
+    assert run["torch_adam"] is False and run["deepspeed_config"] is None and run["zero_stage"] == 0
     assert run["world_size"] == len(doc["ranks"])
     assert run["trainer"]["wrapped_model_class"] == ("GPT2LMHeadModel" if which == "plain" else "DistributedDataParallel")
 
