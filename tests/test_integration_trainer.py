@@ -213,7 +213,9 @@ def test_trainer_without_deepspeed_resident_states(which: str, request: pytest.F
         assert mid["grads"] == FP32 * P
         assert rank["steps"][-1]["phases"]["forward"]["end"]["device"]["grads"] == FP32 * P
     run = doc["run"]
-    assert run["torch_adam"] is True and run["deepspeed_config"] is None and run["zero_stage"] == 0
+    # TrainingArguments' default optim is "adamw_torch_fused": no update temporaries (torch_adam false)
+    assert run["trainer"]["optim"] == "adamw_torch_fused" and run["optimizer_implementation"] == "fused"
+    assert run["torch_adam"] is False and run["deepspeed_config"] is None and run["zero_stage"] == 0
     assert run["world_size"] == len(doc["ranks"])
     assert run["trainer"]["wrapped_model_class"] == ("GPT2LMHeadModel" if which == "plain" else "DistributedDataParallel")
 
@@ -291,3 +293,21 @@ def test_callback_report_opens_in_a_browser_with_every_chart_drawn(z2: Path) -> 
         summary = browser.evaluate("Object.fromEntries(Array.from(document.querySelectorAll('table.summary td'))"
                                    ".map(td => [td.dataset.field, td.textContent]))")
     assert summary["Parameters"] == f"{P:,}" and summary["ZeRO stage"] == "2" and summary["World size"] == str(N)
+
+
+def test_gradient_checkpointing_is_recorded(tmp_path: Path, plain: Path) -> None:
+    out = tmp_path / "ckpt"
+    proc = launch_trainer(out, None, "--checkpointing")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = _doc(out)
+    run = doc["run"]
+    assert run["activation_checkpointing"] is True
+    assert run["trainer"]["gradient_checkpointing"] is True
+    assert run["trainer"]["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    plain_rest = _rest(doc["ranks"][0]["steps"][-1])
+    # model states do not depend on checkpointing
+    assert plain_rest["params"] == FP32 * P and plain_rest["optimizer_state"] == 2 * FP32 * P + 4 * len(NUMELS)
+    # the forward keeps only each block's input: less than the same forward without checkpointing
+    kept = doc["ranks"][0]["steps"][0]["phases"]["forward"]["end"]["device"]["activations"]
+    kept_plain = _doc(plain)["ranks"][0]["steps"][0]["phases"]["forward"]["end"]["device"]["activations"]
+    assert 0 < kept < kept_plain

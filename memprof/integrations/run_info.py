@@ -74,7 +74,13 @@ def optimizer_facts(optimizer: Any, ds_config: dict[str, Any]) -> dict[str, Any]
             name = "amsgrad"
         else:
             name = "adamw" if isinstance(inner, torch.optim.AdamW) or defaults.get("decoupled_weight_decay") else "adam"
-        return {"optimizer": name, "torch_adam": True}
+        # The estimator's torch_adam is torch's foreach/for-loop Adam: a step tensor per tensor
+        # and the update's temporaries. fused=True (HF Trainer's default optim on CPU and CUDA,
+        # "adamw_torch_fused") updates in one kernel without temporaries, as DeepSpeed's FusedAdam
+        # does; its step tensors (4 bytes per parameter tensor) are left out of the estimate then.
+        fused = bool(defaults.get("fused"))
+        return {"optimizer": name, "torch_adam": not fused or name == "amsgrad",
+                "optimizer_implementation": "fused" if fused else ("foreach" if defaults.get("foreach") else "default")}
     if isinstance(inner, torch.optim.SGD):
         momentum = float(defaults.get("momentum", 0) or 0)
         name = "nesterov" if defaults.get("nesterov") else ("momentum" if momentum > 0 else "sgd")
