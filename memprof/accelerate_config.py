@@ -27,6 +27,7 @@ from typing import Any
 from memprof.dsconfig import AUTO, load_config_file
 from memprof.errors import MemprofError
 from memprof.jsonfile import read_user_text
+from memprof.units import is_positive_int
 
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
@@ -66,7 +67,7 @@ def _count(data: dict[str, Any], key: str, path: Path) -> int | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_positive_int(value):
         raise MemprofError(f"accelerate config {path}: {key} is {value!r}: it must be a whole number of at least 1")
     return value
 
@@ -140,7 +141,7 @@ def _inline_deepspeed_config(block: dict[str, Any], where: str) -> dict[str, Any
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise MemprofError(f"{where}: deepspeed_config.zero_stage is {stage!r}: ZeRO stages are 0, 1, 2 or 3")
     gas = block.get("gradient_accumulation_steps", AUTO)
-    if gas != AUTO and (isinstance(gas, bool) or not isinstance(gas, int) or gas < 1):
+    if gas != AUTO and not is_positive_int(gas):
         raise MemprofError(f"{where}: deepspeed_config.gradient_accumulation_steps is {gas!r}: it must be a whole number of at least 1")
     config: dict[str, Any] = {
         "train_batch_size": AUTO,

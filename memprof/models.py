@@ -16,6 +16,7 @@ from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.jsonfile import read_json_object
+from memprof.units import is_positive_int
 
 GPT2_FAMILY = ("gpt2",)
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -155,7 +156,7 @@ def llama_family_fields(cfg: dict[str, Any], where: str = "model config") -> dic
 
 def _positive_int(cfg: dict[str, Any], key: str, where: str) -> None:
     value = cfg.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_positive_int(value):
         raise MemprofError(f"{where} needs a positive integer {key!r} (got {value!r})")
 
 
@@ -176,7 +177,7 @@ def validate_launchable(config: dict[str, Any], name: str) -> None:
     else:
         for key in ("n_layer", "n_embd", "n_head", "n_positions"):
             value = config.get(key, 1024) if key == "n_positions" else config.get(key)  # GPT2Config's default
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_positive_int(value):
                 raise MemprofError(f"{where} needs a positive integer {key!r} (got {value!r})")
         if config["n_embd"] % config["n_head"]:
             raise MemprofError(f"{where}: n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}")

@@ -54,6 +54,12 @@ def parse_count(text: str, what: str = "count") -> int:
     return int(round(value))
 
 
+def is_positive_int(value: object) -> bool:
+    """Whether a value read from a file or passed in code is a positive whole number (bool is not:
+    Python counts True as 1). The one check behind every "must be a positive whole number"."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def parse_positive_int(text: str, what: str) -> int:
     """A positive whole number written by the user (``8``, ``1e3``, ``1_000``), or a MemprofError
     naming ``what`` (the flag)."""

@@ -23,6 +23,7 @@ from memprof.dsconfig import (
     read_deepspeed_config,
 )
 from memprof.errors import MemprofError
+from memprof.units import is_positive_int
 
 __all__ = [
     "OFFLOAD_DEVICES",
@@ -162,7 +163,7 @@ def validate_inputs(inp: EstimateInputs) -> None:
 
 
 def _positive_int(value: Any, what: str, example: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_positive_int(value):
         raise MemprofError(f"{what} {value!r} must be a positive whole number, e.g. {example}")
 
 
@@ -223,7 +224,7 @@ def hidden_size_of(model_config: dict[str, Any] | None) -> int | None:
         return None
     for key in ("hidden_size", "n_embd", "d_model"):
         value = model_config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if is_positive_int(value):
             return value
     return None
 
@@ -299,7 +300,7 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         raise MemprofError("run metadata must be an object")
     ds = run.get("deepspeed_config") or {}
     world = run.get("world_size")
-    world = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
+    world = world if is_positive_int(world) else 1
     settings = settings_from_deepspeed_config(ds, "the run's deepspeed_config", world_size=world) if ds else {}
     model_config = run.get("model_config")
     kw: dict[str, Any] = dict(settings)

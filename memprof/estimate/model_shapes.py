@@ -20,6 +20,7 @@ from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.models import LLAMA_FAMILY, llama_family_fields
+from memprof.units import is_positive_int
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ def _meta_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
     transformers 5.24 leaves tied weights untied (a tied Qwen2 then counts lm_head twice)."""
     try:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModel
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - both are project dependencies
         raise MemprofError(f"counting a {cfg.get('model_type')} model needs transformers and accelerate: {e}") from None
     kwargs = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")}
@@ -404,6 +405,6 @@ def _meta_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
 
 def _req(cfg: dict[str, Any], key: str) -> int:
     value = cfg.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_positive_int(value):
         raise MemprofError(f"model config: {key} = {value!r} must be a positive whole number")
     return value

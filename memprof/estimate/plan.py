@@ -19,6 +19,7 @@ from memprof.errors import MemprofError
 from memprof.estimate.core import activations_not_estimated, peak_device_and_host_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import model_shape
+from memprof.units import is_positive_int
 
 MAX_MICRO_BATCH = 4096
 
@@ -120,10 +121,10 @@ def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None, model_sta
     if missing is None and model_states_only:
         raise MemprofError("--model-states-only is for models whose activations are not estimated; "
                            "this model's are, and plan counts them: drop --model-states-only")
-    if not isinstance(gpus, int) or gpus <= 0:
+    if not is_positive_int(gpus):
         raise MemprofError(f"GPU count {gpus!r} must be a positive whole number, e.g. --gpus 8")
     max_gpus = gpus if max_gpus is None else max_gpus
-    if not isinstance(max_gpus, int) or max_gpus < gpus:
+    if not is_positive_int(max_gpus) or max_gpus < gpus:
         raise MemprofError(f"--max-gpus {max_gpus!r} must be at least --gpus {gpus}")
     usable = int(base.gpu_memory_bytes * (1 - base.headroom))
     host_limit = base.host_memory_bytes

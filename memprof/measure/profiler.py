@@ -44,6 +44,7 @@ from memprof.measure.gather import gather_records, rank_and_world, render_rank_t
 from memprof.measure.host import HostMemory
 from memprof.measure.oom import oom_record
 from memprof.runfile import SCHEMA_VERSION, RankWriter
+from memprof.units import is_positive_int
 
 __all__ = ["MemoryProfiler", "OwnedMap", "OwnershipWalk", "StepContext"]
 
@@ -131,9 +132,7 @@ class MemoryProfiler:
     ) -> None:
         if engine is None and model is None:
             raise ValueError("MemoryProfiler needs engine=... (DeepSpeed) or model=... (plain torch)")
-        if memory_budget is not None and (
-            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0
-        ):
+        if memory_budget is not None and not is_positive_int(memory_budget):
             raise MemprofError(
                 f"memory budget {memory_budget!r} must be a positive number of bytes, e.g. 2GiB"
             )
