@@ -314,6 +314,10 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         kw["gradient_accumulation_steps"] = _run_int(run["gradient_accumulation_steps"], "gradient_accumulation_steps", positive=True)
     if run.get("activation_checkpointing") is not None:
         kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
+    # a torch.optim Adam the framework built itself (HF Trainer, accelerate: memprof.integrations)
+    # keeps a step tensor per parameter, which its DeepSpeed config cannot say
+    if run.get("torch_adam") is True:
+        kw["torch_adam"] = True
     if isinstance(model_config, dict):
         kw["model_config"] = model_config
         attn = model_config.get("_attn_implementation") or model_config.get("attn_implementation")

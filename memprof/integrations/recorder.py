@@ -359,15 +359,11 @@ def _loss_of(out: Any) -> torch.Tensor | None:
 def estimate_for_run(run: dict[str, Any], rank: int) -> dict[str, Any] | None:
     """The estimator's prediction for the recorded setup (memprof.estimate.inputs_from_run, as the
     launcher does in memprof/train/loop.py), or None with a one-line warning on rank 0: a missing
-    estimate must not cost the measurement. A torch.optim Adam the framework built itself keeps a
-    step tensor per parameter, which the DeepSpeed config cannot say (``torch_adam``)."""
+    estimate must not cost the measurement."""
     try:
         from memprof.estimate import estimate, inputs_from_run
 
-        inputs = inputs_from_run(run)
-        if run.get("torch_adam") and not inputs.torch_adam:
-            inputs = inputs.with_(torch_adam=True)
-        return estimate(inputs).to_json()
+        return estimate(inputs_from_run(run)).to_json()
     except Exception as e:  # noqa: BLE001 - any estimator failure degrades to "estimate": null
         if rank == 0:
             print(f"memprof: warning: no estimate recorded ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
