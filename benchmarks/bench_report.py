@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 from browser_setup import chromium_path  # noqa: E402
 from make_report_fixtures import synthetic_run  # noqa: E402
+
 from memprof.cli import main as memprof_main  # noqa: E402
 from memprof.report import collector_paused, write_report  # noqa: E402
 from memprof.report.render import plotly_js  # noqa: E402

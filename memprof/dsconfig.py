@@ -409,7 +409,8 @@ class _Reader:
                 if hf is not None and (key == "reduce_bucket_size" or stage == 3):
                     if self.hidden is not None:
                         kw[name] = hf[1](self.hidden)
-                        self.auto.append(AutoValue(dotted, kw[name], f"{hf[0].strip()}, hidden size {self.hidden}, as HF's Trainer fills it"))
+                        how = f"{hf[0].strip()}, hidden size {self.hidden}, as HF's Trainer fills it"
+                        self.auto.append(AutoValue(dotted, kw[name], how))
                     elif used:
                         self.auto.append(AutoValue(dotted, None, "pass --model or --model-config (HF fills it from the "
                                                    "model's hidden size) or write a number"))

@@ -13,10 +13,10 @@ Extra keys are allowed: newer writers may add fields within the same schema vers
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
-from typing_extensions import Annotated, NotRequired, TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from memprof.categories import PHASES
 from memprof.compare import last_complete_step_index
@@ -32,27 +32,27 @@ class _PhasePeak(TypedDict):
 
 class _StepSeries(TypedDict):
     step: int
-    loss: NotRequired[Optional[float]]
+    loss: NotRequired[float | None]
     phases: dict[str, _PhasePeak]
 
 
 class _Oom(TypedDict):
-    step: NotRequired[Optional[int]]
-    phase: NotRequired[Optional[str]]
-    breakdown: NotRequired[Optional[Breakdown]]
-    total_bytes: NotRequired[Optional[int]]
-    budget_bytes: NotRequired[Optional[int]]
-    message: NotRequired[Optional[str]]
+    step: NotRequired[int | None]
+    phase: NotRequired[str | None]
+    breakdown: NotRequired[Breakdown | None]
+    total_bytes: NotRequired[int | None]
+    budget_bytes: NotRequired[int | None]
+    message: NotRequired[str | None]
 
 
 class _Rank(TypedDict):
     rank: int
-    host: NotRequired[Optional[str]]
-    device: NotRequired[Optional[str]]
+    host: NotRequired[str | None]
+    device: NotRequired[str | None]
     steps: list[_StepSeries]
-    oom: NotRequired[Optional[_Oom]]
+    oom: NotRequired[_Oom | None]
     complete: NotRequired[bool]
-    peak_host_rss_bytes: NotRequired[Optional[int]]
+    peak_host_rss_bytes: NotRequired[int | None]
 
 
 class _EstimatePhase(TypedDict):
@@ -71,11 +71,11 @@ class _Estimate(TypedDict):
     ranks: list[_EstimateRank]
     assumptions: NotRequired[list[str]]
     overhead: NotRequired[dict[str, Any]]
-    device_total_bytes: NotRequired[Optional[int]]
-    peak_device_bytes: NotRequired[Optional[int]]
+    device_total_bytes: NotRequired[int | None]
+    peak_device_bytes: NotRequired[int | None]
 
 
-_Count = Optional[Annotated[int, Field(ge=0)]]
+_Count = Annotated[int, Field(ge=0)] | None
 
 
 class _RunMeta(TypedDict):
@@ -84,7 +84,7 @@ class _RunMeta(TypedDict):
 
     world_size: NotRequired[_Count]
     nodes: NotRequired[_Count]
-    zero_stage: NotRequired[Optional[Annotated[int, Field(ge=0, le=3)]]]
+    zero_stage: NotRequired[Annotated[int, Field(ge=0, le=3)] | None]
     micro_batch: NotRequired[_Count]
     seq_len: NotRequired[_Count]
     n_params: NotRequired[_Count]
@@ -96,7 +96,7 @@ class _RunDoc(TypedDict):
     run: _RunMeta
     ranks: list[_Rank]
     missing_ranks: NotRequired[list[int]]
-    estimate: NotRequired[Optional[_Estimate]]
+    estimate: NotRequired[_Estimate | None]
 
 
 class _ShownPhase(TypedDict):

@@ -11,7 +11,6 @@ import pytest
 from memprof.train.deepspeed_ops import use_venv_extensions_dir
 from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 
-
 SHM_AT_START = pytest.StashKey[str]()
 
 

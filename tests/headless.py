@@ -58,7 +58,7 @@ class Chromium:
         self._next_id = 0
         self.log = PageLog()
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         import websocket  # test dependency: websocket-client
 
         self._proc = subprocess.Popen(

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from memprof.cli.cli_args import inputs_from_args
 from memprof.cli.estimate import build_parser
 from memprof.estimate import estimate, inputs_from_run
-from memprof.cli.cli_args import inputs_from_args
 from memprof.train.config import load_deepspeed_config, parse_args
 from memprof.train.run_meta import DistributedFacts, build_run_meta
 
@@ -207,7 +207,8 @@ def test_the_launcher_refuses_auto_which_deepspeed_alone_does_not_fill(tmp_path:
 
 def test_accelerate_inline_deepspeed_config() -> None:
     inp = estimate_inputs("--model", "gpt2", "--accelerate-config", str(USER / "accelerate_inline_zero2.yaml"), "--micro-batch", "2")
-    assert (inp["world_size"], inp["nodes"], inp["zero_stage"], inp["precision"], inp["gradient_accumulation_steps"]) == (8, 2, 2, "bf16", 4)
+    got = (inp["world_size"], inp["nodes"], inp["zero_stage"], inp["precision"], inp["gradient_accumulation_steps"])
+    assert got == (8, 2, 2, "bf16", 4)
     assert inp["zero"]["offload_optimizer"] == "cpu" and inp["zero"]["offload_param"] == "none"
     assert inp["auto_values"]["train_batch_size"] == 2 * 4 * 8
     # flags still win

@@ -282,9 +282,8 @@ def test_callback_report_opens_in_a_browser_with_every_chart_drawn(z2: Path) -> 
     # the browser checks of tests/test_report_browser.py (one Chromium, no console error, no network
     # request, every chart drawn) on the report.html the callback wrote; then the summary says what ran
     from browser_setup import chromium_path
-    from test_report_browser import open_clean
-
     from headless import Chromium
+    from test_report_browser import open_clean
 
     path = chromium_path()
     assert path is not None, "chromium is missing: `python tests/browser_setup.py --install` (make install) installs it"

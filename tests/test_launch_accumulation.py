@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from memprof.runfile import load_run, step_is_boundary, step_micro_index
 from launch_helpers import REPO, launch_deepspeed
+
+from memprof.runfile import load_run, step_is_boundary, step_micro_index
 
 GAS, STEPS = 2, 4
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import run_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +69,8 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "optimizer.params.momentum is 'abc': it must be a number",
         ),
         "momentum a list": (
-            ["--deepspeed_config", str(_ds_json(tmp_path, "momlist.json", stage=0, optimizer={"type": "RMSprop", "params": {"momentum": [1]}})),
+            ["--deepspeed_config",
+             str(_ds_json(tmp_path, "momlist.json", stage=0, optimizer={"type": "RMSprop", "params": {"momentum": [1]}})),
              "--out", out],
             "optimizer.params.momentum is [1]: it must be a number",
         ),

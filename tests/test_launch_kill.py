@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from memprof.runfile import load_run, read_rank_lines
 from launch_helpers import run_group
+
+from memprof.runfile import load_run, read_rank_lines
 
 REPO = Path(__file__).resolve().parents[1]
 # launch/train.py's entry point with the fault patched in from outside the shipped loop

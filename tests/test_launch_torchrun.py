@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from launch_helpers import finish_groups, free_port, start_group
 
 from memprof.models import PRESETS
 from memprof.runfile import load_run
-from launch_helpers import finish_groups, free_port, start_group
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"

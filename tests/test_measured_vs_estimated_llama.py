@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import REPO, launch_deepspeed, leaked_shm_segments
+
 from memprof.models import PRESETS
 
 BUFFER_BYTES = {"llama-tiny": 2 * 8 * 4, "qwen2-tiny": 2 * 8 * 4}  # rotary inv_freq + original_inv_freq, head_dim 16, fp32

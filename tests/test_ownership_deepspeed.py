@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from launch_helpers import free_port, leaked_shm_segments, run_group
+from precision_support import precision_of, skip_unless_cpu_supports, unsupported_reason
 
 from memprof.categories import CATEGORIES, LOCATIONS, Breakdown
 from memprof.models import PRESETS
-from launch_helpers import free_port, leaked_shm_segments, run_group
-from precision_support import precision_of, skip_unless_cpu_supports, unsupported_reason
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "ds_harness" / "resident.py"

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from launch_helpers import free_port, leaked_shm_segments, run_group
 
 from memprof.categories import CATEGORIES, LOCATIONS, Breakdown
 from memprof.models import PRESETS
-from launch_helpers import free_port, leaked_shm_segments, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "ds_harness" / "resident.py"

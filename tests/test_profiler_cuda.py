@@ -46,7 +46,7 @@ def test_cuda_phase_records_use_allocator_counters(tmp_path) -> None:
     assert doc["run"]["device_type"] == "cuda"
     steps = doc["ranks"][0]["steps"]
     for st in steps:
-        for name, rec in st["phases"].items():
+        for rec in st["phases"].values():
             assert rec["end"]["device"]["params"] == 4 * n
             assert rec["peak_total"] == rec["cuda"]["peak_allocated_bytes"]
             assert rec["end_total"] == rec["cuda"]["allocated_bytes"]

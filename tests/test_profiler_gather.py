@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from launch_helpers import free_port
 
 from memprof.runfile import load_run
-from launch_helpers import free_port
 
 WORLD = 2
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from browser_setup import chromium_path
+
 from memprof.report import write_report
 from memprof.runfile import load_run
 
@@ -237,7 +237,8 @@ def test_sweep_page(browser, reports):
     assert sorted(t["name"] for t in lvm) == ["adamw", "momentum", "rmsprop", "sgd"]
     # ZeRO formula in the table: AdamW fp32 stage 3 on 4 ranks = 16Ψ/4, stage 0 on 2 ranks = 16Ψ
     formula = browser.evaluate(
-        "Array.from(document.querySelectorAll('table.zero-table tr')).filter(tr => tr.querySelector('td')).map(tr => [tr.cells[1].textContent,"
+        "Array.from(document.querySelectorAll('table.zero-table tr')).filter(tr => tr.querySelector('td'))"
+        ".map(tr => [tr.cells[1].textContent,"
         " tr.cells[2].textContent, tr.querySelector('td[data-kind=\"formula\"]').dataset.bytes])")
     table = {(s, n): int(b) for s, n, b in formula if b is not None}
     assert table[("3", "4")] == 4 * P_TINY and table[("0", "2")] == 16 * P_TINY

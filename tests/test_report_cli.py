@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from memprof.cli import main as memprof_main
 from memprof.report import write_report
 from memprof.report.render import plotly_js

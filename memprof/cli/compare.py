@@ -10,8 +10,8 @@ from memprof.cli.parser import MemprofArgumentParser
 from memprof.cli.tables import Column, output_console, print_tables
 from memprof.compare import PEAK_TOLERANCE, RESIDENT_TOLERANCE, Comparison, compare_run
 from memprof.errors import MemprofError
-from memprof.runschema import check_run_doc
 from memprof.runfile import load_run
+from memprof.runschema import check_run_doc
 from memprof.units import format_bytes
 
 SUMMARY = "put a run's measured memory beside its estimate, per rank and category"

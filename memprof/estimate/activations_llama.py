@@ -114,7 +114,8 @@ def llama_activations(
         if cache and n_rep > 1:
             cache_not_saved = 2 * BSK * e
         attn_words = (f"BSQ*{ae} (q) + 2 B*a*S*d*{ae} (repeat_kv copies of k, v) " if n_rep > 1 else
-                      f"BSQ*{ae} (q) + 2BSK*{ae} (k, v) ") + f"+ B*a*S*S*4 (softmax){' + B*a*S*S*e (its copy)' if probs > bass * FP32 else ''} + BSQ*e (o_proj input)"
+                      f"BSQ*{ae} (q) + 2BSK*{ae} (k, v) ") + (
+                          f"+ B*a*S*S*4 (softmax){' + B*a*S*S*e (its copy)' if probs > bass * FP32 else ''} + BSQ*e (o_proj input)")
     per_layer = norms + mlp + attn
 
     input_ids = BS * INT64
@@ -194,7 +195,8 @@ def llama_activations(
     down_proj = after_norm + BSI * e + H * I * e + (H * e if shape.mlp_bias else 0)
     # the first hook itself: lm_head.weight's (untied: only the loss gradients are gone) or
     # model.norm.weight's (tied: the normalised states and lm_head's input freed)
-    first = (saved - shift_labels - log_softmax + 2 * FP32) if not shape.tied_embeddings else (after_norm - recomputed + norm_saved - BSH * e)
+    first = ((saved - shift_labels - log_softmax + 2 * FP32) if not shape.tied_embeddings
+             else (after_norm - recomputed + norm_saved - BSH * e))
     # the SwiGLU product's backward (grad of silu's output and of up's output, BSI*e each, beside
     # down_proj's grad_x; down_proj's saved input, the product, already freed)
     swiglu_mul = after_norm + 2 * BSI * e

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from memprof.errors import MemprofError
 from memprof.dsconfig import optimizer_name_from_block
+from memprof.errors import MemprofError
 from memprof.train.run_meta import count_nodes, cuda_device_facts, package_versions
 
 

@@ -8,8 +8,9 @@ plain data.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.report.data import build_report_data

@@ -19,7 +19,8 @@ every phase-peak total takes its measured, estimated, error and check from
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from memprof.categories import CATEGORIES, LOCATIONS, MODEL_STATE_CATEGORIES, PHASES
 from memprof.compare import (

@@ -126,7 +126,8 @@ def peak_bars(run: dict[str, Any], phase: str) -> dict[str, Any]:
                     outer.append(f"rank {r['rank']}")
                     inner.append(kind)
                     y.append(mib(v))
-                    hover.append(f"rank {r['rank']} {kind}, step {b['step']} {phase} peak ({format_bytes(total) if total is not None else 'n/a'})<br>"
+                    shown = format_bytes(total) if total is not None else "n/a"
+                    hover.append(f"rank {r['rank']} {kind}, step {b['step']} {phase} peak ({shown})<br>"
                                  f"{loc}/{cat}: {format_bytes(v) if v is not None else 'n/a'} ({v} B), "
                                  f"error {fmt_error(cell['error'])}")
             trace = {
@@ -245,9 +246,11 @@ def zero_saving(group: dict[str, Any]) -> dict[str, Any]:
                            "legendgroup": f"stage{stage}", **style,
                            "text": [f"{esc(p['label'])}: {kind} {format_bytes(p[kind]) if p[kind] is not None else 'n/a'}"
                                     for p in pts], "hoverinfo": "text"})
-    title = f"ZeRO saving: model states per rank vs world size ({esc(group['model'])}, {esc(group['optimizer'])}, {esc(group['precision'])})"
+    title = ("ZeRO saving: model states per rank vs world size "
+             f"({esc(group['model'])}, {esc(group['optimizer'])}, {esc(group['precision'])})")
     return {"data": traces, "layout": {**_layout("", "MiB per rank (worst rank)",
-                                                 xaxis={"title": {"text": "world size N"}, "tickvals": sorted({p["world_size"] for p in group["points"]})}),
+                                                 xaxis={"title": {"text": "world size N"},
+                                                        "tickvals": sorted({p["world_size"] for p in group["points"]})}),
                                        "title": {"text": title}}}
 
 

@@ -14,9 +14,9 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
-from plotly.offline import get_plotlyjs_version
 import plotly.io as pio
 from markupsafe import Markup
+from plotly.offline import get_plotlyjs_version
 
 from memprof import __version__
 from memprof.categories import CATEGORIES, PHASES

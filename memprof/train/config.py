@@ -95,12 +95,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Train a randomly initialised GPT-2 under DeepSpeed and profile its memory. "
         "All training settings come from the DeepSpeed JSON named by --deepspeed_config.",
     )
-    p.add_argument("--deepspeed_config", required=True, metavar="PATH", help="DeepSpeed JSON config (the single source of training settings)")
+    p.add_argument("--deepspeed_config", required=True, metavar="PATH",
+                   help="DeepSpeed JSON config (the single source of training settings)")
     # deepspeed.add_config_arguments() adds --deepspeed; accept it so command lines written for it work.
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", default=None, metavar="PRESET", help=f"model preset: {', '.join(PRESETS)} (default gpt2-tiny)")
-    model.add_argument("--model-config", default=None, metavar="PATH", help="an HF config.json (model_type gpt2, llama, mistral or qwen2) instead of a preset")
+    model.add_argument("--model-config", default=None, metavar="PATH",
+                       help="an HF config.json (model_type gpt2, llama, mistral or qwen2) instead of a preset")
     p.add_argument("--steps", type=positive_int("--steps"), default=3, help="training iterations (default 3)")
     p.add_argument("--seq-len", type=positive_int("--seq-len"), default=128, help="tokens (bytes) per sample (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and data sampling (default 0)")

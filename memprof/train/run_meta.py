@@ -4,9 +4,10 @@ the run's own setup (``memprof.estimate.inputs_from_run``) and every report show
 from __future__ import annotations
 
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any
 
 from memprof import __version__ as memprof_version
 from memprof.train.config import TrainConfig

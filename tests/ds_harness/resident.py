@@ -120,7 +120,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
     def snapshot_in_backward(grad: torch.Tensor) -> None:
         if step_index["i"] == STEPS - 1 and "mid_backward" not in snapshots:
-            snapshots["mid_backward"] = owned_breakdown(owned_storages(engine))
+            snapshots["mid_backward"] = owned_breakdown(owned_storages(engine))  # noqa: F821 - bound before any backward
 
     handle = None
     if case.get("mid_backward"):
