@@ -1,7 +1,7 @@
 """Launch every shipped DeepSpeed config and compare the estimate with the measurement.
 
-  .venv/bin/python benchmarks/sweep_configs.py [--ranks 2] [--model gpt2-tiny] [--steps 3]
-      [--seq-len 32] [--out runs/sweep] [--configs configs/stage0_*.json ...]
+  .venv/bin/python benchmarks/sweep_configs.py [--ranks 2] [--models gpt2-tiny llama-tiny ...]
+      [--steps 3] [--seq-len 32] [--out runs/sweep] [--configs configs/stage0_*.json ...]
 
 For each config: `deepspeed --num_gpus N launch/train.py` (CPU ranks with DS_ACCELERATOR=cpu when no
 GPU is visible and DS_ACCELERATOR is unset; GPUs otherwise), then
@@ -39,9 +39,9 @@ def _launch_env() -> dict[str, str]:
     return env
 
 
-def _launch(config: Path, out: Path, args: argparse.Namespace) -> tuple[int, str]:
+def _launch(config: Path, model: str, out: Path, args: argparse.Namespace) -> tuple[int, str]:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(free_local_port()),
-           str(REPO / "launch" / "train.py"), "--deepspeed_config", str(config), "--model", args.model,
+           str(REPO / "launch" / "train.py"), "--deepspeed_config", str(config), "--model", model,
            "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", type=Path, default=sorted((REPO / "configs").glob("*.json")))
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--model", default="gpt2-tiny")
+    parser.add_argument("--models", nargs="+", default=["gpt2-tiny"], help="presets; every config runs with each")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "sweep")
@@ -77,34 +77,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     failures = 0
-    print(f"{'config':36} {'launch':>7} {'worst error':>12}  outside tolerance", flush=True)
-    for config in args.configs:
-        out = args.out / config.stem
+    print(f"{'model':11} {'config':42} {'launch':>7} {'worst error':>12}  outside tolerance", flush=True)
+    runs = [(model, config) for model in args.models for config in args.configs]
+    for model, config in runs:
+        name = f"{model:11} {config.stem:42}"
+        out = args.out / model / config.stem
         start = time.monotonic()
-        rc, log = _launch(config, out, args)
+        rc, log = _launch(config, model, out, args)
         took = time.monotonic() - start
         if rc != 0:
             failures += 1
             tail = " | ".join(log.strip().splitlines()[-3:])
-            print(f"{config.stem:36} {took:6.0f}s  launch failed (exit {rc}): {tail}", flush=True)
+            print(f"{name} {took:6.0f}s  launch failed (exit {rc}): {tail}", flush=True)
             continue
         try:
             cmp = _compare(out)
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
             failures += 1
-            print(f"{config.stem:36} {took:6.0f}s  compare failed: {exc}", flush=True)
+            print(f"{name} {took:6.0f}s  compare failed: {exc}", flush=True)
             continue
         checked = [r for r in cmp["rows"] if r["ok"] is not None and r["error"] is not None]
         if not checked:
             failures += 1
-            print(f"{config.stem:36} {took:6.0f}s  nothing was checked (no complete step?)", flush=True)
+            print(f"{name} {took:6.0f}s  nothing was checked (no complete step?)", flush=True)
             continue
         worst = max((abs(r["error"]) for r in checked), default=0.0)
         bad = [f"rank {r['rank']} {r['what']} {r['location']} {r['name']} {r['error']:+.2%}"
                for r in cmp["rows"] if r["ok"] is False]
         failures += bool(bad)
-        print(f"{config.stem:36} {took:6.0f}s {worst:12.3%}  {'; '.join(bad) or '-'}", flush=True)
-    print(f"{len(args.configs)} configs, {failures} with a failed launch or a figure outside tolerance")
+        print(f"{name} {took:6.0f}s {worst:12.3%}  {'; '.join(bad) or '-'}", flush=True)
+    print(f"{len(runs)} runs ({len(args.models)} models x {len(args.configs)} configs), "
+          f"{failures} with a failed launch or a figure outside tolerance")
     return 1 if failures else 0
 
 

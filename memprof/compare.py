@@ -12,7 +12,7 @@ lazily, so later steps are what the estimator models):
 The estimate's figures for a rank are :func:`estimate_for_rank`'s (rank 0's stand in for a rank the
 estimator did not list); the error is :func:`relative_error`, (estimated - measured) / measured.
 Tolerances are the ones memprof promises: resident model states (``params``, ``master_params``,
-``optimizer_state``) within 0.5%, per-phase peak totals within 5%. :mod:`memprof.report` builds its
+``optimizer_state``) within 0.5%, per-phase peak totals within 3%. :mod:`memprof.report` builds its
 tables and charts on :func:`comparison_of`, so the page can never disagree with
 ``memprof compare --check``.
 """
@@ -27,7 +27,7 @@ from memprof.categories import CATEGORIES, LOCATIONS, PHASES
 from memprof.errors import MemprofError
 
 RESIDENT_TOLERANCE = 0.005
-PEAK_TOLERANCE = 0.05
+PEAK_TOLERANCE = 0.03  # every phase peak within 3% (issue 8's accuracy bar; the matrix tests hold it)
 RESIDENT_CHECKED = ("params", "master_params", "optimizer_state")
 
 

@@ -40,7 +40,16 @@ EXPECTED = {
     "stage2_adamw_offload_optimizer": (2, "adamw", "fp32", "cpu", "none"),
     "stage3_adamw_offload_param": (3, "adamw", "fp32", "cpu", "cpu"),
     "demo": (2, "adamw", "fp32", "none", "none"),
+    "stage0_sgd_gas2_checkpointing": (0, "sgd", "fp32", "none", "none"),
+    "stage1_adamw_gas3": (1, "adamw", "fp32", "none", "none"),
+    "stage2_adamw_gas2": (2, "adamw", "fp32", "none", "none"),
+    "stage2_adamw_bf16_offload_optimizer_gas2": (2, "adamw", "bf16", "cpu", "none"),
+    "stage3_adamw_bf16_gas2_checkpointing": (3, "adamw", "bf16", "none", "none"),
 }
+# gradient_accumulation_steps (1 where not listed) and the activation_checkpointing block, by name
+GAS = {"stage0_sgd_gas2_checkpointing": 2, "stage1_adamw_gas3": 3, "stage2_adamw_gas2": 2,
+       "stage2_adamw_bf16_offload_optimizer_gas2": 2, "stage3_adamw_bf16_gas2_checkpointing": 2}
+CHECKPOINTING = {"stage0_sgd_gas2_checkpointing", "stage3_adamw_bf16_gas2_checkpointing"}
 
 
 def test_every_shipped_config_is_listed_and_means_what_its_name_says() -> None:
@@ -50,7 +59,8 @@ def test_every_shipped_config_is_listed_and_means_what_its_name_says() -> None:
         assert (ds.zero_stage, ds.optimizer, ds.precision, ds.offload_optimizer, ds.offload_params) == (
             stage, optimizer, precision, off_opt, off_par,
         ), name
-        assert ds.micro_batch == 2 and ds.gradient_accumulation_steps == 1
+        assert ds.micro_batch == 2 and ds.gradient_accumulation_steps == GAS.get(name, 1)
+        assert ds.activation_checkpointing == (name in CHECKPOINTING), name
         # the dict handed to deepspeed.initialize is the file, unchanged
         assert ds.config == json.loads((CONFIGS / f"{name}.json").read_text())
 

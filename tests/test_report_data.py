@@ -258,7 +258,9 @@ def test_report_and_compare_agree_on_failures_and_the_rank_0_fallback():
     run = build_report_data([doc])["runs"][0]
     # 1% over on optimizer_state (tolerance 0.5%) on both ranks: compare --check would fail
     assert run["check"]["ok"] is False
-    assert [(f["rank"], f["name"]) for f in run["check"]["failures"]] == [(0, "optimizer_state"), (1, "optimizer_state")]
+    # (rank 1's phase peaks, compared with rank 0's estimate, may fail the 3% peak tolerance too)
+    resident = [(f["rank"], f["name"]) for f in run["check"]["failures"] if f["name"] not in ("forward", "backward", "step")]
+    assert resident == [(0, "optimizer_state"), (1, "optimizer_state")]
     r1 = next(c for c in run["ranks"][1]["cells"] if c["category"] == "optimizer_state" and c["location"] == "device")
     measured = raw("one_run.json")["ranks"][1]["steps"][-1]["phases"]["step"]["end"]["device"]["optimizer_state"]
     assert r1["error"] == pytest.approx(0.01, abs=1 / measured) and r1["ok"] is False

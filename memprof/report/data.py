@@ -24,6 +24,8 @@ from typing import Any
 
 from memprof.categories import CATEGORIES, LOCATIONS, MODEL_STATE_CATEGORIES, PHASES
 from memprof.compare import (
+    PEAK_TOLERANCE,
+    RESIDENT_TOLERANCE,
     Comparison,
     comparison_of,
     estimate_for_rank,
@@ -390,6 +392,8 @@ def _check_verdict(cmp: Comparison) -> dict[str, Any]:
     return {
         "ok": cmp.ok,
         "checked": sum(1 for r in cmp.rows if r.tolerance is not None),
+        "resident_tolerance": RESIDENT_TOLERANCE,
+        "peak_tolerance": PEAK_TOLERANCE,
         "failures": [{"rank": r.rank, "what": r.what, "location": r.location, "name": r.name,
                       "measured": r.measured, "estimated": r.estimated, "error": r.error, "tolerance": r.tolerance}
                      for r in bad],
