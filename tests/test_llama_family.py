@@ -148,3 +148,16 @@ def test_activations_not_modelled_outside_the_traced_code_paths() -> None:
     assert model_activations(model_shape(gelu), 1, 32, 2, "sdpa", False, "cpu") is None
     # other families: no activation model (the estimate's fits is then unknown)
     assert model_activations(model_shape(n_params=10**9), 1, 32, 2, "sdpa", False, "cpu") is None
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])
+def test_build_under_zero_init(preset: str) -> None:
+    """deepspeed.zero.Init partitions every parameter at construction; the class was imported
+    before entering it (importing inside fails on torch 2.13), and one ZeRO-3 step trains."""
+    from launch_helpers import free_port
+
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ds_harness" / "zero_init_build.py"), str(free_port()), preset],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "partitioned: True True" in proc.stdout and "step ok" in proc.stdout, proc.stdout[-2000:]
