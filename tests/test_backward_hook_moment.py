@@ -122,3 +122,33 @@ def test_long_sequence_backward_peaks_at_the_attention_backward(checkpointing: b
         loss.backward()
     acts = gpt2_activations(model_shape(config), 1, 1024, dtype.itemsize, "sdpa", checkpointing, "cpu")
     assert abs(acts.backward_peak / tracker.peak - 1) <= tolerance, (tracker.peak, acts.backward_peak)
+
+
+# Beyond gpt2-tiny's shape (issue 8): other widths, head counts, depths and sequence lengths, and
+# a very small model, so the checkpointing model is not tuned to one shape.
+OTHER_SHAPES = [
+    # (n_layer, n_embd, n_head, batch, seq)
+    (1, 96, 3, 2, 48),     # one block, 3 heads of 32
+    (3, 128, 8, 1, 100),   # 8 heads of 16, batch 1, a length that is no power of two
+    (2, 32, 1, 3, 16),     # a very small model with one head
+    (4, 64, 2, 2, 200),    # deeper, longer
+]
+
+
+@pytest.mark.parametrize("n_layer,n_embd,n_head,batch,seq", OTHER_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpointed_peaks_match_the_formula_on_other_shapes(n_layer, n_embd, n_head, batch, seq, dtype) -> None:
+    config = {**preset_config("gpt2-tiny"), "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
+    model = build_model(config, seed=0, activation_checkpointing=True).to(dtype)
+    tracker = _LiveBytes(list(model.parameters()))
+    tracker.recording = True
+    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    with tracker:
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        del out
+        forward_peak, tracker.peak = tracker.peak, 0
+        loss.backward()
+    acts = gpt2_activations(model_shape(config), batch, seq, dtype.itemsize, "sdpa", True, "cpu")
+    assert acts.forward_peak == forward_peak
+    assert 0 <= acts.backward_peak - tracker.peak <= n_embd * dtype.itemsize + 8, (tracker.peak, acts.backward_peak)
