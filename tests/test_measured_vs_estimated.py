@@ -96,6 +96,11 @@ def expected_stage0_sgd(n: int) -> dict:
     return {"params": 4 * P, "master_params": 0, "optimizer_state": 0}
 
 
+def expected_stage0_adamw(n: int) -> dict:
+    # FusedAdam over the fp32 params: exp_avg + exp_avg_sq (fp32), a Python-int step
+    return {"params": 4 * P, "master_params": 0, "optimizer_state": 8 * P}
+
+
 def expected_stage0_adamw_bf16(n: int) -> dict:
     # FP16_Optimizer over FusedAdam: bf16 params, an fp32 master of each, exp_avg + exp_avg_sq (fp32)
     return {"params": 2 * P, "master_params": 4 * P, "optimizer_state": 8 * P}
@@ -191,6 +196,18 @@ CASES = {
         2, _config(2, "adamw", True, 2, **SMALL_BUCKETS, offload_optimizer={"device": "cpu"}), expected_stage2_adamw_bf16,
     ),
     "z3-adamw-bf16-gas3-n2": (2, _config(3, "adamw", True, 3, **Z3), expected_stage3_adamw_bf16),
+    # ZeRO-2 with a reduce bucket smaller than most params (HF "auto": hidden^2 = 4096 elements):
+    # rank 1 owns the last params, so the first reductions allocate its grads_in_partition while
+    # the last block's activations live (before: its backward -6.3%, GAS 1 -6.9%)
+    "z2-adamw-fp32-bucket4096-gas2-n2": (
+        2, _config(2, "adamw", False, 2, reduce_bucket_size=4096, allgather_bucket_size=4096), expected_stage1_adamw,
+    ),
+    # activation checkpointing (the config's block: one checkpoint per block) with accumulation: the
+    # first micro-step's param.grad (4P) rides through the boundary's forward and backward
+    "z0-adamw-fp32-ckpt-gas2-n2": (
+        2, {**_config(0, "adamw", False, 2), "activation_checkpointing": {"partition_activations": False}},
+        expected_stage0_adamw,
+    ),
 }
 RESIDENT_TOLERANCE = 0.005
 PEAK_TOLERANCE = 0.03

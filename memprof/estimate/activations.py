@@ -57,6 +57,16 @@ class Activations:
     formula: str  # the per-layer formula in words
     loop_held: int = 0  # what the loop holds between steps: its input batch (int64) and the loss
     backward_first_hook: int = 0  # activations alive when the first parameter gradients appear
+    # activations alive once the gradient hooks of the final norm and of the last block's MLP
+    # output projection have fired (GPT-2 tied: ln_f and mlp.c_proj, 4 hooks), at GELU's last mul
+    # of that block; 0 where not modelled. ZeRO-2 with a small reduce bucket allocates
+    # grads_in_partition by then on some ranks (zero_layout._stage2_after_mlp_out_hooks)
+    after_mlp_out_hooks: int = 0
+
+
+# GPT-2 (tied): parameter gradient hooks fired by Activations.after_mlp_out_hooks, in backward
+# (reverse parameter) order: ln_f bias and weight, then the last block's mlp.c_proj bias and weight
+GPT2_MLP_OUT_HOOKS = 4
 
 
 def attention_keeps_probabilities(attn_implementation: str, device_type: str, attn_dropout: bool) -> bool:
@@ -174,6 +184,7 @@ def gpt2_activations(
         recomputed = 0
     loop_held = input_ids + loss
     untied_recompute = 0
+    gelu_mul = 0
     if not shape.tied_embeddings:
         # (not traced) the first hook is lm_head.weight's: counted as every saved tensor less the
         # loss's labels; under checkpointing the recomputed block's MLP backward as the tied model
@@ -216,5 +227,6 @@ def gpt2_activations(
         f"+ GELU/MLP 5BSI*e + attention [{attn_words}]"
         + ("; KV cache (use_cache) copies k, v per block" if cache else "")
     )
-    return Activations(saved, forward_peak, backward_peak, per_layer, formula, loop_held, first_hook)
+    return Activations(saved, forward_peak, backward_peak, per_layer, formula, loop_held, first_hook,
+                       after_mlp_out_hooks=gelu_mul)
 

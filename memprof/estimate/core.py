@@ -58,12 +58,15 @@ def _phase_extras(lay: StateLayout, acts: Activations | None) -> dict[str, list[
     a_fwd = act(acts.forward_peak) if acts else 0
     a_bwd = act(acts.backward_peak) if acts else 0
     a_hook = act(acts.backward_first_hook) if acts else 0
+    backward = [{**lay.forward_extra, ACT: a_bwd}, {**lay.backward_extra, ACT: a_hook}, dict(lay.backward_end_extra)]
+    if acts and acts.after_mlp_out_hooks and lay.backward_after_mlp_out_hooks_extra:
+        # ZeRO-2: a rank whose gradient partition the first reductions already reach holds it here
+        backward.append({**lay.backward_after_mlp_out_hooks_extra, ACT: act(acts.after_mlp_out_hooks)})
     # at backward's start only the params gathered for it exist beside the activations; gradients
     # and reduce buckets come with the first hook
     return {
         "forward": [{**lay.forward_extra, ACT: a_fwd}],
-        "backward": [{**lay.forward_extra, ACT: a_bwd}, {**lay.backward_extra, ACT: a_hook},
-                     dict(lay.backward_end_extra)],
+        "backward": backward,
         "step": [dict(m) for m in lay.step_moments] or [{}],
     }
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memprof.categories import Category
+from memprof.estimate.activations import GPT2_MLP_OUT_HOOKS
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import (
@@ -43,6 +44,9 @@ class StateLayout:
     forward_extra: dict[str, int] = field(default_factory=dict)
     backward_extra: dict[str, int] = field(default_factory=dict)
     backward_end_extra: dict[str, int] = field(default_factory=dict)  # at the end of backward
+    # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
+    # Activations.after_mlp_out_hooks); empty where not modelled (see _stage2_after_mlp_out_hooks)
+    backward_after_mlp_out_hooks_extra: dict[str, int] = field(default_factory=dict)
     # candidate moments of the step phase, each as device bytes beyond ``rest`` (may be negative:
     # ZeRO-3 releases the gathered persistent params for the step); the phase peak is the largest
     step_moments: list[dict[str, int]] = field(default_factory=list)
@@ -196,6 +200,41 @@ def _plus(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def _stage2_after_mlp_out_hooks(s: _Setup, n_hooks: int) -> tuple[bool, int]:
+    """ZeRO-2 (contiguous_gradients) after the first ``n_hooks`` gradient hooks of backward, in
+    reverse parameter order: (whether this rank's ``grads_in_partition`` is allocated by then,
+    elements of an oversized gradient still waiting outside the bucket).
+
+    stage_1_and_2.py (0.19.8): each hook (reduce_independent_p_g_buckets_and_remove_grads, :1414)
+    first reduces the bucket when ``bucket.elements + param.numel() > reduce_bucket_size`` (:1422,
+    reduce_ipg_grads :2205); the reduction calls copy_grads_in_partition (:2270) for every bucket
+    param in this rank's partition, and its first call allocates ``grads_in_partition`` for every
+    param touching the partition (:2187-2194). A param larger than the bucket is not copied into it
+    (:1443, extra_large_param_to_reduce): its gradient stays a tensor of its own until the next
+    hook reduces it. So with a bucket smaller than the params, the ranks owning the model's last
+    params (in backward order, the first reduced) hold their whole gradient partition while the
+    last block's activations are still alive; the others allocate it only deep in backward."""
+    rbs = s.inp.zero.reduce_bucket_size
+    cum, total = s.shape.prefix_sums, s.shape.prefix_sums[-1]
+    _, part, _ = stage12_partition(s.shape, s.N, s.rank)
+    start, end = part * s.rank, min(part * (s.rank + 1), total)
+
+    def in_partition(i: int) -> bool:  # get_partition_info: the param overlaps [start, end)
+        return cum[i] < end and cum[i + 1] > start
+
+    elements, bucket, allocated, pending = 0, [], False, 0
+    for i in list(reversed(range(len(s.numels))))[:n_hooks]:
+        n = s.numels[i]
+        if elements + n > rbs:
+            allocated = allocated or any(in_partition(j) for j in bucket)
+            elements, bucket, pending = 0, [], 0
+        if n > rbs:
+            pending = n
+        bucket.append(i)
+        elements += n
+    return allocated, pending
+
+
 def _accumulate(s: _Setup, out: StateLayout, between: dict[str, int], same_at_hook: tuple[str, ...] = (),
                 same_at_end: tuple[str, ...] = (), how: str = "") -> None:
     """Gradient accumulation (``gradient_accumulation_steps`` k > 1): the engine calls the
@@ -215,6 +254,9 @@ def _accumulate(s: _Setup, out: StateLayout, between: dict[str, int], same_at_ho
     out.forward_extra = _plus(out.forward_extra, between)
     out.backward_extra = _plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
     out.backward_end_extra = _plus(out.backward_end_extra, {c: n for c, n in between.items() if c not in same_at_end})
+    if out.backward_after_mlp_out_hooks_extra:
+        out.backward_after_mlp_out_hooks_extra = _plus(
+            out.backward_after_mlp_out_hooks_extra, {c: n for c, n in between.items() if c not in same_at_hook})
     out.step_moments = [*out.step_moments, dict(between)]
     out.notes.append(f"gradient accumulation over {s.inp.gradient_accumulation_steps} micro-steps: "
                      f"{how or 'nothing beyond the run-long state'} stays alive between micro-steps; "
@@ -419,6 +461,10 @@ def _stage12(s: _Setup, out: StateLayout) -> None:
     else:
         grads_end = rank_grads.held * e if inp.zero.contiguous_gradients else 0  # grads_in_partition
     out.backward_end_extra = {G: grads_end + pad, C: buckets}
+    if stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings:
+        # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)
+        allocated, pending = _stage2_after_mlp_out_hooks(s, GPT2_MLP_OUT_HOOKS)
+        out.backward_after_mlp_out_hooks_extra = {G: (grads_end + pad if allocated else 0) + pending * e, C: buckets}
     # step() (stage_1_and_2.py:3013) with the grads of every param touching the partition
     # still held (averaged_gradients views of grads_in_partition, + the zero tail):
     # (1) scaled_global_norm -> get_grad_norm_direct (:2684): a float64 copy of one piece at
