@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import REPO, launch_deepspeed, leaked_shm_segments
 
 # gpt2-tiny (memprof/models.py): vocab 512, n_positions 256, n_embd 64, 2 layers, tied lm_head

@@ -121,7 +121,9 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
         return None
     seq = inputs.seq_len or shape.n_positions
     if seq > shape.n_positions:
-        raise MemprofError(f"sequence length {seq} exceeds the model's n_positions {shape.n_positions}: lower --seq-len")
+        field = "max_position_embeddings" if shape.is_llama_family else "n_positions"
+        raise MemprofError(f"sequence length {seq} exceeds the model's {field} ({shape.n_positions}): "
+                           f"use --seq-len {shape.n_positions} or less")
     return model_activations(shape, inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
                              inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
 
@@ -203,7 +205,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     if acts is not None:
         seq = inputs.seq_len or shape.n_positions
         assumptions.append(
-            f"activations of {_CAUSAL_LM_CLASS.get(shape.model_type, shape.model_type)}, {inputs.attn_implementation} attention, micro-batch {inputs.micro_batch} x "
+            f"activations of {_CAUSAL_LM_CLASS.get(shape.model_type, shape.model_type)}, {inputs.attn_implementation} attention, "
+            f"micro-batch {inputs.micro_batch} x "
             f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
             f"train mode ({'dropout on' if shape.model_type == 'gpt2' else 'no dropout: attention_dropout 0'}), "
             f"{inputs.device_type} kernels: {acts.formula}"
@@ -232,7 +235,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     assumptions += [
         f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inputs.zero_stage}, world size {inputs.world_size}, {inputs.precision}",
         f"optimizer {spec.torch_class}: {spec.note}; peaks are for the steady state (step 2 on), when the "
-        + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy else "lazily created state already exists (step 1's step phase allocates it)"),
+        + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy
+           else "lazily created state already exists (step 1's step phase allocates it)"),
         (f"gradient_accumulation_steps {inputs.gradient_accumulation_steps}: phase peaks are the worst micro-step of a "
          "steady cycle (the boundary, or a non-boundary step phase), 'at rest' is after the boundary's optimizer step"
          if inputs.gradient_accumulation_steps > 1 else "gradient_accumulation_steps 1: every micro-step is a boundary"),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memprof.categories import Category
+from memprof.dsconfig import ELEMENT_SIZE  # bytes per element, defined once (memprof.dsconfig)
 from memprof.estimate.activations import GPT2_MLP_OUT_HOOKS
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import ModelShape
@@ -26,7 +27,6 @@ from memprof.estimate.optimizers import (
     uses_deepspeed_adam,
 )
 
-from memprof.dsconfig import ELEMENT_SIZE  # bytes per element, defined once (memprof.dsconfig)
 FP32 = 4
 FP64 = 8  # deepspeed.runtime.zero.utils.get_norm_dtype(): float64 wherever the accelerator has it (CPU, CUDA)
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment / sizeof(fp16)

@@ -46,10 +46,13 @@ StepFields = dict[str, Any]
 
 
 class _StepFieldsProfiler(MemoryProfiler):
-    """A MemoryProfiler whose ``step`` records also carry the micro-step fields above.
+    """A MemoryProfiler whose ``step`` records carry the recorder's micro-step fields above.
 
-    TODO(profiler): drop this once MemoryProfiler's own step records carry micro-step fields; it
-    hooks the one place every record passes through."""
+    MemoryProfiler fills ``micro_step`` / ``boundary`` itself from the engine's counters when a step
+    starts; the recorder's own fields win here because it learns the boundary only when the
+    micro-step ends (the optimizer stepped or not), and under accelerate the engine's
+    ``micro_steps`` counter does not advance once per micro-batch. This hooks the one place every
+    record passes through."""
 
     step_fields: StepFields
 
@@ -57,7 +60,7 @@ class _StepFieldsProfiler(MemoryProfiler):
         if record.get("type") == "step":
             fields = getattr(self, "step_fields", None) or {}
             record = {"type": "step", "step": record["step"], **fields,
-                      **{k: v for k, v in record.items() if k not in ("type", "step")}}
+                      **{k: v for k, v in record.items() if k not in ("type", "step", *fields)}}
         super()._write(record)
 
 
