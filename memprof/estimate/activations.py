@@ -16,7 +16,8 @@ What one ``GPT2Block`` saves for backward (unique storages):
     dropped probabilities (3 B*a*S*S tensors)
   - ``sdpa``: on CPU in training (dropout > 0) torch falls back to the math kernel
     (``_scaled_dot_product_attention_math``), which upcasts half types to fp32: the same tensors as
-    eager but at 4 bytes. On CUDA the fused kernels (flash / memory-efficient) save q (a view of
+    eager but at 4 bytes (without a KV cache in fp32 at B = 1 or a = 1, at::matmul's (B, a) fold is
+    a view: the scaled q, k^T and the whole c_attn output through v, 5 B*S*H*4). On CUDA the fused kernels (flash / memory-efficient) save q (a view of
     the c_attn output: 3 B*S*H*e in one storage), k and v (the KV-cache copies), their output (the
     same storage as ``attn.c_proj``'s input) and a fp32 logsumexp (B*a*S)
 * 2 x residual dropout: the mask (on CPU ``at::dropout`` multiplies by a noise tensor of the input
@@ -119,6 +120,9 @@ def gpt2_activations(
             attn += 2 * BSH * FP32
         cache_not_saved = (L and (BSH * e if e == FP32 else 2 * BSH * e)) if cache else 0
         attn_words = "3BSH*4 (q,k,v fp32 copies) + 3 B*a*S*S*4 (softmax, dropout noise, dropout output)"
+        if not cache and e == FP32 and (B == 1 or a == 1):
+            attn_words = ("5BSH*4 (scaled q, k^T + the c_attn output through v's view) "
+                          "+ 3 B*a*S*S*4 (softmax, dropout noise, dropout output)")
     else:
         # fused kernels (CUDA flash / memory-efficient; CPU flash without dropout): they save q
         # (a view that keeps the whole c_attn output, 3 BSH*e), k and v (the cache copies when
