@@ -17,9 +17,10 @@ What one ``GPT2Block`` saves for backward (unique storages):
   - ``sdpa``: on CPU in training (dropout > 0) torch falls back to the math kernel
     (``_scaled_dot_product_attention_math``), which upcasts half types to fp32: the same tensors as
     eager but at 4 bytes (without a KV cache in fp32 at B = 1 or a = 1, at::matmul's (B, a) fold is
-    a view: the scaled q, k^T and the whole c_attn output through v, 5 B*S*H*4). On CUDA the fused kernels (flash / memory-efficient) save q (a view of
-    the c_attn output: 3 B*S*H*e in one storage), k and v (the KV-cache copies), their output (the
-    same storage as ``attn.c_proj``'s input) and a fp32 logsumexp (B*a*S)
+    a view: the scaled q, k^T and the whole c_attn output through v, 5 B*S*H*4). On CUDA the
+    fused kernels (flash / memory-efficient) save q (a view of the c_attn output: 3 B*S*H*e in
+    one storage), k and v (the KV-cache copies), their output (the same storage as
+    ``attn.c_proj``'s input) and a fp32 logsumexp (B*a*S)
 * 2 x residual dropout: the mask (on CPU ``at::dropout`` multiplies by a noise tensor of the input
   dtype; on CUDA ``native_dropout`` saves a bool mask, 1 byte)
 * MLP: ``NewGELUActivation`` (``activations.py``) = 0.5*x*(1+tanh(c*(x+0.044715*x^3))) saves x
