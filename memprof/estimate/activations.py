@@ -16,9 +16,11 @@ What one ``GPT2Block`` saves for backward (unique storages):
     dropped probabilities (3 B*a*S*S tensors)
   - ``sdpa``: on CPU in training (dropout > 0) torch falls back to the math kernel
     (``_scaled_dot_product_attention_math``), which upcasts half types to fp32: the same tensors as
-    eager but at 4 bytes. On CUDA the fused kernels (flash / memory-efficient) save q (a view of
-    the c_attn output: 3 B*S*H*e in one storage), k and v (the KV-cache copies), their output (the
-    same storage as ``attn.c_proj``'s input) and a fp32 logsumexp (B*a*S)
+    eager but at 4 bytes (without a KV cache in fp32 at B = 1 or a = 1, at::matmul's (B, a) fold is
+    a view: the scaled q, k^T and the whole c_attn output through v, 5 B*S*H*4). On CUDA the
+    fused kernels (flash / memory-efficient) save q (a view of the c_attn output: 3 B*S*H*e in
+    one storage), k and v (the KV-cache copies), their output (the same storage as
+    ``attn.c_proj``'s input) and a fp32 logsumexp (B*a*S)
 * 2 x residual dropout: the mask (on CPU ``at::dropout`` multiplies by a noise tensor of the input
   dtype; on CUDA ``native_dropout`` saves a bool mask, 1 byte)
 * MLP: ``NewGELUActivation`` (``activations.py``) = 0.5*x*(1+tanh(c*(x+0.044715*x^3))) saves x
@@ -119,8 +121,19 @@ def gpt2_activations(
         ae = FP32
         probs = 3 * bass * FP32
         attn = 3 * BSH * FP32 + probs
+        # Without a cache (checkpointing, use_cache off) q, k, v are views of the c_attn output in
+        # its (B, S, a, d) layout. The math kernel's two matmuls fold (B, a) into one batch dim
+        # (at::matmul's reshape to B*a): a view when B == 1 or a == 1, else a clone. In half
+        # types the operands are the dense fp32 copies (one BSH*4 each either way); in fp32 the
+        # scaled q and k^T are kept as they are (BSH*4 each) and v's view keeps the whole c_attn
+        # output (3BSH*4): two BSH*4 more than the clones (traced: a=1 B=3, a=8 B=1).
+        if not cache and e == FP32 and (B == 1 or a == 1):
+            attn += 2 * BSH * FP32
         cache_not_saved = (L and (BSH * e if e == FP32 else 2 * BSH * e)) if cache else 0
         attn_words = "3BSH*4 (q,k,v fp32 copies) + 3 B*a*S*S*4 (softmax, dropout noise, dropout output)"
+        if not cache and e == FP32 and (B == 1 or a == 1):
+            attn_words = ("5BSH*4 (scaled q, k^T + the c_attn output through v's view) "
+                          "+ 3 B*a*S*S*4 (softmax, dropout noise, dropout output)")
     else:
         # fused kernels (CUDA flash / memory-efficient; CPU flash without dropout): they save q
         # (a view that keeps the whole c_attn output, 3 BSH*e), k and v (the cache copies when
@@ -161,8 +174,8 @@ def gpt2_activations(
     resid_mask = BSH * mask_e if drop.get("resid_pdrop", 0.1) > 0 else 0
     if checkpointing:
         # GradientCheckpointingLayer (non-reentrant torch.utils.checkpoint): each block keeps only
-        # its input. Forward peaks at the loss, inside the first block at its attention
-        # (embeddings: wte, wpe outputs, their sum, the dropout noise and output = the block input;
+        # its input. Forward peaks at the loss, inside the last block at its attention
+        # (embeddings: wte, wpe outputs, the dropout noise, the L block inputs;
         # ln_1 output, c_attn output (3BSH), the scaled q, the causal mask (S*S in the attention
         # dtype) and the attention probabilities: softmax, dropout noise, dropout output), or inside
         # the last block's MLP (no_grad there, so only live locals count: ids and positions, the
@@ -170,11 +183,18 @@ def gpt2_activations(
         # attn_output, post-attention sum and ln_2 output, and GELU's chain at its widest: c_fc
         # output, 0.5*x, x**3 and 0.044715*x**3, 4 BSI*e; traced with a dispatch-mode tracker).
         saved = L * BSH * e + outside
-        embed = 3 * BSH * e + S * H * e + embd
+        # GPT2Model.forward keeps its locals inputs_embeds (wte output, BSH*e) and position_embeds
+        # (wpe output, S*H*e) for the whole loop; the sum is rebound by self.drop (freed), whose
+        # noise (CPU) stays with the autograd graph; the loop's checkpoints hold every block input
+        # (the first is the dropout output). Both in-block moments are the LAST block's, where all
+        # L block inputs are alive (traced: L = 1, 2, 3, 4).
+        embed = input_ids + positions + BSH * e + S * H * e + embd + L * BSH * e
         upcast_qkv = 3 * BSH * FP32 if ae > e else 0  # the math kernel's fp32 copies of half q, k, v
-        block_attn = BSH * e + 3 * BSH * e + upcast_qkv + BSH * ae + S * S * ae + (3 if attn_dropout else 1) * bass * ae
-        last_mlp = input_ids + positions + BSH * e + S * H * e + embd + L * BSH * e + 3 * BSH * e + 4 * BSI * e
-        forward_peak = max(saved + loss_end, input_ids + positions + embed + block_attn, last_mlp)
+        # at the attention's dropout output: ln_1 output, c_attn output (3BSH*e), the fp32 copies
+        # (half types), the scaled q, the causal mask (S*S) and the probabilities tensors
+        last_attn = BSH * e + 3 * BSH * e + upcast_qkv + BSH * ae + S * S * ae + (3 if attn_dropout else 1) * bass * ae
+        last_mlp = 3 * BSH * e + 4 * BSI * e
+        forward_peak = max(saved + loss_end, embed + last_attn, embed + last_mlp)
         # backward recomputes the last block: its saved tensors come back, except ln_1's input,
         # which is the checkpointed block input itself (already in L*BSH*e)
         recomputed = per_layer - BSH * e
@@ -210,15 +230,19 @@ def gpt2_activations(
         # Where attention keeps B*a*S*S tensors (eager; CPU sdpa's math fallback), the last block's
         # attention-core backward can hold more at long sequences (traced at the BmmBackward of
         # probs @ v): its MLP half is released by then (5 BSI*e of GELU/c_proj inputs, ln_2's input,
-        # output and stats, both residual-dropout masks, attn.c_proj's input), while the residual
-        # stream's gradient and the attention output's gradient (BSH*e each), grad_v (BSH) and
-        # grad_probs (B*a*S*S) in the attention dtype are alive. CUDA's fused kernels keep no
-        # S*S tensor: not applied there.
+        # output and stats, both residual-dropout masks, attn.c_proj's input), and so is ln_f's
+        # input gradient (BSH*e): the backward of the block's residual add (hidden_states =
+        # residual + feed_forward_hidden_states, GPT2Block.forward) summed it with ln_2's input
+        # gradient into the residual stream's gradient (BSH*e), the one alive now. Beside it: the
+        # attention output's gradient in the attention dtype (attn.c_proj's grad_x; in half types
+        # sdpa-math's output cast back to e makes its ToCopyBackward copy it to fp32 and release
+        # the e one), grad_v (BSH) and grad_probs (B*a*S*S) in the attention dtype. CUDA's fused
+        # kernels keep no S*S tensor: not applied there.
         attn_bwd = 0
         if attention_keeps_probabilities(attn_implementation, device_type, attn_dropout):
             mlp_half = 5 * BSI * e + 2 * BSH * e + 2 * B * S * stat_e + 2 * resid_mask + BSH * e
-            attn_grads = 2 * BSH * e + BSH * ae + bass * ae
-            attn_bwd = at_first_hook + recomputed - mlp_half + attn_grads
+            attn_grads = BSH * e + 2 * BSH * ae + bass * ae
+            attn_bwd = at_first_hook - BSH * e + recomputed - mlp_half + attn_grads
         first_hook = max(at_first_hook, c_proj, gelu_mul, attn_bwd)
     backward_peak = max(saved + bwd_start_extra, first_hook, untied_recompute)
     formula = (
