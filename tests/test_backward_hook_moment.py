@@ -101,10 +101,10 @@ def test_checkpointed_peaks_match_the_formula(batch: int, seq: int, dtype: torch
 
 @pytest.mark.parametrize("checkpointing,dtype,tolerance", [
     (True, torch.bfloat16, 1e-6),
-    # fp32: the attention keeps the whole c_attn output (v is a view of it) beside the scaled q, k
-    # copies, one B*S*H fp32 tensor off from the per-layer sum (-0.37% / +0.21%)
-    (True, torch.float32, 0.005),
-    (False, torch.float32, 0.005),
+    # fp32 too, since the formula counts what sdpa's math kernel saves at B=1 (the whole c_attn
+    # output through v's view, beside the scaled q and k) and no longer ln_f's summed-away gradient
+    (True, torch.float32, 1e-6),
+    (False, torch.float32, 1e-6),
 ])
 def test_long_sequence_backward_peaks_at_the_attention_backward(checkpointing: bool, dtype: torch.dtype,
                                                                  tolerance: float) -> None:
