@@ -39,10 +39,10 @@ def _launch_env() -> dict[str, str]:
     return env
 
 
-def _launch(config: Path, model: str, out: Path, args: argparse.Namespace) -> tuple[int, str]:
+def _launch(config: Path, model: str, out: Path, args: argparse.Namespace, steps: int) -> tuple[int, str]:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(free_local_port()),
            str(REPO / "launch" / "train.py"), "--deepspeed_config", str(config), "--model", model,
-           "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--out", str(out)]
+           "--steps", str(steps), "--seq-len", str(args.seq_len), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{model:11} {config.stem:42}"
         out = args.out / model / config.stem
         start = time.monotonic()
-        rc, log = _launch(config, model, out, args)
+        # two whole accumulation cycles at least: compare's steady cycle is then not the first
+        # optimizer step, in which lazily created optimizer state does not exist yet
+        gas = json.loads(config.read_text()).get("gradient_accumulation_steps", 1)
+        steps = max(args.steps, 2 * gas if isinstance(gas, int) else args.steps)
+        rc, log = _launch(config, model, out, args, steps)
         took = time.monotonic() - start
         if rc != 0:
             failures += 1

@@ -101,3 +101,16 @@ def test_the_last_complete_step_is_compared():
     cmp = compare_run(doc, _estimate(4000, 8000, PEAKS))
     assert cmp.step == {0: 1}
     assert next(r for r in cmp.rows if r.name == "params").measured == 4400
+
+
+def test_a_first_optimizer_step_only_comparison_says_so():
+    doc = _run_doc(4000, 8000, PEAKS)
+    step0 = doc["ranks"][0]["steps"][0]
+    doc["run"]["gradient_accumulation_steps"] = 2
+    doc["ranks"][0]["steps"] = [{**step0, "step": i} for i in range(2)]  # micro-steps 0, 1: cycle 0 only
+    cmp = compare_run(doc, _estimate(4000, 8000, PEAKS))
+    assert len(cmp.warnings) == 1 and "first optimizer step" in cmp.warnings[0] and "at least 4 steps" in cmp.warnings[0]
+    assert cmp.to_json()["warnings"] == cmp.warnings
+    doc["ranks"][0]["steps"] = [{**step0, "step": i} for i in range(4)]  # a second whole cycle: steady
+    cmp = compare_run(doc, _estimate(4000, 8000, PEAKS))
+    assert cmp.step == {0: 3} and cmp.warnings == []

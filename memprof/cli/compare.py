@@ -73,6 +73,8 @@ def print_table(cmp: Comparison, run_doc: dict[str, Any]) -> None:
     print_tables(console, columns, rows, f"measured vs estimated — {title}", key_columns=4)
     if cmp.missing_ranks:
         console.print(f"missing ranks (no records): {cmp.missing_ranks}")
+    for w in cmp.warnings:
+        console.print(f"[bold]note[/bold]: {w}")
     n_bad = len(cmp.failures())
     console.print("all checked figures within tolerance" if n_bad == 0 else f"{n_bad} checked figure(s) outside tolerance")
 
