@@ -43,7 +43,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -464,8 +464,11 @@ class _Reader:
         if knobs.offload_optimizer != "none" and stage == 0:
             raise self.fail("offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
         if knobs.offload_param != "none" and stage != 3:
-            raise self.fail(f"offload_param needs ZeRO stage 3 (stage is {stage}): DeepSpeed would ignore it; "
-                            "use stage 3 or 'device': 'none'")
+            # only ZeRO-3 (stage3.py / partition_parameters.py) reads offload_param; DeepSpeed's
+            # stage 0-2 engines train with the parameters on the device whatever it says
+            self.ignored.append(f"zero_optimization.offload_param ignored: DeepSpeed offloads parameters only at "
+                                f"ZeRO stage 3 (stage is {stage}); parameters stay on the device")
+            knobs = replace(knobs, offload_param="none")
         return stage, knobs
 
     # -- precision

@@ -118,7 +118,6 @@ def test_micro_batch_is_derived_from_train_batch_size_and_world_size(tmp_path: P
 @pytest.mark.parametrize(
     "config, fragment",
     [
-        ({"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}, "offload_param needs ZeRO stage 3"),
         ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer needs ZeRO"),
         ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "'nvme' is not supported"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both bf16 and fp16"),
@@ -130,6 +129,14 @@ def test_settings_memprof_cannot_honour_are_refused(tmp_path: Path, config: dict
     full = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}, **config}
     with pytest.raises(MemprofError, match=fragment):
         load_deepspeed_config(_write(tmp_path, full))
+
+
+def test_offload_param_below_stage_3_is_ignored_as_deepspeed_ignores_it(tmp_path: Path) -> None:
+    full = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"},
+            "zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}
+    ds = load_deepspeed_config(_write(tmp_path, full))
+    assert ds.offload_params == "none"
+    assert any("offload_param ignored" in note and "stage 3" in note for note in ds.notes())
 
 
 def test_activation_checkpointing_follows_the_json_block(tmp_path: Path) -> None:

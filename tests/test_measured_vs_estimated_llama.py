@@ -96,6 +96,14 @@ CASES = {
     "llama-z2-adamw-bf16-n3": ("llama-tiny", 3, 2, "adamw", True, SMALL_BUCKETS),
     "llama-z3-adamw-fp32-n2": ("llama-tiny", 2, 3, "adamw", False, Z3),
     "qwen2-z3-momentum-bf16-n3": ("qwen2-tiny", 3, 3, "momentum", True, Z3),
+    # gradient accumulation (issue 8) with and without HF activation checkpointing (the JSON block)
+    "llama-z1-adamw-fp32-gas2-ckpt-n2": ("llama-tiny", 2, 1, "adamw", False, SMALL_BUCKETS),
+    "qwen2-z2-adamw-bf16-gas2-n2": ("qwen2-tiny", 2, 2, "adamw", True, SMALL_BUCKETS),
+}
+# top-level settings beside zero_optimization, by case (gradient accumulation, checkpointing)
+TOP = {
+    "llama-z1-adamw-fp32-gas2-ckpt-n2": {"gradient_accumulation_steps": 2, "activation_checkpointing": {}},
+    "qwen2-z2-adamw-bf16-gas2-n2": {"gradient_accumulation_steps": 2},
 }
 RESIDENT_TOLERANCE, PEAK_TOLERANCE = 0.005, 0.03
 
@@ -105,7 +113,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("matrix_llama")
     out = {}
     for name, (preset, ranks, stage, opt, bf16, zero) in CASES.items():
-        res = launch_deepspeed(ranks, _config(stage, opt, bf16, **zero), root / name, steps=2, model=preset)
+        top = TOP.get(name, {})
+        # two whole accumulation cycles: compare's steady cycle is then not the first optimizer step
+        steps = 2 * top.get("gradient_accumulation_steps", 1)
+        res = launch_deepspeed(ranks, {**_config(stage, opt, bf16, **zero), **top}, root / name, steps=steps, model=preset)
         assert res.returncode == 0, f"{name}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
         port = int(res.args[res.args.index("--master_port") + 1])
         assert leaked_shm_segments(port) == [], name
