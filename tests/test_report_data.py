@@ -57,10 +57,15 @@ def test_at_rest_is_last_step_end_of_step_phase_every_category(one_run):
 def test_estimate_error_is_relative_to_measured(one_run):
     doc = raw("one_run.json")
     m = doc["ranks"][1]["steps"][-1]["phases"]["step"]["end"]["device"]["other"]
-    e = doc["estimate"]["ranks"][1]["device"]["other"]  # 0 in the fixture's estimate
+    e = doc["estimate"]["ranks"][1]["device"]["other"]  # the fixture's deterministic 50,000 + 10,000 x rank
     cell = next(c for c in one_run["ranks"][1]["cells"] if c["location"] == "device" and c["category"] == "other")
-    assert cell["estimated"] == e == 0 and m > 0
-    assert cell["error"] == pytest.approx(-1.0)  # (0 - m) / m
+    assert cell["estimated"] == e == 60_000 and m > e
+    assert cell["error"] == pytest.approx((e - m) / m)
+    # an estimate of nothing where something was measured is -100%, relative to the measurement
+    doc["estimate"]["ranks"][1]["device"]["other"] = 0
+    zero = build_report_data([doc])["runs"][0]
+    cell = next(c for c in zero["ranks"][1]["cells"] if c["location"] == "device" and c["category"] == "other")
+    assert cell["estimated"] == 0 and cell["error"] == pytest.approx(-1.0)  # (0 - m) / m
     params = next(c for c in one_run["ranks"][0]["cells"] if c["category"] == "params" and c["location"] == "device")
     assert params["error"] == 0.0  # the fixture's estimate matches its params exactly: 4 bytes x P
     assert params["measured"] == 4 * P_TINY
