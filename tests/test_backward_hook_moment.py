@@ -79,13 +79,12 @@ def test_activations_after_the_first_gradient_match_the_formula(batch: int, seq:
     assert abs(tracker.peak - expected) <= 8, (tracker.peak, expected)
 
 
-@pytest.mark.parametrize("batch,seq,dtype", [(2, 32, torch.float32), (2, 128, torch.float32), (4, 64, torch.float32),
-                                             (2, 32, torch.bfloat16), (2, 128, torch.bfloat16)])
-def test_checkpointed_peaks_match_the_formula(batch: int, seq: int, dtype: torch.dtype) -> None:
-    config = preset_config("gpt2-tiny")
+def _checkpointed_peaks(config: dict, batch: int, seq: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(forward, backward) activation peaks traced on HF GPT-2 with activation checkpointing, the
+    whole step recorded; parameters and their .grad excluded."""
     model = build_model(config, seed=0, activation_checkpointing=True).to(dtype)
     tracker = _LiveBytes(list(model.parameters()))
-    tracker.recording = True  # the whole step; parameters and their .grad excluded
+    tracker.recording = True
     ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     with tracker:
         out = model(input_ids=ids, labels=ids)
@@ -93,10 +92,21 @@ def test_checkpointed_peaks_match_the_formula(batch: int, seq: int, dtype: torch
         del out
         forward_peak, tracker.peak = tracker.peak, 0
         loss.backward()
+    return forward_peak, tracker.peak
+
+
+def _assert_checkpointed_formula(config: dict, batch: int, seq: int, dtype: torch.dtype) -> None:
+    forward_peak, backward_peak = _checkpointed_peaks(config, batch, seq, dtype)
     acts = gpt2_activations(model_shape(config), batch, seq, dtype.itemsize, "sdpa", True, "cpu")
     assert acts.forward_peak == forward_peak
     # c_proj's bias gradient (H*e) may be counted at a moment it is already a .grad; + the loss bytes
-    assert 0 <= acts.backward_peak - tracker.peak <= config["n_embd"] * dtype.itemsize + 8, (tracker.peak, acts.backward_peak)
+    assert 0 <= acts.backward_peak - backward_peak <= config["n_embd"] * dtype.itemsize + 8, (backward_peak, acts.backward_peak)
+
+
+@pytest.mark.parametrize("batch,seq,dtype", [(2, 32, torch.float32), (2, 128, torch.float32), (4, 64, torch.float32),
+                                             (2, 32, torch.bfloat16), (2, 128, torch.bfloat16)])
+def test_checkpointed_peaks_match_the_formula(batch: int, seq: int, dtype: torch.dtype) -> None:
+    _assert_checkpointed_formula(preset_config("gpt2-tiny"), batch, seq, dtype)
 
 
 @pytest.mark.parametrize("checkpointing,dtype,tolerance", [
@@ -139,16 +149,4 @@ OTHER_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_checkpointed_peaks_match_the_formula_on_other_shapes(n_layer, n_embd, n_head, batch, seq, dtype) -> None:
     config = {**preset_config("gpt2-tiny"), "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
-    model = build_model(config, seed=0, activation_checkpointing=True).to(dtype)
-    tracker = _LiveBytes(list(model.parameters()))
-    tracker.recording = True
-    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
-    with tracker:
-        out = model(input_ids=ids, labels=ids)
-        loss = out.loss
-        del out
-        forward_peak, tracker.peak = tracker.peak, 0
-        loss.backward()
-    acts = gpt2_activations(model_shape(config), batch, seq, dtype.itemsize, "sdpa", True, "cpu")
-    assert acts.forward_peak == forward_peak
-    assert 0 <= acts.backward_peak - tracker.peak <= n_embd * dtype.itemsize + 8, (tracker.peak, acts.backward_peak)
+    _assert_checkpointed_formula(config, batch, seq, dtype)

@@ -41,6 +41,7 @@ import torch
 from memprof.errors import MemprofError
 from memprof.measure import MemoryProfiler
 from memprof.measure.profiler import StepContext
+from memprof.train.run_meta import estimate_for_run
 
 StepFields = dict[str, Any]
 
@@ -258,7 +259,7 @@ class MicroStepRecorder:
         if self._tracking:
             self._tracking = False
             profiler.__exit__(None, None, None)
-        estimate = estimate_for_run(profiler.run, profiler.rank)
+        estimate = estimate_for_run(profiler.run, profiler.rank, "memprof")
         run_doc = profiler.finish(estimate=estimate)
         if run_doc is not None:
             if print_table:
@@ -357,20 +358,6 @@ def _loss_of(out: Any) -> torch.Tensor | None:
     if loss is None and isinstance(out, torch.Tensor) and out.numel() == 1:
         loss = out
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
-
-
-def estimate_for_run(run: dict[str, Any], rank: int) -> dict[str, Any] | None:
-    """The estimator's prediction for the recorded setup (memprof.estimate.inputs_from_run, as the
-    launcher does in memprof/train/loop.py), or None with a one-line warning on rank 0: a missing
-    estimate must not cost the measurement."""
-    try:
-        from memprof.estimate import estimate, inputs_from_run
-
-        return estimate(inputs_from_run(run)).to_json()
-    except Exception as e:  # noqa: BLE001 - any estimator failure degrades to "estimate": null
-        if rank == 0:
-            print(f"memprof: warning: no estimate recorded ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-        return None
 
 
 def write_report_beside(run_doc: dict[str, Any], path: Path) -> None:

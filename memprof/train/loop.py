@@ -33,7 +33,7 @@ def run_training(config: TrainConfig) -> int:
     from memprof.train.data import ByteBatches, load_text, tokenize
     from memprof.train.deepspeed_shm import release_after_peers_mapped
     from memprof.train.model import build_model, count_parameters
-    from memprof.train.run_meta import DistributedFacts, build_run_meta, count_nodes
+    from memprof.train.run_meta import DistributedFacts, build_run_meta, count_nodes, estimate_for_run
 
     # 1. Join the process group. The accelerator picks the backend: nccl on CUDA, gloo on CPU.
     accelerator = get_accelerator()
@@ -82,7 +82,7 @@ def run_training(config: TrainConfig) -> int:
 
     from memprof.measure import MemoryProfiler
 
-    estimate_json = _estimate_or_none(run_meta, rank)
+    estimate_json = estimate_for_run(run_meta, rank, "train.py")
 
     # 5. The profiled steps. Each iteration is one micro-batch, profiled whole; with
     # gradient_accumulation_steps k > 1, DeepSpeed's engine.step() is called every micro-batch and
@@ -139,19 +139,6 @@ def _table_console() -> Any:
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=180)
-
-
-def _estimate_or_none(run_meta: dict[str, Any], rank: int) -> dict[str, Any] | None:
-    """The estimator's prediction for this run's own setup, or None (with a warning) if it fails:
-    a missing or broken estimate must not cost the measurement."""
-    try:
-        from memprof.estimate import estimate, inputs_from_run
-
-        return estimate(inputs_from_run(run_meta)).to_json()
-    except Exception as e:  # noqa: BLE001 - any estimator failure degrades to "estimate": null
-        if rank == 0:
-            print(f"train.py: warning: no estimate recorded ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-        return None
 
 
 def _write_report(run_doc: dict[str, Any], path: os.PathLike) -> None:

@@ -4,6 +4,7 @@ the run's own setup (``memprof.estimate.inputs_from_run``) and every report show
 from __future__ import annotations
 
 import platform
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -94,3 +95,17 @@ def build_run_meta(config: TrainConfig, dist: DistributedFacts, n_params: int) -
         "memory_budget_bytes": config.run.memory_budget_bytes,
         **cuda_device_facts(dist.device_type),
     }
+
+
+def estimate_for_run(run: dict[str, Any], rank: int, prog: str) -> dict[str, Any] | None:
+    """The estimator's prediction for a run's own setup (``memprof.estimate.inputs_from_run``), as
+    the launcher and the integrations store it in memprof.json; None with a one-line warning on rank
+    0 (``prog`` names the caller) if it fails: a missing estimate must not cost the measurement."""
+    try:
+        from memprof.estimate import estimate, inputs_from_run
+
+        return estimate(inputs_from_run(run)).to_json()
+    except Exception as e:  # noqa: BLE001 - any estimator failure degrades to "estimate": null
+        if rank == 0:
+            print(f"{prog}: warning: no estimate recorded ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return None
