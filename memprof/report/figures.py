@@ -51,6 +51,19 @@ def _layout(title: str, ytitle: str, **extra: Any) -> dict[str, Any]:
     return layout
 
 
+def _category_bars(run: dict[str, Any], loc: str, cat: str, x: list[list[str]], y: list, hover: list[str]) -> dict[str, Any]:
+    """One category's bars (rank x measured/estimated on the x axis), in the category's colour;
+    host bytes hatched."""
+    trace = {
+        "type": "bar", "name": f"{loc}/{cat}" if run["shows_host"] else cat,
+        "x": x, "y": y, "text": hover, "hoverinfo": "text", "textposition": "none",
+        "marker": {"color": CATEGORY_COLOURS[cat]},
+    }
+    if loc == "host":
+        trace["marker"]["pattern"] = {"shape": "/"}
+    return trace
+
+
 def rest_bars(run: dict[str, Any]) -> dict[str, Any]:
     """Per rank, at rest, every category stacked: measured beside estimated (multicategory x)."""
     ranks = [r for r in run["ranks"] if r["measured"] is not None]
@@ -69,14 +82,7 @@ def rest_bars(run: dict[str, Any]) -> dict[str, Any]:
                     y.append(mib(v))
                     hover.append(f"{loc}/{cat} {kind}: {format_bytes(v) if v is not None else 'n/a'} "
                                  f"({v} B)<br>estimate error: {fmt_error(cell['error'])}")
-            trace = {
-                "type": "bar", "name": f"{loc}/{cat}" if run["shows_host"] else cat,
-                "x": [outer, inner], "y": y, "text": hover, "hoverinfo": "text", "textposition": "none",
-                "marker": {"color": CATEGORY_COLOURS[cat]},
-            }
-            if loc == "host":
-                trace["marker"]["pattern"] = {"shape": "/"}
-            traces.append(trace)
+            traces.append(_category_bars(run, loc, cat, [outer, inner], y, hover))
     return {"data": traces, "layout": _layout("At rest per rank: every category, measured beside estimated",
                                               "MiB", barmode="stack")}
 
@@ -130,14 +136,7 @@ def peak_bars(run: dict[str, Any], phase: str) -> dict[str, Any]:
                     hover.append(f"rank {r['rank']} {kind}, step {b['step']} {phase} peak ({shown})<br>"
                                  f"{loc}/{cat}: {format_bytes(v) if v is not None else 'n/a'} ({v} B), "
                                  f"error {fmt_error(cell['error'])}")
-            trace = {
-                "type": "bar", "name": f"{loc}/{cat}" if run["shows_host"] else cat,
-                "x": [outer, inner], "y": y, "text": hover, "hoverinfo": "text", "textposition": "none",
-                "marker": {"color": CATEGORY_COLOURS[cat]},
-            }
-            if loc == "host":
-                trace["marker"]["pattern"] = {"shape": "/"}
-            traces.append(trace)
+            traces.append(_category_bars(run, loc, cat, [outer, inner], y, hover))
     layout = _layout(f"{phase} peak", "MiB", barmode="stack", showlegend=False,  # colours: the at-rest chart's legend
                      margin={"l": 60, "r": 10, "t": 40, "b": 60})
     layout["title"].update(x=0.01, xanchor="left")  # clear of the mode bar on a narrow chart
