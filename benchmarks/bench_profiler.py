@@ -6,9 +6,11 @@ interleaved round by round (the order rotates each round) so drifting machine lo
 
 * ``baseline``       -- the bare step, no tool;
 * ``tracking``       -- inside ``with profiler:`` but with no step/phase contexts: memprof's
-  allocation tracking alone (on CPU a TorchDispatchMode, memprof/measure/tracker.py);
+  allocation tracking alone (on CPU its compiled allocator hook, memprof/measure/native/);
 * ``profiler``       -- memprof's full API: tracking plus the per-phase bookkeeping (ownership walk,
   relabelling, RSS, one record per step);
+* ``profiler_dispatch`` -- the same on the dispatch-mode tracker (memprof/measure/tracker.py, the
+  fallback where the hook cannot be built: ``MEMPROF_CPU_TRACKER=dispatch``);
 * ``memtracker``     -- PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` (a
   TorchDispatchMode with module hooks), model and optimizer registered with ``track_external``,
   ``reset_mod_stats()`` before each step (it refuses a second iteration otherwise);
@@ -30,6 +32,7 @@ Usage: python benchmarks/bench_profiler.py [--rounds 10] [--steps 2] [--device c
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -42,11 +45,11 @@ from typing import Any
 
 import torch
 
-from memprof.measure import MemoryProfiler
+from memprof.measure import MemoryProfiler, native
 from memprof.models import preset_config
 from memprof.runfile import write_text_atomic
 
-MODES = ("baseline", "tracking", "profiler", "memtracker", "torch_profiler")
+MODES = ("baseline", "tracking", "profiler", "profiler_dispatch", "memtracker", "torch_profiler")
 
 
 def build(device: torch.device, layers: int = 4, hidden: int = 256, batch: int = 4,
@@ -96,10 +99,13 @@ class Round:
         self.prof: MemoryProfiler | None = None
         self.step: Callable[[int], None] = lambda i: bare_step(model, optimizer, batch)
         ctx: Any = nullcontext()
-        if mode in ("tracking", "profiler"):
+        if mode in ("tracking", "profiler", "profiler_dispatch"):
+            # "profiler_dispatch": the same profiler on the dispatch-mode tracker (the fallback
+            # where the allocator hook cannot be built), chosen when the profiler starts
+            os.environ[native.TRACKER_ENV] = "dispatch" if mode == "profiler_dispatch" else "allocator"
             self.prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=out_dir, run={"model": "bench"})
             ctx = self.prof
-            if mode == "profiler":
+            if mode in ("profiler", "profiler_dispatch"):
                 self.step = lambda i: profiled_step(self.prof, i, model, optimizer, batch)
         elif mode == "memtracker":
             from torch.distributed._tools.mem_tracker import MemTracker
@@ -138,11 +144,17 @@ def per_op_costs(n: int = 20000, rounds: int = 5) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from memprof.measure.native_tracker import NativeAllocationTracker
     from memprof.measure.tracker import AllocationTracker
 
     class EmptyMode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
             return func(*args, **kwargs) if kwargs else func(*args)
+
+    def HookWithWalks() -> NativeAllocationTracker:  # noqa: N802 - a maker like the classes beside it
+        tracker = NativeAllocationTracker()
+        tracker.on_large_allocation = lambda: None  # registers the RecordFunction callback
+        return tracker
 
     x, w = torch.ones(64), torch.ones(64)
     ops = 3 * n
@@ -157,7 +169,9 @@ def per_op_costs(n: int = 20000, rounds: int = 5) -> list[str]:
     makers: dict[str, Callable[[], Any]] = {
         "no tool": nullcontext,
         "empty TorchDispatchMode": EmptyMode,
-        "memprof tracker": AllocationTracker,
+        "memprof's dispatch-mode tracker (the fallback)": AllocationTracker,
+        "memprof's allocator hook (the default)": NativeAllocationTracker,
+        "memprof's allocator hook + its mid-phase-walk op callback (DeepSpeed runs)": HookWithWalks,
         "torch.profiler(profile_memory=True)": lambda: profile(activities=[ProfilerActivity.CPU], profile_memory=True),
     }
     class RawAllocationEvents:

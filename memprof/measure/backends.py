@@ -21,7 +21,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from memprof.categories import Breakdown, Phase
-from memprof.measure import cuda_counters
+from memprof.measure import cuda_counters, native
+from memprof.measure.native_tracker import NativeAllocationTracker
 from memprof.measure.oom import SimulatedOutOfMemoryError
 from memprof.measure.tracker import (
     DEVICE_ACTIVATIONS,
@@ -29,13 +30,13 @@ from memprof.measure.tracker import (
     MODEL_STATE_LABELS,
     N_LABELS,
     AllocationTracker,
-    Snapshot,
     device_total,
     label_of,
     live_tensor_storages,
     tally_to_breakdown,
 )
 
+CpuTracker = AllocationTracker | NativeAllocationTracker
 OwnedMap = Mapping[tuple[str, int], Any]
 """``(device string, untyped-storage data_ptr) -> Owned(category, location, nbytes)``."""
 OwnershipWalk = Callable[[], OwnedMap]
@@ -98,13 +99,20 @@ class Backend(Protocol):
     def over_budget(self, record: dict[str, Any]) -> SimulatedOutOfMemoryError | None:
         """The error to raise after a phase whose record shows the budget was crossed, if any."""
 
+    def translate_error(self, exc: BaseException) -> BaseException:
+        """The error a phase raised, as the profiler re-raises it (a budget crossing as
+        :class:`SimulatedOutOfMemoryError`)."""
+
     def oom_state(self, exc: torch.OutOfMemoryError, phase: str | None) -> tuple[Breakdown, int, int | None] | None:
         """(breakdown, total bytes, budget bytes) at an out-of-memory error, or None to record
         nothing. May raise if the ownership walk fails under memory pressure."""
 
 
 class CpuBackend:
-    """Every CPU storage allocation and free, seen by the dispatch-mode tracker."""
+    """Every CPU storage allocation and free: by memprof's allocator hook
+    (:class:`~memprof.measure.native_tracker.NativeAllocationTracker`, compiled; no Python per
+    op) or, where it cannot be built or ``MEMPROF_CPU_TRACKER=dispatch``, by the dispatch-mode
+    :class:`~memprof.measure.tracker.AllocationTracker`. Both keep the same labelled tally."""
 
     def __init__(
         self,
@@ -123,13 +131,13 @@ class CpuBackend:
         # the phase-end walk labels them at the peak too, so no mid-phase walks there.
         self._mid_phase_walks = mid_phase_walks
         self._multi_rank = multi_rank
-        self.tracker: AllocationTracker | None = None
+        self.tracker: CpuTracker | None = None
 
     def start(self) -> None:
         # dead reference cycles holding tensors would otherwise be seeded, then "freed"
         # inside some phase whenever the collector happens to run
         gc.collect()
-        tracker = AllocationTracker(budget_bytes=self._memory_budget)
+        tracker = new_cpu_tracker(self._memory_budget, self._diagnostics)
         labels = tally_owned(self._owner_walk()).labels
         by_label: dict[int, list[torch.UntypedStorage]] = {}
         for st in live_tensor_storages():
@@ -137,7 +145,8 @@ class CpuBackend:
             by_label.setdefault(label, []).append(st)
         for label, storages in by_label.items():
             tracker.seed(storages, label)
-        tracker.on_large_allocation = self._mid_phase_walk
+        if self._mid_phase_walks:
+            tracker.on_large_allocation = self._mid_phase_walk
         tracker.__enter__()
         self.tracker = tracker
 
@@ -148,9 +157,7 @@ class CpuBackend:
 
     def begin_step(self) -> None:
         # activations are "of the current step": older unowned leftovers become other
-        self._live_tracker().relabel(
-            lambda key, rec: DEVICE_OTHER if rec.label == DEVICE_ACTIVATIONS else rec.label
-        )
+        self._live_tracker().relabel_owned({}, {DEVICE_ACTIVATIONS: DEVICE_OTHER}, None)
 
     def begin_phase(self, phase: str) -> None:
         tracker = self._live_tracker()
@@ -171,10 +178,9 @@ class CpuBackend:
         tracker = self._live_tracker()
         tracker.new_label = DEVICE_OTHER
         tracker.large_bytes = None
-        peak = tracker.peak
-        extra = self._relabel_from_ownership([peak])
+        extra = self._relabel_from_ownership("peak")
         end_tally = _add_tallies(tracker.tally, extra)
-        peak_tally = _add_tallies(peak.tally, extra)
+        peak_tally = _add_tallies(tracker.peak.tally, extra)
         return {
             "end": tally_to_breakdown(end_tally),
             "peak": tally_to_breakdown(peak_tally),
@@ -185,12 +191,21 @@ class CpuBackend:
     def over_budget(self, record: dict[str, Any]) -> SimulatedOutOfMemoryError | None:
         return None  # the tracker raises from inside the allocation that crosses the budget
 
+    def translate_error(self, exc: BaseException) -> BaseException:
+        """The allocator hook raises a plain ``torch.OutOfMemoryError`` from C++ at the budget:
+        the profiler re-raises it as :class:`SimulatedOutOfMemoryError`."""
+        tracker = self.tracker
+        translated = tracker.simulated_oom(exc) if tracker is not None else None
+        return translated if translated is not None else exc
+
     def oom_state(self, exc: torch.OutOfMemoryError, phase: str | None) -> tuple[Breakdown, int, int | None] | None:
         tracker = self.tracker
         if not isinstance(exc, SimulatedOutOfMemoryError) or tracker is None or tracker.oom is None:
             return None
+        extra = self._relabel_from_ownership("oom")
         snap = tracker.oom
-        tally = _add_tallies(snap.tally, self._relabel_from_ownership([snap]))
+        assert snap is not None
+        tally = _add_tallies(snap.tally, extra)
         return tally_to_breakdown(tally), exc.total_bytes, exc.budget_bytes
 
     # ---- internals ------------------------------------------------------------------------
@@ -207,37 +222,44 @@ class CpuBackend:
         if self._multi_rank:
             time.sleep(_COMM_RELEASE_WAIT_S)
 
-    def _relabel_from_ownership(self, snapshots: list[Snapshot]) -> list[int]:
-        """Relabel the tracker's live storages from a fresh ownership walk, fixing ``snapshots``.
-        Returns the label tally of owned storages the tracker does not hold (counted as alive
-        throughout; should be empty)."""
+    def _relabel_from_ownership(self, snapshot: str) -> list[int]:
+        """Relabel the tracker's live storages from a fresh ownership walk, fixing ``snapshot``
+        ("peak" or "oom"). Returns the label tally of owned storages the tracker does not hold
+        (counted as alive throughout; should be empty)."""
         tracker = self._live_tracker()
         owned = tally_owned(self._owner_walk())
-
-        def label_for(key: tuple[str, int], rec: Any) -> int:
-            label = owned.labels.get(key)
-            if label is not None:
-                return label
-            if rec.label in MODEL_STATE_LABELS:
-                return DEVICE_OTHER  # no longer owned by the engine (e.g. a dropped buffer)
-            return rec.label
-
-        live_keys = tracker.relabel(label_for, snapshots)
+        # a model state nobody owns any more (e.g. a dropped buffer) becomes other
+        unowned = {label: DEVICE_OTHER for label in MODEL_STATE_LABELS}
+        missing_keys = tracker.relabel_owned(owned.labels, unowned, snapshot)
         extra = [0] * N_LABELS
         missing = 0
-        for key, label in owned.labels.items():
-            if key not in live_keys:
-                # owned but never seen allocated (made outside dispatch before tracking could see
-                # it): counted from the walk's size, as if alive for the whole phase
-                extra[label] += owned.nbytes[key]
-                missing += owned.nbytes[key]
+        for key in missing_keys:
+            # owned but never seen allocated (made outside the tracker's sight before tracking
+            # could see it): counted from the walk's size, as if alive for the whole phase
+            extra[owned.labels[key]] += owned.nbytes[key]
+            missing += owned.nbytes[key]
         if missing > self._diagnostics["untracked_owned_bytes_max"]:
             self._diagnostics["untracked_owned_bytes_max"] = missing
         return extra
 
     def _mid_phase_walk(self) -> None:
         self._diagnostics["mid_phase_walks"] += 1
-        self._live_tracker().relabel_pending(tally_owned(self._owner_walk()).labels.get)
+        self._live_tracker().relabel_pending(tally_owned(self._owner_walk()).labels)
+
+
+def new_cpu_tracker(budget_bytes: int | None, diagnostics: Diagnostics) -> CpuTracker:
+    """The allocator hook when it loads (and ``MEMPROF_CPU_TRACKER`` is not ``dispatch``), else
+    the dispatch-mode tracker; ``diagnostics["cpu_tracker"]`` says which, and why."""
+    if native.wanted():
+        try:
+            tracker: CpuTracker = NativeAllocationTracker(budget_bytes=budget_bytes)
+            diagnostics["cpu_tracker"] = tracker.mechanism
+            return tracker
+        except native.HookUnavailable as e:
+            diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} (allocator hook unavailable: {e})"
+            return AllocationTracker(budget_bytes=budget_bytes)
+    diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} ({native.TRACKER_ENV}=dispatch)"
+    return AllocationTracker(budget_bytes=budget_bytes)
 
 
 class CudaBackend:
@@ -292,6 +314,9 @@ class CudaBackend:
         if self._memory_budget is not None and record["peak_total"] > self._memory_budget:
             return SimulatedOutOfMemoryError(None, record["peak_total"], self._memory_budget)
         return None
+
+    def translate_error(self, exc: BaseException) -> BaseException:
+        return exc
 
     def oom_state(self, exc: torch.OutOfMemoryError, phase: str | None) -> tuple[Breakdown, int, int | None] | None:
         allocated = torch.cuda.memory_allocated(self._device)

@@ -266,7 +266,10 @@ class MemoryProfiler:
             yield
         except BaseException as exc:
             self._backend.abandon_phase()
-            self._record_oom_if_unrecorded(exc, ctx.step, phase)
+            translated = self._backend.translate_error(exc)
+            self._record_oom_if_unrecorded(translated, ctx.step, phase)
+            if translated is not exc:
+                raise translated.with_traceback(exc.__traceback__) from None
             raise
         started = time.perf_counter()
         record = self._backend.end_phase(phase)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,8 @@ class AllocationTracker(TorchDispatchMode):
     ``budget_bytes``: raise :class:`SimulatedOutOfMemoryError` from the allocation that takes the
     device total above it.
     """
+
+    mechanism = "dispatch mode"
 
     def __init__(self, budget_bytes: int | None = None) -> None:
         super().__init__()
@@ -257,16 +259,35 @@ class AllocationTracker(TorchDispatchMode):
         self.pending.clear()
         return keys
 
-    def relabel_pending(self, owned_label: Callable[[tuple[str, int]], int | None]) -> None:
-        """Label the large storages allocated since the last walk that have an owner now
-        (``owned_label(key)`` is not None), in the tally and in the current peak. Those without
-        an owner yet stay pending until the next walk or the phase end."""
+    def relabel_owned(self, owned_labels: Mapping[tuple[str, int], int], unowned: Mapping[int, int],
+                      snapshot: str | None) -> set[tuple[str, int]]:
+        """Owned storages (keys of ``owned_labels``) take their owner's label; an unowned one
+        whose label is a key of ``unowned`` takes the mapped label; ``snapshot`` ("peak", "oom"
+        or None) is fixed for the storages alive at it. Returns the owned keys not live here.
+        (The interface the profiler's CPU backend uses, shared with the allocator hook.)"""
+        snaps = {"peak": [self.peak], "oom": [self.oom] if self.oom is not None else []}.get(snapshot or "", [])
+
+        def label_for(key: tuple[str, int], rec: _Live) -> int:
+            label = owned_labels.get(key)
+            return label if label is not None else unowned.get(rec.label, rec.label)
+
+        live = self.relabel(label_for, snaps)
+        return {key for key in owned_labels if key not in live}
+
+    def simulated_oom(self, exc: BaseException) -> SimulatedOutOfMemoryError | None:
+        """This tracker raises :class:`SimulatedOutOfMemoryError` itself: nothing to translate."""
+        return None
+
+    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int]) -> None:
+        """Label the large storages allocated since the last walk that have an owner now (their
+        key is in ``owned_labels``), in the tally and in the current peak. Those without an owner
+        yet stay pending until the next walk or the phase end."""
         still: list[_Live] = []
         for rec in self.pending:
             st = rec()
             if st is None or rec.key not in self.live:
                 continue  # freed already: it keeps its label
-            new = owned_label((str(st.device), st.data_ptr()))
+            new = owned_labels.get((str(st.device), st.data_ptr()))
             if new is None:
                 still.append(rec)
             elif new != rec.label:

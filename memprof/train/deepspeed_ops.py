@@ -47,3 +47,19 @@ def build_ops(builder_names: Sequence[str] = CPU_OPS, log: Callable[[str], None]
         log(f"{builder.NAME}: ready in {time.monotonic() - start:.0f} s")
         built.append(builder.NAME)
     return built
+
+
+def build_allocation_hook(log: Callable[[str], None] = print) -> bool:
+    """Compile memprof's CPU allocation hook (memprof/measure/native/) into the same cache. A
+    failure is not fatal: the profiler then uses its dispatch-mode tracker and says so."""
+    from memprof.measure import native
+
+    start = time.monotonic()
+    log(f"{native.NAME}: loading (compiles on first use, about a minute on 2 cores) ...")
+    try:
+        native.load(quiet=True)
+    except native.HookUnavailable as e:
+        log(f"{native.NAME}: not built ({e}); CPU profiling will use the dispatch-mode tracker")
+        return False
+    log(f"{native.NAME}: ready in {time.monotonic() - start:.0f} s")
+    return True

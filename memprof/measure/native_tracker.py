@@ -1,0 +1,199 @@
+"""Allocation tracking on CPU through memprof's compiled allocator hook (the default).
+
+The same bookkeeping as :class:`memprof.measure.tracker.AllocationTracker` (labels, running tally,
+peak snapshot, budget, pending large allocations), kept in C++ inside a wrapper around c10's CPU
+allocator (``memprof/measure/native/allocation_hook.cpp``), so nothing runs in Python per aten op.
+What differs from the dispatch-mode tracker, by mechanism:
+
+* it counts what the allocator hands out: a kernel's own temporary tensors and wrapped Python
+  scalars too (a dispatch mode sees op outputs only), on every thread (gloo's workers included);
+* storages that existed before tracking started are *seeded* from Python; their frees are seen
+  through a weak reference on the storage, since their deleter is not the hook's.
+
+Only one tracker of this kind can be active in a process (it replaces the process's CPU allocator
+while active).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from memprof.measure.native import load
+from memprof.measure.oom import SimulatedOutOfMemoryError
+from memprof.measure.tracker import DEVICE_OTHER, N_CATEGORIES, N_LABELS, Snapshot
+
+_OOM_PREFIX = "memprof simulated out of memory"
+
+
+class NativeAllocationTracker:
+    """Live bytes per label of every CPU allocation, with the peak of the device total."""
+
+    mechanism = "allocator hook"
+
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        self._hook = load()
+        self.budget_bytes = budget_bytes
+        self.on_large_allocation: Callable[[], None] | None = None
+        self._new_label = DEVICE_OTHER
+        self._large_bytes: int | None = None
+        self._active = False
+        # seeded storages: data_ptr -> (weak reference, seq, nbytes)
+        self._seeded: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._pending_seeds: list[tuple[torch.UntypedStorage, int]] = []
+
+    # ---- the context ----------------------------------------------------------------------
+    def __enter__(self) -> NativeAllocationTracker:
+        self._hook.start(N_LABELS, N_CATEGORIES, -1 if self.budget_bytes is None else int(self.budget_bytes),
+                         self.on_large_allocation)
+        self._active = True
+        self._hook.set_new_label(self._new_label)
+        for st, label in self._pending_seeds:
+            self._seed_one(st, label)
+        self._pending_seeds.clear()
+        self._hook.reset_peak()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._hook.stop()
+        self._active = False
+        return False
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def tally(self) -> list[int]:
+        return list(self._hook.state()[0])
+
+    @property
+    def device_total(self) -> int:
+        return int(self._hook.state()[1])
+
+    @property
+    def negative_clamps(self) -> int:
+        return int(self._hook.state()[3])
+
+    @property
+    def untracked_allocations(self) -> int:
+        return int(self._hook.state()[4])
+
+    @property
+    def peak(self) -> Snapshot:
+        tally, seq, _ = self._hook.peak()
+        return Snapshot(list(tally), int(seq))
+
+    @property
+    def peak_total(self) -> int:
+        return int(self._hook.peak()[2])
+
+    @property
+    def oom(self) -> Snapshot | None:
+        got = self._hook.oom()
+        return None if got is None else Snapshot(list(got[0]), int(got[1]))
+
+    @property
+    def new_label(self) -> int:
+        return self._new_label
+
+    @new_label.setter
+    def new_label(self, label: int) -> None:
+        self._new_label = int(label)
+        if self._active:
+            self._hook.set_new_label(self._new_label)
+
+    @property
+    def large_bytes(self) -> int | None:
+        return self._large_bytes
+
+    @large_bytes.setter
+    def large_bytes(self, n: int | None) -> None:
+        self._large_bytes = n
+        self._hook.set_large_bytes(-1 if n is None else int(n))
+
+    def reset_peak(self) -> None:
+        self._hook.reset_peak()
+
+    # ---- seeding ---------------------------------------------------------------------------
+    def seed(self, storages: Iterable[torch.UntypedStorage], label: int = DEVICE_OTHER) -> int:
+        """Count storages that exist already under ``label`` (counted from ``__enter__`` on when
+        called before it). Returns the bytes added."""
+        added = 0
+        for st in storages:
+            n = st.nbytes()
+            if n == 0 or st.data_ptr() == 0:
+                continue
+            if self._active:
+                added += n if self._seed_one(st, label) else 0
+            else:
+                self._pending_seeds.append((st, label))
+                added += n
+        return added
+
+    def _seed_one(self, st: torch.UntypedStorage, label: int) -> bool:
+        ptr, n = st.data_ptr(), st.nbytes()
+        seq = self._hook.seed(ptr, n, label)
+        if not seq:
+            return False
+        hook = self._hook
+
+        def freed(_ref: weakref.ref, ptr: int = ptr, seq: int = seq) -> None:
+            hook.forget(ptr, seq)
+            self._seeded.pop(ptr, None)
+
+        self._seeded[ptr] = (weakref.ref(st, freed), seq, n)
+        return True
+
+    def _refresh_seeded(self) -> None:
+        """A seeded storage resized in place since (``UntypedStorage.resize_`` through the allocator
+        it was made with, not the hook): follow its new size and pointer."""
+        for ptr, (ref, seq, n) in list(self._seeded.items()):
+            st = ref()
+            if st is None:
+                continue
+            new_ptr, new_n = st.data_ptr(), st.nbytes()
+            if new_ptr == ptr and new_n == n:
+                continue
+            if new_ptr == ptr:
+                self._hook.resize_seeded(ptr, seq, new_n)
+                self._seeded[ptr] = (ref, seq, new_n)
+            else:
+                label = self._label_of_seeded(ptr, seq)
+                self._hook.forget(ptr, seq)
+                self._seeded.pop(ptr, None)
+                if new_n and new_ptr:
+                    self._seed_one(st, label)
+
+    def _label_of_seeded(self, ptr: int, seq: int) -> int:
+        label = self._hook.label_of(ptr, seq)
+        return DEVICE_OTHER if label < 0 else int(label)
+
+    # ---- relabelling (phase boundaries) ----------------------------------------------------
+    def relabel_owned(self, owned_labels: Mapping[tuple[str, int], int], unowned: Mapping[int, int],
+                      snapshot: str | None) -> set[tuple[str, int]]:
+        """Owned storages take their owner's label; an unowned one whose label is a key of
+        ``unowned`` takes the mapped label; ``snapshot`` ("peak" / "oom" / None) is fixed for the
+        storages alive at it. Returns the owned keys that are not live allocations here."""
+        self._refresh_seeded()
+        cpu = {ptr: label for (dev, ptr), label in owned_labels.items() if dev == "cpu"}
+        missing = self._hook.relabel(cpu, dict(unowned), snapshot == "peak", snapshot == "oom")
+        out = {("cpu", int(p)) for p in missing}
+        out.update(key for key in owned_labels if key[0] != "cpu")
+        return out
+
+    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int]) -> None:
+        """Label the large storages allocated since the last walk that have an owner now (also in
+        the current peak); the others stay pending."""
+        self._hook.relabel_pending({ptr: label for (dev, ptr), label in owned_labels.items() if dev == "cpu"})
+
+    # ---- the budget ------------------------------------------------------------------------
+    def simulated_oom(self, exc: BaseException) -> SimulatedOutOfMemoryError | None:
+        """The :class:`SimulatedOutOfMemoryError` for an error the hook raised (a plain
+        ``torch.OutOfMemoryError`` from C++), else None."""
+        if isinstance(exc, SimulatedOutOfMemoryError) or not isinstance(exc, torch.OutOfMemoryError):
+            return None
+        got = self._hook.oom()
+        if got is None or not str(exc).startswith(_OOM_PREFIX):
+            return None
+        _, _, requested, total, budget = got
+        return SimulatedOutOfMemoryError(requested_bytes=requested, total_bytes=total, budget_bytes=budget)
