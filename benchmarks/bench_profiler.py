@@ -151,11 +151,6 @@ def per_op_costs(n: int = 20000, rounds: int = 5) -> list[str]:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
             return func(*args, **kwargs) if kwargs else func(*args)
 
-    def HookWithWalks() -> NativeAllocationTracker:  # noqa: N802 - a maker like the classes beside it
-        tracker = NativeAllocationTracker()
-        tracker.on_large_allocation = lambda: None  # registers the RecordFunction callback
-        return tracker
-
     x, w = torch.ones(64), torch.ones(64)
     ops = 3 * n
 
@@ -171,7 +166,6 @@ def per_op_costs(n: int = 20000, rounds: int = 5) -> list[str]:
         "empty TorchDispatchMode": EmptyMode,
         "memprof's dispatch-mode tracker (the fallback)": AllocationTracker,
         "memprof's allocator hook (the default)": NativeAllocationTracker,
-        "memprof's allocator hook + its mid-phase-walk op callback (DeepSpeed runs)": HookWithWalks,
         "torch.profiler(profile_memory=True)": lambda: profile(activities=[ProfilerActivity.CPU], profile_memory=True),
     }
     class RawAllocationEvents:

@@ -137,18 +137,25 @@ class CpuBackend:
         # dead reference cycles holding tensors would otherwise be seeded, then "freed"
         # inside some phase whenever the collector happens to run
         gc.collect()
-        tracker = new_cpu_tracker(self._memory_budget, self._diagnostics)
         labels = tally_owned(self._owner_walk()).labels
         by_label: dict[int, list[torch.UntypedStorage]] = {}
         for st in live_tensor_storages():
             label = labels.get((str(st.device), st.data_ptr()), DEVICE_OTHER)
             by_label.setdefault(label, []).append(st)
-        for label, storages in by_label.items():
-            tracker.seed(storages, label)
-        if self._mid_phase_walks:
-            tracker.on_large_allocation = self._mid_phase_walk
-        tracker.__enter__()
-        self.tracker = tracker
+
+        def started(tracker: CpuTracker) -> CpuTracker:
+            for label, storages in by_label.items():
+                tracker.seed(storages, label)
+            if self._mid_phase_walks:
+                tracker.on_large_allocation = self._mid_phase_walk
+            tracker.__enter__()
+            return tracker
+
+        try:
+            self.tracker = started(new_cpu_tracker(self._memory_budget, self._diagnostics))
+        except native.HookUnavailable as e:  # the hook loaded but cannot be installed here
+            self._diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} (allocator hook unavailable: {e})"
+            self.tracker = started(AllocationTracker(budget_bytes=self._memory_budget))
 
     def stop(self) -> None:
         tracker = self._live_tracker()

@@ -5,8 +5,10 @@ peak snapshot, budget, pending large allocations), kept in C++ inside a wrapper 
 allocator (``memprof/measure/native/allocation_hook.cpp``), so nothing runs in Python per aten op.
 What differs from the dispatch-mode tracker, by mechanism:
 
-* it counts what the allocator hands out: a kernel's own temporary tensors and wrapped Python
-  scalars too (a dispatch mode sees op outputs only), on every thread (gloo's workers included);
+* it counts what the allocator hands out on the thread that started tracking: a kernel's own
+  temporary tensors and wrapped Python scalars too (a dispatch mode sees op outputs only); like
+  the (thread-local) dispatch mode it leaves out blocks other threads allocate, such as gloo's
+  staging buffers for a collective, which NCCL on a GPU does not need; frees count on any thread;
 * storages that existed before tracking started are *seeded* from Python; their frees are seen
   through a weak reference on the storage, since their deleter is not the hook's.
 
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from memprof.measure.native import load
+from memprof.measure.native import HookUnavailable, load
 from memprof.measure.oom import SimulatedOutOfMemoryError
 from memprof.measure.tracker import DEVICE_OTHER, N_CATEGORIES, N_LABELS, Snapshot
 
@@ -46,8 +48,9 @@ class NativeAllocationTracker:
 
     # ---- the context ----------------------------------------------------------------------
     def __enter__(self) -> NativeAllocationTracker:
-        self._hook.start(N_LABELS, N_CATEGORIES, -1 if self.budget_bytes is None else int(self.budget_bytes),
-                         self.on_large_allocation)
+        budget = -1 if self.budget_bytes is None else int(self.budget_bytes)
+        if self._hook.start(N_LABELS, N_CATEGORIES, budget, self.on_large_allocation) is False:
+            raise HookUnavailable("another CPU allocator of higher priority is installed")
         self._active = True
         self._hook.set_new_label(self._new_label)
         for st, label in self._pending_seeds:

@@ -3,9 +3,22 @@
 // Why: the Python dispatch-mode tracker (memprof/measure/tracker.py) pays one Python call per aten
 // op (~8 us of PyTorch's own dispatch-mode cost plus memprof's work), 4-10% of a small CPU step.
 // This hook wraps c10's CPU allocator instead (c10/core/CPUAllocator.h: SetCPUAllocator), so
-// the tally changes inside the allocation and the free themselves: no Python per op, every thread,
-// exactly the bytes the allocator hands out (a kernel's own scratch tensors included, which a
-// dispatch mode does not see; see docs/profiler.md).
+// the tally changes inside the allocation and the free themselves: no Python per op, exactly the
+// bytes the allocator hands out (a kernel's own scratch tensors included, which a dispatch mode
+// does not see; see docs/profiler.md).
+//
+// Not counted either: blocks allocated inside a c10d collective (an op named c10d::*, seen by the
+// RecordFunction callback below): a collective library's own staging. gloo's all_gather_into_tensor
+// allocates a flat copy of the whole output on the calling thread (c10d::_allgather_base_ ->
+// aten::empty, seen with torch.profiler on a ZeRO-1 bf16 step); NCCL gathers into the output, and
+// its own buffers are outside PyTorch's allocator on a GPU, where memprof does not count them.
+// The collectives' inputs and outputs are the caller's tensors and are counted.
+//
+// Counted: blocks allocated on the thread that started tracking (the training loop's; on CPU the
+// autograd engine runs backward on it too), freed on any thread. Not counted: blocks other threads
+// allocate, as a dispatch mode (thread-local) does not see them either; chiefly gloo's worker
+// threads, whose collectives stage through flat scratch buffers (e.g. allgather) that NCCL on a
+// GPU does not need, so counting them would make a CPU run unlike the GPU run it stands for.
 //
 // Same bookkeeping as tracker.py: every live allocation carries a label (location x category)
 // and an allocation sequence number; the device total's peak keeps a copy of the tally; a budget
@@ -18,6 +31,7 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <atomic>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -59,7 +73,9 @@ struct State {
   int64_t untracked_allocations = 0;  // allocations the wrapped allocator returned in a form we do not wrap
 };
 
-State g;
+// Never destroyed: blocks allocated while tracking may be freed during interpreter teardown, after
+// static destructors would have run (a destroyed mutex there aborts the process).
+State& g = *new State();
 std::atomic<bool> g_active{false};
 std::atomic<bool> g_walk_due{false};
 c10::Allocator* g_orig = nullptr;
@@ -68,6 +84,9 @@ py::object* g_walk_callback = nullptr;  // leaked on purpose: must outlive inter
 std::thread::id g_owner_thread;
 at::CallbackHandle g_callback_handle = 0;
 thread_local int t_depth = 0;  // nesting depth of FUNCTION-scope RecordFunctions on this thread
+thread_local int t_in_collective = 0;  // c10d::* ops open on this thread
+
+bool is_collective(const at::RecordFunction& fn) { return std::strncmp(fn.name(), "c10d::", 6) == 0; }
 
 void sub_locked(int label, int64_t n) {
   int64_t v = g.tally[label] - n;
@@ -104,6 +123,7 @@ struct TrackingAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr d = g_orig->allocate(n);
     if (!g_active.load(std::memory_order_relaxed) || d.get() == nullptr || n == 0) return d;
+    if (std::this_thread::get_id() != g_owner_thread || t_in_collective > 0) return d;  // not counted (above)
     void* ptr = d.get();
     if (d.get_context() != ptr || !d.compare_exchange_deleter(g_orig_deleter, &tracked_delete)) {
       std::lock_guard<std::mutex> lock(g.mu);
@@ -158,13 +178,14 @@ struct TrackingAllocator final : public c10::Allocator {
   }
 };
 
-TrackingAllocator g_tracking_allocator;
+TrackingAllocator& g_tracking_allocator = *new TrackingAllocator();  // never destroyed (see g)
 
-std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction&) {
+std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
+  if (is_collective(fn)) t_in_collective += 1;
   const int depth = t_depth++;
   if (depth == 0 && g_walk_due.load(std::memory_order_relaxed) && std::this_thread::get_id() == g_owner_thread) {
     g_walk_due.store(false, std::memory_order_relaxed);
-    if (g_walk_callback != nullptr) {
+    if (g_walk_callback != nullptr && !g_walk_callback->is_none()) {
       py::gil_scoped_acquire gil;
       try {
         (*g_walk_callback)();
@@ -177,16 +198,20 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction&) {
   return nullptr;
 }
 
-void on_op_end(const at::RecordFunction&, at::ObserverContext*) { t_depth = t_depth > 0 ? t_depth - 1 : 0; }
+void on_op_end(const at::RecordFunction& fn, at::ObserverContext*) {
+  t_depth = t_depth > 0 ? t_depth - 1 : 0;
+  if (t_in_collective > 0 && is_collective(fn)) t_in_collective -= 1;
+}
 
 // ---- the Python interface (cold path: phase boundaries) -----------------------------------------
 
-void start(int n_labels, int n_device_labels, int64_t budget, py::object walk_callback) {
+// Returns false (and installs nothing) when another CPU allocator of higher priority is in place.
+bool start(int n_labels, int n_device_labels, int64_t budget, py::object walk_callback) {
   TORCH_CHECK(!g_active.load(), "memprof's allocation hook is already tracking");
   c10::Allocator* current = c10::GetCPUAllocator();
   TORCH_CHECK(current != &g_tracking_allocator, "memprof's allocation hook is already installed");
   c10::DeleterFnPtr deleter = current->raw_deleter();
-  TORCH_CHECK(deleter != nullptr, "the CPU allocator has no raw deleter; it cannot be wrapped");
+  if (deleter == nullptr) return false;  // an allocator without a raw deleter cannot be wrapped
   {
     std::lock_guard<std::mutex> lock(g.mu);
     g.live.clear();
@@ -205,19 +230,19 @@ void start(int n_labels, int n_device_labels, int64_t budget, py::object walk_ca
   }
   g_orig = current;
   g_orig_deleter = deleter;
+  c10::SetCPUAllocator(&g_tracking_allocator, /*priority=*/200);
+  if (c10::GetCPUAllocator() != &g_tracking_allocator) return false;
   if (g_walk_callback == nullptr) g_walk_callback = new py::object();
   *g_walk_callback = walk_callback;
   g_owner_thread = std::this_thread::get_id();
   t_depth = 0;
+  t_in_collective = 0;
   g_walk_due.store(false);
-  if (!walk_callback.is_none()) {
-    g_callback_handle = at::addThreadLocalCallback(
-        at::RecordFunctionCallback(&on_op_start, &on_op_end).scopes({at::RecordScope::FUNCTION}));
-  }
-  c10::SetCPUAllocator(&g_tracking_allocator, /*priority=*/200);
-  TORCH_CHECK(c10::GetCPUAllocator() == &g_tracking_allocator,
-              "another CPU allocator of higher priority is installed; memprof cannot wrap it");
+  // always on (about 0.2 us per op): it finds the collectives, and the moment of mid-phase walks
+  g_callback_handle = at::addThreadLocalCallback(
+      at::RecordFunctionCallback(&on_op_start, &on_op_end).scopes({at::RecordScope::FUNCTION}));
   g_active.store(true);
+  return true;
 }
 
 void stop() {
