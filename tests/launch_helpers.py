@@ -25,6 +25,9 @@ from memprof.train.ports import free_local_port as free_port
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+# `accelerate launch --use_deepspeed` (or a config file with distributed_type DEEPSPEED) starts one
+# process per rank through torchrun (accelerate/commands/launch.py `deepspeed_launcher`)
+ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 
 def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:

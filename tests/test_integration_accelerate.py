@@ -1,10 +1,12 @@
-"""README's accelerate example, extracted and run as written on 2 CPU ranks under ``deepspeed``.
+"""README's accelerate example, extracted and run as written on 2 CPU ranks under ``deepspeed`` and
+under ``accelerate launch``.
 
 The code block after ``<!-- accelerate-example -->`` in README.md is written to a file and launched
-with ``deepspeed --num_gpus 2`` (DS_ACCELERATOR=cpu) from an empty folder; its run files are then
-checked as the Trainer's are: micro-steps and their place in the accumulation, the engine's resolved
-config, resident states derived from the layer shapes and ZeRO-2's partition rules, the recorded
-estimate against the measurement, and the report.
+from an empty folder (DS_ACCELERATOR=cpu) with ``deepspeed --num_gpus 2`` and with the README's
+``accelerate launch --use_deepspeed --num_processes 2``; each run's files are then checked as the
+Trainer's are: micro-steps and their place in the accumulation, the engine's resolved config,
+resident states derived from the layer shapes and ZeRO-2's partition rules, the recorded estimate
+against the measurement, and the report.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_helpers import DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
+from launch_helpers import ACCELERATE, DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
 from test_integration_trainer import PEAK_TOLERANCE, _all_values
 from test_ownership_deepspeed import gpt2_param_numels, zero12_padded
 
@@ -30,6 +32,11 @@ MEMPROF = Path(sys.executable).parent / "memprof"
 # the example's own settings, read off its text below (and asserted to be there)
 EXAMPLE_MODEL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512, "n_positions": 256}
 SAMPLES, MICRO_BATCH, GAS, SEQ = 16, 2, 2, 32
+# the README's accelerate command line. --use_deepspeed takes accelerate's deepspeed_launcher (torchrun,
+# one process per rank); without it a machine with no GPU gets simple_launcher: one process, and
+# DeepSpeed's init_distributed then looks for MPI (accelerate/commands/launch.py `launch_command`)
+ACCELERATE_ARGS = ("--use_deepspeed", "--num_processes", str(N))
+README_ACCELERATE_COMMAND = f"accelerate launch {' '.join(ACCELERATE_ARGS)} example.py"
 
 
 def readme_example() -> str:
@@ -43,16 +50,24 @@ def _env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("accelerate")
+def launch_command(launcher: str, port: int) -> list[str]:
+    if launcher == "deepspeed":
+        return [str(DEEPSPEED), "--num_gpus", str(N), "--master_port", str(port), "example.py"]
+    return [str(ACCELERATE), "launch", *ACCELERATE_ARGS, "--main_process_port", str(port), "example.py"]
+
+
+@pytest.fixture(scope="module", params=["deepspeed", "accelerate"])
+def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp(f"accelerate-{request.param}")
     code = readme_example()
-    assert len(code.strip().splitlines()) <= 20
+    assert len(code.strip().splitlines()) <= 14
     (work / "example.py").write_text(code)
     port = free_port()
-    cmd = [str(DEEPSPEED), "--num_gpus", str(N), "--master_port", str(port), "example.py"]
-    proc = run_group(cmd, cwd=work, env=_env(), timeout=480)
+    # HF_HOME: an empty folder, so that no default_config.yaml of this machine's user changes the launch
+    env = {**_env(), "HF_HOME": str(work / "hf_home")}
+    proc = run_group(launch_command(request.param, port), cwd=work, env=env, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # under torchrun DeepSpeed makes no segment (LOCAL_SIZE unset: shm_interface.cpp), under deepspeed memprof unlinks it
     assert leaked_shm_segments(port) == []
     return work / "runs" / "accelerate"
 
@@ -67,6 +82,7 @@ def test_the_example_says_what_this_test_assumes() -> None:
         assert f"{key}={value}" in code
     assert f"(0, 512, ({SEQ},)) for _ in range({SAMPLES})" in code and f"batch_size={MICRO_BATCH}" in code
     assert f"Accelerator(gradient_accumulation_steps={GAS}, deepspeed_plugin=DeepSpeedPlugin(zero_stage=2))" in code
+    assert README_ACCELERATE_COMMAND in (REPO / "README.md").read_text(), "README.md no longer says how this test launches it"
 
 
 def test_micro_steps_and_run_metadata(run_dir: Path) -> None:
@@ -87,7 +103,7 @@ def test_micro_steps_and_run_metadata(run_dir: Path) -> None:
     assert run["optimizer"] == "adamw" and run["torch_adam"] is True  # torch.optim.AdamW, a client optimizer
     assert "auto" not in _all_values(run["deepspeed_config"])
     assert run["deepspeed_config"]["train_micro_batch_size_per_gpu"] == MICRO_BATCH
-    assert run["accelerate"]["gradient_accumulation_steps"] == GAS
+    assert run["accelerate"]["gradient_accumulation_steps"] == GAS and run["accelerate"]["num_processes"] == N
     assert run["accelerate"]["distributed_type"] == "DistributedType.DEEPSPEED"
     assert run["accelerate"]["prepared_model_class"] == "DeepSpeedEngine"
     # accelerate sets steps_per_print to float("inf"): strict JSON has no Infinity (browsers parse the run)

@@ -6,6 +6,8 @@ from a torch Dataset, ``TrainingArguments(use_cpu=True)``, micro-batch 2, gradie
 
 * ``deepspeed --num_gpus 2`` with HF-style "auto" DeepSpeed configs at ZeRO-2 and ZeRO-3
   (tests/hf_harness/ds_zero*_auto.json, written like transformers' own ds_config_zero2/3.json);
+* ``accelerate launch --config_file`` (an accelerate config with ``distributed_type: DEEPSPEED``,
+  ``num_processes: 2``) with the same ZeRO-2 "auto" config, checked as the ``deepspeed`` run is;
 * plain ``python`` without DeepSpeed (one process, torch AdamW);
 * early stops: an exception raised inside a training forward, and a rank SIGKILLed mid-run.
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_helpers import DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
+from launch_helpers import ACCELERATE, DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
 from test_ownership_deepspeed import gpt2_param_numels, zero3_partition, zero12_padded
 
 from memprof.categories import PHASES
@@ -46,16 +48,31 @@ AUTO_REDUCE_BUCKET = HIDDEN * HIDDEN
 AUTO_PREFETCH = int(0.9 * HIDDEN * HIDDEN)
 AUTO_PERSISTENCE = 10 * HIDDEN
 PEAK_TOLERANCE = 0.03  # issue 10: the recorded estimate within 3% of every measured phase peak
+# an accelerate config file as `accelerate config` writes it, reduced to what the launch needs. No
+# mixed_precision key: accelerate refuses one beside a DeepSpeed JSON (utils/dataclasses.py
+# DeepSpeedPlugin._deepspeed_config_checks); precision comes from the JSON ("auto": the Trainer's fp32)
+ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+num_machines: 1
+num_processes: {n}
+main_process_port: {port}
+"""
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def launch_trainer(out: Path, config: str | None, *extra: str, timeout: int = 480, ddp: bool = False) -> subprocess.CompletedProcess:
+def launch_trainer(out: Path, config: str | None, *extra: str, timeout: int = 480, ddp: bool = False,
+                   accelerate: bool = False) -> subprocess.CompletedProcess:
     args = ["--out", str(out), "--steps", str(STEPS), "--micro-batch", str(MICRO_BATCH), "--gas", str(GAS),
             "--seq-len", str(SEQ), *extra]
-    if ddp:  # torchrun, no DeepSpeed: the Trainer wraps the model in DDP (gloo on CPU)
+    if accelerate:  # accelerate launch with a DEEPSPEED config file: torchrun underneath, one process per rank
+        accelerate_config = out.parent / f"{out.name}.accelerate.yaml"
+        accelerate_config.write_text(ACCELERATE_CONFIG.format(n=N, port=free_port()))
+        cmd = [str(ACCELERATE), "launch", "--config_file", str(accelerate_config), str(HARNESS), *args,
+               "--deepspeed", str(CONFIGS / config)]
+    elif ddp:  # torchrun, no DeepSpeed: the Trainer wraps the model in DDP (gloo on CPU)
         cmd = [str(TORCHRUN), "--nproc_per_node", str(N), "--master_port", str(free_port()), str(HARNESS), *args]
     elif config is None:
         cmd = [sys.executable, str(HARNESS), *args]
@@ -73,6 +90,14 @@ def _memprof(*args: str) -> subprocess.CompletedProcess:
 def z2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trainer") / "z2"
     proc = launch_trainer(out, "ds_zero2_auto.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def z2_accelerate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("trainer") / "z2_accelerate"
+    proc = launch_trainer(out, "ds_zero2_auto.json", accelerate=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -118,7 +143,7 @@ def _all_values(obj: Any) -> list[Any]:
 
 
 # ---- structure: micro-steps, phases, run metadata ------------------------------------------------
-@pytest.mark.parametrize("which", ["z2", "z3", "plain", "ddp"])
+@pytest.mark.parametrize("which", ["z2", "z2_accelerate", "z3", "plain", "ddp"])
 def test_every_micro_step_is_recorded_with_its_place_in_the_accumulation(which: str, request: pytest.FixtureRequest) -> None:
     out = request.getfixturevalue(which)
     doc = _doc(out)
@@ -140,7 +165,7 @@ def test_every_micro_step_is_recorded_with_its_place_in_the_accumulation(which: 
     assert (out / "rank0.jsonl").is_file() and (out / "report.html").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("which,stage", [("z2", 2), ("z3", 3)])
+@pytest.mark.parametrize("which,stage", [("z2", 2), ("z2_accelerate", 2), ("z3", 3)])
 def test_run_holds_the_trainer_settings_and_the_resolved_deepspeed_config(which: str, stage: int, request: pytest.FixtureRequest) -> None:
     run = _doc(request.getfixturevalue(which))["run"]
     assert run["integration"] == "trainer" and run["zero_stage"] == stage
@@ -163,10 +188,11 @@ def test_run_holds_the_trainer_settings_and_the_resolved_deepspeed_config(which:
 
 
 # ---- resident categories, derived ----------------------------------------------------------------
-def test_zero2_resident_states_match_the_partition_rules(z2: Path) -> None:
+@pytest.mark.parametrize("which", ["z2", "z2_accelerate"])
+def test_zero2_resident_states_match_the_partition_rules(which: str, request: pytest.FixtureRequest) -> None:
     Pp = zero12_padded(P)
     part = Pp // N
-    for rank in _doc(z2)["ranks"]:
+    for rank in _doc(request.getfixturevalue(which))["ranks"]:
         last = rank["steps"][-1]
         rest = _rest(last)
         # flat fp32 compute copy of the padded group, fp32 master partition, Adam's two moments over
@@ -221,7 +247,7 @@ def test_trainer_without_deepspeed_resident_states(which: str, request: pytest.F
 
 
 # ---- estimate, compare, report -------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["z2", "z3"])
+@pytest.mark.parametrize("which", ["z2", "z2_accelerate", "z3"])
 def test_recorded_estimate_matches_the_measurement(which: str, request: pytest.FixtureRequest) -> None:
     out = request.getfixturevalue(which)
     assert _doc(out)["estimate"] is not None
@@ -237,7 +263,7 @@ def test_recorded_estimate_matches_the_measurement(which: str, request: pytest.F
     assert _memprof("compare", str(out), "--check").returncode == 0
 
 
-@pytest.mark.parametrize("which", ["z2", "z3", "plain"])
+@pytest.mark.parametrize("which", ["z2", "z2_accelerate", "z3", "plain"])
 def test_report_builds_from_the_run(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     out = request.getfixturevalue(which)
     proc = _memprof("report", str(out), "-o", str(tmp_path / "r.html"))
