@@ -19,7 +19,9 @@ interleaved round by round (the order rotates each round) so drifting machine lo
 Each mode opens its tool once per round, times ``--steps`` steps inside it, and separately times
 closing it: torch.profiler does most of its work there (turning the recorded events into Python
 objects), which the per-step time does not show. Reported: the median step per mode, its ratio to
-the baseline's, and that ratio with the close time spread over the round's steps.
+the baseline's, the median of the per-round paired ratios (each mode against the baseline of the
+same round, which cancels load drifting between rounds), and the ratio with the close time spread
+over the round's steps.
 
 Then, to show where the cost of each mechanism lies, the same modes' cost per aten op on a loop
 of tiny ops (an out-of-place add, a view, an in-place mul; one thread), beside an empty
@@ -244,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {m: [] for m in modes}
     close_per_step: dict[str, list[float]] = {m: [] for m in modes}
     own_time: list[float] = []  # memprof's own bookkeeping per step (diagnostics["phase_end_seconds"])
+    # per round, each mode's mean step over the baseline's mean step in the same round: modes run
+    # back to back in a round, so machine load that drifts between rounds cancels in the ratio
+    paired: dict[str, list[float]] = {m: [] for m in modes}
+    round_mean: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds + 1):  # round 0 warms up (AdamW state, kernel caches) and is dropped
             order = modes[r % len(modes):] + modes[: r % len(modes)]
@@ -263,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                 if r == 0:
                     continue
                 times[m] += step_times
+                round_mean[m] = statistics.fmean(step_times)
                 close_per_step[m].append(closed / args.steps)
                 if m == "profiler" and diagnostics is not None:
                     own_time.append(diagnostics["phase_end_seconds"] / args.steps)
+            if r > 0:
+                for m in modes:
+                    paired[m].append(round_mean[m] / round_mean["baseline"])
     base = statistics.median(times["baseline"])
     cmd = "python benchmarks/bench_profiler.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = [
@@ -273,16 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads)",
         "",
         f"`{cmd.strip()}` -- GPT-2 {args.layers} layers x {args.hidden}, batch {args.batch}x{args.seq}, "
-        f"AdamW; {args.rounds} rounds x {args.steps} steps per mode, interleaved; median step time.",
+        f"AdamW; {args.rounds} rounds x {args.steps} steps per mode, interleaved; median step time; "
+        "paired = median over rounds of the mode's mean step / the baseline's in the same round.",
         "",
-        "| mode | median step (s) | min (s) | step vs baseline | closing the tool, per step (s) | with closing |",
-        "|---|---|---|---|---|---|",
+        "| mode | median step (s) | min (s) | step vs baseline | paired vs baseline | closing the tool, per step (s) | with closing |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in modes:
         med = statistics.median(times[m])
         close = statistics.median(close_per_step[m])
+        pair = statistics.median(paired[m])
         lines.append(
-            f"| {m} | {med:.4f} | {min(times[m]):.4f} | {med / base:.3f}x | {close:.4f} | {(med + close) / base:.3f}x |"
+            f"| {m} | {med:.4f} | {min(times[m]):.4f} | {med / base:.3f}x | {pair:.3f}x | {close:.4f} | "
+            f"{(med + close) / base:.3f}x |"
         )
     if own_time:
         lines += [
