@@ -934,3 +934,22 @@ def test_stage0_accumulation_with_activation_checkpointing(checkpointing):
         for phase, measured in (("forward", 3_023_296), ("backward", 3_540_424)):
             assert abs(r0.phase_total(phase) - measured) <= 0.001 * measured, phase
             assert measured - r0.phase_total(phase) < 4 * TP / 10
+
+
+def test_ddp_without_deepspeed_keeps_gradient_buckets_for_the_run() -> None:
+    """torch DDP (gradient_as_bucket_view False): one fp32 bucket element per parameter at rest and
+    in every phase, and no DeepSpeed stage-0 all-reduce copy in backward."""
+    base = dict(model_config=preset_config("gpt2-tiny"), optimizer="adamw", zero_stage=0, precision="fp32",
+                world_size=2, micro_batch=2, seq_len=32, device_type="cpu")
+    ds = estimate(EstimateInputs(**base))
+    ddp = estimate(EstimateInputs(**base, ddp_gradient_as_bucket_view=False))
+    assert ddp.ranks[0].rest["device"]["comm_buffers"] == 4 * TP
+    assert ds.ranks[0].rest["device"]["comm_buffers"] == 0
+    for phase in ("forward", "step"):
+        assert ddp.ranks[0].phase_total(phase) - ds.ranks[0].phase_total(phase) == 4 * TP
+    # DeepSpeed's backward flattens the gradients into one 4*TP copy at its end; DDP's buckets exist already
+    assert ddp.ranks[0].phase_total("backward") >= ds.ranks[0].phase_total("backward")
+    assert any("torch DDP" in a for a in ddp.assumptions)
+    run = {"model_config": preset_config("gpt2-tiny"), "world_size": 2, "zero_stage": 0, "optimizer": "adamw",
+           "precision": "fp32", "deepspeed_config": None, "ddp": {"gradient_as_bucket_view": False}}
+    assert inputs_from_run(run).ddp_gradient_as_bucket_view is False

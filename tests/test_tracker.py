@@ -107,8 +107,8 @@ def test_relabel_moves_bytes_in_tally_and_in_snapshots_alive_then(Tracker) -> No
         tracker.reset_peak()
         g = torch.empty(MB, dtype=torch.uint8)
         key = (str(g.device), g.untyped_storage().data_ptr())
-        missing = tracker.relabel_owned({key: grads, ("cpu", 12345): grads}, {}, "peak")
-        assert missing == {("cpu", 12345)}  # owned but never allocated: reported, not counted
+        missing = tracker.relabel_owned({key: grads, ("cpu", 12345): grads, ("cpu", -1): grads}, {}, "peak")
+        assert missing == {("cpu", 12345), ("cpu", -1)}  # owned but never allocated: reported, not counted
         assert tracker.tally[grads] == MB
         assert tracker.peak.tally[grads] == MB
         # a storage born after the peak moment moves in the tally only, not in the peak

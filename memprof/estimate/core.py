@@ -233,7 +233,10 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     spec = OPTIMIZER_SPECS[inputs.optimizer]
     assumptions += notes
     assumptions += [
-        f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inputs.zero_stage}, world size {inputs.world_size}, {inputs.precision}",
+        (f"torch DDP without DeepSpeed (the stage-0 layout less DeepSpeed's own optimizer wrappers), world size "
+         f"{inputs.world_size}, {inputs.precision}" if inputs.ddp_gradient_as_bucket_view is not None else
+         f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inputs.zero_stage}, world size "
+         f"{inputs.world_size}, {inputs.precision}"),
         f"optimizer {spec.torch_class}: {spec.note}; peaks are for the steady state (step 2 on), when the "
         + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy
            else "lazily created state already exists (step 1's step phase allocates it)"),

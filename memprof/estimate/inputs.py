@@ -84,6 +84,10 @@ class EstimateInputs:
     cuBLAS workspaces (cuda_runtime.py). None: assume an H100 (9.0), said in the assumptions."""
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimizer step (DeepSpeed ``gradient_accumulation_steps``, or the flag)."""
+    ddp_gradient_as_bucket_view: bool | None = None
+    """A torch ``DistributedDataParallel`` run without DeepSpeed (HF Trainer / accelerate under
+    torchrun): its ``gradient_as_bucket_view``. None: not a DDP run (a DeepSpeed engine, or one
+    process). DDP keeps flat gradient buckets instead of DeepSpeed's stage-0 all-reduce copy."""
     config_notes: tuple[str, ...] = ()
     """What reading the DeepSpeed config decided that the numbers above do not show: each "auto"
     and what it became, keys ignored at this stage, checkpointing from the config's block. The
@@ -314,6 +318,8 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         kw["gradient_accumulation_steps"] = _run_int(run["gradient_accumulation_steps"], "gradient_accumulation_steps", positive=True)
     if run.get("activation_checkpointing") is not None:
         kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
+    if isinstance(run.get("ddp"), dict) and not ds:  # recorded by memprof.integrations for a DDP wrapper
+        kw["ddp_gradient_as_bucket_view"] = bool(run["ddp"].get("gradient_as_bucket_view", False))
     # a torch.optim Adam the framework built itself (HF Trainer, accelerate: memprof.integrations)
     # keeps a step tensor per parameter, which its DeepSpeed config cannot say
     if run.get("torch_adam") is True:

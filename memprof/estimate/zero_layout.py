@@ -302,7 +302,19 @@ def _stage0(s: _Setup, out: StateLayout) -> None:
     ``_configure_fp16_optimizer``); gradients are all-reduced by ``buffered_allreduce_fallback``."""
     inp, e, total = s.inp, s.e, s.total
     out.add("device", P, total * e)
-    if e < FP32:
+    ddp = inp.ddp_gradient_as_bucket_view is not None
+    if ddp:
+        # torch DDP without DeepSpeed (torch/nn/parallel/distributed.py): the C++ Reducer allocates
+        # flat buckets holding every trainable parameter's gradient once (shared parameters
+        # deduplicated, _build_params_for_reducer) when DDP is built; with gradient_as_bucket_view
+        # False (the default) each param.grad is copied in, all-reduced and copied back
+        out.add("device", C, total * e)
+        out.notes.append(
+            "torch DDP, no DeepSpeed: its gradient buckets hold a copy of every gradient for the run "
+            f"({total * e:,} bytes, comm_buffers); no DeepSpeed all-reduce copy"
+            + ("; gradient_as_bucket_view=True modelled as False, an upper bound (gradients are then views "
+               "of the buckets, one copy fewer)" if inp.ddp_gradient_as_bucket_view else ""))
+    if e < FP32 and not ddp:
         # engine._do_optimizer_sanity_check: bf16/fp16 at stage 0 -> FP16_Optimizer (FusedAdam) or
         # FP16_UnfusedOptimizer (any other): fp32 copies of every param, per tensor or flat
         out.add("device", M, total * FP32)
@@ -310,9 +322,9 @@ def _stage0(s: _Setup, out: StateLayout) -> None:
     out.add("device", O, optimizer_state_bytes(inp.optimizer, total, len(s.numels), step_tensors=s.step_tensors))
     # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
     # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
-    out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0}
+    out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if s.N > 1 and not ddp else 0}
     temporaries = optimizer_temporaries(inp, s.largest, total, s.device_type, s.numels)
-    if e < FP32 and uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
+    if e < FP32 and not ddp and uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
         # FP16_Optimizer.step (fp16/fused_optimizer.py:284): _flatten_dense_tensors over a list
         # of p.grad.to(fp32) copies, so the per-parameter fp32 copies (4P) and the flat fp32
         # gradient (4P) are alive together beside the bf16/fp16 grads (eP); then `p.grad = None`
@@ -322,7 +334,7 @@ def _stage0(s: _Setup, out: StateLayout) -> None:
         out.step_moments = [flatten, in_optimizer]
     else:
         # step: param.grad (e) and, in bf16/fp16, the fp32 master grads; the optimizer's temporaries
-        grads = total * e + (total * FP32 if e < FP32 else 0)
+        grads = total * e + (total * FP32 if e < FP32 and not ddp else 0)
         out.step_moments = [{G: grads, O: temporaries}]
     # engine.backward calls allreduce_gradients only at the boundary, and zero_grad runs in
     # engine.step's boundary branch: every param.grad (e*P) is alive between micro-steps

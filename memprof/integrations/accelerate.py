@@ -67,6 +67,7 @@ def profile_accelerate(
     unwrapped = accelerator.unwrap_model(model) if hasattr(accelerator, "unwrap_model") else model
     if device_type_of(engine, unwrapped) == "cpu":
         release_cpu_shm_segment()
+    ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
     settings = {
         "distributed_type": str(getattr(accelerator, "distributed_type", None)),
         "mixed_precision": str(getattr(accelerator, "mixed_precision", None)),
@@ -77,13 +78,13 @@ def profile_accelerate(
 
     def describe(batch_shape: tuple[int, ...] | None) -> dict[str, Any]:
         run = describe_run(engine=engine, model=unwrapped, optimizer=optimizer, batch_shape=batch_shape,
-                           integration="accelerate", framework_settings=settings)
+                           integration="accelerate", framework_settings=settings, ddp=ddp)
         if engine is None:
             run["gradient_accumulation_steps"] = settings["gradient_accumulation_steps"]
         return run
 
     recorder = MicroStepRecorder(out_dir, engine=engine, model=unwrapped, optimizer=optimizer,
-                                 describe=describe, memory_budget=memory_budget)
+                                 describe=describe, memory_budget=memory_budget, ddp=ddp)
     recorder.wrap_forward(model)
 
     def note_boundary() -> None:

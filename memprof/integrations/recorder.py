@@ -40,6 +40,7 @@ import torch
 
 from memprof.errors import MemprofError
 from memprof.measure import MemoryProfiler
+from memprof.measure.ownership import DdpBuckets, owned_storages
 from memprof.measure.profiler import StepContext
 from memprof.train.run_meta import estimate_for_run
 
@@ -90,7 +91,9 @@ class MicroStepRecorder:
 
     ``describe(batch_shape) -> run dict`` builds the run metadata (memprof.integrations.run_info).
     ``engine``: the DeepSpeed engine or None; ``model``/``optimizer``: the plain-torch objects the
-    ownership walk names states from when there is no engine.
+    ownership walk names states from when there is no engine. ``ddp``: the
+    ``DistributedDataParallel`` wrapper when there is one (its gradient buckets are counted as
+    ``comm_buffers``: memprof.measure.ownership.DdpBuckets).
     """
 
     def __init__(
@@ -102,8 +105,10 @@ class MicroStepRecorder:
         optimizer: Any,
         describe: Callable[[tuple[int, ...] | None], dict[str, Any]],
         memory_budget: int | None = None,
+        ddp: Any = None,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.ddp = ddp
         self.engine = engine
         self.model = model
         self.optimizer = optimizer
@@ -272,6 +277,13 @@ class MicroStepRecorder:
     # ---- internals ----------------------------------------------------------------------------
     def _start(self, batch_shape: tuple[int, ...] | None) -> _StepFieldsProfiler:
         run = self._describe(batch_shape)
+        owner_walk = None
+        if self.ddp is not None and self.engine is None:
+            model, optimizer, buckets = self.model, _plain_optimizer(self.optimizer), DdpBuckets(self.ddp)
+
+            def owner_walk() -> dict:
+                return {**owned_storages(model=model, optimizer=optimizer), **buckets.owned()}
+
         profiler = _StepFieldsProfiler(
             engine=self.engine,
             model=None if self.engine is not None else self.model,
@@ -279,6 +291,7 @@ class MicroStepRecorder:
             out_dir=self.out_dir,
             run=run,
             memory_budget=self._memory_budget,
+            owner_walk=owner_walk,
         )
         profiler.step_fields = {}
         profiler.__enter__()

@@ -139,13 +139,15 @@ def describe_run(
     integration: str,
     framework_settings: dict[str, Any] | None = None,
     precision_without_deepspeed: str = "fp32",
+    ddp: Any = None,
 ) -> dict[str, Any]:
     """The ``run`` dict (memprof/runfile.py keys) for this rank's view of the run.
 
     ``engine``: the DeepSpeed engine, or None (plain / DDP). ``batch_shape``: the first training
     batch's ``input_ids`` shape (micro-batch, sequence length). ``framework_settings``: the
     Trainer's or accelerate's own settings that change memory, kept verbatim under ``trainer`` /
-    ``accelerate``.
+    ``accelerate``. ``ddp``: the ``DistributedDataParallel`` wrapper, if any: ``run["ddp"]`` records
+    what sizes its gradient buckets (``gradient_as_bucket_view``, the bucket cap).
     """
     import torch.distributed as dist
 
@@ -183,6 +185,9 @@ def describe_run(
     run.update(device_type=device_type, backend=backend, versions=package_versions())
     run["versions"]["accelerate"] = _version("accelerate")
     run["deepspeed_config"] = ds_config or None
+    if ddp is not None and engine is None:
+        run["ddp"] = {"gradient_as_bucket_view": bool(getattr(ddp, "gradient_as_bucket_view", False)),
+                      "bucket_cap_bytes": int(getattr(ddp, "bucket_bytes_cap", 0))}
     if framework_settings:
         run[integration.split(".")[0]] = framework_settings
     run.update(cuda_device_facts(device_type))

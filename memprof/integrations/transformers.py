@@ -86,11 +86,12 @@ class MemprofCallback(TrainerCallback):
         settings = {name: _jsonable(getattr(args, name, None)) for name in TRAINER_MEMORY_ARGS}
         settings["trainer_class"] = type(trainer).__name__
         settings["wrapped_model_class"] = type(wrapped).__name__
+        ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
 
         def describe(batch_shape: tuple[int, ...] | None) -> dict[str, Any]:
             run = describe_run(
                 engine=engine, model=trainer.model, optimizer=trainer.optimizer, batch_shape=batch_shape,
-                integration="trainer", framework_settings=settings,
+                integration="trainer", framework_settings=settings, ddp=ddp,
             )
             if engine is None:
                 # no DeepSpeed config: the micro-batch and accumulation are the Trainer's own
@@ -101,7 +102,7 @@ class MemprofCallback(TrainerCallback):
 
         recorder = MicroStepRecorder(
             self.out_dir, engine=engine, model=trainer.model, optimizer=trainer.optimizer,
-            describe=describe, memory_budget=self.memory_budget,
+            describe=describe, memory_budget=self.memory_budget, ddp=ddp,
         )
         recorder.wrap_forward(wrapped)
         if engine is not None:

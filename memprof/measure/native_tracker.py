@@ -178,16 +178,17 @@ class NativeAllocationTracker:
         ``unowned`` takes the mapped label; ``snapshot`` ("peak" / "oom" / None) is fixed for the
         storages alive at it. Returns the owned keys that are not live allocations here."""
         self._refresh_seeded()
-        cpu = {ptr: label for (dev, ptr), label in owned_labels.items() if dev == "cpu"}
+        cpu = _cpu_blocks(owned_labels)
         missing = self._hook.relabel(cpu, dict(unowned), snapshot == "peak", snapshot == "oom")
         out = {("cpu", int(p)) for p in missing}
-        out.update(key for key in owned_labels if key[0] != "cpu")
+        # other devices, and keys no block has (memprof.measure.ownership.DdpBuckets: negative)
+        out.update(key for key in owned_labels if key[0] != "cpu" or key[1] <= 0)
         return out
 
     def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int]) -> None:
         """Label the large storages allocated since the last walk that have an owner now (also in
         the current peak); the others stay pending."""
-        self._hook.relabel_pending({ptr: label for (dev, ptr), label in owned_labels.items() if dev == "cpu"})
+        self._hook.relabel_pending(_cpu_blocks(owned_labels))
 
     # ---- the budget ------------------------------------------------------------------------
     def simulated_oom(self, exc: BaseException) -> SimulatedOutOfMemoryError | None:
@@ -200,3 +201,9 @@ class NativeAllocationTracker:
             return None
         _, _, requested, total, budget = got
         return SimulatedOutOfMemoryError(requested_bytes=requested, total_bytes=total, budget_bytes=budget)
+
+
+def _cpu_blocks(owned_labels: Mapping[tuple[str, int], int]) -> dict[int, int]:
+    """``{pointer: label}`` of the owned keys that can be CPU blocks (the hook's map is keyed by
+    pointer; a key with no real pointer is never a live block)."""
+    return {ptr: label for (dev, ptr), label in owned_labels.items() if dev == "cpu" and ptr > 0}
