@@ -183,7 +183,8 @@ TrackingAllocator& g_tracking_allocator = *new TrackingAllocator();  // never de
 std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   if (is_collective(fn)) t_in_collective += 1;
   const int depth = t_depth++;
-  if (depth == 0 && g_walk_due.load(std::memory_order_relaxed) && std::this_thread::get_id() == g_owner_thread) {
+  if (depth == 0 && g_walk_due.load(std::memory_order_relaxed) && g_active.load(std::memory_order_relaxed) &&
+      std::this_thread::get_id() == g_owner_thread) {
     g_walk_due.store(false, std::memory_order_relaxed);
     if (g_walk_callback != nullptr && !g_walk_callback->is_none()) {
       py::gil_scoped_acquire gil;
@@ -247,6 +248,10 @@ bool start(int n_labels, int n_device_labels, int64_t budget, py::object walk_ca
 
 void stop() {
   g_active.store(false);
+  // drop the walk callback now (the GIL is held here): kept, it would keep the profiler, and through
+  // it the engine and its process group, alive past interpreter shutdown, where tearing them down is
+  // no longer orderly
+  if (g_walk_callback != nullptr) *g_walk_callback = py::none();
   if (c10::GetCPUAllocator() == &g_tracking_allocator) c10::SetCPUAllocator(g_orig, /*priority=*/200);
   if (g_callback_handle != 0) {
     at::removeCallback(g_callback_handle);
