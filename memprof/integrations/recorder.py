@@ -278,11 +278,18 @@ class MicroStepRecorder:
     def _start(self, batch_shape: tuple[int, ...] | None) -> _StepFieldsProfiler:
         run = self._describe(batch_shape)
         owner_walk = None
+        holder: dict[str, Any] = {}
         if self.ddp is not None and self.engine is None:
             model, optimizer, buckets = self.model, _plain_optimizer(self.optimizer), DdpBuckets(self.ddp)
 
             def owner_walk() -> dict:
-                return {**owned_storages(model=model, optimizer=optimizer), **buckets.owned()}
+                owned = owned_storages(model=model, optimizer=optimizer)
+                # the dispatch-mode tracker sees the buckets' storages itself (as other): naming
+                # them from their sizes too would count them twice
+                tracker = holder["profiler"].diagnostics.get("cpu_tracker", "") if "profiler" in holder else ""
+                if buckets.device.startswith("cuda") or not tracker.startswith("dispatch"):
+                    owned.update(buckets.owned())
+                return owned
 
         profiler = _StepFieldsProfiler(
             engine=self.engine,
@@ -294,6 +301,7 @@ class MicroStepRecorder:
             owner_walk=owner_walk,
         )
         profiler.step_fields = {}
+        holder["profiler"] = profiler
         profiler.__enter__()
         self._tracking = True
         self.profiler = profiler

@@ -16,7 +16,7 @@ from types import ModuleType
 
 NAME = "memprof_allocation_hook"
 SOURCE = Path(__file__).with_name("allocation_hook.cpp")
-# MEMPROF_CPU_TRACKER=dispatch forces the Python dispatch-mode tracker (tests, comparisons)
+# MEMPROF_CPU_TRACKER=dispatch / =allocator forces one tracker (else: see backends.new_cpu_tracker)
 TRACKER_ENV = "MEMPROF_CPU_TRACKER"
 
 _module: ModuleType | None = None
@@ -27,9 +27,10 @@ class HookUnavailable(RuntimeError):
     """The allocation hook cannot be built or loaded here; the message says why."""
 
 
-def wanted() -> bool:
-    """False when ``MEMPROF_CPU_TRACKER=dispatch`` asks for the dispatch-mode tracker."""
-    return os.environ.get(TRACKER_ENV, "allocator").strip().lower() != "dispatch"
+def requested() -> str | None:
+    """``MEMPROF_CPU_TRACKER``: "allocator" or "dispatch" when set to one of them, else None."""
+    value = os.environ.get(TRACKER_ENV, "").strip().lower()
+    return value if value in ("allocator", "dispatch") else None
 
 
 def load(*, quiet: bool = False) -> ModuleType:
