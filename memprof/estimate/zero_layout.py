@@ -311,7 +311,8 @@ def _stage0(s: _Setup, out: StateLayout) -> None:
         out.add("device", C, total * e)
         out.notes.append(
             "torch DDP, no DeepSpeed: its gradient buckets hold a copy of every gradient for the run "
-            f"({total * e:,} bytes, comm_buffers); no DeepSpeed all-reduce copy"
+            f"({total * e:,} bytes, comm_buffers); no DeepSpeed all-reduce copy; not modelled: with "
+            "find_unused_parameters=True DDP's _DDPSink clones the forward outputs (the logits), above the forward peak here"
             + ("; gradient_as_bucket_view=True modelled as False, an upper bound (gradients are then views "
                "of the buckets, one copy fewer)" if inp.ddp_gradient_as_bucket_view else ""))
     if e < FP32 and not ddp:
