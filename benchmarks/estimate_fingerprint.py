@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _estimate_json(argv: list[str]) -> str:
     from memprof.cli.estimate import main
+    from memprof.errors import MemprofError
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -37,6 +38,8 @@ def _estimate_json(argv: list[str]) -> str:
             rc = main([*argv, "--json"])
         except SystemExit as e:  # argparse's exit 2 on a bad flag
             rc = e.code
+        except MemprofError as e:  # the CLI's entry point turns this into one line and exit 2
+            return f"refused: {e}"
     if rc != 0:
         return f"exit {rc}: {err.getvalue().strip()}"
     doc = json.loads(out.getvalue())
