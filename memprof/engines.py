@@ -28,10 +28,16 @@ class Engine(str, Enum):
     every rank keeps whole model states plus DDP's flat gradient buckets; no ZeRO stage."""
 
 
+_ENGINES = frozenset(Engine)  # a member and its string value hash alike: "ddp" in _ENGINES
+
+
 def check_engine(engine: object, zero_stage: int) -> None:
-    """MemprofError, one line, for an engine memprof does not know or a ZeRO stage it cannot run."""
-    if engine not in tuple(Engine):
+    """MemprofError, one line, for an engine memprof does not know or a ZeRO stage it cannot run.
+
+    Either an ``Engine`` or its string value passes (a planner builds thousands of inputs: no
+    conversion here)."""
+    if not isinstance(engine, str) or engine not in _ENGINES:
         raise MemprofError(f"unknown engine {engine!r}: choose one of {', '.join(e.value for e in Engine)}")
-    if Engine(engine) is Engine.DDP and zero_stage != 0:
+    if engine == Engine.DDP and zero_stage != 0:
         raise MemprofError(f"torch DDP has no ZeRO stage (got zero_stage {zero_stage}): use zero_stage 0 with engine ddp, "
                            "or engine deepspeed")

@@ -16,7 +16,7 @@ from memprof.estimate.activations import Activations, attention_keeps_probabilit
 from memprof.estimate.activations_by_family import model_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
-from memprof.estimate.layout import describe_layout, model_state_layout
+from memprof.estimate.layout import describe_buckets, describe_layout, model_state_layout
 from memprof.estimate.layout.partition import stage12_rank_grads
 from memprof.estimate.layout.state import FP32, StateLayout
 from memprof.estimate.model_shapes import ModelShape, model_shape
@@ -199,7 +199,7 @@ def peak_device_and_host_bytes(inputs: EstimateInputs) -> tuple[int, int]:
 
 
 def estimate(inputs: EstimateInputs) -> Estimate:
-    """Per-rank memory of training ``inputs``' model with DeepSpeed, by category and phase."""
+    """Per-rank memory of training ``inputs``' model with its engine (``inputs.engine``), by category and phase."""
     shape = model_shape(inputs.model_config, inputs.n_params)
     if inputs.layout == "zero-paper":
         return paper_estimate(inputs, shape)
@@ -261,8 +261,7 @@ def _setup_assumptions(inputs: EstimateInputs) -> list[str]:
         (f"gradient_accumulation_steps {inputs.gradient_accumulation_steps}: phase peaks are the worst micro-step of a "
          "steady cycle (the boundary, or a non-boundary step phase), 'at rest' is after the boundary's optimizer step"
          if inputs.gradient_accumulation_steps > 1 else "gradient_accumulation_steps 1: every micro-step is a boundary"),
-        f"reduce_bucket_size {inputs.zero.reduce_bucket_size:,} elements, overlap_comm "
-        f"{inputs.zero.overlap_comm_for(inputs.zero_stage)}, contiguous_gradients {inputs.zero.contiguous_gradients}",
+        describe_buckets(inputs),
         ("ranks other than the first and the last hold the same as the first (only the last rank's partition carries padding)"
          if inputs.zero_stage not in (1, 2) else
          "every rank modelled (stage 1/2: the gradients a rank holds depend on the parameters touching its partition)"

@@ -26,13 +26,19 @@ LAYOUT_BY_ENGINE: dict[Engine, EngineLayout] = {
 
 
 def engine_layout(inp: EstimateInputs) -> EngineLayout:
-    """The layout of ``inp.engine`` (an ``Engine`` or its string value)."""
-    return LAYOUT_BY_ENGINE[Engine(inp.engine)]
+    """The layout of ``inp.engine`` (an ``Engine`` or its string value, which hashes alike;
+    ``EstimateInputs`` refused any other)."""
+    return LAYOUT_BY_ENGINE[inp.engine]
 
 
 def describe_layout(inp: EstimateInputs) -> str:
     """The estimate's assumption naming the layout, e.g. "DeepSpeed 0.19.8 layout, ... ZeRO stage 2"."""
-    return engine_layout(inp).describe(inp)
+    return engine_layout(inp).layout_assumption(inp)
+
+
+def describe_buckets(inp: EstimateInputs) -> str:
+    """The estimate's assumption naming the gradient buckets the layout was given."""
+    return engine_layout(inp).buckets_assumption(inp)
 
 
 def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> StateLayout:

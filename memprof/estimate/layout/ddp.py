@@ -12,6 +12,7 @@ copy, no DeepSpeed all-reduce copy.
 from __future__ import annotations
 
 from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.layout.deepspeed_zero import describe_zero_buckets
 from memprof.estimate.layout.state import (
     C,
     EngineLayout,
@@ -53,4 +54,6 @@ def describe_ddp(inp: EstimateInputs) -> str:
             f"{inp.world_size}, {inp.precision}")
 
 
-DDP_LAYOUT = EngineLayout(ddp_layout, describe_ddp)
+# the buckets line names DeepSpeed's zero_optimization knobs, which a DDP run does not use; kept
+# word for word so DDP estimates stay as they were (DDP's own bucket_cap_mb would say more)
+DDP_LAYOUT = EngineLayout(ddp_layout, describe_ddp, describe_zero_buckets)

@@ -60,6 +60,11 @@ def describe_deepspeed_zero(inp: EstimateInputs) -> str:
             f"{inp.world_size}, {inp.precision}")
 
 
+def describe_zero_buckets(inp: EstimateInputs) -> str:
+    return (f"reduce_bucket_size {inp.zero.reduce_bucket_size:,} elements, overlap_comm "
+            f"{inp.zero.overlap_comm_for(inp.zero_stage)}, contiguous_gradients {inp.zero.contiguous_gradients}")
+
+
 def _host_bytes(s: LayoutSetup, nbytes: int, pinned: bool) -> int:
     """Host bytes of one DeepSpeed host allocation. ``get_accelerator().pin_memory`` on CUDA is
     ``tensor.pin_memory()``, served by PyTorch's CachingHostAllocator, which rounds every request
@@ -416,4 +421,4 @@ def _stage3_gathered(s: LayoutSetup, thr: int, single_rank: bool) -> tuple[int, 
     return gathered, f"({retained:,} within stage3_max_reuse_distance / 2 of forward's end + largest param and prefetch window)"
 
 
-DEEPSPEED_ZERO_LAYOUT = EngineLayout(deepspeed_zero_layout, describe_deepspeed_zero)
+DEEPSPEED_ZERO_LAYOUT = EngineLayout(deepspeed_zero_layout, describe_deepspeed_zero, describe_zero_buckets)

@@ -73,7 +73,9 @@ class EngineLayout:
     """One engine's entry in ``memprof.estimate.layout.LAYOUT_BY_ENGINE``."""
 
     lay_out: Callable[[LayoutSetup, StateLayout], None]  # fills one rank's StateLayout
-    describe: Callable[[EstimateInputs], str]  # the estimate's assumption naming the layout
+    # the estimate's assumptions naming the layout, and the gradient buckets it was given
+    layout_assumption: Callable[[EstimateInputs], str]
+    buckets_assumption: Callable[[EstimateInputs], str]
 
 
 def layout_setup(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> LayoutSetup:
