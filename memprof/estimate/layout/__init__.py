@@ -4,8 +4,8 @@
 ``partition`` (flat-buffer partitioning: alignment, padding, per-rank partition numels),
 ``deepspeed_zero`` (DeepSpeed 0.19.8, ZeRO stage 0-3), ``ddp`` (torch DDP without DeepSpeed).
 :func:`model_state_layout` picks the engine's module through ``LAYOUT_BY_ENGINE``: a new
-parallelism is one module here (its ``EngineLayout``) and one line in that dict (README, "Add a
-parallelism").
+parallelism (a member of ``memprof.engines.Engine``) is one module here, exporting its
+``EngineLayout``, and one line in that dict (README, "Add a parallelism").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LAYOUT_BY_ENGINE: dict[Engine, EngineLayout] = {
     Engine.DEEPSPEED: DEEPSPEED_ZERO_LAYOUT,
     Engine.DDP: DDP_LAYOUT,
 }
-"""Engine -> how it lays out one rank's model states, and the assumption that names the layout."""
+"""Engine -> how it lays out one rank's model states, and the assumptions naming that layout."""
 
 
 def engine_layout(inp: EstimateInputs) -> EngineLayout:
