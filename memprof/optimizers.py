@@ -27,9 +27,12 @@ Sources, DeepSpeed 0.19.8 and torch 2.x:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from memprof.errors import MemprofError
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,62 @@ def deepspeed_types_text(last: str = ", ") -> str:
     joins the final two, e.g. " or ")."""
     head, tail = DEEPSPEED_TYPES[:-1], DEEPSPEED_TYPES[-1]
     return f"{', '.join(head)}{last}{tail}"
+
+
+# ---- naming a DeepSpeed "optimizer" block (memprof.dsconfig) --------------------------------------
+
+# the types DeepSpeed builds its own Adam for (ADAM_OPTIMIZER, ADAMW_OPTIMIZER in engine.py)
+_ADAM_TYPES = frozenset(o.deepspeed_type.lower() for o in ZOO.values() if o.deepspeed_builds_its_own)
+
+
+def zoo_name_of_deepspeed_type(opt_type: str, params: Mapping[str, Any], source: str) -> str:
+    """The zoo name DeepSpeed's ``{"type": opt_type, "params": params}`` block trains with
+    (``engine._configure_basic_optimizer``; the type matched case-free, as the estimator reads
+    it: the launcher's case-sensitivity is memprof.dsconfig.launch's). MemprofError naming
+    ``source`` for what torch refuses or the zoo does not model."""
+    kind = opt_type.lower()
+    if kind in _ADAM_TYPES:
+        # DeepSpeed's "Adam" means AdamW unless adam_w_mode is false (engine._configure_basic_optimizer)
+        adam_w = kind == "adamw" or bool(params.get("adam_w_mode", True))
+        return "amsgrad" if params.get("amsgrad") else ("adamw" if adam_w else "adam")
+    if kind in {t.lower() for t in TORCH_DEEPSPEED_TYPES}:
+        return _torch_type_name(kind, params, source)
+    if kind in ZOO and ZOO[kind].deepspeed_type.lower() == kind:  # a type with one row (Adagrad)
+        return kind
+    supported = deepspeed_types_text(" or ")
+    feature = UNMODELLED_DEEPSPEED_TYPES.get(kind.replace("_", "").replace("-", ""))
+    if feature is not None:
+        raise MemprofError(f"{source}: optimizer type {opt_type!r} ({feature}) is not modelled by memprof: use {supported}")
+    raise MemprofError(f"{source}: unknown optimizer type {opt_type!r}, not modelled by memprof: use {supported}")
+
+
+def _torch_type_name(kind: str, params: Mapping[str, Any], source: str) -> str:
+    """The zoo name of DeepSpeed's torch.optim ``SGD`` / ``RMSprop`` block (``kind`` lower-cased):
+    torch's kwargs pick the row; refuses what torch refuses or what memprof does not model."""
+    momentum = config_number(params, "momentum", source)
+    if momentum < 0:
+        raise MemprofError(f"{source}: optimizer.params.momentum is {params.get('momentum')!r}: it must be 0 or more")
+    if kind == "sgd":
+        nesterov = bool(params.get("nesterov", False))  # torch.optim.SGD tests its truth value
+        if nesterov and (momentum <= 0 or config_number(params, "dampening", source) != 0):
+            # torch.optim.SGD: "Nesterov momentum requires a momentum and zero dampening"
+            raise MemprofError(f"{source}: SGD with nesterov needs momentum > 0 and dampening 0 in optimizer.params")
+        return "nesterov" if nesterov else ("momentum" if momentum > 0 else "sgd")
+    if kind == "rmsprop":
+        # momentum and centered add buffers (momentum_buffer, grad_avg) the zoo does not model.
+        if momentum > 0 or params.get("centered", False):
+            raise MemprofError(f"{source}: RMSprop with momentum or centered=true is not supported by memprof: drop them")
+        return "rmsprop"
+    raise ValueError(f"not a torch.optim type memprof maps: {kind!r}")
+
+
+def config_number(params: Mapping[str, Any], key: str, source: str, default: float = 0.0) -> float:
+    """A numeric optimizer setting (``momentum``, ``dampening``, ...) of ``optimizer.params``;
+    MemprofError naming the field when it is not a finite number."""
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MemprofError(f"{source}: optimizer.params.{key} is {value!r}: it must be a number, e.g. 0.9")
+    return float(value)
 
 
 # ---- naming a torch optimizer instance (the integrations) ---------------------------------------

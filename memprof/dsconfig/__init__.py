@@ -35,7 +35,7 @@ with the flag that would settle it.
 
 from memprof.dsconfig.files import load_config_file
 from memprof.dsconfig.launch import find_auto, launchable_optimizer_name
-from memprof.dsconfig.optimizer_block import config_number, optimizer_name_from_block, torch_optimizer_name
+from memprof.dsconfig.optimizer_block import config_number, optimizer_name_from_block
 from memprof.dsconfig.reader import read_deepspeed_config
 from memprof.dsconfig.schema import (
     AUTO,
@@ -67,5 +67,4 @@ __all__ = [
     "offload_devices",
     "optimizer_name_from_block",
     "read_deepspeed_config",
-    "torch_optimizer_name",
 ]

@@ -32,9 +32,9 @@ def read_batch(ds: Mapping[str, Any], reading: Reading, world: int, micro_flag: 
     if stated_total is not None:
         # _set_batch_related_parameters: derive the one that is missing, unless a flag gives it
         if micro is not None and gas is None and gas_flag is None:
-            gas = _derived_gas(stated_total, micro, world, reading)
+            gas = _derived_gas(stated_total, micro, world, reading, _whose(ds, MICRO_KEY, micro_flag))
         elif micro is None and not unresolved and micro_flag is None:
-            micro = _derived_micro(stated_total, gas or 1, world, reading)
+            micro = _derived_micro(stated_total, gas or 1, world, reading, _whose(ds, GAS_KEY, gas_flag))
     micro = micro_flag if micro_flag is not None else micro
     gas = gas_flag if gas_flag is not None else (gas or 1)
     if stated_total is not None and micro is not None and not unresolved and stated_total != micro * gas * world:
@@ -68,21 +68,27 @@ def _config_value(ds: Mapping[str, Any], reading: Reading, key: str, flag: int |
     return reading.whole(value, key, positive=True)
 
 
-def _derived_gas(total: int, micro: int, world: int, reading: Reading) -> int:
+def _whose(ds: Mapping[str, Any], key: str, flag: int | None) -> str:
+    """How a derivation's message names the config value it reads: "the config's " when a flag
+    replaces that value in the estimate (the derivation still reads the config's own)."""
+    return "the config's " if flag is not None and ds.get(key) != AUTO else ""
+
+
+def _derived_gas(total: int, micro: int, world: int, reading: Reading, whose: str) -> int:
     if total % (micro * world):
-        raise reading.fail(f"train_batch_size {total} is not divisible by micro-batch {micro} x world size {world}: "
+        raise reading.fail(f"train_batch_size {total} is not divisible by {whose}micro-batch {micro} x world size {world}: "
                            "set gradient_accumulation_steps, or drop train_batch_size")
     gas = total // micro // world
     reading.derived.append(f"gradient_accumulation_steps {gas} derived as DeepSpeed does: train_batch_size {total} / "
-                           f"micro-batch {micro} / world size {world}")
+                           f"{whose}micro-batch {micro} / world size {world}")
     return gas
 
 
-def _derived_micro(total: int, gas: int, world: int, reading: Reading) -> int:
+def _derived_micro(total: int, gas: int, world: int, reading: Reading, whose: str) -> int:
     if total % (gas * world):
-        raise reading.fail(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} "
+        raise reading.fail(f"train_batch_size {total} is not divisible by {whose}gradient_accumulation_steps {gas} "
                            f"x world size {world}: set train_micro_batch_size_per_gpu instead")
     micro = total // world // gas
     reading.derived.append(f"micro-batch {micro} derived as DeepSpeed does: train_batch_size {total} / "
-                           f"gradient_accumulation_steps {gas} / world size {world}")
+                           f"{whose}gradient_accumulation_steps {gas} / world size {world}")
     return micro
