@@ -165,11 +165,3 @@ def _positive_int(value: Any, what: str, example: str) -> None:
     if not is_positive_int(value):
         raise MemprofError(f"{what} {value!r} must be a positive whole number, e.g. {example}")
 
-
-def __getattr__(name: str) -> Any:
-    # inputs_from_run moved to memprof.estimate.from_run, which imports this module
-    if name == "inputs_from_run":
-        from memprof.estimate.from_run import inputs_from_run
-
-        return inputs_from_run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
