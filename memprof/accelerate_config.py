@@ -110,12 +110,10 @@ def read_accelerate_config(path: str | os.PathLike) -> AccelerateSettings:
         source = f"DeepSpeed config {json_path} (from {path})"
         notes.append(f"DeepSpeed config from {path}: deepspeed_config_file {json_path}")
     else:
-        ds = _inline_deepspeed_config(block, where)
+        ds, built = _inline_deepspeed_config(block, where)
         source = f"{where} (inline deepspeed_config)"
         notes.append(f"DeepSpeed config built from {path}'s inline deepspeed_config as accelerate's DeepSpeedPlugin builds it: "
-                     f"ZeRO stage {ds['zero_optimization']['stage']}, offload_optimizer "
-                     f"{ds['zero_optimization']['offload_optimizer']['device']}, offload_param "
-                     f"{ds['zero_optimization']['offload_param']['device']}")
+                     f"{built}")
     init = block.get("zero3_init_flag")
     if init is not None:
         notes.append(f"zero3_init_flag {init}: changes only how the model is built (partitioned at construction), "
@@ -128,9 +126,10 @@ def read_accelerate_config(path: str | os.PathLike) -> AccelerateSettings:
                               mixed_precision=mixed, notes=tuple(notes))
 
 
-def _inline_deepspeed_config(block: dict[str, Any], where: str) -> dict[str, Any]:
+def _inline_deepspeed_config(block: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
     """DeepSpeedPlugin.__post_init__'s config for the inline keys (zero_stage default 2, as
-    ACCELERATE_DEEPSPEED_ZERO_STAGE's default; gradient_accumulation_steps "auto" when unstated)."""
+    ACCELERATE_DEEPSPEED_ZERO_STAGE's default; gradient_accumulation_steps "auto" when unstated),
+    and what it sets, for the notes (memprof.dsconfig reads the config itself)."""
     def device(key: str) -> str:
         value = str(block.get(key, "none")).lower()
         if value not in ("none", "cpu", "nvme"):
@@ -143,21 +142,22 @@ def _inline_deepspeed_config(block: dict[str, Any], where: str) -> dict[str, Any
     gas = block.get("gradient_accumulation_steps", AUTO)
     if gas != AUTO and not is_positive_int(gas):
         raise MemprofError(f"{where}: deepspeed_config.gradient_accumulation_steps is {gas!r}: it must be a whole number of at least 1")
+    offload_optimizer, offload_param = device("offload_optimizer_device"), device("offload_param_device")
     config: dict[str, Any] = {
         "train_batch_size": AUTO,
         "train_micro_batch_size_per_gpu": AUTO,
         "gradient_accumulation_steps": gas,
         "zero_optimization": {
             "stage": stage,
-            "offload_optimizer": {"device": device("offload_optimizer_device")},
-            "offload_param": {"device": device("offload_param_device")},
+            "offload_optimizer": {"device": offload_optimizer},
+            "offload_param": {"device": offload_param},
             "stage3_gather_16bit_weights_on_model_save": bool(block.get("zero3_save_16bit_model", False)),
         },
     }
     clipping = block.get("gradient_clipping")
     if clipping:
         config["gradient_clipping"] = clipping
-    return config
+    return config, f"ZeRO stage {stage}, offload_optimizer {offload_optimizer}, offload_param {offload_param}"
 
 
 def _with_mixed_precision(ds: dict[str, Any], mixed: str, where: str) -> dict[str, Any]:

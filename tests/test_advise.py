@@ -181,3 +181,11 @@ def test_recommended_setup_runs_within_the_budget_where_the_original_does_not(tm
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     measured = _measured_peak(tmp_path / "best")
     assert abs(measured - best["peak_bytes"]) <= 0.03 * measured, (measured, best["peak_bytes"], best["change"])
+
+
+def test_a_written_optimizer_block_reads_back_as_the_same_optimizer():
+    from memprof.optimizers import ZOO, deepspeed_optimizer_block, zoo_name_of_deepspeed_type
+
+    for name in ZOO:
+        block = deepspeed_optimizer_block(name, lr=1e-4)
+        assert zoo_name_of_deepspeed_type(block["type"], block["params"], "written config") == name

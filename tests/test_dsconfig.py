@@ -62,7 +62,7 @@ def test_launcher_and_estimator_resolve_every_shipped_config_alike(path: Path, t
     world = 2
     launcher = load_deepspeed_config(path, world_size=world)
     from_launcher = _settings_tuple(launcher.zero_stage, launcher.optimizer, launcher.precision, launcher.micro_batch,
-                                    launcher.gradient_accumulation_steps, launcher.offload_optimizer, launcher.offload_params,
+                                    launcher.gradient_accumulation_steps, launcher.offload_optimizer, launcher.offload_param,
                                     launcher.activation_checkpointing, launcher.zero, launcher.torch_adam, launcher.grad_accum_dtype)
 
     # the estimator's path: `memprof estimate --deepspeed-config PATH --world-size 2` as parsed by the CLI
@@ -86,17 +86,57 @@ def test_launcher_and_estimator_resolve_every_shipped_config_alike(path: Path, t
 def test_vocabularies_and_element_sizes_are_defined_once() -> None:
     import memprof.dsconfig as ds
     import memprof.estimate.zero_layout as layout
+    import memprof.optimizers as zoo
     import memprof.train.config as train
+    from memprof.cli import cli_args
     from memprof.estimate import inputs
 
-    assert inputs.OPTIMIZERS is ds.OPTIMIZERS and inputs.PRECISIONS is ds.PRECISIONS and inputs.OFFLOAD_DEVICES is ds.OFFLOAD_DEVICES
+    assert inputs.OPTIMIZERS is ds.OPTIMIZERS is zoo.OPTIMIZERS
+    assert inputs.PRECISIONS is ds.PRECISIONS and inputs.OFFLOAD_DEVICES is ds.OFFLOAD_DEVICES
+    assert cli_args.OPTIMIZERS is zoo.OPTIMIZERS and cli_args.PRECISIONS is ds.PRECISIONS
     assert layout.ELEMENT_SIZE is ds.ELEMENT_SIZE and ds.ELEMENT_SIZE == {"fp32": 4, "bf16": 2, "fp16": 2}
     assert inputs.ZeroKnobs is ds.ZeroKnobs
-    for gone in ("OPTIMIZER_ZOO", "PRECISIONS", "OFFLOAD_DEVICES"):
+    for gone in ("OPTIMIZER_ZOO", "PRECISIONS", "OFFLOAD_DEVICES", "_CASE_FREE_TYPES", "_TORCH_TYPES", "_ZERO_TESTED_TYPES"):
         assert not hasattr(train, gone)
     from memprof.train import data
 
     assert not hasattr(data, "BYTE_VOCAB")
+
+
+def _reads_of(key: str, path: Path) -> list[int]:
+    """Lines of ``path`` that read ``key`` out of a mapping (``x[key]`` or ``x.get(key)``)."""
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == key:
+            lines.append(node.lineno)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args
+              and isinstance(node.args[0], ast.Constant) and node.args[0].value == key):
+            lines.append(node.lineno)
+    return lines
+
+
+# integrations/run_info.py reads the offload devices by hand until it calls memprof.dsconfig.offload_devices
+# (another engineer's file; the lead switches it)
+_NOT_YET_THROUGH_THE_READER = {"integrations/run_info.py"}
+
+
+def test_only_the_reader_reads_the_zero_optimization_block() -> None:
+    root = REPO / "memprof"
+    readers = {str(p.relative_to(root)) for p in root.rglob("*.py") if _reads_of("zero_optimization", p)}
+    assert {r for r in readers if not r.startswith("dsconfig/")} <= _NOT_YET_THROUGH_THE_READER
+
+
+def test_offload_devices_of_a_config_deepspeed_ran() -> None:
+    from memprof.dsconfig import offload_devices
+
+    assert offload_devices({}) == ("none", "none")
+    assert offload_devices({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                                  "offload_param": {"device": "nvme"}}}) == ("cpu", "nvme")
+    # offload_param only at stage 3 (DeepSpeed's stage 0-2 engines ignore it); the deprecated boolean
+    assert offload_devices({"zero_optimization": {"stage": 2, "cpu_offload": True, "offload_param": {"device": "cpu"}}}) == (
+        "cpu", "none")
 
 
 # ---- configs as projects ship them ---------------------------------------------------------------
@@ -329,3 +369,96 @@ def test_estimate_uses_the_resolved_settings() -> None:
     inp = inputs_from_args(args, 2)
     assert inp.zero.reduce_bucket_size == 64 * 64 and inp.zero.param_persistence_threshold == 640  # gpt2-tiny: n_embd 64
     assert estimate(inp).peak_device_bytes > 0
+
+
+# ---- flags over the config, applied once; messages name the values that apply -------------------
+
+
+def _inputs(tmp_path: Path, config: dict, *flags: str):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW"}, **config}))
+    args = build_parser().parse_args(["--model", "gpt2-tiny", "--deepspeed-config", str(path), *flags])
+    return inputs_from_args(args, args.world_size)
+
+
+def test_a_batch_flag_replaces_the_config_value_and_messages_name_what_applies(tmp_path: Path) -> None:
+    from memprof.errors import MemprofError
+
+    inconsistent = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
+    # the config alone: DeepSpeed's assertion, naming the config's values (they are the ones that apply)
+    with pytest.raises(MemprofError, match=r"train_batch_size 8 != micro-batch 4 x gradient_accumulation_steps 1 x world size 1"):
+        _inputs(tmp_path, inconsistent)
+    # --micro-batch replaces the config's 4: nothing names 4 any more, and train_batch_size follows the flags
+    inp = _inputs(tmp_path, inconsistent, "--micro-batch", "2")
+    assert (inp.micro_batch, inp.gradient_accumulation_steps) == (2, 1)
+    assert ("train_batch_size 8 not used: the flags give micro-batch 2 x gradient_accumulation_steps 1 x world size 1 = 2"
+            in inp.config_notes)
+    assert not any("micro-batch 4" in n for n in inp.config_notes)
+    assert _inputs(tmp_path, inconsistent, "--micro-batch", "8").config_notes == ()  # 8 = 8 x 1 x 1: nothing to say
+    # a world size the config does not fit is named as given
+    consistent = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(MemprofError, match=r"train_batch_size 8 is not divisible by micro-batch 4 x world size 3"):
+        _inputs(tmp_path, consistent, "--world-size", "3")
+    # a value derived from the config's own numbers says so when a flag replaces the other one
+    with pytest.raises(MemprofError, match=r"not divisible by the config's gradient_accumulation_steps 4 x world size 2"):
+        _inputs(tmp_path, {"train_batch_size": 30, "gradient_accumulation_steps": 4}, "--world-size", "2",
+                "--gradient-accumulation-steps", "3")
+
+
+def test_the_cli_names_the_micro_batch_that_applies(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}))
+    common = ("estimate", "--model", "gpt2-tiny", "--deepspeed-config", str(path), "--world-size", "4")
+    # written for 2 ranks, estimated for 4: DeepSpeed's assertion, naming the values that apply
+    line = one_line_error(*common)
+    assert "train_batch_size 16 != micro-batch 4 x gradient_accumulation_steps 2 x world size 4" in line
+    # --micro-batch 2 replaces the config's 4 (memprof used to refuse this naming micro-batch 4)
+    out = run(*common, "--micro-batch", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    inp = json.loads(out.stdout)["inputs"]
+    assert (inp["micro_batch"], inp["gradient_accumulation_steps"], inp["world_size"]) == (2, 2, 4)
+
+
+def test_flags_apply_through_the_reader_once(tmp_path: Path) -> None:
+    from memprof.dsconfig import read_deepspeed_config
+    from memprof.estimate.settings import SetupFlags, settings_from_setup
+
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "bf16": {"enabled": True}}
+    read = read_deepspeed_config(config, micro_batch=1, gradient_accumulation_steps=3, precision="fp16")
+    assert (read.micro_batch, read.gradient_accumulation_steps, read.precision, read.train_batch_size) == (1, 3, "fp16", 3)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    fields = settings_from_setup(SetupFlags(micro_batch=1, zero_stage=3, offload_param="cpu", world_size=2),
+                                 deepspeed_config=path)
+    assert (fields["micro_batch"], fields["gradient_accumulation_steps"], fields["precision"]) == (1, 2, "bf16")
+    assert (fields["zero_stage"], fields["zero"].offload_param, fields["world_size"]) == (3, "cpu", 2)
+    # without a config: DeepSpeed's defaults, as the reader reads an empty config
+    assert settings_from_setup(SetupFlags())["zero"] == read_deepspeed_config({}).zero
+
+
+def test_offload_param_flag_has_deepspeeds_spelling_too() -> None:
+    for flag in ("--offload-params", "--offload-param"):
+        args = build_parser().parse_args(["--model", "gpt2-tiny", "--zero-stage", "3", flag, "cpu"])
+        assert inputs_from_args(args, None).zero.offload_param == "cpu"
+
+
+def test_strict_mode_is_what_deepspeed_refuses_at_launch(tmp_path: Path) -> None:
+    from memprof.dsconfig import read_deepspeed_config
+    from memprof.errors import MemprofError
+
+    relaxed = read_deepspeed_config(USER / "hf_zero2_auto.json")
+    assert relaxed.unresolved()  # the estimator lists them, the flags settle them
+    with pytest.raises(MemprofError, match=r'is "auto": launch/train.py hands the JSON to DeepSpeed as is'):
+        read_deepspeed_config(USER / "hf_zero2_auto.json", strict=True)
+    no_optimizer = {"train_micro_batch_size_per_gpu": 1}
+    assert read_deepspeed_config(no_optimizer).optimizer is None
+    with pytest.raises(MemprofError, match='no "optimizer" block'):
+        read_deepspeed_config(no_optimizer, strict=True)
+    lower_sgd = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "sgd"}}
+    assert read_deepspeed_config(lower_sgd).optimizer == "sgd"
+    with pytest.raises(MemprofError, match="case-sensitive: write 'SGD'"):
+        read_deepspeed_config(lower_sgd, strict=True)
+    untested = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "RMSprop"}, "zero_optimization": {"stage": 2}}
+    with pytest.raises(MemprofError, match="zero_allow_untested_optimizer"):
+        read_deepspeed_config(untested, strict=True)
+    assert read_deepspeed_config({**untested, "zero_allow_untested_optimizer": True}, strict=True).optimizer == "rmsprop"

@@ -18,7 +18,7 @@ CONFIGS = REPO / "configs"
 # What each shipped config must mean, written down from its JSON by hand (type + params per
 # DeepSpeed's rules: "Adam" is AdamW unless adam_w_mode is false; SGD momentum/nesterov).
 EXPECTED = {
-    # name: (stage, optimizer, precision, offload_optimizer, offload_params)
+    # name: (stage, optimizer, precision, offload_optimizer, offload_param)
     "stage0_sgd": (0, "sgd", "fp32", "none", "none"),
     "stage0_momentum": (0, "momentum", "fp32", "none", "none"),
     "stage0_nesterov": (0, "nesterov", "fp32", "none", "none"),
@@ -56,7 +56,7 @@ def test_every_shipped_config_is_listed_and_means_what_its_name_says() -> None:
     assert {p.stem for p in CONFIGS.glob("*.json")} == set(EXPECTED)
     for name, (stage, optimizer, precision, off_opt, off_par) in EXPECTED.items():
         ds = load_deepspeed_config(CONFIGS / f"{name}.json", world_size=2)
-        assert (ds.zero_stage, ds.optimizer, ds.precision, ds.offload_optimizer, ds.offload_params) == (
+        assert (ds.zero_stage, ds.optimizer, ds.precision, ds.offload_optimizer, ds.offload_param) == (
             stage, optimizer, precision, off_opt, off_par,
         ), name
         assert ds.micro_batch == 2 and ds.gradient_accumulation_steps == GAS.get(name, 1)
@@ -135,7 +135,7 @@ def test_offload_param_below_stage_3_is_ignored_as_deepspeed_ignores_it(tmp_path
     full = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"},
             "zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}
     ds = load_deepspeed_config(_write(tmp_path, full))
-    assert ds.offload_params == "none"
+    assert ds.offload_param == "none"
     assert any("offload_param ignored" in note and "stage 3" in note for note in ds.notes())
 
 

@@ -1,5 +1,6 @@
 """The model and setup flags ``memprof estimate`` and ``memprof plan`` share, parsed into
-EstimateInputs with flags over the DeepSpeed config over DeepSpeed's defaults.
+EstimateInputs. This module only turns flag strings into values; laying the setup flags over the
+DeepSpeed config over DeepSpeed's defaults happens once, in memprof.estimate.settings.
 
 Not a subcommand (no ``main``); the dispatcher only maps ``estimate`` and ``plan`` to their modules.
 """
@@ -7,22 +8,15 @@ Not a subcommand (no ``main``); the dispatcher only maps ``estimate`` and ``plan
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from typing import Any
 
 from memprof.cli.parser import positive_int, positive_size
+from memprof.dsconfig import OFFLOAD_DEVICES, PRECISIONS
 from memprof.errors import MemprofError
-from memprof.estimate.inputs import (
-    ATTN_IMPLEMENTATIONS,
-    LAYOUTS,
-    OFFLOAD_DEVICES,
-    OPTIMIZERS,
-    PRECISIONS,
-    EstimateInputs,
-    ZeroKnobs,
-    settings_from_setup_files,
-)
+from memprof.estimate.inputs import ATTN_IMPLEMENTATIONS, LAYOUTS, EstimateInputs
+from memprof.estimate.settings import SetupFlags, settings_from_setup
 from memprof.models import PRESETS, load_model_config, preset_config
+from memprof.optimizers import OPTIMIZERS
 from memprof.units import parse_count
 
 
@@ -44,7 +38,7 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
     p.add_argument("--offload-optimizer", help="none or cpu")
-    p.add_argument("--offload-params", help="none or cpu (stage 3 only)")
+    p.add_argument("--offload-params", "--offload-param", dest="offload_param", help="none or cpu (stage 3 only)")
     p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", help="DeepSpeed JSON config")
     p.add_argument("--accelerate-config", help="accelerate config YAML (its DeepSpeed settings, num_processes, num_machines)")
     p.add_argument("--gradient-accumulation-steps", type=positive_int("--gradient-accumulation-steps"),
@@ -70,55 +64,16 @@ def _choice(text: str | None, choices: tuple[str, ...], what: str) -> str | None
 
 
 def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> EstimateInputs:
-    """Resolve flags over the DeepSpeed config over defaults."""
-    kw: dict[str, Any] = {}
-    if args.model:
-        kw["model_config"], kw["model_name"] = preset_config(args.model), args.model
-    elif args.model_config:
-        kw["model_config"], kw["model_name"] = load_model_config(args.model_config), args.model_config
-    elif args.params:
-        kw["n_params"] = parse_count(args.params, "--params")
-    else:
-        raise MemprofError("no model: pass --model PRESET, --model-config PATH or --params N")
-    if args.optimizer is not None:
-        kw["optimizer"] = _choice(args.optimizer, OPTIMIZERS, "optimizer")
-    if args.torch_adam:
-        kw["torch_adam"] = True
-    if args.precision is not None:
-        kw["precision"] = _choice(args.precision, PRECISIONS, "precision")
-    if args.zero_stage is not None:
-        try:
-            kw["zero_stage"] = int(args.zero_stage)
-        except ValueError:
-            raise MemprofError(f"ZeRO stage {args.zero_stage!r} is not a number: use 0, 1, 2 or 3") from None
-    nodes, per_node = args.nodes, args.gpus_per_node
-    if world_size is None and (nodes or per_node):
-        world_size = (nodes or 1) * (per_node or 1)
-    elif world_size is not None and per_node and world_size != (nodes or 1) * per_node:
-        raise MemprofError(f"world size {world_size} disagrees with --nodes x --gpus-per-node = {(nodes or 1) * per_node}")
-    if world_size is not None:
-        kw["world_size"] = world_size
-    if nodes:
-        kw["nodes"] = nodes
-    # the DeepSpeed JSON / accelerate YAML, under the flags ("auto" values settled by them)
-    for key, value in settings_from_setup_files(
-            deepspeed_config=args.deepspeed_config, accelerate_config=args.accelerate_config,
-            model_config=kw.get("model_config"), world_size=kw.get("world_size"), precision=kw.get("precision"),
-            micro_batch=args.micro_batch, gradient_accumulation_steps=args.gradient_accumulation_steps).items():
-        kw.setdefault(key, value)
-    for key in ("micro_batch", "gradient_accumulation_steps", "seq_len"):
-        if getattr(args, key) is not None:
-            kw[key] = getattr(args, key)
-    if args.activation_checkpointing:
-        kw["activation_checkpointing"] = True
+    """EstimateInputs from the parsed flags: the model, the setup flags over the setup files over
+    DeepSpeed's defaults (memprof.estimate.settings), and the flags no config states."""
+    kw: dict[str, Any] = _model(args)
+    flags = _setup_flags(args, world_size)
+    kw.update(settings_from_setup(flags, deepspeed_config=args.deepspeed_config, accelerate_config=args.accelerate_config,
+                                  model_config=kw.get("model_config")))
+    if args.seq_len is not None:
+        kw["seq_len"] = args.seq_len
     if args.attn_implementation is not None:
         kw["attn_implementation"] = _choice(args.attn_implementation, ATTN_IMPLEMENTATIONS, "attention implementation")
-    zero: ZeroKnobs = kw.get("zero", ZeroKnobs())
-    if args.offload_optimizer is not None:
-        zero = replace(zero, offload_optimizer=_choice(args.offload_optimizer, OFFLOAD_DEVICES, "--offload-optimizer device"))
-    if args.offload_params is not None:
-        zero = replace(zero, offload_param=_choice(args.offload_params, OFFLOAD_DEVICES, "--offload-params device"))
-    kw["zero"] = zero
     if args.gpu_memory is not None:
         kw["gpu_memory_bytes"] = args.gpu_memory
     if args.host_memory is not None:
@@ -135,3 +90,36 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
         kw["cuda_capability"] = str(args.cuda_capability).strip()
     kw["layout"] = _choice(args.layout, LAYOUTS, "layout")
     return EstimateInputs(**kw)
+
+
+def _model(args: argparse.Namespace) -> dict[str, Any]:
+    if args.model:
+        return {"model_config": preset_config(args.model), "model_name": args.model}
+    if args.model_config:
+        return {"model_config": load_model_config(args.model_config), "model_name": args.model_config}
+    if args.params:
+        return {"n_params": parse_count(args.params, "--params")}
+    raise MemprofError("no model: pass --model PRESET, --model-config PATH or --params N")
+
+
+def _setup_flags(args: argparse.Namespace, world_size: int | None) -> SetupFlags:
+    """The setup flags as values (None where not given); MemprofError on a bad one."""
+    zero_stage = None
+    if args.zero_stage is not None:
+        try:
+            zero_stage = int(args.zero_stage)
+        except ValueError:
+            raise MemprofError(f"ZeRO stage {args.zero_stage!r} is not a number: use 0, 1, 2 or 3") from None
+    nodes, per_node = args.nodes, args.gpus_per_node
+    if world_size is None and (nodes or per_node):
+        world_size = (nodes or 1) * (per_node or 1)
+    elif world_size is not None and per_node and world_size != (nodes or 1) * per_node:
+        raise MemprofError(f"world size {world_size} disagrees with --nodes x --gpus-per-node = {(nodes or 1) * per_node}")
+    return SetupFlags(
+        world_size=world_size, nodes=nodes or None, zero_stage=zero_stage,
+        optimizer=_choice(args.optimizer, OPTIMIZERS, "optimizer"), torch_adam=bool(args.torch_adam),
+        precision=_choice(args.precision, PRECISIONS, "precision"), micro_batch=args.micro_batch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        activation_checkpointing=bool(args.activation_checkpointing),
+        offload_optimizer=_choice(args.offload_optimizer, OFFLOAD_DEVICES, "--offload-optimizer device"),
+        offload_param=_choice(args.offload_param, OFFLOAD_DEVICES, "--offload-params device"))

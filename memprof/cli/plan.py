@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     gpus = args.gpus
     if gpus is None:
         raise MemprofError("plan needs the cluster size: pass --gpus N")
-    if args.zero_stage is not None or args.offload_optimizer is not None or args.offload_params is not None:
+    if args.zero_stage is not None or args.offload_optimizer is not None or args.offload_param is not None:
         raise MemprofError("plan chooses the ZeRO stage and offload itself: drop --zero-stage/--offload-*")
     inputs = inputs_from_args(args, gpus)
     result = plan(inputs, gpus, args.max_gpus, model_states_only=args.model_states_only)

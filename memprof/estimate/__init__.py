@@ -1,21 +1,16 @@
 """memprof.estimate: the analytic estimator and capacity planner (pure arithmetic, no torch).
 
 Public API: :func:`estimate`, :class:`EstimateInputs`, :class:`Estimate`, :func:`inputs_from_run`,
-:func:`plan` (see :mod:`memprof.estimate.plan`).
+:func:`plan` (see :mod:`memprof.estimate.plan`); where the settings come from:
+:func:`settings_from_setup` (flags over the setup files, :mod:`memprof.estimate.settings`).
 """
 
 from memprof.estimate.core import estimate
-from memprof.estimate.inputs import (
-    OPTIMIZERS,
-    PRECISIONS,
-    EstimateInputs,
-    ZeroKnobs,
-    inputs_from_run,
-    load_deepspeed_config,
-    settings_from_deepspeed_config,
-)
+from memprof.estimate.from_run import inputs_from_run
+from memprof.estimate.inputs import OPTIMIZERS, PRECISIONS, EstimateInputs, ZeroKnobs
 from memprof.estimate.plan import Plan, PlanRow, plan
 from memprof.estimate.result import Estimate, RankEstimate
+from memprof.estimate.settings import SetupFlags, settings_from_deepspeed_config, settings_from_setup
 
 __all__ = [
     "Estimate",
@@ -25,10 +20,11 @@ __all__ = [
     "Plan",
     "PlanRow",
     "RankEstimate",
+    "SetupFlags",
     "ZeroKnobs",
     "estimate",
     "inputs_from_run",
-    "load_deepspeed_config",
     "plan",
     "settings_from_deepspeed_config",
+    "settings_from_setup",
 ]

@@ -13,20 +13,7 @@ from typing import Any
 
 from memprof.dsconfig import AUTO, load_config_file
 from memprof.estimate.inputs import EstimateInputs
-
-# The "optimizer" block DeepSpeed 0.19.8 builds each zoo optimizer from (runtime/engine.py
-# _configure_basic_optimizer: Adam/AdamW/Adagrad by name, anything else getattr(torch.optim, type));
-# AMSGrad is torch's Adam, which DeepSpeed only builds with "torch_adam": true.
-_OPTIMIZER_BLOCKS: dict[str, dict[str, Any]] = {
-    "sgd": {"type": "SGD", "params": {"lr": 1e-3}},
-    "momentum": {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9}},
-    "nesterov": {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9, "nesterov": True}},
-    "rmsprop": {"type": "RMSprop", "params": {"lr": 1e-3}},
-    "adagrad": {"type": "Adagrad", "params": {"lr": 1e-3}},
-    "adam": {"type": "Adam", "params": {"lr": 1e-4}},
-    "adamw": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
-    "amsgrad": {"type": "Adam", "params": {"lr": 1e-4, "amsgrad": True, "torch_adam": True}},
-}
+from memprof.optimizers import ZOO, deepspeed_optimizer_block
 
 
 def recommended_config(source: str | os.PathLike | None, base: EstimateInputs,
@@ -52,8 +39,9 @@ def recommended_config(source: str | os.PathLike | None, base: EstimateInputs,
 
 
 def _fresh(base: EstimateInputs) -> dict[str, Any]:
-    block = copy.deepcopy(_OPTIMIZER_BLOCKS[base.optimizer])
-    if base.torch_adam and base.optimizer in ("adam", "adamw"):
+    # a learning rate is required by the block; the size of the update does not change memory
+    block = deepspeed_optimizer_block(base.optimizer, lr=1e-4)
+    if base.torch_adam and ZOO[base.optimizer].deepspeed_builds_its_own:  # FusedAdam unless told torch's
         block["params"]["torch_adam"] = True
     return {"train_micro_batch_size_per_gpu": base.micro_batch, "gradient_accumulation_steps": 1,
             "steps_per_print": 1000000, "optimizer": block, "zero_optimization": {"stage": base.zero_stage}}

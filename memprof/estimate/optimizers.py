@@ -1,20 +1,25 @@
-"""Optimizer state per parameter for the optimizer zoo.
+"""Optimizer state and step temporaries per parameter, from the zoo's rows (memprof.optimizers).
 
-Read from torch's optimizers (``torch/optim/{sgd,rmsprop,adagrad,adam,adamw}.py``,
-``_init_group``): the state each keeps per parameter tensor, in the parameter's dtype (DeepSpeed
-hands the inner optimizer fp32 master copies when it keeps any), plus ``step`` as a 0-dim fp32
-tensor per parameter tensor for the optimizers that count steps (``_get_scalar_dtype()``).
+The facts (state tensors, step tensor, lazy state, temporaries, torch spelling) are the rows';
+this module turns them into bytes for the estimator. The state is kept in the parameter's dtype
+(DeepSpeed hands the inner optimizer fp32 master copies when it keeps any), plus ``step`` as a
+0-dim fp32 tensor per parameter tensor for the optimizers that count steps (``_get_scalar_dtype()``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memprof.optimizers import ZOO
+
 STEP_TENSOR_BYTES = 4  # torch.tensor(0.0, dtype=_get_scalar_dtype()) -> float32
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """The estimator's view of a zoo row (``torch_class`` is the row's torch spelling, e.g.
+    ``SGD(momentum>0)``, as the assumptions name it)."""
+
     name: str
     state_names: tuple[str, ...]  # full-size state tensors, each the size of the parameter
     has_step_tensor: bool  # a `step` tensor per parameter tensor
@@ -28,18 +33,8 @@ class OptimizerSpec:
 
 
 OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {
-    s.name: s
-    for s in (
-        OptimizerSpec("sgd", (), False, True, "SGD(momentum=0)", "plain SGD keeps no state (momentum_buffer stays None)"),
-        OptimizerSpec("momentum", ("momentum_buffer",), False, True, "SGD(momentum>0)", "momentum_buffer"),
-        OptimizerSpec("nesterov", ("momentum_buffer",), False, True, "SGD(momentum>0, nesterov=True)", "momentum_buffer"),
-        OptimizerSpec("rmsprop", ("square_avg",), True, True, "RMSprop", "square_avg and step (momentum=0, centered=False)"),
-        OptimizerSpec("adagrad", ("sum",), True, False, "Adagrad", "sum and step, created in the constructor"),
-        OptimizerSpec("adam", ("exp_avg", "exp_avg_sq"), True, True, "Adam", "exp_avg, exp_avg_sq and step"),
-        OptimizerSpec("adamw", ("exp_avg", "exp_avg_sq"), True, True, "AdamW", "exp_avg, exp_avg_sq and step"),
-        OptimizerSpec("amsgrad", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), True, True, "Adam(amsgrad=True)",
-                      "exp_avg, exp_avg_sq, max_exp_avg_sq and step"),
-    )
+    row.name: OptimizerSpec(row.name, row.state_names, row.has_step_tensor, row.lazy, row.torch_spelling, row.note)
+    for row in ZOO.values()
 }
 
 
@@ -60,7 +55,7 @@ def uses_deepspeed_adam(name: str, torch_adam: bool) -> bool:
     """Whether DeepSpeed builds its own Adam (FusedAdam, or DeepSpeedCPUAdam under optimizer offload)
     rather than ``torch.optim.Adam/AdamW``: ``engine.get_optimizer_configuration`` returns the torch
     class only for ``"torch_adam": true``. AMSGrad exists only in torch's (FusedAdam raises on it)."""
-    return name in ("adam", "adamw") and not torch_adam
+    return ZOO[name].deepspeed_builds_its_own and not torch_adam
 
 
 def keeps_step_tensors(name: str, torch_adam: bool) -> bool:
@@ -75,27 +70,16 @@ def keeps_step_tensors(name: str, torch_adam: bool) -> bool:
 def single_tensor_temporaries(name: str, torch_adam: bool) -> int:
     """How many parameter-sized temporaries one step of the optimizer holds at once, per tensor, in
     torch's single-tensor loop (what torch picks for CPU tensors: ``_default_to_fused_or_foreach``
-    enables foreach only for CUDA tensors):
-
-    * Adam/AdamW/AMSGrad (``_single_tensor_adam``): ``denom = (exp_avg_sq.sqrt() /
-      bias_correction2_sqrt).add_(eps)``: the ``sqrt`` output is alive while ``div`` allocates: 2
-      (AMSGrad takes the max into ``max_exp_avg_sq`` in place and then the same two);
-    * RMSprop (``avg = square_avg.sqrt().add_(eps)``), Adagrad (``std = state_sum.sqrt().add_(eps)``),
-      SGD+nesterov (``grad.add(buf, alpha=momentum)``): 1;
-    * SGD with or without momentum: updates in place, 0;
-    * DeepSpeed's FusedAdam / DeepSpeedCPUAdam: one C++ kernel over the tensors, 0.
-    """
+    enables foreach only for CUDA tensors): the row's ``step_temporaries`` (see memprof.optimizers
+    for each loop's line). DeepSpeed's FusedAdam / DeepSpeedCPUAdam: one C++ kernel over the
+    tensors, 0."""
     if uses_deepspeed_adam(name, torch_adam):
         return 0
-    return {"sgd": 0, "momentum": 0, "nesterov": 1, "rmsprop": 1, "adagrad": 1}.get(name, 2)
+    return ZOO[name].step_temporaries
 
 
 def temporary_outlives_its_tensor(name: str, torch_adam: bool) -> bool:
-    """Whether one tensor's temporary is still alive while the next tensor's are made.
-
-    In the single-tensor loops the result is bound to a local that is only rebound on the next
-    iteration: Adam's ``denom``, RMSprop's ``avg``, Adagrad's ``std`` (so the peak is the previous
-    tensor's temporary plus this one's). SGD+nesterov rebinds ``grad = grads[i]`` at the top of
-    the loop first, which frees the previous ``grad.add(buf)`` before the next is made.
-    """
-    return single_tensor_temporaries(name, torch_adam) > 0 and name != "nesterov"
+    """Whether one tensor's temporary is still alive while the next tensor's are made (the row's
+    ``temporary_outlives_its_tensor``: the loop's result is bound to a local only rebound on the
+    next iteration), so the peak is the previous tensor's temporary plus this one's."""
+    return single_tensor_temporaries(name, torch_adam) > 0 and ZOO[name].temporary_outlives_its_tensor

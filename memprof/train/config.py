@@ -20,25 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from memprof.cli.parser import MemprofArgumentParser, positive_int, positive_size
-from memprof.dsconfig import (
-    DeepSpeedSettings,
-    find_auto,
-    optimizer_name_from_block,
-    read_deepspeed_config,
-)
+from memprof.dsconfig import DeepSpeedSettings, launchable_optimizer_name, read_deepspeed_config
 from memprof.errors import MemprofError
 from memprof.models import PRESETS, load_model_config, max_positions, preset_config, validate_launchable
 
-# The launcher's own checks (what DeepSpeed 0.19.8 accepts to *run*); reading the config, and the
-# vocabularies (memprof.dsconfig.OPTIMIZERS, PRECISIONS, OFFLOAD_DEVICES), live in memprof.dsconfig.
-# DeepSpeed lower-cases these optimizer types before matching them (runtime/config.py,
-# DEEPSPEED_OPTIMIZERS), so any spelling works.
-_CASE_FREE_TYPES = ("adam", "adamw", "adagrad")
-# DeepSpeed hands any other type to getattr(torch.optim, type), which is case-sensitive.
-_TORCH_TYPES = ("SGD", "RMSprop")
-# torch.optim / FusedAdam classes DeepSpeed's ZeRO treats as tested (runtime/zero/utils.py,
-# ZERO_SUPPORTED_OPTIMIZERS); anything else needs "zero_allow_untested_optimizer": true.
-_ZERO_TESTED_TYPES = ("adam", "adamw", "adagrad")
+# Reading the config, DeepSpeed's own launch-time refusals (strict=True) and the vocabularies live in
+# memprof.dsconfig; the optimizer zoo in memprof.optimizers. Here: the launcher's flags.
+optimizer_zoo_name = launchable_optimizer_name  # the launcher's name for it (tests, older callers)
 
 
 @dataclass(frozen=True)
@@ -171,56 +159,10 @@ def _model_settings(preset: str | None, config_path: str | None) -> ModelSetting
 
 
 def load_deepspeed_config(path: str | os.PathLike, world_size: int = 1) -> DeepSpeedSettings:
-    """Read a DeepSpeed JSON (memprof.dsconfig) and check what the launcher needs to run it;
-    MemprofError naming the file and field on any problem."""
-    path = Path(path)
-    ds = read_deepspeed_config(path, world_size=world_size, fix_missing="pass --deepspeed_config configs/<name>.json")
-    where = ds.source
-    autos = find_auto(ds.config)
-    if autos:
-        # DeepSpeed drops an "auto" inside its sub-configs and fails on a top-level one; only HF's
-        # Trainer / accelerate fill them in (transformers/integrations/deepspeed.py).
-        raise MemprofError(
-            f'{where}: {autos[0]} is "auto": launch/train.py hands the JSON to DeepSpeed as is, and only HF\'s '
-            "Trainer or accelerate fill in \"auto\": write a value (memprof estimate shows what HF would choose)"
-        )
-    if ds.micro_batch is None:
-        raise MemprofError(f"{where} sets neither train_micro_batch_size_per_gpu nor train_batch_size: add train_micro_batch_size_per_gpu")
-    optimizer_zoo_name(ds.config.get("optimizer"), ds.zero_stage, ds.config, where)
-    return ds
-
-
-def optimizer_zoo_name(block: Any, stage: int, config: Mapping[str, Any], where: str = "DeepSpeed config") -> str:
-    """The zoo name (:data:`memprof.dsconfig.OPTIMIZERS`) of a DeepSpeed "optimizer" block, checking that
-    DeepSpeed will accept it at this ZeRO stage on any accelerator."""
-    supported = "SGD, RMSprop, Adagrad, Adam, AdamW"
-    if block is None:
-        raise MemprofError(f'{where} has no "optimizer" block: add one, e.g. {{"type": "AdamW", "params": {{"lr": 1e-4}}}}')
-    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-        raise MemprofError(f'{where}: "optimizer" must be an object with a string "type" ({supported})')
-    opt_type: str = block["type"]
-    params = block.get("params", {})
-    if not isinstance(params, dict):
-        raise MemprofError(f'{where}: optimizer.params must be an object')
-    lower = opt_type.lower()
-
-    if lower in _CASE_FREE_TYPES or opt_type in _TORCH_TYPES:
-        if lower in ("adam", "adamw") and params.get("amsgrad") and not params.get("torch_adam", False):
-            # DeepSpeed's FusedAdam (used unless torch_adam is set) raises on amsgrad.
-            raise MemprofError(f'{where}: amsgrad needs "torch_adam": true in optimizer.params (FusedAdam has no AMSGrad)')
-        # the estimator's reader: launcher and estimate name every block the same way
-        name = optimizer_name_from_block(block, where)
-    else:
-        hint = next((t for t in _TORCH_TYPES if t.lower() == lower), None)
-        did_you_mean = f" (DeepSpeed passes it to torch.optim, which is case-sensitive: write {hint!r})" if hint else ""
-        raise MemprofError(f"{where}: unknown optimizer type {opt_type!r}{did_you_mean}: use one of {supported}")
-
-    tested = lower in _ZERO_TESTED_TYPES
-    if stage > 0 and not tested and not config.get("zero_allow_untested_optimizer", False):
-        raise MemprofError(
-            f'{where}: DeepSpeed refuses {opt_type} under ZeRO stage {stage} unless the config sets "zero_allow_untested_optimizer": true'
-        )
-    return name
+    """Read a DeepSpeed JSON as DeepSpeed would be handed it (memprof.dsconfig, strict mode: what
+    the launcher needs to run it); MemprofError naming the file and field on any problem."""
+    return read_deepspeed_config(Path(path), world_size=world_size, fix_missing="pass --deepspeed_config configs/<name>.json",
+                                 strict=True)
 
 
 def check_precision_supported(precision: str, accelerator: Any = None) -> None:

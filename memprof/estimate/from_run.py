@@ -1,0 +1,75 @@
+"""EstimateInputs for a run's own setup, from the ``run`` metadata the launcher or the integrations
+recorded (memprof/runfile.py keys): the run's record over its DeepSpeed config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from memprof.engines import Engine
+from memprof.errors import MemprofError
+from memprof.estimate.inputs import ATTN_IMPLEMENTATIONS, EstimateInputs
+from memprof.estimate.settings import settings_from_deepspeed_config
+from memprof.units import is_positive_int
+
+
+def _run_int(value: Any, key: str, positive: bool = False) -> int:
+    """An integer field of a run's metadata (the launcher writes ints; a JSON writer may emit 2.0)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and float(value) == int(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        kind = "a positive whole number" if positive else "a whole number of at least 0"
+        raise MemprofError(f"the run's {key} is {value!r}, not {kind}: the run file is corrupted; re-run or re-gather it")
+    return int(value)
+
+
+def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
+    """EstimateInputs for a run's own setup, from the launcher's ``run`` metadata (runfile.py)."""
+    if not isinstance(run, dict):
+        raise MemprofError("run metadata must be an object")
+    ds = run.get("deepspeed_config") or {}
+    world = run.get("world_size")
+    world = world if is_positive_int(world) else 1
+    settings = settings_from_deepspeed_config(ds, "the run's deepspeed_config", world_size=world) if ds else {}
+    model_config = run.get("model_config")
+    kw: dict[str, Any] = dict(settings)
+    for key in ("world_size", "nodes", "zero_stage", "micro_batch", "seq_len"):
+        if run.get(key) is not None:
+            kw[key] = _run_int(run[key], key)
+    for key in ("optimizer", "precision"):
+        if run.get(key) is not None:
+            kw[key] = str(run[key])
+    if run.get("gradient_accumulation_steps") is not None:
+        kw["gradient_accumulation_steps"] = _run_int(run["gradient_accumulation_steps"], "gradient_accumulation_steps", positive=True)
+    if run.get("activation_checkpointing") is not None:
+        kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
+    if isinstance(run.get("ddp"), dict) and not ds:  # recorded by memprof.integrations for a DDP wrapper
+        kw.update(engine=Engine.DDP, ddp_gradient_as_bucket_view=bool(run["ddp"].get("gradient_as_bucket_view", False)))
+    # a torch.optim Adam the framework built itself (HF Trainer, accelerate: memprof.integrations)
+    # keeps a step tensor per parameter, which its DeepSpeed config cannot say
+    if run.get("torch_adam") is True:
+        kw["torch_adam"] = True
+    if isinstance(model_config, dict):
+        kw["model_config"] = model_config
+        attn = model_config.get("_attn_implementation") or model_config.get("attn_implementation")
+        if attn in ATTN_IMPLEMENTATIONS:
+            kw["attn_implementation"] = attn
+    elif run.get("n_params") is not None:
+        kw["n_params"] = _run_int(run["n_params"], "n_params", positive=True)
+    else:
+        raise MemprofError(
+            "the run records neither model_config nor n_params, so it cannot be re-estimated: "
+            "re-run it with a newer memprof launcher"
+        )
+    if run.get("model") is not None:
+        kw["model_name"] = str(run["model"])
+    if run.get("device_type") is not None:
+        kw["device_type"] = str(run["device_type"])
+    # recorded by the launcher on CUDA runs (run_meta.cuda_device_facts), e.g. "9.0"
+    if kw.get("device_type") == "cuda" and isinstance(run.get("cuda_capability"), str):
+        kw["cuda_capability"] = run["cuda_capability"]
+    # what the launcher's own data set tensors hold for the whole run, when the run records it
+    data_bytes = run.get("data_tensor_bytes")
+    if isinstance(data_bytes, int) and not isinstance(data_bytes, bool) and data_bytes >= 0:
+        kw["script_resident_bytes"] = data_bytes
+    return EstimateInputs(**kw)
