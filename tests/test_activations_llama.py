@@ -1,5 +1,5 @@
 """Llama-family activation bytes traced on plain HF models and compared with the estimator's
-formulas (memprof/estimate/activations_llama.py), not fitted: a TorchDispatchMode sees every new
+formulas (memprof/families/llama.py), not fitted: a TorchDispatchMode sees every new
 tensor storage and a weak reference sees it die; ``saved_tensors_hooks`` list what autograd saves;
 a post-accumulate-grad hook on every parameter marks the first gradient.
 
