@@ -1,5 +1,5 @@
 """Llama-family activation bytes traced on plain HF models and compared with the estimator's
-formulas (memprof/estimate/activations_llama.py), not fitted: a TorchDispatchMode sees every new
+formulas (memprof/families/llama.py), not fitted: a TorchDispatchMode sees every new
 tensor storage and a weak reference sees it die; ``saved_tensors_hooks`` list what autograd saves;
 a post-accumulate-grad hook on every parameter marks the first gradient.
 
@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memprof.estimate.activations_llama import llama_activations
 from memprof.estimate.model_shapes import model_shape
+from memprof.families.common import ActivationQuery
+from memprof.families.llama import llama_activations
 from memprof.models import preset_config
 from memprof.train.model import build_model
 
@@ -122,7 +123,7 @@ CASES = [
 def test_llama_family_activations_match_the_trace(preset, overrides, batch, seq, dtype, attn, ckpt) -> None:
     config = {**(preset_config(preset) if isinstance(preset, str) else preset), **overrides}
     traced = _trace(config, batch, seq, dtype, attn, ckpt)
-    est = llama_activations(model_shape(config), batch, seq, dtype.itemsize, attn, ckpt, "cpu")
+    est = llama_activations(model_shape(config), ActivationQuery(batch, seq, dtype.itemsize, attn, ckpt, "cpu"))
     if not ckpt:  # with checkpointing the checkpoints hold inputs that autograd does not save
         assert traced["saved"] == est.saved
     # Mistral: 16 more bytes are alive at the loss (a small tensor of its sliding-window mask path,
@@ -134,7 +135,7 @@ def test_llama_family_activations_match_the_trace(preset, overrides, batch, seq,
 
 
 def test_the_kernel_choice_follows_the_code_paths() -> None:
-    from memprof.estimate.activations_llama import attention_kernel
+    from memprof.families.llama import attention_kernel
 
     assert attention_kernel("sdpa", "cpu", 4, 2) == "flash"  # CPU flash takes enable_gqa
     assert attention_kernel("sdpa", "cuda", 2, 8) == "flash"

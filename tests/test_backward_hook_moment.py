@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memprof.estimate.activations import gpt2_activations
 from memprof.estimate.model_shapes import model_shape
+from memprof.families.common import ActivationQuery
+from memprof.families.gpt2 import gpt2_activations
 from memprof.models import preset_config
 from memprof.train.model import build_model
 
@@ -73,7 +74,7 @@ def test_activations_after_the_first_gradient_match_the_formula(batch: int, seq:
         loss = out.loss
         del out  # the training loop keeps only the loss
         loss.backward()
-    expected = gpt2_activations(model_shape(config), batch, seq, dtype.itemsize, "sdpa", False, "cpu").backward_first_hook
+    expected = gpt2_activations(model_shape(config), ActivationQuery(batch, seq, dtype.itemsize, "sdpa", False, "cpu")).backward_first_hook
     # the loss and its gradient seed (4 bytes each) are counted by the formula and may already be
     # gone or not yet made at the traced maximum
     assert abs(tracker.peak - expected) <= 8, (tracker.peak, expected)
@@ -97,7 +98,7 @@ def _checkpointed_peaks(config: dict, batch: int, seq: int, dtype: torch.dtype) 
 
 def _assert_checkpointed_formula(config: dict, batch: int, seq: int, dtype: torch.dtype) -> None:
     forward_peak, backward_peak = _checkpointed_peaks(config, batch, seq, dtype)
-    acts = gpt2_activations(model_shape(config), batch, seq, dtype.itemsize, "sdpa", True, "cpu")
+    acts = gpt2_activations(model_shape(config), ActivationQuery(batch, seq, dtype.itemsize, "sdpa", True, "cpu"))
     assert acts.forward_peak == forward_peak
     # c_proj's bias gradient (H*e) may be counted at a moment it is already a .grad; + the loss bytes
     assert 0 <= acts.backward_peak - backward_peak <= config["n_embd"] * dtype.itemsize + 8, (backward_peak, acts.backward_peak)
@@ -130,7 +131,7 @@ def test_long_sequence_backward_peaks_at_the_attention_backward(checkpointing: b
         tracker.recording = True
         tracker.peak = 0
         loss.backward()
-    acts = gpt2_activations(model_shape(config), 1, 1024, dtype.itemsize, "sdpa", checkpointing, "cpu")
+    acts = gpt2_activations(model_shape(config), ActivationQuery(1, 1024, dtype.itemsize, "sdpa", checkpointing, "cpu"))
     assert abs(acts.backward_peak / tracker.peak - 1) <= tolerance, (tracker.peak, acts.backward_peak)
 
 

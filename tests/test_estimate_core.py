@@ -12,8 +12,9 @@ import pytest
 from memprof.engines import Engine
 from memprof.errors import MemprofError
 from memprof.estimate import EstimateInputs, ZeroKnobs, estimate, inputs_from_run
-from memprof.estimate.activations import gpt2_activations
 from memprof.estimate.model_shapes import model_shape
+from memprof.families.common import ActivationQuery
+from memprof.families.gpt2 import gpt2_activations
 from memprof.models import preset_config
 
 V, H, L, NPOS = 50257, 768, 12, 1024
@@ -156,13 +157,13 @@ def test_activation_formula_matches_cpu_measurement():
     shape = model_shape(preset_config("gpt2-tiny"))
     measured = {("sdpa", 4): 3_120_644, ("sdpa", 2): 2_184_196, ("eager", 2): 1_692_676, ("eager", 4): 3_120_644}
     for (attn, e), saved in measured.items():
-        assert gpt2_activations(shape, 2, 64, e, attn, False, "cpu").saved == saved
+        assert gpt2_activations(shape, ActivationQuery(2, 64, e, attn, False, "cpu")).saved == saved
 
 
 def test_activation_checkpointing_keeps_block_inputs_only():
     shape = model_shape(preset_config("gpt2"))
-    full = gpt2_activations(shape, 4, 1024, 2, "sdpa", False, "cuda")
-    ckpt = gpt2_activations(shape, 4, 1024, 2, "sdpa", True, "cuda")
+    full = gpt2_activations(shape, ActivationQuery(4, 1024, 2, "sdpa", False, "cuda"))
+    ckpt = gpt2_activations(shape, ActivationQuery(4, 1024, 2, "sdpa", True, "cuda"))
     assert full.saved - ckpt.saved == 12 * full.per_layer_saved - 12 * 4 * 1024 * 768 * 2
     assert ckpt.backward_peak < full.backward_peak
 
@@ -541,7 +542,7 @@ def test_cuda_fused_attention_saves_no_separate_output():
     for e in (4, 2):
         per_layer = (2 * (B * S * H * e + 2 * B * S * 4) + 3 * B * S * H * e + 2 * B * S * H
                      + 5 * B * S * I * e + 3 * B * S * H * e + 2 * B * S * H * e + B * a * S * 4)
-        assert gpt2_activations(shape, B, S, e, "sdpa", False, "cuda").per_layer_saved == per_layer
+        assert gpt2_activations(shape, ActivationQuery(B, S, e, "sdpa", False, "cuda")).per_layer_saved == per_layer
 
 
 def test_stage3_single_rank_gathers_into_its_own_partition():

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from memprof.errors import MemprofError
-from memprof.estimate.model_shapes import _meta_param_numels, llama_fetch_modules, llama_param_numels, model_shape
+from memprof.estimate.model_shapes import _meta_param_numels, model_shape
+from memprof.families.llama import llama_fetch_modules, llama_param_numels
 from memprof.models import PRESETS, preset_config, validate_launchable
 from memprof.train.model import build_model, count_parameters
 
@@ -137,17 +138,20 @@ def test_real_shapes_estimate_fast_without_allocating(preset: str) -> None:
 
 
 def test_activations_not_modelled_outside_the_traced_code_paths() -> None:
-    from memprof.estimate.activations_by_family import model_activations
+    from memprof.estimate.activations import ActivationQuery, model_activations
+
+    def query(seq: int) -> ActivationQuery:
+        return ActivationQuery(micro_batch=1, seq_len=seq, element_size=2, device_type="cpu")
 
     mistral = {**VARIANTS["mistral gqa tied"], "max_position_embeddings": 8192}
-    assert model_activations(model_shape(mistral), 1, 4096, 2, "sdpa", False, "cpu") is not None
+    assert model_activations(model_shape(mistral), query(4096)) is not None
     # beyond MistralConfig's default sliding_window (4096) the mask materialises: not traced
-    assert model_activations(model_shape(mistral), 1, 4097, 2, "sdpa", False, "cpu") is None
-    assert model_activations(model_shape({**mistral, "sliding_window": None}), 1, 4097, 2, "sdpa", False, "cpu") is not None
+    assert model_activations(model_shape(mistral), query(4097)) is None
+    assert model_activations(model_shape({**mistral, "sliding_window": None}), query(4097)) is not None
     gelu = {**VARIANTS["llama gqa untied"], "hidden_act": "gelu"}
-    assert model_activations(model_shape(gelu), 1, 32, 2, "sdpa", False, "cpu") is None
+    assert model_activations(model_shape(gelu), query(32)) is None
     # other families: no activation model (the estimate's fits is then unknown)
-    assert model_activations(model_shape(n_params=10**9), 1, 32, 2, "sdpa", False, "cpu") is None
+    assert model_activations(model_shape(n_params=10**9), query(32)) is None
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])

@@ -12,8 +12,7 @@ from typing import Any
 from memprof.categories import Breakdown, Category, breakdown_total, empty_breakdown
 from memprof.dsconfig import ELEMENT_SIZE
 from memprof.errors import MemprofError
-from memprof.estimate.activations import Activations, attention_keeps_probabilities
-from memprof.estimate.activations_by_family import model_activations
+from memprof.estimate.activations import ActivationQuery, Activations, model_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.layout import describe_buckets, describe_layout, model_state_layout
@@ -116,20 +115,16 @@ def _rank_estimate(
     return RankEstimate(rank, rest, phases), lay
 
 
-_CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM"}  # llama helper: names in the activation assumption
-
-
 def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | None:
     if not shape.has_transformer_shape:
         return None
     seq = inputs.seq_len or shape.n_positions
     if seq > shape.n_positions:
-        field = "max_position_embeddings" if shape.is_llama_family else "n_positions"
-        raise MemprofError(f"sequence length {seq} exceeds the model's {field} ({shape.n_positions}): "
-                           f"use --seq-len {shape.n_positions} or less")
-    return model_activations(shape, inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
-                             inputs.attn_implementation, inputs.activation_checkpointing, inputs.device_type)
+        raise MemprofError(f"sequence length {seq} exceeds the model's {shape.family.positions_field} "
+                           f"({shape.n_positions}): use --seq-len {shape.n_positions} or less")
+    return model_activations(shape, ActivationQuery(inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
+                                                    inputs.attn_implementation, inputs.activation_checkpointing,
+                                                    inputs.device_type))
 
 
 def _why_no_activations(shape: ModelShape) -> str:
@@ -208,21 +203,15 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     if acts is not None:
         seq = inputs.seq_len or shape.n_positions
         assumptions.append(
-            f"activations of {_CAUSAL_LM_CLASS.get(shape.model_type, shape.model_type)}, {inputs.attn_implementation} attention, "
+            f"activations of {shape.family.causal_lm_class(shape.model_type)}, {inputs.attn_implementation} attention, "
             f"micro-batch {inputs.micro_batch} x "
             f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
-            f"train mode ({'dropout on' if shape.model_type == 'gpt2' else 'no dropout: attention_dropout 0'}), "
+            f"train mode ({shape.family.train_mode}), "
             f"{inputs.device_type} kernels: {acts.formula}"
         )
         assumptions.append("the training loop (memprof.train) keeps only the loss and its input batch between forward and "
                            "the next step; the model output (logits, KV cache) is dropped when forward returns")
-        attn_dropout = (shape.dropout or {}).get("attn_pdrop", 0.1) > 0
-        if shape.model_type == "gpt2" and attention_keeps_probabilities(inputs.attn_implementation, inputs.device_type, attn_dropout):
-            assumptions.append(
-                "backward peak: the last block's attention backward (B*a*S*S tensors) is modelled at its "
-                "grad-of-probabilities moment only; later moments of it are not (traced on a 64-wide GPT-2: "
-                "within 0.4% at seq 1024, -0.7% at 512, -2.2% at 256 with checkpointing; docs/estimator.md)"
-            )
+        assumptions += acts.notes  # what the family's formula leaves out
     else:
         assumptions.append(f"{_why_no_activations(shape)}: the peaks hold model states only, so whether it fits is unknown")
 

@@ -1,11 +1,8 @@
 """Parameter shapes and counts of a model, without allocating weights.
 
-GPT-2 is counted in closed form from ``transformers/models/gpt2/modeling_gpt2.py``
-(GPT2LMHeadModel: wte, wpe, per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj;
-ln_f; lm_head tied to wte unless ``tie_word_embeddings`` is false). The Llama family (``llama``,
-``mistral``, ``qwen2``) in closed form from ``modeling_llama.py`` / ``modeling_mistral.py`` /
-``modeling_qwen2.py`` (see :func:`llama_param_numels`). Other model types are built on the meta
-device (``with torch.device("meta")``; torch is imported lazily).
+A model type with a family file (memprof/families/: GPT-2, the Llama family) is counted in closed
+form by its family (``ModelFamily.shape_fields``); other model types are built on the meta device
+(``with torch.device("meta")``; torch is imported lazily).
 
 The order is ``model.parameters()`` order, which is the order DeepSpeed flattens them in, so the
 ZeRO partition boundaries computed from it fall where DeepSpeed's do.
@@ -19,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
-from memprof.models import LLAMA_FAMILY, llama_family_fields
-from memprof.units import is_positive_int
+from memprof.families import family_of
+from memprof.families.common import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,12 @@ class ModelShape:
         return {}
 
     @functools.cached_property
+    def activations_memo(self) -> dict:
+        """ActivationQuery -> the family's Activations (or None), filled on use by
+        activations.model_activations: a plan sweep asks for the same few queries thousands of times."""
+        return {}
+
+    @functools.cached_property
     def prefix_sums(self) -> tuple[int, ...]:
         """Offsets of each parameter in the flattened group (DeepSpeed's flatten order)."""
         out = [0]
@@ -98,8 +101,8 @@ class ModelShape:
         return self._memo[key]
 
     def module_order(self) -> tuple[tuple[int, ...], ...]:
-        """The order ZeRO-3's parameter coordinator sees modules in forward: GPT-2's is known
-        (``gpt2_fetch_modules``); otherwise each parameter is taken as its own module, in
+        """The order ZeRO-3's parameter coordinator sees modules in forward: a family's is known
+        (its ``shape_fields``' ``fetch_modules``); otherwise each parameter is taken as its own module, in
         ``parameters()`` order (a weight and its bias are then two neighbours instead of one)."""
         if self.fetch_modules is not None:
             return self.fetch_modules
@@ -195,126 +198,14 @@ class ModelShape:
         return max(self.param_numels)
 
     @property
-    def has_transformer_shape(self) -> bool:
-        """Whether activations can be computed (a GPT-2 or Llama-family shape is known)."""
-        return self.model_type in ("gpt2", *LLAMA_FAMILY) and self.n_layer is not None
+    def family(self) -> ModelFamily | None:
+        """The model's family (memprof/families/), None for other model types and a bare count."""
+        return family_of(self.model_type)
 
     @property
-    def is_llama_family(self) -> bool:
-        return self.model_type in LLAMA_FAMILY and self.n_layer is not None
-
-
-def gpt2_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
-    """GPT2LMHeadModel's parameter numels in ``parameters()`` order (tied lm_head counted once)."""
-    n_layer, h, vocab, n_pos = _req(cfg, "n_layer"), _req(cfg, "n_embd"), _req(cfg, "vocab_size"), _req(cfg, "n_positions")
-    inner = int(cfg.get("n_inner") or 4 * h)
-    numels = [vocab * h, n_pos * h]  # transformer.wte, transformer.wpe
-    block = [
-        h, h,  # ln_1 weight, bias
-        h * 3 * h, 3 * h,  # attn.c_attn (Conv1D weight is (in, out)), bias
-        h * h, h,  # attn.c_proj
-        h, h,  # ln_2
-        h * inner, inner,  # mlp.c_fc
-        inner * h, h,  # mlp.c_proj
-    ]
-    if cfg.get("add_cross_attention"):
-        block += [h * 2 * h, 2 * h, h * h, h, h * h, h, h, h]  # crossattention c_attn/q_attn/c_proj, ln_cross_attn
-    numels += block * n_layer
-    numels += [h, h]  # ln_f
-    if cfg.get("tie_word_embeddings", True) is False:
-        numels.append(vocab * h)  # lm_head.weight, its own tensor when untied (no bias)
-    return tuple(numels)
-
-
-def gpt2_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """GPT2LMHeadModel's parameter-holding modules in forward call order (modeling_gpt2.py:
-    wte, wpe (GPT2Model.forward), per block ln_1, attn.c_attn, attn.c_proj, [ln_cross_attn,
-    crossattention q_attn, c_attn, c_proj], ln_2, mlp.c_fc, mlp.c_proj, then ln_f and lm_head),
-    as indices into :func:`gpt2_param_numels`. A tied lm_head uses wte's weight (index 0)."""
-    n_layer = _req(cfg, "n_layer")
-    cross = bool(cfg.get("add_cross_attention"))
-    per_block = 20 if cross else 12
-    modules: list[tuple[int, ...]] = [(0,), (1,)]
-    for layer in range(n_layer):
-        b = 2 + layer * per_block
-        modules += [(b, b + 1), (b + 2, b + 3), (b + 4, b + 5)]  # ln_1, attn.c_attn, attn.c_proj
-        if cross:  # appended after the MLP in gpt2_param_numels' block layout
-            modules += [(b + 18, b + 19), (b + 14, b + 15), (b + 12, b + 13), (b + 16, b + 17)]
-        modules += [(b + 6, b + 7), (b + 8, b + 9), (b + 10, b + 11)]  # ln_2, mlp.c_fc, mlp.c_proj
-    ln_f = 2 + n_layer * per_block
-    modules.append((ln_f, ln_f + 1))
-    modules.append((0,) if cfg.get("tie_word_embeddings", True) is not False else (ln_f + 2,))
-    return tuple(modules)
-
-
-def _llama_biases(f: dict[str, Any]) -> tuple[bool, bool, bool]:
-    """(q/k/v bias, o_proj bias, MLP bias) by family: LlamaAttention/LlamaMLP take
-    ``attention_bias`` (all four projections) and ``mlp_bias``; Qwen2Attention has
-    ``bias=True`` on q/k/v and none on o_proj, Qwen2MLP none; Mistral none anywhere."""
-    if f["model_type"] == "llama":
-        att = bool(f.get("attention_bias", False))
-        return att, att, bool(f.get("mlp_bias", False))
-    if f["model_type"] == "qwen2":
-        return True, False, False
-    return False, False, False
-
-
-def _sliding_window(f: dict[str, Any]) -> int | None:
-    """The attention window in effect: MistralConfig's ``sliding_window`` (default 4096, None
-    turns it off); Qwen2's only with ``use_sliding_window`` (Qwen2Config.__post_init__); Llama none."""
-    if f["model_type"] == "mistral":
-        return f.get("sliding_window", 4096)
-    if f["model_type"] == "qwen2" and f.get("use_sliding_window"):
-        return f.get("sliding_window", 4096)
-    return None
-
-
-def llama_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
-    """``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` parameter numels in
-    ``parameters()`` (registration) order: model.embed_tokens V*H; per decoder layer
-    self_attn.q_proj a*d*H (+a*d), k_proj and v_proj kv*d*H (+kv*d each), o_proj H*a*d (+H),
-    mlp.gate_proj, up_proj I*H (+I each), down_proj H*I (+H), input_layernorm H,
-    post_attention_layernorm H (RMSNorm: weight only); model.norm H; lm_head V*H unless tied
-    (``tie_word_embeddings``; no bias). a heads, kv key/value heads, d head_dim."""
-    f = llama_family_fields(cfg)
-    h, inter, vocab = f["hidden_size"], f["intermediate_size"], f["vocab_size"]
-    a, kv, d = f["num_attention_heads"], f["num_key_value_heads"], f["head_dim"]
-    qkv_bias, o_bias, mlp_bias = _llama_biases(f)
-    layer: list[int] = []
-    for out in (a * d, kv * d, kv * d):  # q_proj, k_proj, v_proj (nn.Linear weight is (out, in))
-        layer += [out * h] + ([out] if qkv_bias else [])
-    layer += [h * a * d] + ([h] if o_bias else [])  # o_proj
-    for out, inp in ((inter, h), (inter, h), (h, inter)):  # gate_proj, up_proj, down_proj
-        layer += [out * inp] + ([out] if mlp_bias else [])
-    layer += [h, h]  # input_layernorm, post_attention_layernorm
-    numels = [vocab * h] + layer * f["num_hidden_layers"] + [h]
-    if not f["tie_word_embeddings"]:
-        numels.append(vocab * h)
-    return tuple(numels)
-
-
-def llama_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """The parameter-holding modules in forward call order (LlamaModel.forward: embed_tokens,
-    then per LlamaDecoderLayer input_layernorm, self_attn.q_proj, k_proj, v_proj, o_proj,
-    post_attention_layernorm, mlp.gate_proj, up_proj (``down_proj(act_fn(gate_proj(x)) *
-    up_proj(x))``), down_proj; then norm and lm_head), as indices into :func:`llama_param_numels`.
-    A tied lm_head is embed_tokens' weight (index 0)."""
-    f = llama_family_fields(cfg)
-    qkv_bias, o_bias, mlp_bias = _llama_biases(f)
-    sizes = [1 + qkv_bias] * 3 + [1 + o_bias] + [1 + mlp_bias] * 3 + [1, 1]  # per layer, param order
-    per_layer = sum(sizes)
-    modules: list[tuple[int, ...]] = [(0,)]
-    for layer in range(f["num_hidden_layers"]):
-        start, own = 1 + layer * per_layer, []
-        for n in sizes:
-            own.append(tuple(range(start, start + n)))
-            start += n
-        q, k, v, o, gate, up, down, ln_in, ln_post = own
-        modules += [ln_in, q, k, v, o, ln_post, gate, up, down]
-    norm = 1 + f["num_hidden_layers"] * per_layer
-    modules.append((norm,))
-    modules.append((0,) if f["tie_word_embeddings"] else (norm + 1,))
-    return tuple(modules)
+    def has_transformer_shape(self) -> bool:
+        """Whether activations can be computed (the shape of a model with a family is known)."""
+        return self.family is not None and self.n_layer is not None
 
 
 def model_shape(cfg: dict[str, Any] | None = None, n_params: int | None = None) -> ModelShape:
@@ -333,47 +224,9 @@ def _model_shape_cached(cfg_json: str | None, n_params: int | None) -> ModelShap
         # A bare count: one flat tensor. Padding and partition boundaries are then per the whole model.
         return ModelShape(param_numels=(int(n_params),))
     model_type = cfg.get("model_type")
-    if model_type == "gpt2":
-        h = _req(cfg, "n_embd")
-        n_head = _req(cfg, "n_head")
-        if h % n_head:
-            raise MemprofError(f"model config: n_embd {h} is not divisible by n_head {n_head}")
-        return ModelShape(
-            param_numels=gpt2_param_numels(cfg),
-            model_type="gpt2",
-            n_layer=_req(cfg, "n_layer"),
-            hidden=h,
-            n_head=n_head,
-            inner=int(cfg.get("n_inner") or 4 * h),
-            vocab=_req(cfg, "vocab_size"),
-            n_positions=_req(cfg, "n_positions"),
-            tied_embeddings=cfg.get("tie_word_embeddings", True) is not False,
-            dropout={k: float(cfg.get(k, 0.1)) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop")},
-            use_cache=cfg.get("use_cache", True) is not False,  # GPT2Config's default is True
-            fetch_modules=gpt2_fetch_modules(cfg),
-        )
-    if model_type in LLAMA_FAMILY:
-        f = llama_family_fields(cfg)
-        return ModelShape(
-            param_numels=llama_param_numels(cfg),
-            model_type=model_type,
-            n_layer=f["num_hidden_layers"],
-            hidden=f["hidden_size"],
-            n_head=f["num_attention_heads"],
-            inner=f["intermediate_size"],
-            vocab=f["vocab_size"],
-            n_positions=f["max_position_embeddings"],
-            tied_embeddings=bool(f["tie_word_embeddings"]),
-            dropout={"attention_dropout": float(f.get("attention_dropout") or 0.0)},
-            use_cache=f.get("use_cache", True) is not False,
-            fetch_modules=llama_fetch_modules(cfg),
-            n_kv_head=f["num_key_value_heads"],
-            head_dim=f["head_dim"],
-            buffer_numel=2 * (f["head_dim"] // 2),  # LlamaRotaryEmbedding: inv_freq, original_inv_freq
-            mlp_bias=_llama_biases(f)[2],
-            hidden_act=str(f.get("hidden_act", "silu")),
-            sliding_window=_sliding_window(f),
-        )
+    family = family_of(model_type)
+    if family is not None:
+        return ModelShape(**family.shape_fields(cfg))
     if not isinstance(model_type, str):
         raise MemprofError("model config has no \"model_type\": pass an HF config.json")
     return ModelShape(param_numels=_meta_param_numels(cfg), model_type=model_type)
@@ -402,9 +255,3 @@ def _meta_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
     # parameters() yields a tied tensor once, as DeepSpeed sees it
     return tuple(int(p.numel()) for p in model.parameters() if p.requires_grad)
 
-
-def _req(cfg: dict[str, Any], key: str) -> int:
-    value = cfg.get(key)
-    if not is_positive_int(value):
-        raise MemprofError(f"model config: {key} = {value!r} must be a positive whole number")
-    return value

@@ -1,6 +1,7 @@
-"""Build the model from a config dict, randomly initialised, no hub: HF ``GPT2LMHeadModel`` for
-``model_type`` gpt2, ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` for the
-Llama family (memprof.models.validate_launchable has refused every other family)."""
+"""Build the model from a config dict, randomly initialised, no hub: the HF causal-LM class its
+family names (memprof/families/: ``GPT2LMHeadModel`` for ``model_type`` gpt2,
+``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` for the Llama family;
+memprof.models.validate_launchable has refused every other family)."""
 
 from __future__ import annotations
 
@@ -9,33 +10,25 @@ from typing import Any
 
 import torch
 
-from memprof.models import LLAMA_FAMILY
+from memprof.families import SUPPORTED_MODEL_TYPES, family_of
 
 
 def model_classes(model_type: str) -> tuple[type, type]:
-    """(config class, causal-LM class) of a supported ``model_type``.
+    """(config class, causal-LM class) of a supported ``model_type``: the transformers classes its
+    family file names (``ModelFamily.hf_classes``).
 
     Importing them is what ZeRO-3's ``deepspeed.zero.Init`` must not see: importing a transformers
     model module inside it fails on torch 2.13 (torch._dynamo's polyfills check
     ``torch.Tensor.__new__``, which ``zero.Init`` replaced: "TypeError: Signature mismatch ...
-    tensor_pynew"), so :func:`build_model` resolves the classes before entering any context."""
-    if model_type == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
+    tensor_pynew"), so :func:`build_model` resolves the classes before entering any context.
+    (Reading an attribute of transformers' lazy top-level module imports the model module.)"""
+    family = family_of(model_type)
+    if family is None:
+        raise ValueError(f"model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    import transformers
 
-        return GPT2Config, GPT2LMHeadModel
-    if model_type == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        return LlamaConfig, LlamaForCausalLM
-    if model_type == "mistral":
-        from transformers import MistralConfig, MistralForCausalLM
-
-        return MistralConfig, MistralForCausalLM
-    if model_type == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        return Qwen2Config, Qwen2ForCausalLM
-    raise ValueError(f"model_type {model_type!r} is not one of gpt2, {', '.join(LLAMA_FAMILY)}")
+    config_name, model_name = family.hf_classes[model_type]
+    return getattr(transformers, config_name), getattr(transformers, model_name)
 
 
 def build_model(
@@ -54,11 +47,13 @@ def build_model(
     config_dict = dict(model_config)
     model_type = config_dict.get("model_type", "gpt2")
     config_cls, model_cls = model_classes(model_type)
-    vocab_size = int(config_dict.get("vocab_size", 50257 if model_type == "gpt2" else 32000))
+    family = family_of(model_type)
+    vocab_size = int(family.vocab_size(config_dict))
     for key in ("bos_token_id", "eos_token_id"):
-        # GPT2Config defaults these to 50256, outside a small preset's vocabulary (gpt2-tiny has
-        # 512 tokens); training never generates, so the last id serves and silences HF's warning.
-        value = config_dict.get(key, 50256 if model_type == "gpt2" else None)
+        # GPT2Config defaults these to 50256 (the family's default_special_token_id), outside a
+        # small preset's vocabulary (gpt2-tiny has 512 tokens); training never generates, so the
+        # last id serves and silences HF's warning.
+        value = config_dict.get(key, family.default_special_token_id)
         if isinstance(value, int) and value >= vocab_size:
             config_dict[key] = vocab_size - 1
     config_dict.pop("model_type", None)

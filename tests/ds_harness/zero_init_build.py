@@ -8,7 +8,7 @@ import sys
 import deepspeed
 import torch
 
-from memprof.estimate.model_shapes import llama_param_numels
+from memprof.families.llama import llama_param_numels
 from memprof.models import preset_config
 from memprof.train.model import build_model, count_parameters
 

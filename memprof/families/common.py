@@ -1,0 +1,99 @@
+"""What every model family file shares: the registry entry (:class:`ModelFamily`), the question an
+activation formula answers (:class:`ActivationQuery`) and its answer (:class:`Activations`), element
+sizes, and the attention facts that do not depend on the family.
+
+Torch-free: the estimator imports this (benchmarks/bench_estimate.py checks torch stays out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+INT64 = 8  # token ids, labels and position ids (torch.long)
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class ActivationQuery:
+    """One micro-batch's training setting, as the activation formulas need it."""
+
+    micro_batch: int
+    seq_len: int
+    element_size: int  # bytes per element of the compute dtype (dsconfig.ELEMENT_SIZE[precision])
+    attn_implementation: str = "sdpa"  # HF config._attn_implementation: sdpa or eager
+    checkpointing: bool = False  # HF gradient checkpointing (non-reentrant torch.utils.checkpoint)
+    device_type: str = "cuda"  # whose kernels run: cuda or cpu
+
+    @property
+    def cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one micro-batch on one rank (the training loop of ``memprof.train``:
+    it keeps the loss and its input batch, and drops the model output right after forward)."""
+
+    saved: int  # everything saved for backward once forward returns (logits excluded)
+    forward_peak: int  # largest activation footprint during forward
+    backward_peak: int  # largest activation footprint during backward
+    per_layer_saved: int  # one block's saved tensors (without checkpointing)
+    formula: str  # the per-layer formula in words
+    loop_held: int = 0  # what the loop holds between steps: its input batch (int64) and the loss
+    backward_first_hook: int = 0  # activations alive when the first parameter gradients appear
+    # activations alive once the gradient hooks of the final norm and of the last block's MLP
+    # output projection have fired (GPT-2 tied: ln_f and mlp.c_proj, 4 hooks), at GELU's last mul
+    # of that block; 0 where not modelled. ZeRO-2 with a small reduce bucket allocates
+    # grads_in_partition by then on some ranks (zero_layout._stage2_after_mlp_out_hooks)
+    after_mlp_out_hooks: int = 0
+    # what the formula leaves out or simplifies, one estimate assumption line each
+    notes: tuple[str, ...] = ()
+
+
+def attention_keeps_probabilities(attn_implementation: str, device_type: str, attn_dropout: bool) -> bool:
+    """Whether the attention saves B*a*S*S tensors: eager always; sdpa on CPU with dropout, which
+    falls back to the math kernel. CUDA's fused sdpa kernels save none."""
+    return attn_implementation == "eager" or (device_type == "cpu" and attn_dropout)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything memprof knows about one family of HF causal LMs: the launcher, the estimator and
+    the CLI ask this instead of testing ``model_type``. One instance per family file
+    (``memprof/families/<family>.py``), listed in :data:`memprof.families.FAMILIES`.
+
+    ``shape`` and ``activations`` work on :class:`memprof.estimate.model_shapes.ModelShape`
+    (built by ``model_shape`` from ``shape_fields``); the family files never import it, so the
+    estimator sits above them."""
+
+    name: str  # in words, e.g. "GPT-2"
+    # model_type -> (HF config class, HF causal-LM class), as transformers exports them: the
+    # launcher builds the model from these (memprof/train/model.py), the estimate names the second
+    hf_classes: Mapping[str, tuple[str, str]]
+    # the config field that caps the sequence length (n_positions, max_position_embeddings)
+    positions_field: str
+    # the estimate's "train mode (...)" words: what dropout does in training
+    train_mode: str
+    # the launcher's check of a config: MemprofError naming the field (vocabulary checked apart)
+    check_launchable: Callable[[dict[str, Any], str], None]
+    # the config's vocabulary size and longest sequence, absent fields read as the HF class does
+    vocab_size: Callable[[dict[str, Any]], Any]
+    max_positions: Callable[[dict[str, Any]], int]
+    # what the HF config class sets bos/eos_token_id to when absent, where that can fall outside a
+    # small preset's vocabulary (GPT2Config: 50256); None where the defaults always fit
+    default_special_token_id: int | None
+    # ModelShape's fields for a config: parameter numels in DeepSpeed's flatten order
+    # (``model.parameters()``), forward fetch order for ZeRO-3, and the dimensions the
+    # activation formulas read; MemprofError on a bad shape
+    shape_fields: Callable[[dict[str, Any]], dict[str, Any]]
+    # activation bytes of one micro-batch, or None where the family's formula does not apply
+    activations: Callable[[Any, ActivationQuery], Activations | None]
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return tuple(self.hf_classes)
+
+    def causal_lm_class(self, model_type: str) -> str:
+        return self.hf_classes[model_type][1]

@@ -1,0 +1,434 @@
+"""GPT-2 (``model_type`` gpt2, HF ``GPT2LMHeadModel``): its parameter shapes, ZeRO-3 fetch order,
+launcher checks and activation memory, derived from the model's code (not fitted).
+
+Parameters, in closed form from ``transformers/models/gpt2/modeling_gpt2.py`` (GPT2LMHeadModel:
+wte, wpe, per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj; ln_f; lm_head
+tied to wte unless ``tie_word_embeddings`` is false), in ``model.parameters()`` order, which is
+the order DeepSpeed flattens them in, so the ZeRO partition boundaries fall where DeepSpeed's do.
+
+Activations: from ``modeling_gpt2.py`` (transformers 5.24) and the autograd formulas of the ops it
+calls (``torch/csrc/autograd/FunctionsManual.cpp``, ``tools/autograd/derivatives.yaml``). Symbols:
+B micro-batch, S sequence, H hidden, I inner (4H), a heads, V vocab, L layers, e bytes per element
+of the compute dtype.
+
+What one ``GPT2Block`` saves for backward (unique storages):
+
+* 2 x LayerNorm: its input (B*S*H*e each) and mean/rstd (B*S each; compute dtype on CPU, fp32 on CUDA)
+* Conv1D ``c_attn``, ``c_fc`` (``torch.addmm``): their inputs, the LayerNorm outputs (2 B*S*H*e)
+* Conv1D ``attn.c_proj``: the attention output (B*S*H*e)
+* attention core, by implementation (``GPT2Attention.forward``):
+  - ``eager`` (``eager_attention_forward``): matmul folds q and k^T and v into bmm copies
+    (3 B*S*H*e), softmax saves its output, dropout saves its mask and the matmul with v saves the
+    dropped probabilities (3 B*a*S*S tensors)
+  - ``sdpa``: on CPU in training (dropout > 0) torch falls back to the math kernel
+    (``_scaled_dot_product_attention_math``), which upcasts half types to fp32: the same tensors as
+    eager but at 4 bytes (without a KV cache in fp32 at B = 1 or a = 1, at::matmul's (B, a) fold is
+    a view: the scaled q, k^T and the whole c_attn output through v, 5 B*S*H*4). On CUDA the
+    fused kernels (flash / memory-efficient) save q (a view of the c_attn output: 3 B*S*H*e in
+    one storage), k and v (the KV-cache copies), their output (the same storage as
+    ``attn.c_proj``'s input) and a fp32 logsumexp (B*a*S)
+* 2 x residual dropout: the mask (on CPU ``at::dropout`` multiplies by a noise tensor of the input
+  dtype; on CUDA ``native_dropout`` saves a bool mask, 1 byte)
+* MLP: ``NewGELUActivation`` (``activations.py``) = 0.5*x*(1+tanh(c*(x+0.044715*x^3))) saves x
+  (pow), tanh's output, 0.5*x and (1+tanh) (mul): 4 B*S*I*e; ``mlp.c_proj`` saves the GELU output:
+  5 B*S*I*e in all
+
+Outside the blocks: embedding dropout mask, the token and position ids (int64), ``ln_f``'s input,
+stats and output, the logits (B*S*V*e, the model output), and in ``ForCausalLMLoss``
+(``transformers/loss/loss_utils.py``) ``logits.float()`` (a B*S*V*4 copy when e < 4, freed when the
+loss returns) and ``cross_entropy`` = log_softmax (saves its B*S*V*4 output) + nll_loss.
+
+Checked on CPU (torch 2.13, gpt2-tiny, B=2, S=64): the bytes of all tensors the autograd graph
+saves (``torch.autograd.graph.saved_tensors_hooks``) equal :func:`gpt2_activations`'s ``saved``
+exactly for sdpa/eager x fp32/bf16 (3,120,644 / 2,184,196 / 1,692,676 bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memprof.errors import MemprofError
+from memprof.families.common import (
+    FP32,
+    INT64,
+    ActivationQuery,
+    Activations,
+    ModelFamily,
+    attention_keeps_probabilities,
+)
+from memprof.units import is_positive_int
+
+# GPT-2 (tied): parameter gradient hooks fired by Activations.after_mlp_out_hooks, in backward
+# (reverse parameter) order: ln_f bias and weight, then the last block's mlp.c_proj bias and weight
+GPT2_MLP_OUT_HOOKS = 4
+
+# GPT2Config's defaults for the fields the launcher and the estimator read when a config omits them
+_DEFAULT_VOCAB = 50257
+_DEFAULT_POSITIONS = 1024
+_DEFAULT_PDROP = 0.1  # embd_pdrop, attn_pdrop, resid_pdrop
+
+
+# ---- parameters -------------------------------------------------------------------------------
+
+
+def gpt2_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """GPT2LMHeadModel's parameter numels in ``parameters()`` order (tied lm_head counted once)."""
+    n_layer, h, vocab, n_pos = _req(cfg, "n_layer"), _req(cfg, "n_embd"), _req(cfg, "vocab_size"), _req(cfg, "n_positions")
+    inner = int(cfg.get("n_inner") or 4 * h)
+    numels = [vocab * h, n_pos * h]  # transformer.wte, transformer.wpe
+    block = [
+        h, h,  # ln_1 weight, bias
+        h * 3 * h, 3 * h,  # attn.c_attn (Conv1D weight is (in, out)), bias
+        h * h, h,  # attn.c_proj
+        h, h,  # ln_2
+        h * inner, inner,  # mlp.c_fc
+        inner * h, h,  # mlp.c_proj
+    ]
+    if cfg.get("add_cross_attention"):
+        block += [h * 2 * h, 2 * h, h * h, h, h * h, h, h, h]  # crossattention c_attn/q_attn/c_proj, ln_cross_attn
+    numels += block * n_layer
+    numels += [h, h]  # ln_f
+    if cfg.get("tie_word_embeddings", True) is False:
+        numels.append(vocab * h)  # lm_head.weight, its own tensor when untied (no bias)
+    return tuple(numels)
+
+
+def gpt2_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """GPT2LMHeadModel's parameter-holding modules in forward call order (modeling_gpt2.py:
+    wte, wpe (GPT2Model.forward), per block ln_1, attn.c_attn, attn.c_proj, [ln_cross_attn,
+    crossattention q_attn, c_attn, c_proj], ln_2, mlp.c_fc, mlp.c_proj, then ln_f and lm_head),
+    as indices into :func:`gpt2_param_numels`. A tied lm_head uses wte's weight (index 0)."""
+    n_layer = _req(cfg, "n_layer")
+    cross = bool(cfg.get("add_cross_attention"))
+    per_block = 20 if cross else 12
+    modules: list[tuple[int, ...]] = [(0,), (1,)]
+    for layer in range(n_layer):
+        b = 2 + layer * per_block
+        modules += [(b, b + 1), (b + 2, b + 3), (b + 4, b + 5)]  # ln_1, attn.c_attn, attn.c_proj
+        if cross:  # appended after the MLP in gpt2_param_numels' block layout
+            modules += [(b + 18, b + 19), (b + 14, b + 15), (b + 12, b + 13), (b + 16, b + 17)]
+        modules += [(b + 6, b + 7), (b + 8, b + 9), (b + 10, b + 11)]  # ln_2, mlp.c_fc, mlp.c_proj
+    ln_f = 2 + n_layer * per_block
+    modules.append((ln_f, ln_f + 1))
+    modules.append((0,) if cfg.get("tie_word_embeddings", True) is not False else (ln_f + 2,))
+    return tuple(modules)
+
+
+def gpt2_shape_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ModelShape's fields for a GPT-2 config; MemprofError on a bad shape."""
+    h = _req(cfg, "n_embd")
+    n_head = _req(cfg, "n_head")
+    if h % n_head:
+        raise MemprofError(f"model config: n_embd {h} is not divisible by n_head {n_head}")
+    return {
+        "param_numels": gpt2_param_numels(cfg),
+        "model_type": "gpt2",
+        "n_layer": _req(cfg, "n_layer"),
+        "hidden": h,
+        "n_head": n_head,
+        "inner": int(cfg.get("n_inner") or 4 * h),
+        "vocab": _req(cfg, "vocab_size"),
+        "n_positions": _req(cfg, "n_positions"),
+        "tied_embeddings": cfg.get("tie_word_embeddings", True) is not False,
+        "dropout": {k: float(cfg.get(k, _DEFAULT_PDROP)) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop")},
+        "use_cache": cfg.get("use_cache", True) is not False,  # GPT2Config's default is True
+        "fetch_modules": gpt2_fetch_modules(cfg),
+    }
+
+
+def _req(cfg: dict[str, Any], key: str) -> int:
+    value = cfg.get(key)
+    if not is_positive_int(value):
+        raise MemprofError(f"model config: {key} = {value!r} must be a positive whole number")
+    return value
+
+
+def check_launchable(config: dict[str, Any], where: str) -> None:
+    """The launcher's check of a GPT-2 config: positive layers, width, heads and positions (the
+    last defaults to GPT2Config's 1024), heads dividing the width."""
+    for key in ("n_layer", "n_embd", "n_head", "n_positions"):
+        value = config.get(key, _DEFAULT_POSITIONS) if key == "n_positions" else config.get(key)
+        if not is_positive_int(value):
+            raise MemprofError(f"{where} needs a positive integer {key!r} (got {value!r})")
+    if config["n_embd"] % config["n_head"]:
+        raise MemprofError(f"{where}: n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}")
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The module docstring's symbols for one query, and the per-tensor sizes the formulas share."""
+
+    B: int
+    S: int
+    e: int
+    H: int
+    I: int  # the MLP width
+    a: int
+    V: int
+    L: int
+    mask_e: int  # CPU dropout keeps a noise tensor of the input dtype; CUDA a bool mask
+    stat_e: int  # LayerNorm mean/rstd: compute dtype on CPU, fp32 on CUDA
+    attn_dropout: bool
+    resid_mask: int  # one residual dropout's mask (0 without residual dropout)
+    embd_mask: int  # the embedding dropout's mask
+    # GPT2Model skips the cache under gradient checkpointing in training (cache=None per block)
+    cache: bool
+
+    @property
+    def BSH(self) -> int:
+        return self.B * self.S * self.H
+
+    @property
+    def BSI(self) -> int:
+        return self.B * self.S * self.I
+
+    @property
+    def bass(self) -> int:
+        return self.B * self.a * self.S * self.S
+
+
+def _sizes(shape: Any, q: ActivationQuery) -> _Sizes:
+    H, I, a, V, L = shape.hidden, shape.inner, shape.n_head, shape.vocab, shape.n_layer
+    assert H and I and a and V and L
+    e = q.element_size
+    mask_e = e if q.cpu else 1
+    drop = shape.dropout or {}
+    BSH = q.micro_batch * q.seq_len * H
+    return _Sizes(
+        q.micro_batch, q.seq_len, e, H, I, a, V, L, mask_e, stat_e=e if q.cpu else FP32,
+        attn_dropout=drop.get("attn_pdrop", _DEFAULT_PDROP) > 0,
+        resid_mask=BSH * mask_e if drop.get("resid_pdrop", _DEFAULT_PDROP) > 0 else 0,
+        embd_mask=BSH * mask_e if drop.get("embd_pdrop", _DEFAULT_PDROP) > 0 else 0,
+        cache=shape.use_cache and not q.checkpointing,
+    )
+
+
+@dataclass(frozen=True)
+class _Attention:
+    saved: int  # what the attention core saves for backward, per block
+    element_size: int  # bytes per element inside the attention core (ae)
+    cache_not_saved: int  # KV-cache copies no kernel saved, alive until the loss returns, per block
+    words: str
+
+
+def _attention(s: _Sizes, q: ActivationQuery) -> _Attention:
+    """The attention core's saved tensors, by implementation (module docstring)."""
+    B, e, a, BSH, bass = s.B, s.e, s.a, s.BSH, s.bass
+    if q.attn_implementation == "eager":
+        # eager_attention_forward: matmul(q, k^T) copies q, views the contiguous cache k; matmul
+        # with v views the cache v (without a cache, k and v are copied): 3 BSH*e saved either way
+        probs = 2 * bass * e + bass * (e if q.cpu else 1) if s.attn_dropout else bass * e
+        words = f"3BSH*e (q copy, k, v) + {'3' if s.attn_dropout else '1'} B*a*S*S tensors"
+        return _Attention(3 * BSH * e + probs, e, 0, words)
+    if q.cpu and s.attn_dropout:
+        # CPU sdpa with dropout falls back to _scaled_dot_product_attention_math, which upcasts
+        # half types to fp32: q, k, v copies at 4 bytes; in fp32 the cache v is saved as it is
+        saved = 3 * BSH * FP32 + 3 * bass * FP32
+        words = "3BSH*4 (q,k,v fp32 copies) + 3 B*a*S*S*4 (softmax, dropout noise, dropout output)"
+        # Without a cache (checkpointing, use_cache off) q, k, v are views of the c_attn output in
+        # its (B, S, a, d) layout. The math kernel's two matmuls fold (B, a) into one batch dim
+        # (at::matmul's reshape to B*a): a view when B == 1 or a == 1, else a clone. In half
+        # types the operands are the dense fp32 copies (one BSH*4 each either way); in fp32 the
+        # scaled q and k^T are kept as they are (BSH*4 each) and v's view keeps the whole c_attn
+        # output (3BSH*4): two BSH*4 more than the clones (traced: a=1 B=3, a=8 B=1).
+        if not s.cache and e == FP32 and (B == 1 or a == 1):
+            saved += 2 * BSH * FP32
+            words = ("5BSH*4 (scaled q, k^T + the c_attn output through v's view) "
+                     "+ 3 B*a*S*S*4 (softmax, dropout noise, dropout output)")
+        cache_not_saved = (BSH * e if e == FP32 else 2 * BSH * e) if s.cache else 0
+        return _Attention(saved, FP32, cache_not_saved, words)
+    # fused kernels (CUDA flash / memory-efficient; CPU flash without dropout): they save q (a view
+    # that keeps the whole c_attn output, 3 BSH*e), k and v (the cache copies when there is a
+    # cache, else views of the same c_attn output), the output and a fp32 logsumexp.
+    # On CUDA the output is no extra storage: _scaled_dot_product_{flash,efficient}_attention_cuda
+    # (aten/src/ATen/native/transformers/cuda/attention.cu) allocate it as (B, S, a, d) and return
+    # its transpose, so sdpa_attention_forward's transpose(1, 2).contiguous() and the reshape
+    # are views: the saved output IS attn.c_proj's input, already in the block's linear inputs.
+    # (The CPU flash path without dropout is left as it was: not measured here.)
+    # DynamicLayer.update: lazy_initialization makes an empty tensor, then torch.cat copies k and v
+    # into it, so each block's cache holds 2 BSH*e
+    kv_cache_copies = 2 * BSH * e if s.cache else 0
+    output = 0 if not q.cpu else BSH * e
+    words = ("3BSH*e (c_attn output via q) + 2BSH*e (cached k, v) + 4*B*a*S (logsumexp); the output is "
+             "attn.c_proj's input" if not q.cpu else
+             "3BSH*e (c_attn output via q) + 2BSH*e (cached k, v) + BSH*e (output) + 4*B*a*S (logsumexp)")
+    return _Attention(3 * BSH * e + kv_cache_copies + output + B * a * s.S * FP32, e, 0, words)
+
+
+def _per_layer(s: _Sizes, attn: _Attention) -> int:
+    """One block's saved tensors without checkpointing (module docstring)."""
+    ln = 2 * (s.BSH * s.e + 2 * s.B * s.S * s.stat_e)  # ln_1, ln_2: input + mean + rstd
+    linear_inputs = 3 * s.BSH * s.e  # c_attn, attn.c_proj, mlp.c_fc inputs
+    mlp = 5 * s.BSI * s.e
+    return ln + linear_inputs + 2 * s.resid_mask + mlp + attn.saved
+
+
+@dataclass(frozen=True)
+class _Outside:
+    """What lives outside the blocks: the loop's batch, the embeddings, ln_f and the loss."""
+
+    input_ids: int  # the batch the loop made; input_ids and labels are the same tensor
+    shift_labels: int  # labels[..., 1:].contiguous(), saved by nll_loss
+    positions: int  # position ids, saved by the wpe embedding
+    ln_f: int  # ln_f input + stats, output (lm_head input)
+    log_softmax: int
+    saved: int  # every saved tensor outside the blocks
+    loss_end: int  # what the loss's end adds to the saved tensors (cache copies included)
+
+
+def _outside(s: _Sizes, attn: _Attention) -> _Outside:
+    B, S, e, BSH, V = s.B, s.S, s.e, s.BSH, s.V
+    input_ids = B * S * INT64
+    shift_labels = B * S * INT64
+    padded_labels = B * (S + 1) * INT64  # nn.functional.pad(labels, (0, 1)), alive until the loss returns
+    positions = S * INT64
+    ids = input_ids + shift_labels + positions + FP32  # + nll's total_weight (saved)
+    ln_f = BSH * e + 2 * B * S * s.stat_e + BSH * e
+    log_softmax = B * S * V * FP32
+    logits = B * S * V * e
+    upcast = B * S * V * FP32 if e < FP32 else 0  # logits.float() in ForCausalLMLoss, freed on return
+    # the loss's end: every saved tensor, the logits (and their fp32 copy), the cache copies no
+    # kernel saved, the padded labels and the loss itself
+    loss_end = logits + upcast + s.L * attn.cache_not_saved + padded_labels + FP32
+    return _Outside(input_ids, shift_labels, positions, ln_f, log_softmax,
+                    ids + s.embd_mask + ln_f + log_softmax, loss_end)
+
+
+def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
+    """(saved once forward returns, forward's peak, what backward recomputes of the last block)."""
+    e, BSH, BSI, L, ae = s.e, s.BSH, s.BSI, s.L, attn.element_size
+    if not q.checkpointing:
+        saved = L * per_layer + out.saved
+        return saved, saved + out.loss_end, 0
+    # GradientCheckpointingLayer (non-reentrant torch.utils.checkpoint): each block keeps only
+    # its input. Forward peaks at the loss, inside the last block at its attention
+    # (embeddings: wte, wpe outputs, the dropout noise, the L block inputs;
+    # ln_1 output, c_attn output (3BSH), the scaled q, the causal mask (S*S in the attention
+    # dtype) and the attention probabilities: softmax, dropout noise, dropout output), or inside
+    # the last block's MLP (no_grad there, so only live locals count: ids and positions, the
+    # wte and wpe outputs, the embedding dropout noise, every block's input, the block's
+    # attn_output, post-attention sum and ln_2 output, and GELU's chain at its widest: c_fc
+    # output, 0.5*x, x**3 and 0.044715*x**3, 4 BSI*e; traced with a dispatch-mode tracker).
+    saved = L * BSH * e + out.saved
+    # GPT2Model.forward keeps its locals inputs_embeds (wte output, BSH*e) and position_embeds
+    # (wpe output, S*H*e) for the whole loop; the sum is rebound by self.drop (freed), whose
+    # noise (CPU) stays with the autograd graph; the loop's checkpoints hold every block input
+    # (the first is the dropout output). Both in-block moments are the LAST block's, where all
+    # L block inputs are alive (traced: L = 1, 2, 3, 4).
+    embed = out.input_ids + out.positions + BSH * e + s.S * s.H * e + s.embd_mask + L * BSH * e
+    upcast_qkv = 3 * BSH * FP32 if ae > e else 0  # the math kernel's fp32 copies of half q, k, v
+    # at the attention's dropout output: ln_1 output, c_attn output (3BSH*e), the fp32 copies
+    # (half types), the scaled q, the causal mask (S*S) and the probabilities tensors
+    last_attn = (BSH * e + 3 * BSH * e + upcast_qkv + BSH * ae + s.S * s.S * ae
+                 + (3 if s.attn_dropout else 1) * s.bass * ae)
+    last_mlp = 3 * BSH * e + 4 * BSI * e
+    forward_peak = max(saved + out.loss_end, embed + last_attn, embed + last_mlp)
+    # backward recomputes the last block: its saved tensors come back, except ln_1's input,
+    # which is the checkpointed block input itself (already in L*BSH*e)
+    return saved, forward_peak, per_layer - BSH * e
+
+
+def _untied_first_hook(s: _Sizes, q: ActivationQuery, per_layer: int, saved: int, out: _Outside) -> tuple[int, int]:
+    """(first gradient hook, the recomputed block's MLP backward under checkpointing) of an untied
+    lm_head (not traced): the first hook is lm_head.weight's, counted as every saved tensor less
+    the loss's labels; under checkpointing the recomputed block's MLP backward as the tied model
+    had it before tracing (incoming gradient + 3 BSI*e of GELU-chain gradients: approximate)."""
+    first_hook = saved - out.shift_labels + 2 * FP32
+    recompute = s.L * s.BSH * s.e + per_layer + 3 * s.BSI * s.e + s.BSH * s.e if q.checkpointing else 0
+    return first_hook, recompute
+
+
+def _tied_first_hook(s: _Sizes, q: ActivationQuery, attn: _Attention, saved: int, recomputed: int,
+                     out: _Outside) -> tuple[int, int]:
+    """(the largest moment from the first gradient hook through the last block's backward,
+    ``Activations.after_mlp_out_hooks``) of the tied model (traced)."""
+    e, H, I, BSH, BSI, ae, resid_mask = s.e, s.H, s.I, s.BSH, s.BSI, attn.element_size, s.resid_mask
+    # The first gradient hook is ln_f.weight's (traced with post-accumulate-grad hooks): by then
+    # nll/log_softmax (B*S*V*4 saved), the lm_head input (ln_f output) and ln_f's saved input
+    # and stats are released, while the tied wte's lm_head gradient (V*H*e) waits in its
+    # AccumulateGrad buffer for the embedding's share and ln_f's input gradient (BSH*e) is
+    # alive; the loss and its gradient seed are 4 bytes each.
+    at_first_hook = saved - out.shift_labels - out.log_softmax - out.ln_f + BSH * e + s.V * H * e + 2 * FP32
+    # After it, the last block's backward (its saved tensors recomputed first under
+    # checkpointing) can hold more: the residual dropout's backward output (BSH*e) replaces
+    # its mask; mlp.c_proj's backward makes grad_x (BSI*e), grad_W (I*H*e) and grad_b (H*e)
+    # beside its incoming gradient; once it returns, that gradient and its saved GELU output
+    # (BSI*e) are freed (weight and bias gradients go on to the reduce bucket or .grad), and
+    # GELU's last mul (out = 0.5x * (1 + tanh)) makes two BSI*e gradients. The peak counts.
+    c_proj = at_first_hook + recomputed + BSI * e + I * H * e + H * e + (BSH * e - resid_mask if resid_mask else 0)
+    gelu_mul = at_first_hook + recomputed + 2 * BSI * e - resid_mask
+    # Where attention keeps B*a*S*S tensors (eager; CPU sdpa's math fallback), the last block's
+    # attention-core backward can hold more at long sequences (traced at the BmmBackward of
+    # probs @ v): its MLP half is released by then (5 BSI*e of GELU/c_proj inputs, ln_2's input,
+    # output and stats, both residual-dropout masks, attn.c_proj's input), and so is ln_f's
+    # input gradient (BSH*e): the backward of the block's residual add (hidden_states =
+    # residual + feed_forward_hidden_states, GPT2Block.forward) summed it with ln_2's input
+    # gradient into the residual stream's gradient (BSH*e), the one alive now. Beside it: the
+    # attention output's gradient in the attention dtype (attn.c_proj's grad_x; in half types
+    # sdpa-math's output cast back to e makes its ToCopyBackward copy it to fp32 and release
+    # the e one), grad_v (BSH) and grad_probs (B*a*S*S) in the attention dtype. CUDA's fused
+    # kernels keep no S*S tensor: not applied there.
+    attn_bwd = 0
+    if attention_keeps_probabilities(q.attn_implementation, q.device_type, s.attn_dropout):
+        mlp_half = 5 * BSI * e + 2 * BSH * e + 2 * s.B * s.S * s.stat_e + 2 * resid_mask + BSH * e
+        attn_grads = BSH * e + 2 * BSH * ae + s.bass * ae
+        attn_bwd = at_first_hook - BSH * e + recomputed - mlp_half + attn_grads
+    return max(at_first_hook, c_proj, gelu_mul, attn_bwd), gelu_mul
+
+
+_ATTENTION_BACKWARD_NOTE = (
+    "backward peak: the last block's attention backward (B*a*S*S tensors) is modelled at its "
+    "grad-of-probabilities moment only; later moments of it are not (traced on a 64-wide GPT-2: "
+    "within 0.4% at seq 1024, -0.7% at 512, -2.2% at 256 with checkpointing; docs/estimator.md)"
+)
+
+
+def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
+    """Activation memory of GPT2LMHeadModel training for one micro-batch (module docstring);
+    ``shape`` is a GPT-2 :class:`memprof.estimate.model_shapes.ModelShape`."""
+    s = _sizes(shape, q)
+    attn = _attention(s, q)
+    per_layer = _per_layer(s, attn)
+    out = _outside(s, attn)
+    saved, forward_peak, recomputed = _forward(s, q, per_layer, attn, out)
+    # backward starts with nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each);
+    # the loop dropped the output, so the logits are gone; nll_loss_backward has released
+    # shift_labels; the loss and its gradient seed (4 bytes each) are alive
+    bwd_start = saved + 2 * s.B * s.S * s.V * FP32 - out.shift_labels + 2 * FP32
+    if shape.tied_embeddings:
+        first_hook, gelu_mul = _tied_first_hook(s, q, attn, saved, recomputed, out)
+        untied_recompute = 0
+    else:
+        first_hook, untied_recompute = _untied_first_hook(s, q, per_layer, saved, out)
+        gelu_mul = 0
+    formula = (
+        f"per layer {'(recomputed once in backward) ' if q.checkpointing else ''}"
+        f"= LayerNorms 2BSH*e+4BS*{s.stat_e} + linear inputs 3BSH*e + dropout masks 2BSH*{s.mask_e} "
+        f"+ GELU/MLP 5BSI*e + attention [{attn.words}]"
+        + ("; KV cache (use_cache) copies k, v per block" if s.cache else "")
+    )
+    keeps_probs = attention_keeps_probabilities(q.attn_implementation, q.device_type, s.attn_dropout)
+    return Activations(
+        saved, forward_peak, max(bwd_start, first_hook, untied_recompute), per_layer, formula,
+        loop_held=out.input_ids + FP32,  # the batch and the loss
+        backward_first_hook=first_hook, after_mlp_out_hooks=gelu_mul,
+        notes=(_ATTENTION_BACKWARD_NOTE,) if keeps_probs else (),
+    )
+
+
+FAMILY = ModelFamily(
+    name="GPT-2",
+    hf_classes={"gpt2": ("GPT2Config", "GPT2LMHeadModel")},
+    positions_field="n_positions",
+    train_mode="dropout on",
+    check_launchable=check_launchable,
+    vocab_size=lambda config: config.get("vocab_size", _DEFAULT_VOCAB),
+    max_positions=lambda config: int(config.get("n_positions", _DEFAULT_POSITIONS)),
+    default_special_token_id=50256,  # GPT2Config's bos/eos_token_id
+    shape_fields=gpt2_shape_fields,
+    activations=gpt2_activations,
+)

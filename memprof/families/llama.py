@@ -1,0 +1,516 @@
+"""The Llama family (``model_type`` llama, mistral, qwen2: HF ``LlamaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM``): its config defaults and checks, parameter shapes,
+ZeRO-3 fetch order and activation memory, derived from the model code of transformers 5.24
+(``modeling_llama.py`` / ``modeling_mistral.py`` / ``modeling_qwen2.py``) and the autograd formulas
+of the ops it calls, and checked with an allocation tracer (tests/test_activations_llama.py).
+
+Activation symbols: B micro-batch, S sequence, H hidden, I intermediate, a query heads, kv
+key/value heads, d head_dim, Q = a*d, K = kv*d, V vocab, L layers, e bytes of the compute dtype,
+n_rep = a / kv.
+
+What one decoder layer saves for backward (``LlamaDecoderLayer.forward``; Mistral's and Qwen2's
+layers are the same code, Qwen2 adds q/k/v biases, which save nothing):
+
+* 2 x ``LlamaRMSNorm`` (``hidden_states.to(float32)``; ``pow(2).mean``; ``* rsqrt(var + eps)``;
+  ``weight * hidden_states.to(input_dtype)``): ``pow`` and the first ``mul`` save the fp32 input
+  (a BSH*4 copy when e < 4, the input itself in fp32), ``rsqrt``'s output (B*S*4), the weight
+  ``mul`` the normalised states in the compute dtype (BSH*e; the fp32 product itself is freed in
+  bf16, ``ToCopyBackward`` saves nothing): 4BSH + 4BS + BSH*e per norm;
+* the norms' outputs, the inputs of q/k/v_proj (one tensor) and gate/up_proj (one): 2 BSH*e;
+* rotary embeddings (``apply_rotary_pos_emb``): ``q * cos`` and ``rotate_half(q) * sin`` save
+  only cos and sin (q needs no gradient of them): two (S, d) tensors for the whole model;
+* the attention core, by implementation (``sdpa_attention_forward`` in
+  ``integrations/sdpa_attention.py``, ``eager_attention_forward`` in modeling_llama.py):
+  - sdpa: ``create_causal_mask`` returns None for an unpadded causal batch, so sdpa runs with
+    ``is_causal=True`` and (``use_gqa_in_sdpa``: no mask, head_dim <= 256) ``enable_gqa=True``:
+    GQA's key/value heads are NOT expanded (``repeat_kv`` is skipped). On CPU (fp32 and bf16,
+    no dropout: ``attention_dropout`` is 0) torch picks ``_scaled_dot_product_flash_attention_cpu``,
+    which saves q, k, v, its output (which IS o_proj's input: ``transpose(1, 2).contiguous()``
+    of it is a view) and a fp32 logsumexp (B*a*S): BSQ*e + 2 BSK*e + BSQ*e + 4BaS.
+    On CUDA in bf16/fp16 the flash kernel saves the same (traced on CPU only; CUDA not measured);
+    fp32 on CUDA with n_rep > 1 has no fused kernel taking ``enable_gqa`` but the math one, which
+    expands k and v (``repeat_interleave``) and keeps B*a*S*S probabilities: counted as eager's
+    terms at 4 bytes (not measured);
+  - eager: ``repeat_kv`` materialises k and v as (B, a, S, d) copies when n_rep > 1 (a view when
+    n_rep == 1); ``matmul(q, k^T)`` saves q and the expanded k, ``softmax(dtype=float32)`` its
+    fp32 output (B*a*S*S*4), ``.to(query.dtype)`` a copy in bf16 (saved by ``matmul(probs, v)``
+    with v); dropout at p = 0 returns its input; o_proj saves the contiguous output (BSQ*e);
+* SwiGLU ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: silu saves its input (gate output),
+  the product saves silu's output and up's output, down_proj saves the product: 4 BSI*e;
+* KV cache (``use_cache``, default True in all three configs): ``DynamicLayer.update`` copies k
+  and v (torch.cat) and the attention receives the copies; where the attention saves them (sdpa)
+  they cost nothing more, where it saves expanded copies (eager, n_rep > 1) the cache's 2 BSK*e
+  per layer stay alive until the loss returns (the output holds the cache).
+
+Outside the layers: the ids (embedding indices, int64), cos and sin (2 S*d*e), the final norm
+(4BSH + 4BS + BSH*e) and its output (lm_head's input, BSH*e), and in ``ForCausalLMLoss``
+(loss/loss_utils.py) ``logits.float()`` (a B*S*V*4 copy when e < 4), ``pad`` + ``contiguous``
+of the labels (B*(S+1)*8 alive until the loss returns, B*S*8 saved by nll_loss) and
+``cross_entropy`` = log_softmax (saves its fp32 output, B*S*V*4) + nll_loss.
+
+The moments after the first parameter gradient (traced with a dispatch-mode tracker and
+post-accumulate-grad hooks; see :func:`_backward_first_hook`): the final RMSNorm's backward, which
+works in fp32 (``ToCopyBackward`` of a bf16 gradient, then four BSH*4 temporaries of the
+pow/mean/rsqrt chain), the last layer's down_proj backward (grad_x BSI*e and grad_W H*I*e beside
+the residual stream's gradient) and its SwiGLU product's backward (two BSI*e gradients) are the
+largest. The flash attention backward keeps O(S) memory and stays below them at the traced shapes
+(S <= 128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memprof.errors import MemprofError
+from memprof.families.common import FP32, INT64, ActivationQuery, Activations, ModelFamily
+from memprof.units import is_positive_int
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+# What a Llama-family config means when a field is absent: the dataclass defaults of
+# transformers 5.24's configuration_{llama,mistral,qwen2}.py (LlamaConfig, MistralConfig,
+# Qwen2Config). num_key_value_heads None means "as many as num_attention_heads"
+# (__post_init__ of all three); Qwen2Config's own default is 32 and Mistral's 8.
+LLAMA_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None,
+        "max_position_embeddings": 2048, "tie_word_embeddings": False, "attention_bias": False,
+        "mlp_bias": False, "attention_dropout": 0.0, "use_cache": True, "hidden_act": "silu",
+    },
+    "mistral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None,
+        "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False, "attention_dropout": 0.0,
+        "use_cache": True, "hidden_act": "silu",
+    },
+    "qwen2": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None,
+        "max_position_embeddings": 32768, "tie_word_embeddings": False, "attention_dropout": 0.0,
+        "use_cache": True, "hidden_act": "silu",
+    },
+}
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def llama_family_fields(cfg: dict[str, Any], where: str = "model config") -> dict[str, Any]:
+    """The architecture of a llama/mistral/qwen2 config with every absent field filled as the HF
+    config class fills it (``LLAMA_FAMILY_DEFAULTS``), checked: positive whole numbers, heads
+    dividing the hidden size (when ``head_dim`` is not given) and query heads a multiple of the
+    key/value heads. MemprofError naming the field otherwise."""
+    model_type = cfg.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise MemprofError(f"{where}: model_type {model_type!r} is not one of {', '.join(LLAMA_FAMILY)}")
+    out = {**LLAMA_FAMILY_DEFAULTS[model_type], **cfg}
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings"):
+        _positive_int(out, key, where)
+    heads = out["num_attention_heads"]
+    if out.get("num_key_value_heads") is None:
+        out["num_key_value_heads"] = heads
+    _positive_int(out, "num_key_value_heads", where)
+    if out.get("head_dim") is None:
+        if out["hidden_size"] % heads:
+            raise MemprofError(f"{where}: hidden_size {out['hidden_size']} is not divisible by num_attention_heads {heads}")
+        out["head_dim"] = out["hidden_size"] // heads
+    _positive_int(out, "head_dim", where)
+    if out["head_dim"] % 2:
+        raise MemprofError(f"{where}: head_dim {out['head_dim']} must be even (rotary embeddings rotate pairs of channels)")
+    if heads % out["num_key_value_heads"]:
+        raise MemprofError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {out['num_key_value_heads']}"
+        )
+    return out
+
+
+def _positive_int(cfg: dict[str, Any], key: str, where: str) -> None:
+    value = cfg.get(key)
+    if not is_positive_int(value):
+        raise MemprofError(f"{where} needs a positive integer {key!r} (got {value!r})")
+
+
+def check_launchable(config: dict[str, Any], where: str) -> None:
+    """The launcher's check of a llama/mistral/qwen2 config (:func:`llama_family_fields`)."""
+    llama_family_fields(config, where)
+
+
+def _config_default(config: dict[str, Any], key: str) -> Any:
+    """``config[key]``, or its config class's default where absent."""
+    return config.get(key, LLAMA_FAMILY_DEFAULTS[config["model_type"]][key])
+
+
+# ---- parameters ------------------------------------------------------------------------------
+
+
+def _llama_biases(f: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o_proj bias, MLP bias) by family: LlamaAttention/LlamaMLP take
+    ``attention_bias`` (all four projections) and ``mlp_bias``; Qwen2Attention has
+    ``bias=True`` on q/k/v and none on o_proj, Qwen2MLP none; Mistral none anywhere."""
+    if f["model_type"] == "llama":
+        att = bool(f.get("attention_bias", False))
+        return att, att, bool(f.get("mlp_bias", False))
+    if f["model_type"] == "qwen2":
+        return True, False, False
+    return False, False, False
+
+
+def _sliding_window(f: dict[str, Any]) -> int | None:
+    """The attention window in effect: MistralConfig's ``sliding_window`` (default 4096, None
+    turns it off); Qwen2's only with ``use_sliding_window`` (Qwen2Config.__post_init__); Llama none."""
+    if f["model_type"] == "mistral":
+        return f.get("sliding_window", 4096)
+    if f["model_type"] == "qwen2" and f.get("use_sliding_window"):
+        return f.get("sliding_window", 4096)
+    return None
+
+
+def llama_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` parameter numels in
+    ``parameters()`` (registration) order, which DeepSpeed flattens them in: model.embed_tokens
+    V*H; per decoder layer self_attn.q_proj a*d*H (+a*d), k_proj and v_proj kv*d*H (+kv*d each),
+    o_proj H*a*d (+H), mlp.gate_proj, up_proj I*H (+I each), down_proj H*I (+H),
+    input_layernorm H, post_attention_layernorm H (RMSNorm: weight only); model.norm H; lm_head
+    V*H unless tied (``tie_word_embeddings``; no bias). a heads, kv key/value heads, d head_dim."""
+    f = llama_family_fields(cfg)
+    h, inter, vocab = f["hidden_size"], f["intermediate_size"], f["vocab_size"]
+    a, kv, d = f["num_attention_heads"], f["num_key_value_heads"], f["head_dim"]
+    qkv_bias, o_bias, mlp_bias = _llama_biases(f)
+    layer: list[int] = []
+    for out in (a * d, kv * d, kv * d):  # q_proj, k_proj, v_proj (nn.Linear weight is (out, in))
+        layer += [out * h] + ([out] if qkv_bias else [])
+    layer += [h * a * d] + ([h] if o_bias else [])  # o_proj
+    for out, inp in ((inter, h), (inter, h), (h, inter)):  # gate_proj, up_proj, down_proj
+        layer += [out * inp] + ([out] if mlp_bias else [])
+    layer += [h, h]  # input_layernorm, post_attention_layernorm
+    numels = [vocab * h] + layer * f["num_hidden_layers"] + [h]
+    if not f["tie_word_embeddings"]:
+        numels.append(vocab * h)
+    return tuple(numels)
+
+
+def llama_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """The parameter-holding modules in forward call order (LlamaModel.forward: embed_tokens,
+    then per LlamaDecoderLayer input_layernorm, self_attn.q_proj, k_proj, v_proj, o_proj,
+    post_attention_layernorm, mlp.gate_proj, up_proj (``down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))``), down_proj; then norm and lm_head), as indices into :func:`llama_param_numels`.
+    A tied lm_head is embed_tokens' weight (index 0)."""
+    f = llama_family_fields(cfg)
+    qkv_bias, o_bias, mlp_bias = _llama_biases(f)
+    sizes = [1 + qkv_bias] * 3 + [1 + o_bias] + [1 + mlp_bias] * 3 + [1, 1]  # per layer, param order
+    per_layer = sum(sizes)
+    modules: list[tuple[int, ...]] = [(0,)]
+    for layer in range(f["num_hidden_layers"]):
+        start, own = 1 + layer * per_layer, []
+        for n in sizes:
+            own.append(tuple(range(start, start + n)))
+            start += n
+        q, k, v, o, gate, up, down, ln_in, ln_post = own
+        modules += [ln_in, q, k, v, o, ln_post, gate, up, down]
+    norm = 1 + f["num_hidden_layers"] * per_layer
+    modules.append((norm,))
+    modules.append((0,) if f["tie_word_embeddings"] else (norm + 1,))
+    return tuple(modules)
+
+
+def llama_shape_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ModelShape's fields for a llama/mistral/qwen2 config; MemprofError on a bad shape."""
+    f = llama_family_fields(cfg)
+    return {
+        "param_numels": llama_param_numels(cfg),
+        "model_type": f["model_type"],
+        "n_layer": f["num_hidden_layers"],
+        "hidden": f["hidden_size"],
+        "n_head": f["num_attention_heads"],
+        "inner": f["intermediate_size"],
+        "vocab": f["vocab_size"],
+        "n_positions": f["max_position_embeddings"],
+        "tied_embeddings": bool(f["tie_word_embeddings"]),
+        "dropout": {"attention_dropout": float(f.get("attention_dropout") or 0.0)},
+        "use_cache": f.get("use_cache", True) is not False,
+        "fetch_modules": llama_fetch_modules(cfg),
+        "n_kv_head": f["num_key_value_heads"],
+        "head_dim": f["head_dim"],
+        "buffer_numel": 2 * (f["head_dim"] // 2),  # LlamaRotaryEmbedding: inv_freq, original_inv_freq
+        "mlp_bias": _llama_biases(f)[2],
+        "hidden_act": str(f.get("hidden_act", "silu")),
+        "sliding_window": _sliding_window(f),
+    }
+
+
+# ---- activations -----------------------------------------------------------------------------
+
+
+def attention_kernel(attn_implementation: str, device_type: str, element_size: int, n_rep: int) -> str:
+    """Which attention code path runs in training: ``flash`` (CPU sdpa, CUDA sdpa in half
+    precision, and CUDA fp32 without GQA through the memory-efficient kernel: the same saved
+    tensors), ``math`` (CUDA fp32 sdpa with n_rep > 1: the only kernel taking ``enable_gqa``
+    there) or ``eager``."""
+    if attn_implementation == "eager":
+        return "eager"
+    if device_type == "cuda" and element_size == FP32 and n_rep > 1:
+        return "math"
+    return "flash"
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The module docstring's symbols for one query, and the switches the formulas branch on."""
+
+    B: int
+    S: int
+    e: int
+    H: int
+    I: int
+    a: int
+    V: int
+    L: int
+    kv: int
+    d: int
+    kernel: str  # attention_kernel's answer
+    # GradientCheckpointingLayer (modeling_layers.py) sets use_cache=False and cache=None in training
+    cache: bool
+
+    @property
+    def n_rep(self) -> int:
+        return self.a // self.kv
+
+    @property
+    def BS(self) -> int:
+        return self.B * self.S
+
+    @property
+    def BSH(self) -> int:
+        return self.BS * self.H
+
+    @property
+    def BSI(self) -> int:
+        return self.BS * self.I
+
+    @property
+    def BSQ(self) -> int:
+        return self.BS * self.a * self.d
+
+    @property
+    def BSK(self) -> int:
+        return self.BS * self.kv * self.d
+
+    @property
+    def bass(self) -> int:
+        return self.B * self.a * self.S * self.S
+
+    @property
+    def norm_saved(self) -> int:
+        """One RMSNorm's saved tensors: fp32 input (copy or itself), rsqrt, normalised in e."""
+        return 4 * self.BSH + 4 * self.BS + self.BSH * self.e
+
+    @property
+    def eager_core(self) -> int:
+        """eager_attention_forward at its widest: repeat_kv's copies of k and v (n_rep > 1), then
+        the scores and their scaled copy (``matmul(...) * scaling``), or in bf16 the masked scores
+        beside softmax(dtype=float32)'s fp32 input copy and output (traced)."""
+        B, a, S, d, e, bass = self.B, self.a, self.S, self.d, self.e, self.bass
+        return ((2 * B * a * S * d * e if self.n_rep > 1 else 0)
+                + max(2 * bass * e, bass * e + (2 * bass * FP32 if e < FP32 else bass * FP32)))
+
+
+def _sizes(shape: Any, q: ActivationQuery) -> _Sizes:
+    H, I, a, V, L = shape.hidden, shape.inner, shape.n_head, shape.vocab, shape.n_layer
+    kv, d = shape.n_kv_head, shape.head_dim
+    assert H and I and a and V and L and kv and d
+    kernel = attention_kernel(q.attn_implementation, q.device_type, q.element_size, a // kv)
+    return _Sizes(q.micro_batch, q.seq_len, q.element_size, H, I, a, V, L, kv, d, kernel,
+                  cache=shape.use_cache and not q.checkpointing)
+
+
+@dataclass(frozen=True)
+class _Attention:
+    saved: int  # what the attention core saves for backward, per layer
+    kv_saved: int  # of which k and v (0 for flash: not needed)
+    cache_not_saved: int  # KV-cache copies no kernel saved, alive until the loss returns, per layer
+    words: str
+
+
+def _attention(s: _Sizes) -> _Attention:
+    """The attention core's saved tensors, by kernel (module docstring)."""
+    e, BSQ, BSK, bass = s.e, s.BSQ, s.BSK, s.bass
+    if s.kernel == "flash":
+        return _Attention(BSQ * e + 2 * BSK * e + BSQ * e + s.B * s.a * s.S * FP32, 0, 0,  # q, k, v, output, lse
+                          "BSQ*e (q) + 2BSK*e (k, v unexpanded: enable_gqa) + BSQ*e (output = o_proj input) "
+                          "+ 4BaS (logsumexp)")
+    ae = FP32 if s.kernel == "math" else e
+    kv_saved = 2 * (s.B * s.a * s.S * s.d * ae if s.n_rep > 1 else BSK * ae)  # repeat_kv copies, or the cache tensors
+    probs = bass * FP32 + (bass * e if e < FP32 and s.kernel == "eager" else 0)  # softmax fp32 out (+ bf16 copy)
+    cache_not_saved = 2 * BSK * e if s.cache and s.n_rep > 1 else 0
+    words = (f"BSQ*{ae} (q) + 2 B*a*S*d*{ae} (repeat_kv copies of k, v) " if s.n_rep > 1 else
+             f"BSQ*{ae} (q) + 2BSK*{ae} (k, v) ") + (
+                 f"+ B*a*S*S*4 (softmax){' + B*a*S*S*e (its copy)' if probs > bass * FP32 else ''} + BSQ*e (o_proj input)")
+    return _Attention(BSQ * ae + kv_saved + probs + BSQ * e, kv_saved, cache_not_saved, words)  # q, k, v, probs, o_proj input
+
+
+def _mlp(s: _Sizes) -> int:
+    """SwiGLU: gate output, silu output, up output, their product."""
+    return 4 * s.BSI * s.e
+
+
+def _per_layer(s: _Sizes, attn: _Attention) -> int:
+    norms = 2 * s.norm_saved + 2 * s.BSH * s.e  # input_layernorm, post_attention_layernorm + outputs
+    return norms + _mlp(s) + attn.saved
+
+
+@dataclass(frozen=True)
+class _Outside:
+    """What lives outside the layers: the loop's batch, cos and sin, the final norm and the loss."""
+
+    input_ids: int
+    shift_labels: int  # what nll_loss saves of the labels
+    rotary: int  # cos, sin (saved by the rotary muls, shared by all layers)
+    log_softmax: int
+    saved: int  # every saved tensor outside the layers
+    loss_end: int  # what the loss's end adds to the saved tensors (cache copies included)
+
+
+def _outside(s: _Sizes, attn: _Attention) -> _Outside:
+    BS, V, e = s.BS, s.V, s.e
+    input_ids = BS * INT64
+    padded_labels = s.B * (s.S + 1) * INT64  # pad(labels, (0, 1)), alive until the loss returns
+    shift_labels = BS * INT64  # labels[..., 1:].contiguous(), saved by nll_loss
+    if s.B == 1:
+        # a (1, S+1) row sliced [..., 1:] is already contiguous: contiguous() returns the view,
+        # so nll_loss saves the padded labels' storage itself and there is no second copy
+        shift_labels, padded_labels = padded_labels, 0
+    ids = input_ids + shift_labels + FP32  # + nll's total_weight
+    rotary = 2 * s.S * s.d * e
+    final_norm = s.norm_saved + s.BSH * e  # model.norm's saved tensors + its output (lm_head's input)
+    log_softmax = BS * V * FP32
+    logits = BS * V * e
+    upcast = BS * V * FP32 if e < FP32 else 0  # logits.float() in ForCausalLMLoss
+    loss_end = logits + upcast + s.L * attn.cache_not_saved + padded_labels + FP32  # + the loss
+    return _Outside(input_ids, shift_labels, rotary, log_softmax, ids + rotary + final_norm + log_softmax, loss_end)
+
+
+def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
+    """(saved once forward returns, forward's peak, what backward recomputes of the last layer)."""
+    e, BSH, L = s.e, s.BSH, s.L
+    positions = s.S * INT64  # position ids
+    if q.checkpointing:
+        # non-reentrant torch.utils.checkpoint: each layer keeps only its input (BSH*e); backward
+        # recomputes the last layer first, so its saved tensors come back (less the fp32 norm
+        # input, which is the layer input itself in fp32). The checkpoints also hold their other
+        # inputs: cos, sin (already outside), the position ids (freed after the rotary embedding
+        # without checkpointing), and for eager attention the causal mask create_causal_mask
+        # built (B, 1, S, S) in the compute dtype
+        mask = s.B * s.S * s.S * e if s.kernel == "eager" else 0
+        saved = L * BSH * e + out.saved + positions + mask
+        recomputed = per_layer - (BSH * FP32 if e == FP32 else 0)
+        # inside the last layer's forward (only live locals count: the checkpoint drops what
+        # autograd would save): ids, position ids, cos, sin, the mask, every layer's input,
+        # then either the MLP at its widest (the post-attention sum and post_attention_layernorm's
+        # output beside silu's output, up's output and their product, 3 BSI*e), or eager
+        # attention at its widest (input_layernorm's output, v_proj's output, the rotated q and k,
+        # repeat_kv's copies, then the scores and their scaled copy, or in bf16 the masked scores
+        # beside softmax's fp32 input copy and output)
+        layer_base = out.input_ids + positions + out.rotary + mask + L * BSH * e
+        moments = [saved + out.loss_end, layer_base + 2 * BSH * e + 3 * s.BSI * e]
+        if s.kernel == "eager":
+            moments.append(layer_base + BSH * e + s.BSQ * e + 2 * s.BSK * e + s.eager_core)
+        return saved, max(moments), recomputed
+    saved = L * per_layer + out.saved
+    forward_peak = saved + out.loss_end
+    if s.kernel == "eager":
+        # inside the last layer's attention, at its widest: the earlier layers' saved tensors
+        # (and cache copies), ids, position ids (a local of LlamaModel.forward), cos, sin, the
+        # causal mask (B, 1, S, S), input_layernorm's saved tensors and output, the rotated q,
+        # k and v (the cache copies), repeat_kv's copies and the scores (see eager_core)
+        # In bf16 two more bf16 copies of the residual stream are alive than autograd saves (it
+        # saves the norms' fp32 copies): the layer's input (``residual``) and the embedding
+        # output (LlamaModel.forward's ``inputs_embeds`` local); in fp32 both are saved tensors.
+        mask = s.B * s.S * s.S * e
+        stream = 0 if e == FP32 else (2 if L > 1 else 1) * BSH * e
+        inside = ((L - 1) * (per_layer + attn.cache_not_saved) + out.input_ids + positions + out.rotary + mask + stream
+                  + s.norm_saved + BSH * e + s.BSQ * e + 2 * s.BSK * e + s.eager_core)
+        forward_peak = max(forward_peak, inside)
+    return saved, forward_peak, 0
+
+
+def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, recomputed: int, out: _Outside) -> int:
+    """The largest moment from the first parameter gradient hook through the last layer's
+    backward (traced; module docstring)."""
+    e, H, I, BSH, BSI, norm_saved, bass = s.e, s.H, s.I, s.BSH, s.BSI, s.norm_saved, s.bass
+    # After the final norm's backward (its saved tensors and output freed, the residual stream's
+    # gradient BSH*e alive; the loss gradients and log_softmax's output freed; a tied embedding's
+    # lm_head gradient V*H*e waiting in its AccumulateGrad buffer for the embedding's share):
+    after_norm = (saved + recomputed - out.shift_labels - out.log_softmax - norm_saved
+                  + (0 if not shape.tied_embeddings else s.V * H * e) + 2 * FP32)
+    # the final RMSNorm's backward at its widest (pow's backward): its saved tensors, the fp32
+    # gradient of the normalised states (a ToCopyBackward copy when e < 4) and the pow/mean/rsqrt
+    # chain's BSH*4 temporaries, less the B*S*4 of rsqrt's gradient already freed
+    norm_bwd = after_norm - recomputed + norm_saved + 3 * BSH * FP32 + (BSH * FP32 if e < FP32 else 0) - 4 * s.BS
+    # the last layer's down_proj backward: grad_x (BSI*e) and grad_W (H*I*e) (+ its bias)
+    down_proj = after_norm + BSI * e + H * I * e + (H * e if shape.mlp_bias else 0)
+    # the first hook itself: lm_head.weight's (untied: only the loss gradients are gone) or
+    # model.norm.weight's (tied: the normalised states and lm_head's input freed)
+    first = ((saved - out.shift_labels - out.log_softmax + 2 * FP32) if not shape.tied_embeddings
+             else (after_norm - recomputed + norm_saved - BSH * e))
+    # the SwiGLU product's backward (grad of silu's output and of up's output, BSI*e each, beside
+    # down_proj's grad_x; down_proj's saved input, the product, already freed)
+    swiglu_mul = after_norm + 2 * BSI * e
+    moments = [first, norm_bwd, down_proj, swiglu_mul]
+    if s.kernel != "flash":
+        # The last layer's eager attention backward, at _softmax_backward_data (traced): by then its
+        # MLP half is released (SwiGLU's 4 BSI*e, post_attention_layernorm's saved tensors and
+        # output, o_proj's input, replaced by o_proj's grad_x, BSQ*e), and matmul(probs, v)'s
+        # backward has freed v's saved copy, the output gradient and (bf16) the probabilities'
+        # copy; alive: the gradient of the probabilities in fp32 (a ToCopyBackward copy when
+        # e < 4) and softmax's backward output (B*a*S*S*4 each).
+        after_o_proj = after_norm - _mlp(s) - norm_saved - BSH * e
+        moments.append(after_o_proj - attn.kv_saved // 2 + 2 * bass * FP32
+                       - (bass * e if e < FP32 and s.kernel == "eager" else 0))
+    return max(moments)
+
+
+def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
+    """Activation memory of a Llama-family causal LM for one micro-batch (module docstring), or
+    None where it is not modelled: an MLP activation other than SiLU, or a sequence longer than a
+    sliding attention window (the mask then materialises and sdpa changes kernel; not traced).
+    ``shape`` is a Llama-family :class:`memprof.estimate.model_shapes.ModelShape`."""
+    if (shape.hidden_act or "silu") != "silu":
+        return None
+    if shape.sliding_window is not None and q.seq_len > shape.sliding_window:
+        return None
+    s = _sizes(shape, q)
+    attn = _attention(s)
+    per_layer = _per_layer(s, attn)
+    out = _outside(s, attn)
+    saved, forward_peak, recomputed = _forward(s, q, per_layer, attn, out)
+    # backward's start: nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each),
+    # shift_labels released, the loss and its gradient seed alive
+    bwd_start = saved + 2 * s.BS * s.V * FP32 - out.shift_labels + 2 * FP32
+    first_hook = _backward_first_hook(s, shape, attn, saved, recomputed, out)
+    formula = (
+        f"per layer = RMSNorms 2x(4BSH+4BS+BSH*e) + norm outputs 2BSH*e + SwiGLU 4BSI*e + attention "
+        f"[{s.kernel}: {attn.words}]" + ("; KV cache copies of k, v per layer" if s.cache else "")
+    )
+    return Activations(saved, forward_peak, max(bwd_start, first_hook), per_layer, formula,
+                       loop_held=out.input_ids + FP32, backward_first_hook=first_hook)  # the batch and the loss
+
+
+FAMILY = ModelFamily(
+    name="Llama family",
+    hf_classes={
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    },
+    positions_field="max_position_embeddings",
+    train_mode="no dropout: attention_dropout 0",
+    check_launchable=check_launchable,
+    vocab_size=lambda config: _config_default(config, "vocab_size"),
+    max_positions=lambda config: int(_config_default(config, "max_position_embeddings")),
+    default_special_token_id=None,  # LlamaConfig / MistralConfig: 1, 2; Qwen2Config: None
+    shape_fields=llama_shape_fields,
+    activations=llama_activations,
+)
