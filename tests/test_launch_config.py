@@ -9,8 +9,8 @@ import pytest
 
 from memprof.errors import MemprofError
 from memprof.models import PRESETS
+from memprof.run.facts import count_nodes
 from memprof.train.config import load_deepspeed_config, optimizer_zoo_name, parse_args
-from memprof.train.run_meta import count_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -215,11 +215,11 @@ def test_estimator_reads_the_run_metadata_of_every_shipped_config(tmp_path: Path
     """The run dict is the contract with memprof.estimate.inputs_from_run: each config's metadata
     must come back as the same stage, optimizer and precision."""
     from memprof.estimate import estimate, inputs_from_run
-    from memprof.train.run_meta import DistributedFacts, build_run_meta
+    from memprof.train.launched_run import DistributedFacts, describe_launched_run
 
     for name, (stage, optimizer, precision, _, _) in EXPECTED.items():
         cfg = parse_args(["--deepspeed_config", str(CONFIGS / f"{name}.json"), "--out", str(tmp_path)], environ={})
-        meta = build_run_meta(cfg, DistributedFacts(world_size=2, nodes=1, device_type="cpu", backend="gloo"), n_params=149_248)
+        meta = describe_launched_run(cfg, DistributedFacts(world_size=2, nodes=1, device_type="cpu", backend="gloo"), n_params=149_248)
         assert (meta["zero_stage"], meta["optimizer"], meta["precision"]) == (stage, optimizer, precision)
         inputs = inputs_from_run(meta)
         assert estimate(inputs).to_json()["n_params"] == 149_248, name

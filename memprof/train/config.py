@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memprof.cli.parser import MemprofArgumentParser, positive_int, positive_size
+from memprof.argparsing import MemprofArgumentParser, positive_int, positive_size
 from memprof.dsconfig import (
     DeepSpeedSettings,
     find_auto,

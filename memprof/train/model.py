@@ -75,9 +75,3 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters: ``model.parameters()`` yields a tied weight (embedding / lm_head) once;
-    under ZeRO-3's ``zero.Init`` a parameter's full size is its ``ds_numel``."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
