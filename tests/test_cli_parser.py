@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memprof import cli
-from memprof.cli.parser import MemprofArgumentParser, positive_int, positive_size
+from memprof.argparsing import MemprofArgumentParser, positive_int, positive_size
 from memprof.errors import MemprofError
 from memprof.units import parse_positive_int
 

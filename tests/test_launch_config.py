@@ -197,7 +197,8 @@ def test_byte_batches_are_deterministic_sharded_and_in_vocab() -> None:
 
 def test_tiny_model_parameter_count_matches_the_gpt2_formula() -> None:
     pytest.importorskip("transformers")
-    from memprof.train.model import build_model, count_parameters
+    from memprof.run.facts import count_parameters
+    from memprof.train.model import build_model
 
     c = PRESETS["gpt2-tiny"]
     v, p, h, layers = c["vocab_size"], c["n_positions"], c["n_embd"], c["n_layer"]

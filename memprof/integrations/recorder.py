@@ -9,7 +9,7 @@ also says where it sits in the accumulation cycle::
      "loss": ..., "phases": {...}}
 
 Phases are measured around calls the framework makes, found by patching *instance* attributes
-(never classes), restored by :meth:`MicroStepRecorder.detach`:
+(never classes: :mod:`memprof.integrations.patching`), restored by :meth:`MicroStepRecorder.detach`:
 
 * ``forward``: the training module's ``forward`` (the DeepSpeed engine, the DDP wrapper or the
   model itself), only while it is in training mode with grad enabled, so evaluation and
@@ -23,6 +23,9 @@ first, so a loop that never tells the recorder where a micro-step ends is still 
 An exception inside a measured phase (out of memory, KeyboardInterrupt, a crash) ends the
 recording there: the profiler writes its ``oom`` record when it is one, allocation tracking stops,
 and every finished micro-step is already on disk in ``rank<R>.jsonl``.
+
+The profiler it starts is :mod:`memprof.integrations.step_profiler`'s; the run ends through
+:func:`memprof.end_of_run.finish_run`, as the launcher's does.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 from memprof.errors import MemprofError
 from memprof.report.data import build_report_data
 from memprof.report.render import render_html
-from memprof.run.files import collector_paused, write_text_atomic
+from memprof.run.files import REPORT_FILE_NAME, collector_paused, write_text_atomic
 
 __all__ = ["build_report_data", "collector_paused", "render_html", "write_report"]
 
@@ -37,7 +37,7 @@ def write_report(
         html = render_html(build_report_data(run_docs, sources), title=title)
     path = Path(path)
     if path.is_dir():
-        raise MemprofError(f"{path} is a folder: name the report file, e.g. {path / 'report.html'}")
+        raise MemprofError(f"{path} is a folder: name the report file, e.g. {path / REPORT_FILE_NAME}")
     try:
         write_text_atomic(path, html)
     except OSError as e:

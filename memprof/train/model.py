@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from memprof.models import LLAMA_FAMILY
+from memprof.run.facts import count_parameters  # noqa: F401 - its home is memprof.run.facts; importable here too
 
 
 def model_classes(model_type: str) -> tuple[type, type]:
