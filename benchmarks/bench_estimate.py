@@ -58,8 +58,23 @@ def bench_sweep(n: int = 10_000, preset: str = "gpt2-xl", seq_len: int = 1024) -
     return {"bench": f"sweep_10k_configs_{preset}", "configs": len(configs), "seconds": dt, "fitting": fits, "ok": dt < 1.0}
 
 
+def bench_advise_70b() -> dict:
+    """``memprof advise`` for Llama-2-70B on 64 GPUs (8 nodes x 8): every single change plus the
+    combination search; the goal is an interactive answer, under 1 s."""
+    from memprof.estimate.advise import advise
+
+    inp = EstimateInputs(model_config=preset_config("llama-2-70b"), model_name="llama-2-70b", world_size=64, nodes=8,
+                         zero_stage=2, precision="bf16", micro_batch=4, seq_len=4096, gpu_memory_bytes=80 * 2**30)
+    t0 = time.perf_counter()
+    result = advise(inp, max_gpus=128)
+    dt = time.perf_counter() - t0
+    return {"bench": "advise_llama-2-70b_64gpus", "seconds": dt, "evaluations": result.evaluations,
+            "best": result.best.change if result.best else None, "ok": dt < 1.0}
+
+
 if __name__ == "__main__":
-    results = [bench_175b(), *bench_llama_shapes(), bench_sweep(), bench_sweep(preset="llama-2-7b", seq_len=4096)]
+    results = [bench_175b(), *bench_llama_shapes(), bench_sweep(), bench_sweep(preset="llama-2-7b", seq_len=4096),
+               bench_advise_70b()]
     for result in results:
         print(json.dumps(result))
     sys.exit(0 if all(r["ok"] for r in results) else 1)  # a missed target fails `make bench`

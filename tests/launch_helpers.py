@@ -92,7 +92,8 @@ def leaked_shm_segments(port: int) -> list[str]:
 
 
 def launch_deepspeed(
-    n_ranks: int, ds_config: dict[str, Any], out: Path, *, steps: int = 3, seq_len: int = 32, model: str = "gpt2-tiny", timeout: int = 420
+    n_ranks: int, ds_config: dict[str, Any], out: Path, *, steps: int = 3, seq_len: int = 32, model: str = "gpt2-tiny", timeout: int = 420,
+    extra: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
     """Run launch/train.py under `deepspeed --num_gpus N` on CPU ranks with the given DS config."""
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,6 @@ def launch_deepspeed(
     cmd = [
         str(DEEPSPEED), "--num_gpus", str(n_ranks), "--master_port", str(free_port()), str(TRAIN),
         "--deepspeed_config", str(cfg), "--model", model, "--steps", str(steps), "--seq-len", str(seq_len),
-        "--out", str(out),
+        "--out", str(out), *extra,
     ]
     return run_group(cmd, cwd=REPO, env=env, timeout=timeout)

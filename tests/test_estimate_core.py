@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 
 import pytest
 
+from memprof.engines import Engine
 from memprof.errors import MemprofError
 from memprof.estimate import EstimateInputs, ZeroKnobs, estimate, inputs_from_run
 from memprof.estimate.activations import gpt2_activations
@@ -942,7 +944,7 @@ def test_ddp_without_deepspeed_keeps_gradient_buckets_for_the_run() -> None:
     base = dict(model_config=preset_config("gpt2-tiny"), optimizer="adamw", zero_stage=0, precision="fp32",
                 world_size=2, micro_batch=2, seq_len=32, device_type="cpu")
     ds = estimate(EstimateInputs(**base))
-    ddp = estimate(EstimateInputs(**base, ddp_gradient_as_bucket_view=False))
+    ddp = estimate(EstimateInputs(**base, engine=Engine.DDP))
     assert ddp.ranks[0].rest["device"]["comm_buffers"] == 4 * TP
     assert ds.ranks[0].rest["device"]["comm_buffers"] == 0
     for phase in ("forward", "step"):
@@ -952,4 +954,49 @@ def test_ddp_without_deepspeed_keeps_gradient_buckets_for_the_run() -> None:
     assert any("torch DDP" in a for a in ddp.assumptions)
     run = {"model_config": preset_config("gpt2-tiny"), "world_size": 2, "zero_stage": 0, "optimizer": "adamw",
            "precision": "fp32", "deepspeed_config": None, "ddp": {"gradient_as_bucket_view": False}}
-    assert inputs_from_run(run).ddp_gradient_as_bucket_view is False
+    from_run = inputs_from_run(run)
+    assert from_run.engine is Engine.DDP and from_run.ddp_gradient_as_bucket_view is False
+    # a DeepSpeed config in the run wins: its engine lays the states out
+    with_ds = inputs_from_run({**run, "deepspeed_config": {"zero_optimization": {"stage": 0}}})
+    assert with_ds.engine is Engine.DEEPSPEED
+
+
+def test_engine_in_estimate_inputs() -> None:
+    """DeepSpeed by default; DDP has no ZeRO stage (one-line refusal); an unknown engine is refused;
+    the JSON echo holds the engine as a plain string."""
+    assert EstimateInputs(n_params=1000).engine is Engine.DEEPSPEED
+    for stage in (1, 2, 3):
+        with pytest.raises(MemprofError, match="DDP has no ZeRO stage") as err:
+            EstimateInputs(n_params=1000, engine=Engine.DDP, zero_stage=stage)
+        assert "\n" not in str(err.value)
+    with pytest.raises(MemprofError, match="unknown engine 'fsdp'"):
+        EstimateInputs(n_params=1000, engine="fsdp")
+    doc = EstimateInputs(n_params=1000, engine="ddp", ddp_gradient_as_bucket_view=True).to_json()
+    assert doc["engine"] == "ddp" and type(doc["engine"]) is str and doc["ddp_gradient_as_bucket_view"] is True
+    assert json.loads(json.dumps(doc))["engine"] == "ddp"
+    assert type(EstimateInputs(n_params=1000).to_json()["engine"]) is str
+
+
+def test_layout_registry_dispatches_by_engine(monkeypatch) -> None:
+    """model_state_layout picks the engine's layout from LAYOUT_BY_ENGINE (a new engine is one
+    module and one entry there), whether the engine is given as the enum or its string value."""
+    from memprof.estimate import layout
+    from memprof.estimate.layout.state import EngineLayout
+    from memprof.estimate.zero_layout import model_state_layout as reexported
+
+    assert set(layout.LAYOUT_BY_ENGINE) == set(Engine) and reexported is layout.model_state_layout
+    seen = []
+
+    def fake(s, out):
+        seen.append((s.inp.engine, s.rank))
+        out.add("device", "params", 7)
+
+    monkeypatch.setitem(layout.LAYOUT_BY_ENGINE, Engine.DDP, EngineLayout(fake, lambda inp: "fake layout", lambda inp: "fake buckets"))
+    shape = model_shape(preset_config("gpt2-tiny"))
+    for engine in (Engine.DDP, "ddp"):
+        inp = EstimateInputs(model_config=preset_config("gpt2-tiny"), world_size=2, engine=engine, torch_adam=True)
+        lay = layout.model_state_layout(inp, shape, 1, "cpu")
+        assert lay.rest["device"] == {"params": 7} and seen[-1] == (engine, 1)
+        assert layout.describe_layout(inp) == "fake layout" and layout.describe_buckets(inp) == "fake buckets"
+    ds = layout.model_state_layout(EstimateInputs(model_config=preset_config("gpt2-tiny"), torch_adam=True), shape, 0, "cpu")
+    assert "comm_buffers" not in ds.rest["device"] and len(seen) == 2  # DeepSpeed's own layout, not the fake

@@ -15,6 +15,7 @@ from memprof.errors import MemprofError
 SUBCOMMANDS = {
     "estimate": "memprof.cli.estimate",
     "plan": "memprof.cli.plan",
+    "advise": "memprof.cli.advise",
     "compare": "memprof.cli.compare",
     "report": "memprof.cli.report",
 }

@@ -1,25 +1,29 @@
 """``estimate()``: per-rank memory by category, at rest and at each phase's peak.
 
-Pure arithmetic over :mod:`model_shapes`, :mod:`optimizers`, :mod:`zero_layout` and
+Pure arithmetic over :mod:`model_shapes`, :mod:`optimizers`, :mod:`layout` and
 :mod:`activations`; no torch import, so a planner can call it thousands of times.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from memprof.categories import Breakdown, Category, breakdown_total, empty_breakdown
+from memprof.dsconfig import ELEMENT_SIZE
 from memprof.errors import MemprofError
 from memprof.estimate.activations import Activations, attention_keeps_probabilities
 from memprof.estimate.activations_by_family import model_activations
 from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_bytes, cublas_workspace_bytes
 from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.layout import describe_buckets, describe_layout, model_state_layout
+from memprof.estimate.layout.partition import stage12_rank_grads
+from memprof.estimate.layout.state import FP32, StateLayout
 from memprof.estimate.model_shapes import ModelShape, model_shape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
 from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
 from memprof.estimate.result import Estimate, RankEstimate
-from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32, StateLayout, model_state_layout, stage12_rank_grads
 
 ACT = Category.ACTIVATIONS.value
 
@@ -149,7 +153,7 @@ PLANNER_ALL_RANKS_UP_TO = 4  # the planner's fast path: the deciding ranks only 
 def _ranks_to_model(inputs: EstimateInputs, shape: ModelShape, all_ranks_up_to: int = ALL_RANKS_UP_TO) -> list[int]:
     """The ranks whose layout is computed. Stage 0 and 3 ranks are alike except for the last
     one's padding. At stage 1/2 each rank's gradient bookkeeping depends on which parameters touch
-    its partition (zero_layout.stage12_rank_grads), so every rank is modelled up to
+    its partition (layout.partition.stage12_rank_grads), so every rank is modelled up to
     ``all_ranks_up_to``; beyond, rank 0, the last and the ranks holding the most gradient elements
     and the largest single piece (the step moments' two rank-dependent terms)."""
     n = inputs.world_size
@@ -195,11 +199,10 @@ def peak_device_and_host_bytes(inputs: EstimateInputs) -> tuple[int, int]:
 
 
 def estimate(inputs: EstimateInputs) -> Estimate:
-    """Per-rank memory of training ``inputs``' model with DeepSpeed, by category and phase."""
+    """Per-rank memory of training ``inputs``' model with its engine (``inputs.engine``), by category and phase."""
     shape = model_shape(inputs.model_config, inputs.n_params)
     if inputs.layout == "zero-paper":
         return paper_estimate(inputs, shape)
-    acts: Activations | None = None
     assumptions: list[str] = []
     acts = _activations(inputs, shape)
     if acts is not None:
@@ -223,34 +226,53 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     else:
         assumptions.append(f"{_why_no_activations(shape)}: the peaks hold model states only, so whether it fits is unknown")
 
-    ranks_to_model = _ranks_to_model(inputs, shape)
+    ranks, layout_notes = _model_ranks(inputs, shape, acts)
+    assumptions += layout_notes
+    assumptions += _setup_assumptions(inputs)
+    assumptions += _memory_kind_assumptions(inputs)
+    assumptions += list(inputs.config_notes)  # what reading the DeepSpeed config decided (memprof.dsconfig)
+    est = Estimate(inputs, shape, ranks, acts, assumptions,
+                   activations_not_estimated=None if acts is not None else _why_no_activations(shape))
+    est.overhead = overhead(inputs, shape)
+    est.paper_comparison = _paper_comparison(inputs, shape, ranks)
+    return est
+
+
+def _model_ranks(inputs: EstimateInputs, shape: ModelShape, acts: Activations | None) -> tuple[list[RankEstimate], list[str]]:
+    """Each modelled rank's estimate (``_ranks_to_model``), and the layout notes of the last one
+    (the notes name the code path and its settings, which every rank shares)."""
     ranks: list[RankEstimate] = []
     notes: list[str] = []
-    for r in ranks_to_model:
+    for r in _ranks_to_model(inputs, shape):
         rank_est, lay = _rank_estimate(inputs, shape, r, acts)
         ranks.append(rank_est)
         notes = lay.notes
+    return ranks, notes
+
+
+def _setup_assumptions(inputs: EstimateInputs) -> list[str]:
+    """The layout, optimizer, accumulation, buckets and which ranks were modelled."""
     spec = OPTIMIZER_SPECS[inputs.optimizer]
-    assumptions += notes
-    assumptions += [
-        (f"torch DDP without DeepSpeed (the stage-0 layout less DeepSpeed's own optimizer wrappers), world size "
-         f"{inputs.world_size}, {inputs.precision}" if inputs.ddp_gradient_as_bucket_view is not None else
-         f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inputs.zero_stage}, world size "
-         f"{inputs.world_size}, {inputs.precision}"),
+    return [
+        describe_layout(inputs),
         f"optimizer {spec.torch_class}: {spec.note}; peaks are for the steady state (step 2 on), when the "
         + ("state already exists (Adagrad creates it in its constructor)" if not spec.lazy
            else "lazily created state already exists (step 1's step phase allocates it)"),
         (f"gradient_accumulation_steps {inputs.gradient_accumulation_steps}: phase peaks are the worst micro-step of a "
          "steady cycle (the boundary, or a non-boundary step phase), 'at rest' is after the boundary's optimizer step"
          if inputs.gradient_accumulation_steps > 1 else "gradient_accumulation_steps 1: every micro-step is a boundary"),
-        f"reduce_bucket_size {inputs.zero.reduce_bucket_size:,} elements, overlap_comm "
-        f"{inputs.zero.overlap_comm_for(inputs.zero_stage)}, contiguous_gradients {inputs.zero.contiguous_gradients}",
+        describe_buckets(inputs),
         ("ranks other than the first and the last hold the same as the first (only the last rank's partition carries padding)"
          if inputs.zero_stage not in (1, 2) else
          "every rank modelled (stage 1/2: the gradients a rank holds depend on the parameters touching its partition)"
          if inputs.world_size <= ALL_RANKS_UP_TO else
          "modelled: rank 0, the last rank and the ranks holding the most gradient elements; the others hold no more"),
     ]
+
+
+def _memory_kind_assumptions(inputs: EstimateInputs) -> list[str]:
+    """What 'host' (under offload) and 'device' (a CPU, or a CUDA GPU's 'other') hold."""
+    assumptions: list[str] = []
     if inputs.zero.offload_optimizer != "none" or inputs.zero.offload_param != "none":
         assumptions.append(
             "host bytes: the offloaded states and DeepSpeed's host buffers, per rank and x ranks per node "
@@ -270,14 +292,14 @@ def estimate(inputs: EstimateInputs) -> Estimate:
             "at the default CUBLAS_WORKSPACE_CONFIG / CUBLASLT_WORKSPACE_SIZE; the training script's data set stays "
             "on the host; caching-allocator rounding (< 1 MiB per block) is not modelled"
         )
-    assumptions += list(inputs.config_notes)  # what reading the DeepSpeed config decided (memprof.dsconfig)
-    est = Estimate(inputs, shape, ranks, acts, assumptions,
-                   activations_not_estimated=None if acts is not None else _why_no_activations(shape))
-    est.overhead = overhead(inputs, shape)
-    est.paper_comparison = paper_model_states(inputs, shape.n_params) | {
+    return assumptions
+
+
+def _paper_comparison(inputs: EstimateInputs, shape: ModelShape, ranks: list[RankEstimate]) -> dict[str, Any]:
+    """The ZeRO paper's model-state bytes beside this layout's largest (``Estimate.paper_comparison``)."""
+    return paper_model_states(inputs, shape.n_params) | {
         "deepspeed_model_states_bytes": max(
             sum(r.rest["device"][c] for c in ("params", "master_params", "grads", "optimizer_state"))
             for r in ranks
         ),
     }
-    return est

@@ -22,6 +22,7 @@ from memprof.dsconfig import (
     load_config_file,
     read_deepspeed_config,
 )
+from memprof.engines import Engine, check_engine
 from memprof.errors import MemprofError
 from memprof.units import is_positive_int
 
@@ -84,10 +85,12 @@ class EstimateInputs:
     cuBLAS workspaces (cuda_runtime.py). None: assume an H100 (9.0), said in the assumptions."""
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimizer step (DeepSpeed ``gradient_accumulation_steps``, or the flag)."""
-    ddp_gradient_as_bucket_view: bool | None = None
-    """A torch ``DistributedDataParallel`` run without DeepSpeed (HF Trainer / accelerate under
-    torchrun): its ``gradient_as_bucket_view``. None: not a DDP run (a DeepSpeed engine, or one
-    process). DDP keeps flat gradient buckets instead of DeepSpeed's stage-0 all-reduce copy."""
+    engine: Engine = Engine.DEEPSPEED
+    """Which engine lays the model states out (memprof.engines): DeepSpeed ZeRO, or torch DDP
+    without DeepSpeed (HF Trainer / accelerate under torchrun), which keeps flat gradient buckets
+    instead of DeepSpeed's stage-0 all-reduce copy and has no ZeRO stage."""
+    ddp_gradient_as_bucket_view: bool = False
+    """DDP's ``gradient_as_bucket_view`` (meaningful only when ``engine`` is DDP)."""
     config_notes: tuple[str, ...] = ()
     """What reading the DeepSpeed config decided that the numbers above do not show: each "auto"
     and what it became, keys ignored at this stage, checkpointing from the config's block. The
@@ -106,6 +109,7 @@ class EstimateInputs:
         out = asdict(self)
         if out["model_config"] is not None:
             out["model_config"] = {k: v for k, v in out["model_config"].items() if not k.startswith("_")}
+        out["engine"] = Engine(self.engine).value  # a plain str in JSON
         return out
 
 
@@ -121,6 +125,7 @@ def validate_inputs(inp: EstimateInputs) -> None:
         raise MemprofError(f"world size {inp.world_size} is not a multiple of the node count {inp.nodes}")
     if inp.zero_stage not in (0, 1, 2, 3) or isinstance(inp.zero_stage, bool):
         raise MemprofError(f"ZeRO stage {inp.zero_stage!r} does not exist: use --zero-stage 0, 1, 2 or 3")
+    check_engine(inp.engine, inp.zero_stage)
     if inp.optimizer not in OPTIMIZERS:
         raise MemprofError(f"unknown optimizer {inp.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if inp.precision not in PRECISIONS:
@@ -319,7 +324,7 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     if run.get("activation_checkpointing") is not None:
         kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
     if isinstance(run.get("ddp"), dict) and not ds:  # recorded by memprof.integrations for a DDP wrapper
-        kw["ddp_gradient_as_bucket_view"] = bool(run["ddp"].get("gradient_as_bucket_view", False))
+        kw.update(engine=Engine.DDP, ddp_gradient_as_bucket_view=bool(run["ddp"].get("gradient_as_bucket_view", False)))
     # a torch.optim Adam the framework built itself (HF Trainer, accelerate: memprof.integrations)
     # keeps a step tensor per parameter, which its DeepSpeed config cannot say
     if run.get("torch_adam") is True:

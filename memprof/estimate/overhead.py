@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from memprof.dsconfig import ELEMENT_SIZE
 from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.layout.state import FP32
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
-from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32
 
 
 def overhead(inputs: EstimateInputs, shape: ModelShape) -> dict[str, Any]:
@@ -17,7 +18,7 @@ def overhead(inputs: EstimateInputs, shape: ModelShape) -> dict[str, Any]:
     k = spec.states_per_param * FP32  # state bytes per parameter (fp32 states)
     e = ELEMENT_SIZE[inputs.precision]
     N = inputs.world_size
-    # ZeRO 1-3 keep an fp32 master partition even for an fp32 model (stage 3: see zero_layout)
+    # ZeRO 1-3 keep an fp32 master partition even for an fp32 model (stage 3: see layout.deepspeed_zero)
     master = FP32 if e < FP32 or inputs.zero_stage in (1, 2, 3) else 0
     weights = e
     state_here = (k + master) / (N if inputs.zero_stage >= 1 else 1)

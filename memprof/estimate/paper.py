@@ -14,12 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from memprof.categories import Category, empty_breakdown
+from memprof.dsconfig import ELEMENT_SIZE
 from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.layout.state import FP32
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
 from memprof.estimate.result import Estimate, RankEstimate
-from memprof.estimate.zero_layout import ELEMENT_SIZE, FP32
 
 PAPER_LAYOUT_HAS_NO_ACTIVATIONS = "activations not estimated: layout zero-paper counts model states only"
 

@@ -1,0 +1,391 @@
+"""``advise()``: from the user's own setup to the cheapest change that fits, with its price.
+
+The advisor moves the knobs a DeepSpeed user has (ZeRO stage, optimizer and parameter offload,
+activation checkpointing, micro-batch against accumulation steps, bf16, the ZeRO bucket and
+stage-3 gathering limits, more GPUs up to ``max_gpus``), one at a time and then together, and asks
+the estimator (:func:`memprof.estimate.core.estimate`) what each setup peaks at. Nothing here is a
+memory formula of its own: every byte comes from the estimate, so an advice is exactly as good as
+the estimate it rests on (and refused where the estimate holds no activations).
+
+What a change costs is stated in the terms the field uses, per rank and optimizer step, from the
+code paths the estimator models (see :func:`step_costs`):
+
+* communication volume (ZeRO paper, Rajbhandari et al. 2020, sec. 7: data parallelism and ZeRO-1/2
+  move 2 x the parameter bytes per step, ZeRO-3 3 x, i.e. 1.5x), refined per micro-step where
+  DeepSpeed reduces at every backward (ZeRO-2's ``reduce_ipg_grads`` in the gradient hooks of
+  ``runtime/zero/stage_1_and_2.py``; ZeRO-3's gathers in ``partitioned_param_coordinator.py`` and
+  its reduce-scatter in ``stage3.py``) and only at the accumulation boundary elsewhere
+  (``engine.allreduce_gradients`` at stage 0; ZeRO-1's ``reduce_gradients`` at the boundary);
+* bytes over PCIe for offload: the gradient partition down and the updated parameter partition up
+  each step (``stage_1_and_2.py`` ``async_accumulate_grad_in_cpu_via_gpu`` / the CPU step's copy
+  back), and under parameter offload every gathered partition up in forward and again in backward;
+* recompute: activation checkpointing runs each block's forward again in backward, about one extra
+  forward per micro-step (torch.utils.checkpoint; about +1/3 of a step's compute);
+* micro-steps per optimizer step for accumulation.
+
+The ranking of combinations (:data:`COST_ORDER`) is lexicographic and printed with the answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from memprof.categories import CATEGORIES, PHASES
+from memprof.errors import MemprofError
+from memprof.estimate.core import activations_not_estimated, estimate, peak_device_and_host_bytes
+from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.model_shapes import model_shape
+from memprof.estimate.result import Estimate
+from memprof.units import format_bytes
+
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+COST_ORDER: tuple[str, ...] = ("extra_gpus", "precision_changed", "pcie_bytes", "comm_bytes", "recompute_forwards",
+                               "micro_steps")
+"""How combinations are ranked, most important first: GPUs you do not have cost most; then a change
+of numerics (fp32 -> bf16); then PCIe traffic (offload is usually the slowest path); then network
+volume; then recompute; then more, smaller micro-steps."""
+
+COST_ORDER_TEXT = ("cheapest = fewest extra GPUs, then no precision change, then fewest PCIe bytes (offload), "
+                   "then least communication, then no recompute, then fewest micro-steps per step")
+
+
+@dataclass(frozen=True)
+class PeakAt:
+    """Where an estimate peaks: the rank, the phase, the bytes and what they are made of."""
+
+    rank: int
+    phase: str
+    bytes: int
+    categories: dict[str, int]
+
+    @classmethod
+    def of(cls, est: Estimate) -> PeakAt:
+        rank, phase = max(((r, ph) for r in est.ranks for ph in PHASES), key=lambda rp: rp[0].phase_total(rp[1]))
+        return cls(rank.rank, phase, rank.phase_total(phase), {c: int(rank.phases[phase]["device"][c]) for c in CATEGORIES})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "phase": self.phase, "bytes": self.bytes, "categories": dict(self.categories)}
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What one setup costs per rank and optimizer step, besides memory (module docstring)."""
+
+    gpus: int
+    comm_bytes: int
+    pcie_bytes: int
+    recompute_forwards: int
+    micro_steps: int
+    precision: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gpus": self.gpus, "comm_bytes": self.comm_bytes, "pcie_bytes": self.pcie_bytes,
+                "recompute_forwards": self.recompute_forwards, "micro_steps": self.micro_steps}
+
+
+def step_costs(inp: EstimateInputs, n_params: int) -> StepCosts:
+    """Per rank and optimizer step: communication volume, PCIe bytes, recomputed forwards, micro-steps."""
+    b, gas, n = ELEMENT_BYTES[inp.precision], inp.gradient_accumulation_steps, inp.world_size
+    psi = n_params * b
+    if n == 1:
+        comm = 0
+    elif inp.zero_stage == 3:  # all-gather in forward and in backward, reduce-scatter: every micro-step
+        comm = 3 * psi * gas
+    elif inp.zero_stage == 2:  # reduce-scatter in every backward, all-gather of the updated partitions once
+        comm = psi * gas + psi
+    else:  # stage 0: one all-reduce (2 psi) at the boundary; ZeRO-1: reduce + all-gather at the boundary
+        comm = 2 * psi
+    part = -(-n_params // n) if inp.zero_stage > 0 else n_params
+    pcie = 0
+    if inp.zero.offload_optimizer != "none":  # gradient partition down every micro-step, parameters up once
+        pcie += part * b * gas + part * b
+    if inp.zero.offload_param != "none":  # each rank's partition up for the forward and the backward gathers
+        pcie += 2 * part * b * gas
+    return StepCosts(n, comm, pcie, gas if inp.activation_checkpointing else 0, gas, inp.precision)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setup the advisor evaluated: what changed, its peak, what that saves, and its price."""
+
+    change: str
+    """Machine-readable: ``zero_stage=3``, ``offload_optimizer=cpu``, ``micro_batch=2,gas=4`` ..."""
+    description: str
+    inputs: EstimateInputs | None
+    peak: PeakAt | None
+    saved_bytes: int | None
+    fits: bool | None
+    host_fits: bool | None
+    cost: str
+    costs: StepCosts | None
+    unknown: str | None = None
+    """Why this change could not be evaluated (a term the estimator does not model, a refused setup)."""
+    why_not: str | None = None
+    """For a change that saves little or nothing at the peak: the reason in categories and bytes."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"change": self.change, "description": self.description,
+                "peak_bytes": self.peak.bytes if self.peak else None, "peak": self.peak.to_json() if self.peak else None,
+                "saved_bytes": self.saved_bytes, "fits": self.fits, "host_fits": self.host_fits, "cost": self.cost,
+                "costs": self.costs.to_json() if self.costs else None, "unknown": self.unknown, "why_not": self.why_not}
+
+
+@dataclass
+class Advice:
+    base: EstimateInputs
+    base_peak: PeakAt
+    usable_bytes: int
+    base_fits: bool
+    base_host_fits: bool | None
+    changes: list[Change]
+    best: Change | None
+    runner_up: Change | None
+    closest: Change | None
+    """When nothing fits: the combination whose peak comes nearest the budget."""
+    max_gpus: int
+    evaluations: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def margin_bytes(self) -> int:
+        return self.usable_bytes - self.base_peak.bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"setup": {"peak_bytes": self.base_peak.bytes, "peak": self.base_peak.to_json(), "fits": self.base_fits,
+                          "host_fits": self.base_host_fits, "margin_bytes": self.margin_bytes},
+                "usable_gpu_bytes": self.usable_bytes, "gpu_memory_bytes": self.base.gpu_memory_bytes,
+                "headroom": self.base.headroom, "max_gpus": self.max_gpus, "cost_order": list(COST_ORDER),
+                "changes": [c.to_json() for c in self.changes],
+                "best": self.best.to_json() if self.best else None,
+                "runner_up": self.runner_up.to_json() if self.runner_up else None,
+                "closest": self.closest.to_json() if self.closest else None,
+                "evaluations": self.evaluations, "notes": list(self.notes)}
+
+
+def _cost_text(base: StepCosts, new: StepCosts) -> str:
+    """The price of going from ``base`` to ``new``, in the field's terms; "none" when nothing grows."""
+    parts = []
+    if new.gpus != base.gpus:
+        parts.append(f"{new.gpus - base.gpus:+d} GPUs")
+    if new.precision != base.precision:
+        parts.append(f"numerics {base.precision} -> {new.precision} (mixed precision, fp32 master weights)")
+    if new.comm_bytes != base.comm_bytes:
+        ratio = f" ({new.comm_bytes / base.comm_bytes:.2f}x)" if base.comm_bytes else ""
+        parts.append(f"communication {format_bytes(base.comm_bytes)} -> {format_bytes(new.comm_bytes)} per step{ratio}")
+    if new.pcie_bytes != base.pcie_bytes:
+        parts.append(f"PCIe {format_bytes(base.pcie_bytes)} -> {format_bytes(new.pcie_bytes)} per step")
+    if new.recompute_forwards != base.recompute_forwards:
+        parts.append(f"recompute: +{new.recompute_forwards - base.recompute_forwards} forward per step (~+33% compute)"
+                     if new.recompute_forwards > base.recompute_forwards else "no recompute")
+    if new.micro_steps != base.micro_steps:
+        parts.append(f"{new.micro_steps} micro-steps per step (was {base.micro_steps})")
+    return "; ".join(parts) or "none (same traffic and compute)"
+
+
+def _cost_key(base: StepCosts, c: StepCosts, knobs_changed: int = 0) -> tuple:
+    """COST_ORDER, then the fewest knobs changed (of two equally cheap setups, the one nearer the user's)."""
+    return (max(0, c.gpus - base.gpus), c.precision != base.precision, c.pcie_bytes, c.comm_bytes,
+            c.recompute_forwards, c.micro_steps, knobs_changed)
+
+
+def _single_changes(base: EstimateInputs, max_gpus: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """(change id, description, EstimateInputs fields to replace) for one knob at a time."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    z, stage = base.zero, base.zero_stage
+    for s in range(4):
+        if s == stage or (s < 3 and z.offload_param != "none") or (s == 0 and z.offload_optimizer != "none"):
+            continue
+        out.append((f"zero_stage={s}", f"ZeRO-{s}", {"zero_stage": s}))
+    if stage >= 1 and z.offload_optimizer == "none":
+        out.append(("offload_optimizer=cpu", "optimizer offload (cpu)",
+                    {"zero": replace(z, offload_optimizer="cpu")}))
+    if stage == 3 and z.offload_param == "none":
+        out.append(("offload_param=cpu", "parameter + optimizer offload",
+                    {"zero": replace(z, offload_param="cpu", offload_optimizer="cpu")}))
+    if not base.activation_checkpointing:
+        out.append(("activation_checkpointing=true", "checkpointing", {"activation_checkpointing": True}))
+    mb, gas = base.micro_batch, base.gradient_accumulation_steps
+    for smaller in sorted({mb // 2, 1} - {0, mb}, reverse=True):
+        if mb % smaller == 0:
+            factor = mb // smaller
+            out.append((f"micro_batch={smaller},gas={gas * factor}",
+                        f"micro-batch {smaller} x GAS {gas * factor}",
+                        {"micro_batch": smaller, "gradient_accumulation_steps": gas * factor}))
+    if base.precision == "fp32":
+        out.append(("precision=bf16", "bf16", {"precision": "bf16"}))
+    out += _knob_changes(base)
+    n = base.world_size
+    while n * 2 <= max_gpus:
+        n *= 2
+        per_node = base.world_size // base.nodes
+        nodes = n // per_node if n % per_node == 0 else 1
+        out.append((f"world_size={n}", f"{n} GPUs", {"world_size": n, "nodes": nodes}))
+        break  # the next doubling is one more row of the same kind; the combinations try every count
+    return out
+
+
+_KNOB_LABELS = {"reduce_bucket_size": "reduce bucket", "allgather_bucket_size": "allgather bucket",
+                "prefetch_bucket_size": "prefetch bucket", "max_live_parameters": "max live params",
+                "param_persistence_threshold": "persistence threshold"}
+
+
+def _knob_changes(base: EstimateInputs) -> list[tuple[str, str, dict[str, Any]]]:
+    """A quarter of each ZeRO buffer limit that sizes memory at this stage."""
+    z, out = base.zero, []
+    knobs = []
+    if base.zero_stage in (1, 2):
+        knobs += ["reduce_bucket_size", "allgather_bucket_size"]
+    if base.zero_stage == 3:
+        knobs += ["reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters", "param_persistence_threshold"]
+    for knob in knobs:
+        value = getattr(z, knob)
+        if value >= 4:
+            out.append((f"{knob}={value // 4}", f"{_KNOB_LABELS[knob]} / 4",
+                        {"zero": replace(z, **{knob: value // 4})}))
+    return out
+
+
+def _why_not(base: PeakAt, new: PeakAt, description: str) -> str:
+    """What moved between two peaks, by category, largest first: why a change saved little."""
+    deltas = sorted(((new.categories[c] - base.categories[c], c) for c in CATEGORIES), key=lambda d: -abs(d[0]))
+    moved = [f"{c} {'+' if d > 0 else '-'}{format_bytes(abs(d))}" for d, c in deltas if d][:4]
+    where = "" if (new.rank, new.phase) == (base.rank, base.phase) else \
+        f"; the peak moves from rank {base.rank}'s {base.phase} to rank {new.rank}'s {new.phase}"
+    body = ", ".join(moved) if moved else "no category changes at the peak"
+    saved = base.bytes - new.bytes
+    effect = ("leaves the peak unchanged" if saved == 0 else f"raises the peak by {format_bytes(-saved)}" if saved < 0
+              else f"saves only {format_bytes(saved)}")
+    return f"{description} {effect}: {body}{where}"
+
+
+def _evaluate(base_inp: EstimateInputs, base_peak: PeakAt, base_costs: StepCosts, usable: int, change: str,
+              description: str, fields: dict[str, Any], n_params: int) -> Change:
+    try:
+        inp = base_inp.with_(**fields)
+        missing = activations_not_estimated(inp, model_shape(inp.model_config, inp.n_params))
+        if missing is not None:
+            return Change(change, description, None, None, None, None, None, "unknown", None, unknown=missing)
+        est = estimate(inp)
+    except MemprofError as e:
+        return Change(change, description, None, None, None, None, None, "unknown", None, unknown=str(e))
+    peak, costs = PeakAt.of(est), step_costs(inp, n_params)
+    saved = base_peak.bytes - peak.bytes
+    why = None
+    # expected of offload: the device's master weights and optimizer state at the peak leave it
+    expected = (base_peak.categories["master_params"] + base_peak.categories["optimizer_state"]
+                if change.startswith("offload_") else 0)
+    if saved <= base_peak.bytes // 100 or saved < 0.9 * expected:  # where the bytes went instead
+        why = _why_not(base_peak, peak, description)
+        if expected:
+            why += (f" (the master weights and optimizer state at the peak are {format_bytes(expected)}; offload keeps "
+                    "DeepSpeed's device-side buffers, and the peak is set by what stays)")
+    return Change(change, description, inp, peak, saved, peak.bytes <= usable, est.host_fits,
+                  _cost_text(base_costs, costs), costs, why_not=why)
+
+
+def _combinations(base: EstimateInputs, max_gpus: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every setup the knobs reach together (stage x offload x checkpointing x micro-batch x precision x GPUs)."""
+    mb, gas = base.micro_batch, base.gradient_accumulation_steps
+    micro = [m for m in range(mb, 0, -1) if mb % m == 0]
+    precisions = [base.precision] + (["bf16"] if base.precision == "fp32" else [])
+    per_node = base.world_size // base.nodes
+    worlds = [base.world_size]
+    while worlds[-1] * 2 <= max_gpus:
+        worlds.append(worlds[-1] * 2)
+    offloads = [("none", "none"), ("cpu", "none"), ("cpu", "cpu")]
+    out = []
+    for stage, (oo, op), ckpt, m, prec, n in itertools.product(range(4), offloads, sorted({base.activation_checkpointing, True}),
+                                                                 micro, precisions, worlds):
+        if (oo != "none" and stage == 0) or (op != "none" and stage != 3):
+            continue
+        fields = {"zero_stage": stage, "zero": replace(base.zero, offload_optimizer=oo, offload_param=op),
+                  "activation_checkpointing": ckpt, "micro_batch": m, "gradient_accumulation_steps": gas * (mb // m),
+                  "precision": prec, "world_size": n, "nodes": n // per_node if n % per_node == 0 else 1}
+        parts = [f"zero_stage={stage}"] + ([f"offload_optimizer={oo}"] if oo != "none" else []) + \
+                ([f"offload_param={op}"] if op != "none" else []) + (["activation_checkpointing=true"] if ckpt else []) + \
+                [f"micro_batch={m},gas={gas * (mb // m)}", f"precision={prec}", f"world_size={n}"]
+        out.append((",".join(parts), fields))
+    return out
+
+
+def _describe(inp: EstimateInputs) -> str:
+    z = inp.zero
+    off = [f"{what} offload" for what, dev in (("optimizer", z.offload_optimizer), ("parameter", z.offload_param)) if dev != "none"]
+    return ", ".join([f"ZeRO-{inp.zero_stage}", *off, *(["checkpointing"] if inp.activation_checkpointing else []),
+                      f"micro-batch {inp.micro_batch} x {inp.gradient_accumulation_steps} steps", inp.precision,
+                      f"{inp.world_size} GPUs"])
+
+
+def _search(base: EstimateInputs, base_peak: PeakAt, base_costs: StepCosts, usable: int, max_gpus: int,
+            n_params: int, advice: Advice) -> None:
+    """The cheapest and runner-up combinations that fit (COST_ORDER), or the closest when none does."""
+    fitting, nearest = [], None
+    for change, fields in _combinations(base, max_gpus):
+        try:
+            inp = base.with_(**fields)
+        except MemprofError:
+            continue
+        advice.evaluations += 1
+        device, host_per_rank = peak_device_and_host_bytes(inp)
+        host_ok = base.host_memory_bytes is None or host_per_rank * (inp.world_size // inp.nodes) <= base.host_memory_bytes
+        costs = step_costs(inp, n_params)
+        if device <= usable and host_ok:
+            changed = sum(getattr(inp, k) != getattr(base, k) for k in _fields_of(base))
+            fitting.append((_cost_key(base_costs, costs, changed), change, inp))
+        elif host_ok and (nearest is None or device < nearest[0]):
+            nearest = (device, change, inp)
+    fitting.sort(key=lambda f: f[0])
+    picks = [_evaluate(base, base_peak, base_costs, usable, change, _describe(inp), _fields_of(inp), n_params)
+             for _, change, inp in fitting[:2]]
+    advice.best = picks[0] if picks else None
+    advice.runner_up = picks[1] if len(picks) > 1 else None
+    if not picks and nearest is not None:
+        advice.closest = _evaluate(base, base_peak, base_costs, usable, nearest[1], _describe(nearest[2]),
+                                   _fields_of(nearest[2]), n_params)
+
+
+def _fields_of(inp: EstimateInputs) -> dict[str, Any]:
+    return {k: getattr(inp, k) for k in ("zero_stage", "zero", "activation_checkpointing", "micro_batch",
+                                         "gradient_accumulation_steps", "precision", "world_size", "nodes")}
+
+
+def advise(base: EstimateInputs, max_gpus: int | None = None) -> Advice:
+    """Evaluate ``base``, every single change, and the combinations; see the module docstring."""
+    if base.gpu_memory_bytes is None:
+        raise MemprofError("advise needs the GPU memory size: pass --gpu-memory, e.g. 80GiB")
+    if base.layout != "deepspeed":
+        raise MemprofError(f"advise works on DeepSpeed's own layout, not --layout {base.layout}: drop --layout")
+    shape = model_shape(base.model_config, base.n_params)
+    missing = activations_not_estimated(base, shape)
+    if missing is not None:
+        raise MemprofError(f"{missing}, so advise cannot tell what fits: pass --model or --model-config of a GPT-2 "
+                           "or Llama-family model")
+    max_gpus = base.world_size if max_gpus is None else max_gpus
+    if max_gpus < base.world_size:
+        raise MemprofError(f"--max-gpus {max_gpus} is below the setup's {base.world_size} GPUs: raise --max-gpus")
+    usable = int(base.gpu_memory_bytes * (1 - base.headroom))
+    est = estimate(base)
+    base_peak, base_costs = PeakAt.of(est), step_costs(base, shape.n_params)
+    smallest_params = min(peak_device_and_host_bytes(base.with_(zero_stage=3, zero=replace(
+        base.zero, offload_optimizer="cpu", offload_param="cpu"), world_size=max_gpus, nodes=1,
+        micro_batch=1, gradient_accumulation_steps=base.gradient_accumulation_steps * base.micro_batch,
+        activation_checkpointing=True))[0], base_peak.bytes)
+    advice = Advice(base, base_peak, usable, base_peak.bytes <= usable, est.host_fits, [], None, None, None, max_gpus)
+    advice.changes = [_evaluate(base, base_peak, base_costs, usable, c, d, f, shape.n_params)
+                      for c, d, f in _single_changes(base, max_gpus)]
+    advice.evaluations = 1 + len(advice.changes)
+    _search(base, base_peak, base_costs, usable, max_gpus, shape.n_params, advice)
+    if advice.base_fits and advice.base_host_fits is not False:  # nothing to change: the recommendation is the setup
+        as_given = _evaluate(base, base_peak, base_costs, usable, "as_given", "the setup as given", {}, shape.n_params)
+        same = advice.best is not None and _fields_of(advice.best.inputs) == _fields_of(base)
+        advice.best, advice.runner_up = as_given, (advice.runner_up if same else advice.best)
+    if advice.best is None and smallest_params > usable:
+        advice.notes.append(f"even ZeRO-3 with both offloads, checkpointing and micro-batch 1 on {max_gpus} GPUs peaks at "
+                            f"{format_bytes(smallest_params)}, over the usable {format_bytes(usable)}")
+    if base.precision != "fp32":
+        advice.notes.append("bf16 instead of fp32: not offered, the setup already computes in " + base.precision)
+    advice.notes.append("LoRA rank / targets: not offered: memprof does not model PEFT adapters yet")
+    return advice

@@ -1,0 +1,424 @@
+"""Model states per rank as DeepSpeed 0.19.8's engine lays them out, ZeRO stage 0 to 3, and what
+each phase adds.
+
+Every term names the DeepSpeed attribute it stands for; ``docs/estimator.md`` gives the file and
+function. All sizes are integer bytes for one rank (``rank`` matters only where partitions are
+uneven: the last rank holds the padding, and a parameter straddling a partition boundary belongs to
+both ranks' gradient bookkeeping).
+"""
+
+from __future__ import annotations
+
+import math
+
+from memprof.dsconfig import ELEMENT_SIZE
+from memprof.estimate.activations import GPT2_MLP_OUT_HOOKS
+from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.layout.partition import (
+    Stage12Grads,
+    stage12_partition,
+    stage12_partition_param_numels,
+    stage12_rank_grads,
+)
+from memprof.estimate.layout.state import (
+    FP32,
+    C,
+    EngineLayout,
+    G,
+    LayoutSetup,
+    M,
+    O,
+    P,
+    StateLayout,
+    accumulate_between_microsteps,
+    optimizer_temporaries,
+)
+from memprof.estimate.optimizers import OPTIMIZER_SPECS, optimizer_state_bytes, uses_deepspeed_adam
+
+FP64 = 8  # deepspeed.runtime.zero.utils.get_norm_dtype(): float64 wherever the accelerator has it (CPU, CUDA)
+
+
+def deepspeed_zero_layout(s: LayoutSetup, out: StateLayout) -> None:
+    """The model states of ``s.rank``: picks the DeepSpeed 0.19.8 code path that
+    ``engine._configure_zero_optimizer`` / ``_configure_fp16_optimizer`` /
+    ``_configure_bf16_optimizer`` would take for these settings, and lays it out."""
+    inp, stage = s.inp, s.inp.zero_stage
+    if stage == 0:
+        _stage0(s, out)
+    elif stage in (1, 2) and inp.zero.offload_optimizer == "cpu":
+        _stage12_offload(s, out)
+    elif stage == 1 and inp.precision == "bf16" and inp.grad_accum_dtype == "fp32":
+        _bf16_optimizer(s, out)
+    elif stage in (1, 2):
+        _stage12(s, out)
+    else:
+        _stage3(s, out)
+
+
+def describe_deepspeed_zero(inp: EstimateInputs) -> str:
+    return (f"DeepSpeed 0.19.8 layout, one parameter group, ZeRO stage {inp.zero_stage}, world size "
+            f"{inp.world_size}, {inp.precision}")
+
+
+def describe_zero_buckets(inp: EstimateInputs) -> str:
+    return (f"reduce_bucket_size {inp.zero.reduce_bucket_size:,} elements, overlap_comm "
+            f"{inp.zero.overlap_comm_for(inp.zero_stage)}, contiguous_gradients {inp.zero.contiguous_gradients}")
+
+
+def _host_bytes(s: LayoutSetup, nbytes: int, pinned: bool) -> int:
+    """Host bytes of one DeepSpeed host allocation. ``get_accelerator().pin_memory`` on CUDA is
+    ``tensor.pin_memory()``, served by PyTorch's CachingHostAllocator, which rounds every request
+    up to the next power of two (torch/include/ATen/core/CachingHostAllocator.h ``allocate``:
+    ``c10::llvm::PowerOf2Ceil(size)`` below ``pinned_max_round_threshold``, unlimited by default,
+    c10/core/AllocatorConfig.h). The CPU accelerator's pin_memory page-locks nothing and rounds
+    nothing. Not measured on a GPU."""
+    if not pinned or s.device_type != "cuda" or nbytes <= 0:
+        return nbytes
+    return 1 << (nbytes - 1).bit_length()
+
+
+def _stage2_after_mlp_out_hooks(s: LayoutSetup, n_hooks: int) -> tuple[bool, int]:
+    """ZeRO-2 (contiguous_gradients) after the first ``n_hooks`` gradient hooks of backward, in
+    reverse parameter order: (whether this rank's ``grads_in_partition`` is allocated by then,
+    elements of an oversized gradient still waiting outside the bucket).
+
+    stage_1_and_2.py (0.19.8): each hook (reduce_independent_p_g_buckets_and_remove_grads, :1414)
+    first reduces the bucket when ``bucket.elements + param.numel() > reduce_bucket_size`` (:1422,
+    reduce_ipg_grads :2205); the reduction calls copy_grads_in_partition (:2270) for every bucket
+    param in this rank's partition, and its first call allocates ``grads_in_partition`` for every
+    param touching the partition (:2187-2194). A param larger than the bucket is not copied into it
+    (:1443, extra_large_param_to_reduce): its gradient stays a tensor of its own until the next
+    hook reduces it. So with a bucket smaller than the params, the ranks owning the model's last
+    params (in backward order, the first reduced) hold their whole gradient partition while the
+    last block's activations are still alive; the others allocate it only deep in backward."""
+    rbs = s.inp.zero.reduce_bucket_size
+    cum, total = s.shape.prefix_sums, s.shape.prefix_sums[-1]
+    _, part, _ = stage12_partition(s.shape, s.N, s.rank)
+    start, end = part * s.rank, min(part * (s.rank + 1), total)
+
+    def in_partition(i: int) -> bool:  # get_partition_info: the param overlaps [start, end)
+        return cum[i] < end and cum[i + 1] > start
+
+    elements, bucket, allocated, pending = 0, [], False, 0
+    for i in list(reversed(range(len(s.numels))))[:n_hooks]:
+        n = s.numels[i]
+        if elements + n > rbs:
+            allocated = allocated or any(in_partition(j) for j in bucket)
+            elements, bucket, pending = 0, [], 0
+        if n > rbs:
+            pending = n
+        bucket.append(i)
+        elements += n
+    return allocated, pending
+
+
+def _stage0(s: LayoutSetup, out: StateLayout) -> None:
+    """ZeRO-0: the engine's own optimizer (runtime/engine.py ``_configure_basic_optimizer``), under
+    ``FP16_Optimizer`` (fp16/fused_optimizer.py, FusedAdam) or ``FP16_UnfusedOptimizer``
+    (fp16/unfused_optimizer.py, any other) in bf16/fp16 (``_do_optimizer_sanity_check`` /
+    ``_configure_fp16_optimizer``); gradients are all-reduced by ``buffered_allreduce_fallback``."""
+    inp, e, total = s.inp, s.e, s.total
+    out.add("device", P, total * e)
+    if e < FP32:
+        # engine._do_optimizer_sanity_check: bf16/fp16 at stage 0 -> FP16_Optimizer (FusedAdam) or
+        # FP16_UnfusedOptimizer (any other): fp32 copies of every param, per tensor or flat
+        out.add("device", M, total * FP32)
+        out.notes.append("stage 0 with bf16/fp16: DeepSpeed's FP16_Optimizer keeps an fp32 master copy of every parameter (4 bytes/param)")
+    out.add("device", O, optimizer_state_bytes(inp.optimizer, total, len(s.numels), step_tensors=s.step_tensors))
+    # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
+    # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
+    out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0}
+    temporaries = optimizer_temporaries(inp, s.largest, total, s.device_type, s.numels)
+    if e < FP32 and uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
+        # FP16_Optimizer.step (fp16/fused_optimizer.py:284): _flatten_dense_tensors over a list
+        # of p.grad.to(fp32) copies, so the per-parameter fp32 copies (4P) and the flat fp32
+        # gradient (4P) are alive together beside the bf16/fp16 grads (eP); then `p.grad = None`
+        # and FusedAdam steps from the flat fp32 gradient
+        flatten = {G: total * e + 2 * total * FP32}
+        in_optimizer = {G: total * FP32, O: temporaries}
+        out.step_moments = [flatten, in_optimizer]
+    else:
+        # step: param.grad (e) and, in bf16/fp16, the fp32 master grads; the optimizer's temporaries
+        grads = total * e + (total * FP32 if e < FP32 else 0)
+        out.step_moments = [{G: grads, O: temporaries}]
+    # engine.backward calls allreduce_gradients only at the boundary, and zero_grad runs in
+    # engine.step's boundary branch: every param.grad (e*P) is alive between micro-steps
+    accumulate_between_microsteps(s, out, {G: total * e}, same_at_end=(G,), how="every param.grad (e*P)")
+
+def _stage12_resident(s: LayoutSetup, out: StateLayout, opt_loc: str, pinned: bool = False) -> int:
+    """What every ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer.__init__``, stage_1_and_2.py, and
+    ``BF16_Optimizer.__init__``, bf16_optimizer.py) keeps for the run: the padded flat low-precision
+    group, this rank's fp32 master partition and the inner optimizer's state for it. Returns the
+    partition's numel."""
+    inp, e = s.inp, s.e
+    padded, part, _ = stage12_partition(s.shape, s.N, s.rank)
+    out.add("device", P, padded * e)  # bit16_groups_flat (fp32 in fp32 mode), padding included
+    out.add(opt_loc, M, _host_bytes(s, part * FP32, pinned))  # single_partition_of_fp32_groups (pinned: :565)
+    out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part, 1, step_tensors=s.step_tensors))
+    return part
+
+
+def _stale_adagrad_state(s: LayoutSetup, out: StateLayout) -> None:
+    """State an optimizer created in its constructor, left on the engine's original instance.
+
+    engine._configure_basic_optimizer builds the torch optimizer over the model's parameters after
+    _configure_distributed_model has cast them to the model dtype. Of the zoo only torch Adagrad
+    creates its state there (adagrad.py ``__init__``: ``sum = torch.full_like(p, ...)``, so in
+    p's dtype: bf16/fp16 in mixed precision; ``step = torch.zeros((), dtype=_get_scalar_dtype())``,
+    4 bytes fp32 per tensor); the others create it lazily in ``step()``, on the fp32 partitions the
+    ZeRO optimizer hands them. stage_1_and_2.py:946 builds a new Adagrad over the fp32 partitions,
+    but engine.basic_optimizer keeps the original one alive with that full-size ``sum``."""
+    spec = OPTIMIZER_SPECS[s.inp.optimizer]
+    if spec.lazy:
+        return
+    out.add("device", O, optimizer_state_bytes(s.inp.optimizer, s.total, len(s.numels), state_bytes_per_element=s.e))
+    out.notes.append(f"ZeRO-1/2 {spec.torch_class}: the engine's original optimizer stays alive with its "
+                     f"constructor-made full-size state in the model dtype ({s.e}P + 4 per tensor)")
+
+
+def _bf16_optimizer(s: LayoutSetup, out: StateLayout) -> None:
+    """ZeRO-1 + bf16 + ``data_types.grad_accum_dtype: fp32``: ``BF16_Optimizer``
+    (runtime/bf16_optimizer.py; engine._do_optimizer_sanity_check picks it)."""
+    inp, e = s.inp, s.e
+    part = _stage12_resident(s, out, "device")
+    _stale_adagrad_state(s, out)
+    padded, _, _ = stage12_partition(s.shape, s.N, s.rank)
+    # fp32_groups_gradients_flat: one fp32 gradient per element of the whole (padded) group, kept for the run
+    out.add("device", G, padded * FP32)
+    out.notes.append("ZeRO-1 + bf16 + fp32 gradient accumulation: BF16_Optimizer keeps fp32 gradients of the whole group (4 bytes/param)")
+    # BF16_Optimizer has no IPG buckets: backward_epilogue adds every param's bf16 .grad into
+    # the kept fp32 gradients and leaves the bf16 grads allocated through step() (the
+    # engine's zero_grad frees them after it); the optimizer steps the fp32 partition in place.
+    lp_grads = {G: s.total * e}
+    out.backward_end_extra = lp_grads
+    out.step_moments = [{**lp_grads, O: optimizer_temporaries(inp, part, part, s.device_type)}]
+    # the bf16 .grads accumulate in place until the boundary's backward_epilogue (measured: +e*P
+    # between micro-steps on gpt2-tiny, 2 CPU ranks)
+    accumulate_between_microsteps(s, out, lp_grads, same_at_end=(G,), how="every bf16 param.grad (e*P)")
+
+
+def _reduce_buckets(s: LayoutSetup) -> int:
+    """``setup_buckets`` (stage_1_and_2.py) allocates the ipg buffer(s) at the first gradient hook,
+    while activations live: ``reduce_bucket_size`` elements, two with ``overlap_comm``."""
+    z = s.inp.zero
+    if not z.contiguous_gradients:
+        return 0
+    return z.reduce_bucket_size * s.e * (2 if z.overlap_comm_for(s.inp.zero_stage) else 1)
+
+
+def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
+    """ZeRO-1/2 + ``offload_optimizer: cpu`` (stage_1_and_2.py, the ``cpu_offload`` branches):
+    fp32 master, its gradient partition and the optimizer state on the host, DeepSpeedCPUAdam (or
+    the torch optimizer) stepping there in place."""
+    inp, e, stage = s.inp, s.e, s.inp.zero_stage
+    pinned = inp.zero.offload_optimizer_pin_memory  # cpu_offload_pin_memory
+    part = _stage12_resident(s, out, "host", pinned)
+    # initialize_optimizer_states: the fp32 partition's .grad stays allocated on the host (:940);
+    # param_buffer_of_bit16_for_cpu_offload_groups (e*p, host, :572);
+    # temp_grad_buffer_for_cpu_offload (host, :657) and _for_gpu_offload (device): largest param x e;
+    # each pinned with offload_optimizer.pin_memory (the optimizer state, made by the optimizer, is not)
+    out.add("host", G, _host_bytes(s, part * FP32, pinned))
+    out.add("host", C, _host_bytes(s, part * e, pinned) + _host_bytes(s, s.largest * e, pinned))
+    out.add("device", C, s.largest * e)
+    out.notes.append("offload_optimizer cpu: fp32 master, its gradient partition and optimizer state live on the host")
+    if inp.grad_accum_dtype == "fp32" and e < FP32:
+        out.notes.append(_APPROXIMATE_FP32_ACCUMULATION)
+    buckets = _reduce_buckets(s)
+    out.backward_extra = {C: buckets}
+    # stage 1 keeps every param.grad until the epilogue; stage 2 copies each reduced gradient
+    # straight into the host fp32 partition (async_inplace_copy_grad_to_fp32_buffer_from_gpu)
+    grads_end = s.total * e if stage == 1 else 0
+    out.backward_end_extra = {G: grads_end, C: buckets}
+    out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
+    if inp.gradient_accumulation_steps > 1:
+        if stage == 1:
+            # as on the device; and no host accumulation buffer: without a non-boundary epilogue
+            # ready_for_gradients stays set, so setup_buckets (:3256) raises micro_step_id once per
+            # window and the boundary's copy_grads_in_partition sees 0 (:2166; measured: none)
+            _stage1_accumulation(s, out, buckets)
+        else:
+            # copy_grads_in_partition (stage_1_and_2.py:2166): reducing at every micro-step (stage 2),
+            # a non-boundary micro-step keeps each partition param's reduced gradient in
+            # accumulated_grads_in_cpu (async_accumulate_grad_in_cpu_via_gpu, :1809): the whole
+            # param (param.numel()) in the model dtype on the host (pinned with
+            # offload_optimizer.pin_memory), kept for the run; accumulate_gradients adds it back
+            # into the device gradient through temp_grad_buffer_for_gpu_offload (no new device bytes)
+            out.add("host", G, sum(_host_bytes(s, n * e, pinned)
+                                   for n in stage12_partition_param_numels(s.shape, s.N, s.rank)))
+            accumulate_between_microsteps(s, out, {}, how="on the device nothing (the host keeps accumulated_grads_in_cpu, "
+                                        "the partition's params whole in the model dtype)")
+
+
+_APPROXIMATE_FP32_ACCUMULATION = (
+    "fp32 gradient accumulation with fp16/bf16 weights here (stage 1 fp16, or offload) takes "
+    "DeepSpeed's compact fp32 gradient-buffer path, modelled only for ZeRO-2 without offload: "
+    "backward/step peaks are approximate")
+
+
+def _stage12(s: LayoutSetup, out: StateLayout) -> None:
+    """ZeRO-1/2 on the device (``DeepSpeedZeroOptimizer``, stage_1_and_2.py): gradients reduced
+    through the ipg buckets into ``grads_in_partition`` (or the compact fp32 partition buffer),
+    ``step()`` flattening this rank's pieces into the master's fp32 gradient."""
+    inp, e, stage = s.inp, s.e, s.inp.zero_stage
+    part = _stage12_resident(s, out, "device")
+    _stale_adagrad_state(s, out)
+    buckets = _reduce_buckets(s)
+    out.backward_extra = {C: buckets}
+    rank_grads = stage12_rank_grads(s.shape, s.N, s.rank)
+    fp32_accumulation = inp.grad_accum_dtype == "fp32" and e < FP32
+    if fp32_accumulation and stage == 2:
+        _stage2_compact_fp32_grads(s, out, part, rank_grads)
+        return
+    if fp32_accumulation:
+        out.notes.append(_APPROXIMATE_FP32_ACCUMULATION)
+    pad = rank_grads.pad * e  # the last rank's zero tail
+    if stage == 1:
+        grads_end = s.total * e  # stage 1 keeps every param.grad until the epilogue
+    else:
+        grads_end = rank_grads.held * e if inp.zero.contiguous_gradients else 0  # grads_in_partition
+    out.backward_end_extra = {G: grads_end + pad, C: buckets}
+    if stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings:
+        # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)
+        allocated, pending = _stage2_after_mlp_out_hooks(s, GPT2_MLP_OUT_HOOKS)
+        out.backward_after_mlp_out_hooks_extra = {G: (grads_end + pad if allocated else 0) + pending * e, C: buckets}
+    # step() (stage_1_and_2.py:3013) with the grads of every param touching the partition
+    # still held (averaged_gradients views of grads_in_partition, + the zero tail):
+    # (1) scaled_global_norm -> get_grad_norm_direct (:2684): a float64 copy of one piece at
+    #     a time (compute_grad_norm is on unless the config turns it off);
+    # (2) flatten(averaged_gradients) (e*p, :3117) and its .to(fp32) (:3119; the same
+    #     tensor in fp32 mode) for the master's .grad;
+    # (3) `del flat_grad_partition` and free_grad_in_param_list(params_in_partition) drop
+    #     the low-precision copies before _optimizer_step, where the optimizer's
+    #     temporaries join the fp32 gradient.
+    held = rank_grads.held * e + pad
+    norm = {G: held + rank_grads.largest_piece * FP64}
+    flatten = {G: held + part * e + (part * FP32 if e < FP32 else 0)}
+    in_optimizer = {G: part * FP32, O: optimizer_temporaries(inp, part, part, s.device_type)}
+    out.step_moments = [norm, flatten, in_optimizer]
+    if stage == 1:
+        _stage1_accumulation(s, out, buckets)
+    else:
+        # stage 2 reduces at every micro-step: a non-boundary epilogue keeps the reduced grads of
+        # the partition's params (get_all_grad_tensors -> all_grad_tensors, views of that
+        # micro-step's grads_in_partition, :1037) and the next micro-step's copy_grads_in_partition
+        # allocates a new grads_in_partition beside them (:2184); the boundary's epilogue adds the
+        # new into the old (:1044) and step() flattens the old
+        accumulate_between_microsteps(s, out, {G: rank_grads.held * e},
+                    how="the partition params' reduced gradients (all_grad_tensors, e x their numel)")
+
+
+def _stage1_accumulation(s: LayoutSetup, out: StateLayout, buckets: int) -> None:
+    """ZeRO-1 (partition_gradients off) reduces only at the boundary
+    (reduce_ready_partitions_and_remove_grads, stage_1_and_2.py:2291) and the engine calls the
+    epilogue only there: a non-boundary micro-step's param.grads (e*P) stay and accumulate in
+    place, and the ipg buckets setup_buckets (:3256) allocated at its first hook are not released
+    (_release_ipg_buffers runs in the epilogue). At the boundary the same buckets are reused."""
+    accumulate_between_microsteps(s, out, {G: s.total * s.e, C: buckets}, same_at_hook=(C,), same_at_end=(G, C),
+                how="every param.grad (e*P) and the reduce buckets")
+
+
+def _stage2_compact_fp32_grads(s: LayoutSetup, out: StateLayout, part: int, rank_grads: Stage12Grads) -> None:
+    """ZeRO-2 + bf16/fp16 + fp32 gradient accumulation: ``_use_compact_grad_partition_buffer``
+    (stage_1_and_2.py:1259): gradients accumulate into one fp32 buffer of this rank's partition
+    (torch.zeros(partition_size), :1270) instead of grads_in_partition; the reduce buckets are gone
+    by backward's end; step() takes the buffer as its flat fp32 gradient (no flatten, no copy) after
+    the norm's fp64 copy of one piece at a time. Measured on gpt2-tiny, 2 CPU ranks: exact."""
+    compact_grads = {G: part * FP32}
+    out.backward_end_extra = compact_grads
+    norm = {G: part * FP32 + rank_grads.largest_piece * FP64}
+    in_optimizer = {**compact_grads, O: optimizer_temporaries(s.inp, part, part, s.device_type)}
+    out.step_moments = [norm, in_optimizer]
+    out.notes.append("ZeRO-2 + fp32 gradient accumulation: gradients accumulate in an fp32 partition buffer (4 bytes/param / N)")
+    # the compact buffer lives from the first reduction to the boundary's step: between micro-steps too
+    accumulate_between_microsteps(s, out, compact_grads, same_at_end=(G,), how="the fp32 gradient-partition buffer (4 bytes/param / N)")
+
+
+def _stage3(s: LayoutSetup, out: StateLayout) -> None:
+    """ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``, runtime/zero/stage3.py; parameters partitioned by
+    ``zero.Init`` / partition_parameters.py), with ``offload_optimizer`` and ``offload_param``
+    cpu moving the fp32 states / the partitions to the host."""
+    inp, e, N, total, largest = s.inp, s.e, s.N, s.total, s.largest
+    shape, z = s.shape, s.inp.zero
+    part_total = shape.stage3_partition_numel(N)  # S
+    thr = min(z.param_persistence_threshold, z.model_persistence_threshold)
+    # With one rank nothing is gathered into a new buffer: all_gather_coalesced /
+    # _allgather_params_coalesced take _no_gather_coalesced when every param's partition world
+    # size is 1, and NoGatherHandle sets ``param.data = param.ds_tensor.data.to(same device)``, a
+    # view (partition_parameters.py:61, :904, :1545). Persistent or fetched, a gathered param
+    # then costs no byte beyond its partition.
+    single_rank = N == 1
+    persistent = 0 if single_rank else shape.persistent_gathered_numel(thr, N)  # G
+    off_opt = z.offload_optimizer == "cpu"
+    off_par = z.offload_param == "cpu"
+    par_loc = "host" if off_par else "device"
+    opt_loc = "host" if off_opt else "device"
+    ge = ELEMENT_SIZE[inp.grad_accum_dtype or inp.precision]  # gradient_accumulation_dtype
+    # ds_tensor partitions (fp16_partitioned_groups_flat; offloaded: param_groups_fp16_flat_cpu_memory, pinned, stage3.py:906)
+    out.add(par_loc, P, _host_bytes(s, part_total * e, z.offload_param_pin_memory) if off_par else part_total * e)
+    out.add("device", P, persistent * e)  # persistent params stay gathered (ds_persist), numel rounded up to N
+    # fp32_partitioned_groups_flat: a separate fp32 copy even for an fp32 model, because the
+    # share-the-buffer test in _create_fp32_partitions (stage3.py:1162) compares a torch.device
+    # with a device-name string and never holds
+    out.add(opt_loc, M, part_total * FP32)
+    n_sub = max(1, math.ceil(part_total / max(1, z.sub_group_size)))
+    largest_sub = min(part_total, max(1, z.sub_group_size))
+    out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part_total, n_sub, step_tensors=s.step_tensors))
+    # grad_partitions_flat_buffer, in gradient_accumulation_dtype (on the host under optimizer
+    # offload, pinned with offload_optimizer.pin_memory: stage3.py:795)
+    pin_opt = off_opt and z.offload_optimizer_pin_memory
+    out.add(opt_loc, G, _host_bytes(s, part_total * ge, pin_opt) if off_opt else part_total * ge)
+    if off_opt:
+        # initialize_optimizer_states (stage3.py:1338): each sub-group's fp32 master also keeps an
+        # fp32 .grad buffer (subgroup_gradient_buffer, pinned the same way) on the host for the run
+        subs = [largest_sub] * (n_sub - 1) + [part_total - largest_sub * (n_sub - 1)]
+        out.add("host", G, sum(_host_bytes(s, n * FP32, pin_opt) for n in subs if n > 0))
+    if z.contiguous_gradients:
+        out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept
+    gathered, how = _stage3_gathered(s, thr, single_rank)
+    out.forward_extra = {P: gathered * e}
+    out.backward_extra = {P: gathered * e, G: largest * e}
+    out.backward_end_extra = {}
+    if off_opt:
+        # DeepSpeedCPUAdam updates the host partitions in place
+        out.step_moments = [{}]
+    else:
+        # step(): _partition_all_parameters releases the gathered persistent params (until
+        # _post_step gathers them again); _prepare_fp32_grad_for_sub_group flattens the gradient
+        # partition (ge*S) and .to(fp32) copies it (the same tensor in fp32); the flat copy dies
+        # before _optimizer_step, where the optimizer's temporaries join the fp32 gradient
+        release = -persistent * e
+        to_fp32 = {P: release, G: largest_sub * ge + (largest_sub * FP32 if ge < FP32 else 0)}
+        in_optimizer = {P: release, G: largest_sub * FP32,
+                        O: optimizer_temporaries(inp, largest_sub, largest_sub, s.device_type)}
+        out.step_moments = [to_fp32, in_optimizer]
+    # the gradient partitions (grad_partitions_flat_buffer) are at rest already; a micro-step
+    # after the first adds into them in place (stage3.py:2024, `micro_step_id == 0` copies)
+    accumulate_between_microsteps(s, out, {}, how="on the device nothing beyond the run-long gradient partitions")
+    out.notes.append(
+        f"stage 3: {shape.persistent_numel(thr):,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
+        f"gathered when forward ends: {gathered:,} of {total - shape.persistent_numel(thr):,} non-persistent elements " + how
+    )
+
+
+def _stage3_gathered(s: LayoutSetup, thr: int, single_rank: bool) -> tuple[int, str]:
+    """Gathered non-persistent params when forward ends (steady state), and how that was found:
+    replayed from the coordinator's fetch / prefetch / release rules
+    (model_shapes.stage3_gathered_after_forward). A bare count has no modules: the params within
+    stage3_max_reuse_distance / 2 of forward's end stay, plus the largest param and the prefetch
+    window (stage3_prefetch_bucket_size, capped by stage3_max_live_parameters,
+    partitioned_param_coordinator.py:452)."""
+    shape, z = s.shape, s.inp.zero
+    non_persistent = s.total - shape.persistent_numel(thr)
+    replayed = shape.stage3_gathered_after_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
+                                                   z.max_live_parameters)
+    if single_rank:
+        return 0, "(world size 1: a gathered param is a view of its own partition, no extra bytes)"
+    if replayed is not None:
+        return replayed, "(replayed from the parameter coordinator's fetch/prefetch/release rules)"
+    retained = shape.stage3_retained_numel(thr, z.max_reuse_distance)
+    window = s.largest + min(z.prefetch_bucket_size, max(0, z.max_live_parameters - retained))
+    gathered = retained + min(non_persistent - retained, window)
+    return gathered, f"({retained:,} within stage3_max_reuse_distance / 2 of forward's end + largest param and prefetch window)"
+
+
+DEEPSPEED_ZERO_LAYOUT = EngineLayout(deepspeed_zero_layout, describe_deepspeed_zero, describe_zero_buckets)

@@ -1,0 +1,150 @@
+"""What every engine's layout writes (``StateLayout``) and reads (``LayoutSetup``), and the rules
+that hold whatever the engine: the torch optimizer's step temporaries and what gradient
+accumulation keeps alive between micro-steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from memprof.categories import Category
+from memprof.dsconfig import ELEMENT_SIZE  # bytes per element, defined once (memprof.dsconfig)
+from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.model_shapes import ModelShape
+from memprof.estimate.optimizers import (
+    keeps_step_tensors,
+    single_tensor_temporaries,
+    temporary_outlives_its_tensor,
+)
+
+FP32 = 4
+
+P, M, G, O, C = (Category.PARAMS.value, Category.MASTER_PARAMS.value, Category.GRADS.value,
+                 Category.OPTIMIZER_STATE.value, Category.COMM_BUFFERS.value)
+
+
+@dataclass
+class StateLayout:
+    """Model states of one rank: at rest by location, and what each phase adds on the device."""
+
+    rest: dict[str, dict[str, int]] = field(default_factory=lambda: {"device": {}, "host": {}})
+    # extra model-state bytes alive at each phase's peak, beyond ``rest`` (device only)
+    forward_extra: dict[str, int] = field(default_factory=dict)
+    backward_extra: dict[str, int] = field(default_factory=dict)
+    backward_end_extra: dict[str, int] = field(default_factory=dict)  # at the end of backward
+    # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
+    # Activations.after_mlp_out_hooks); empty where not modelled (deepspeed_zero._stage2_after_mlp_out_hooks)
+    backward_after_mlp_out_hooks_extra: dict[str, int] = field(default_factory=dict)
+    # candidate moments of the step phase, each as device bytes beyond ``rest`` (may be negative:
+    # ZeRO-3 releases the gathered persistent params for the step); the phase peak is the largest
+    step_moments: list[dict[str, int]] = field(default_factory=list)
+    # gradient accumulation (gradient_accumulation_steps > 1): device bytes beyond ``rest`` alive
+    # from a non-boundary micro-step's backward to the boundary's reduction
+    # (see accumulate_between_microsteps)
+    between_microsteps: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, where: str, category: str, nbytes: int) -> None:
+        self.rest[where][category] = self.rest[where].get(category, 0) + int(nbytes)
+
+
+@dataclass(frozen=True)
+class LayoutSetup:
+    """What every layout function reads: the inputs and the model, resolved once."""
+
+    inp: EstimateInputs
+    shape: ModelShape
+    rank: int
+    device_type: str
+    e: int  # bytes per element of the model dtype
+    N: int  # world size
+    total: int  # parameters
+    largest: int  # largest parameter tensor (0 for a bare parameter count: unknown)
+    step_tensors: bool  # the optimizer keeps a 4-byte step tensor per optimized tensor
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return self.shape.param_numels
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """One engine's entry in ``memprof.estimate.layout.LAYOUT_BY_ENGINE``."""
+
+    lay_out: Callable[[LayoutSetup, StateLayout], None]  # fills one rank's StateLayout
+    # the estimate's assumptions naming the layout, and the gradient buckets it was given
+    layout_assumption: Callable[[EstimateInputs], str]
+    buckets_assumption: Callable[[EstimateInputs], str]
+
+
+def layout_setup(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> LayoutSetup:
+    """The inputs and the model, resolved once for one rank's layout."""
+    return LayoutSetup(
+        inp, shape, rank, device_type, e=ELEMENT_SIZE[inp.precision], N=inp.world_size, total=shape.n_params,
+        # a bare parameter count has no per-tensor shapes: the largest tensor (stage-3 gather unit,
+        # offload staging buffers) is unknown and taken as 0, and said so
+        largest=shape.largest_param if shape.n_tensors > 1 else 0,
+        step_tensors=keeps_step_tensors(inp.optimizer, inp.torch_adam),
+    )
+
+
+def optimizer_temporaries(
+    inp: EstimateInputs, tensor_numels_largest: int, total_numel: int, device_type: str,
+    tensor_numels: Sequence[int] | None = None,
+) -> int:
+    """Bytes of the torch optimizer's temporaries at their peak inside ``step()`` (fp32 state).
+
+    CPU tensors take the single-tensor loop: ``k`` temporaries the size of one tensor at a time,
+    so the largest tensor counts (under ZeRO the inner optimizer holds one flat partition). Where
+    the loop's result outlives its tensor (optimizers.temporary_outlives_its_tensor) and the
+    optimizer steps several tensors (``tensor_numels``, in the optimizer's order), the previous
+    tensor's temporary is alive too: max over i of numel[i-1] + k * numel[i]. CUDA tensors take
+    foreach (``_multi_tensor_adam``: ``_foreach_sqrt`` over the whole list, divided and shifted in
+    place): one temporary the size of everything the optimizer steps at once.
+    DeepSpeed's FusedAdam / CPUAdam: none (see optimizers.single_tensor_temporaries).
+    """
+    k = single_tensor_temporaries(inp.optimizer, inp.torch_adam)
+    if device_type != "cpu":
+        return (1 if k else 0) * total_numel * FP32
+    peak = k * tensor_numels_largest
+    if tensor_numels and temporary_outlives_its_tensor(inp.optimizer, inp.torch_adam):
+        peak = max([peak] + [prev + k * cur for prev, cur in zip(tensor_numels, tensor_numels[1:])])
+    return peak * FP32
+
+
+def plus(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """``a + b`` by category."""
+    out = dict(a)
+    for cat, n in b.items():
+        out[cat] = out.get(cat, 0) + n
+    return out
+
+
+def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dict[str, int],
+                                  same_at_hook: tuple[str, ...] = (), same_at_end: tuple[str, ...] = (),
+                                  how: str = "") -> None:
+    """Gradient accumulation (``gradient_accumulation_steps`` k > 1): the engine calls the
+    optimizer's reduction / epilogue and ``step()`` only at the boundary (DeepSpeed:
+    ``engine.is_gradient_accumulation_boundary``, every k-th micro-step), so what a non-boundary
+    micro-step's backward leaves behind (``between``: device bytes beyond ``rest``) is alive
+    through the next micro-step's forward and backward. The worst micro-step of a steady cycle is
+    the last one (the boundary): its forward and backward start carry ``between``; its first
+    gradient hook and backward's end carry it too, except the categories named in
+    ``same_at_hook`` / ``same_at_end``, whose storage is the one already counted there (e.g.
+    ``param.grad``, which autograd's AccumulateGrad adds into in place). A non-boundary
+    micro-step's step phase holds ``rest + between`` (engine.step does nothing else there)."""
+    if s.inp.gradient_accumulation_steps <= 1:
+        return
+    between = {cat: n for cat, n in between.items() if n}
+    out.between_microsteps = between
+    out.forward_extra = plus(out.forward_extra, between)
+    out.backward_extra = plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
+    out.backward_end_extra = plus(out.backward_end_extra, {c: n for c, n in between.items() if c not in same_at_end})
+    if out.backward_after_mlp_out_hooks_extra:
+        out.backward_after_mlp_out_hooks_extra = plus(
+            out.backward_after_mlp_out_hooks_extra, {c: n for c, n in between.items() if c not in same_at_hook})
+    out.step_moments = [*out.step_moments, dict(between)]
+    out.notes.append(f"gradient accumulation over {s.inp.gradient_accumulation_steps} micro-steps: "
+                     f"{how or 'nothing beyond the run-long state'} stays alive between micro-steps; "
+                     "peaks are those of the cycle's boundary micro-step")
