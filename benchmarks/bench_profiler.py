@@ -9,7 +9,7 @@ interleaved round by round (the order rotates each round) so drifting machine lo
   allocation tracking alone (on CPU its compiled allocator hook, memprof/measure/native/);
 * ``profiler``       -- memprof's full API: tracking plus the per-phase bookkeeping (ownership walk,
   relabelling, RSS, one record per step);
-* ``profiler_dispatch`` -- the same on the dispatch-mode tracker (memprof/measure/tracker.py, the
+* ``profiler_dispatch`` -- the same on the dispatch-mode tracker (memprof/measure/dispatch_tracker.py, the
   fallback where the hook cannot be built: ``MEMPROF_CPU_TRACKER=dispatch``);
 * ``memtracker``     -- PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` (a
   TorchDispatchMode with module hooks), model and optimizer registered with ``track_external``,
@@ -49,7 +49,7 @@ import torch
 
 from memprof.measure import MemoryProfiler, native
 from memprof.models import preset_config
-from memprof.runfile import write_text_atomic
+from memprof.run.files import write_text_atomic
 
 MODES = ("baseline", "tracking", "profiler", "profiler_dispatch", "memtracker", "torch_profiler")
 
@@ -146,8 +146,8 @@ def per_op_costs(n: int = 20000, rounds: int = 5) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from memprof.measure.native_tracker import NativeAllocationTracker
-    from memprof.measure.tracker import AllocationTracker
+    from memprof.measure.allocation_hook_tracker import NativeAllocationTracker
+    from memprof.measure.dispatch_tracker import AllocationTracker
 
     class EmptyMode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]

@@ -35,7 +35,7 @@ from make_report_fixtures import synthetic_run  # noqa: E402
 from memprof.cli import main as memprof_main  # noqa: E402
 from memprof.report import collector_paused, write_report  # noqa: E402
 from memprof.report.render import plotly_js  # noqa: E402
-from memprof.runfile import load_run, write_json_atomic  # noqa: E402
+from memprof.run.files import load_run, write_json_atomic  # noqa: E402
 
 BUILD_TARGET_S = 2.0
 

@@ -30,6 +30,12 @@ class Category(str, Enum):
     OTHER = "other"
     """Measured total minus every category above: never dropped, never negative."""
 
+    @property
+    def is_model_state(self) -> bool:
+        """params, master_params, grads or optimizer_state: the states the model and its optimizer
+        hold whatever the batch (what ZeRO partitions), as opposed to buffers and activations."""
+        return self in (Category.PARAMS, Category.MASTER_PARAMS, Category.GRADS, Category.OPTIMIZER_STATE)
+
 
 class Location(str, Enum):
     """Where a byte lives. ``device`` is the memory the model computes in (the GPU; on a CPU-only
@@ -47,15 +53,11 @@ class Phase(str, Enum):
     STEP = "step"
 
 
+# The enums' values in their order, for code that indexes or iterates plain strings (breakdown keys).
 CATEGORIES: tuple[str, ...] = tuple(c.value for c in Category)
 LOCATIONS: tuple[str, ...] = tuple(loc.value for loc in Location)
 PHASES: tuple[str, ...] = tuple(p.value for p in Phase)
-MODEL_STATE_CATEGORIES: tuple[str, ...] = (
-    Category.PARAMS.value,
-    Category.MASTER_PARAMS.value,
-    Category.GRADS.value,
-    Category.OPTIMIZER_STATE.value,
-)
+MODEL_STATE_CATEGORIES: tuple[str, ...] = tuple(c.value for c in Category if c.is_model_state)
 
 Breakdown = dict[str, dict[str, int]]
 """``{location: {category: bytes}}``, every location and category present."""
@@ -71,11 +73,3 @@ def breakdown_total(breakdown: Breakdown, location: str | None = None) -> int:
     locations = LOCATIONS if location is None else (location,)
     return sum(int(v) for loc in locations for v in breakdown.get(loc, {}).values())
 
-
-def add_breakdowns(a: Breakdown, b: Breakdown) -> Breakdown:
-    """Element-wise sum of two breakdowns."""
-    out = empty_breakdown()
-    for loc in LOCATIONS:
-        for cat in CATEGORIES:
-            out[loc][cat] = int(a.get(loc, {}).get(cat, 0)) + int(b.get(loc, {}).get(cat, 0))
-    return out

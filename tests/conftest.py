@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from memprof.run.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 from memprof.train.deepspeed_ops import use_venv_extensions_dir
-from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 
 SHM_AT_START = pytest.StashKey[str]()
 

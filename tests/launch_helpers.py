@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from memprof.train.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
+from memprof.run.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 from memprof.train.ports import free_local_port as free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def run_group(cmd: Sequence[str], *, timeout: float, **kwargs: Any) -> subproces
 
 
 def leaked_shm_segments(port: int) -> list[str]:
-    """DeepSpeed CPU shm segments still in /dev/shm for a launch on ``port`` (see memprof.train.deepspeed_shm)."""
+    """DeepSpeed CPU shm segments still in /dev/shm for a launch on ``port`` (see memprof.run.deepspeed_shm)."""
     if not SHM_DIR.is_dir():
         return []
     return sorted(p.name for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}_*_{port}_*"))

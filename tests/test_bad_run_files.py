@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memprof.categories import PHASES, empty_breakdown
-from memprof.runfile import SCHEMA_VERSION, write_json_atomic
+from memprof.run.files import SCHEMA_VERSION, write_json_atomic
 
 MEMPROF = [sys.executable, "-m", "memprof"]
 

@@ -1,4 +1,4 @@
-"""The command-line plumbing every memprof command shares (memprof/cli/parser.py, memprof/cli/__init__.py):
+"""The command-line plumbing every memprof command shares (memprof/argparsing.py, memprof/cli/__init__.py):
 bad flags are one line and exit 2 for the `memprof` subcommands and launch/train.py alike, one
 positive-integer flag type, and the top-level usage built from the subcommand modules."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memprof import cli
-from memprof.cli.parser import MemprofArgumentParser, positive_int, positive_size
+from memprof.argparsing import MemprofArgumentParser, positive_int, positive_size
 from memprof.errors import MemprofError
 from memprof.units import parse_positive_int
 

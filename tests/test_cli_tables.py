@@ -14,7 +14,8 @@ import pytest
 from rich.console import Console
 
 from memprof.categories import CATEGORIES, PHASES
-from memprof.cli.tables import Column, fitted_tables, print_rank_table
+from memprof.display.rank_table import print_rank_table
+from memprof.display.tables import Column, fitted_tables
 from memprof.units import format_bytes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import sys
 
 from memprof.categories import empty_breakdown
 from memprof.compare import compare_run
-from memprof.runfile import SCHEMA_VERSION, write_json_atomic
+from memprof.run.files import SCHEMA_VERSION, write_json_atomic
 
 
 def _run_doc(params: int, opt: int, peaks: dict[str, int]) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memprof.train.deepspeed_shm import release_own_segment, segment_path
+from memprof.run.deepspeed_shm import release_own_segment, segment_path
 
 ENV = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
 

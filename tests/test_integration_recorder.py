@@ -13,7 +13,7 @@ import torch
 from test_ownership_deepspeed import gpt2_param_numels
 
 from memprof.models import PRESETS
-from memprof.runfile import load_run
+from memprof.run.files import load_run
 
 FP32 = 4
 TINY = dict(PRESETS["gpt2-tiny"])

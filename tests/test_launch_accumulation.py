@@ -8,7 +8,7 @@ from pathlib import Path
 
 from launch_helpers import REPO, launch_deepspeed
 
-from memprof.runfile import load_run, step_is_boundary, step_micro_index
+from memprof.run.files import load_run, step_is_boundary, step_micro_index
 
 GAS, STEPS = 2, 4
 

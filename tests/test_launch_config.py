@@ -9,8 +9,8 @@ import pytest
 
 from memprof.errors import MemprofError
 from memprof.models import PRESETS
+from memprof.run.facts import count_nodes
 from memprof.train.config import load_deepspeed_config, optimizer_zoo_name, parse_args
-from memprof.train.run_meta import count_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -197,7 +197,8 @@ def test_byte_batches_are_deterministic_sharded_and_in_vocab() -> None:
 
 def test_tiny_model_parameter_count_matches_the_gpt2_formula() -> None:
     pytest.importorskip("transformers")
-    from memprof.train.model import build_model, count_parameters
+    from memprof.run.facts import count_parameters
+    from memprof.train.model import build_model
 
     c = PRESETS["gpt2-tiny"]
     v, p, h, layers = c["vocab_size"], c["n_positions"], c["n_embd"], c["n_layer"]
@@ -215,11 +216,11 @@ def test_estimator_reads_the_run_metadata_of_every_shipped_config(tmp_path: Path
     """The run dict is the contract with memprof.estimate.inputs_from_run: each config's metadata
     must come back as the same stage, optimizer and precision."""
     from memprof.estimate import estimate, inputs_from_run
-    from memprof.train.run_meta import DistributedFacts, build_run_meta
+    from memprof.train.launched_run import DistributedFacts, describe_launched_run
 
     for name, (stage, optimizer, precision, _, _) in EXPECTED.items():
         cfg = parse_args(["--deepspeed_config", str(CONFIGS / f"{name}.json"), "--out", str(tmp_path)], environ={})
-        meta = build_run_meta(cfg, DistributedFacts(world_size=2, nodes=1, device_type="cpu", backend="gloo"), n_params=149_248)
+        meta = describe_launched_run(cfg, DistributedFacts(world_size=2, nodes=1, device_type="cpu", backend="gloo"), n_params=149_248)
         assert (meta["zero_stage"], meta["optimizer"], meta["precision"]) == (stage, optimizer, precision)
         inputs = inputs_from_run(meta)
         assert estimate(inputs).to_json()["n_params"] == 149_248, name

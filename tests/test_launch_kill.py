@@ -9,7 +9,7 @@ from pathlib import Path
 
 from launch_helpers import run_group
 
-from memprof.runfile import load_run, read_rank_lines
+from memprof.run.files import load_run, read_rank_lines
 
 REPO = Path(__file__).resolve().parents[1]
 # launch/train.py's entry point with the fault patched in from outside the shipped loop

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memprof.runfile import read_rank_lines
+from memprof.run.files import read_rank_lines
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"

@@ -14,7 +14,7 @@ import pytest
 from launch_helpers import finish_groups, free_port, start_group
 
 from memprof.models import PRESETS
-from memprof.runfile import load_run
+from memprof.run.files import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"

@@ -74,7 +74,7 @@ def _torch_optimizers():
 
 
 def test_torch_optimizers_are_named_as_the_integrations_name_them() -> None:
-    from memprof.integrations.run_info import optimizer_facts
+    from memprof.integrations.observed_run import optimizer_facts
 
     names = []
     for opt in _torch_optimizers():

@@ -12,7 +12,7 @@ import torch
 
 from memprof.categories import breakdown_total
 from memprof.measure import MemoryProfiler, SimulatedOutOfMemoryError
-from memprof.runfile import read_rank_lines
+from memprof.run.files import read_rank_lines
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from launch_helpers import free_port
 
-from memprof.runfile import load_run
+from memprof.run.files import load_run
 
 WORLD = 2
 

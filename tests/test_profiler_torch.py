@@ -20,7 +20,7 @@ import torch
 from memprof.categories import CATEGORIES, breakdown_total
 from memprof.errors import MemprofError
 from memprof.measure import MemoryProfiler, SimulatedOutOfMemoryError
-from memprof.runfile import load_run, read_rank_lines
+from memprof.run.files import load_run, read_rank_lines
 
 STEPS = 2
 REPO = Path(__file__).resolve().parents[1]

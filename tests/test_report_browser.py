@@ -14,7 +14,7 @@ import pytest
 from browser_setup import chromium_path
 
 from memprof.report import write_report
-from memprof.runfile import load_run
+from memprof.run.files import load_run
 
 FIX = Path(__file__).parent / "fixtures" / "report"
 MIB = 2**20

@@ -11,7 +11,7 @@ from pathlib import Path
 from memprof.cli import main as memprof_main
 from memprof.report import write_report
 from memprof.report.render import plotly_js
-from memprof.runfile import load_run
+from memprof.run.files import load_run
 
 FIX = Path(__file__).parent / "fixtures" / "report"
 

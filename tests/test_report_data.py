@@ -15,7 +15,7 @@ import pytest
 
 from memprof.estimate.paper import zero_paper_model_states
 from memprof.report.data import build_report_data
-from memprof.runfile import load_run
+from memprof.run.files import load_run
 
 FIX = Path(__file__).parent / "fixtures" / "report"
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))

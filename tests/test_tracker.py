@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from memprof.measure import SimulatedOutOfMemoryError, native
-from memprof.measure.native_tracker import NativeAllocationTracker
-from memprof.measure.tracker import DEVICE_ACTIVATIONS, DEVICE_OTHER, AllocationTracker, label_of
+from memprof.measure.allocation_hook_tracker import NativeAllocationTracker
+from memprof.measure.dispatch_tracker import DEVICE_ACTIVATIONS, DEVICE_OTHER, AllocationTracker, label_of
 
 MB = 2**20
 
@@ -209,7 +209,7 @@ def test_profiler_falls_back_to_the_dispatch_tracker_and_says_why(monkeypatch, t
 
     model = torch.nn.Linear(4, 4)
     monkeypatch.setattr(native, "load", unavailable)
-    monkeypatch.setattr("memprof.measure.native_tracker.load", unavailable)
+    monkeypatch.setattr("memprof.measure.allocation_hook_tracker.load", unavailable)
     prof = MemoryProfiler(model=model, out_dir=tmp_path / "a")
     with prof:
         pass

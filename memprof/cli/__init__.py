@@ -1,7 +1,7 @@
 """``memprof`` command line: one module per subcommand, each with ``SUMMARY`` (its line in the
 top-level usage and the start of its ``--help``) and ``main(argv) -> int``.
 
-A MemprofError anywhere, a bad flag included (:mod:`memprof.cli.parser`), becomes one line on
+A MemprofError anywhere, a bad flag included (:mod:`memprof.argparsing`), becomes one line on
 stderr and exit code 2, never a traceback or a usage dump.
 """
 

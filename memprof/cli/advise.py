@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from memprof.argparsing import MemprofArgumentParser, positive_int
 from memprof.cli.cli_args import add_setup_flags, inputs_from_args
-from memprof.cli.parser import MemprofArgumentParser, positive_int
-from memprof.cli.tables import Column, output_console, print_tables
+from memprof.display.console import output_console
+from memprof.display.tables import Column, print_tables
 from memprof.errors import MemprofError
 from memprof.estimate.advise import COST_ORDER_TEXT, Advice, Change, advise
 from memprof.estimate.config_writer import recommended_config
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import model_shape
-from memprof.runfile import write_json_atomic
+from memprof.run.files import write_json_atomic
 from memprof.units import format_bytes
 
 SUMMARY = "say what to change so a setup fits a GPU, what each change saves and what it costs"

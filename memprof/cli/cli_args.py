@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from memprof.cli.parser import positive_int, positive_size
+from memprof.argparsing import positive_int, positive_size
 from memprof.dsconfig import OFFLOAD_DEVICES, PRECISIONS
 from memprof.errors import MemprofError
 from memprof.estimate.inputs import ATTN_IMPLEMENTATIONS, LAYOUTS, EstimateInputs

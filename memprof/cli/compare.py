@@ -6,12 +6,13 @@ import json
 import sys
 from typing import Any
 
-from memprof.cli.parser import MemprofArgumentParser
-from memprof.cli.tables import Column, output_console, print_tables
+from memprof.argparsing import MemprofArgumentParser
 from memprof.compare import PEAK_TOLERANCE, RESIDENT_TOLERANCE, Comparison, compare_run
+from memprof.display.console import output_console
+from memprof.display.tables import Column, print_tables
 from memprof.errors import MemprofError
-from memprof.runfile import load_run
-from memprof.runschema import check_run_doc
+from memprof.run.files import load_run
+from memprof.run.schema import check_run_doc
 from memprof.units import format_bytes
 
 SUMMARY = "put a run's measured memory beside its estimate, per rank and category"

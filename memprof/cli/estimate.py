@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+from memprof.argparsing import MemprofArgumentParser, positive_int
 from memprof.categories import CATEGORIES, PHASES
 from memprof.cli.cli_args import add_setup_flags, inputs_from_args
-from memprof.cli.parser import MemprofArgumentParser, positive_int
-from memprof.cli.tables import Column, output_console, print_tables
+from memprof.display.console import output_console
+from memprof.display.tables import Column, print_tables
 from memprof.estimate import Estimate, estimate
 from memprof.units import format_bytes
 

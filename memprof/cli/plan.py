@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from memprof.argparsing import MemprofArgumentParser, positive_int
 from memprof.cli.cli_args import add_setup_flags, inputs_from_args
-from memprof.cli.parser import MemprofArgumentParser, positive_int
-from memprof.cli.tables import Column, output_console, print_tables
+from memprof.display.console import output_console
+from memprof.display.tables import Column, print_tables
 from memprof.errors import MemprofError
 from memprof.estimate import plan
 from memprof.units import format_bytes

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from memprof.cli.parser import MemprofArgumentParser
-from memprof.runfile import load_run
+from memprof.argparsing import MemprofArgumentParser
+from memprof.run.files import load_run
 
 SUMMARY = "write a self-contained HTML report of one or more runs"
 DEFAULT_OUTPUT = "reports/report.html"

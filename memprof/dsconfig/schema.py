@@ -118,7 +118,7 @@ class DeepSpeedSettings:
 
     @property
     def offload_params(self) -> str:
-        """Old spelling of :attr:`offload_param` (train/run_meta.py still reads it)."""
+        """Old spelling of :attr:`offload_param` (train/launched_run.py still reads it)."""
         return self.zero.offload_param
 
     def unresolved(self) -> list[AutoValue]:

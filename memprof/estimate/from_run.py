@@ -1,5 +1,5 @@
 """EstimateInputs for a run's own setup, from the ``run`` metadata the launcher or the integrations
-recorded (memprof/runfile.py keys): the run's record over its DeepSpeed config."""
+recorded (memprof/run/files.py keys): the run's record over its DeepSpeed config."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _run_int(value: Any, key: str, positive: bool = False) -> int:
 
 
 def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
-    """EstimateInputs for a run's own setup, from the launcher's ``run`` metadata (runfile.py)."""
+    """EstimateInputs for a run's own setup, from the launcher's ``run`` metadata (memprof/run/files.py)."""
     if not isinstance(run, dict):
         raise MemprofError("run metadata must be an object")
     ds = run.get("deepspeed_config") or {}

@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-from memprof.integrations.recorder import MicroStepRecorder, release_cpu_shm_segment
-from memprof.integrations.run_info import describe_run, device_type_of
+from memprof.integrations.observed_run import describe_observed_run, device_type_of
+from memprof.integrations.recorder import MicroStepRecorder
+from memprof.run.deepspeed_shm import release_cpu_shm_segment
 
 
 class AccelerateProfile:
@@ -77,7 +78,7 @@ def profile_accelerate(
     }
 
     def describe(batch_shape: tuple[int, ...] | None) -> dict[str, Any]:
-        run = describe_run(engine=engine, model=unwrapped, optimizer=optimizer, batch_shape=batch_shape,
+        run = describe_observed_run(engine=engine, model=unwrapped, optimizer=optimizer, batch_shape=batch_shape,
                            integration="accelerate", framework_settings=settings, ddp=ddp)
         if engine is None:
             run["gradient_accumulation_steps"] = settings["gradient_accumulation_steps"]

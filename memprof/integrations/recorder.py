@@ -9,7 +9,7 @@ also says where it sits in the accumulation cycle::
      "loss": ..., "phases": {...}}
 
 Phases are measured around calls the framework makes, found by patching *instance* attributes
-(never classes), restored by :meth:`MicroStepRecorder.detach`:
+(never classes: :mod:`memprof.integrations.patching`), restored by :meth:`MicroStepRecorder.detach`:
 
 * ``forward``: the training module's ``forward`` (the DeepSpeed engine, the DDP wrapper or the
   model itself), only while it is in training mode with grad enabled, so evaluation and
@@ -23,6 +23,9 @@ first, so a loop that never tells the recorder where a micro-step ends is still 
 An exception inside a measured phase (out of memory, KeyboardInterrupt, a crash) ends the
 recording there: the profiler writes its ``oom`` record when it is one, allocation tracking stops,
 and every finished micro-step is already on disk in ``rank<R>.jsonl``.
+
+The profiler it starts is :mod:`memprof.integrations.step_profiler`'s; the run ends through
+:func:`memprof.end_of_run.finish_run`, as the launcher's does.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,58 +40,18 @@ from typing import Any
 
 import torch
 
-from memprof.errors import MemprofError
-from memprof.measure import MemoryProfiler
-from memprof.measure.ownership import DdpBuckets, owned_storages
+from memprof.end_of_run import finish_run
+from memprof.integrations.call_values import batch_shape, loss_of
+from memprof.integrations.patching import InstancePatch
+from memprof.integrations.step_profiler import StepFieldsProfiler, new_step_profiler
 from memprof.measure.profiler import StepContext
-from memprof.train.run_meta import estimate_for_run
-
-StepFields = dict[str, Any]
-
-
-class _StepFieldsProfiler(MemoryProfiler):
-    """A MemoryProfiler whose ``step`` records carry the recorder's micro-step fields above.
-
-    MemoryProfiler fills ``micro_step`` / ``boundary`` itself from the engine's counters when a step
-    starts; the recorder's own fields win here because it learns the boundary only when the
-    micro-step ends (the optimizer stepped or not), and under accelerate the engine's
-    ``micro_steps`` counter does not advance once per micro-batch. This hooks the one place every
-    record passes through."""
-
-    step_fields: StepFields
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if record.get("type") == "step":
-            fields = getattr(self, "step_fields", None) or {}
-            record = {"type": "step", "step": record["step"], **fields,
-                      **{k: v for k, v in record.items() if k not in ("type", "step", *fields)}}
-        super()._write(record)
-
-
-class _Patch:
-    """One instance attribute replaced, restorable (the previous instance attribute, if any, comes back)."""
-
-    def __init__(self, owner: Any, name: str, replacement: Callable[..., Any]) -> None:
-        self.owner, self.name = owner, name
-        self.had_own = name in vars(owner)
-        self.previous = vars(owner).get(name)
-        setattr(owner, name, replacement)
-
-    def restore(self) -> None:
-        if self.had_own:
-            setattr(self.owner, self.name, self.previous)
-        else:
-            try:
-                delattr(self.owner, self.name)
-            except AttributeError:
-                pass
 
 
 class MicroStepRecorder:
     """Per rank: one MemoryProfiler, started lazily at the first training forward (when the batch
     shape is known, so the rank file header carries the sequence length).
 
-    ``describe(batch_shape) -> run dict`` builds the run metadata (memprof.integrations.run_info).
+    ``describe(batch_shape) -> run dict`` builds the run metadata (memprof.integrations.observed_run).
     ``engine``: the DeepSpeed engine or None; ``model``/``optimizer``: the plain-torch objects the
     ownership walk names states from when there is no engine. ``ddp``: the
     ``DistributedDataParallel`` wrapper when there is one (its gradient buckets are counted as
@@ -114,9 +76,9 @@ class MicroStepRecorder:
         self.optimizer = optimizer
         self._describe = describe
         self._memory_budget = memory_budget
-        self.profiler: _StepFieldsProfiler | None = None
+        self.profiler: StepFieldsProfiler | None = None
         self._tracking = False  # inside `with profiler:` (entered by hand)
-        self._patches: list[_Patch] = []
+        self._patches: list[InstancePatch] = []
         self._step: StepContext | None = None
         self._open_phase: Any = None  # a phase context entered by hand (open_phase)
         self._phases_done: set[str] = set()
@@ -142,14 +104,14 @@ class MicroStepRecorder:
                 self._before_forward(args, kwargs)
                 with self._phase_guard("forward"):
                     out = original(*args, **kwargs)
-                loss = _loss_of(out)
+                loss = loss_of(out)
                 if loss is not None and self._step is not None:
                     self._step.loss = loss.detach()
                 return out
             finally:
                 self._in_forward -= 1
 
-        self._patches.append(_Patch(module, "forward", forward))
+        self._patches.append(InstancePatch(module, "forward", forward))
 
     def wrap_phase(
         self,
@@ -177,7 +139,7 @@ class MicroStepRecorder:
                 after()
             return out
 
-        self._patches.append(_Patch(owner, name, call))
+        self._patches.append(InstancePatch(owner, name, call))
 
     def guard(self, owner: Any, name: str) -> None:
         """Make an exception inside ``owner.<name>`` end the recording as one inside a wrapped phase
@@ -194,7 +156,7 @@ class MicroStepRecorder:
                     self._stop(exc)
                 raise
 
-        self._patches.append(_Patch(owner, name, call))
+        self._patches.append(InstancePatch(owner, name, call))
 
     def detach(self) -> None:
         for patch in reversed(self._patches):
@@ -264,44 +226,12 @@ class MicroStepRecorder:
         if self._tracking:
             self._tracking = False
             profiler.__exit__(None, None, None)
-        estimate = estimate_for_run(profiler.run, profiler.rank, "memprof")
-        run_doc = profiler.finish(estimate=estimate)
-        if run_doc is not None:
-            if print_table:
-                profiler.print_table(run_doc, console=_console())
-            if write_report:
-                write_report_beside(run_doc, self.out_dir / "report.html")
-            print(f"memprof: run files in {self.out_dir.resolve()} (memprof.json, rank<R>.jsonl)", flush=True)
-        return run_doc
+        return finish_run(profiler, prog="memprof", write_report=write_report, print_table=print_table)
 
     # ---- internals ----------------------------------------------------------------------------
-    def _start(self, batch_shape: tuple[int, ...] | None) -> _StepFieldsProfiler:
-        run = self._describe(batch_shape)
-        owner_walk = None
-        holder: dict[str, Any] = {}
-        if self.ddp is not None and self.engine is None:
-            model, optimizer, buckets = self.model, _plain_optimizer(self.optimizer), DdpBuckets(self.ddp)
-
-            def owner_walk() -> dict:
-                owned = owned_storages(model=model, optimizer=optimizer)
-                # the dispatch-mode tracker sees the buckets' storages itself (as other): naming
-                # them from their sizes too would count them twice
-                tracker = holder["profiler"].diagnostics.get("cpu_tracker", "") if "profiler" in holder else ""
-                if buckets.device.startswith("cuda") or not tracker.startswith("dispatch"):
-                    owned.update(buckets.owned())
-                return owned
-
-        profiler = _StepFieldsProfiler(
-            engine=self.engine,
-            model=None if self.engine is not None else self.model,
-            optimizer=None if self.engine is not None else _plain_optimizer(self.optimizer),
-            out_dir=self.out_dir,
-            run=run,
-            memory_budget=self._memory_budget,
-            owner_walk=owner_walk,
-        )
-        profiler.step_fields = {}
-        holder["profiler"] = profiler
+    def _start(self, shape: tuple[int, ...] | None) -> StepFieldsProfiler:
+        profiler = new_step_profiler(self.out_dir, engine=self.engine, model=self.model, optimizer=self.optimizer,
+                                     run=self._describe(shape), memory_budget=self._memory_budget, ddp=self.ddp)
         profiler.__enter__()
         self._tracking = True
         self.profiler = profiler
@@ -309,7 +239,7 @@ class MicroStepRecorder:
 
     def _before_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.profiler is None:
-            self._start(_batch_shape(args, kwargs))
+            self._start(batch_shape(args, kwargs))
         if self._step is not None and "forward" in self._phases_done:
             self.end_micro_step()  # the loop moved on to the next micro-batch without telling us
         if self._step is None:
@@ -355,57 +285,3 @@ class MicroStepRecorder:
                 self.profiler.__exit__(type(exc), exc, exc.__traceback__)
         finally:
             self.detach()
-
-
-def _plain_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer under accelerate's AcceleratedOptimizer (its state is what the ownership walk names)."""
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
-
-
-def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
-    ids = kwargs.get("input_ids")
-    if not isinstance(ids, torch.Tensor):
-        ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if not isinstance(ids, torch.Tensor):
-        ids = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-    return tuple(int(d) for d in ids.shape) if isinstance(ids, torch.Tensor) else None
-
-
-def _loss_of(out: Any) -> torch.Tensor | None:
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, dict):
-        loss = out.get("loss")
-    if loss is None and isinstance(out, torch.Tensor) and out.numel() == 1:
-        loss = out
-    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
-
-
-def write_report_beside(run_doc: dict[str, Any], path: Path) -> None:
-    try:
-        from memprof.report import write_report
-
-        write_report([run_doc], path)
-    except (ImportError, MemprofError) as e:
-        print(f"memprof: report.html skipped: {e}", file=sys.stderr, flush=True)
-        return
-    print(f"memprof: report {path}", flush=True)
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=180)
-
-
-def release_cpu_shm_segment() -> None:
-    """On a CPU DeepSpeed launch, unlink this rank's /dev/shm segment once every rank mapped its
-    peers' (memprof.train.deepspeed_shm: otherwise every launch leaks ~67 MB per rank). A barrier:
-    every rank must call it."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    from memprof.train.deepspeed_shm import release_after_peers_mapped
-
-    release_after_peers_mapped(dist.get_rank(), dist.get_world_size())

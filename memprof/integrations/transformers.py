@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 from memprof.errors import MemprofError
-from memprof.integrations.recorder import MicroStepRecorder, release_cpu_shm_segment
-from memprof.integrations.run_info import describe_run, device_type_of
+from memprof.integrations.observed_run import describe_observed_run, device_type_of
+from memprof.integrations.recorder import MicroStepRecorder
+from memprof.run.deepspeed_shm import release_cpu_shm_segment
 
 try:
     from transformers import TrainerCallback
@@ -89,7 +90,7 @@ class MemprofCallback(TrainerCallback):
         ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
 
         def describe(batch_shape: tuple[int, ...] | None) -> dict[str, Any]:
-            run = describe_run(
+            run = describe_observed_run(
                 engine=engine, model=trainer.model, optimizer=trainer.optimizer, batch_shape=batch_shape,
                 integration="trainer", framework_settings=settings, ddp=ddp,
             )

@@ -22,9 +22,8 @@ import torch
 
 from memprof.categories import Breakdown, Phase
 from memprof.measure import cuda_counters, native
-from memprof.measure.native_tracker import NativeAllocationTracker
-from memprof.measure.oom import SimulatedOutOfMemoryError
-from memprof.measure.tracker import (
+from memprof.measure.allocation_hook_tracker import NativeAllocationTracker
+from memprof.measure.dispatch_tracker import (
     DEVICE_ACTIVATIONS,
     DEVICE_OTHER,
     MODEL_STATE_LABELS,
@@ -35,6 +34,7 @@ from memprof.measure.tracker import (
     live_tensor_storages,
     tally_to_breakdown,
 )
+from memprof.measure.oom import SimulatedOutOfMemoryError
 
 CpuTracker = AllocationTracker | NativeAllocationTracker
 OwnedMap = Mapping[tuple[str, int], Any]

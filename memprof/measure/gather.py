@@ -1,5 +1,5 @@
 """End of a run: rank 0 gathers every rank's records over torch.distributed, writes
-``<out>/memprof.json`` atomically and prints the per-rank table (laid out by memprof.cli.tables).
+``<out>/memprof.json`` atomically and prints the per-rank table (:mod:`memprof.display.rank_table`).
 No shared filesystem is assumed: records travel as objects."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from memprof.runfile import RUN_FILE_NAME, assemble_run, write_json_atomic
+from memprof.run.files import RUN_FILE_NAME, assemble_run, write_json_atomic
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -61,14 +61,14 @@ def write_run_file(
     rank_records: dict[int, list[dict[str, Any]]],
     estimate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble memprof.json (schema in :mod:`memprof.runfile`), write it atomically, return it."""
+    """Assemble memprof.json (schema in :mod:`memprof.run.files`), write it atomically, return it."""
     doc = assemble_run(run, rank_records, estimate)
     write_json_atomic(Path(out_dir) / RUN_FILE_NAME, doc)
     return doc
 
 
 def render_rank_table(run_doc: dict[str, Any], console: Any = None) -> None:
-    """Print the per-rank table (laid out in :mod:`memprof.cli.tables` with memprof's other tables)."""
-    from memprof.cli.tables import print_rank_table
+    """Print the per-rank table (:mod:`memprof.display.rank_table`; rich is imported only now)."""
+    from memprof.display.rank_table import print_rank_table
 
     print_rank_table(run_doc, console=console)

@@ -43,7 +43,7 @@ def oom_record(
     budget_bytes: int | None,
     message: str,
 ) -> dict[str, Any]:
-    """The ``oom`` line of ``rank<R>.jsonl`` (schema in :mod:`memprof.runfile`)."""
+    """The ``oom`` line of ``rank<R>.jsonl`` (schema in :mod:`memprof.run.files`)."""
     return {
         "type": "oom",
         "step": step,

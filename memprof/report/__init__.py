@@ -15,7 +15,7 @@ from typing import Any
 from memprof.errors import MemprofError
 from memprof.report.data import build_report_data
 from memprof.report.render import render_html
-from memprof.runfile import collector_paused, write_text_atomic
+from memprof.run.files import REPORT_FILE_NAME, collector_paused, write_text_atomic
 
 __all__ = ["build_report_data", "collector_paused", "render_html", "write_report"]
 
@@ -27,7 +27,7 @@ def write_report(
     sources: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Write the HTML report of ``run_docs`` (memprof.json dicts, as :func:`memprof.runfile.load_run`
+    """Write the HTML report of ``run_docs`` (memprof.json dicts, as :func:`memprof.run.files.load_run`
     returns them) to ``path`` atomically and return the path. ``sources`` name the runs in error
     messages and on the page. Raises MemprofError for a malformed run doc or an unwritable path;
     nothing is written then."""
@@ -37,7 +37,7 @@ def write_report(
         html = render_html(build_report_data(run_docs, sources), title=title)
     path = Path(path)
     if path.is_dir():
-        raise MemprofError(f"{path} is a folder: name the report file, e.g. {path / 'report.html'}")
+        raise MemprofError(f"{path} is a folder: name the report file, e.g. {path / REPORT_FILE_NAME}")
     try:
         write_text_atomic(path, html)
     except OSError as e:

@@ -19,7 +19,7 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs_version
 
 from memprof import __version__
-from memprof.categories import CATEGORIES, PHASES
+from memprof.categories import CATEGORIES, LOCATIONS, MODEL_STATE_CATEGORIES, PHASES
 from memprof.report import figures
 from memprof.units import format_bytes
 
@@ -127,6 +127,9 @@ def render_html(data: dict[str, Any], title: str | None = None) -> str:
         plotly_version=get_plotlyjs_version(),
         memprof_version=__version__,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        locations=("device", "host"),
+        # the template's tables take their columns from memprof.categories, never from literals
+        locations=LOCATIONS,
         categories=CATEGORIES,
+        model_state_categories=MODEL_STATE_CATEGORIES,
+        phases=PHASES,
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memprof.cli.parser import MemprofArgumentParser, positive_int, positive_size
+from memprof.argparsing import MemprofArgumentParser, positive_int, positive_size
 from memprof.dsconfig import DeepSpeedSettings, launchable_optimizer_name, read_deepspeed_config
 from memprof.errors import MemprofError
 from memprof.models import PRESETS, load_model_config, max_positions, preset_config, validate_launchable

@@ -1,4 +1,5 @@
-"""The training loop, top to bottom: process group, model, DeepSpeed engine, profiled steps, files.
+"""The training loop, top to bottom: process group, model, DeepSpeed engine, profiled steps, the end
+of the run (:func:`memprof.end_of_run.finish_run`, shared with the integrations).
 
 Runs unchanged under ``deepspeed``, ``torchrun`` and plain ``python`` (one process), on CPU
 (gloo, ``DS_ACCELERATOR=cpu``) or on GPUs (nccl): DeepSpeed's accelerator decides the device and
@@ -12,8 +13,9 @@ import os
 import sys
 from typing import Any
 
-from memprof.errors import MemprofError
+from memprof.run.facts import count_nodes, count_parameters
 from memprof.train.config import TrainConfig
+from memprof.train.launched_run import DistributedFacts, describe_launched_run
 from memprof.train.ports import free_local_port
 
 # Exit status when the device (or the simulated --memory-budget) runs out of memory; bad input is 2.
@@ -28,14 +30,48 @@ def run_training(config: TrainConfig) -> int:
     import deepspeed
     import torch
     import torch.distributed as torch_dist
+
+    from memprof.end_of_run import finish_run
+    from memprof.measure import MemoryProfiler
+
+    dist_facts, rank = _join_process_group(config)
+    batches = _batches(config, rank, dist_facts.world_size)
+    model, run_meta = _model_and_run_meta(config, dist_facts, batches)
+
+    # 4. The engine: the DeepSpeed JSON, exactly as loaded, is the only source of training settings.
+    # A deep copy, so whatever DeepSpeed fills in never leaks into the recorded run metadata.
+    ds_config = copy.deepcopy(config.deepspeed.config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    # 5. The profiled steps.
+    profiler = MemoryProfiler(engine=engine, out_dir=config.run.out_dir, run=run_meta, memory_budget=config.run.memory_budget_bytes)
+    try:
+        with profiler:
+            _profiled_steps(profiler, engine, batches, config.run.steps)
+    except torch.OutOfMemoryError as e:
+        # Simulated (--memory-budget) or real: the profiler has written the rank's oom record.
+        # Other ranks may be blocked in a collective, so no gather: the launcher ends them and
+        # `memprof report <out>` reads the rank files.
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"train.py: rank {rank}: out of memory: {first_line}", file=sys.stderr, flush=True)
+        return EXIT_OUT_OF_MEMORY
+
+    # 6. The estimate, every rank's records gathered into memprof.json (collective), rank 0 reports.
+    finish_run(profiler, prog="train.py")
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+    return 0
+
+
+def _join_process_group(config: TrainConfig) -> tuple[DistributedFacts, int]:
+    """1. Join the process group (the accelerator picks the backend: nccl on CUDA, gloo on CPU);
+    returns its facts and this process's rank."""
+    import deepspeed
+    import torch.distributed as torch_dist
     from deepspeed.accelerator import get_accelerator
 
-    from memprof.train.data import ByteBatches, load_text, tokenize
-    from memprof.train.deepspeed_shm import release_after_peers_mapped
-    from memprof.train.model import build_model, count_parameters
-    from memprof.train.run_meta import DistributedFacts, build_run_meta, count_nodes, estimate_for_run
+    from memprof.run.deepspeed_shm import release_after_peers_mapped
 
-    # 1. Join the process group. The accelerator picks the backend: nccl on CUDA, gloo on CPU.
     accelerator = get_accelerator()
     device_type = accelerator.device_name()
     local_rank = int(os.environ.get("LOCAL_RANK", config.local_rank_flag or 0))
@@ -48,16 +84,21 @@ def run_training(config: TrainConfig) -> int:
     if device_type == "cpu":
         # Otherwise every CPU `deepspeed` launch leaks ~67 MB of /dev/shm per rank (deepspeed_shm).
         release_after_peers_mapped(rank, world_size)
-    dist_facts = DistributedFacts(
+    facts = DistributedFacts(
         world_size=world_size,
         nodes=count_nodes(os.environ, world_size),
         device_type=device_type,
         backend=torch_dist.get_backend(),
     )
+    return facts, rank
 
-    # 2. Data before the model: a text too short for this many ranks fails before any big allocation.
+
+def _batches(config: TrainConfig, rank: int, world_size: int) -> Any:
+    """2. Data before the model: a text too short for this many ranks fails before any big allocation."""
+    from memprof.train.data import ByteBatches, load_text, tokenize
+
     tokens = tokenize(load_text(config.data.text_path))
-    batches = ByteBatches(
+    return ByteBatches(
         tokens,
         seq_len=config.data.seq_len,
         micro_batch=config.deepspeed.micro_batch,
@@ -66,60 +107,38 @@ def run_training(config: TrainConfig) -> int:
         world_size=world_size,
     )
 
-    # 3. The model, counted before DeepSpeed wraps it (ZeRO-3 would replace parameters with shards).
+
+def _model_and_run_meta(config: TrainConfig, dist_facts: DistributedFacts, batches: Any) -> tuple[Any, dict[str, Any]]:
+    """3. The model and the run metadata, counted before DeepSpeed wraps it (ZeRO-3 would replace
+    parameters with shards)."""
+    from memprof.train.model import build_model
+
     model = build_model(config.model.config, seed=config.data.seed, activation_checkpointing=config.deepspeed.activation_checkpointing)
-    n_params = count_parameters(model)
-    run_meta = build_run_meta(config, dist_facts, n_params)
+    run_meta = describe_launched_run(config, dist_facts, count_parameters(model))
     # The script's own resident tensors (the token stream and the batch start offsets) live in the
     # measured device memory on a CPU run; recorded so the estimate can count them as `other`.
     run_meta["data_tensor_bytes"] = batches.resident_bytes()
+    return model, run_meta
 
-    # 4. The engine: the DeepSpeed JSON, exactly as loaded, is the only source of training settings.
-    # A deep copy, so whatever DeepSpeed fills in never leaks into the recorded run metadata.
-    ds_config = copy.deepcopy(config.deepspeed.config)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+def _profiled_steps(profiler: Any, engine: Any, batches: Any, steps: int) -> None:
+    """Each iteration is one micro-batch, profiled whole; with gradient_accumulation_steps k > 1,
+    DeepSpeed's engine.step() is called every micro-batch and updates the weights on every k-th call
+    only. profiler.step() reads the micro-step's place in the cycle from the engine, so each step
+    record says whether it was a boundary."""
     device = engine.device
-
-    from memprof.measure import MemoryProfiler
-
-    estimate_json = estimate_for_run(run_meta, rank, "train.py")
-
-    # 5. The profiled steps. Each iteration is one micro-batch, profiled whole; with
-    # gradient_accumulation_steps k > 1, DeepSpeed's engine.step() is called every micro-batch and
-    # updates the weights on every k-th call only. profiler.step() reads the micro-step's place in
-    # the cycle from the engine, so each step record says whether it was a boundary.
-    profiler = MemoryProfiler(engine=engine, out_dir=config.run.out_dir, run=run_meta, memory_budget=config.run.memory_budget_bytes)
-    try:
-        with profiler:
-            for step in range(config.run.steps):
-                with profiler.step(step) as s:
-                    with s.phase("forward"):
-                        # The batch is made inside the step, so its bytes count as this step's.
-                        x = batches.next_batch().to(device)
-                        # HF shifts labels by one inside the model: labels are the inputs themselves.
-                        loss = engine(input_ids=x, labels=x).loss
-                    with s.phase("backward"):
-                        engine.backward(loss)
-                    with s.phase("step"):
-                        engine.step()
-                    s.loss = loss.item()
-    except torch.OutOfMemoryError as e:
-        # Simulated (--memory-budget) or real: the profiler has written the rank's oom record.
-        # Other ranks may be blocked in a collective, so no gather: the launcher ends them and
-        # `memprof report <out>` reads the rank files.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"train.py: rank {rank}: out of memory: {first_line}", file=sys.stderr, flush=True)
-        return EXIT_OUT_OF_MEMORY
-
-    # 6. Gather every rank's records into memprof.json (collective), then rank 0 reports.
-    run_doc = profiler.finish(estimate=estimate_json)
-    if rank == 0:
-        profiler.print_table(run_doc, console=_table_console())
-        _write_report(run_doc, config.run.out_dir / "report.html")
-        print(f"memprof: run files in {config.run.out_dir.resolve()} (memprof.json, rank<R>.jsonl)", flush=True)
-    torch_dist.barrier()
-    torch_dist.destroy_process_group()
-    return 0
+    for step in range(steps):
+        with profiler.step(step) as s:
+            with s.phase("forward"):
+                # The batch is made inside the step, so its bytes count as this step's.
+                x = batches.next_batch().to(device)
+                # HF shifts labels by one inside the model: labels are the inputs themselves.
+                loss = engine(input_ids=x, labels=x).loss
+            with s.phase("backward"):
+                engine.backward(loss)
+            with s.phase("step"):
+                engine.step()
+            s.loss = loss.item()
 
 
 def _default_single_process_env() -> None:
@@ -131,26 +150,3 @@ def _default_single_process_env() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_local_port())
-
-
-def _table_console() -> Any:
-    """A rich console for the end-of-run table. Under a launcher stdout is a pipe, where rich
-    falls back to 80 columns and truncates every cell; logs get a width the table fits in."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=180)
-
-
-def _write_report(run_doc: dict[str, Any], path: os.PathLike) -> None:
-    try:
-        from memprof.report import write_report
-    except ImportError as e:
-        print(f"train.py: report.html skipped: memprof.report is not available ({e})", flush=True)
-        return
-    try:
-        write_report([run_doc], path)
-    except MemprofError as e:
-        print(f"train.py: report.html skipped: {e}", file=sys.stderr, flush=True)
-        return
-    print(f"memprof: report {os.fspath(path)}", flush=True)
-

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from memprof.families import SUPPORTED_MODEL_TYPES, family_of
+from memprof.run.facts import count_parameters  # noqa: F401 - its home is memprof.run.facts; importable here too
 
 
 def model_classes(model_type: str) -> tuple[type, type]:
@@ -70,9 +71,3 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters: ``model.parameters()`` yields a tied weight (embedding / lm_head) once;
-    under ZeRO-3's ``zero.Init`` a parameter's full size is its ``ds_numel``."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())

@@ -35,7 +35,7 @@ import torch
 
 from memprof.measure.ownership import owned_breakdown, owned_storages, storage_key
 from memprof.models import preset_config
-from memprof.train.deepspeed_shm import release_after_peers_mapped
+from memprof.run.deepspeed_shm import release_after_peers_mapped
 from memprof.train.model import build_model, model_classes
 
 SEQ_LEN = 32

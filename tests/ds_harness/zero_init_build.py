@@ -10,7 +10,8 @@ import torch
 
 from memprof.families.llama import llama_param_numels
 from memprof.models import preset_config
-from memprof.train.model import build_model, count_parameters
+from memprof.run.facts import count_parameters
+from memprof.train.model import build_model
 
 
 def main() -> None:

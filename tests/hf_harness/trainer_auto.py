@@ -19,7 +19,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from memprof.models import preset_config
-from memprof.train.deepspeed_shm import release_after_peers_mapped
+from memprof.run.deepspeed_shm import release_after_peers_mapped
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -55,7 +55,7 @@ def main() -> None:
     trainer.train()
     import torch.distributed as dist
 
-    # the CPU shm segment each rank made in init_distributed (memprof/train/deepspeed_shm.py)
+    # the CPU shm segment each rank made in init_distributed (memprof/run/deepspeed_shm.py)
     release_after_peers_mapped(dist.get_rank(), dist.get_world_size())
     engine = trainer.model_wrapped
     zc = engine._config.zero_config

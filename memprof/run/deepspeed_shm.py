@@ -52,3 +52,14 @@ def release_after_peers_mapped(rank: int, world_size: int) -> bool:
 
         torch_dist.barrier()
     return release_own_segment(rank)
+
+
+def release_cpu_shm_segment() -> bool:
+    """For a run memprof did not start (the integrations): once the process group exists, the same
+    barrier and release as :func:`release_after_peers_mapped`; False without a process group.
+    Every rank must call it, and only on a CPU run."""
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return False
+    return release_after_peers_mapped(torch_dist.get_rank(), torch_dist.get_world_size())

@@ -1,6 +1,6 @@
 """Allocation tracking on CPU through memprof's compiled allocator hook (the default).
 
-The same bookkeeping as :class:`memprof.measure.tracker.AllocationTracker` (labels, running tally,
+The same bookkeeping as :class:`memprof.measure.dispatch_tracker.AllocationTracker` (labels, running tally,
 peak snapshot, budget, pending large allocations), kept in C++ inside a wrapper around c10's CPU
 allocator (``memprof/measure/native/allocation_hook.cpp``), so nothing runs in Python per aten op.
 What differs from the dispatch-mode tracker, by mechanism:
@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from memprof.measure.dispatch_tracker import DEVICE_OTHER, N_CATEGORIES, N_LABELS, Snapshot
 from memprof.measure.native import HookUnavailable, load
 from memprof.measure.oom import SimulatedOutOfMemoryError
-from memprof.measure.tracker import DEVICE_OTHER, N_CATEGORIES, N_LABELS, Snapshot
 
 _OOM_PREFIX = "memprof simulated out of memory"
 

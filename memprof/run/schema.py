@@ -1,7 +1,7 @@
-"""Shape check of a run doc (the memprof.json shape of :mod:`memprof.runfile`) before
+"""Shape check of a run doc (the memprof.json shape of :mod:`memprof.run.files`) before
 ``memprof compare`` or the report reads it, so a malformed file is one clear line.
 
-:func:`memprof.runfile.load_run` already checks the envelope (valid JSON, schema version, ``run`` and
+:func:`memprof.run.files.load_run` already checks the envelope (valid JSON, schema version, ``run`` and
 ``ranks`` present); :func:`check_run_doc` checks, with pydantic, every field compare and the report
 read, so the message names the exact place (``ranks.0.steps.3.phases.step.peak_total``). Two passes
 keep it fast on big runs (64 ranks x 1,000 steps): every step's number, loss and phase peak totals,

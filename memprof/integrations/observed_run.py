@@ -1,12 +1,13 @@
-"""The ``run`` metadata of a run memprof did not launch: read from the objects the framework built.
+"""What an integration records about a run memprof did not start: the ``run`` dict, read from the
+objects the framework built.
 
-The launcher writes ``run`` from its own flags (memprof/train/run_meta.py). Under HF Trainer or
+The launcher writes ``run`` from its own flags (memprof/train/launched_run.py). Under HF Trainer or
 accelerate the truth is what the framework resolved: the DeepSpeed engine's own config dict (after
 HF filled in every ``"auto"``: ``HfTrainerDeepSpeedConfig.trainer_config_process`` /
 ``trainer_config_finalize`` in transformers/integrations/deepspeed.py, and accelerate's
 ``Accelerator._prepare_deepspeed``), the engine's stage / precision / micro-batch / accumulation,
 the model's own config and the batch shape seen in the first forward. The keys are the launcher's
-(memprof/runfile.py), so ``memprof.estimate.inputs_from_run``, ``memprof compare`` and the report
+(memprof/run/files.py), so ``memprof.estimate.inputs_from_run``, ``memprof compare`` and the report
 read both alike.
 """
 
@@ -19,9 +20,10 @@ from typing import Any
 
 import torch
 
-from memprof.dsconfig import optimizer_name_from_block
+from memprof.dsconfig import optimizer_name_from_block, read_deepspeed_config
 from memprof.errors import MemprofError
-from memprof.train.run_meta import count_nodes, cuda_device_facts, package_versions
+from memprof.optimizers import torch_optimizer_facts
+from memprof.run.facts import count_nodes, count_parameters, cuda_device_facts, package_version, package_versions
 
 
 def resolved_deepspeed_config(engine: Any) -> dict[str, Any]:
@@ -67,31 +69,10 @@ def optimizer_facts(optimizer: Any, ds_config: dict[str, Any]) -> dict[str, Any]
     inner = _innermost_optimizer(optimizer)
     if inner is None:
         return {"optimizer": None, "torch_adam": False}
-    cls = type(inner).__name__
-    defaults = getattr(inner, "defaults", {}) or {}
-    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        if defaults.get("amsgrad"):
-            name = "amsgrad"
-        else:
-            name = "adamw" if isinstance(inner, torch.optim.AdamW) or defaults.get("decoupled_weight_decay") else "adam"
-        # The estimator's torch_adam is torch's foreach/for-loop Adam: a step tensor per tensor
-        # and the update's temporaries. fused=True (HF Trainer's default optim on CPU and CUDA,
-        # "adamw_torch_fused") updates in one kernel without temporaries, as DeepSpeed's FusedAdam
-        # does; its step tensors (4 bytes per parameter tensor) are left out of the estimate then.
-        fused = bool(defaults.get("fused"))
-        return {"optimizer": name, "torch_adam": not fused or name == "amsgrad",
-                "optimizer_implementation": "fused" if fused else ("foreach" if defaults.get("foreach") else "default")}
-    if isinstance(inner, torch.optim.SGD):
-        momentum = float(defaults.get("momentum", 0) or 0)
-        name = "nesterov" if defaults.get("nesterov") else ("momentum" if momentum > 0 else "sgd")
-        return {"optimizer": name, "torch_adam": False}
-    if isinstance(inner, torch.optim.RMSprop):
-        return {"optimizer": "rmsprop", "torch_adam": False}
-    if isinstance(inner, torch.optim.Adagrad):
-        return {"optimizer": "adagrad", "torch_adam": False}
-    if cls in ("FusedAdam", "DeepSpeedCPUAdam"):
-        return {"optimizer": "adamw" if getattr(inner, "adam_w_mode", True) else "adam", "torch_adam": False}
-    return {"optimizer": cls, "torch_adam": False}
+    # the zoo's own table names it (memprof.optimizers): torch's Adam/AdamW (fused or not: HF
+    # Trainer's default "adamw_torch_fused" keeps no temporaries), SGD and its momentum variants,
+    # RMSprop, Adagrad, DeepSpeed's FusedAdam / DeepSpeedCPUAdam
+    return torch_optimizer_facts(inner)
 
 
 def _innermost_optimizer(optimizer: Any) -> Any:
@@ -124,13 +105,7 @@ def activation_checkpointing_on(model: torch.nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the model: ZeRO-3 replaces each by an empty placeholder and keeps the full
-    size as ``ds_numel`` (partition_parameters.py)."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
-
-
-def describe_run(
+def describe_observed_run(
     *,
     engine: Any,
     model: torch.nn.Module,
@@ -141,7 +116,7 @@ def describe_run(
     precision_without_deepspeed: str = "fp32",
     ddp: Any = None,
 ) -> dict[str, Any]:
-    """The ``run`` dict (memprof/runfile.py keys) for this rank's view of the run.
+    """The ``run`` dict (memprof/run/files.py keys) for this rank's view of the run.
 
     ``engine``: the DeepSpeed engine, or None (plain / DDP). ``batch_shape``: the first training
     batch's ``input_ids`` shape (micro-batch, sequence length). ``framework_settings``: the
@@ -165,14 +140,12 @@ def describe_run(
         "integration": integration,
     }
     if engine is not None:
-        zero = ds_config.get("zero_optimization") if isinstance(ds_config.get("zero_optimization"), dict) else {}
         run.update(
             zero_stage=int(engine.zero_optimization_stage()),
             precision="bf16" if engine.bfloat16_enabled() else ("fp16" if engine.fp16_enabled() else "fp32"),
             micro_batch=int(engine.train_micro_batch_size_per_gpu()),
             gradient_accumulation_steps=int(engine.gradient_accumulation_steps()),
-            offload_optimizer=str((zero.get("offload_optimizer") or {}).get("device", "none")),
-            offload_params=str((zero.get("offload_param") or {}).get("device", "none")),
+            **offload_devices(ds_config, world),
         )
     else:
         run.update(zero_stage=0, precision=precision_without_deepspeed, offload_optimizer="none", offload_params="none")
@@ -183,7 +156,7 @@ def describe_run(
         run["seq_len"] = int(batch_shape[1])
     run["activation_checkpointing"] = activation_checkpointing_on(model)
     run.update(device_type=device_type, backend=backend, versions=package_versions())
-    run["versions"]["accelerate"] = _version("accelerate")
+    run["versions"]["accelerate"] = package_version("accelerate")
     run["deepspeed_config"] = ds_config or None
     if ddp is not None and engine is None:
         run["ddp"] = {"gradient_as_bucket_view": bool(getattr(ddp, "gradient_as_bucket_view", False)),
@@ -194,13 +167,17 @@ def describe_run(
     return run
 
 
-def _version(dist_name: str) -> str:
-    from importlib import metadata
-
+def offload_devices(ds_config: dict[str, Any], world_size: int) -> dict[str, str | None]:
+    """``offload_optimizer`` / ``offload_params`` as memprof's one DeepSpeed-config reader settles
+    them (deprecated ``cpu_offload`` booleans, ``offload_param`` ignored below ZeRO-3 as DeepSpeed
+    ignores it). A config the reader refuses (a feature memprof does not model: its estimate is
+    then null too) records None for both: the run is still profiled, and ``deepspeed_config``
+    holds what was asked."""
     try:
-        return metadata.version(dist_name)
-    except metadata.PackageNotFoundError:
-        return "missing"
+        settings = read_deepspeed_config(ds_config, source="the engine's DeepSpeed config", world_size=world_size)
+    except MemprofError:
+        return {"offload_optimizer": None, "offload_params": None}
+    return {"offload_optimizer": settings.offload_optimizer, "offload_params": settings.offload_params}
 
 
 def device_type_of(engine: Any, model: torch.nn.Module) -> str:
