@@ -67,4 +67,4 @@ def test_other_ranks_print_nothing_and_a_failed_estimate_is_one_warning_on_rank0
 def test_offload_devices_come_from_the_one_reader(zero: dict[str, Any], expected: tuple[Any, Any]) -> None:
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": zero}
     found = offload_devices(config, world_size=2)
-    assert (found["offload_optimizer"], found["offload_params"]) == expected
+    assert (found["offload_optimizer"], found["offload_param"]) == expected

@@ -66,7 +66,7 @@ def test_run_metadata_comes_from_the_flags_and_the_deepspeed_json(two_node_run: 
     assert run["deepspeed_config"] == ds
     assert run["zero_stage"] == ds["zero_optimization"]["stage"] == 2
     assert run["micro_batch"] == ds["train_micro_batch_size_per_gpu"]
-    assert (run["optimizer"], run["precision"], run["offload_optimizer"], run["offload_params"]) == ("adamw", "fp32", "none", "none")
+    assert (run["optimizer"], run["precision"], run["offload_optimizer"], run["offload_param"]) == ("adamw", "fp32", "none", "none")
     assert (run["model"], run["model_config"]) == ("gpt2-tiny", PRESETS["gpt2-tiny"])
     assert (run["seq_len"], run["steps"], run["seed"]) == (SEQ_LEN, STEPS, SEED)
     assert run["activation_checkpointing"] is False and run["memory_budget_bytes"] is None

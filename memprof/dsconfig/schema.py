@@ -116,11 +116,6 @@ class DeepSpeedSettings:
     def offload_param(self) -> str:
         return self.zero.offload_param
 
-    @property
-    def offload_params(self) -> str:
-        """Old spelling of :attr:`offload_param` (train/launched_run.py still reads it)."""
-        return self.zero.offload_param
-
     def unresolved(self) -> list[AutoValue]:
         """The memory-changing ``"auto"`` values nothing settled (each names its flag)."""
         return [a for a in self.auto if not a.resolved and a.changes_memory]

@@ -148,7 +148,7 @@ def describe_observed_run(
             **offload_devices(ds_config, world),
         )
     else:
-        run.update(zero_stage=0, precision=precision_without_deepspeed, offload_optimizer="none", offload_params="none")
+        run.update(zero_stage=0, precision=precision_without_deepspeed, offload_optimizer="none", offload_param="none")
         if batch_shape:
             run["micro_batch"] = int(batch_shape[0])
     run.update(optimizer_facts(optimizer, ds_config))
@@ -168,7 +168,7 @@ def describe_observed_run(
 
 
 def offload_devices(ds_config: dict[str, Any], world_size: int) -> dict[str, str | None]:
-    """``offload_optimizer`` / ``offload_params`` as memprof's one DeepSpeed-config reader settles
+    """``offload_optimizer`` / ``offload_param`` as memprof's one DeepSpeed-config reader settles
     them (deprecated ``cpu_offload`` booleans, ``offload_param`` ignored below ZeRO-3 as DeepSpeed
     ignores it). A config the reader refuses (a feature memprof does not model: its estimate is
     then null too) records None for both: the run is still profiled, and ``deepspeed_config``
@@ -176,8 +176,8 @@ def offload_devices(ds_config: dict[str, Any], world_size: int) -> dict[str, str
     try:
         settings = read_deepspeed_config(ds_config, source="the engine's DeepSpeed config", world_size=world_size)
     except MemprofError:
-        return {"offload_optimizer": None, "offload_params": None}
-    return {"offload_optimizer": settings.offload_optimizer, "offload_params": settings.offload_params}
+        return {"offload_optimizer": None, "offload_param": None}
+    return {"offload_optimizer": settings.offload_optimizer, "offload_param": settings.offload_param}
 
 
 def device_type_of(engine: Any, model: torch.nn.Module) -> str:

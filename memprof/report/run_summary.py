@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from memprof.run.files import offload_param_of
 from memprof.units import format_bytes
 
 
@@ -16,8 +17,8 @@ def run_label(run: dict[str, Any]) -> str:
         str(run.get("precision", "?")),
         f"N={run.get('world_size', '?')}",
     ]
-    offload = [f"{what} offload {run.get(key)}" for what, key in (("optimizer", "offload_optimizer"), ("param", "offload_params"))
-               if run.get(key) not in (None, "none")]
+    devices = (("optimizer", run.get("offload_optimizer")), ("param", offload_param_of(run)))
+    offload = [f"{what} offload {device}" for what, device in devices if device not in (None, "none")]
     parts += offload
     return " · ".join(parts)
 
@@ -40,7 +41,7 @@ def run_summary(run: dict[str, Any], ranks: list[dict[str, Any]]) -> list[dict[s
     n_params = run.get("n_params")
     versions = run.get("versions") or {}
     devices = sorted({str(r.get("device")) for r in ranks if r.get("device")})
-    offload = f"optimizer: {run.get('offload_optimizer', 'none')}, params: {run.get('offload_params', 'none')}"
+    offload = f"optimizer: {run.get('offload_optimizer', 'none')}, params: {offload_param_of(run)}"
     rows = [
         ("Model", run.get("model")),
         ("Parameters", f"{int(n_params):,}" if isinstance(n_params, (int, float)) else n_params),

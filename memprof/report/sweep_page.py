@@ -8,6 +8,7 @@ from typing import Any
 
 from memprof.categories import LOCATIONS, MODEL_STATE_CATEGORIES
 from memprof.estimate.paper import zero_paper_model_states
+from memprof.run.files import offload_param_of
 
 
 def model_state_bytes(b: dict[str, dict[str, int]]) -> int:
@@ -37,7 +38,7 @@ def build_sweep_data(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         run = r["run"]
         key = (str(run.get("model")), run.get("n_params"), str(run.get("optimizer")), str(run.get("precision")),
-               str(run.get("offload_optimizer", "none")), str(run.get("offload_params", "none")))
+               str(run.get("offload_optimizer", "none")), str(offload_param_of(run)))
         measured = _worst_rank([model_state_bytes(k["measured"]) if k["measured"] else None for k in r["ranks"]])
         estimated = _worst_rank([model_state_bytes(k["estimated"]) if k["estimated"] else None for k in r["ranks"]])
         stage, n = run.get("zero_stage"), int(run.get("world_size") or 0)

@@ -61,6 +61,12 @@ from typing import IO, Any
 from memprof.errors import MemprofError
 
 SCHEMA_VERSION = 1
+
+
+def offload_param_of(run: dict) -> str:
+    """A run's parameter offload device. Files written before memprof 0.3 spell the key
+    ``offload_params``; they are read alike."""
+    return str(run.get("offload_param", run.get("offload_params", "none")))
 RUN_FILE_NAME = "memprof.json"
 REPORT_FILE_NAME = "report.html"
 RANK_FILE_PATTERN = "rank<R>.jsonl"

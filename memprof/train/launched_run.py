@@ -43,7 +43,7 @@ def describe_launched_run(config: TrainConfig, dist: DistributedFacts, n_params:
         "seed": config.data.seed,
         "activation_checkpointing": ds.activation_checkpointing,
         "offload_optimizer": ds.offload_optimizer,
-        "offload_params": ds.offload_params,
+        "offload_param": ds.offload_param,
         "device_type": dist.device_type,
         "backend": dist.backend,
         "versions": package_versions(),
