@@ -99,6 +99,11 @@ def model_config_dict(model: torch.nn.Module) -> dict[str, Any] | None:
     return out
 
 
+def count_trainable_parameters(model: torch.nn.Module) -> int:
+    """Parameters with ``requires_grad`` (a PEFT model's adapters; ZeRO-3's full ``ds_numel``)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
+
+
 def activation_checkpointing_on(model: torch.nn.Module) -> bool:
     """HF gradient checkpointing: a submodule with ``gradient_checkpointing`` set (transformers
     modeling_utils.py ``is_activation_checkpointing``)."""

@@ -55,7 +55,8 @@ class MicroStepRecorder:
     ``engine``: the DeepSpeed engine or None; ``model``/``optimizer``: the plain-torch objects the
     ownership walk names states from when there is no engine. ``ddp``: the
     ``DistributedDataParallel`` wrapper when there is one (its gradient buckets are counted as
-    ``comm_buffers``: memprof.measure.ownership.DdpBuckets).
+    ``comm_buffers``: memprof.measure.ownership.DdpBuckets). ``frozen_models``: other models the
+    framework holds beside the trained one (a DPO reference model), counted as ``params``.
     """
 
     def __init__(
@@ -68,8 +69,10 @@ class MicroStepRecorder:
         describe: Callable[[tuple[int, ...] | None], dict[str, Any]],
         memory_budget: int | None = None,
         ddp: Any = None,
+        frozen_models: tuple[torch.nn.Module, ...] = (),
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.frozen_models = tuple(frozen_models)
         self.ddp = ddp
         self.engine = engine
         self.model = model
@@ -231,7 +234,8 @@ class MicroStepRecorder:
     # ---- internals ----------------------------------------------------------------------------
     def _start(self, shape: tuple[int, ...] | None) -> StepFieldsProfiler:
         profiler = new_step_profiler(self.out_dir, engine=self.engine, model=self.model, optimizer=self.optimizer,
-                                     run=self._describe(shape), memory_budget=self._memory_budget, ddp=self.ddp)
+                                     run=self._describe(shape), memory_budget=self._memory_budget, ddp=self.ddp,
+                                     frozen_models=self.frozen_models)
         profiler.__enter__()
         self._tracking = True
         self.profiler = profiler

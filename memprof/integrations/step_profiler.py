@@ -26,13 +26,23 @@ class StepFieldsProfiler(MemoryProfiler):
     record passes through."""
 
     step_fields: StepFields
+    # the step records of the optimizer step being accumulated, and of the last one that stepped
+    # (read by MemprofCallback.on_log: memprof.integrations.log_values)
+    open_optimizer_step: list[dict[str, Any]]
+    last_optimizer_step: list[dict[str, Any]]
 
     def _write(self, record: dict[str, Any]) -> None:
         if record.get("type") == "step":
             fields = getattr(self, "step_fields", None) or {}
             record = {"type": "step", "step": record["step"], **fields,
                       **{k: v for k, v in record.items() if k not in ("type", "step", *fields)}}
+            self._keep_optimizer_step(record)
         super()._write(record)
+
+    def _keep_optimizer_step(self, record: dict[str, Any]) -> None:
+        self.open_optimizer_step.append(record)
+        if record.get("boundary"):
+            self.last_optimizer_step, self.open_optimizer_step = self.open_optimizer_step, []
 
 
 def plain_optimizer(optimizer: Any) -> Any:
@@ -50,10 +60,13 @@ def new_step_profiler(
     run: dict[str, Any],
     memory_budget: int | None,
     ddp: Any,
+    frozen_models: tuple[torch.nn.Module, ...] = (),
 ) -> StepFieldsProfiler:
     """The profiler of one rank, not yet entered. With an engine, the engine's own ownership walk;
     without, the model and the optimizer's states, plus, under DDP, its gradient buckets as
-    ``comm_buffers`` (memprof.measure.ownership.DdpBuckets)."""
+    ``comm_buffers`` (memprof.measure.ownership.DdpBuckets). ``frozen_models``: further models the
+    trainer holds beside the one it trains (TRL DPOTrainer's ``ref_model``): their parameters,
+    ZeRO-3 partitions and buffers are counted as ``params`` (not ``other``)."""
     owner_walk = None
     holder: dict[str, Any] = {}
     if ddp is not None and engine is None:
@@ -68,6 +81,9 @@ def new_step_profiler(
                 owned.update(buckets.owned())
             return owned
 
+    if frozen_models:
+        owner_walk = _with_frozen_models(owner_walk, frozen_models, engine=engine, model=model,
+                                         optimizer=plain_optimizer(optimizer))
     profiler = StepFieldsProfiler(
         engine=engine,
         model=None if engine is not None else model,
@@ -78,5 +94,28 @@ def new_step_profiler(
         owner_walk=owner_walk,
     )
     profiler.step_fields = {}
+    profiler.open_optimizer_step, profiler.last_optimizer_step = [], []
     holder["profiler"] = profiler
     return profiler
+
+
+def _with_frozen_models(owner_walk: Any, frozen_models: tuple[torch.nn.Module, ...], *, engine: Any,
+                        model: torch.nn.Module, optimizer: Any) -> Any:
+    """``owner_walk`` (or the profiler's default walk of the engine / model and optimizer) plus the
+    frozen models' storages as ``params``; a storage already named keeps its first owner (a
+    reference model never shares storage with the policy, but a PEFT "ref" adapter would be in the
+    policy's own walk)."""
+
+    def walk() -> dict:
+        if owner_walk is not None:
+            owned = owner_walk()
+        elif engine is not None:
+            owned = owned_storages(engine)
+        else:
+            owned = owned_storages(model=model, optimizer=optimizer)
+        for frozen in frozen_models:
+            for key, item in owned_storages(model=frozen).items():
+                owned.setdefault(key, item)
+        return owned
+
+    return walk

@@ -30,6 +30,19 @@ accelerate ``DeepSpeedEngineWrapper.backward``):
 The engine, the accelerator and the wrapped model are the Trainer's own attributes; the callback
 API passes only the unwrapped model and optimizer, so ``on_train_begin`` finds the Trainer that
 called it on the call stack (the Trainer whose callback handler holds this callback).
+
+TRL's trainers (``SFTTrainer``, ``DPOTrainer``, trl 1.16) are Trainers and need nothing more, with
+one addition: DPOTrainer's ``ref_model`` (trl/trainer/dpo_trainer.py ``__init__``: the model passed
+as ``ref_model``, or one built from the policy's config; under DeepSpeed a second engine from
+trl/models/utils.py ``prepare_deepspeed``, ZeRO-3 partitioned or stage 0 otherwise) is walked as
+``params`` and described under ``run["reference_model"]``. With PEFT and no ``ref_model``, DPO takes
+its reference from the policy with the adapters disabled (``use_adapter`` in
+``DPOTrainer._compute_loss``): there is no second model then, and nothing is added.
+
+``on_log`` adds the per-category peak bytes of the last optimizer step to the Trainer's logs
+(memprof.integrations.log_values); the callback moves itself first among the Trainer's callbacks
+so the ``report_to`` callbacks see those keys, and adds them to the ``state.log_history`` entry the
+Trainer appended just before (``Trainer.log`` appends before calling ``on_log``).
 """
 
 from __future__ import annotations
@@ -41,7 +54,8 @@ from typing import Any
 import torch
 
 from memprof.errors import MemprofError
-from memprof.integrations.observed_run import describe_observed_run, device_type_of
+from memprof.integrations.log_values import peak_log_values
+from memprof.integrations.observed_run import count_trainable_parameters, describe_observed_run, device_type_of
 from memprof.integrations.recorder import MicroStepRecorder
 from memprof.run.deepspeed_shm import release_cpu_shm_segment
 
@@ -88,6 +102,8 @@ class MemprofCallback(TrainerCallback):
         settings["trainer_class"] = type(trainer).__name__
         settings["wrapped_model_class"] = type(wrapped).__name__
         ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        reference = reference_model_of(trainer)
+        move_callback_first(trainer, self)
 
         def describe(batch_shape: tuple[int, ...] | None) -> dict[str, Any]:
             run = describe_observed_run(
@@ -99,11 +115,15 @@ class MemprofCallback(TrainerCallback):
                 run["gradient_accumulation_steps"] = int(args.gradient_accumulation_steps)
                 run.setdefault("micro_batch", int(args.per_device_train_batch_size))
             run["steps"] = int(state.max_steps) if getattr(state, "max_steps", None) else None
+            run["n_trainable_params"] = count_trainable_parameters(trainer.model)
+            if reference is not None:
+                run["reference_model"] = describe_reference_model(reference, trainer.model)
             return run
 
         recorder = MicroStepRecorder(
             self.out_dir, engine=engine, model=trainer.model, optimizer=trainer.optimizer,
             describe=describe, memory_budget=self.memory_budget, ddp=ddp,
+            frozen_models=(reference.module,) if reference is not None else (),
         )
         recorder.wrap_forward(wrapped)
         if engine is not None:
@@ -132,6 +152,21 @@ class MemprofCallback(TrainerCallback):
             self.recorder.set_boundary(True)
             self.recorder.end_micro_step()
 
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Add the last optimizer step's peak bytes (memprof.integrations.log_values) to ``logs``,
+        which the report_to callbacks after this one read, and to the log_history entry of them."""
+        profiler = self.recorder.profiler if self.recorder is not None else None
+        if logs is None or profiler is None:
+            return
+        values = peak_log_values(profiler.last_optimizer_step)
+        if not values:
+            return
+        logs.update(values)
+        history = getattr(state, "log_history", None)
+        # Trainer.log appended {**logs, "step": ...} just before on_log: the same log if its keys agree
+        if history and all(history[-1].get(k) == v for k, v in logs.items() if k not in values):
+            history[-1].update(values)
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is None:
             return
@@ -152,6 +187,72 @@ def find_calling_trainer(callback: TrainerCallback) -> Any:
     raise MemprofError(
         "MemprofCallback was called outside a transformers Trainer: pass it as Trainer(..., callbacks=[MemprofCallback(...)])"
     )
+
+
+def move_callback_first(trainer: Any, callback: TrainerCallback) -> None:
+    """Put ``callback`` first in the Trainer's callback list, so its ``on_log`` runs before the
+    report_to integrations' (added before the user's callbacks, transformers trainer.py ``__init__``)."""
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
+    if isinstance(callbacks, list) and callback in callbacks:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
+
+
+class ReferenceModel:
+    """A frozen model the trainer holds beside the policy: ``module`` (the torch module whose
+    parameters are walked) and ``engine`` (its DeepSpeed engine, or None)."""
+
+    def __init__(self, module: torch.nn.Module, engine: Any) -> None:
+        self.module, self.engine = module, engine
+
+
+def reference_model_of(trainer: Any) -> ReferenceModel | None:
+    """TRL's ``ref_model`` (DPOTrainer, KTOTrainer, ...), unwrapped from its DeepSpeed engine; None
+    when the trainer has none (PEFT: the reference is the adapter-disabled policy) or it is the
+    policy itself."""
+    ref = getattr(trainer, "ref_model", None)
+    if not isinstance(ref, torch.nn.Module):
+        return None
+    module = getattr(ref, "module", None)
+    engine = ref if isinstance(module, torch.nn.Module) and hasattr(ref, "zero_optimization_stage") else None
+    module = module if engine is not None else ref
+    if module is trainer.model or module is getattr(trainer.model, "module", None):
+        return None
+    return ReferenceModel(module, engine)
+
+
+def describe_reference_model(reference: ReferenceModel, policy: torch.nn.Module) -> dict[str, Any]:
+    """``run["reference_model"]``: what the estimator needs to add it (memprof estimate
+    --reference-model): its class, config (null when it is the policy's), parameter count, dtype and
+    how DeepSpeed holds it (trl/models/utils.py ``prepare_deepspeed``: ZeRO-3 when the policy is,
+    else stage 0, whole on every rank, no optimizer)."""
+    from memprof.integrations.observed_run import model_config_dict
+    from memprof.run.facts import count_parameters
+
+    config = model_config_dict(reference.module)
+    base = getattr(policy, "get_base_model", None)
+    policy_config = model_config_dict(base() if callable(base) else policy)
+    same = config is not None and policy_config is not None and _without_private(config) == _without_private(policy_config)
+    first = next(reference.module.parameters(), None)
+    engine = reference.engine
+    return {
+        "model_class": type(reference.module).__name__,
+        "same_config_as_policy": same,
+        "model_config": None if same else config,
+        "n_params": count_parameters(reference.module),
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "zero_stage": int(engine.zero_optimization_stage()) if engine is not None else None,
+        "trainable": any(p.requires_grad for p in reference.module.parameters()),
+    }
+
+
+# keys that differ between two models of one config for reasons that do not change its shapes
+# (TRL sets the policy's use_cache=False for gradient checkpointing; DeepSpeed casts the dtype)
+_INCIDENTAL_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
+
+
+def _without_private(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in _INCIDENTAL_CONFIG_KEYS}
 
 
 def deepspeed_engine_of(trainer: Any) -> Any:
