@@ -336,7 +336,7 @@ class RankDifference:
         """One sentence: which rank is heavier, by how much, and which category (owner) makes it."""
         h, lo = self.heavier_rank, self.lighter_rank
         text = (f"{self.phase} peak: rank {h} is {self.spread:.1%} heavier than rank {lo} "
-                f"({format_bytes(self.heavier_peak)} vs {format_bytes(self.lighter_peak)}, "
+                f"({format_bytes(self.heavier_peak, precision=2)} vs {format_bytes(self.lighter_peak, precision=2)}, "
                 f"+{format_bytes(self.heavier_peak - self.lighter_peak)})")
         cause = self.cause
         if cause is None:
