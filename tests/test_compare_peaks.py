@@ -155,7 +155,8 @@ def test_compare_shows_the_category_errors_in_80_columns(tmp_path):
     assert "1 category figure(s) off by more than 3% of their peak (not checked" in res.stdout
     data = json.loads(_cli(tmp_path, doc, "--json").stdout)
     assert data["categories_checked"] is False and data["tolerances"]["category"] == 0.03
-    row = next(r for r in data["rows"] if r["name"] == "backward/other")
+    assert all(r["what"] != "category" for r in data["rows"])  # "rows": rest and peak figures, as before
+    row = next(r for r in data["category_rows"] if r["name"] == "backward/other")
     assert (row["what"], row["share_of"], row["ok"]) == ("category", 10_000, False)
 
 
