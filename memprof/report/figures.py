@@ -135,7 +135,7 @@ def peak_bars(run: dict[str, Any], phase: str) -> dict[str, Any]:
                     shown = format_bytes(total) if total is not None else "n/a"
                     hover.append(f"rank {r['rank']} {kind}, step {b['step']} {phase} peak ({shown})<br>"
                                  f"{loc}/{cat}: {format_bytes(v) if v is not None else 'n/a'} ({v} B), "
-                                 f"error {fmt_error(cell['error'])}")
+                                 f"error {fmt_error(cell['error'])}{' of the peak' if cell['tolerance'] is not None else ''}")
             traces.append(_category_bars(run, loc, cat, [outer, inner], y, hover))
     layout = _layout(f"{phase} peak", "MiB", barmode="stack", showlegend=False,  # colours: the at-rest chart's legend
                      margin={"l": 60, "r": 10, "t": 40, "b": 60})

@@ -1,5 +1,7 @@
 """Each rank's figures, measured beside estimated: at rest per location and category, its highest
-peak, and each phase's peak of the last complete step with what it is made of.
+peak, and each phase's peak of the steady cycle (the last complete step; with gradient
+accumulation, the micro-step of the last complete cycle with that phase's highest peak) with what
+it is made of.
 
 Every figure with an estimate takes its measured, estimated, error and check from
 :func:`memprof.compare.comparison_of`'s row, so the page cannot disagree with ``memprof compare --check``.
@@ -10,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from memprof.categories import CATEGORIES, LOCATIONS, PHASES
-from memprof.compare import estimate_for_rank, last_complete_step, relative_error
+from memprof.compare import category_row_name, estimate_for_rank, last_complete_step, peak_snapshots, steady_cycle
 
 
 def full_breakdown(b: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]]:
@@ -29,8 +31,43 @@ def figure(row: Any, measured: int | None, estimated: int | None) -> dict[str, A
             "tolerance": None}
 
 
+def _phase_figures(rank: int, cycle: list[dict[str, Any]], est: dict[str, Any] | None,
+                   rows: dict[tuple[int, str, str, str], Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each phase's peak (total, measured beside estimated) and what it is made of: the device
+    bytes of every category at the peak snapshot compare reads (:func:`memprof.compare.peak_snapshots`
+    of the steady cycle), beside the estimate's breakdown of that phase's peak moment
+    (``phases[phase]["peak"]``); each device category's error is compare's category row's, a share
+    of the phase's measured peak."""
+    snapshots = peak_snapshots(cycle)
+    phase_peaks, phase_breakdowns = [], []
+    for phase in PHASES:
+        e_phase = ((est or {}).get("phases") or {}).get(phase)
+        snap = snapshots.get(phase)
+        m_total = int(snap["phases"][phase]["peak_total"]) if snap else None
+        fig = figure(rows.get((rank, "peak", "device", phase)), m_total,
+                     int(e_phase["peak_total"]) if e_phase else None)
+        phase_peaks.append({"phase": phase, **fig})
+        if snap is None:
+            continue
+        m_b = full_breakdown(snap["phases"][phase]["peak"])
+        e_b = full_breakdown(e_phase["peak"]) if e_phase and e_phase.get("peak") is not None else None
+        cells = []
+        for loc in LOCATIONS:
+            for cat in CATEGORIES:
+                row = rows.get((rank, "category", loc, category_row_name(phase, cat)))
+                cell = figure(row, m_b[loc][cat], None if e_b is None else e_b[loc][cat])
+                cells.append({"location": loc, "category": cat, **cell})
+        phase_breakdowns.append({
+            "phase": phase, "step": int(snap["step"]),
+            "measured": m_b, "estimated": e_b,
+            "measured_total": fig["measured"], "estimated_total": fig["estimated"], "total_error": fig["error"],
+            "cells": cells,
+        })
+    return phase_peaks, phase_breakdowns
+
+
 def rank_data(entry: dict[str, Any], estimate: dict[str, Any] | None,
-               rows: dict[tuple[int, str, str, str], Any]) -> dict[str, Any]:
+              rows: dict[tuple[int, str, str, str], Any], gas: int = 1) -> dict[str, Any]:
     rank = int(entry["rank"])
     last = last_complete_step(entry)
     measured = full_breakdown(last["phases"]["step"]["end"]) if last else None
@@ -52,29 +89,7 @@ def rank_data(entry: dict[str, Any], estimate: dict[str, Any] | None,
             if rec is not None and (peak is None or int(rec["peak_total"]) > peak["bytes"]):
                 peak = {"bytes": int(rec["peak_total"]), "step": int(s["step"]), "phase": phase}
 
-    phase_peaks = []
-    # what each phase's peak of the last complete step is made of, beside the estimate's breakdown
-    # of that phase's peak moment (memprof.estimate's ``phases[phase]["peak"]``)
-    phase_breakdowns = []
-    for phase in PHASES:
-        e_phase = ((est or {}).get("phases") or {}).get(phase)
-        m_total = int(last["phases"][phase]["peak_total"]) if last else None
-        fig = figure(rows.get((rank, "peak", "device", phase)), m_total,
-                      int(e_phase["peak_total"]) if e_phase else None)
-        phase_peaks.append({"phase": phase, **fig})
-        if last is None:
-            continue
-        m_b = full_breakdown(last["phases"][phase]["peak"])
-        e_b = full_breakdown(e_phase["peak"]) if e_phase and e_phase.get("peak") is not None else None
-        phase_breakdowns.append({
-            "phase": phase, "step": int(last["step"]),
-            "measured": m_b, "estimated": e_b,
-            "measured_total": fig["measured"], "estimated_total": fig["estimated"], "total_error": fig["error"],
-            "cells": [{"location": loc, "category": cat, "measured": m_b[loc][cat],
-                       "estimated": None if e_b is None else e_b[loc][cat],
-                       "error": None if e_b is None else relative_error(m_b[loc][cat], e_b[loc][cat])}
-                      for loc in LOCATIONS for cat in CATEGORIES],
-        })
+    phase_peaks, phase_breakdowns = _phase_figures(rank, steady_cycle(entry, gas), est, rows)
 
     def total(b: dict[str, dict[str, int]] | None, loc: str) -> int | None:
         return None if b is None else sum(b[loc].values())

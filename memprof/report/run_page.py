@@ -6,7 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from memprof.categories import CATEGORIES, LOCATIONS
-from memprof.compare import PEAK_TOLERANCE, RESIDENT_TOLERANCE, Comparison, comparison_of, estimate_for_rank
+from memprof.compare import (
+    CATEGORY_TOLERANCE,
+    PEAK_TOLERANCE,
+    RESIDENT_TOLERANCE,
+    Comparison,
+    comparison_of,
+    estimate_for_rank,
+    rank_differences,
+    run_gas,
+    steady_cycle_indices,
+)
+from memprof.report.peak_words import highest_peak_story
 from memprof.report.rank_figures import rank_data
 from memprof.report.run_summary import run_label, run_summary
 from memprof.report.series import MAX_CHART_STEPS, loss_series, stacked_choice, stacked_timeline, timeline
@@ -77,9 +88,13 @@ def _check_verdict(cmp: Comparison) -> dict[str, Any]:
     bad = cmp.failures()
     return {
         "ok": cmp.ok,
-        "checked": sum(1 for r in cmp.rows if r.tolerance is not None),
+        "checked": sum(1 for r in cmp.rows if cmp.gates(r)),
         "resident_tolerance": RESIDENT_TOLERANCE,
         "peak_tolerance": PEAK_TOLERANCE,
+        "category_tolerance": CATEGORY_TOLERANCE,
+        "categories_checked": cmp.check_categories,
+        # category rows outside their tolerance that --check does not gate yet (CHECK_CATEGORIES_BY_DEFAULT)
+        "category_misses": 0 if cmp.check_categories else len(cmp.category_misses()),
         "failures": [{"rank": r.rank, "what": r.what, "location": r.location, "name": r.name,
                       "measured": r.measured, "estimated": r.estimated, "error": r.error, "tolerance": r.tolerance}
                      for r in bad],
@@ -89,6 +104,9 @@ def _check_verdict(cmp: Comparison) -> dict[str, Any]:
 def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_CHART_STEPS) -> dict[str, Any]:
     """The plain data of one run (checks its shape first; MemprofError names ``source``)."""
     check_run_doc(doc, source)
+    gas = run_gas(doc)
+    for i, entry in enumerate(doc["ranks"]):  # the peak snapshots compare and the composition view read
+        check_phase_records(doc, source, i, steady_cycle_indices(entry, gas))
     run = doc["run"]
     estimate = doc.get("estimate")
     order = sorted(range(len(doc["ranks"])), key=lambda i: int(doc["ranks"][i]["rank"]))
@@ -96,7 +114,7 @@ def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_
     world_size = int(run.get("world_size") or len(entries))
     cmp = comparison_of(doc, estimate) if estimate and estimate.get("ranks") else None
     rows = cmp.rows_by_figure() if cmp else {}
-    ranks = [rank_data(e, estimate, rows) for e in entries]
+    ranks = [rank_data(e, estimate, rows, gas) for e in entries]
     missing = sorted(set(int(r) for r in doc.get("missing_ranks") or [])
                      | (set(range(world_size)) - {r["rank"] for r in ranks}))
     longest = max((len(e["steps"]) for e in entries), default=0)
@@ -131,6 +149,8 @@ def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_
             "inputs": estimate.get("inputs"),
         },
         "check": None if not cmp or not cmp.rows else _check_verdict(cmp),
+        "highest_peak": highest_peak_story(ranks),
+        "rank_differences": [d.to_json() for d in (cmp.rank_differences if cmp else rank_differences(doc))],
         "timeline": [timeline(e, max_chart_steps) for e in entries],
         "stacked_timeline": stacked,
         "downsampled": longest > max_chart_steps,
