@@ -122,13 +122,22 @@ def test_micro_batch_is_derived_from_train_batch_size_and_world_size(tmp_path: P
         ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "'nvme' is not supported"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both bf16 and fp16"),
         ({"zero_optimization": {"stage": "2"}}, "stage is '2'"),
-        ({"activation_checkpointing": {"cpu_checkpointing": True}}, "cpu_checkpointing is not supported"),
     ],
 )
 def test_settings_memprof_cannot_honour_are_refused(tmp_path: Path, config: dict, fragment: str) -> None:
     full = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}, **config}
     with pytest.raises(MemprofError, match=fragment):
         load_deepspeed_config(_write(tmp_path, full))
+
+
+def test_activation_checkpointing_sub_keys_are_named_inert_for_hf_models(tmp_path: Path) -> None:
+    """transformers' models never read the block's sub-keys (issue 16): named, checkpointing on, no refusal."""
+    full = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"},
+            "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True,
+                                         "contiguous_memory_optimization": False}}
+    ds = load_deepspeed_config(_write(tmp_path, full))
+    assert ds.activation_checkpointing
+    assert any("partition_activations, .cpu_checkpointing: inert for HF models" in note for note in ds.notes())
 
 
 def test_offload_param_below_stage_3_is_ignored_as_deepspeed_ignores_it(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from memprof.errors import MemprofError
 from memprof.estimate.advise import COST_ORDER_TEXT, Advice, Change, advise
 from memprof.estimate.config_writer import recommended_config
 from memprof.estimate.inputs import EstimateInputs
-from memprof.estimate.model_shapes import model_shape
+from memprof.estimate.model_shapes import shape_of
 from memprof.run.files import write_json_atomic
 from memprof.units import format_bytes
 
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
 
 def _refuse_hopeless(inp: EstimateInputs, max_gpus: int) -> None:
     """Exit 2 when the GPU cannot even hold its share of the parameters on every stage."""
-    n_params = model_shape(inp.model_config, inp.n_params).n_params
+    n_params = shape_of(inp).n_params
     share = n_params * (4 if inp.precision == "fp32" else 2) // max_gpus
     usable = int(inp.gpu_memory_bytes * (1 - inp.headroom))
     if usable < share:

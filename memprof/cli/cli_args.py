@@ -35,7 +35,12 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=positive_int("--micro-batch"),
                    help="micro-batch per GPU (default: train_micro_batch_size_per_gpu, else 1)")
     p.add_argument("--seq-len", type=positive_int("--seq-len"), help="sequence length (default: the model's n_positions)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--activation-checkpointing", "--gradient-checkpointing", dest="activation_checkpointing", action="store_true",
+                   help="recompute each block in backward (HF gradient checkpointing; TrainingArguments' name is an alias)")
+    p.add_argument("--peft-config", help="PEFT adapter_config.json (LoraConfig.save_pretrained's file, or its folder): "
+                   "LoRA adapters train, the model is frozen")
+    p.add_argument("--lora-r", type=positive_int("--lora-r"), help="LoRA rank (over --peft-config's r)")
+    p.add_argument("--lora-target-modules", help="LoRA target modules, e.g. q_proj,v_proj or all-linear (over --peft-config's)")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
     p.add_argument("--offload-optimizer", help="none or cpu")
     p.add_argument("--offload-params", "--offload-param", dest="offload_param", help="none or cpu (stage 3 only)")
@@ -122,4 +127,6 @@ def _setup_flags(args: argparse.Namespace, world_size: int | None) -> SetupFlags
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         activation_checkpointing=bool(args.activation_checkpointing),
         offload_optimizer=_choice(args.offload_optimizer, OFFLOAD_DEVICES, "--offload-optimizer device"),
-        offload_param=_choice(args.offload_param, OFFLOAD_DEVICES, "--offload-params device"))
+        offload_param=_choice(args.offload_param, OFFLOAD_DEVICES, "--offload-params device"),
+        peft_config=getattr(args, "peft_config", None), lora_r=getattr(args, "lora_r", None),
+        lora_target_modules=getattr(args, "lora_target_modules", None))

@@ -89,11 +89,15 @@ def _activation_checkpointing(ds: Mapping[str, Any], reading: Reading) -> bool:
         return False
     if not isinstance(block, dict):
         raise reading.fail("activation_checkpointing must be an object")
-    # The HF model checkpoints through torch.utils.checkpoint, which has no DeepSpeed extras.
-    unsupported = [k for k in ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization") if block.get(k)]
-    if unsupported:
-        raise reading.fail(f"activation_checkpointing.{unsupported[0]} is not supported by memprof (the launcher "
-                           "checkpoints with torch.utils.checkpoint, and the estimate models that): remove it")
+    # transformers' models checkpoint through torch.utils.checkpoint (PreTrainedModel
+    # ._set_gradient_checkpointing); only Megatron-style code calling deepspeed.checkpointing
+    # (runtime/activation_checkpointing/checkpointing.py: configure / checkpoint) reads these keys,
+    # so for an HF model (the launcher's, the Trainer's) they change nothing: named, not refused
+    inert = [k for k, v in block.items() if v not in (None, False, 0) and k != "number_checkpoints"]
+    if inert:
+        reading.ignored.append(f"activation_checkpointing.{', .'.join(inert)}: inert for HF models (transformers "
+                               "checkpoints with torch.utils.checkpoint and never reads them; only code calling "
+                               "deepspeed.checkpointing does)")
     return True
 
 

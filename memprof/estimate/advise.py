@@ -36,7 +36,7 @@ from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import MemprofError
 from memprof.estimate.core import activations_not_estimated, estimate, peak_device_and_host_bytes
 from memprof.estimate.inputs import EstimateInputs
-from memprof.estimate.model_shapes import model_shape
+from memprof.estimate.model_shapes import shape_of
 from memprof.estimate.result import Estimate
 from memprof.units import format_bytes
 
@@ -265,7 +265,7 @@ def _evaluate(base_inp: EstimateInputs, base_peak: PeakAt, base_costs: StepCosts
               description: str, fields: dict[str, Any], n_params: int) -> Change:
     try:
         inp = base_inp.with_(**fields)
-        missing = activations_not_estimated(inp, model_shape(inp.model_config, inp.n_params))
+        missing = activations_not_estimated(inp, shape_of(inp))
         if missing is not None:
             return Change(change, description, None, None, None, None, None, "unknown", None, unknown=missing)
         est = estimate(inp)
@@ -358,7 +358,7 @@ def advise(base: EstimateInputs, max_gpus: int | None = None) -> Advice:
         raise MemprofError("advise needs the GPU memory size: pass --gpu-memory, e.g. 80GiB")
     if base.layout != "deepspeed":
         raise MemprofError(f"advise works on DeepSpeed's own layout, not --layout {base.layout}: drop --layout")
-    shape = model_shape(base.model_config, base.n_params)
+    shape = shape_of(base)
     missing = activations_not_estimated(base, shape)
     if missing is not None:
         raise MemprofError(f"{missing}, so advise cannot tell what fits: pass --model or --model-config of a GPT-2 "

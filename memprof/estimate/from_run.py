@@ -10,6 +10,7 @@ from memprof.engines import Engine
 from memprof.errors import MemprofError
 from memprof.estimate.inputs import ATTN_IMPLEMENTATIONS, EstimateInputs
 from memprof.estimate.settings import settings_from_deepspeed_config
+from memprof.peft_config import lora_setup_from_dict
 from memprof.units import is_positive_int
 
 
@@ -61,6 +62,8 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
             "the run records neither model_config nor n_params, so it cannot be re-estimated: "
             "re-run it with a newer memprof launcher"
         )
+    if isinstance(run.get("peft_config"), dict):  # memprof.run.facts.peft_facts: the adapter config
+        kw["peft"] = lora_setup_from_dict(run["peft_config"], "the run's peft_config")
     if run.get("model") is not None:
         kw["model_name"] = str(run["model"])
     if run.get("device_type") is not None:

@@ -21,6 +21,7 @@ from memprof.estimate.settings import (
     settings_from_setup_files,
 )
 from memprof.optimizers import OPTIMIZERS
+from memprof.peft_config import LoraSetup
 from memprof.units import is_positive_int
 
 __all__ = [
@@ -92,6 +93,10 @@ class EstimateInputs:
     estimate lists them among its assumptions."""
     auto_values: dict[str, Any] = field(default_factory=dict)
     """``{dotted config key: value}`` for every "auto" the config had, as resolved."""
+    peft: LoraSetup | None = None
+    """PEFT LoRA adapters (``--peft-config`` / ``--lora-r`` / ``--lora-target-modules``, or the
+    run's recorded adapter config): the backbone frozen, the adapters trained. None: every
+    parameter trains."""
 
     def __post_init__(self) -> None:
         validate_inputs(self)
@@ -112,6 +117,8 @@ def validate_inputs(inp: EstimateInputs) -> None:
     """MemprofError, one line naming the bad setting, for anything an estimate cannot use."""
     if inp.model_config is None and inp.n_params is None:
         raise MemprofError("no model: pass --model PRESET, --model-config PATH or --params N")
+    if inp.peft is not None and not isinstance(inp.peft, LoraSetup):
+        raise MemprofError(f"peft {inp.peft!r} must be a LoraSetup (memprof.peft_config)")
     if inp.n_params is not None and (not isinstance(inp.n_params, int) or inp.n_params <= 0):
         raise MemprofError(f"parameter count {inp.n_params!r} must be a positive number, e.g. --params 7.5e9")
     _positive_int(inp.world_size, "world size", "--world-size 8 (or --nodes and --gpus-per-node)")

@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
+from memprof.estimate.lora_shape import apply_lora
 from memprof.families import family_of
 from memprof.families.common import ModelFamily
+from memprof.peft_config import LoraSetup
 
 
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimator needs to know about a model."""
 
-    param_numels: tuple[int, ...]  # one per trainable parameter tensor, counted once (tied once)
+    param_numels: tuple[int, ...]  # one per parameter tensor in parameters() order, counted once (tied once)
     model_type: str | None = None
     n_layer: int | None = None
     hidden: int | None = None
@@ -47,6 +49,30 @@ class ModelShape:
     mlp_bias: bool = False  # Llama's mlp_bias: gate/up/down_proj carry biases
     hidden_act: str | None = None  # Llama family: the MLP activation (the activation model is SiLU's)
     sliding_window: int | None = None  # Mistral / Qwen2 (use_sliding_window): attention window
+    # requires_grad per entry of ``param_numels``; None: every parameter trains (full fine-tuning)
+    trainable_mask: tuple[bool, ...] | None = None
+    # LoRA (memprof.estimate.lora_shape): each wrapped Linear's (in_features, out_features), in
+    # parameters() order, its rank and lora_dropout; empty without LoRA
+    lora_adapters: tuple[tuple[int, int], ...] = ()
+    lora_r: int = 0
+    lora_dropout: float = 0.0
+
+    @functools.cached_property
+    def trainable(self) -> ModelShape:
+        """The parameters that train, as DeepSpeed's optimizers see them: every ZeRO optimizer and
+        FP16/BF16 wrapper keeps only ``is_optimized_parameter`` ones (requires_grad, numel > 0;
+        runtime/utils.py), in ``parameters()`` order: stage_1_and_2.py ``DeepSpeedZeroOptimizer.__init__``
+        (bit16_groups = trainable_parameters), stage3.py ``_get_trainable_parameter_groups``,
+        fp16/fused_optimizer.py and unfused_optimizer.py ``__init__``, bf16_optimizer.py. Itself
+        when every parameter trains (so full fine-tuning's arithmetic is untouched)."""
+        if self.trainable_mask is None:
+            return self
+        return ModelShape(param_numels=tuple(n for n, t in zip(self.param_numels, self.trainable_mask) if t))
+
+    @functools.cached_property
+    def frozen_numel(self) -> int:
+        """Elements of the parameters with requires_grad=False (0 in full fine-tuning)."""
+        return self.n_params - self.trainable.n_params
 
     @functools.cached_property
     def n_params(self) -> int:
@@ -208,25 +234,36 @@ class ModelShape:
         return self.family is not None and self.n_layer is not None
 
 
-def model_shape(cfg: dict[str, Any] | None = None, n_params: int | None = None) -> ModelShape:
-    """The shape of a model from its HF config dict, or a bare parameter count (memoised: the
-    planner asks for the same model thousands of times)."""
+def model_shape(cfg: dict[str, Any] | None = None, n_params: int | None = None, lora: LoraSetup | None = None) -> ModelShape:
+    """The shape of a model from its HF config dict, or a bare parameter count, wrapped with LoRA
+    when ``lora`` is given (memoised: the planner asks for the same model thousands of times)."""
     key = json.dumps(cfg, sort_keys=True, default=str) if cfg is not None else None
-    return _model_shape_cached(key, n_params)
+    return _model_shape_cached(key, n_params, lora)
+
+
+def shape_of(inputs: Any) -> ModelShape:
+    """The shape of an ``EstimateInputs``' model (its LoRA adapters included)."""
+    return model_shape(inputs.model_config, inputs.n_params, inputs.peft)
 
 
 @functools.lru_cache(maxsize=128)
-def _model_shape_cached(cfg_json: str | None, n_params: int | None) -> ModelShape:
+def _model_shape_cached(cfg_json: str | None, n_params: int | None, lora: LoraSetup | None = None) -> ModelShape:
     cfg = json.loads(cfg_json) if cfg_json is not None else None
     if cfg is None:
         if n_params is None or n_params <= 0:
             raise MemprofError("no model: pass --model PRESET, --model-config PATH or --params N")
+        if lora is not None:
+            raise MemprofError("LoRA needs the model's shape: pass --model PRESET or --model-config PATH, not --params")
         # A bare count: one flat tensor. Padding and partition boundaries are then per the whole model.
         return ModelShape(param_numels=(int(n_params),))
     model_type = cfg.get("model_type")
     family = family_of(model_type)
+    if family is not None and lora is not None:
+        return ModelShape(**apply_lora(family.shape_fields(cfg), cfg, lora, family))
     if family is not None:
         return ModelShape(**family.shape_fields(cfg))
+    if lora is not None:
+        raise MemprofError(f"LoRA on model_type {model_type!r} is not modelled (no family file)")
     if not isinstance(model_type, str):
         raise MemprofError("model config has no \"model_type\": pass an HF config.json")
     return ModelShape(param_numels=_meta_param_numels(cfg), model_type=model_type)

@@ -18,7 +18,7 @@ from typing import Any
 from memprof.errors import MemprofError
 from memprof.estimate.core import activations_not_estimated, peak_device_and_host_bytes
 from memprof.estimate.inputs import EstimateInputs
-from memprof.estimate.model_shapes import model_shape
+from memprof.estimate.model_shapes import shape_of
 from memprof.units import is_positive_int
 
 MAX_MICRO_BATCH = 4096
@@ -115,7 +115,7 @@ def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None, model_sta
         raise MemprofError("plan needs the GPU memory size: pass --gpu-memory, e.g. 80GiB")
     if base.layout != "deepspeed":
         raise MemprofError(f"plan sweeps DeepSpeed's own layout, not --layout {base.layout}: drop --layout")
-    missing = activations_not_estimated(base, model_shape(base.model_config, base.n_params))
+    missing = activations_not_estimated(base, shape_of(base))
     if missing is not None and not model_states_only:
         raise MemprofError(f"{missing}, so plan cannot tell what fits: pass --model-states-only to plan on model states alone")
     if missing is None and model_states_only:

@@ -100,6 +100,8 @@ class Estimate:
             "host_memory_bytes": self.inputs.host_memory_bytes,
             "host_fits": self.host_fits,
             "n_params": self.shape.n_params,
+            **({"n_trainable_params": self.shape.trainable.n_params, "n_frozen_params": self.shape.frozen_numel}
+               if self.shape.trainable_mask is not None else {}),
             "layout": self.inputs.layout,
             "assumptions": list(self.assumptions),
             "overhead": dict(self.overhead),

@@ -19,6 +19,7 @@ from typing import Any
 
 from memprof.dsconfig import DeepSpeedSettings, ZeroKnobs, read_deepspeed_config
 from memprof.errors import MemprofError
+from memprof.peft_config import lora_setup_from_flags, read_peft_config
 from memprof.units import is_positive_int
 
 
@@ -38,6 +39,9 @@ class SetupFlags:
     activation_checkpointing: bool = False
     offload_optimizer: str | None = None
     offload_param: str | None = None
+    peft_config: str | os.PathLike | None = None  # PEFT adapter_config.json
+    lora_r: int | None = None  # --lora-r, over the file's r
+    lora_target_modules: str | None = None  # --lora-target-modules a,b, over the file's
 
 
 def settings_from_setup(
@@ -101,6 +105,10 @@ def _with_flags(fields: dict[str, Any], flags: SetupFlags) -> dict[str, Any]:
     if flags.offload_param is not None:
         zero = replace(zero, offload_param=flags.offload_param)
     fields["zero"] = zero
+    lora = lora_setup_from_flags(flags.lora_r, flags.lora_target_modules,
+                                 read_peft_config(flags.peft_config) if flags.peft_config is not None else None)
+    if lora is not None:
+        fields["peft"] = lora
     return fields
 
 

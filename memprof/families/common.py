@@ -59,6 +59,19 @@ def attention_keeps_probabilities(attn_implementation: str, device_type: str, at
 
 
 @dataclass(frozen=True)
+class ParamModule:
+    """One parameter-holding module of the HF causal LM, as PEFT sees it (``model.named_modules()``
+    of the model ``get_peft_model`` wraps): its full name, its own parameters as (name, index into
+    the family's parameter numels) and, for an ``nn.Linear`` / GPT-2 ``Conv1D``, its in and out
+    features (what a LoRA adapter on it is shaped by)."""
+
+    name: str  # e.g. "transformer.h.0.attn.c_attn", "model.layers.0.self_attn.q_proj"
+    params: tuple[tuple[str, int], ...]  # (("weight", 4), ("bias", 5)); a tied lm_head: (("weight", 0),)
+    linear: tuple[int, int] | None = None  # (in_features, out_features) of a Linear / Conv1D
+    output_embedding: bool = False  # the LM head (get_output_embeddings): left out of "all-linear"
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """Everything memprof knows about one family of HF causal LMs: the launcher, the estimator and
     the CLI ask this instead of testing ``model_type``. One instance per family file
@@ -90,6 +103,9 @@ class ModelFamily:
     shape_fields: Callable[[dict[str, Any]], dict[str, Any]]
     # activation bytes of one micro-batch, or None where the family's formula does not apply
     activations: Callable[[Any, ActivationQuery], Activations | None]
+    # the parameter-holding modules in ``model.parameters()`` order (PEFT's view: LoRA targets,
+    # modules_to_save); None where the family does not list them (LoRA then refused)
+    param_modules: Callable[[dict[str, Any]], tuple[ParamModule, ...]] | None = None
 
     @property
     def model_types(self) -> tuple[str, ...]:

@@ -55,6 +55,7 @@ from memprof.families.common import (
     ActivationQuery,
     Activations,
     ModelFamily,
+    ParamModule,
     attention_keeps_probabilities,
 )
 from memprof.units import is_positive_int
@@ -113,6 +114,39 @@ def gpt2_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
     modules.append((ln_f, ln_f + 1))
     modules.append((0,) if cfg.get("tie_word_embeddings", True) is not False else (ln_f + 2,))
     return tuple(modules)
+
+
+def gpt2_param_modules(cfg: dict[str, Any]) -> tuple[ParamModule, ...]:
+    """GPT2LMHeadModel's parameter-holding modules in ``parameters()`` order, named as
+    ``named_modules()`` names them, with the Conv1D layers' (in, out) features (Conv1D's weight is
+    (in, out): ``nf`` out); indices as in :func:`gpt2_param_numels`. ``lm_head`` (nn.Linear, the
+    output embedding) is listed last, holding wte's weight when tied. Cross-attention blocks are
+    not listed (LoRA on them is refused)."""
+    if cfg.get("add_cross_attention"):
+        raise MemprofError("LoRA on GPT-2 with add_cross_attention is not modelled")
+    n_layer, h, vocab = _req(cfg, "n_layer"), _req(cfg, "n_embd"), _req(cfg, "vocab_size")
+    inner = int(cfg.get("n_inner") or 4 * h)
+    wb = (("weight", 0), ("bias", 1))
+
+    def at(base: int, pairs: tuple[tuple[str, int], ...] = wb) -> tuple[tuple[str, int], ...]:
+        return tuple((name, base + i) for name, i in pairs)
+
+    out = [ParamModule("transformer.wte", (("weight", 0),)), ParamModule("transformer.wpe", (("weight", 1),))]
+    for layer in range(n_layer):
+        b, name = 2 + 12 * layer, f"transformer.h.{layer}"
+        out += [
+            ParamModule(f"{name}.ln_1", at(b)),
+            ParamModule(f"{name}.attn.c_attn", at(b + 2), (h, 3 * h)),
+            ParamModule(f"{name}.attn.c_proj", at(b + 4), (h, h)),
+            ParamModule(f"{name}.ln_2", at(b + 6)),
+            ParamModule(f"{name}.mlp.c_fc", at(b + 8), (h, inner)),
+            ParamModule(f"{name}.mlp.c_proj", at(b + 10), (inner, h)),
+        ]
+    ln_f = 2 + 12 * n_layer
+    out.append(ParamModule("transformer.ln_f", at(ln_f)))
+    tied = cfg.get("tie_word_embeddings", True) is not False
+    out.append(ParamModule("lm_head", (("weight", 0 if tied else ln_f + 2),), (h, vocab), output_embedding=True))
+    return tuple(out)
 
 
 def gpt2_shape_fields(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -431,4 +465,5 @@ FAMILY = ModelFamily(
     default_special_token_id=50256,  # GPT2Config's bos/eos_token_id
     shape_fields=gpt2_shape_fields,
     activations=gpt2_activations,
+    param_modules=gpt2_param_modules,
 )

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
-from memprof.families.common import FP32, INT64, ActivationQuery, Activations, ModelFamily
+from memprof.families.common import FP32, INT64, ActivationQuery, Activations, ModelFamily, ParamModule
 from memprof.units import is_positive_int
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -214,6 +214,36 @@ def llama_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
     modules.append((norm,))
     modules.append((0,) if f["tie_word_embeddings"] else (norm + 1,))
     return tuple(modules)
+
+
+def llama_param_modules(cfg: dict[str, Any]) -> tuple[ParamModule, ...]:
+    """The parameter-holding modules in ``parameters()`` (registration) order, named as
+    ``named_modules()`` names them, with each nn.Linear's (in_features, out_features); indices as
+    in :func:`llama_param_numels`. ``lm_head`` (the output embedding) last, holding
+    embed_tokens' weight when tied."""
+    f = llama_family_fields(cfg)
+    h, inter, vocab = f["hidden_size"], f["intermediate_size"], f["vocab_size"]
+    a, kv, d = f["num_attention_heads"], f["num_key_value_heads"], f["head_dim"]
+    qkv_bias, o_bias, mlp_bias = _llama_biases(f)
+    linears = (("self_attn.q_proj", h, a * d, qkv_bias), ("self_attn.k_proj", h, kv * d, qkv_bias),
+               ("self_attn.v_proj", h, kv * d, qkv_bias), ("self_attn.o_proj", a * d, h, o_bias),
+               ("mlp.gate_proj", h, inter, mlp_bias), ("mlp.up_proj", h, inter, mlp_bias),
+               ("mlp.down_proj", inter, h, mlp_bias))
+    out = [ParamModule("model.embed_tokens", (("weight", 0),))]
+    i = 1
+    for layer in range(f["num_hidden_layers"]):
+        name = f"model.layers.{layer}"
+        for sub, fan_in, fan_out, bias in linears:
+            params = (("weight", i), ("bias", i + 1)) if bias else (("weight", i),)
+            out.append(ParamModule(f"{name}.{sub}", params, (fan_in, fan_out)))
+            i += len(params)
+        out += [ParamModule(f"{name}.input_layernorm", (("weight", i),)),
+                ParamModule(f"{name}.post_attention_layernorm", (("weight", i + 1),))]
+        i += 2
+    out.append(ParamModule("model.norm", (("weight", i),)))
+    tied = bool(f["tie_word_embeddings"])
+    out.append(ParamModule("lm_head", (("weight", 0 if tied else i + 1),), (h, vocab), output_embedding=True))
+    return tuple(out)
 
 
 def llama_shape_fields(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -513,4 +543,5 @@ FAMILY = ModelFamily(
     default_special_token_id=None,  # LlamaConfig / MistralConfig: 1, 2; Qwen2Config: None
     shape_fields=llama_shape_fields,
     activations=llama_activations,
+    param_modules=llama_param_modules,
 )

@@ -62,3 +62,44 @@ def count_parameters(model: Any) -> int:
     (embedding / lm_head) once; under ZeRO-3 (``zero.Init``) each parameter is an empty placeholder
     that keeps its full size as ``ds_numel`` (deepspeed/runtime/zero/partition_parameters.py)."""
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def peft_facts(model: Any) -> dict[str, Any]:
+    """What a run records about PEFT adapters on ``model`` (a ``peft.PeftModel``, found by duck
+    typing, no peft import): ``peft_config``, the active adapter's config as adapter_config.json
+    writes it (``PeftConfig.to_dict``, sets as sorted lists), which ``inputs_from_run`` reads back
+    (memprof.peft_config.lora_setup_from_dict); and ``n_trainable_params`` / ``n_frozen_params``
+    (requires_grad; ZeRO-3 placeholders counted by ``ds_numel``). Empty for a model without
+    adapters, apart from the two counts when some parameter is frozen."""
+    out: dict[str, Any] = {}
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and configs:
+        name = getattr(model, "active_adapter", None)
+        config = configs.get(name) if isinstance(name, str) and name in configs else next(iter(configs.values()))
+        raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+        out["peft_config"] = {k: _json_value(v) for k, v in raw.items()}
+    trainable = frozen = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    if out or frozen:
+        out.update(n_trainable_params=trainable, n_frozen_params=frozen)
+    return out
+
+
+def _json_value(value: Any) -> Any:
+    """A PeftConfig field as JSON (enum -> its value, set -> sorted list, anything else odd -> str)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(str(v) for v in value)
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
+        return value.value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return str(value)

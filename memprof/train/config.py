@@ -12,6 +12,7 @@ data, the length of the run and where its files go.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from memprof.argparsing import MemprofArgumentParser, positive_int, positive_siz
 from memprof.dsconfig import DeepSpeedSettings, launchable_optimizer_name, read_deepspeed_config
 from memprof.errors import MemprofError
 from memprof.models import PRESETS, load_model_config, max_positions, preset_config, validate_launchable
+from memprof.peft_config import LoraSetup, read_peft_config
 
 # Reading the config, DeepSpeed's own launch-time refusals (strict=True) and the vocabularies live in
 # memprof.dsconfig; the optimizer zoo in memprof.optimizers. Here: the launcher's flags.
@@ -74,6 +76,11 @@ class TrainConfig:
     """The DeepSpeed JSON as read by memprof.dsconfig (``.config`` is the object as loaded)."""
     local_rank_flag: int | None = field(default=None)
     """``--local_rank`` as passed by the deepspeed launcher (the env LOCAL_RANK wins when set)."""
+    peft: LoraSetup | None = None
+    """``--peft-config``: the LoRA adapters PEFT wraps the model with before ``deepspeed.initialize``
+    (read and checked against the model by memprof.peft_config / memprof.estimate.lora_shape)."""
+    peft_config_raw: dict[str, Any] | None = None
+    """The adapter_config.json object as loaded (what ``peft.LoraConfig`` is built from)."""
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -97,6 +104,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for rank<R>.jsonl, memprof.json, report.html")
     p.add_argument("--memory-budget", type=positive_size("--memory-budget"), default=None, metavar="SIZE",
                    help="simulated device capacity, e.g. 2GiB (default: none)")
+    p.add_argument("--peft-config", default=None, metavar="PATH",
+                   help="PEFT adapter_config.json (LoRA): wrap the model with get_peft_model before deepspeed.initialize")
     p.add_argument("--data", default=None, metavar="PATH", help="UTF-8 text file to train on (default: the text shipped with memprof)")
     # The deepspeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -131,6 +140,7 @@ def parse_args(
     if text_path is not None and not text_path.is_file():
         raise MemprofError(f"--data {text_path} is not a file: pass a UTF-8 text file or leave --data out")
 
+    peft, peft_raw = _peft_settings(args.peft_config, model.config)
     world_size = _int_env(environ, "WORLD_SIZE", default=1)
     ds = load_deepspeed_config(args.deepspeed_config, world_size=world_size)
     if check_precision is not None:
@@ -144,7 +154,23 @@ def parse_args(
         run=RunSettings(steps=args.steps, out_dir=out_dir, memory_budget_bytes=budget),
         deepspeed=ds,
         local_rank_flag=args.local_rank,
+        peft=peft,
+        peft_config_raw=peft_raw,
     )
+
+
+def _peft_settings(path: str | None, model_config: dict[str, Any]) -> tuple[LoraSetup | None, dict[str, Any] | None]:
+    """``--peft-config``: the LoRA setup, refused in one line where memprof does not model it or the
+    model lacks a target (checked on the model's shape, before anything is built)."""
+    if path is None:
+        return None, None
+    from memprof.estimate.model_shapes import model_shape
+
+    lora = read_peft_config(path)
+    model_shape(model_config, None, lora)  # a target the model does not have: MemprofError
+    file = os.path.join(path, "adapter_config.json") if os.path.isdir(path) else path
+    with open(file, encoding="utf-8") as f:
+        return lora, json.load(f)
 
 
 def _model_settings(preset: str | None, config_path: str | None) -> ModelSettings:

@@ -41,7 +41,11 @@ def run_training(config: TrainConfig) -> int:
     # 4. The engine: the DeepSpeed JSON, exactly as loaded, is the only source of training settings.
     # A deep copy, so whatever DeepSpeed fills in never leaks into the recorded run metadata.
     ds_config = copy.deepcopy(config.deepspeed.config)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    # With adapters the optimizer is given the trainable parameters only (as HF's Trainer does):
+    # DeepSpeed's ZeRO and FP16/BF16 optimizers drop frozen ones anyway (is_optimized_parameter),
+    # and a constructor-made state (torch Adagrad) then covers the trainable ones alone.
+    params = [p for p in model.parameters() if p.requires_grad] if config.peft is not None else model.parameters()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
 
     # 5. The profiled steps.
     profiler = MemoryProfiler(engine=engine, out_dir=config.run.out_dir, run=run_meta, memory_budget=config.run.memory_budget_bytes)
@@ -111,10 +115,14 @@ def _batches(config: TrainConfig, rank: int, world_size: int) -> Any:
 def _model_and_run_meta(config: TrainConfig, dist_facts: DistributedFacts, batches: Any) -> tuple[Any, dict[str, Any]]:
     """3. The model and the run metadata, counted before DeepSpeed wraps it (ZeRO-3 would replace
     parameters with shards)."""
-    from memprof.train.model import build_model
+    from memprof.run.facts import peft_facts
+    from memprof.train.model import build_model, wrap_with_peft
 
     model = build_model(config.model.config, seed=config.data.seed, activation_checkpointing=config.deepspeed.activation_checkpointing)
+    if config.peft is not None:
+        model = wrap_with_peft(model, config.peft_config_raw or {})
     run_meta = describe_launched_run(config, dist_facts, count_parameters(model))
+    run_meta.update(peft_facts(model))
     # The script's own resident tensors (the token stream and the batch start offsets) live in the
     # measured device memory on a CPU run; recorded so the estimate can count them as `other`.
     run_meta["data_tensor_bytes"] = batches.resident_bytes()

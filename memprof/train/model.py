@@ -71,3 +71,22 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def wrap_with_peft(model: torch.nn.Module, adapter_config: dict[str, Any]) -> torch.nn.Module:
+    """``peft.get_peft_model`` with the LoraConfig of an adapter_config.json object (its LoraConfig
+    fields; ``peft_type``, versions and the like dropped), before ``deepspeed.initialize``.
+
+    get_peft_model freezes every base parameter, adds lora_A / lora_B to each target and, when the
+    model has gradient checkpointing on (``is_gradient_checkpointing``), calls
+    ``enable_input_require_grads`` (peft_model.py ``PeftModel.__init__`` ->
+    ``_prepare_model_for_gradient_checkpointing``) so the embedding output requires grad."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    kwargs = {k: v for k, v in adapter_config.items() if k in names and k not in ("peft_type", "revision")}
+    peft_model = get_peft_model(model, LoraConfig(**kwargs))
+    peft_model.train()
+    return peft_model

@@ -30,9 +30,11 @@ from memprof.estimate.optimizers import optimizer_state_bytes
 def ddp_layout(s: LayoutSetup, out: StateLayout) -> None:
     """The model states of ``s.rank`` under DDP (every rank alike): parameters, the gradient
     buckets, the optimizer's state; ``param.grad`` from backward's end through the step."""
-    inp, e, total = s.inp, s.e, s.total
-    out.add("device", P, total * e)
-    out.add("device", C, total * e)  # the Reducer's buckets: one element per trainable parameter
+    inp, e, total = s.inp, s.e, s.t_total  # total: the trainable parameters (all, in full fine-tuning)
+    out.add("device", P, s.total * e)  # every parameter, frozen ones too
+    # the Reducer's buckets: one element per trainable parameter (DistributedDataParallel
+    # _build_params_for_reducer keeps parameters with requires_grad only)
+    out.add("device", C, total * e)
     out.notes.append(
         "torch DDP, no DeepSpeed: its gradient buckets hold a copy of every gradient for the run "
         f"({total * e:,} bytes, comm_buffers); no DeepSpeed all-reduce copy; not modelled: with "
@@ -43,7 +45,7 @@ def ddp_layout(s: LayoutSetup, out: StateLayout) -> None:
     # backward: param.grad for every param, all-reduced through the buckets that exist already
     out.backward_end_extra = {G: total * e}
     # step: param.grad and the optimizer's temporaries
-    out.step_moments = [{G: total * e, O: optimizer_temporaries(inp, s.largest, total, s.device_type, s.numels)}]
+    out.step_moments = [{G: total * e, O: optimizer_temporaries(inp, s.t_largest, total, s.device_type, s.numels)}]
     # gradients accumulate in param.grad in place (DDP's no_sync, or reducing every micro-step:
     # either way every param.grad, e*P, is alive between micro-steps)
     accumulate_between_microsteps(s, out, {G: total * e}, same_at_end=(G,), how="every param.grad (e*P)")

@@ -117,8 +117,10 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     ``FP16_Optimizer`` (fp16/fused_optimizer.py, FusedAdam) or ``FP16_UnfusedOptimizer``
     (fp16/unfused_optimizer.py, any other) in bf16/fp16 (``_do_optimizer_sanity_check`` /
     ``_configure_fp16_optimizer``); gradients are all-reduced by ``buffered_allreduce_fallback``."""
-    inp, e, total = s.inp, s.e, s.total
-    out.add("device", P, total * e)
+    inp, e, total = s.inp, s.e, s.t_total  # total: the trainable parameters (all, in full fine-tuning)
+    # every parameter, frozen ones too, in the compute dtype (engine._configure_distributed_model
+    # casts them all: _cast_module_mixed_precision); only trainable ones get grads, master, state
+    out.add("device", P, s.total * e)
     if e < FP32:
         # engine._do_optimizer_sanity_check: bf16/fp16 at stage 0 -> FP16_Optimizer (FusedAdam) or
         # FP16_UnfusedOptimizer (any other): fp32 copies of every param, per tensor or flat
@@ -128,7 +130,7 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
     # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
     out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0}
-    temporaries = optimizer_temporaries(inp, s.largest, total, s.device_type, s.numels)
+    temporaries = optimizer_temporaries(inp, s.t_largest, total, s.device_type, s.numels)
     if e < FP32 and uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
         # FP16_Optimizer.step (fp16/fused_optimizer.py:284): _flatten_dense_tensors over a list
         # of p.grad.to(fp32) copies, so the per-parameter fp32 copies (4P) and the flat fp32
@@ -151,8 +153,12 @@ def _stage12_resident(s: LayoutSetup, out: StateLayout, opt_loc: str, pinned: bo
     group, this rank's fp32 master partition and the inner optimizer's state for it. Returns the
     partition's numel."""
     inp, e = s.inp, s.e
-    padded, part, _ = stage12_partition(s.shape, s.N, s.rank)
+    padded, part, _ = stage12_partition(s.trainable, s.N, s.rank)
     out.add("device", P, padded * e)  # bit16_groups_flat (fp32 in fp32 mode), padding included
+    if s.frozen:
+        # bit16_groups holds trainable parameters only (__init__: is_optimized_parameter): a frozen
+        # parameter stays a whole module tensor on every rank, in the compute dtype
+        out.add("device", P, s.frozen * e)
     out.add(opt_loc, M, _host_bytes(s, part * FP32, pinned))  # single_partition_of_fp32_groups (pinned: :565)
     out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part, 1, step_tensors=s.step_tensors))
     return part
@@ -171,7 +177,7 @@ def _stale_adagrad_state(s: LayoutSetup, out: StateLayout) -> None:
     spec = OPTIMIZER_SPECS[s.inp.optimizer]
     if spec.lazy:
         return
-    out.add("device", O, optimizer_state_bytes(s.inp.optimizer, s.total, len(s.numels), state_bytes_per_element=s.e))
+    out.add("device", O, optimizer_state_bytes(s.inp.optimizer, s.t_total, len(s.numels), state_bytes_per_element=s.e))
     out.notes.append(f"ZeRO-1/2 {spec.torch_class}: the engine's original optimizer stays alive with its "
                      f"constructor-made full-size state in the model dtype ({s.e}P + 4 per tensor)")
 
@@ -182,14 +188,14 @@ def _bf16_optimizer(s: LayoutSetup, out: StateLayout) -> None:
     inp, e = s.inp, s.e
     part = _stage12_resident(s, out, "device")
     _stale_adagrad_state(s, out)
-    padded, _, _ = stage12_partition(s.shape, s.N, s.rank)
+    padded, _, _ = stage12_partition(s.trainable, s.N, s.rank)
     # fp32_groups_gradients_flat: one fp32 gradient per element of the whole (padded) group, kept for the run
     out.add("device", G, padded * FP32)
     out.notes.append("ZeRO-1 + bf16 + fp32 gradient accumulation: BF16_Optimizer keeps fp32 gradients of the whole group (4 bytes/param)")
     # BF16_Optimizer has no IPG buckets: backward_epilogue adds every param's bf16 .grad into
     # the kept fp32 gradients and leaves the bf16 grads allocated through step() (the
     # engine's zero_grad frees them after it); the optimizer steps the fp32 partition in place.
-    lp_grads = {G: s.total * e}
+    lp_grads = {G: s.t_total * e}
     out.backward_end_extra = lp_grads
     out.step_moments = [{**lp_grads, O: optimizer_temporaries(inp, part, part, s.device_type)}]
     # the bf16 .grads accumulate in place until the boundary's backward_epilogue (measured: +e*P
@@ -218,8 +224,8 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
     # temp_grad_buffer_for_cpu_offload (host, :657) and _for_gpu_offload (device): largest param x e;
     # each pinned with offload_optimizer.pin_memory (the optimizer state, made by the optimizer, is not)
     out.add("host", G, _host_bytes(s, part * FP32, pinned))
-    out.add("host", C, _host_bytes(s, part * e, pinned) + _host_bytes(s, s.largest * e, pinned))
-    out.add("device", C, s.largest * e)
+    out.add("host", C, _host_bytes(s, part * e, pinned) + _host_bytes(s, s.t_largest * e, pinned))
+    out.add("device", C, s.t_largest * e)
     out.notes.append("offload_optimizer cpu: fp32 master, its gradient partition and optimizer state live on the host")
     if inp.grad_accum_dtype == "fp32" and e < FP32:
         out.notes.append(_APPROXIMATE_FP32_ACCUMULATION)
@@ -227,7 +233,7 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
     out.backward_extra = {C: buckets}
     # stage 1 keeps every param.grad until the epilogue; stage 2 copies each reduced gradient
     # straight into the host fp32 partition (async_inplace_copy_grad_to_fp32_buffer_from_gpu)
-    grads_end = s.total * e if stage == 1 else 0
+    grads_end = s.t_total * e if stage == 1 else 0
     out.backward_end_extra = {G: grads_end, C: buckets}
     out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
     if inp.gradient_accumulation_steps > 1:
@@ -244,7 +250,7 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
             # offload_optimizer.pin_memory), kept for the run; accumulate_gradients adds it back
             # into the device gradient through temp_grad_buffer_for_gpu_offload (no new device bytes)
             out.add("host", G, sum(_host_bytes(s, n * e, pinned)
-                                   for n in stage12_partition_param_numels(s.shape, s.N, s.rank)))
+                                   for n in stage12_partition_param_numels(s.trainable, s.N, s.rank)))
             accumulate_between_microsteps(s, out, {}, how="on the device nothing (the host keeps accumulated_grads_in_cpu, "
                                         "the partition's params whole in the model dtype)")
 
@@ -264,7 +270,7 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
     _stale_adagrad_state(s, out)
     buckets = _reduce_buckets(s)
     out.backward_extra = {C: buckets}
-    rank_grads = stage12_rank_grads(s.shape, s.N, s.rank)
+    rank_grads = stage12_rank_grads(s.trainable, s.N, s.rank)
     fp32_accumulation = inp.grad_accum_dtype == "fp32" and e < FP32
     if fp32_accumulation and stage == 2:
         _stage2_compact_fp32_grads(s, out, part, rank_grads)
@@ -273,11 +279,12 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
         out.notes.append(_APPROXIMATE_FP32_ACCUMULATION)
     pad = rank_grads.pad * e  # the last rank's zero tail
     if stage == 1:
-        grads_end = s.total * e  # stage 1 keeps every param.grad until the epilogue
+        grads_end = s.t_total * e  # stage 1 keeps every param.grad until the epilogue
     else:
         grads_end = rank_grads.held * e if inp.zero.contiguous_gradients else 0  # grads_in_partition
     out.backward_end_extra = {G: grads_end + pad, C: buckets}
-    if stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings:
+    if (stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings
+            and not s.frozen):
         # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)
         allocated, pending = _stage2_after_mlp_out_hooks(s, GPT2_MLP_OUT_HOOKS)
         out.backward_after_mlp_out_hooks_extra = {G: (grads_end + pad if allocated else 0) + pending * e, C: buckets}
@@ -313,7 +320,7 @@ def _stage1_accumulation(s: LayoutSetup, out: StateLayout, buckets: int) -> None
     epilogue only there: a non-boundary micro-step's param.grads (e*P) stay and accumulate in
     place, and the ipg buckets setup_buckets (:3256) allocated at its first hook are not released
     (_release_ipg_buffers runs in the epilogue). At the boundary the same buckets are reused."""
-    accumulate_between_microsteps(s, out, {G: s.total * s.e, C: buckets}, same_at_hook=(C,), same_at_end=(G, C),
+    accumulate_between_microsteps(s, out, {G: s.t_total * s.e, C: buckets}, same_at_hook=(C,), same_at_end=(G, C),
                 how="every param.grad (e*P) and the reduce buckets")
 
 
@@ -337,9 +344,14 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
     """ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``, runtime/zero/stage3.py; parameters partitioned by
     ``zero.Init`` / partition_parameters.py), with ``offload_optimizer`` and ``offload_param``
     cpu moving the fp32 states / the partitions to the host."""
-    inp, e, N, total, largest = s.inp, s.e, s.N, s.total, s.largest
+    inp, e, N, total, largest = s.inp, s.e, s.N, s.total, s.t_largest
     shape, z = s.shape, s.inp.zero
-    part_total = shape.stage3_partition_numel(N)  # S
+    # every parameter, frozen ones too, is partitioned (ds_tensor) and gathered for forward and
+    # backward; fp32 master, optimizer state and gradient partitions exist for the trainable ones
+    # only (stage3.py _get_trainable_parameter_groups -> trainable_param_groups, which
+    # _create_fp16_partitions_with_defragmentation and _create_fp32_partitions are built from)
+    part_total = shape.stage3_partition_numel(N)  # S, all parameters
+    part_trainable = s.trainable.stage3_partition_numel(N)  # S, trainable ones (S in full fine-tuning)
     thr = min(z.param_persistence_threshold, z.model_persistence_threshold)
     # With one rank nothing is gathered into a new buffer: all_gather_coalesced /
     # _allgather_params_coalesced take _no_gather_coalesced when every param's partition world
@@ -359,18 +371,18 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
     # fp32_partitioned_groups_flat: a separate fp32 copy even for an fp32 model, because the
     # share-the-buffer test in _create_fp32_partitions (stage3.py:1162) compares a torch.device
     # with a device-name string and never holds
-    out.add(opt_loc, M, part_total * FP32)
-    n_sub = max(1, math.ceil(part_total / max(1, z.sub_group_size)))
-    largest_sub = min(part_total, max(1, z.sub_group_size))
-    out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part_total, n_sub, step_tensors=s.step_tensors))
+    out.add(opt_loc, M, part_trainable * FP32)
+    n_sub = max(1, math.ceil(part_trainable / max(1, z.sub_group_size)))
+    largest_sub = min(part_trainable, max(1, z.sub_group_size))
+    out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part_trainable, n_sub, step_tensors=s.step_tensors))
     # grad_partitions_flat_buffer, in gradient_accumulation_dtype (on the host under optimizer
     # offload, pinned with offload_optimizer.pin_memory: stage3.py:795)
     pin_opt = off_opt and z.offload_optimizer_pin_memory
-    out.add(opt_loc, G, _host_bytes(s, part_total * ge, pin_opt) if off_opt else part_total * ge)
+    out.add(opt_loc, G, _host_bytes(s, part_trainable * ge, pin_opt) if off_opt else part_trainable * ge)
     if off_opt:
         # initialize_optimizer_states (stage3.py:1338): each sub-group's fp32 master also keeps an
         # fp32 .grad buffer (subgroup_gradient_buffer, pinned the same way) on the host for the run
-        subs = [largest_sub] * (n_sub - 1) + [part_total - largest_sub * (n_sub - 1)]
+        subs = [largest_sub] * (n_sub - 1) + [part_trainable - largest_sub * (n_sub - 1)]
         out.add("host", G, sum(_host_bytes(s, n * FP32, pin_opt) for n in subs if n > 0))
     if z.contiguous_gradients:
         out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept

@@ -65,7 +65,29 @@ class LayoutSetup:
 
     @property
     def numels(self) -> tuple[int, ...]:
-        return self.shape.param_numels
+        """The trainable parameters' numels, in parameters() order: what every optimizer, gradient
+        and bucket is sized by (all of them in full fine-tuning)."""
+        return self.trainable.param_numels
+
+    @property
+    def trainable(self) -> ModelShape:
+        """The parameters that train (``ModelShape.trainable``; the shape itself in full fine-tuning)."""
+        return self.shape.trainable
+
+    @property
+    def t_total(self) -> int:
+        """Trainable parameters (``total`` in full fine-tuning)."""
+        return self.trainable.n_params
+
+    @property
+    def t_largest(self) -> int:
+        """Largest trainable tensor (``largest`` in full fine-tuning)."""
+        return self.trainable.largest_param if self.shape.trainable_mask is not None else self.largest
+
+    @property
+    def frozen(self) -> int:
+        """Elements of the frozen parameters (0 in full fine-tuning)."""
+        return self.shape.frozen_numel
 
 
 @dataclass(frozen=True)
