@@ -23,7 +23,7 @@ import torch
 from memprof.dsconfig import optimizer_name_from_block, read_deepspeed_config
 from memprof.errors import MemprofError
 from memprof.optimizers import torch_optimizer_facts
-from memprof.run.facts import count_nodes, count_parameters, cuda_device_facts, package_version, package_versions
+from memprof.run.facts import count_nodes, count_parameters, cuda_device_facts, package_version, package_versions, peft_facts
 
 
 def resolved_deepspeed_config(engine: Any) -> dict[str, Any]:
@@ -99,11 +99,6 @@ def model_config_dict(model: torch.nn.Module) -> dict[str, Any] | None:
     return out
 
 
-def count_trainable_parameters(model: torch.nn.Module) -> int:
-    """Parameters with ``requires_grad`` (a PEFT model's adapters; ZeRO-3's full ``ds_numel``)."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
-
-
 def activation_checkpointing_on(model: torch.nn.Module) -> bool:
     """HF gradient checkpointing: a submodule with ``gradient_checkpointing`` set (transformers
     modeling_utils.py ``is_activation_checkpointing``)."""
@@ -160,6 +155,8 @@ def describe_observed_run(
     if batch_shape and len(batch_shape) >= 2:
         run["seq_len"] = int(batch_shape[1])
     run["activation_checkpointing"] = activation_checkpointing_on(model)
+    # PEFT adapters (peft_config, what inputs_from_run re-estimates) and the trainable / frozen counts
+    run.update(peft_facts(model))
     run.update(device_type=device_type, backend=backend, versions=package_versions())
     run["versions"]["accelerate"] = package_version("accelerate")
     run["deepspeed_config"] = ds_config or None

@@ -55,7 +55,7 @@ import torch
 
 from memprof.errors import MemprofError
 from memprof.integrations.log_values import peak_log_values
-from memprof.integrations.observed_run import count_trainable_parameters, describe_observed_run, device_type_of
+from memprof.integrations.observed_run import describe_observed_run, device_type_of
 from memprof.integrations.recorder import MicroStepRecorder
 from memprof.run.deepspeed_shm import release_cpu_shm_segment
 
@@ -115,7 +115,6 @@ class MemprofCallback(TrainerCallback):
                 run["gradient_accumulation_steps"] = int(args.gradient_accumulation_steps)
                 run.setdefault("micro_batch", int(args.per_device_train_batch_size))
             run["steps"] = int(state.max_steps) if getattr(state, "max_steps", None) else None
-            run["n_trainable_params"] = count_trainable_parameters(trainer.model)
             if reference is not None:
                 run["reference_model"] = describe_reference_model(reference, trainer.model)
             return run
