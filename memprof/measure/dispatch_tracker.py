@@ -149,7 +149,11 @@ class AllocationTracker(TorchDispatchMode):
                 self._resize(rec, n)
             return
         n = st.nbytes()
-        if n == 0 or st.data_ptr() == 0:
+        try:
+            ptr = st.data_ptr()
+        except RuntimeError:
+            return  # a wrapper subclass (DTensor): its local tensor's ops are seen on their own
+        if n == 0 or ptr == 0:
             return  # empty or meta: holds no memory (a later resize is seen as a new storage)
         self._add(st, n, self.new_label)
 
@@ -327,6 +331,7 @@ def live_tensor_storages() -> list[torch.UntypedStorage]:
                 if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
                     continue
                 st = obj.untyped_storage()
+                st.data_ptr()  # a wrapper subclass (DTensor) has no storage of its own: its local tensor does
             except Exception:  # noqa: BLE001 - exotic tensor subclasses may refuse storage access
                 continue
             seen.setdefault(id(st), st)

@@ -106,6 +106,15 @@ class StepContext:
         return False
 
 
+def _fsdp2_record(engine: Any, model: torch.nn.Module | None) -> dict[str, Any] | None:
+    """``run["fsdp2"]`` for a plain model with ``fully_shard`` modules (ownership.fsdp2_record)."""
+    if engine is not None or model is None:
+        return None
+    from memprof.measure.ownership import fsdp2_record
+
+    return fsdp2_record(model)
+
+
 class MemoryProfiler:
     """Per-rank memory profiler for a DeepSpeed engine or a plain torch model + optimizer.
 
@@ -155,6 +164,9 @@ class MemoryProfiler:
         # memprof never pretends a CPU is a GPU: the device type is what the model is on
         self.run["device_type"] = self.device.type
         self.run.setdefault("world_size", self.world_size)
+        fsdp2 = _fsdp2_record(engine, model)  # refuses (one line) an FSDP2 layout memprof does not model
+        if fsdp2 is not None:
+            self.run.setdefault("fsdp2", fsdp2)
 
         self.host = HostMemory()
         self.records: list[dict[str, Any]] = []
@@ -166,7 +178,9 @@ class MemoryProfiler:
             CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget)
             if on_cuda
             else CpuBackend(self._owner_walk, self.diagnostics, memory_budget=memory_budget,
-                            mid_phase_walks=engine is not None, multi_rank=self.world_size > 1)
+                            # FSDP2 gathers and frees a block's params inside a phase, as ZeRO-3 does
+                            mid_phase_walks=engine is not None or fsdp2 is not None,
+                            multi_rank=self.world_size > 1)
         )
         self._active = False
         self._finished = False

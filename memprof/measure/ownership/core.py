@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from memprof.categories import Breakdown, Category, Location, empty_breakdown
+from memprof.errors import MemprofError
 
 # A storage owned by two categories counts in the first of this order (shared contract).
 _PRIORITY: dict[str, int] = {
@@ -71,7 +72,10 @@ def iter_tensors(obj: Any, depth: int = 3) -> Iterator[torch.Tensor]:
     if obj is None or depth < 0:
         return
     if isinstance(obj, torch.Tensor):
-        yield obj
+        # a DTensor (FSDP2's sharded params, their grads and optimizer state) has no storage of
+        # its own: its rank-local tensor does (torch DTensor._local_tensor, DTensor.to_local())
+        local = getattr(obj, "_local_tensor", None)
+        yield local if isinstance(local, torch.Tensor) else obj
         return
     flat = getattr(obj, "flat_partition", None)
     if isinstance(flat, torch.Tensor):
@@ -84,6 +88,16 @@ def iter_tensors(obj: Any, depth: int = 3) -> Iterator[torch.Tensor]:
         return
     for item in items:
         yield from iter_tensors(item, depth - 1)
+
+
+def _data_ptr(t: torch.Tensor, storage: torch.UntypedStorage) -> int:
+    """The storage's address, or a one-line MemprofError naming a tensor type with no real storage
+    (a wrapper subclass memprof does not know: its ``data_ptr`` raises)."""
+    try:
+        return storage.data_ptr()
+    except RuntimeError:
+        raise MemprofError(f"memprof cannot attribute a {type(t).__module__}.{type(t).__name__} tensor (no storage of "
+                           "its own): its sharding or wrapping is not one memprof models") from None
 
 
 class Collector:
@@ -107,7 +121,7 @@ class Collector:
             nbytes = int(storage.nbytes())
             if nbytes == 0:  # freed ZeRO-3 params are torch.empty(0): nothing resident
                 continue
-            key = (str(t.device), storage.data_ptr())
+            key = (str(t.device), _data_ptr(t, storage))
             held = self.owned.get(key)
             if held is not None and _PRIORITY[held.category] <= _PRIORITY[category]:
                 continue

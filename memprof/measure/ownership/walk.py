@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from memprof.measure.ownership import deepspeed
+from memprof.measure.ownership import deepspeed, fsdp2
 from memprof.measure.ownership.core import Collector, Owned, Placement, StorageKey
 from memprof.measure.ownership.plain_torch import inner_torch_optimizers, walk_module, walk_torch_optimizers
 
@@ -53,6 +53,7 @@ def owned_storages(engine: Any = None, *, model: torch.nn.Module | None = None,
     # params' partitions are views of the CPU flat buffer, whose location the optimizer walk set.
     # stage3.py: `offload_param` (bool) says non-persistent partitions live on the CPU.
     if model is not None:
+        fsdp2.walk_fsdp2(col, model)  # FSDP2's shards first: an offloaded shard is host
         walk_module(col, model, bool(getattr(optimizer, "offload_param", False)))
 
     inner = inner_torch_optimizers(optimizer)
