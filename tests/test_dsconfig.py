@@ -274,7 +274,8 @@ def test_plan_reads_the_accelerate_config() -> None:
 
 
 @pytest.mark.parametrize("yaml_text, fragment", [
-    ("distributed_type: FSDP\nfsdp_config: {}\n", "memprof models DeepSpeed only"),
+    ("distributed_type: FSDP\nfsdp_config: {}\n", "(FSDP1) is not modelled"),
+    ("distributed_type: MULTI_GPU\n", "FSDP2 (FSDP with fsdp_version: 2) only"),
     ("distributed_type: DEEPSPEED\nnum_processes: 2\n", "no deepspeed_config section"),
     ("deepspeed_config:\n  zero_stage: 5\n", "zero_stage is 5"),
     ("deepspeed_config:\n  zero_stage: 2\nmixed_precision: fp8\n", "fp8 is not modelled"),
