@@ -195,6 +195,13 @@ class AllocationTracker(TorchDispatchMode):
         if label < N_CATEGORIES:
             self.device_total -= n
 
+    def resync(self, st: torch.UntypedStorage) -> None:
+        """A storage resized outside any dispatched op (``UntypedStorage.resize_``, which FSDP2's
+        ``free_storage`` / ``alloc_storage`` call on gathered parameters): count its new size."""
+        rec = self.live.get(id(st))
+        if rec is not None and st.nbytes() != rec.nbytes:
+            self._resize(rec, st.nbytes())
+
     def _resize(self, rec: _Live, n: int) -> None:
         delta = n - rec.nbytes
         rec.nbytes = n

@@ -183,6 +183,7 @@ class MemoryProfiler:
                             multi_rank=self.world_size > 1)
         )
         self._active = False
+        self._resize_watch: Any = None
         self._finished = False
         self._oom_recorded = False
         header = {"host": socket.gethostname(), "device": self._device_label(), "run": self.run}
@@ -199,15 +200,31 @@ class MemoryProfiler:
         if self._active:
             raise RuntimeError("this MemoryProfiler is already active")
         self._backend.start()
+        self._watch_fsdp2_resizes(True)
         self._active = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None:
             self._record_oom_if_unrecorded(exc, None, None)
+        self._watch_fsdp2_resizes(False)
         self._backend.stop()
         self._active = False
         return False
+
+    def _watch_fsdp2_resizes(self, on: bool) -> None:
+        """FSDP2 frees and re-gathers blocks by resizing storages in place, which the dispatch-mode
+        CPU tracker sees only when told (ownership.fsdp2.StorageResizeWatch)."""
+        if not on:
+            if self._resize_watch is not None:
+                self._resize_watch.__exit__(None, None, None)
+                self._resize_watch = None
+            return
+        resync = getattr(getattr(self._backend, "tracker", None), "resync", None)
+        if "fsdp2" in self.run and resync is not None:
+            from memprof.measure.ownership.fsdp2 import StorageResizeWatch
+
+            self._resize_watch = StorageResizeWatch(resync).__enter__()
 
     def step(self, step: int, *, micro_step: int | None = None, boundary: bool | None = None) -> StepContext:
         """Context manager for one training step (use inside ``with profiler:``): one call per

@@ -75,12 +75,19 @@ def _local(t: Any) -> Any:
     return local if isinstance(local, torch.Tensor) else t
 
 
+def _param_name(fp: Any) -> str:
+    """``<module class>.<parameter>`` of an FSDPParam (its fqn is set only at lazy init)."""
+    info = getattr(fp, "_module_info", None)
+    module = type(getattr(info, "module", None)).__name__
+    return getattr(fp, "_param_fqn", None) or f"{module}.{getattr(info, 'param_name', '?')}"
+
+
 def check_supported(model: torch.nn.Module | None) -> None:
     """MemprofError, one line, for an FSDP2 layout memprof does not model: HSDP / replicate meshes
     (2-D or DDP mesh), sharding on a dim other than 0 (``shard_placement_fn``), DTensor (tensor
     parallel) parameters under FSDP2, ``reshard_after_forward`` as an int (a post-forward mesh)."""
     for group in param_groups(model):
-        where = getattr(group, "_module_fqn", "") or "the root module"
+        where = getattr(group, "_module_fqn", "") or ", ".join(type(m).__name__ for m in getattr(group, "modules", ()))
         mesh = getattr(getattr(group, "mesh_info", None), "mesh", None)
         if mesh is not None and mesh.ndim != 1:
             raise MemprofError(f"FSDP2 on a {mesh.ndim}-D device mesh (HSDP) at {where}: memprof models "
@@ -91,10 +98,10 @@ def check_supported(model: torch.nn.Module | None) -> None:
         for fp in group.fsdp_params:
             dim = getattr(getattr(fp, "fsdp_placement", None), "dim", 0)
             if dim != 0:
-                raise MemprofError(f"FSDP2 sharding {fp._param_fqn} on dim {dim} (shard_placement_fn) at {where}: "
+                raise MemprofError(f"FSDP2 sharding {_param_name(fp)} on dim {dim} (shard_placement_fn) at {where}: "
                                    "memprof models FSDP2's default dim-0 sharding only")
             if getattr(fp, "is_dtensor", False):
-                raise MemprofError(f"FSDP2 over DTensor parameter {fp._param_fqn} (tensor parallel) at {where}: "
+                raise MemprofError(f"FSDP2 over DTensor parameter {_param_name(fp)} (tensor parallel) at {where}: "
                                    "memprof models fully_shard over plain parameters only")
 
 
@@ -122,6 +129,7 @@ def fsdp2_record(model: torch.nn.Module | None) -> dict[str, Any] | None:
         "param_dtype": _dtype_name(getattr(policy, "param_dtype", None)),
         "reduce_dtype": _dtype_name(getattr(policy, "reduce_dtype", None)),
         "offload_params": "cpu" if offload else None,
+        "sharded_dtype": _dtype_name(groups[0].fsdp_params[0].sharded_param.dtype) if groups and groups[0].fsdp_params else None,
         "param_groups": len(groups),
     }
 
@@ -173,3 +181,37 @@ def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> None:
             contexts[id(ctx)] = ctx  # one context shared by every group under a root
     for ctx in contexts.values():
         _walk_comm_context(col, ctx)
+
+
+class StorageResizeWatch:
+    """Tells ``resync(storage)`` about every storage FSDP2 frees or re-allocates in place, while
+    active: FSDP2 frees a resharded block with ``UntypedStorage.resize_(0)`` and gathers it again
+    with ``resize_(n)`` (``_fsdp_param.py``: ``free_storage``, ``alloc_storage``), which no
+    dispatched op shows the dispatch-mode tracker (the allocator hook sees them itself). Wraps those
+    two module functions, calling the originals unchanged, and puts them back on exit."""
+
+    def __init__(self, resync: Any) -> None:
+        self.resync = resync
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> StorageResizeWatch:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+        for name in ("free_storage", "alloc_storage"):
+            original = getattr(_fsdp_param, name)
+            self.saved[name] = original
+            setattr(_fsdp_param, name, self._watched(original))
+        return self
+
+    def _watched(self, original: Any) -> Any:
+        def watched(tensor: torch.Tensor) -> None:
+            original(tensor)
+            self.resync(tensor.untyped_storage())
+        return watched
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+        for name, original in self.saved.items():
+            setattr(_fsdp_param, name, original)
+        self.saved.clear()
