@@ -138,6 +138,12 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
     def _see(self, t: torch.Tensor) -> None:
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            # a DTensor (FSDP2's sharded params, their grads, the optimizer's state and its
+            # temporaries): the mode sees the DTensor op only, so count its local tensor's storage
+            local = getattr(t, "_local_tensor", None)
+            if isinstance(local, torch.Tensor):
+                t = local
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):

@@ -17,6 +17,10 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
   ``reshard_after_forward`` False keeps every block gathered from its forward to its backward;
   the root is never resharded after forward (``FSDPState._lazy_init``: root
   ``post_forward_mesh_info = None``).
+* Peak moments modelled: forward, the last block's (current block gathered + its flat output)
+  beside the whole forward's activations, an upper bound; backward, the last block's
+  pre-backward (root gathered with its unsharded gradients, the block gathered, the next one
+  prefetched). Checked on 2 CPU ranks (tests/test_fsdp2.py).
 * Gradients (``FSDPParamGroup.post_backward``, ``foreach_reduce``): a block's unsharded gradients
   (compute dtype, unpadded) until its post-backward; the reduce-scatter input (``N x`` padded
   shards, ``reduce_dtype``), kept in ``comm_ctx.reduce_scatter_states`` until the next block's
@@ -126,15 +130,17 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     out.add(where, O, optimizer_state_bytes(inp.optimizer, shards, n_tensors, e_o, step_tensors=s.step_tensors))
     root_gathered, block_gathered = root_shard * n * e_p, block_shard * n * e_p
     blocks_kept = 0 if inp.fsdp2.reshard_after_forward else layers * block_gathered
-    # forward's end (the loss): the root gathered, every block too without reshard_after_forward,
-    # and the last block's flat all-gather output (comm_ctx.all_gather_state)
-    out.forward_extra = {P: root_gathered + blocks_kept, C: block_gathered}
+    # forward, upper bound: the last block's moment (its gathered params and its flat all-gather
+    # output, kept in comm_ctx.all_gather_state) beside the whole forward's activations; without
+    # reshard_after_forward every block is gathered (and the loss's end, the peak there, holds
+    # the last block's flat output until the root's post-forward)
+    out.forward_extra = {P: root_gathered + max(blocks_kept, block_gathered), C: block_gathered}
     # backward, the last block's pre-backward: the root still gathered with its unsharded gradients
-    # (the tied/untied head's and ln_f's, from the loss), the block gathered, the next one's
-    # all-gather prefetched, the previous block's reduce-scatter input kept
+    # (the head's and ln_f's, from the loss), the block gathered and, when blocks were resharded,
+    # the next one's all-gather prefetched (_backward_prefetch); already gathered blocks need none
     root_grads = sum(numel for _, numel in root) * e_p
     out.backward_extra = {P: root_gathered + max(blocks_kept, block_gathered), G: root_grads,
-                          C: block_gathered + block_shard * n * e_r}
+                          C: 0 if blocks_kept else block_gathered}
     grads = shards * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
     if inp.fsdp2.offload_params:
         out.add("host", G, grads)  # copied to the host by foreach_reduce (offload_to_cpu)
@@ -155,7 +161,9 @@ def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int) -
             f"{f.reshard_after_forward} (the root stays gathered after forward either way); MixedPrecisionPolicy "
             f"param_dtype {f.param_dtype or 'none'}, reduce_dtype {f.reduce_dtype or 'none'}"
             + ("; CPUOffloadPolicy: shards, their gradients and optimizer state on the host" if f.offload_params else "")
-            + "; not modelled: the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")
+            + "; not at the modelled peaks: a block's reduce-scatter input (N x its padded shards, reduce_dtype), "
+            "alive from its post-backward to the next block's, later in backward when fewer activations remain, and "
+            "the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")
 
 
 def describe_fsdp2(inp: EstimateInputs) -> str:
