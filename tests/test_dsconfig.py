@@ -282,7 +282,7 @@ def test_plan_reads_the_accelerate_config() -> None:
     ("deepspeed_config:\n  zero_stage: 2\nnum_processes: 0\n", "num_processes is 0"),
     ("deepspeed_config:\n  deepspeed_config_file: missing.json\n", "does not exist"),
     ("deepspeed_config: [\n", "not valid YAML"),
-], ids=["fsdp", "no-deepspeed", "stage5", "fp8", "zero-processes", "missing-json", "bad-yaml"])
+], ids=["fsdp1", "multi-gpu", "no-deepspeed", "stage5", "fp8", "zero-processes", "missing-json", "bad-yaml"])
 def test_bad_accelerate_configs_are_one_line(tmp_path: Path, yaml_text: str, fragment: str) -> None:
     path = tmp_path / "acc.yaml"
     path.write_text(yaml_text)

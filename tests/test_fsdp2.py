@@ -18,8 +18,8 @@ from math import ceil
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import REPO, free_port, run_group
+
 from memprof.cli.estimate import main as estimate_main
 from memprof.engines import Engine
 from memprof.errors import MemprofError
