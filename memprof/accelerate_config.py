@@ -15,6 +15,12 @@ Two forms, as accelerate 1.x reads them (``accelerate/utils/dataclasses.py`` ``D
 ``mixed_precision`` then goes in as ``DeepSpeedPlugin.set_mixed_precision`` puts it: an ``fp16`` or
 ``bf16`` block enabled when the config has none, ``"auto"`` ``enabled`` values filled, both off for
 ``no``. ``num_processes`` is the world size (all machines), ``num_machines`` the node count.
+
+``distributed_type: FSDP`` with ``fsdp_config.fsdp_version: 2`` is torch FSDP2 (accelerate's
+``FullyShardedDataParallelPlugin``): ``fsdp_reshard_after_forward`` (default true),
+``fsdp_offload_params`` (``CPUOffloadPolicy``) and ``mixed_precision``, which accelerate turns into
+``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)`` (``set_mixed_precision``), land in
+``AccelerateSettings.fsdp2``; FSDP version 1 is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class AccelerateSettings:
     num_machines: int | None = None
     mixed_precision: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    fsdp2: dict[str, Any] | None = None
+    """FSDP2's settings (``distributed_type: FSDP``, ``fsdp_version: 2``): reshard_after_forward,
+    param_dtype, reduce_dtype (memprof precision names or None), offload_params; None otherwise."""
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -78,8 +87,11 @@ def read_accelerate_config(path: str | os.PathLike) -> AccelerateSettings:
     data = _load_yaml(path)
     where = f"accelerate config {path}"
     kind = data.get("distributed_type")
+    if kind is not None and str(kind).upper() == "FSDP":
+        return _read_fsdp2(data, path, where)
     if kind is not None and str(kind).upper() != "DEEPSPEED":
-        raise MemprofError(f"{where}: distributed_type is {kind!r}: memprof models DeepSpeed only (distributed_type: DEEPSPEED)")
+        raise MemprofError(f"{where}: distributed_type is {kind!r}: memprof models DeepSpeed (distributed_type: "
+                           "DEEPSPEED) and FSDP2 (FSDP with fsdp_version: 2) only")
     block = data.get("deepspeed_config")
     if block is None:
         raise MemprofError(f"{where} has no deepspeed_config section: run `accelerate config` with DeepSpeed, "
@@ -124,6 +136,40 @@ def read_accelerate_config(path: str | os.PathLike) -> AccelerateSettings:
     return AccelerateSettings(path=path, deepspeed_config=ds, deepspeed_source=source,
                               num_processes=_count(data, "num_processes", path), num_machines=_count(data, "num_machines", path),
                               mixed_precision=mixed, notes=tuple(notes))
+
+
+def _flag(block: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = block.get(key, default)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise MemprofError(f"{where}: fsdp_config.{key} is {value!r}: use true or false")
+    return value
+
+
+def _read_fsdp2(data: dict[str, Any], path: Path, where: str) -> AccelerateSettings:
+    """accelerate's FSDP plugin at ``fsdp_version: 2`` (FullyShardedDataParallelPlugin): its
+    reshard/offload keys and the MixedPrecisionPolicy ``set_mixed_precision`` builds."""
+    block = data.get("fsdp_config") or {}
+    if not isinstance(block, dict):
+        raise MemprofError(f"{where}: fsdp_config must be a mapping")
+    version = block.get("fsdp_version", 1)
+    if str(version) != "2":
+        raise MemprofError(f"{where}: fsdp_version {version!r} (FSDP1) is not modelled by memprof: use fsdp_version: 2 "
+                           "(FSDP2, fully_shard) or DeepSpeed")
+    mixed = str(data.get("mixed_precision") or "no").lower()
+    if mixed not in MIXED_PRECISIONS:
+        raise MemprofError(f"{where}: mixed_precision {mixed!r} is not one of no, fp16, bf16")
+    dtype = None if mixed == "no" else MIXED_PRECISIONS[mixed]
+    fsdp2 = {"reshard_after_forward": _flag(block, "fsdp_reshard_after_forward", True, where),
+             "param_dtype": dtype, "reduce_dtype": dtype,
+             "offload_params": _flag(block, "fsdp_offload_params", False, where)}
+    note = (f"FSDP2 from {path} (accelerate's FullyShardedDataParallelPlugin, fsdp_version 2): reshard_after_forward "
+            f"{fsdp2['reshard_after_forward']}, offload_params {fsdp2['offload_params']}, mixed_precision {mixed}"
+            + (f" (MixedPrecisionPolicy param_dtype and reduce_dtype {dtype})" if dtype else ""))
+    return AccelerateSettings(path=path, deepspeed_config={}, deepspeed_source=where,
+                              num_processes=_count(data, "num_processes", path), num_machines=_count(data, "num_machines", path),
+                              mixed_precision=mixed, notes=(note,), fsdp2=fsdp2)
 
 
 def _inline_deepspeed_config(block: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:

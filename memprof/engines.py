@@ -8,6 +8,7 @@ module in ``memprof.estimate.layout`` (registered in ``LAYOUT_BY_ENGINE`` there)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 from memprof.errors import MemprofError
@@ -26,6 +27,26 @@ class Engine(str, Enum):
     DDP = "ddp"
     """torch ``DistributedDataParallel`` without DeepSpeed (HF Trainer / accelerate under torchrun):
     every rank keeps whole model states plus DDP's flat gradient buckets; no ZeRO stage."""
+    FSDP2 = "fsdp2"
+    """torch FSDP2 (``torch.distributed.fsdp.fully_shard`` on each transformer block and the root,
+    or accelerate with ``fsdp_version: 2``): dim-0 shards of every parameter, gradient and optimizer
+    state, blocks gathered for their forward and backward; no ZeRO stage."""
+
+
+@dataclass(frozen=True)
+class Fsdp2Settings:
+    """FSDP2's knobs an estimate follows (``fully_shard``'s ``reshard_after_forward``,
+    ``MixedPrecisionPolicy``, ``CPUOffloadPolicy``); meaningful only with ``Engine.FSDP2``.
+
+    ``param_dtype`` / ``reduce_dtype``: ``"fp32" | "bf16" | "fp16"`` or None (no cast). With a
+    ``param_dtype`` the sharded parameters stay fp32 and only the gathered copies are cast
+    (``_fsdp_param.py``: ``FSDPParam.init_dtype_attrs``); the estimate's ``precision`` is then the
+    compute dtype, ``param_dtype``."""
+
+    reshard_after_forward: bool = True
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+    offload_params: bool = False  # CPUOffloadPolicy: shards, their gradients and the optimizer step on the host
 
 
 _ENGINES = frozenset(Engine)  # a member and its string value hash alike: "ddp" in _ENGINES
@@ -41,3 +62,6 @@ def check_engine(engine: object, zero_stage: int) -> None:
     if engine == Engine.DDP and zero_stage != 0:
         raise MemprofError(f"torch DDP has no ZeRO stage (got zero_stage {zero_stage}): use zero_stage 0 with engine ddp, "
                            "or engine deepspeed")
+    if engine == Engine.FSDP2 and zero_stage != 0:
+        raise MemprofError(f"FSDP2 has no ZeRO stage (got zero_stage {zero_stage}): it shards like ZeRO-3 on its own; "
+                           "drop --zero-stage with --engine fsdp2")

@@ -274,14 +274,15 @@ def test_plan_reads_the_accelerate_config() -> None:
 
 
 @pytest.mark.parametrize("yaml_text, fragment", [
-    ("distributed_type: FSDP\nfsdp_config: {}\n", "memprof models DeepSpeed only"),
+    ("distributed_type: FSDP\nfsdp_config: {}\n", "(FSDP1) is not modelled"),
+    ("distributed_type: MULTI_GPU\n", "FSDP2 (FSDP with fsdp_version: 2) only"),
     ("distributed_type: DEEPSPEED\nnum_processes: 2\n", "no deepspeed_config section"),
     ("deepspeed_config:\n  zero_stage: 5\n", "zero_stage is 5"),
     ("deepspeed_config:\n  zero_stage: 2\nmixed_precision: fp8\n", "fp8 is not modelled"),
     ("deepspeed_config:\n  zero_stage: 2\nnum_processes: 0\n", "num_processes is 0"),
     ("deepspeed_config:\n  deepspeed_config_file: missing.json\n", "does not exist"),
     ("deepspeed_config: [\n", "not valid YAML"),
-], ids=["fsdp", "no-deepspeed", "stage5", "fp8", "zero-processes", "missing-json", "bad-yaml"])
+], ids=["fsdp1", "multi-gpu", "no-deepspeed", "stage5", "fp8", "zero-processes", "missing-json", "bad-yaml"])
 def test_bad_accelerate_configs_are_one_line(tmp_path: Path, yaml_text: str, fragment: str) -> None:
     path = tmp_path / "acc.yaml"
     path.write_text(yaml_text)

@@ -57,6 +57,11 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-capability",
                    help="GPU compute capability MAJOR.MINOR, e.g. 9.0 (H100, the default assumed), 8.0 (A100): sizes cuBLAS workspaces")
     p.add_argument("--layout", default="deepspeed", help=f"{' or '.join(LAYOUTS)}")
+    # --engine and FSDP2's knobs (torch fully_shard); --offload-params cpu is its CPUOffloadPolicy
+    p.add_argument("--engine", help="deepspeed (default) or fsdp2 (torch fully_shard on each block and the root)")
+    p.add_argument("--reshard-after-forward", help="FSDP2: true (default) or false (blocks stay gathered from forward to backward)")
+    p.add_argument("--param-dtype", help="FSDP2 MixedPrecisionPolicy param_dtype: bf16, fp16 (fp32 shards, gathered copies cast)")
+    p.add_argument("--reduce-dtype", help="FSDP2 MixedPrecisionPolicy reduce_dtype: fp32, bf16 or fp16 (default: param dtype)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -129,4 +134,13 @@ def _setup_flags(args: argparse.Namespace, world_size: int | None) -> SetupFlags
         offload_optimizer=_choice(args.offload_optimizer, OFFLOAD_DEVICES, "--offload-optimizer device"),
         offload_param=_choice(args.offload_param, OFFLOAD_DEVICES, "--offload-params device"),
         peft_config=getattr(args, "peft_config", None), lora_r=getattr(args, "lora_r", None),
-        lora_target_modules=getattr(args, "lora_target_modules", None))
+        lora_target_modules=getattr(args, "lora_target_modules", None), **_fsdp2_flags(args))
+
+
+def _fsdp2_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--engine and FSDP2's knobs as SetupFlags fields (None where not given)."""
+    reshard = _choice(args.reshard_after_forward, ("true", "false"), "--reshard-after-forward value")
+    return {"engine": _choice(args.engine, ("deepspeed", "fsdp2"), "engine"),
+            "reshard_after_forward": None if reshard is None else reshard == "true",
+            "param_dtype": _choice(args.param_dtype, PRECISIONS, "--param-dtype"),
+            "reduce_dtype": _choice(args.reduce_dtype, PRECISIONS, "--reduce-dtype")}

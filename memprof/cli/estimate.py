@@ -9,7 +9,9 @@ from memprof.categories import CATEGORIES, PHASES
 from memprof.cli.cli_args import add_setup_flags, inputs_from_args
 from memprof.display.console import output_console
 from memprof.display.tables import Column, print_tables
+from memprof.engines import Engine
 from memprof.estimate import Estimate, estimate
+from memprof.estimate.inputs import EstimateInputs
 from memprof.units import format_bytes
 
 SUMMARY = "predict per-rank memory by category for a model and DeepSpeed setup"
@@ -20,17 +22,28 @@ def build_parser() -> MemprofArgumentParser:
     add_setup_flags(p)
     p.add_argument("--world-size", type=positive_int("--world-size"),
                    help="number of ranks (default 1, or nodes x gpus-per-node)")
+    p.add_argument("--compare-engines", action="store_true",
+                   help="print DeepSpeed ZeRO-3 and torch FSDP2 side by side for the same model, batch and world size")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare_engines:
+        from memprof.cli.compare_engines import main_compare
+
+        return main_compare(inputs_from_args(args, args.world_size), as_json=args.json, torch_adam=bool(args.torch_adam))
     est = estimate(inputs_from_args(args, args.world_size))
     if args.json:
         print(json.dumps(est.to_json(), indent=1))
     else:
         render(est)
     return 0
+
+
+def engine_label(inp: EstimateInputs) -> str:
+    """``ZeRO-<stage>`` (DeepSpeed; DDP runs at stage 0), or ``FSDP2``."""
+    return "FSDP2" if inp.engine == Engine.FSDP2 else f"ZeRO-{inp.zero_stage}"
 
 
 def fits_line(est: Estimate) -> str | None:
@@ -51,7 +64,7 @@ def render(est: Estimate) -> None:
     console = output_console()
     inp = est.inputs
     model = f"{inp.model_name} ({est.shape.n_params:,} params)" if inp.model_name else f"{est.shape.n_params:,} parameters"
-    console.print(f"[bold]memprof estimate[/bold]: {model}, ZeRO-{inp.zero_stage}, "
+    console.print(f"[bold]memprof estimate[/bold]: {model}, {engine_label(inp)}, "
                   f"{inp.precision}, {inp.optimizer}, world size {inp.world_size}, layout {inp.layout}")
     verdict = fits_line(est)
     if est.activations_not_estimated is not None and verdict is not None:
@@ -76,7 +89,7 @@ def render(est: Estimate) -> None:
     pc = est.paper_comparison or {}
     if inp.layout == "zero-paper":
         console.print(f"model states (ZeRO paper accounting): [bold]{pc['paper_model_states_gb']} GB[/bold] per rank")
-    elif pc:
+    elif pc and inp.engine != Engine.FSDP2:  # the ZeRO paper's accounting is DeepSpeed's
         ds = pc.get("deepspeed_model_states_bytes", 0)
         console.print(f"model states at rest: DeepSpeed layout {ds / 1e9:.1f} GB vs ZeRO paper {pc['paper_model_states_gb']} GB: "
                       "DeepSpeed holds no gradients at rest (they exist in backward/step only), pads partitions, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from memprof.engines import Engine
+from memprof.engines import Engine, Fsdp2Settings
 from memprof.errors import MemprofError
 from memprof.estimate.inputs import ATTN_IMPLEMENTATIONS, EstimateInputs
 from memprof.estimate.settings import settings_from_deepspeed_config
@@ -22,6 +22,33 @@ def _run_int(value: Any, key: str, positive: bool = False) -> int:
         kind = "a positive whole number" if positive else "a whole number of at least 0"
         raise MemprofError(f"the run's {key} is {value!r}, not {kind}: the run file is corrupted; re-run or re-gather it")
     return int(value)
+
+
+_TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _fsdp2_dtype(record: dict[str, Any], key: str) -> str | None:
+    value = record.get(key)
+    if value is None:
+        return None
+    if value not in _TORCH_DTYPES:
+        raise MemprofError(f"the run's fsdp2.{key} is {value!r}: memprof models float32, bfloat16 and float16")
+    return _TORCH_DTYPES[value]
+
+
+def _fsdp2_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """EstimateInputs fields for the run's ``fsdp2`` record (memprof.measure.ownership.fsdp2_record):
+    the engine, its knobs, the script's torch optimizer, the compute dtype (param_dtype, else the
+    sharded parameters' own)."""
+    param_dtype = _fsdp2_dtype(record, "param_dtype")
+    settings = Fsdp2Settings(reshard_after_forward=record.get("reshard_after_forward") is not False,
+                             param_dtype=param_dtype, reduce_dtype=_fsdp2_dtype(record, "reduce_dtype"),
+                             offload_params=record.get("offload_params") == "cpu")
+    out: dict[str, Any] = {"engine": Engine.FSDP2, "fsdp2": settings, "torch_adam": True, "zero_stage": 0}
+    precision = param_dtype or _fsdp2_dtype(record, "sharded_dtype")
+    if precision is not None:
+        out["precision"] = precision
+    return out
 
 
 def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
@@ -46,6 +73,8 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
     if isinstance(run.get("ddp"), dict) and not ds:  # recorded by memprof.integrations for a DDP wrapper
         kw.update(engine=Engine.DDP, ddp_gradient_as_bucket_view=bool(run["ddp"].get("gradient_as_bucket_view", False)))
+    if isinstance(run.get("fsdp2"), dict) and not ds:  # recorded by MemoryProfiler for fully_shard modules
+        kw.update(_fsdp2_fields(run["fsdp2"]))
     # a torch.optim Adam the framework built itself (HF Trainer, accelerate: memprof.integrations)
     # keeps a step tensor per parameter, which its DeepSpeed config cannot say
     if run.get("torch_adam") is True:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from memprof.dsconfig import OFFLOAD_DEVICES, PRECISIONS, ZeroKnobs
-from memprof.engines import Engine, check_engine
+from memprof.engines import Engine, Fsdp2Settings, check_engine
 from memprof.errors import MemprofError
 from memprof.estimate.settings import (
     hidden_size_of,
@@ -87,6 +87,8 @@ class EstimateInputs:
     instead of DeepSpeed's stage-0 all-reduce copy and has no ZeRO stage."""
     ddp_gradient_as_bucket_view: bool = False
     """DDP's ``gradient_as_bucket_view`` (meaningful only when ``engine`` is DDP)."""
+    fsdp2: Fsdp2Settings = field(default_factory=Fsdp2Settings)
+    """FSDP2's reshard_after_forward, MixedPrecisionPolicy and CPUOffloadPolicy (engine FSDP2 only)."""
     config_notes: tuple[str, ...] = ()
     """What reading the DeepSpeed config decided that the numbers above do not show: each "auto"
     and what it became, keys ignored at this stage, checkpointing from the config's block. The

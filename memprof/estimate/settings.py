@@ -42,6 +42,11 @@ class SetupFlags:
     peft_config: str | os.PathLike | None = None  # PEFT adapter_config.json
     lora_r: int | None = None  # --lora-r, over the file's r
     lora_target_modules: str | None = None  # --lora-target-modules a,b, over the file's
+    # --engine and FSDP2's knobs (memprof.engines.Fsdp2Settings); None where not stated
+    engine: str | None = None
+    reshard_after_forward: bool | None = None
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
 
 
 def settings_from_setup(
@@ -61,10 +66,12 @@ def settings_from_setup(
     notes: list[str] = []
     config: str | os.PathLike | dict[str, Any] | None = None
     source = "DeepSpeed config"
+    fsdp2_from_yaml: dict[str, Any] | None = None
     if accelerate_config is not None:
         from memprof.accelerate_config import read_accelerate_config
 
         acc = read_accelerate_config(accelerate_config)
+        fsdp2_from_yaml = acc.fsdp2
         if acc.num_processes is not None:
             out["world_size"] = acc.num_processes
         if acc.num_machines is not None:
@@ -86,7 +93,47 @@ def settings_from_setup(
                      "Trainer's torch.optim.AdamW): estimated with --optimizer's choice, default adamw (add "
                      "--torch-adam for torch's AdamW)")
     out["config_notes"] = tuple(notes) + out["config_notes"]
-    return _with_flags(out, flags)
+    return _with_fsdp2(_with_flags(out, flags), flags, fsdp2_from_yaml, deepspeed_config)
+
+
+_FSDP2_FLAGS = (("reshard_after_forward", "--reshard-after-forward"), ("param_dtype", "--param-dtype"),
+                ("reduce_dtype", "--reduce-dtype"))
+
+
+def _with_fsdp2(fields: dict[str, Any], flags: SetupFlags, from_yaml: dict[str, Any] | None,
+                deepspeed_config: str | os.PathLike | None) -> dict[str, Any]:
+    """``--engine fsdp2`` (or an accelerate YAML with ``fsdp_version: 2``): the engine, its knobs
+    (flags over the YAML over fully_shard's defaults), the script's own torch optimizer (a step
+    tensor per parameter), no ZeRO stage; the compute precision is ``param_dtype`` when given."""
+    from memprof.engines import Engine, Fsdp2Settings
+
+    engine = flags.engine or ("fsdp2" if from_yaml is not None else "deepspeed")
+    stated = [flag for attr, flag in _FSDP2_FLAGS if getattr(flags, attr) is not None]
+    if engine != "fsdp2":
+        if stated:
+            raise MemprofError(f"{stated[0]} applies to --engine fsdp2 only: add --engine fsdp2 or drop it")
+        return fields
+    if deepspeed_config is not None or fields["zero_stage"] != 0:
+        raise MemprofError("--engine fsdp2 takes no DeepSpeed config or ZeRO stage (FSDP2 shards every state itself): "
+                           "drop --deepspeed-config / --zero-stage")
+    if flags.offload_optimizer not in (None, "none"):
+        raise MemprofError("FSDP2 offloads the optimizer step with its parameters (CPUOffloadPolicy): use --offload-params "
+                           "cpu instead of --offload-optimizer")
+    base = from_yaml or {}
+    param_dtype = flags.param_dtype or base.get("param_dtype")
+    settings = Fsdp2Settings(
+        reshard_after_forward=(flags.reshard_after_forward if flags.reshard_after_forward is not None
+                               else bool(base.get("reshard_after_forward", True))),
+        # fp32 is no cast from an fp32 model (FSDPParam.init_dtype_attrs clamps it to None)
+        param_dtype=None if param_dtype == "fp32" else param_dtype,
+        reduce_dtype=flags.reduce_dtype or base.get("reduce_dtype"),
+        offload_params=(flags.offload_param == "cpu") if flags.offload_param is not None
+        else bool(base.get("offload_params", False)))
+    fields.update(engine=Engine.FSDP2, fsdp2=settings, torch_adam=True,
+                  zero=replace(fields["zero"], offload_param="none", offload_optimizer="none"))
+    if settings.param_dtype:
+        fields["precision"] = settings.param_dtype
+    return fields
 
 
 def _with_flags(fields: dict[str, Any], flags: SetupFlags) -> dict[str, Any]:

@@ -138,6 +138,12 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
     def _see(self, t: torch.Tensor) -> None:
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            # a DTensor (FSDP2's sharded params, their grads, the optimizer's state and its
+            # temporaries): the mode sees the DTensor op only, so count its local tensor's storage
+            local = getattr(t, "_local_tensor", None)
+            if isinstance(local, torch.Tensor):
+                t = local
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -149,7 +155,11 @@ class AllocationTracker(TorchDispatchMode):
                 self._resize(rec, n)
             return
         n = st.nbytes()
-        if n == 0 or st.data_ptr() == 0:
+        try:
+            ptr = st.data_ptr()
+        except RuntimeError:
+            return  # a wrapper subclass (DTensor): its local tensor's ops are seen on their own
+        if n == 0 or ptr == 0:
             return  # empty or meta: holds no memory (a later resize is seen as a new storage)
         self._add(st, n, self.new_label)
 
@@ -190,6 +200,13 @@ class AllocationTracker(TorchDispatchMode):
         self.tally[label] = v
         if label < N_CATEGORIES:
             self.device_total -= n
+
+    def resync(self, st: torch.UntypedStorage) -> None:
+        """A storage resized outside any dispatched op (``UntypedStorage.resize_``, which FSDP2's
+        ``free_storage`` / ``alloc_storage`` call on gathered parameters): count its new size."""
+        rec = self.live.get(id(st))
+        if rec is not None and st.nbytes() != rec.nbytes:
+            self._resize(rec, st.nbytes())
 
     def _resize(self, rec: _Live, n: int) -> None:
         delta = n - rec.nbytes
@@ -327,6 +344,7 @@ def live_tensor_storages() -> list[torch.UntypedStorage]:
                 if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
                     continue
                 st = obj.untyped_storage()
+                st.data_ptr()  # a wrapper subclass (DTensor) has no storage of its own: its local tensor does
             except Exception:  # noqa: BLE001 - exotic tensor subclasses may refuse storage access
                 continue
             seen.setdefault(id(st), st)

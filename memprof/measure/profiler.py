@@ -106,6 +106,15 @@ class StepContext:
         return False
 
 
+def _fsdp2_record(engine: Any, model: torch.nn.Module | None) -> dict[str, Any] | None:
+    """``run["fsdp2"]`` for a plain model with ``fully_shard`` modules (ownership.fsdp2_record)."""
+    if engine is not None or model is None:
+        return None
+    from memprof.measure.ownership import fsdp2_record
+
+    return fsdp2_record(model)
+
+
 class MemoryProfiler:
     """Per-rank memory profiler for a DeepSpeed engine or a plain torch model + optimizer.
 
@@ -155,6 +164,9 @@ class MemoryProfiler:
         # memprof never pretends a CPU is a GPU: the device type is what the model is on
         self.run["device_type"] = self.device.type
         self.run.setdefault("world_size", self.world_size)
+        fsdp2 = _fsdp2_record(engine, model)  # refuses (one line) an FSDP2 layout memprof does not model
+        if fsdp2 is not None:
+            self.run.setdefault("fsdp2", fsdp2)
 
         self.host = HostMemory()
         self.records: list[dict[str, Any]] = []
@@ -166,9 +178,12 @@ class MemoryProfiler:
             CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget)
             if on_cuda
             else CpuBackend(self._owner_walk, self.diagnostics, memory_budget=memory_budget,
-                            mid_phase_walks=engine is not None, multi_rank=self.world_size > 1)
+                            # FSDP2 gathers and frees a block's params inside a phase, as ZeRO-3 does
+                            mid_phase_walks=engine is not None or fsdp2 is not None,
+                            multi_rank=self.world_size > 1)
         )
         self._active = False
+        self._resize_watch: Any = None
         self._finished = False
         self._oom_recorded = False
         header = {"host": socket.gethostname(), "device": self._device_label(), "run": self.run}
@@ -185,15 +200,31 @@ class MemoryProfiler:
         if self._active:
             raise RuntimeError("this MemoryProfiler is already active")
         self._backend.start()
+        self._watch_fsdp2_resizes(True)
         self._active = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None:
             self._record_oom_if_unrecorded(exc, None, None)
+        self._watch_fsdp2_resizes(False)
         self._backend.stop()
         self._active = False
         return False
+
+    def _watch_fsdp2_resizes(self, on: bool) -> None:
+        """FSDP2 frees and re-gathers blocks by resizing storages in place, which the dispatch-mode
+        CPU tracker sees only when told (ownership.fsdp2.StorageResizeWatch)."""
+        if not on:
+            if self._resize_watch is not None:
+                self._resize_watch.__exit__(None, None, None)
+                self._resize_watch = None
+            return
+        resync = getattr(getattr(self._backend, "tracker", None), "resync", None)
+        if "fsdp2" in self.run and resync is not None:
+            from memprof.measure.ownership.fsdp2 import StorageResizeWatch
+
+            self._resize_watch = StorageResizeWatch(resync).__enter__()
 
     def step(self, step: int, *, micro_step: int | None = None, boundary: bool | None = None) -> StepContext:
         """Context manager for one training step (use inside ``with profiler:``): one call per

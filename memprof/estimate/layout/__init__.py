@@ -2,7 +2,8 @@
 
 ``state`` (what a layout writes and reads; optimizer temporaries; gradient accumulation),
 ``partition`` (flat-buffer partitioning: alignment, padding, per-rank partition numels),
-``deepspeed_zero`` (DeepSpeed 0.19.8, ZeRO stage 0-3), ``ddp`` (torch DDP without DeepSpeed).
+``deepspeed_zero`` (DeepSpeed 0.19.8, ZeRO stage 0-3), ``ddp`` (torch DDP without DeepSpeed),
+``fsdp2`` (torch FSDP2, ``fully_shard``).
 :func:`model_state_layout` picks the engine's module through ``LAYOUT_BY_ENGINE``: a new
 parallelism (a member of ``memprof.engines.Engine``) is one module here, exporting its
 ``EngineLayout``, and one line in that dict (README, "Add a parallelism").
@@ -14,6 +15,7 @@ from memprof.engines import Engine
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.layout.ddp import DDP_LAYOUT
 from memprof.estimate.layout.deepspeed_zero import DEEPSPEED_ZERO_LAYOUT
+from memprof.estimate.layout.fsdp2 import FSDP2_LAYOUT
 from memprof.estimate.layout.state import EngineLayout, StateLayout, layout_setup
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import uses_deepspeed_adam
@@ -21,6 +23,7 @@ from memprof.estimate.optimizers import uses_deepspeed_adam
 LAYOUT_BY_ENGINE: dict[Engine, EngineLayout] = {
     Engine.DEEPSPEED: DEEPSPEED_ZERO_LAYOUT,
     Engine.DDP: DDP_LAYOUT,
+    Engine.FSDP2: FSDP2_LAYOUT,
 }
 """Engine -> how it lays out one rank's model states, and the assumptions naming that layout."""
 

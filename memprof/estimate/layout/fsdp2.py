@@ -1,0 +1,178 @@
+"""Model states per rank under torch FSDP2 (``fully_shard`` on each transformer block and on the
+root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
+
+* Sharding (``_fsdp_param.py``: ``FSDPParam._init_sharded_param``): every parameter is cut into
+  ``world_size`` dim-0 chunks (``_chunk_with_empty`` = ``torch.chunk``: ``ceil(d0 / N)`` rows
+  each, the last ones shorter or empty) and each rank keeps its chunk padded to the size of chunk
+  0 (``padded_sharded_param_size = chunks[0].size()``): ``ceil(d0 / N) * numel / d0`` elements,
+  alike on every rank, in the parameter's own dtype (a ``MixedPrecisionPolicy`` casts only the
+  gathered copy: ``init_dtype_attrs``, ``_get_param_all_gather_inputs``).
+* Gathering (``_fsdp_collectives.py``: ``foreach_all_gather``, ``foreach_all_gather_copy_out``): a
+  group's flat all-gather output holds ``N x`` its padded shards in ``param_dtype``; the copy-out
+  fills each parameter's own padded unsharded storage (``FSDPParam.init_all_gather_outputs``,
+  ``numel x world_size``). In forward the flat output is kept until the next group's copy-out
+  (``FSDPParamGroup.wait_for_unshard``: ``comm_ctx.all_gather_state``), the last one until the root's
+  post-forward (``_fsdp_state.py``: ``FSDPState._post_forward``); in backward the next group is
+  prefetched (``_backward_prefetch``): its flat output is alive beside the current group.
+  ``reshard_after_forward`` False keeps every block gathered from its forward to its backward;
+  the root is never resharded after forward (``FSDPState._lazy_init``: root
+  ``post_forward_mesh_info = None``).
+* Peak moments modelled: forward, the last block's (current block gathered + its flat output)
+  beside the whole forward's activations, an upper bound; backward, the last block's
+  pre-backward (root gathered with its unsharded gradients, the block gathered, the next one
+  prefetched). Checked on 2 CPU ranks (tests/test_fsdp2.py).
+* Gradients (``FSDPParamGroup.post_backward``, ``foreach_reduce``): a block's unsharded gradients
+  (compute dtype, unpadded) until its post-backward; the reduce-scatter input (``N x`` padded
+  shards, ``reduce_dtype``), kept in ``comm_ctx.reduce_scatter_states`` until the next block's
+  reduce; the reduce-scatter output is the sharded gradient (padded, cast to the parameter dtype).
+* Optimizer: the script's torch optimizer over the sharded parameters (DTensors): its state is
+  shard-sized, in the parameter dtype; a step tensor per parameter (torch.optim).
+"""
+
+from __future__ import annotations
+
+from math import ceil
+
+from memprof.dsconfig import ELEMENT_SIZE
+from memprof.errors import MemprofError
+from memprof.estimate.inputs import EstimateInputs
+from memprof.estimate.layout.state import (
+    C,
+    EngineLayout,
+    G,
+    LayoutSetup,
+    O,
+    P,
+    StateLayout,
+    accumulate_between_microsteps,
+    optimizer_temporaries,
+)
+from memprof.estimate.model_shapes import ModelShape
+from memprof.estimate.optimizers import optimizer_state_bytes
+
+Dims = list[tuple[int, int]]  # (dim 0, numel) per parameter
+
+
+def _gpt2_units(sh: ModelShape) -> tuple[Dims, Dims]:
+    """(root, one block) of GPT2LMHeadModel (modeling_gpt2.py; Conv1D weights are (in, out))."""
+    h, i, v, n_pos = sh.hidden, sh.inner, sh.vocab, sh.n_positions
+    block = [(h, h), (h, h), (h, h * 3 * h), (3 * h, 3 * h), (h, h * h), (h, h), (h, h), (h, h),
+             (h, h * i), (i, i), (i, i * h), (h, h)]
+    root = [(v, v * h), (n_pos, n_pos * h), (h, h), (h, h)] + ([] if sh.tied_embeddings else [(v, v * h)])
+    return root, block
+
+
+def _linear(out: int, inp: int, bias: bool) -> Dims:
+    return [(out, out * inp)] + ([(out, out)] if bias else [])  # nn.Linear weight is (out, in)
+
+
+def _llama_units(sh: ModelShape) -> tuple[Dims, Dims]:
+    """(root, one decoder layer) of the Llama family (modeling_llama.py), the biases told apart by
+    the layer's tensor count (q/k/v bias: Qwen2, attention_bias; o_proj bias: attention_bias)."""
+    h, i, v, a, kv, d = sh.hidden, sh.inner, sh.vocab, sh.n_head, sh.n_kv_head or sh.n_head, sh.head_dim
+    root = [(v, v * h), (h, h)] + ([] if sh.tied_embeddings else [(v, v * h)])
+    per_layer = (len(sh.param_numels) - len(root)) // max(1, sh.n_layer or 1)
+    extra = per_layer - 9 - 3 * sh.mlp_bias
+    qkv_bias, o_bias = extra >= 3, extra == 4
+    block = _linear(a * d, h, qkv_bias) + _linear(kv * d, h, qkv_bias) + _linear(kv * d, h, qkv_bias)
+    block += _linear(h, a * d, o_bias)
+    for out, inp in ((i, h), (i, h), (h, i)):
+        block += _linear(out, inp, sh.mlp_bias)
+    return root, block + [(h, h), (h, h)]
+
+
+def fsdp2_units(sh: ModelShape) -> tuple[Dims, Dims]:
+    """(the root module's own parameters, one transformer block's), as (dim 0, numel) each: the
+    wrapping ``fully_shard(block)`` for every block, then ``fully_shard(model)``. MemprofError for
+    a model whose parameter shapes memprof does not know."""
+    units = {"gpt2": _gpt2_units, "llama": _llama_units, "mistral": _llama_units, "qwen2": _llama_units}
+    build = units.get(sh.model_type or "")
+    if build is None or not sh.n_layer:
+        raise MemprofError(f"--engine fsdp2 needs per-parameter shapes: model_type {sh.model_type or '(a bare --params count)'} "
+                           "is not modelled (GPT-2 and the Llama family are)")
+    root, block = build(sh)
+    lead = 2 if sh.model_type == "gpt2" else 1  # wte, wpe / embed_tokens come before the blocks
+    expected = [n for _, n in root[:lead]] + [n for _, n in block] * sh.n_layer + [n for _, n in root[lead:]]
+    if tuple(expected) != sh.param_numels:
+        raise MemprofError(f"--engine fsdp2: the {sh.model_type} config's parameters are not the plain "
+                           "block layout memprof models (e.g. cross-attention)")
+    return root, block
+
+
+def padded_shard_numel(d0: int, numel: int, world_size: int) -> int:
+    """Elements one rank keeps of a parameter: ``ceil(d0 / N)`` rows of ``numel / d0`` (chunk 0's size)."""
+    return ceil(d0 / world_size) * (numel // d0) if d0 else 0
+
+
+def _shards(dims: Dims, n: int) -> int:
+    return sum(padded_shard_numel(d0, numel, n) for d0, numel in dims)
+
+
+def fsdp2_dtypes(inp: EstimateInputs) -> tuple[int, int, int]:
+    """Bytes per element of (the sharded parameters, the gathered copies, the reduce-scatter)."""
+    compute = ELEMENT_SIZE[inp.precision]
+    sharded = ELEMENT_SIZE["fp32"] if inp.fsdp2.param_dtype else compute
+    reduce = ELEMENT_SIZE[inp.fsdp2.reduce_dtype] if inp.fsdp2.reduce_dtype else compute
+    return sharded, compute, reduce
+
+
+def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
+    """One rank's model states under FSDP2 (every rank alike: each pads its chunk to chunk 0's size)."""
+    inp, n, layers = s.inp, s.N, s.shape.n_layer or 0
+    root, block = fsdp2_units(s.shape)
+    e_o, e_p, e_r = fsdp2_dtypes(inp)
+    root_shard, block_shard = _shards(root, n), _shards(block, n)
+    shards = root_shard + layers * block_shard  # elements this rank keeps
+    n_tensors = len(root) + layers * len(block)
+    where = "host" if inp.fsdp2.offload_params else "device"
+    out.add(where, P, shards * e_o)
+    # torch.optim over the sharded DTensors: state like the shard (its dtype), a step tensor each
+    out.add(where, O, optimizer_state_bytes(inp.optimizer, shards, n_tensors, e_o, step_tensors=s.step_tensors))
+    root_gathered, block_gathered = root_shard * n * e_p, block_shard * n * e_p
+    blocks_kept = 0 if inp.fsdp2.reshard_after_forward else layers * block_gathered
+    # forward, upper bound: the last block's moment (its gathered params and its flat all-gather
+    # output, kept in comm_ctx.all_gather_state) beside the whole forward's activations; without
+    # reshard_after_forward every block is gathered (and the loss's end, the peak there, holds
+    # the last block's flat output until the root's post-forward)
+    out.forward_extra = {P: root_gathered + max(blocks_kept, block_gathered), C: block_gathered}
+    # backward, the last block's pre-backward: the root still gathered with its unsharded gradients
+    # (the head's and ln_f's, from the loss), the block gathered and, when blocks were resharded,
+    # the next one's all-gather prefetched (_backward_prefetch); already gathered blocks need none
+    root_grads = sum(numel for _, numel in root) * e_p
+    out.backward_extra = {P: root_gathered + max(blocks_kept, block_gathered), G: root_grads,
+                          C: 0 if blocks_kept else block_gathered}
+    grads = shards * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
+    if inp.fsdp2.offload_params:
+        out.add("host", G, grads)  # copied to the host by foreach_reduce (offload_to_cpu)
+        out.backward_end_extra, step_grads = {}, {}
+    else:
+        out.backward_end_extra, step_grads = {G: grads}, {G: grads}
+    out.step_moments = [{**step_grads, O: optimizer_temporaries(inp, max(padded_shard_numel(d, m, n) for d, m in root + block),
+                                                                shards, s.device_type)}]
+    accumulate_between_microsteps(s, out, dict(step_grads), same_at_end=(G,),
+                                  how="every sharded gradient (reduce-scattered every micro-step)")
+    out.notes.append(_note(inp, root_shard, block_shard, layers))
+
+
+def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int) -> str:
+    f = inp.fsdp2
+    return (f"FSDP2: fully_shard on each of {layers} blocks and the root, {inp.world_size} ranks, dim-0 chunks padded "
+            f"to chunk 0 (root {root_shard:,} + {layers} x {block_shard:,} elements per rank); reshard_after_forward "
+            f"{f.reshard_after_forward} (the root stays gathered after forward either way); MixedPrecisionPolicy "
+            f"param_dtype {f.param_dtype or 'none'}, reduce_dtype {f.reduce_dtype or 'none'}"
+            + ("; CPUOffloadPolicy: shards, their gradients and optimizer state on the host" if f.offload_params else "")
+            + "; not at the modelled peaks: a block's reduce-scatter input (N x its padded shards, reduce_dtype), "
+            "alive from its post-backward to the next block's, later in backward when fewer activations remain, and "
+            "the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")
+
+
+def describe_fsdp2(inp: EstimateInputs) -> str:
+    return f"torch FSDP2 (fully_shard, torch 2.13 _fully_shard/), world size {inp.world_size}, compute {inp.precision}"
+
+
+def describe_fsdp2_buffers(inp: EstimateInputs) -> str:
+    return ("FSDP2 has no gradient buckets: one all-gather and one reduce-scatter per fully_shard group, sized by "
+            "the group's padded shards (comm_buffers)")
+
+
+FSDP2_LAYOUT = EngineLayout(fsdp2_layout, describe_fsdp2, describe_fsdp2_buffers)

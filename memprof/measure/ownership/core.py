@@ -1,0 +1,141 @@
+"""What every ownership walk shares: the ``Owned`` record, storage keys, the collector applying the
+attribution contract, and the breakdown of a walk's result.
+
+Rules (the shared attribution contract, see docs/ownership.md):
+
+* A storage is counted once, keyed on ``(device, untyped_storage().data_ptr())``, with the storage's
+  full ``nbytes`` (so the padding of DeepSpeed's flat buffers is included once).
+* A storage claimed by two categories goes to the first of ``params, master_params,
+  optimizer_state, grads, comm_buffers`` (e.g. ZeRO-3 without a separate fp32 copy).
+* Location is decided by ownership on a CPU-only run (every tensor is on the CPU there; states that
+  DeepSpeed offloads are ``host``, the compute copy is ``device``). On an accelerator run the tensor's
+  device decides: a CPU tensor is ``host``, anything else ``device``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+from memprof.categories import Breakdown, Category, Location, empty_breakdown
+from memprof.errors import MemprofError
+
+# A storage owned by two categories counts in the first of this order (shared contract).
+_PRIORITY: dict[str, int] = {
+    Category.PARAMS.value: 0,
+    Category.MASTER_PARAMS.value: 1,
+    Category.OPTIMIZER_STATE.value: 2,
+    Category.GRADS.value: 3,
+    Category.COMM_BUFFERS.value: 4,
+    Category.ACTIVATIONS.value: 5,
+}
+
+PARAMS = Category.PARAMS.value
+MASTER = Category.MASTER_PARAMS.value
+OPT_STATE = Category.OPTIMIZER_STATE.value
+GRADS = Category.GRADS.value
+COMM = Category.COMM_BUFFERS.value
+
+
+class Owned(NamedTuple):
+    """One storage's owner: its category, where it lives and its size."""
+
+    category: str  # a memprof.categories.Category value
+    location: str  # "device" or "host"
+    nbytes: int  # the untyped storage's nbytes
+
+
+StorageKey = tuple[str, int]
+
+
+class Placement(NamedTuple):
+    """Where an engine keeps the states the torch optimizer inside it updates (its walk's answer)."""
+
+    offloaded_by_id: dict[int, bool]  # id(master partition) -> offloaded, where it differs per tensor
+    default_offloaded: bool  # every other master partition and its optimizer state
+
+
+def storage_key(t: torch.Tensor) -> StorageKey:
+    """The identity of a tensor's underlying storage: views of one storage share it."""
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def iter_tensors(obj: Any, depth: int = 3) -> Iterator[torch.Tensor]:
+    """Tensors held in ``obj``: a tensor, or lists/tuples/dict values of them, a few levels deep.
+
+    ``None`` entries are skipped (DeepSpeed keeps ``None`` in lists for freed or swapped buffers).
+    An object with a ``flat_partition`` tensor (stage 1/2 ``GradPartitionBufferGroup``, a list of
+    views of that flat buffer) yields the flat buffer too.
+    """
+    if obj is None or depth < 0:
+        return
+    if isinstance(obj, torch.Tensor):
+        # a DTensor (FSDP2's sharded params, their grads and optimizer state) has no storage of
+        # its own: its rank-local tensor does (torch DTensor._local_tensor, DTensor.to_local())
+        local = getattr(obj, "_local_tensor", None)
+        yield local if isinstance(local, torch.Tensor) else obj
+        return
+    flat = getattr(obj, "flat_partition", None)
+    if isinstance(flat, torch.Tensor):
+        yield flat
+    if isinstance(obj, dict):
+        items: Iterable[Any] = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    else:
+        return
+    for item in items:
+        yield from iter_tensors(item, depth - 1)
+
+
+def _data_ptr(t: torch.Tensor, storage: torch.UntypedStorage) -> int:
+    """The storage's address, or a one-line MemprofError naming a tensor type with no real storage
+    (a wrapper subclass memprof does not know: its ``data_ptr`` raises)."""
+    try:
+        return storage.data_ptr()
+    except RuntimeError:
+        raise MemprofError(f"memprof cannot attribute a {type(t).__module__}.{type(t).__name__} tensor (no storage of "
+                           "its own): its sharding or wrapping is not one memprof models") from None
+
+
+class Collector:
+    """Accumulates ``storage key -> Owned``, applying the dedup and priority rules."""
+
+    def __init__(self, compute_on_cpu: bool) -> None:
+        self.compute_on_cpu = compute_on_cpu
+        self.owned: dict[StorageKey, Owned] = {}
+
+    def location(self, t: torch.Tensor, offloaded: bool) -> str:
+        if self.compute_on_cpu:
+            # Every tensor is on the CPU: only ownership (is this state offloaded?) tells them apart.
+            return Location.HOST.value if offloaded else Location.DEVICE.value
+        return Location.HOST.value if t.device.type == "cpu" else Location.DEVICE.value
+
+    def add(self, obj: Any, category: str, offloaded: bool = False) -> None:
+        for t in iter_tensors(obj):
+            if t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            nbytes = int(storage.nbytes())
+            if nbytes == 0:  # freed ZeRO-3 params are torch.empty(0): nothing resident
+                continue
+            key = (str(t.device), _data_ptr(t, storage))
+            held = self.owned.get(key)
+            if held is not None and _PRIORITY[held.category] <= _PRIORITY[category]:
+                continue
+            self.owned[key] = Owned(category, self.location(t, offloaded), nbytes)
+
+    def add_grad_of(self, obj: Any, offloaded: bool = False) -> None:
+        """The ``.grad`` of every tensor in ``obj`` (e.g. of the fp32 master partitions)."""
+        for t in iter_tensors(obj):
+            self.add(t.grad, GRADS, offloaded)
+
+
+def owned_breakdown(owned: dict[StorageKey, Owned]) -> Breakdown:
+    """Bytes per location and category, every location and category present."""
+    out = empty_breakdown()
+    for item in owned.values():
+        out[item.location][item.category] += int(item.nbytes)
+    return out

@@ -1,0 +1,217 @@
+"""torch FSDP2 (``torch.distributed.fsdp.fully_shard``): its sharded and gathered parameters, its
+gradients and its collective buffers, named from the objects FSDP2 keeps (torch 2.13,
+torch/distributed/fsdp/_fully_shard/).
+
+Every ``fully_shard``-ed module is an ``FSDPModule``; its ``FSDPState`` keeps one
+``FSDPParamGroup`` per call (``_fsdp_state.py``: ``FSDPState._fsdp_param_groups``), each with one
+``FSDPParam`` per parameter (``_fsdp_param_group.py``: ``FSDPParamGroup.fsdp_params``):
+
+* ``FSDPParam._sharded_param_data``: this rank's dim-0 chunk, padded to the size of chunk 0
+  (``_fsdp_param.py``: ``FSDPParam._init_sharded_param``, ``padded_sharded_param.view(-1)``); the
+  ``sharded_param`` DTensor's local tensor is a view of it -> ``params`` (``host`` under
+  ``CPUOffloadPolicy``, ``offload_to_cpu``);
+* ``FSDPParam.all_gather_outputs``: the unsharded parameter while gathered, padded (numel x world
+  size, in ``param_dtype``; ``init_all_gather_outputs``), storage resized to 0 once resharded
+  (``free_unsharded_param`` -> ``free_storage``) -> ``params``; ``_sharded_post_forward_param_data``
+  (``reshard_after_forward`` an int) likewise;
+* ``sharded_param.grad``: a DTensor whose local tensor is a view of the reduce-scatter output
+  (``_fsdp_collectives.py``: ``foreach_reduce``, ``torch.as_strided(reduce_output, ...)``), or its
+  cast to the original dtype -> ``grads``; ``_unsharded_param.grad`` and
+  ``unsharded_accumulated_grad`` (a block's gradients before the reduce-scatter) -> ``grads``;
+* ``FSDPParamGroup._all_gather_result`` (an issued all-gather: ``foreach_all_gather``'s flat
+  ``all_gather_output``), ``FSDPCommContext.all_gather_state`` (the previous block's output, kept
+  for overlap in forward: ``wait_for_unshard``), ``FSDPCommContext.reduce_scatter_states`` (the
+  reduce-scatter inputs kept until the next block's reduce: ``post_backward``),
+  ``_all_reduce_state`` / ``_partial_reduce_output`` (HSDP only) -> ``comm_buffers``.
+
+The reduce-scatter output is the sharded gradient (``grads``, which outranks ``comm_buffers``); the
+bf16 copy-in buffer of a mixed-precision all-gather (``_get_param_all_gather_inputs``'
+``flat_foreach_copy_input``) lives only inside ``foreach_all_gather`` and no object keeps it: the
+allocation tracker sees it (as ``activations`` in forward/backward).
+
+A layout memprof does not model is refused in one line naming it (:func:`check_supported`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memprof.errors import MemprofError
+from memprof.measure.ownership.core import COMM, GRADS, PARAMS, Collector
+
+try:  # torch >= 2.6 exports both; older torch has no FSDP2 to walk
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+except ImportError:  # pragma: no cover - torch without FSDP2
+    FSDPModule = None  # type: ignore[assignment,misc]
+    CPUOffloadPolicy = None  # type: ignore[assignment,misc]
+
+
+def fsdp_modules(model: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """The ``fully_shard``-ed modules of ``model`` (itself included), in ``modules()`` order."""
+    if model is None or FSDPModule is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_fsdp2_model(model: torch.nn.Module | None) -> bool:
+    return bool(fsdp_modules(model))
+
+
+def param_groups(model: torch.nn.Module | None) -> list[Any]:
+    """Every ``FSDPParamGroup`` of the model's FSDP2 modules (a module with no parameters of its
+    own has none)."""
+    groups: list[Any] = []
+    for module in fsdp_modules(model):
+        state = module._get_fsdp_state()  # FSDPModule._get_fsdp_state (torch _fully_shard.py)
+        groups.extend(getattr(state, "_fsdp_param_groups", None) or [])
+    return groups
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local shard (``DTensor.to_local()`` without autograd); anything else as is."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
+
+
+def _param_name(fp: Any) -> str:
+    """``<module class>.<parameter>`` of an FSDPParam (its fqn is set only at lazy init)."""
+    info = getattr(fp, "_module_info", None)
+    module = type(getattr(info, "module", None)).__name__
+    return getattr(fp, "_param_fqn", None) or f"{module}.{getattr(info, 'param_name', '?')}"
+
+
+def check_supported(model: torch.nn.Module | None) -> None:
+    """MemprofError, one line, for an FSDP2 layout memprof does not model: HSDP / replicate meshes
+    (2-D or DDP mesh), sharding on a dim other than 0 (``shard_placement_fn``), DTensor (tensor
+    parallel) parameters under FSDP2, ``reshard_after_forward`` as an int (a post-forward mesh)."""
+    for group in param_groups(model):
+        where = getattr(group, "_module_fqn", "") or ", ".join(type(m).__name__ for m in getattr(group, "modules", ()))
+        mesh = getattr(getattr(group, "mesh_info", None), "mesh", None)
+        if mesh is not None and mesh.ndim != 1:
+            raise MemprofError(f"FSDP2 on a {mesh.ndim}-D device mesh (HSDP) at {where}: memprof models "
+                               "fully_shard on a 1-D mesh only")
+        if getattr(group, "_use_post_forward_mesh", False):
+            raise MemprofError(f"FSDP2 reshard_after_forward as an int (a post-forward mesh) at {where}: memprof "
+                               "models reshard_after_forward True or False only")
+        for fp in group.fsdp_params:
+            dim = getattr(getattr(fp, "fsdp_placement", None), "dim", 0)
+            if dim != 0:
+                raise MemprofError(f"FSDP2 sharding {_param_name(fp)} on dim {dim} (shard_placement_fn) at {where}: "
+                                   "memprof models FSDP2's default dim-0 sharding only")
+            if getattr(fp, "is_dtensor", False):
+                raise MemprofError(f"FSDP2 over DTensor parameter {_param_name(fp)} (tensor parallel) at {where}: "
+                                   "memprof models fully_shard over plain parameters only")
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def fsdp2_record(model: torch.nn.Module | None) -> dict[str, Any] | None:
+    """What the run records of an FSDP2 model (``run["fsdp2"]``), or None for any other model:
+    ``reshard_after_forward`` (of the non-root groups: torch keeps the root's gathered after
+    forward, ``_fully_shard.py``: ``fully_shard``'s root rule), the ``MixedPrecisionPolicy`` dtypes
+    (None: the parameter's own dtype), ``offload_params`` ("cpu" under ``CPUOffloadPolicy``) and the
+    number of groups. Refuses a layout memprof does not model (:func:`check_supported`)."""
+    groups = param_groups(model)
+    if not fsdp_modules(model):
+        return None
+    check_supported(model)
+    non_root = [g for g in groups if getattr(g, "_module_fqn", "")] or groups
+    reshard = sorted({bool(getattr(g, "post_forward_mesh_info", None) is not None) for g in non_root})
+    policy = getattr(groups[0], "mp_policy", None) if groups else None
+    offload = any(CPUOffloadPolicy is not None and isinstance(getattr(g, "offload_policy", None), CPUOffloadPolicy)
+                  for g in groups)
+    return {
+        "reshard_after_forward": reshard[0] if len(reshard) == 1 else None,  # None: groups differ
+        "param_dtype": _dtype_name(getattr(policy, "param_dtype", None)),
+        "reduce_dtype": _dtype_name(getattr(policy, "reduce_dtype", None)),
+        "offload_params": "cpu" if offload else None,
+        "sharded_dtype": _dtype_name(groups[0].fsdp_params[0].sharded_param.dtype) if groups and groups[0].fsdp_params else None,
+        "param_groups": len(groups),
+    }
+
+
+def _walk_param(col: Collector, fp: Any) -> None:
+    offloaded = bool(getattr(fp, "offload_to_cpu", False))
+    col.add(getattr(fp, "_sharded_param_data", None), PARAMS, offloaded)
+    # gathered (storage resized to 0 when resharded: the collector skips empty storages)
+    col.add(list(getattr(fp, "all_gather_outputs", None) or []), PARAMS, False)
+    col.add(list(getattr(fp, "_unsharded_inner_tensors", None) or []), PARAMS, False)
+    col.add(getattr(fp, "_sharded_post_forward_param_data", None), PARAMS, False)
+    sharded = getattr(fp, "sharded_param", None)
+    if sharded is not None:
+        col.add(_local(sharded.grad), GRADS, offloaded)
+    unsharded = fp.__dict__.get("_unsharded_param")  # set at the first all-gather
+    if unsharded is not None:
+        col.add(_local(unsharded.grad), GRADS, False)
+    col.add(getattr(fp, "unsharded_accumulated_grad", None), GRADS, False)
+
+
+def _walk_group_buffers(col: Collector, group: Any) -> None:
+    pending = getattr(group, "_all_gather_result", None)
+    if pending is not None:
+        col.add(pending.all_gather_output, COMM, False)
+    col.add(getattr(group, "_partial_reduce_output", None), COMM, False)
+    all_reduce = getattr(group, "_all_reduce_state", None)
+    if all_reduce is not None:
+        col.add(all_reduce.all_reduce_input, COMM, False)
+
+
+def _walk_comm_context(col: Collector, ctx: Any) -> None:
+    kept = getattr(ctx, "all_gather_state", None)
+    if kept is not None:
+        col.add(kept.all_gather_result.all_gather_output, COMM, False)
+    for state in list(getattr(ctx, "reduce_scatter_states", None) or []):
+        col.add(state.reduce_scatter_input, COMM, False)
+
+
+def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> None:
+    """Every storage FSDP2 keeps for ``model`` (nothing for a model without ``fully_shard``). Walk
+    before the module's parameters so offloaded shards get their ``host`` location first."""
+    contexts: dict[int, Any] = {}
+    for group in param_groups(model):
+        for fp in group.fsdp_params:
+            _walk_param(col, fp)
+        _walk_group_buffers(col, group)
+        ctx = getattr(group, "comm_ctx", None)
+        if ctx is not None:
+            contexts[id(ctx)] = ctx  # one context shared by every group under a root
+    for ctx in contexts.values():
+        _walk_comm_context(col, ctx)
+
+
+class StorageResizeWatch:
+    """Tells ``resync(storage)`` about every storage FSDP2 frees or re-allocates in place, while
+    active: FSDP2 frees a resharded block with ``UntypedStorage.resize_(0)`` and gathers it again
+    with ``resize_(n)`` (``_fsdp_param.py``: ``free_storage``, ``alloc_storage``), which no
+    dispatched op shows the dispatch-mode tracker (the allocator hook sees them itself). Wraps those
+    two module functions, calling the originals unchanged, and puts them back on exit."""
+
+    def __init__(self, resync: Any) -> None:
+        self.resync = resync
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> StorageResizeWatch:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+        for name in ("free_storage", "alloc_storage"):
+            original = getattr(_fsdp_param, name)
+            self.saved[name] = original
+            setattr(_fsdp_param, name, self._watched(original))
+        return self
+
+    def _watched(self, original: Any) -> Any:
+        def watched(tensor: torch.Tensor) -> None:
+            original(tensor)
+            self.resync(tensor.untyped_storage())
+        return watched
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+        for name, original in self.saved.items():
+            setattr(_fsdp_param, name, original)
+        self.saved.clear()

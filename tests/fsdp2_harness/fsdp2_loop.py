@@ -1,0 +1,82 @@
+"""A user's own 2-rank FSDP2 loop under MemoryProfiler (tests/test_fsdp2.py launches it once with
+torchrun, gloo, CPU): ``fully_shard`` on each GPT-2 block and the root, torch AdamW, one profiled
+run per setup named on the command line, each in its own folder under OUT.
+
+Setups: ``reshard`` (reshard_after_forward True), ``keep`` (False), ``bf16``
+(MixedPrecisionPolicy(param_dtype=bf16)), ``dim1`` (shard_placement_fn Shard(1): memprof must
+refuse it in one line, which the worker writes to OUT/dim1/refused.txt).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from memprof.errors import MemprofError
+from memprof.measure.profiler import MemoryProfiler
+
+# odd vocab and positions: their dim-0 chunks on 2 ranks carry padding
+CONFIG = dict(n_layer=2, n_embd=256, n_head=4, vocab_size=1001, n_positions=65, bos_token_id=0, eos_token_id=0)
+BATCH, SEQ, STEPS = 2, 64, 3
+
+
+def build(setup: str) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**CONFIG))
+    kw: dict = {}
+    if setup == "keep":
+        kw["reshard_after_forward"] = False
+    if setup == "bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    if setup == "dim1":
+        kw["shard_placement_fn"] = lambda p: Shard(1) if p.ndim == 2 else Shard(0)
+    for block in model.transformer.h:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def run(setup: str, out: Path) -> None:
+    model = build(setup)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    try:
+        prof = MemoryProfiler(model=model, optimizer=opt, out_dir=out / setup,
+                              run={"model_config": model.config.to_dict(), "micro_batch": BATCH, "seq_len": SEQ,
+                                   "optimizer": "adamw"})
+    except MemprofError as e:
+        if dist.get_rank() == 0:
+            (out / setup).mkdir(parents=True, exist_ok=True)
+            (out / setup / "refused.txt").write_text(str(e))
+        return
+    x = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+    with prof:
+        for step in range(STEPS):
+            with prof.step(step) as st:
+                with st.phase("forward"):
+                    loss = model(input_ids=x, labels=x).loss
+                with st.phase("backward"):
+                    loss.backward()
+                with st.phase("step"):
+                    opt.step()
+                    opt.zero_grad()
+                st.loss = loss
+    prof.finish()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    for setup in sys.argv[2:]:
+        run(setup, out)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

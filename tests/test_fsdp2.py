@@ -1,0 +1,177 @@
+"""torch FSDP2 (``fully_shard``): measured (MemoryProfiler around a user's own 2-rank gloo CPU loop),
+estimated (``--engine fsdp2``, the layout in memprof/estimate/layout/fsdp2.py) and side by side
+(``--compare-engines``).
+
+One torchrun launch (tests/fsdp2_harness/fsdp2_loop.py) runs every setup in turn: reshard_after_forward
+True and False, MixedPrecisionPolicy(param_dtype=bf16), and a dim-1 ``shard_placement_fn`` that memprof
+must refuse in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from math import ceil
+from pathlib import Path
+
+import pytest
+from launch_helpers import REPO, free_port, run_group
+
+from memprof.cli.estimate import main as estimate_main
+from memprof.engines import Engine
+from memprof.errors import MemprofError
+from memprof.estimate import estimate
+from memprof.estimate.from_run import inputs_from_run
+from memprof.estimate.layout.fsdp2 import fsdp2_units, padded_shard_numel
+from memprof.estimate.model_shapes import model_shape
+from memprof.models import preset_config
+
+HARNESS = REPO / "tests" / "fsdp2_harness" / "fsdp2_loop.py"
+sys.path.insert(0, str(HARNESS.parent))
+from fsdp2_loop import CONFIG  # noqa: E402
+
+WORLD = 2
+
+
+def _estimate_json(argv: list[str]) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert estimate_main([*argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+# ---- the sharding rule and the estimate (no launch) ----------------------------------------------
+
+def test_dim0_chunks_pad_to_chunk_zero() -> None:
+    # torch.chunk(1001 rows, 2) -> 501 + 500 rows: both ranks keep 501 (chunks[0].size())
+    assert padded_shard_numel(1001, 1001 * 256, 2) == 501 * 256
+    assert padded_shard_numel(65, 65, 8) == 9  # 8 full chunks of 9, the last one of 2: padded to 9
+    assert padded_shard_numel(256, 256 * 768, 2) == 128 * 768
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "qwen2-tiny"])
+def test_units_cover_every_parameter(preset: str) -> None:
+    shape = model_shape(preset_config(preset))
+    root, block = fsdp2_units(shape)
+    assert sum(n for _, n in root) + shape.n_layer * sum(n for _, n in block) == shape.n_params
+
+
+def test_bare_parameter_count_is_refused_in_one_line() -> None:
+    with pytest.raises(MemprofError, match="per-parameter shapes"):
+        _estimate_json(["--params", "1e9", "--engine", "fsdp2"])
+
+
+def test_fsdp2_flags_need_the_engine_and_no_zero_stage() -> None:
+    with pytest.raises(MemprofError, match="--engine fsdp2 only"):
+        _estimate_json(["--model", "gpt2-tiny", "--param-dtype", "bf16"])
+    with pytest.raises(MemprofError, match="no DeepSpeed config or ZeRO stage"):
+        _estimate_json(["--model", "gpt2-tiny", "--engine", "fsdp2", "--zero-stage", "3"])
+
+
+def test_mixed_precision_keeps_fp32_shards_and_casts_the_gathered_copies() -> None:
+    base = ["--model", "gpt2-tiny", "--engine", "fsdp2", "--world-size", "2", "--seq-len", "64"]
+    fp32 = _estimate_json(base)["ranks"][0]
+    bf16 = _estimate_json([*base, "--param-dtype", "bf16"])["ranks"][0]
+    assert bf16["device"]["params"] == fp32["device"]["params"]
+    assert bf16["device"]["optimizer_state"] == fp32["device"]["optimizer_state"]
+    comm = [r["phases"]["forward"]["peak"]["device"]["comm_buffers"] for r in (bf16, fp32)]
+    assert comm[0] * 2 == comm[1]
+
+
+def test_offload_puts_shards_and_optimizer_state_on_the_host() -> None:
+    doc = _estimate_json(["--model", "gpt2-tiny", "--engine", "fsdp2", "--world-size", "2", "--offload-params", "cpu"])
+    rank = doc["ranks"][0]
+    assert rank["device"]["params"] == rank["device"]["optimizer_state"] == 0
+    assert rank["host"]["params"] and rank["host"]["optimizer_state"] and rank["host"]["grads"]
+
+
+def test_accelerate_fsdp_version_2_sets_the_engine(tmp_path: Path) -> None:
+    yaml = tmp_path / "fsdp2.yaml"
+    yaml.write_text("distributed_type: FSDP\nmixed_precision: bf16\nnum_processes: 4\n"
+                    "fsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: false\n")
+    doc = _estimate_json(["--model", "gpt2-tiny", "--accelerate-config", str(yaml)])
+    assert doc["inputs"]["engine"] == "fsdp2" and doc["inputs"]["world_size"] == 4
+    assert doc["inputs"]["fsdp2"] == {"reshard_after_forward": False, "param_dtype": "bf16", "reduce_dtype": "bf16",
+                                      "offload_params": False}
+
+
+def test_compare_engines_prints_both_side_by_side() -> None:
+    doc = _estimate_json(["--model", "gpt2-tiny", "--precision", "bf16", "--world-size", "4", "--compare-engines"])
+    assert doc["zero3"]["inputs"]["zero_stage"] == 3 and doc["fsdp2"]["inputs"]["engine"] == "fsdp2"
+    assert doc["zero3"]["ranks"][0]["device"]["master_params"] > 0
+    assert doc["fsdp2"]["ranks"][0]["device"]["master_params"] == 0
+    assert any("fp32 master partitions" in line for line in doc["differences"])
+
+
+# ---- measured: one launch, every setup -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp2")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+           str(free_port()), str(HARNESS), str(out), "reshard", "keep", "bf16", "dim1"]
+    proc = run_group(cmd, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return out
+
+
+def _derived_shard_bytes() -> int:
+    """fp32 bytes of one rank's padded dim-0 shards, from GPT2LMHeadModel's layer shapes."""
+    h, v, p, i = CONFIG["n_embd"], CONFIG["vocab_size"], CONFIG["n_positions"], 4 * CONFIG["n_embd"]
+    block = [(h,), (h,), (h, 3 * h), (3 * h,), (h, h), (h,), (h,), (h,), (h, i), (i,), (i, h), (h,)]
+    shapes = [(v, h), (p, h)] + block * CONFIG["n_layer"] + [(h,), (h,)]
+    return sum(ceil(s[0] / WORLD) * (s[1] if len(s) > 1 else 1) for s in shapes) * 4
+
+
+def _last_step(run_dir: Path) -> tuple[dict, dict]:
+    doc = json.loads((run_dir / "memprof.json").read_text())
+    return doc, doc["ranks"][0]["steps"][-1]["phases"]
+
+
+@pytest.mark.parametrize("setup", ["reshard", "keep", "bf16"])
+def test_resident_states_are_the_padded_shards(runs: Path, setup: str) -> None:
+    _, phases = _last_step(runs / setup)
+    shards = _derived_shard_bytes()
+    end = phases["step"]["end"]["device"]
+    assert end["params"] == shards  # fp32 shards (bf16: only the gathered copies are cast)
+    n_tensors = 4 + 12 * CONFIG["n_layer"]
+    assert end["optimizer_state"] == 2 * shards + 4 * n_tensors  # exp_avg, exp_avg_sq (shard-sized), step tensors
+    assert phases["step"]["peak"]["device"]["grads"] == shards  # the reduce-scatter outputs, padded
+
+
+def test_run_records_fsdp2_settings(runs: Path) -> None:
+    assert json.loads((runs / "keep" / "memprof.json").read_text())["run"]["fsdp2"]["reshard_after_forward"] is False
+    bf16 = json.loads((runs / "bf16" / "memprof.json").read_text())["run"]["fsdp2"]
+    assert bf16["param_dtype"] == "bfloat16" and bf16["sharded_dtype"] == "float32"
+
+
+# measured peak vs estimate, |error| within: 3% except where the estimate's moment is knowingly an
+# upper bound: keep/backward (core._phase_extras puts forward's extras at backward's start, where the
+# root's post-forward has already freed the last block's all-gather output: +9%); bf16/forward (the
+# last block's moment taken with the whole forward's activations, whose loss-end part, the fp32
+# logits copy, is large beside bf16 activations: +5.4%); bf16/backward (measured -4.5% .. +1.6% over
+# two launches: gloo drops a finished collective's buffer only when its worker thread gets the GIL,
+# so one block's bf16 all-gather / reduce-scatter buffer, 1.58 MB, is counted at the peak or not)
+TOLERANCE = {("keep", "backward"): 0.10, ("bf16", "forward"): 0.06, ("bf16", "backward"): 0.06}
+
+
+@pytest.mark.parametrize("setup", ["reshard", "keep", "bf16"])
+def test_peaks_match_the_estimate(runs: Path, setup: str) -> None:
+    doc, phases = _last_step(runs / setup)
+    inp = inputs_from_run(doc["run"])
+    assert inp.engine == Engine.FSDP2
+    est = estimate(inp).ranks[0]
+    for phase in ("forward", "backward", "step"):
+        measured, estimated = phases[phase]["peak_total"], est.phase_total(phase)
+        err = (estimated - measured) / measured
+        assert abs(err) <= TOLERANCE.get((setup, phase), 0.03), (phase, measured, estimated, f"{err:+.1%}")
+
+
+def test_unsupported_sharding_is_refused_in_one_line(runs: Path) -> None:
+    message = (runs / "dim1" / "refused.txt").read_text()
+    assert "\n" not in message and "dim 1" in message and "dim-0" in message
