@@ -85,6 +85,9 @@ def fsdp2_units(sh: ModelShape) -> tuple[Dims, Dims]:
     """(the root module's own parameters, one transformer block's), as (dim 0, numel) each: the
     wrapping ``fully_shard(block)`` for every block, then ``fully_shard(model)``. MemprofError for
     a model whose parameter shapes memprof does not know."""
+    if sh.trainable_mask is not None:
+        raise MemprofError("--engine fsdp2 with frozen parameters (LoRA adapters) is not modelled yet: "
+                           "estimate the adapters under DeepSpeed (drop --engine) or FSDP2 without --peft-config/--lora-r")
     units = {"gpt2": _gpt2_units, "llama": _llama_units, "mistral": _llama_units, "qwen2": _llama_units}
     build = units.get(sh.model_type or "")
     if build is None or not sh.n_layer:
