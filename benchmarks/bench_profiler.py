@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from memprof.measure import MemoryProfiler, native
+from memprof.measure.ownership import owned_storages
 from memprof.models import preset_config
 from memprof.run.files import write_text_atomic
 
@@ -93,19 +94,36 @@ def profiled_step(prof: MemoryProfiler, i: int, model, optimizer, batch) -> None
         s.loss = loss
 
 
+class TimedWalk:
+    """The profiler's default ownership walk, timed: CPU seconds of each call (``time.thread_time``,
+    so time the process spends descheduled on a busy machine is not counted)."""
+
+    def __init__(self, model, optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.seconds: list[float] = []
+
+    def __call__(self) -> Any:
+        t0 = time.thread_time()
+        owned = owned_storages(model=self.model, optimizer=self.optimizer)
+        self.seconds.append(time.thread_time() - t0)
+        return owned
+
+
 class Round:
     """One mode's tool opened once: ``step(i)`` runs one step inside it, ``close()`` ends it."""
 
     def __init__(self, mode: str, model, optimizer, batch, device: torch.device, out_dir: Path) -> None:
         self.mode, self.model, self.optimizer, self.batch = mode, model, optimizer, batch
         self.prof: MemoryProfiler | None = None
+        self.walk = TimedWalk(model, optimizer)
         self.step: Callable[[int], None] = lambda i: bare_step(model, optimizer, batch)
         ctx: Any = nullcontext()
         if mode in ("tracking", "profiler", "profiler_dispatch"):
             # "profiler_dispatch": the same profiler on the dispatch-mode tracker (the fallback
             # where the allocator hook cannot be built), chosen when the profiler starts
             os.environ[native.TRACKER_ENV] = "dispatch" if mode == "profiler_dispatch" else "allocator"
-            self.prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=out_dir, run={"model": "bench"})
+            self.prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=out_dir, run={"model": "bench"},
+                                       owner_walk=self.walk)
             ctx = self.prof
             if mode in ("profiler", "profiler_dispatch"):
                 self.step = lambda i: profiled_step(self.prof, i, model, optimizer, batch)
@@ -246,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {m: [] for m in modes}
     close_per_step: dict[str, list[float]] = {m: [] for m in modes}
     own_time: list[float] = []  # memprof's own bookkeeping per step (diagnostics["phase_end_seconds"])
+    walk_seconds: list[float] = []  # each ownership walk of the profiler mode during its timed steps
+    walks_per_step: list[float] = []
     # per round, each mode's mean step over the baseline's mean step in the same round: modes run
     # back to back in a round, so machine load that drifts between rounds cancels in the ratio
     paired: dict[str, list[float]] = {m: [] for m in modes}
@@ -256,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             for m in order:
                 rnd = Round(m, model, optimizer, batch, device, Path(tmp) / f"{m}-{r}")
                 step_times = []
+                walks_before = len(rnd.walk.seconds)  # the walk at the profiler's start is not in a step
                 for i in range(args.steps):
                     sync(device)
                     t0 = time.perf_counter()
                     rnd.step(i)
                     sync(device)
                     step_times.append(time.perf_counter() - t0)
+                walked = rnd.walk.seconds[walks_before:]
                 t0 = time.perf_counter()
                 diagnostics = rnd.close()
                 closed = time.perf_counter() - t0
@@ -273,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 close_per_step[m].append(closed / args.steps)
                 if m == "profiler" and diagnostics is not None:
                     own_time.append(diagnostics["phase_end_seconds"] / args.steps)
+                    walk_seconds.extend(walked)
+                    walks_per_step.append(len(walked) / args.steps)
             if r > 0:
                 for m in modes:
                     paired[m].append(round_mean[m] / round_mean["baseline"])
@@ -302,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"memprof's own per-phase bookkeeping (its timer, median per step) / baseline step: "
             f"{statistics.median(own_time) / base * 100:.2f}%",
+        ]
+    if walk_seconds:
+        lines += [
+            "",
+            f"ownership walks in the profiler's steps: {statistics.median(walks_per_step):.1f} per step, "
+            f"{statistics.median(walk_seconds) * 1e6:.0f} us each (median CPU time; min "
+            f"{min(walk_seconds) * 1e6:.0f} us)",
         ]
     lines += [""] + per_op_costs()
     text = "\n".join(lines + [""])

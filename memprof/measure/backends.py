@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from memprof.categories import Breakdown, Phase
+from memprof.categories import CATEGORIES, LOCATIONS, Breakdown, Phase
 from memprof.measure import cuda_counters, native
 from memprof.measure.allocation_hook_tracker import NativeAllocationTracker
 from memprof.measure.dispatch_tracker import (
@@ -59,16 +59,39 @@ class OwnedTally(NamedTuple):
     nbytes: dict[tuple[str, int], int]  # storage key -> bytes
 
 
+# label_of() validates its pair through the enums on every call; a walk's hundreds of storages use
+# this table instead (a pair not in it, e.g. enum members, goes through label_of).
+_LABEL_OF_PAIR: dict[tuple[str, str], int] = {(loc, cat): label_of(loc, cat) for loc in LOCATIONS for cat in CATEGORIES}
+
+
 def tally_owned(owned: OwnedMap) -> OwnedTally:
     tally = [0] * N_LABELS
     labels: dict[tuple[str, int], int] = {}
     nbytes: dict[tuple[str, int], int] = {}
     for key, o in owned.items():
-        label = label_of(o.location, o.category)
+        label = _LABEL_OF_PAIR.get((o.location, o.category))
+        if label is None:
+            label = label_of(o.location, o.category)
+        n = int(o.nbytes)
         labels[key] = label
-        nbytes[key] = int(o.nbytes)
-        tally[label] += int(o.nbytes)
+        nbytes[key] = n
+        tally[label] += n
     return OwnedTally(tally, labels, nbytes)
+
+
+class OwnedTallies:
+    """``tally_owned`` of each walk, reused while a walk finds exactly what the last one found
+    (most phase ends after the first steps: comparing two maps costs far less than tallying)."""
+
+    def __init__(self) -> None:
+        self._owned: dict[tuple[str, int], Any] | None = None
+        self._tallied: OwnedTally | None = None
+
+    def of(self, owned: OwnedMap) -> OwnedTally:
+        if self._tallied is None or owned != self._owned:
+            self._owned = dict(owned)
+            self._tallied = tally_owned(owned)
+        return self._tallied
 
 
 def _add_tallies(a: list[int], b: list[int]) -> list[int]:
@@ -131,13 +154,14 @@ class CpuBackend:
         # the phase-end walk labels them at the peak too, so no mid-phase walks there.
         self._mid_phase_walks = mid_phase_walks
         self._multi_rank = multi_rank
+        self._tallies = OwnedTallies()
         self.tracker: CpuTracker | None = None
 
     def start(self) -> None:
         # dead reference cycles holding tensors would otherwise be seeded, then "freed"
         # inside some phase whenever the collector happens to run
         gc.collect()
-        labels = tally_owned(self._owner_walk()).labels
+        labels = self._tallies.of(self._owner_walk()).labels
         by_label: dict[int, list[torch.UntypedStorage]] = {}
         for st in live_tensor_storages():
             label = labels.get((str(st.device), st.data_ptr()), DEVICE_OTHER)
@@ -234,7 +258,7 @@ class CpuBackend:
         ("peak" or "oom"). Returns the label tally of owned storages the tracker does not hold
         (counted as alive throughout; should be empty)."""
         tracker = self._live_tracker()
-        owned = tally_owned(self._owner_walk())
+        owned = self._tallies.of(self._owner_walk())
         # a model state nobody owns any more (e.g. a dropped buffer) becomes other
         unowned = {label: DEVICE_OTHER for label in MODEL_STATE_LABELS}
         missing_keys = tracker.relabel_owned(owned.labels, unowned, snapshot)
@@ -251,7 +275,7 @@ class CpuBackend:
 
     def _mid_phase_walk(self) -> None:
         self._diagnostics["mid_phase_walks"] += 1
-        self._live_tracker().relabel_pending(tally_owned(self._owner_walk()).labels)
+        self._live_tracker().relabel_pending(self._tallies.of(self._owner_walk()).labels)
 
 
 def new_cpu_tracker(budget_bytes: int | None, diagnostics: Diagnostics, *, multi_rank: bool = False) -> CpuTracker:
@@ -288,11 +312,12 @@ class CudaBackend:
         self._owner_walk = owner_walk
         self._diagnostics = diagnostics
         self._memory_budget = memory_budget
+        self._tallies = OwnedTallies()
         self._unowned_baseline = 0  # unowned allocated bytes at the step start
         self._backward_activations = 0  # activations at the end of backward
 
     def start(self) -> None:
-        owned = tally_owned(self._owner_walk())
+        owned = self._tallies.of(self._owner_walk())
         self._unowned_baseline = max(0, torch.cuda.memory_allocated(self._device) - device_total(owned.tally))
 
     def stop(self) -> None:
@@ -309,7 +334,7 @@ class CudaBackend:
 
     def end_phase(self, phase: str) -> dict[str, Any]:
         counters = cuda_counters.read(self._device)
-        owned = tally_owned(self._owner_walk())
+        owned = self._tallies.of(self._owner_walk())
         end = self._breakdown(owned.tally, counters["allocated_bytes"], phase)
         peak = self._breakdown(owned.tally, counters["peak_allocated_bytes"], phase)
         if phase == Phase.BACKWARD.value:
@@ -337,7 +362,7 @@ class CudaBackend:
 
     def oom_state(self, exc: torch.OutOfMemoryError, phase: str | None) -> tuple[Breakdown, int, int | None] | None:
         allocated = torch.cuda.memory_allocated(self._device)
-        owned = tally_owned(self._owner_walk())
+        owned = self._tallies.of(self._owner_walk())
         breakdown = self._breakdown(owned.tally, allocated, phase or Phase.STEP.value)
         return breakdown, allocated, self._memory_budget or cuda_counters.device_capacity(self._device)
 

@@ -100,32 +100,61 @@ def _data_ptr(t: torch.Tensor, storage: torch.UntypedStorage) -> int:
                            "its own): its sharding or wrapping is not one memprof models") from None
 
 
+# Owned(...) without the keyword handling of a NamedTuple's __new__ (a walk makes hundreds)
+_new_owned = tuple.__new__
+_DEVICE = Location.DEVICE.value
+_HOST = Location.HOST.value
+
+
 class Collector:
-    """Accumulates ``storage key -> Owned``, applying the dedup and priority rules."""
+    """Accumulates ``storage key -> Owned``, applying the dedup and priority rules.
+
+    It runs at every phase end, so :meth:`add_tensor` is written for speed (a few hundred tensors
+    per walk): no generator for a lone tensor, the device read through ``is_meta`` / ``is_cpu``
+    (no ``torch.device`` object) where that says the same.
+    """
 
     def __init__(self, compute_on_cpu: bool) -> None:
         self.compute_on_cpu = compute_on_cpu
         self.owned: dict[StorageKey, Owned] = {}
-
-    def location(self, t: torch.Tensor, offloaded: bool) -> str:
-        if self.compute_on_cpu:
-            # Every tensor is on the CPU: only ownership (is this state offloaded?) tells them apart.
-            return Location.HOST.value if offloaded else Location.DEVICE.value
-        return Location.HOST.value if t.device.type == "cpu" else Location.DEVICE.value
+        # ids of the model parameters walked, with their gradients (plain_torch.walk_module), so
+        # that an optimizer's param_groups do not offer them again (the offer could only lose)
+        self.model_params: set[int] = set()
 
     def add(self, obj: Any, category: str, offloaded: bool = False) -> None:
+        """Every tensor in ``obj`` (a tensor, or containers of them: :func:`iter_tensors`)."""
+        if obj is None:
+            return
+        if isinstance(obj, torch.Tensor):
+            self.add_tensor(obj, category, offloaded)
+            return
         for t in iter_tensors(obj):
-            if t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            nbytes = int(storage.nbytes())
-            if nbytes == 0:  # freed ZeRO-3 params are torch.empty(0): nothing resident
-                continue
-            key = (str(t.device), _data_ptr(t, storage))
-            held = self.owned.get(key)
-            if held is not None and _PRIORITY[held.category] <= _PRIORITY[category]:
-                continue
-            self.owned[key] = Owned(category, self.location(t, offloaded), nbytes)
+            self.add_tensor(t, category, offloaded)
+
+    def add_tensor(self, t: torch.Tensor, category: str, offloaded: bool = False) -> None:
+        """One tensor's storage, owned by ``category``; ``offloaded``: whether its owner keeps it
+        offloaded (decides the location on a CPU-only run)."""
+        priority = _PRIORITY[category]
+        # a DTensor (FSDP2's sharded params, their grads and optimizer state) has no storage of
+        # its own: its rank-local tensor does (torch DTensor._local_tensor, DTensor.to_local())
+        local = getattr(t, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            t = local
+        if t.is_meta:
+            return
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes == 0:  # freed ZeRO-3 params are torch.empty(0): nothing resident
+            return
+        on_cpu = t.is_cpu
+        key = ("cpu" if on_cpu else str(t.device), _data_ptr(t, storage))
+        held = self.owned.get(key)
+        if held is not None and _PRIORITY[held[0]] <= priority:
+            return
+        if self.compute_on_cpu:
+            # Every tensor is on the CPU: only ownership (is this state offloaded?) tells them apart.
+            on_cpu = offloaded
+        self.owned[key] = _new_owned(Owned, (category, _HOST if on_cpu else _DEVICE, nbytes))
 
     def add_grad_of(self, obj: Any, offloaded: bool = False) -> None:
         """The ``.grad`` of every tensor in ``obj`` (e.g. of the fp32 master partitions)."""

@@ -13,28 +13,64 @@ import torch
 
 from memprof.measure.ownership.core import GRADS, MASTER, OPT_STATE, PARAMS, Collector
 
+_MODULE_WALKERS = ("parameters", "named_parameters", "buffers", "named_buffers", "_named_members")
+
+
+def module_tensors(module: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(list(module.parameters()), list(module.buffers()))``, in one pass over the module tree.
+
+    The same order and dedup as torch's (torch/nn/modules/module.py: ``named_modules`` visits each
+    module once, pre-order; ``_named_members`` yields each tensor once), at half the cost: it runs
+    at every phase end. A module class that overrides how its tree or members are listed gets
+    torch's own calls."""
+    base = torch.nn.Module
+    if any(getattr(type(module), name) is not getattr(base, name) for name in _MODULE_WALKERS):
+        return list(module.parameters()), list(module.buffers())
+    params: list[torch.Tensor] = []
+    buffers: list[torch.Tensor] = []
+    seen: set[int] = set()  # ids of modules, parameters and buffers already listed
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        if type(m).named_modules is not base.named_modules:
+            return list(module.parameters()), list(module.buffers())
+        seen.add(id(m))
+        for members, out in ((m._parameters, params), (m._buffers, buffers)):
+            for t in members.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return params, buffers
+
 
 def walk_module(col: Collector, module: torch.nn.Module, offload_param: bool) -> None:
     """The model's parameters: compute copies, their ZeRO-3 partitions, and their gradients."""
-    for p in module.parameters():
+    params, buffers = module_tensors(module)
+    col.model_params.update(map(id, params))
+    add, add_tensor = col.add, col.add_tensor
+    for p in params:
         # ZeRO-3 (partition_parameters.py, _partition_param): `ds_tensor` is this rank's partition;
         # persistent params (`ds_persist`, numel <= stage3_param_persistence_threshold) keep their
         # partition on the compute device even with offload_param, the others go to `remote_device`.
         ds_tensor = getattr(p, "ds_tensor", None)
         if ds_tensor is not None:
-            col.add(ds_tensor, PARAMS, offload_param and not getattr(p, "ds_persist", False))
-        # param.data: the full parameter at stage 0-2 (a view of the flat bit16 buffer at stage 1/2);
-        # at ZeRO-3 non-empty only while gathered or persistent (free_param sets torch.empty(0)).
-        col.add(p.data, PARAMS, False)
-        col.add(p.grad, GRADS, False)
+            add(ds_tensor, PARAMS, offload_param and not getattr(p, "ds_persist", False))
+        # The parameter's storage (that of `param.data`): the full parameter at stage 0-2 (a view of
+        # the flat bit16 buffer at stage 1/2); at ZeRO-3 non-empty only while gathered or
+        # persistent (free_param sets `param.data = torch.empty(0)`).
+        add_tensor(p, PARAMS, False)
+        add(p.grad, GRADS, False)
         # stage_1_and_2.py: `param.grad_accum` holds the fp32 accumulation of a low-precision grad
         # (use_grad_accum_attribute, ZeRO-1 with grad_accum_dtype != param dtype).
-        col.add(getattr(p, "grad_accum", None), GRADS, False)
+        add(getattr(p, "grad_accum", None), GRADS, False)
     # Module buffers (e.g. the Llama family's rotary `inv_freq` / `original_inv_freq`): model tensors
     # the forward reads, never partitioned or offloaded by ZeRO; DeepSpeed keeps them fp32 under
     # bf16/fp16 (engine._configure_distributed_model casts parameters only). Counted as params.
-    for b in module.buffers():
-        col.add(b, PARAMS, False)
+    for b in buffers:
+        add_tensor(b, PARAMS, False)
 
 
 def inner_torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -60,23 +96,31 @@ def walk_optimizer_state(col: Collector, opt: torch.optim.Optimizer, offloaded_p
     state = getattr(opt, "state", None)
     if not isinstance(state, dict):
         return
+    add, add_tensor, tensor = col.add, col.add_tensor, torch.Tensor
     for param, per_param in list(state.items()):
-        offloaded = offloaded_params.get(id(param), default_offloaded)
+        offloaded = offloaded_params.get(id(param), default_offloaded) if offloaded_params else default_offloaded
         if isinstance(per_param, dict):
             for value in per_param.values():
-                col.add(value, OPT_STATE, offloaded)
+                if isinstance(value, tensor):
+                    add_tensor(value, OPT_STATE, offloaded)
+                else:
+                    add(value, OPT_STATE, offloaded)
 
 
 def walk_torch_optimizers(col: Collector, optimizers: list[torch.optim.Optimizer],
                           offloaded_by_id: dict[int, bool], default_offloaded: bool) -> None:
     """The state of each torch optimizer, then what it updates."""
+    add = col.add
     for opt in optimizers:
         walk_optimizer_state(col, opt, offloaded_by_id, default_offloaded)
         # What the inner optimizer updates is the master copy when it is not a model parameter
-        # (catches a wrapper this walk does not know); model params were claimed first.
+        # (catches a wrapper this walk does not know). Model params, and their grads, were claimed
+        # first by walk_module, as params and grads: offered again here they would lose.
         for group in getattr(opt, "param_groups", None) or []:
             params = group.get("params", []) if isinstance(group, dict) else []
             for p in params:
-                offloaded = offloaded_by_id.get(id(p), default_offloaded)
-                col.add(p, MASTER, offloaded)
-                col.add(getattr(p, "grad", None), GRADS, offloaded)
+                if id(p) in col.model_params:
+                    continue
+                offloaded = offloaded_by_id.get(id(p), default_offloaded) if offloaded_by_id else default_offloaded
+                add(p, MASTER, offloaded)
+                add(getattr(p, "grad", None), GRADS, offloaded)
