@@ -42,6 +42,7 @@ from memprof.errors import MemprofError
 from memprof.measure import MemoryProfiler
 from memprof.measure.ownership import DdpBuckets, owned_storages
 from memprof.measure.profiler import StepContext
+from memprof.run_teardown import shutdown_distributed
 from memprof.train.run_meta import estimate_for_run
 
 StepFields = dict[str, Any]
@@ -266,6 +267,9 @@ class MicroStepRecorder:
             profiler.__exit__(None, None, None)
         estimate = estimate_for_run(profiler.run, profiler.rank, "memprof")
         run_doc = profiler.finish(estimate=estimate)
+        # memprof's last collective (memprof.run_teardown: why gloo ranks aborted at exit); the
+        # process group is the user's, so it stays
+        shutdown_distributed(destroy=False)
         if run_doc is not None:
             if print_table:
                 profiler.print_table(run_doc, console=_console())

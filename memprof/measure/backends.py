@@ -257,16 +257,11 @@ class CpuBackend:
 def new_cpu_tracker(budget_bytes: int | None, diagnostics: Diagnostics, *, multi_rank: bool = False) -> CpuTracker:
     """The CPU tracker; ``diagnostics["cpu_tracker"]`` says which, and why.
 
-    ``MEMPROF_CPU_TRACKER`` (allocator / dispatch) decides when set. Otherwise: the allocator hook
-    when it loads, in a single-process run; the dispatch-mode tracker in a multi-rank CPU run. Why:
-    with the hook, rank processes of multi-rank gloo runs occasionally aborted while the interpreter
-    shut down, after their results were written ("terminate called without an active exception": 3
-    of about 600 rank exits in four full test runs; cause not found), and multi-rank CPU runs stand
-    in for GPU runs, whose ranks use the CUDA backend and no CPU tracker at all."""
+    ``MEMPROF_CPU_TRACKER`` (allocator / dispatch) decides when set. Otherwise the allocator hook
+    wherever it loads, single-process and multi-rank runs alike (``multi_rank`` no longer decides:
+    the rank aborts at exit that once made multi-rank runs fall back were gloo's, with either
+    tracker, and are fixed in memprof.run_teardown); the dispatch-mode tracker where it does not."""
     choice = native.requested()
-    if choice is None and multi_rank:
-        diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} (multi-rank CPU run)"
-        return AllocationTracker(budget_bytes=budget_bytes)
     if choice == "dispatch":
         diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} ({native.TRACKER_ENV}=dispatch)"
         return AllocationTracker(budget_bytes=budget_bytes)

@@ -14,7 +14,7 @@ from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.train.config import TrainConfig
-from memprof.train.ports import free_local_port
+from memprof.train.ports import ANY_FREE_PORT
 
 # Exit status when the device (or the simulated --memory-budget) runs out of memory; bad input is 2.
 EXIT_OUT_OF_MEMORY = 3
@@ -30,6 +30,7 @@ def run_training(config: TrainConfig) -> int:
     import torch.distributed as torch_dist
     from deepspeed.accelerator import get_accelerator
 
+    from memprof.run_teardown import shutdown_distributed
     from memprof.train.data import ByteBatches, load_text, tokenize
     from memprof.train.deepspeed_shm import release_after_peers_mapped
     from memprof.train.model import build_model, count_parameters
@@ -117,20 +118,21 @@ def run_training(config: TrainConfig) -> int:
         profiler.print_table(run_doc, console=_table_console())
         _write_report(run_doc, config.run.out_dir / "report.html")
         print(f"memprof: run files in {config.run.out_dir.resolve()} (memprof.json, rank<R>.jsonl)", flush=True)
-    torch_dist.barrier()
-    torch_dist.destroy_process_group()
+    # the last collective, then the process group goes (memprof.run_teardown: why gloo ranks aborted at exit)
+    shutdown_distributed(destroy=True)
     return 0
 
 
 def _default_single_process_env() -> None:
     """Plain ``python launch/train.py``: no launcher set RANK/WORLD_SIZE, so make this process a
-    world of one. A free port avoids clashing with another run on the same machine."""
+    world of one. Its rendezvous store binds whatever port is free at bind time (port 0), so it
+    never clashes with another run on the same machine."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_local_port())
+        os.environ["MASTER_PORT"] = str(ANY_FREE_PORT)
 
 
 def _table_console() -> Any:
