@@ -49,14 +49,20 @@ def write_report_beside(run_doc: dict[str, Any], path: Path, prog: str) -> None:
     print(f"memprof: report {path}", flush=True)
 
 
-def finish_run(profiler: Any, *, prog: str, write_report: bool = True, print_table: bool = True) -> dict[str, Any] | None:
+def finish_run(profiler: Any, *, prog: str, owns_process_group: bool, write_report: bool = True,
+               print_table: bool = True) -> dict[str, Any] | None:
     """End a run whose ``with profiler:`` block is over: estimate, gather every rank into
     ``memprof.json``, then on rank 0 the per-rank table, ``report.html`` (unless ``write_report``
     is False) and the run folder's path. A collective: every rank calls it. Returns the run
     document on rank 0, None elsewhere. ``prog`` names the caller in warnings (``train.py``,
-    ``memprof``)."""
+    ``memprof``). ``owns_process_group``: memprof's launcher, which destroys the process group
+    after the run's last collective; an integration leaves the user's alone (memprof.run_teardown:
+    why that last collective keeps gloo ranks from aborting at exit)."""
+    from memprof.run_teardown import shutdown_distributed
+
     estimate = estimate_for_run(profiler.run, profiler.rank, prog)
     run_doc = profiler.finish(estimate=estimate)
+    shutdown_distributed(destroy=owns_process_group)
     if run_doc is None:
         return None
     out_dir = Path(profiler.out_dir)

@@ -1,19 +1,23 @@
-"""Shared by the tests that launch real DeepSpeed runs: a free port, process-group handling, a launch wrapper.
+"""Shared by the tests that launch real DeepSpeed runs: ports, deadlines, process-group handling, a launch wrapper.
 
 Every launch runs in its own session (process group) so that a timeout kills the launcher *and* its
 ranks: a rank left spinning in a gloo collective would otherwise steal the two CPU cores from every
-later test. A timeout fails the test with the tail of what the launch printed, so a hang says where.
+later test. A timeout fails the test saying what it waited for and how long, with each rank's last
+lines, so a hang says where. A launch whose rendezvous port was taken between choosing it and
+binding it (another job on the machine) is started again on a fresh port, once or twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import psutil
 
 from memprof.run.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 from memprof.train.ports import free_local_port as free_port
+from memprof.train.ports import lost_port_race
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -28,6 +33,89 @@ DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 # `accelerate launch --use_deepspeed` (or a config file with distributed_type DEEPSPEED) starts one
 # process per rank through torchrun (accelerate/commands/launch.py `deepspeed_launcher`)
 ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+# Deadlines: a floor for start-up (imports, DeepSpeed's op loading, rendezvous: most of a small
+# launch) plus seconds per rank-step by model size, both as measured on 2 idle cores with margin,
+# then stretched by how busy the machine is when the launch starts (load average per core, capped).
+DEADLINE_FLOOR_S = 240.0
+SECONDS_PER_RANK_STEP = {"gpt2-tiny": 10.0, "llama-tiny": 15.0, "qwen2-tiny": 15.0}
+DEFAULT_SECONDS_PER_RANK_STEP = 30.0  # a model not listed: assume bigger
+MAX_LOAD_STRETCH = 4.0
+PORT_ATTEMPTS = 3  # a launch that lost its rendezvous port to another process is started again
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """How long a launch may take, and what it is waiting for (said in the failure)."""
+
+    seconds: float
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.what} (deadline {self.seconds:.0f} s)"
+
+
+def load_stretch() -> float:
+    """How much slower than idle this machine runs now: the 1-minute load average per core, at
+    least 1, at most MAX_LOAD_STRETCH."""
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 1.0
+    return min(MAX_LOAD_STRETCH, max(1.0, load))
+
+
+def launch_deadline(ranks: int, steps: int, model: str = "gpt2-tiny", *, what: str = "", extra_s: float = 0.0) -> Deadline:
+    """The deadline of a launch of ``ranks`` ranks x ``steps`` steps of ``model``: the start-up
+    floor plus each rank-step, stretched by the machine's load now."""
+    per_step = SECONDS_PER_RANK_STEP.get(model, DEFAULT_SECONDS_PER_RANK_STEP)
+    stretch = load_stretch()
+    seconds = (DEADLINE_FLOOR_S + ranks * steps * per_step + extra_s) * stretch
+    label = what or "launch"
+    return Deadline(seconds, f"{label}: {ranks} ranks x {steps} steps of {model}, load stretch x{stretch:.1f}")
+
+
+def _as_deadline(timeout: float | Deadline, procs: Sequence[subprocess.Popen]) -> Deadline:
+    if isinstance(timeout, Deadline):
+        return timeout
+    what = "; ".join(" ".join(map(str, p.args))[:200] for p in procs)
+    return Deadline(float(timeout), what)
+
+
+_RANK_PREFIX = re.compile(r"^\[(?:default)?rank(\d+)\]:?\s?")  # torch's "[rank1]: ..." lines
+# the launchers' lines naming a rank's exit: DeepSpeed's launcher ("... --local_rank=1 ... exits with
+# return code = -6") and torchrun's error summary ("local_rank: 1 (pid: ...) ... exitcode: -6")
+_RANK_EXIT = re.compile(r"--local_rank=(\d+).*return code = (-?\d+)|local_rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)")
+
+
+def rank_tails(output: str, lines: int = 15) -> str:
+    """Each rank's last lines in a launch's output (torch prefixes a rank's uncaught errors with
+    "[rankN]:"), how each rank exited where the launcher says so, then the output's own tail."""
+    by_rank: dict[int, list[str]] = {}
+    exits: dict[int, str] = {}
+    for line in output.splitlines():
+        m = _RANK_PREFIX.match(line)
+        if m:
+            by_rank.setdefault(int(m.group(1)), []).append(line[m.end():])
+        e = _RANK_EXIT.search(line)
+        if e:
+            rank = e.group(1) or e.group(3)
+            exits[int(rank)] = e.group(2) or e.group(4)
+    parts = []
+    for rank in sorted(set(by_rank) | set(exits)):
+        status = f"exit code {exits[rank]}" if rank in exits else "exit code not reported"
+        body = "\n".join(by_rank.get(rank, [])[-lines:]) or "(no lines prefixed with its rank)"
+        parts.append(f"--- rank {rank} ({status}) ---\n{body}")
+    tail = "\n".join(output.splitlines()[-3 * lines:])
+    return "\n".join([*parts, f"--- last {3 * lines} lines of the launch ---", tail])
+
+
+def launch_failure(res: subprocess.CompletedProcess, what: str = "") -> str:
+    """The message for a launch that exited non-zero: what it was, its exit code, each rank's last lines."""
+    cmd = " ".join(map(str, res.args))[:300]
+    return f"{what or cmd} exited {res.returncode}\n{rank_tails(res.stdout + chr(10) + res.stderr)}"
+
+
 
 
 def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
@@ -53,14 +141,16 @@ def _kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def finish_groups(procs: Sequence[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
-    """Wait for every process (one shared deadline); on timeout kill all their groups and fail with output tails."""
-    deadline = time.monotonic() + timeout
+def finish_groups(procs: Sequence[subprocess.Popen], timeout: float | Deadline) -> list[subprocess.CompletedProcess]:
+    """Wait for every process (one shared deadline); past it kill all their groups and fail saying
+    what was waited for, for how long, and each rank's last lines."""
+    deadline = _as_deadline(timeout, procs)
+    start = time.monotonic()
     done: list[subprocess.CompletedProcess] = []
     try:
         for proc in procs:
             try:
-                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                out, err = proc.communicate(timeout=max(1.0, start + deadline.seconds - time.monotonic()))
             except subprocess.TimeoutExpired:
                 for p in procs:
                     _kill_group(p)
@@ -69,8 +159,8 @@ def finish_groups(procs: Sequence[subprocess.Popen], timeout: float) -> list[sub
                 except subprocess.TimeoutExpired:  # a stray holder of the pipes: report without its output
                     out, err = "", ""
                 raise AssertionError(
-                    f"{' '.join(map(str, proc.args))[:300]} did not finish in {timeout:.0f} s; killed.\n"
-                    f"--- stdout tail ---\n{out[-4000:]}\n--- stderr tail ---\n{err[-4000:]}"
+                    f"waited {time.monotonic() - start:.0f} s for {deadline}; not finished, killed.\n"
+                    f"{rank_tails(out + chr(10) + err)}"
                 ) from None
             done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     finally:
@@ -79,8 +169,25 @@ def finish_groups(procs: Sequence[subprocess.Popen], timeout: float) -> list[sub
     return done
 
 
-def run_group(cmd: Sequence[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
-    """``subprocess.run`` for launches: own process group, killed whole on timeout."""
+def _with_fresh_port(cmd: Sequence[str]) -> list[str] | None:
+    """``cmd`` with its ``--master_port N`` replaced by a fresh free port; None when it names none."""
+    cmd = list(map(str, cmd))
+    if "--master_port" not in cmd:
+        return None
+    i = cmd.index("--master_port") + 1
+    return [*cmd[:i], str(free_port()), *cmd[i + 1:]]
+
+
+def run_group(cmd: Sequence[str], *, timeout: float | Deadline, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for launches: own process group, killed whole past the deadline. A launch
+    that failed because its ``--master_port`` was taken before rank 0 bound it (another job on this
+    machine) is started again on a fresh port, up to PORT_ATTEMPTS times in all."""
+    for _ in range(PORT_ATTEMPTS - 1):
+        res = finish_groups([start_group(cmd, **kwargs)], timeout)[0]
+        retry = _with_fresh_port(cmd) if res.returncode != 0 and lost_port_race(res.stdout + res.stderr) else None
+        if retry is None:
+            return res
+        cmd = retry
     return finish_groups([start_group(cmd, **kwargs)], timeout)[0]
 
 
@@ -92,10 +199,11 @@ def leaked_shm_segments(port: int) -> list[str]:
 
 
 def launch_deepspeed(
-    n_ranks: int, ds_config: dict[str, Any], out: Path, *, steps: int = 3, seq_len: int = 32, model: str = "gpt2-tiny", timeout: int = 420,
-    extra: Sequence[str] = (),
+    n_ranks: int, ds_config: dict[str, Any], out: Path, *, steps: int = 3, seq_len: int = 32, model: str = "gpt2-tiny",
+    timeout: float | Deadline | None = None, extra: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
-    """Run launch/train.py under `deepspeed --num_gpus N` on CPU ranks with the given DS config."""
+    """Run launch/train.py under `deepspeed --num_gpus N` on CPU ranks with the given DS config.
+    Deadline: :func:`launch_deadline` of what it launches unless ``timeout`` is given."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = out.parent / f"{out.name}.ds.json"
     cfg.write_text(json.dumps(ds_config))
@@ -105,4 +213,6 @@ def launch_deepspeed(
         "--deepspeed_config", str(cfg), "--model", model, "--steps", str(steps), "--seq-len", str(seq_len),
         "--out", str(out), *extra,
     ]
+    if timeout is None:
+        timeout = launch_deadline(n_ranks, steps, model, what=f"deepspeed launch/train.py -> {out.name}")
     return run_group(cmd, cwd=REPO, env=env, timeout=timeout)

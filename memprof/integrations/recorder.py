@@ -229,7 +229,8 @@ class MicroStepRecorder:
         if self._tracking:
             self._tracking = False
             profiler.__exit__(None, None, None)
-        return finish_run(profiler, prog="memprof", write_report=write_report, print_table=print_table)
+        return finish_run(profiler, prog="memprof", owns_process_group=False, write_report=write_report,
+                          print_table=print_table)
 
     # ---- internals ----------------------------------------------------------------------------
     def _start(self, shape: tuple[int, ...] | None) -> StepFieldsProfiler:

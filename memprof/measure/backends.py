@@ -1,6 +1,6 @@
 """The two ways the profiler measures a phase, behind one interface.
 
-* :class:`CpuBackend`: the :class:`~memprof.measure.tracker.AllocationTracker` sees every storage
+* :class:`CpuBackend`: the :class:`~memprof.measure.dispatch_tracker.AllocationTracker` sees every storage
   allocation and free, so the peak is exact at op granularity and its breakdown is a copy of a
   running tally, relabelled from the ownership walk at phase boundaries.
 * :class:`CudaBackend`: the caching allocator's counters (peak reset per phase), the ownership walk
@@ -133,9 +133,9 @@ class Backend(Protocol):
 
 class CpuBackend:
     """Every CPU storage allocation and free: by memprof's allocator hook
-    (:class:`~memprof.measure.native_tracker.NativeAllocationTracker`, compiled; no Python per
+    (:class:`~memprof.measure.allocation_hook_tracker.NativeAllocationTracker`, compiled; no Python per
     op) or, where it cannot be built or ``MEMPROF_CPU_TRACKER=dispatch``, by the dispatch-mode
-    :class:`~memprof.measure.tracker.AllocationTracker`. Both keep the same labelled tally."""
+    :class:`~memprof.measure.dispatch_tracker.AllocationTracker`. Both keep the same labelled tally."""
 
     def __init__(
         self,
@@ -281,16 +281,11 @@ class CpuBackend:
 def new_cpu_tracker(budget_bytes: int | None, diagnostics: Diagnostics, *, multi_rank: bool = False) -> CpuTracker:
     """The CPU tracker; ``diagnostics["cpu_tracker"]`` says which, and why.
 
-    ``MEMPROF_CPU_TRACKER`` (allocator / dispatch) decides when set. Otherwise: the allocator hook
-    when it loads, in a single-process run; the dispatch-mode tracker in a multi-rank CPU run. Why:
-    with the hook, rank processes of multi-rank gloo runs occasionally aborted while the interpreter
-    shut down, after their results were written ("terminate called without an active exception": 3
-    of about 600 rank exits in four full test runs; cause not found), and multi-rank CPU runs stand
-    in for GPU runs, whose ranks use the CUDA backend and no CPU tracker at all."""
+    ``MEMPROF_CPU_TRACKER`` (allocator / dispatch) decides when set. Otherwise the allocator hook
+    wherever it loads, single-process and multi-rank runs alike (``multi_rank`` no longer decides:
+    the rank aborts at exit that once made multi-rank runs fall back were gloo's, with either
+    tracker, and are fixed in memprof.run_teardown); the dispatch-mode tracker where it does not."""
     choice = native.requested()
-    if choice is None and multi_rank:
-        diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} (multi-rank CPU run)"
-        return AllocationTracker(budget_bytes=budget_bytes)
     if choice == "dispatch":
         diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} ({native.TRACKER_ENV}=dispatch)"
         return AllocationTracker(budget_bytes=budget_bytes)

@@ -1,5 +1,5 @@
 """Allocation tracking on CPU by a dispatch mode: every tensor storage created and freed while tracking
-is on (the fallback of memprof/measure/allocation_hook_tracker.py, and the default of multi-rank CPU runs).
+is on (the fallback of memprof/measure/allocation_hook_tracker.py: no C++ compiler, or MEMPROF_CPU_TRACKER=dispatch).
 
 CPU tensors have no caching allocator with counters, so the tracker sees memory the way PyTorch's
 MemTracker does: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` looks at the output

@@ -16,7 +16,7 @@ from typing import Any
 from memprof.run.facts import count_nodes, count_parameters
 from memprof.train.config import TrainConfig
 from memprof.train.launched_run import DistributedFacts, describe_launched_run
-from memprof.train.ports import free_local_port
+from memprof.train.ports import ANY_FREE_PORT
 
 # Exit status when the device (or the simulated --memory-budget) runs out of memory; bad input is 2.
 EXIT_OUT_OF_MEMORY = 3
@@ -29,7 +29,6 @@ def run_training(config: TrainConfig) -> int:
     # Heavy imports only now: every flag and the DeepSpeed JSON were validated before this point.
     import deepspeed
     import torch
-    import torch.distributed as torch_dist
 
     from memprof.end_of_run import finish_run
     from memprof.measure import MemoryProfiler
@@ -61,9 +60,9 @@ def run_training(config: TrainConfig) -> int:
         return EXIT_OUT_OF_MEMORY
 
     # 6. The estimate, every rank's records gathered into memprof.json (collective), rank 0 reports.
-    finish_run(profiler, prog="train.py")
-    torch_dist.barrier()
-    torch_dist.destroy_process_group()
+    # ... then the run's last collective, and the process group goes (memprof.run_teardown: why
+    # gloo ranks aborted at exit without it)
+    finish_run(profiler, prog="train.py", owns_process_group=True)
     return 0
 
 
@@ -151,10 +150,11 @@ def _profiled_steps(profiler: Any, engine: Any, batches: Any, steps: int) -> Non
 
 def _default_single_process_env() -> None:
     """Plain ``python launch/train.py``: no launcher set RANK/WORLD_SIZE, so make this process a
-    world of one. A free port avoids clashing with another run on the same machine."""
+    world of one. Its rendezvous store binds whatever port is free at bind time (port 0), so it
+    never clashes with another run on the same machine."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_local_port())
+        os.environ["MASTER_PORT"] = str(ANY_FREE_PORT)

@@ -1,6 +1,6 @@
 // memprof's CPU allocation hook: the running tally of live CPU bytes per label, kept in C++.
 //
-// Why: the Python dispatch-mode tracker (memprof/measure/tracker.py) pays one Python call per aten
+// Why: the Python dispatch-mode tracker (memprof/measure/dispatch_tracker.py) pays one Python call per aten
 // op (~8 us of PyTorch's own dispatch-mode cost plus memprof's work), 4-10% of a small CPU step.
 // This hook wraps c10's CPU allocator instead (c10/core/CPUAllocator.h: SetCPUAllocator), so
 // the tally changes inside the allocation and the free themselves: no Python per op, exactly the
@@ -414,7 +414,7 @@ void relabel_pending(const std::unordered_map<uintptr_t, int>& owned) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "memprof's CPU allocation hook (see memprof/measure/native_tracker.py)";
+  m.doc() = "memprof's CPU allocation hook (see memprof/measure/allocation_hook_tracker.py)";
   m.def("start", &start);
   m.def("stop", &stop);
   m.def("installed", &installed);
