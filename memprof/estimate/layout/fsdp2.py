@@ -17,10 +17,12 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
   ``reshard_after_forward`` False keeps every block gathered from its forward to its backward;
   the root is never resharded after forward (``FSDPState._lazy_init``: root
   ``post_forward_mesh_info = None``).
-* Peak moments modelled: forward, the last block's (current block gathered + its flat output)
-  beside the whole forward's activations, an upper bound; backward, the last block's
-  pre-backward (root gathered with its unsharded gradients, the block gathered, the next one
-  prefetched). Checked on 2 CPU ranks (tests/test_fsdp2.py).
+* Peak moments modelled: forward, the end of the last block (it and the root gathered, its flat
+  output, every block's saved activations) and the loss's end (the root gathered, the last flat
+  output, the whole forward's activations); backward, its start (the root gathered, no flat
+  output: ``FSDPState._post_forward`` freed it) and the last block's pre-backward (root gathered
+  with its unsharded gradients, the block gathered, the next one prefetched). Checked on 2 CPU
+  ranks (tests/test_fsdp2.py).
 * Gradients (``FSDPParamGroup.post_backward``, ``foreach_reduce``): a block's unsharded gradients
   (compute dtype, unpadded) until its post-backward; the reduce-scatter input (``N x`` padded
   shards, ``reduce_dtype``), kept in ``comm_ctx.reduce_scatter_states`` until the next block's
@@ -133,16 +135,24 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     out.add(where, O, optimizer_state_bytes(inp.optimizer, shards, n_tensors, e_o, step_tensors=s.step_tensors))
     root_gathered, block_gathered = root_shard * n * e_p, block_shard * n * e_p
     blocks_kept = 0 if inp.fsdp2.reshard_after_forward else layers * block_gathered
-    # forward, upper bound: the last block's moment (its gathered params and its flat all-gather
-    # output, kept in comm_ctx.all_gather_state) beside the whole forward's activations; without
-    # reshard_after_forward every block is gathered (and the loss's end, the peak there, holds
-    # the last block's flat output until the root's post-forward)
-    out.forward_extra = {P: root_gathered + max(blocks_kept, block_gathered), C: block_gathered}
+    # forward, two moments: the end of the last block (it is gathered, with its flat all-gather
+    # output, kept in comm_ctx.all_gather_state by wait_for_unshard; every block's saved
+    # activations, not yet the head's) and the loss's end (the last block resharded unless
+    # reshard_after_forward is False; its flat output kept until the root's post-forward, which
+    # runs after the loss: GPT2LMHeadModel / LlamaForCausalLM compute it inside forward)
+    last_block = max(blocks_kept, block_gathered)
+    out.forward_extra = {P: root_gathered + blocks_kept, C: block_gathered}
+    out.forward_last_block_extra = {P: root_gathered + last_block, C: block_gathered}
+    # backward's start: the root's post-forward freed the flat output (FSDPState._post_forward);
+    # the root stays gathered, and every block under reshard_after_forward False; the root's
+    # pre-backward prefetches the last block's all-gather (FSDPParamGroup.pre_backward ->
+    # _backward_prefetch), a flat output unless that block is still gathered
+    out.backward_start_extra = {P: root_gathered + blocks_kept, C: 0 if blocks_kept else block_gathered}
     # backward, the last block's pre-backward: the root still gathered with its unsharded gradients
     # (the head's and ln_f's, from the loss), the block gathered and, when blocks were resharded,
     # the next one's all-gather prefetched (_backward_prefetch); already gathered blocks need none
     root_grads = sum(numel for _, numel in root) * e_p
-    out.backward_extra = {P: root_gathered + max(blocks_kept, block_gathered), G: root_grads,
+    out.backward_extra = {P: root_gathered + last_block, G: root_grads,
                           C: 0 if blocks_kept else block_gathered}
     grads = shards * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
     if inp.fsdp2.offload_params:
@@ -178,4 +188,9 @@ def describe_fsdp2_buffers(inp: EstimateInputs) -> str:
             "the group's padded shards (comm_buffers)")
 
 
-FSDP2_LAYOUT = EngineLayout(fsdp2_layout, describe_fsdp2, describe_fsdp2_buffers)
+def describe_fsdp2_ranks(inp: EstimateInputs) -> str:
+    return ("every rank holds the same: each pads its dim-0 chunks to chunk 0's size (_fsdp_param.py: "
+            "FSDPParam._init_sharded_param), so no rank carries more padding than another")
+
+
+FSDP2_LAYOUT = EngineLayout(fsdp2_layout, describe_fsdp2, describe_fsdp2_buffers, describe_fsdp2_ranks)
