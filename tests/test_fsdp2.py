@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import sys
+from dataclasses import replace
 from math import ceil
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from launch_helpers import REPO, free_port, run_group
 from memprof.cli.estimate import main as estimate_main
 from memprof.engines import Engine
 from memprof.errors import MemprofError
-from memprof.estimate import estimate
+from memprof.estimate import EstimateInputs, estimate, plan
+from memprof.estimate.advise import advise, step_costs
 from memprof.estimate.from_run import inputs_from_run
 from memprof.estimate.layout.fsdp2 import fsdp2_units, padded_shard_numel
 from memprof.estimate.model_shapes import model_shape
@@ -178,3 +180,43 @@ def test_every_rank_alike_wording_is_fsdp2s_own() -> None:
     doc = _estimate_json(["--model", "gpt2-tiny", "--engine", "fsdp2", "--world-size", "4"])
     assert not any("last rank's partition carries padding" in a for a in doc["assumptions"])
     assert any("every rank holds the same" in a for a in doc["assumptions"])
+
+
+# ---- plan and advise sweep FSDP2's own knobs ---------------------------------------------------
+
+def _fsdp2_inputs(**kw) -> EstimateInputs:
+    return EstimateInputs(model_config=preset_config("gpt2-large"), engine=Engine.FSDP2, torch_adam=True, world_size=2,
+                          seq_len=1024, gpu_memory_bytes=12 * 2**30, **kw)
+
+
+def test_plan_sweeps_reshard_and_offload() -> None:
+    result = plan(_fsdp2_inputs(micro_batch=1), gpus=2, max_gpus=8)
+    assert [(r.fsdp2.reshard_after_forward, r.fsdp2.offload_params) for r in result.rows] == [
+        (False, False), (True, False), (False, True), (True, True)]
+    assert all(r.zero_stage == 0 and r.label.startswith("FSDP2") for r in result.rows)
+    keep, reshard = result.rows[0], result.rows[1]
+    assert keep.peak_device_bytes > reshard.peak_device_bytes  # every block stays gathered
+    assert result.to_json()["rows"][2]["fsdp2"] == {"reshard_after_forward": False, "offload_params": True}
+
+
+def test_advise_offers_fsdp2_knobs_with_torchs_traffic() -> None:
+    base = _fsdp2_inputs(micro_batch=8)
+    result = advise(base, max_gpus=4)
+    changes = {c.change for c in result.changes}
+    assert {"reshard_after_forward=false", "offload_params=cpu", "precision=bf16"} <= changes
+    assert not any(c.startswith("zero_stage") for c in changes)
+    bf16 = next(c for c in result.changes if c.change == "precision=bf16")
+    assert bf16.inputs.fsdp2.param_dtype == "bf16"  # MixedPrecisionPolicy: fp32 shards, bf16 gathers
+    n = model_shape(preset_config("gpt2-large")).n_params
+    costs = step_costs(base, n)
+    keep = step_costs(base.with_(fsdp2=replace(base.fsdp2, reshard_after_forward=False)), n)
+    assert costs.comm_bytes * 2 == keep.comm_bytes * 3  # 2 all-gathers + reduce-scatter against 1 + 1
+    assert result.best is not None and result.best.inputs.engine == Engine.FSDP2
+
+
+def test_advise_refuses_write_config_for_fsdp2(tmp_path: Path) -> None:
+    from memprof.cli.advise import main as advise_main
+
+    with pytest.raises(MemprofError, match="DeepSpeed JSON"):
+        advise_main(["--model", "gpt2-tiny", "--engine", "fsdp2", "--gpu-memory", "80GiB",
+                     "--write-config", str(tmp_path / "ds.json")])
