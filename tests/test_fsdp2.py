@@ -3,8 +3,8 @@ estimated (``--engine fsdp2``, the layout in memprof/estimate/layout/fsdp2.py) a
 (``--compare-engines``).
 
 One torchrun launch (tests/fsdp2_harness/fsdp2_loop.py) runs every setup in turn: reshard_after_forward
-True and False, MixedPrecisionPolicy(param_dtype=bf16), and a dim-1 ``shard_placement_fn`` that memprof
-must refuse in one line.
+True and False, MixedPrecisionPolicy(param_dtype=bf16), a dim-1 ``shard_placement_fn`` that memprof
+must refuse in one line, and the first in an accelerate loop under ``profile_accelerate``.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp2")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-           str(free_port()), str(HARNESS), str(out), "reshard", "keep", "bf16", "dim1"]
+           str(free_port()), str(HARNESS), str(out), "reshard", "keep", "bf16", "dim1", "accelerate"]
     proc = run_group(cmd, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -136,7 +136,7 @@ def _last_step(run_dir: Path) -> tuple[dict, dict]:
     return doc, doc["ranks"][0]["steps"][-1]["phases"]
 
 
-@pytest.mark.parametrize("setup", ["reshard", "keep", "bf16"])
+@pytest.mark.parametrize("setup", ["reshard", "keep", "bf16", "accelerate"])
 def test_resident_states_are_the_padded_shards(runs: Path, setup: str) -> None:
     _, phases = _last_step(runs / setup)
     shards = _derived_shard_bytes()
@@ -159,7 +159,7 @@ def test_run_records_fsdp2_settings(runs: Path) -> None:
 TOLERANCE = 0.03
 
 
-@pytest.mark.parametrize("setup", ["reshard", "keep", "bf16"])
+@pytest.mark.parametrize("setup", ["reshard", "keep", "bf16", "accelerate"])
 def test_peaks_match_the_estimate(runs: Path, setup: str) -> None:
     doc, _ = _last_step(runs / setup)
     inp = inputs_from_run(doc["run"])
@@ -169,6 +169,12 @@ def test_peaks_match_the_estimate(runs: Path, setup: str) -> None:
         measured, estimated = rank["steps"][-1]["phases"][phase]["peak_total"], est.phase_total(phase)
         err = (estimated - measured) / measured
         assert abs(err) <= TOLERANCE, (phase, measured, estimated, f"{err:+.1%}")
+
+
+def test_profile_accelerate_records_fsdp2(runs: Path) -> None:
+    run = json.loads((runs / "accelerate" / "memprof.json").read_text())["run"]
+    assert run["integration"] == "accelerate"
+    assert run["fsdp2"]["reshard_after_forward"] is True and run["fsdp2"]["param_groups"] == 1 + CONFIG["n_layer"]
 
 
 def test_unsupported_sharding_is_refused_in_one_line(runs: Path) -> None:
