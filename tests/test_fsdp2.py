@@ -55,10 +55,10 @@ def test_dim0_chunks_pad_to_chunk_zero() -> None:
     assert padded_shard_numel(256, 256 * 768, 2) == 128 * 768
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt2", "llama-tiny", "qwen2-tiny"])
 def test_units_cover_every_parameter(preset: str) -> None:
     shape = model_shape(preset_config(preset))
-    root, block = fsdp2_units(shape)
+    root, block = fsdp2_units(shape, preset_config(preset))
     assert sum(n for _, n in root) + shape.n_layer * sum(n for _, n in block) == shape.n_params
 
 
