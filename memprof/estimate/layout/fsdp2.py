@@ -139,25 +139,28 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     out.add(where, O, optimizer_state_bytes(inp.optimizer, shards, n_tensors, e_o, step_tensors=s.step_tensors))
     root_gathered, block_gathered = root_shard * n * e_p, block_shard * n * e_p
     blocks_kept = 0 if inp.fsdp2.reshard_after_forward else layers * block_gathered
+    # a block's flat all-gather output; none on one rank, where FSDPParamGroup.unshard skips the
+    # collective and wait_for_unshard copies each shard into its unsharded parameter directly
+    flat = block_gathered if n > 1 else 0
     # forward, two moments: the end of the last block (it is gathered, with its flat all-gather
     # output, kept in comm_ctx.all_gather_state by wait_for_unshard; every block's saved
     # activations, not yet the head's) and the loss's end (the last block resharded unless
     # reshard_after_forward is False; its flat output kept until the root's post-forward, which
     # runs after the loss: GPT2LMHeadModel / LlamaForCausalLM compute it inside forward)
     last_block = max(blocks_kept, block_gathered)
-    out.forward_extra = {P: root_gathered + blocks_kept, C: block_gathered}
-    out.forward_last_block_extra = {P: root_gathered + last_block, C: block_gathered}
+    out.forward_extra = {P: root_gathered + blocks_kept, C: flat}
+    out.forward_last_block_extra = {P: root_gathered + last_block, C: flat}
     # backward's start: the root's post-forward freed the flat output (FSDPState._post_forward);
     # the root stays gathered, and every block under reshard_after_forward False; the root's
     # pre-backward prefetches the last block's all-gather (FSDPParamGroup.pre_backward ->
     # _backward_prefetch), a flat output unless that block is still gathered
-    out.backward_start_extra = {P: root_gathered + blocks_kept, C: 0 if blocks_kept else block_gathered}
+    out.backward_start_extra = {P: root_gathered + blocks_kept, C: 0 if blocks_kept else flat}
     # backward, the last block's pre-backward: the root still gathered with its unsharded gradients
     # (the head's and ln_f's, from the loss), the block gathered and, when blocks were resharded,
     # the next one's all-gather prefetched (_backward_prefetch); already gathered blocks need none
     root_grads = sum(numel for _, numel in root) * e_p
     out.backward_extra = {P: root_gathered + last_block, G: root_grads,
-                          C: 0 if blocks_kept else block_gathered}
+                          C: 0 if blocks_kept else flat}
     grads = shards * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
     if inp.fsdp2.offload_params:
         out.add("host", G, grads)  # copied to the host by foreach_reduce (offload_to_cpu)
