@@ -6,6 +6,7 @@
 #   PART=launch: launches + compare + CUDA tests only; PART=bench: the profiler benchmarks only
 #   LLAMA_MODEL (default tinyllama-1.1b), LLAMA_SEQ (default 1024): the Llama-family launches
 #   (bf16: CUDA sdpa flash with GQA, the fp32 logits upcast at a 32k vocabulary); LLAMA_MODEL=none skips them
+#   FSDP2_MODEL (default MODEL): FSDP2 runs (benchmarks/fsdp2_gpu_loop.py), 1 rank; FSDP2_MODEL=none skips them
 #
 # Needs deepspeed importable; FusedAdam JIT-builds once, for this GPU's compute capability.
 set -uo pipefail
@@ -47,6 +48,44 @@ for cfg in stage2_adamw_bf16 stage3_adamw_bf16; do
   $PY -m memprof compare "$OUT/runs/$run" --json > "$OUT/runs/$run/compare.json" 2>> "$OUT/launch.log"
   $PY -m memprof compare "$OUT/runs/$run" 2>&1 | tail -40 >> "$OUT/compare.txt"
 done
+fi
+
+# FSDP2 (torch fully_shard) on the one GPU: a 1-rank nccl group per setup under MemoryProfiler, then
+# accelerate's FSDP plugin (fsdp_version: 2) under profile_accelerate; memprof compare as above
+# (allocator counters vs categories vs the --engine fsdp2 estimate). FSDP2_MODEL=none skips them.
+FSDP2_MODEL=${FSDP2_MODEL:-$MODEL}
+if [ "$FSDP2_MODEL" != none ]; then
+for setup in reshard keep bf16; do
+  echo "== fsdp2_$setup ($FSDP2_MODEL, seq $SEQ)" | tee -a "$OUT/launch.log"
+  start=$(date +%s)
+  timeout 300 $PY -m torch.distributed.run --nproc_per_node 1 benchmarks/fsdp2_gpu_loop.py \
+      "$OUT/runs/fsdp2" "$setup" "$FSDP2_MODEL" "$SEQ" >> "$OUT/launch.log" 2>&1
+  echo "rc=$? seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/launch.log"
+  $PY -m memprof compare "$OUT/runs/fsdp2/$setup" --json > "$OUT/runs/fsdp2/$setup/compare.json" 2>> "$OUT/launch.log"
+  $PY -m memprof compare "$OUT/runs/fsdp2/$setup" 2>&1 | tail -40 >> "$OUT/compare.txt"
+done
+case "$FSDP2_MODEL" in gpt2*) BLOCK=GPT2Block ;; *) BLOCK=LlamaDecoderLayer ;; esac
+cat > "$OUT/fsdp2_accelerate.yaml" <<YAML
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 1
+num_machines: 1
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: $BLOCK
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+YAML
+echo "== fsdp2_accelerate ($FSDP2_MODEL, seq $SEQ)" | tee -a "$OUT/launch.log"
+start=$(date +%s)
+timeout 300 $PY -m accelerate.commands.launch --config_file "$OUT/fsdp2_accelerate.yaml" benchmarks/fsdp2_gpu_loop.py \
+    "$OUT/runs/fsdp2" accelerate "$FSDP2_MODEL" "$SEQ" >> "$OUT/launch.log" 2>&1
+echo "rc=$? seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/launch.log"
+$PY -m memprof compare "$OUT/runs/fsdp2/accelerate" --json > "$OUT/runs/fsdp2/accelerate/compare.json" 2>> "$OUT/launch.log"
+$PY -m memprof compare "$OUT/runs/fsdp2/accelerate" 2>&1 | tail -40 >> "$OUT/compare.txt"
 fi
 
 $PY -m pytest -q tests/test_profiler_cuda.py 2>&1 | tail -3 | tee "$OUT/pytest_cuda.txt"

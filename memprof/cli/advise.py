@@ -9,6 +9,7 @@ from memprof.argparsing import MemprofArgumentParser, positive_int
 from memprof.cli.cli_args import add_setup_flags, inputs_from_args
 from memprof.display.console import output_console
 from memprof.display.tables import Column, print_tables
+from memprof.engines import Engine
 from memprof.errors import MemprofError
 from memprof.estimate.advise import COST_ORDER_TEXT, Advice, Change, advise
 from memprof.estimate.config_writer import recommended_config
@@ -36,6 +37,9 @@ def main(argv: list[str]) -> int:
     if args.gpu_memory is None:
         raise MemprofError("advise needs the GPU memory size: pass --gpu-memory, e.g. --gpu-memory 80GiB")
     inputs = inputs_from_args(args, None)
+    if args.write_config and inputs.engine == Engine.FSDP2:
+        raise MemprofError("--write-config writes a DeepSpeed JSON, which --engine fsdp2 has none of: drop --write-config "
+                           "and set the recommended fully_shard arguments in the script")
     _refuse_hopeless(inputs, args.max_gpus or inputs.world_size)
     result = advise(inputs, args.max_gpus)
     written = None
@@ -67,10 +71,17 @@ def _refuse_hopeless(inp: EstimateInputs, max_gpus: int) -> None:
                            "raise --gpu-memory or --max-gpus")
 
 
+def _engine_words(inp: EstimateInputs) -> str:
+    if inp.engine == Engine.FSDP2:
+        return (f"FSDP2 reshard_after_forward {inp.fsdp2.reshard_after_forward}"
+                + (", CPU offload" if inp.fsdp2.offload_params else ""))
+    return f"ZeRO-{inp.zero_stage}"
+
+
 def _render(result: Advice, written: tuple[str, list[str]] | None) -> None:
     console = output_console()
     inp, peak = result.base, result.base_peak
-    console.print(f"[bold]memprof advise[/bold]: {inp.model_name or inp.n_params}, ZeRO-{inp.zero_stage}, {inp.precision}, "
+    console.print(f"[bold]memprof advise[/bold]: {inp.model_name or inp.n_params}, {_engine_words(inp)}, {inp.precision}, "
                   f"{inp.optimizer}, {inp.world_size} GPUs of {format_bytes(inp.gpu_memory_bytes)} "
                   f"(usable {format_bytes(result.usable_bytes)})")
     verdict = (f"fits, margin {format_bytes(result.margin_bytes)}" if result.base_fits

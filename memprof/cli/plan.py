@@ -16,7 +16,8 @@ SUMMARY = "find the cheapest configuration that fits a GPU memory size"
 
 
 def build_parser() -> MemprofArgumentParser:
-    p = MemprofArgumentParser(prog="memprof plan", description=f"{SUMMARY}: ZeRO stage and offload, cheapest first.")
+    p = MemprofArgumentParser(prog="memprof plan", description=f"{SUMMARY}: ZeRO stage and offload, cheapest first "
+                              "(--engine fsdp2: reshard_after_forward and CPU offload).")
     add_setup_flags(p)
     p.add_argument("--gpus", type=positive_int("--gpus"), help="GPUs available (the cluster size)")
     p.add_argument("--max-gpus", type=positive_int("--max-gpus"),
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> int:
         raise MemprofError("plan needs the cluster size: pass --gpus N")
     if args.zero_stage is not None or args.offload_optimizer is not None or args.offload_param is not None:
         raise MemprofError("plan chooses the ZeRO stage and offload itself: drop --zero-stage/--offload-*")
+    if args.reshard_after_forward is not None:
+        raise MemprofError("plan chooses FSDP2's reshard_after_forward itself: drop --reshard-after-forward")
     inputs = inputs_from_args(args, gpus)
     result = plan(inputs, gpus, args.max_gpus, model_states_only=args.model_states_only)
     if args.json:
@@ -47,11 +50,13 @@ def main(argv: list[str]) -> int:
     console.print(f"{title}: {inputs.model_name or inputs.n_params}, {inputs.precision}, {inputs.optimizer}, "
                   f"{gpus} GPUs of {format_bytes(inputs.gpu_memory_bytes)} (usable {format_bytes(usable)}), "
                   f"micro-batch {inputs.micro_batch}")
-    columns = [Column("ZeRO stage"), Column("offload"), Column("peak per GPU", numeric=True),
+    fsdp2 = any(r.fsdp2 is not None for r in result.rows)
+    columns = [Column("FSDP2 reshard after forward" if fsdp2 else "ZeRO stage"), Column("offload"), Column("peak per GPU", numeric=True),
                Column("host per node", numeric=True), Column("fits"),
                Column("largest micro-batch", numeric=True), Column(f"fewest GPUs (<= {result.max_gpus})", numeric=True)]
     # "opt->cpu" in the table (the row's label says "optimizer->cpu"): the 80-column table keeps one line per row
-    rows = [[str(r.zero_stage), r.offload_label.replace("optimizer->", "opt->") or "-", format_bytes(r.peak_device_bytes),
+    rows = [[str(r.fsdp2.reshard_after_forward) if r.fsdp2 else str(r.zero_stage),
+             r.offload_label.replace("optimizer->", "opt->") or "-", format_bytes(r.peak_device_bytes),
              format_bytes(r.host_bytes_per_node), "yes" if r.fits else "no",
              str(r.largest_micro_batch or "-"), str(r.fewest_gpus or "-")] for r in result.rows]
     print_tables(console, columns, rows)

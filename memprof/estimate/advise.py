@@ -23,6 +23,17 @@ code paths the estimator models (see :func:`step_costs`):
   forward per micro-step (torch.utils.checkpoint; about +1/3 of a step's compute);
 * micro-steps per optimizer step for accumulation.
 
+Under ``--engine fsdp2`` the knobs are FSDP2's (``reshard_after_forward``, ``MixedPrecisionPolicy``
+param_dtype bf16, ``CPUOffloadPolicy``) beside checkpointing, micro-batch and GPUs, and the
+communication per micro-step is torch's (``_fully_shard/_fsdp_param_group.py``): an all-gather of
+every group in forward (``FSDPParamGroup.unshard`` from ``pre_forward``), another in backward
+unless ``reshard_after_forward`` is False (``pre_backward`` unshards only a resharded group; the
+root is never resharded, counted anyway: an upper bound by the root's parameters), both in
+``param_dtype``, and a reduce-scatter of the gradients in ``reduce_dtype`` (``post_backward`` ->
+``foreach_reduce``, every micro-step); under offload, each gather's shards go up over PCIe
+(``FSDPParam.all_gather_inputs``: ``sharded_param_data.to(device)``) and each micro-step's
+gradient shards come down (``foreach_reduce``, ``offload_to_cpu``).
+
 The ranking of combinations (:data:`COST_ORDER`) is lexicographic and printed with the answer.
 """
 
@@ -33,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from memprof.categories import CATEGORIES, PHASES
+from memprof.engines import Engine
 from memprof.errors import MemprofError
 from memprof.estimate.core import activations_not_estimated, estimate, peak_device_and_host_bytes
 from memprof.estimate.inputs import EstimateInputs
@@ -88,6 +100,8 @@ class StepCosts:
 
 def step_costs(inp: EstimateInputs, n_params: int) -> StepCosts:
     """Per rank and optimizer step: communication volume, PCIe bytes, recomputed forwards, micro-steps."""
+    if inp.engine == Engine.FSDP2:
+        return _fsdp2_step_costs(inp, n_params)
     b, gas, n = ELEMENT_BYTES[inp.precision], inp.gradient_accumulation_steps, inp.world_size
     psi = n_params * b
     if n == 1:
@@ -104,6 +118,19 @@ def step_costs(inp: EstimateInputs, n_params: int) -> StepCosts:
         pcie += part * b * gas + part * b
     if inp.zero.offload_param != "none":  # each rank's partition up for the forward and the backward gathers
         pcie += 2 * part * b * gas
+    return StepCosts(n, comm, pcie, gas if inp.activation_checkpointing else 0, gas, inp.precision)
+
+
+def _fsdp2_step_costs(inp: EstimateInputs, n_params: int) -> StepCosts:
+    """FSDP2's step_costs (module docstring): gathers (1 or 2 per micro-step) in param_dtype, one
+    reduce-scatter in reduce_dtype; under offload the shards up per gather, gradients down."""
+    f, gas, n = inp.fsdp2, inp.gradient_accumulation_steps, inp.world_size
+    gathers = 1 if not f.reshard_after_forward else 2
+    gathered, reduced = ELEMENT_BYTES[inp.precision], ELEMENT_BYTES[f.reduce_dtype or inp.precision]
+    sharded = 4 if f.param_dtype else gathered  # fp32 shards under a param_dtype
+    comm = 0 if n == 1 else (gathers * n_params * gathered + n_params * reduced) * gas
+    shard = -(-n_params // n)
+    pcie = (gathers + 1) * shard * sharded * gas if f.offload_params else 0
     return StepCosts(n, comm, pcie, gas if inp.activation_checkpointing else 0, gas, inp.precision)
 
 
@@ -195,7 +222,9 @@ def _single_changes(base: EstimateInputs, max_gpus: int) -> list[tuple[str, str,
     """(change id, description, EstimateInputs fields to replace) for one knob at a time."""
     out: list[tuple[str, str, dict[str, Any]]] = []
     z, stage = base.zero, base.zero_stage
-    for s in range(4):
+    if base.engine == Engine.FSDP2:
+        out += _fsdp2_changes(base)
+    for s in range(4 if base.engine == Engine.DEEPSPEED else 0):
         if s == stage or (s < 3 and z.offload_param != "none") or (s == 0 and z.offload_optimizer != "none"):
             continue
         out.append((f"zero_stage={s}", f"ZeRO-{s}", {"zero_stage": s}))
@@ -215,7 +244,7 @@ def _single_changes(base: EstimateInputs, max_gpus: int) -> list[tuple[str, str,
                         f"micro-batch {smaller} x GAS {gas * factor}",
                         {"micro_batch": smaller, "gradient_accumulation_steps": gas * factor}))
     if base.precision == "fp32":
-        out.append(("precision=bf16", "bf16", {"precision": "bf16"}))
+        out.append(("precision=bf16", "bf16", _bf16_fields(base)))
     out += _knob_changes(base)
     n = base.world_size
     while n * 2 <= max_gpus:
@@ -224,6 +253,24 @@ def _single_changes(base: EstimateInputs, max_gpus: int) -> list[tuple[str, str,
         nodes = n // per_node if n % per_node == 0 else 1
         out.append((f"world_size={n}", f"{n} GPUs", {"world_size": n, "nodes": nodes}))
         break  # the next doubling is one more row of the same kind; the combinations try every count
+    return out
+
+
+def _bf16_fields(base: EstimateInputs) -> dict[str, Any]:
+    """bf16 compute: DeepSpeed's bf16 block; FSDP2's MixedPrecisionPolicy(param_dtype=bf16), fp32 shards."""
+    if base.engine == Engine.FSDP2:
+        return {"precision": "bf16", "fsdp2": replace(base.fsdp2, param_dtype="bf16")}
+    return {"precision": "bf16"}
+
+
+def _fsdp2_changes(base: EstimateInputs) -> list[tuple[str, str, dict[str, Any]]]:
+    """FSDP2's own knobs, one at a time: reshard_after_forward flipped, CPU offload on."""
+    f = base.fsdp2
+    r = not f.reshard_after_forward
+    out = [(f"reshard_after_forward={str(r).lower()}", f"reshard_after_forward {r}",
+            {"fsdp2": replace(f, reshard_after_forward=r)})]
+    if not f.offload_params:
+        out.append(("offload_params=cpu", "CPU offload (CPUOffloadPolicy)", {"fsdp2": replace(f, offload_params=True)}))
     return out
 
 
@@ -236,6 +283,8 @@ def _knob_changes(base: EstimateInputs) -> list[tuple[str, str, dict[str, Any]]]
     """A quarter of each ZeRO buffer limit that sizes memory at this stage."""
     z, out = base.zero, []
     knobs = []
+    if base.engine != Engine.DEEPSPEED:
+        return out  # FSDP2 has no bucket or gathering limits to turn
     if base.zero_stage in (1, 2):
         knobs += ["reduce_bucket_size", "allgather_bucket_size"]
     if base.zero_stage == 3:
@@ -295,6 +344,8 @@ def _combinations(base: EstimateInputs, max_gpus: int) -> list[tuple[str, dict[s
     worlds = [base.world_size]
     while worlds[-1] * 2 <= max_gpus:
         worlds.append(worlds[-1] * 2)
+    if base.engine == Engine.FSDP2:
+        return _fsdp2_combinations(base, micro, precisions, worlds, per_node)
     offloads = [("none", "none"), ("cpu", "none"), ("cpu", "cpu")]
     out = []
     for stage, (oo, op), ckpt, m, prec, n in itertools.product(range(4), offloads, sorted({base.activation_checkpointing, True}),
@@ -311,7 +362,34 @@ def _combinations(base: EstimateInputs, max_gpus: int) -> list[tuple[str, dict[s
     return out
 
 
+def _fsdp2_combinations(base: EstimateInputs, micro: list[int], precisions: list[str], worlds: list[int],
+                        per_node: int) -> list[tuple[str, dict[str, Any]]]:
+    """FSDP2's setups: reshard_after_forward x offload x checkpointing x micro-batch x precision x GPUs."""
+    mb, gas, f = base.micro_batch, base.gradient_accumulation_steps, base.fsdp2
+    out = []
+    for reshard, offload, ckpt, m, prec, n in itertools.product(
+            (False, True), (False, True), sorted({base.activation_checkpointing, True}), micro, precisions, worlds):
+        fsdp2 = replace(f, reshard_after_forward=reshard, offload_params=offload,
+                        param_dtype=f.param_dtype if prec == base.precision else "bf16")
+        fields = {"fsdp2": fsdp2, "activation_checkpointing": ckpt, "micro_batch": m,
+                  "gradient_accumulation_steps": gas * (mb // m), "precision": prec, "world_size": n,
+                  "nodes": n // per_node if n % per_node == 0 else 1}
+        parts = [f"reshard_after_forward={str(reshard).lower()}"] + (["offload_params=cpu"] if offload else []) + \
+                (["activation_checkpointing=true"] if ckpt else []) + \
+                [f"micro_batch={m},gas={gas * (mb // m)}", f"precision={prec}", f"world_size={n}"]
+        out.append((",".join(parts), fields))
+    return out
+
+
 def _describe(inp: EstimateInputs) -> str:
+    if inp.engine == Engine.FSDP2:
+        f = inp.fsdp2
+        return ", ".join([f"FSDP2 reshard_after_forward {f.reshard_after_forward}",
+                          *(["CPU offload"] if f.offload_params else []),
+                          *(["checkpointing"] if inp.activation_checkpointing else []),
+                          f"micro-batch {inp.micro_batch} x {inp.gradient_accumulation_steps} steps",
+                          inp.precision + (f" (param_dtype {f.param_dtype})" if f.param_dtype else ""),
+                          f"{inp.world_size} GPUs"])
     z = inp.zero
     off = [f"{what} offload" for what, dev in (("optimizer", z.offload_optimizer), ("parameter", z.offload_param)) if dev != "none"]
     return ", ".join([f"ZeRO-{inp.zero_stage}", *off, *(["checkpointing"] if inp.activation_checkpointing else []),
@@ -349,7 +427,14 @@ def _search(base: EstimateInputs, base_peak: PeakAt, base_costs: StepCosts, usab
 
 def _fields_of(inp: EstimateInputs) -> dict[str, Any]:
     return {k: getattr(inp, k) for k in ("zero_stage", "zero", "activation_checkpointing", "micro_batch",
-                                         "gradient_accumulation_steps", "precision", "world_size", "nodes")}
+                                         "gradient_accumulation_steps", "precision", "world_size", "nodes", "fsdp2")}
+
+
+def _smallest_sharding(base: EstimateInputs) -> dict[str, Any]:
+    """The fields of the engine's most sharded, most offloaded setup (the "even ..." note)."""
+    if base.engine == Engine.FSDP2:
+        return {"fsdp2": replace(base.fsdp2, reshard_after_forward=True, offload_params=True)}
+    return {"zero_stage": 3, "zero": replace(base.zero, offload_optimizer="cpu", offload_param="cpu")}
 
 
 def advise(base: EstimateInputs, max_gpus: int | None = None) -> Advice:
@@ -369,9 +454,9 @@ def advise(base: EstimateInputs, max_gpus: int | None = None) -> Advice:
     usable = int(base.gpu_memory_bytes * (1 - base.headroom))
     est = estimate(base)
     base_peak, base_costs = PeakAt.of(est), step_costs(base, shape.n_params)
-    smallest_params = min(peak_device_and_host_bytes(base.with_(zero_stage=3, zero=replace(
-        base.zero, offload_optimizer="cpu", offload_param="cpu"), world_size=max_gpus, nodes=1,
-        micro_batch=1, gradient_accumulation_steps=base.gradient_accumulation_steps * base.micro_batch,
+    smallest_params = min(peak_device_and_host_bytes(base.with_(
+        **_smallest_sharding(base), world_size=max_gpus, nodes=1, micro_batch=1,
+        gradient_accumulation_steps=base.gradient_accumulation_steps * base.micro_batch,
         activation_checkpointing=True))[0], base_peak.bytes)
     advice = Advice(base, base_peak, usable, base_peak.bytes <= usable, est.host_fits, [], None, None, None, max_gpus)
     advice.changes = [_evaluate(base, base_peak, base_costs, usable, c, d, f, shape.n_params)
@@ -383,7 +468,8 @@ def advise(base: EstimateInputs, max_gpus: int | None = None) -> Advice:
         same = advice.best is not None and _fields_of(advice.best.inputs) == _fields_of(base)
         advice.best, advice.runner_up = as_given, (advice.runner_up if same else advice.best)
     if advice.best is None and smallest_params > usable:
-        advice.notes.append(f"even ZeRO-3 with both offloads, checkpointing and micro-batch 1 on {max_gpus} GPUs peaks at "
+        smallest = "FSDP2 with CPU offload" if base.engine == Engine.FSDP2 else "ZeRO-3 with both offloads"
+        advice.notes.append(f"even {smallest}, checkpointing and micro-batch 1 on {max_gpus} GPUs peaks at "
                             f"{format_bytes(smallest_params)}, over the usable {format_bytes(usable)}")
     if base.precision != "fp32":
         advice.notes.append("bf16 instead of fp32: not offered, the setup already computes in " + base.precision)

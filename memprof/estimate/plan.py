@@ -2,8 +2,10 @@
 
 Cost order (cheapest first): lower ZeRO stage (less communication), then no offload before
 optimizer offload before parameter offload (offload trades GPU memory for PCIe traffic and CPU
-compute). For each candidate the planner also finds the largest micro-batch that fits on the given
-GPUs and the fewest GPUs that fit at the requested micro-batch.
+compute). Under ``--engine fsdp2`` the sweep is FSDP2's own knobs (:func:`fsdp2_candidates`):
+``reshard_after_forward`` False (no all-gather in backward) before True, then ``CPUOffloadPolicy``.
+For each candidate the planner also finds the largest micro-batch that fits on the given GPUs and the
+fewest GPUs that fit at the requested micro-batch.
 
 A model whose activations the estimator does not model (a bare parameter count, a model_type
 without an activation model) has no peak to compare with the GPU: the planner refuses it unless
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from memprof.engines import Engine, Fsdp2Settings
 from memprof.errors import MemprofError
 from memprof.estimate.core import activations_not_estimated, peak_device_and_host_bytes
 from memprof.estimate.inputs import EstimateInputs
@@ -35,10 +38,20 @@ class PlanRow:
     host_bytes_per_node: int  # what the node's ranks hold in host RAM (offloaded states, host buffers)
     largest_micro_batch: int | None  # at the requested GPUs; None if not even 1 fits
     fewest_gpus: int | None  # at the requested micro-batch, up to max_gpus; None if none fits
+    fsdp2: Fsdp2Settings | None = None  # the FSDP2 candidate (engine fsdp2; zero_stage is then 0)
+
+    @property
+    def engine_label(self) -> str:
+        """The first column: ``ZeRO-2``, or FSDP2 with its reshard_after_forward."""
+        if self.fsdp2 is not None:
+            return f"FSDP2 reshard_after_forward={self.fsdp2.reshard_after_forward}"
+        return f"ZeRO-{self.zero_stage}"
 
     @property
     def offload_label(self) -> str:
         """What is offloaded where (``optimizer->cpu, params->cpu``); empty without offload."""
+        if self.fsdp2 is not None:
+            return "params, grads, optimizer->cpu" if self.fsdp2.offload_params else ""
         off = []
         if self.offload_optimizer != "none":
             off.append(f"optimizer->{self.offload_optimizer}")
@@ -48,10 +61,12 @@ class PlanRow:
 
     @property
     def label(self) -> str:
-        return f"ZeRO-{self.zero_stage}" + (f" + offload {self.offload_label}" if self.offload_label else "")
+        return self.engine_label + (f" + offload {self.offload_label}" if self.offload_label else "")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        fsdp2 = {} if self.fsdp2 is None else {"fsdp2": {"reshard_after_forward": self.fsdp2.reshard_after_forward,
+                                                         "offload_params": self.fsdp2.offload_params}}
+        return fsdp2 | {
             "zero_stage": self.zero_stage,
             "offload_optimizer": self.offload_optimizer,
             "offload_param": self.offload_param,
@@ -105,6 +120,14 @@ def candidates() -> list[tuple[int, str, str]]:
             (1, "cpu", "none"), (2, "cpu", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")]
 
 
+def fsdp2_candidates(base: Fsdp2Settings) -> list[Fsdp2Settings]:
+    """FSDP2's settings in cost order: reshard_after_forward False first (blocks stay gathered, so
+    backward needs no all-gather: _fsdp_param_group.py ``FSDPParamGroup.pre_backward`` unshards
+    only a resharded group), then True; each without, then with ``CPUOffloadPolicy`` (PCIe traffic
+    for every gather and every gradient). The user's MixedPrecisionPolicy is kept."""
+    return [replace(base, reshard_after_forward=r, offload_params=o) for o in (False, True) for r in (False, True)]
+
+
 def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None, model_states_only: bool = False) -> Plan:
     """Sweep the candidates for ``base`` (its model, precision, optimizer, micro-batch, GPU memory).
 
@@ -132,33 +155,40 @@ def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None, model_sta
     per_node = max(1, base.world_size // base.nodes) if base.nodes > 1 else None
     out = Plan(base, gpus, max_gpus, activations_not_estimated=missing)
 
-    def peaks(stage: int, opt: str, par: str, n: int, mb: int) -> tuple[int, int]:
+    Candidate = tuple[int, str, str, Fsdp2Settings | None]
+
+    def peaks(c: Candidate, n: int, mb: int) -> tuple[int, int]:
         """(peak device bytes per GPU, host bytes per node) for n GPUs at micro-batch mb."""
         out.evaluations += 1
+        stage, opt, par, fsdp2 = c
         zero = replace(base.zero, offload_optimizer=opt, offload_param=par)
-        inp = replace(base, zero_stage=stage, zero=zero, world_size=n, nodes=1, micro_batch=mb)
+        inp = replace(base, zero_stage=stage, zero=zero, world_size=n, nodes=1, micro_batch=mb,
+                      fsdp2=fsdp2 or base.fsdp2)
         device, host_per_rank = peak_device_and_host_bytes(inp)
         return device, host_per_rank * (min(n, per_node) if per_node else n)
 
-    def fits(stage: int, opt: str, par: str, n: int, mb: int) -> bool:
-        device, host = peaks(stage, opt, par, n, mb)
+    def fits(c: Candidate, n: int, mb: int) -> bool:
+        device, host = peaks(c, n, mb)
         return device <= usable and (host_limit is None or host <= host_limit)
 
-    def fewest_gpus(stage: int, opt: str, par: str) -> int | None:
+    def fewest_gpus(c: Candidate) -> int | None:
         # device memory per GPU falls with n (bisection); host bytes per node need not (n ranks on a
         # node each keep per-rank host buffers), so from the device boundary up, the first n whose
         # host share fits too
-        n = _fewest(lambda k: peaks(stage, opt, par, k, base.micro_batch)[0] <= usable, max_gpus, monotone=stage > 0)
+        sharded = c[0] > 0 or c[3] is not None  # FSDP2 shards like ZeRO-3
+        n = _fewest(lambda k: peaks(c, k, base.micro_batch)[0] <= usable, max_gpus, monotone=sharded)
         if n is None or host_limit is None:
             return n
-        return next((k for k in range(n, max_gpus + 1) if fits(stage, opt, par, k, base.micro_batch)), None)
+        return next((k for k in range(n, max_gpus + 1) if fits(c, k, base.micro_batch)), None)
 
-    for stage, opt, par in candidates():
-        p, host = peaks(stage, opt, par, gpus, base.micro_batch)
-        largest = _largest(lambda mb: fits(stage, opt, par, gpus, mb))
-        fewest = fewest_gpus(stage, opt, par)
+    sweep: list[Candidate] = ([(0, "none", "none", f) for f in fsdp2_candidates(base.fsdp2)]
+                              if base.engine == Engine.FSDP2 else [(*c, None) for c in candidates()])
+    for c in sweep:
+        p, host = peaks(c, gpus, base.micro_batch)
+        largest = _largest(lambda mb, c=c: fits(c, gpus, mb))
+        fewest = fewest_gpus(c)
         ok = p <= usable and (host_limit is None or host <= host_limit)
-        out.rows.append(PlanRow(stage, opt, par, ok, p, host, largest, fewest))
+        out.rows.append(PlanRow(c[0], c[1], c[2], ok, p, host, largest, fewest, c[3]))
     return out
 
 

@@ -69,6 +69,8 @@ class ParamModule:
     params: tuple[tuple[str, int], ...]  # (("weight", 4), ("bias", 5)); a tied lm_head: (("weight", 0),)
     linear: tuple[int, int] | None = None  # (in_features, out_features) of a Linear / Conv1D
     output_embedding: bool = False  # the LM head (get_output_embeddings): left out of "all-linear"
+    # the weight is stored (in, out) (GPT-2's Conv1D), not nn.Linear's (out, in): which dim FSDP2 shards
+    weight_in_first: bool = False
 
 
 @dataclass(frozen=True)

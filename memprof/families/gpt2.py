@@ -136,11 +136,11 @@ def gpt2_param_modules(cfg: dict[str, Any]) -> tuple[ParamModule, ...]:
         b, name = 2 + 12 * layer, f"transformer.h.{layer}"
         out += [
             ParamModule(f"{name}.ln_1", at(b)),
-            ParamModule(f"{name}.attn.c_attn", at(b + 2), (h, 3 * h)),
-            ParamModule(f"{name}.attn.c_proj", at(b + 4), (h, h)),
+            ParamModule(f"{name}.attn.c_attn", at(b + 2), (h, 3 * h), weight_in_first=True),
+            ParamModule(f"{name}.attn.c_proj", at(b + 4), (h, h), weight_in_first=True),
             ParamModule(f"{name}.ln_2", at(b + 6)),
-            ParamModule(f"{name}.mlp.c_fc", at(b + 8), (h, inner)),
-            ParamModule(f"{name}.mlp.c_proj", at(b + 10), (inner, h)),
+            ParamModule(f"{name}.mlp.c_fc", at(b + 8), (h, inner), weight_in_first=True),
+            ParamModule(f"{name}.mlp.c_proj", at(b + 10), (inner, h), weight_in_first=True),
         ]
     ln_f = 2 + 12 * n_layer
     out.append(ParamModule("transformer.ln_f", at(ln_f)))

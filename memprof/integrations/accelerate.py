@@ -1,4 +1,4 @@
-"""memprof in a custom accelerate loop (``Accelerator(deepspeed_plugin=...)`` or plain / DDP).
+"""memprof in a custom accelerate loop (``Accelerator(deepspeed_plugin=...)``, plain / DDP, or FSDP2).
 
 ::
 
@@ -26,6 +26,11 @@ Phases (accelerate 1.x ``Accelerator.backward``, ``DeepSpeedEngineWrapper.backwa
 A micro-step is one forward; it ends after the optimizer step, or when the next forward starts.
 Its ``boundary`` is ``accelerator.sync_gradients`` at its backward (the accumulation boundary
 accelerate decided).
+
+FSDP2 (accelerate's FSDP plugin with ``fsdp_version: 2``, which applies ``fully_shard`` in place;
+or a model the script ``fully_shard``-ed itself): the prepared model has ``FSDPModule``s, and the
+run records ``run["fsdp2"]`` (ownership.fsdp2_record) as ``MemoryProfiler(model=...)`` does; a
+layout memprof does not model is refused in one line when profiling starts.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 
 from memprof.integrations.observed_run import describe_observed_run, device_type_of
 from memprof.integrations.recorder import MicroStepRecorder
+from memprof.measure.ownership import fsdp2_record, is_fsdp2_model
 from memprof.run.deepspeed_shm import release_cpu_shm_segment
 
 
@@ -69,6 +75,8 @@ def profile_accelerate(
     if device_type_of(engine, unwrapped) == "cpu":
         release_cpu_shm_segment()
     ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    # FSDP2's record now: an unsupported sharding is refused (one line) before the loop runs
+    fsdp2 = fsdp2_record(unwrapped) if engine is None and is_fsdp2_model(unwrapped) else None
     settings = {
         "distributed_type": str(getattr(accelerator, "distributed_type", None)),
         "mixed_precision": str(getattr(accelerator, "mixed_precision", None)),
@@ -76,12 +84,17 @@ def profile_accelerate(
         "num_processes": int(getattr(accelerator, "num_processes", 1)),
         "prepared_model_class": type(model).__name__,
     }
+    fsdp_version = getattr(getattr(getattr(accelerator, "state", None), "fsdp_plugin", None), "fsdp_version", None)
+    if fsdp_version is not None:  # accelerate's FSDP plugin (fsdp_version 2: fully_shard)
+        settings["fsdp_version"] = int(fsdp_version)
 
     def describe(batch_shape: tuple[int, ...] | None) -> dict[str, Any]:
         run = describe_observed_run(engine=engine, model=unwrapped, optimizer=optimizer, batch_shape=batch_shape,
                            integration="accelerate", framework_settings=settings, ddp=ddp)
         if engine is None:
             run["gradient_accumulation_steps"] = settings["gradient_accumulation_steps"]
+        if fsdp2 is not None:
+            run["fsdp2"] = fsdp2
         return run
 
     recorder = MicroStepRecorder(out_dir, engine=engine, model=unwrapped, optimizer=optimizer,

@@ -184,6 +184,7 @@ class MemoryProfiler:
         )
         self._active = False
         self._resize_watch: Any = None
+        self._comm_watch: Any = None  # ownership.fsdp2.CommThreadsReleaseWatch (FSDP2 on gloo)
         self._finished = False
         self._oom_recorded = False
         header = {"host": socket.gethostname(), "device": self._device_label(), "run": self.run}
@@ -214,17 +215,25 @@ class MemoryProfiler:
 
     def _watch_fsdp2_resizes(self, on: bool) -> None:
         """FSDP2 frees and re-gathers blocks by resizing storages in place, which the dispatch-mode
-        CPU tracker sees only when told (ownership.fsdp2.StorageResizeWatch)."""
+        CPU tracker sees only when told (ownership.fsdp2.StorageResizeWatch); on several CPU ranks
+        gloo's threads get the GIL after each backward collective (CommThreadsReleaseWatch)."""
         if not on:
-            if self._resize_watch is not None:
-                self._resize_watch.__exit__(None, None, None)
-                self._resize_watch = None
+            for watch in (self._resize_watch, self._comm_watch):
+                if watch is not None:
+                    watch.__exit__(None, None, None)
+            self._resize_watch = self._comm_watch = None
             return
         resync = getattr(getattr(self._backend, "tracker", None), "resync", None)
         if "fsdp2" in self.run and resync is not None:
             from memprof.measure.ownership.fsdp2 import StorageResizeWatch
 
             self._resize_watch = StorageResizeWatch(resync).__enter__()
+        # gloo (CPU, several ranks): FSDP2's freed backward buffers released before the next peak
+        let_release = getattr(self._backend, "_let_comm_threads_release", None)
+        if "fsdp2" in self.run and let_release is not None and getattr(self._backend, "_multi_rank", False):
+            from memprof.measure.ownership.fsdp2 import CommThreadsReleaseWatch
+
+            self._comm_watch = CommThreadsReleaseWatch(let_release).__enter__()
 
     def step(self, step: int, *, micro_step: int | None = None, boundary: bool | None = None) -> StepContext:
         """Context manager for one training step (use inside ``with profiler:``): one call per

@@ -4,7 +4,10 @@ run per setup named on the command line, each in its own folder under OUT.
 
 Setups: ``reshard`` (reshard_after_forward True), ``keep`` (False), ``bf16``
 (MixedPrecisionPolicy(param_dtype=bf16)), ``dim1`` (shard_placement_fn Shard(1): memprof must
-refuse it in one line, which the worker writes to OUT/dim1/refused.txt).
+refuse it in one line, which the worker writes to OUT/dim1/refused.txt), ``accelerate`` (the
+``reshard`` model in an accelerate loop under ``profile_accelerate``: accelerate turns its FSDP
+plugin on only for accelerator devices, so the script applies ``fully_shard`` itself and prepares
+the optimizer only).
 """
 
 from __future__ import annotations
@@ -69,11 +72,29 @@ def run(setup: str, out: Path) -> None:
     prof.finish()
 
 
+def run_accelerate(out: Path) -> None:
+    from accelerate import Accelerator
+
+    from memprof.integrations.accelerate import profile_accelerate
+
+    accelerator = Accelerator(cpu=True)
+    model = build("reshard")
+    opt = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    prof = profile_accelerate(accelerator, model, opt, out_dir=out / "accelerate")
+    x = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+    for _ in range(STEPS):
+        loss = model(input_ids=x, labels=x).loss
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    prof.finish(report=False)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     for setup in sys.argv[2:]:
-        run(setup, out)
+        run_accelerate(out) if setup == "accelerate" else run(setup, out)
         dist.barrier()
     dist.destroy_process_group()
 

@@ -44,6 +44,12 @@ def describe_buckets(inp: EstimateInputs) -> str:
     return engine_layout(inp).buckets_assumption(inp)
 
 
+def describe_modelled_ranks(inp: EstimateInputs) -> str | None:
+    """The engine's assumption naming the ranks modelled, or None for the DeepSpeed wording."""
+    describe = engine_layout(inp).ranks_assumption
+    return describe(inp) if describe is not None else None
+
+
 def model_state_layout(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> StateLayout:
     """The model states of ``rank`` as ``inp.engine`` lays them out (see the engine's module)."""
     out = StateLayout()

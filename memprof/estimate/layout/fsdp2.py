@@ -17,10 +17,12 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
   ``reshard_after_forward`` False keeps every block gathered from its forward to its backward;
   the root is never resharded after forward (``FSDPState._lazy_init``: root
   ``post_forward_mesh_info = None``).
-* Peak moments modelled: forward, the last block's (current block gathered + its flat output)
-  beside the whole forward's activations, an upper bound; backward, the last block's
-  pre-backward (root gathered with its unsharded gradients, the block gathered, the next one
-  prefetched). Checked on 2 CPU ranks (tests/test_fsdp2.py).
+* Peak moments modelled: forward, the end of the last block (it and the root gathered, its flat
+  output, every block's saved activations) and the loss's end (the root gathered, the last flat
+  output, the whole forward's activations); backward, its start (the root gathered, no flat
+  output: ``FSDPState._post_forward`` freed it) and the last block's pre-backward (root gathered
+  with its unsharded gradients, the block gathered, the next one prefetched). Checked on 2 CPU
+  ranks (tests/test_fsdp2.py).
 * Gradients (``FSDPParamGroup.post_backward``, ``foreach_reduce``): a block's unsharded gradients
   (compute dtype, unpadded) until its post-backward; the reduce-scatter input (``N x`` padded
   shards, ``reduce_dtype``), kept in ``comm_ctx.reduce_scatter_states`` until the next block's
@@ -32,6 +34,7 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
 from __future__ import annotations
 
 from math import ceil
+from typing import Any
 
 from memprof.dsconfig import ELEMENT_SIZE
 from memprof.errors import MemprofError
@@ -49,57 +52,60 @@ from memprof.estimate.layout.state import (
 )
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import optimizer_state_bytes
+from memprof.families.common import ParamModule
 
 Dims = list[tuple[int, int]]  # (dim 0, numel) per parameter
 
 
-def _gpt2_units(sh: ModelShape) -> tuple[Dims, Dims]:
-    """(root, one block) of GPT2LMHeadModel (modeling_gpt2.py; Conv1D weights are (in, out))."""
-    h, i, v, n_pos = sh.hidden, sh.inner, sh.vocab, sh.n_positions
-    block = [(h, h), (h, h), (h, h * 3 * h), (3 * h, 3 * h), (h, h * h), (h, h), (h, h), (h, h),
-             (h, h * i), (i, i), (i, i * h), (h, h)]
-    root = [(v, v * h), (n_pos, n_pos * h), (h, h), (h, h)] + ([] if sh.tied_embeddings else [(v, v * h)])
-    return root, block
+def _dim0(module: ParamModule, pname: str, numel: int, hidden: int) -> int:
+    """dim 0 of one parameter as the family lays it out: a Linear's weight (out, in), a GPT-2
+    Conv1D's (in, out); an embedding (rows, hidden); a bias or a norm's weight is 1-D."""
+    if pname == "weight" and module.linear is not None:
+        fan_in, fan_out = module.linear
+        return fan_in if module.weight_in_first else fan_out
+    if pname == "weight" and hidden and numel != hidden and numel % hidden == 0:
+        return numel // hidden  # an embedding table
+    return numel
 
 
-def _linear(out: int, inp: int, bias: bool) -> Dims:
-    return [(out, out * inp)] + ([(out, out)] if bias else [])  # nn.Linear weight is (out, in)
+def _block_of(name: str) -> str | None:
+    """The transformer block a module belongs to (``transformer.h.3``, ``model.layers.3``): the
+    name up to its first numeric part; None for a root module (embeddings, final norm, head)."""
+    parts = name.split(".")
+    index = next((k for k, part in enumerate(parts) if part.isdigit()), None)
+    return None if index is None else ".".join(parts[:index + 1])
 
 
-def _llama_units(sh: ModelShape) -> tuple[Dims, Dims]:
-    """(root, one decoder layer) of the Llama family (modeling_llama.py), the biases told apart by
-    the layer's tensor count (q/k/v bias: Qwen2, attention_bias; o_proj bias: attention_bias)."""
-    h, i, v, a, kv, d = sh.hidden, sh.inner, sh.vocab, sh.n_head, sh.n_kv_head or sh.n_head, sh.head_dim
-    root = [(v, v * h), (h, h)] + ([] if sh.tied_embeddings else [(v, v * h)])
-    per_layer = (len(sh.param_numels) - len(root)) // max(1, sh.n_layer or 1)
-    extra = per_layer - 9 - 3 * sh.mlp_bias
-    qkv_bias, o_bias = extra >= 3, extra == 4
-    block = _linear(a * d, h, qkv_bias) + _linear(kv * d, h, qkv_bias) + _linear(kv * d, h, qkv_bias)
-    block += _linear(h, a * d, o_bias)
-    for out, inp in ((i, h), (i, h), (h, i)):
-        block += _linear(out, inp, sh.mlp_bias)
-    return root, block + [(h, h), (h, h)]
-
-
-def fsdp2_units(sh: ModelShape) -> tuple[Dims, Dims]:
+def fsdp2_units(sh: ModelShape, cfg: dict[str, Any]) -> tuple[Dims, Dims]:
     """(the root module's own parameters, one transformer block's), as (dim 0, numel) each: the
-    wrapping ``fully_shard(block)`` for every block, then ``fully_shard(model)``. MemprofError for
-    a model whose parameter shapes memprof does not know."""
+    wrapping ``fully_shard(block)`` for every block, then ``fully_shard(model)``; derived from the
+    family's parameter-holding modules (``ModelFamily.param_modules``), so a new family needs
+    nothing here. MemprofError for a model whose parameter shapes memprof does not know."""
     if sh.trainable_mask is not None:
         raise MemprofError("--engine fsdp2 with frozen parameters (LoRA adapters) is not modelled yet: "
                            "estimate the adapters under DeepSpeed (drop --engine) or FSDP2 without --peft-config/--lora-r")
-    units = {"gpt2": _gpt2_units, "llama": _llama_units, "mistral": _llama_units, "qwen2": _llama_units}
-    build = units.get(sh.model_type or "")
-    if build is None or not sh.n_layer:
+    family = sh.family
+    if family is None or family.param_modules is None or not sh.n_layer:
         raise MemprofError(f"--engine fsdp2 needs per-parameter shapes: model_type {sh.model_type or '(a bare --params count)'} "
                            "is not modelled (GPT-2 and the Llama family are)")
-    root, block = build(sh)
-    lead = 2 if sh.model_type == "gpt2" else 1  # wte, wpe / embed_tokens come before the blocks
-    expected = [n for _, n in root[:lead]] + [n for _, n in block] * sh.n_layer + [n for _, n in root[lead:]]
-    if tuple(expected) != sh.param_numels:
+    try:
+        modules = family.param_modules(cfg)
+    except MemprofError as e:  # the family's own refusal names LoRA: say what FSDP2 cannot model
+        raise MemprofError(f"--engine fsdp2: {e}".replace("LoRA on ", "")) from None
+    units: dict[str | None, Dims] = {}
+    seen: set[int] = set()
+    for module in modules:
+        for pname, index in module.params:
+            if index in seen:
+                continue  # a tied head: the embedding's weight, counted once (in the root)
+            seen.add(index)
+            numel = sh.param_numels[index]
+            units.setdefault(_block_of(module.name), []).append((_dim0(module, pname, numel, sh.hidden or 0), numel))
+    root, blocks = units.pop(None, []), list(units.values())
+    if len(blocks) != sh.n_layer or any(b != blocks[0] for b in blocks) or len(seen) != len(sh.param_numels):
         raise MemprofError(f"--engine fsdp2: the {sh.model_type} config's parameters are not the plain "
                            "block layout memprof models (e.g. cross-attention)")
-    return root, block
+    return root, blocks[0]
 
 
 def padded_shard_numel(d0: int, numel: int, world_size: int) -> int:
@@ -122,7 +128,7 @@ def fsdp2_dtypes(inp: EstimateInputs) -> tuple[int, int, int]:
 def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     """One rank's model states under FSDP2 (every rank alike: each pads its chunk to chunk 0's size)."""
     inp, n, layers = s.inp, s.N, s.shape.n_layer or 0
-    root, block = fsdp2_units(s.shape)
+    root, block = fsdp2_units(s.shape, inp.model_config or {})
     e_o, e_p, e_r = fsdp2_dtypes(inp)
     root_shard, block_shard = _shards(root, n), _shards(block, n)
     shards = root_shard + layers * block_shard  # elements this rank keeps
@@ -133,17 +139,28 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     out.add(where, O, optimizer_state_bytes(inp.optimizer, shards, n_tensors, e_o, step_tensors=s.step_tensors))
     root_gathered, block_gathered = root_shard * n * e_p, block_shard * n * e_p
     blocks_kept = 0 if inp.fsdp2.reshard_after_forward else layers * block_gathered
-    # forward, upper bound: the last block's moment (its gathered params and its flat all-gather
-    # output, kept in comm_ctx.all_gather_state) beside the whole forward's activations; without
-    # reshard_after_forward every block is gathered (and the loss's end, the peak there, holds
-    # the last block's flat output until the root's post-forward)
-    out.forward_extra = {P: root_gathered + max(blocks_kept, block_gathered), C: block_gathered}
+    # a block's flat all-gather output; none on one rank, where FSDPParamGroup.unshard skips the
+    # collective and wait_for_unshard copies each shard into its unsharded parameter directly
+    flat = block_gathered if n > 1 else 0
+    # forward, two moments: the end of the last block (it is gathered, with its flat all-gather
+    # output, kept in comm_ctx.all_gather_state by wait_for_unshard; every block's saved
+    # activations, not yet the head's) and the loss's end (the last block resharded unless
+    # reshard_after_forward is False; its flat output kept until the root's post-forward, which
+    # runs after the loss: GPT2LMHeadModel / LlamaForCausalLM compute it inside forward)
+    last_block = max(blocks_kept, block_gathered)
+    out.forward_extra = {P: root_gathered + blocks_kept, C: flat}
+    out.forward_last_block_extra = {P: root_gathered + last_block, C: flat}
+    # backward's start: the root's post-forward freed the flat output (FSDPState._post_forward);
+    # the root stays gathered, and every block under reshard_after_forward False; the root's
+    # pre-backward prefetches the last block's all-gather (FSDPParamGroup.pre_backward ->
+    # _backward_prefetch), a flat output unless that block is still gathered
+    out.backward_start_extra = {P: root_gathered + blocks_kept, C: 0 if blocks_kept else flat}
     # backward, the last block's pre-backward: the root still gathered with its unsharded gradients
     # (the head's and ln_f's, from the loss), the block gathered and, when blocks were resharded,
     # the next one's all-gather prefetched (_backward_prefetch); already gathered blocks need none
     root_grads = sum(numel for _, numel in root) * e_p
-    out.backward_extra = {P: root_gathered + max(blocks_kept, block_gathered), G: root_grads,
-                          C: 0 if blocks_kept else block_gathered}
+    out.backward_extra = {P: root_gathered + last_block, G: root_grads,
+                          C: 0 if blocks_kept else flat}
     grads = shards * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
     if inp.fsdp2.offload_params:
         out.add("host", G, grads)  # copied to the host by foreach_reduce (offload_to_cpu)
@@ -178,4 +195,9 @@ def describe_fsdp2_buffers(inp: EstimateInputs) -> str:
             "the group's padded shards (comm_buffers)")
 
 
-FSDP2_LAYOUT = EngineLayout(fsdp2_layout, describe_fsdp2, describe_fsdp2_buffers)
+def describe_fsdp2_ranks(inp: EstimateInputs) -> str:
+    return ("every rank holds the same: each pads its dim-0 chunks to chunk 0's size (_fsdp_param.py: "
+            "FSDPParam._init_sharded_param), so no rank carries more padding than another")
+
+
+FSDP2_LAYOUT = EngineLayout(fsdp2_layout, describe_fsdp2, describe_fsdp2_buffers, describe_fsdp2_ranks)

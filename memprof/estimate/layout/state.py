@@ -31,6 +31,14 @@ class StateLayout:
     rest: dict[str, dict[str, int]] = field(default_factory=lambda: {"device": {}, "host": {}})
     # extra model-state bytes alive at each phase's peak, beyond ``rest`` (device only)
     forward_extra: dict[str, int] = field(default_factory=dict)
+    # a second forward moment inside the last block, beside the activations saved so far
+    # (Activations.saved; under checkpointing its forward_peak): FSDP2's last block, gathered with
+    # its flat all-gather output; empty where the engine has none (DeepSpeed, DDP)
+    forward_last_block_extra: dict[str, int] = field(default_factory=dict)
+    # backward's start (the loss gradients beside every saved activation), where it differs from
+    # ``forward_extra`` (FSDP2: the root's post-forward freed the last all-gather output); None:
+    # the same as forward_extra (DeepSpeed, DDP)
+    backward_start_extra: dict[str, int] | None = None
     backward_extra: dict[str, int] = field(default_factory=dict)
     backward_end_extra: dict[str, int] = field(default_factory=dict)  # at the end of backward
     # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
@@ -98,6 +106,9 @@ class EngineLayout:
     # the estimate's assumptions naming the layout, and the gradient buckets it was given
     layout_assumption: Callable[[EstimateInputs], str]
     buckets_assumption: Callable[[EstimateInputs], str]
+    # the assumption saying which ranks were modelled and why the others hold no more; None: the
+    # DeepSpeed wording (core._setup_assumptions: the last rank's padding, or stage 1/2's partitions)
+    ranks_assumption: Callable[[EstimateInputs], str] | None = None
 
 
 def layout_setup(inp: EstimateInputs, shape: ModelShape, rank: int, device_type: str) -> LayoutSetup:
@@ -161,6 +172,10 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
     between = {cat: n for cat, n in between.items() if n}
     out.between_microsteps = between
     out.forward_extra = plus(out.forward_extra, between)
+    if out.forward_last_block_extra:
+        out.forward_last_block_extra = plus(out.forward_last_block_extra, between)
+    if out.backward_start_extra is not None:
+        out.backward_start_extra = plus(out.backward_start_extra, between)
     out.backward_extra = plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
     out.backward_end_extra = plus(out.backward_end_extra, {c: n for c, n in between.items() if c not in same_at_end})
     if out.backward_after_mlp_out_hooks_extra:
