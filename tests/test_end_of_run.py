@@ -35,7 +35,7 @@ def _run() -> dict[str, Any]:
 
 def test_rank0_gets_the_estimate_the_table_the_report_and_the_folder_line(tmp_path: Path, capsys) -> None:
     profiler = _Profiler(tmp_path, 0, _run())
-    doc = finish_run(profiler, prog="memprof")
+    doc = finish_run(profiler, prog="memprof", owns_process_group=False)
     assert doc is not None and doc["estimate"] is not None and profiler.estimates == [doc["estimate"]]
     out = capsys.readouterr().out
     assert "memprof: peak memory per rank (cpu run" in out
@@ -44,9 +44,10 @@ def test_rank0_gets_the_estimate_the_table_the_report_and_the_folder_line(tmp_pa
 
 
 def test_other_ranks_print_nothing_and_a_failed_estimate_is_one_warning_on_rank0(tmp_path: Path, capsys) -> None:
-    assert finish_run(_Profiler(tmp_path, 1, {"model": "x"}), prog="train.py") is None
+    assert finish_run(_Profiler(tmp_path, 1, {"model": "x"}), prog="train.py", owns_process_group=True) is None
     assert capsys.readouterr() == ("", "")
-    doc = finish_run(_Profiler(tmp_path, 0, {"model": "x"}), prog="train.py", write_report=False, print_table=False)
+    doc = finish_run(_Profiler(tmp_path, 0, {"model": "x"}), prog="train.py", owns_process_group=True,
+                     write_report=False, print_table=False)
     assert doc is not None and doc["estimate"] is None
     out, err = capsys.readouterr()
     assert err.startswith("train.py: warning: no estimate recorded (MemprofError: ") and len(err.splitlines()) == 1
