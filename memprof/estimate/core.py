@@ -124,7 +124,7 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
                            f"({shape.n_positions}): use --seq-len {shape.n_positions} or less")
     return model_activations(shape, ActivationQuery(inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
                                                     inputs.attn_implementation, inputs.activation_checkpointing,
-                                                    inputs.device_type))
+                                                    inputs.device_type, shape.lora_query))
 
 
 def _why_no_activations(shape: ModelShape) -> str:
@@ -253,9 +253,13 @@ def _frozen_assumptions(inputs: EstimateInputs, shape: ModelShape) -> list[str]:
         f"tensors, {shape.frozen_numel:,} frozen; adapters cast to {inputs.precision} with the model by DeepSpeed's "
         f"engine (_configure_distributed_model casts every parameter; PEFT's fp32 autocast of the adapters does not survive it)",
         f"frozen parameters {where} (DeepSpeed 0.19.8: optimizers keep is_optimized_parameter ones only)",
-        "activations with LoRA: the full fine-tuning formula (not yet modelled: what frozen layers no longer save "
-        "for backward, the adapters' inputs, r-dim intermediates and lora_dropout copies); measured +10% on the "
-        "forward/backward peaks for llama-tiny, r=4 on q_proj,v_proj, ZeRO-2 bf16, 2 CPU ranks",
+        ("activations with LoRA: derived from PEFT's lora.Linear.forward and autograd's saved tensors with frozen "
+         "weights (frozen Linears save no input, frozen norms no normalised copy, adapters their input and B*S*r "
+         "intermediate, lora_dropout a copy and mask per target; nothing before the first adapter without "
+         "checkpointing; enable_input_require_grads with it); the backward moments after the first adapter "
+         "gradient are approximate" if shape.lora_query is not None else
+         "activations with LoRA: the full fine-tuning formula (trainable biases, modules_to_save or adapters outside "
+         "the decoder layers are not modelled in the activation terms: an upper bound)"),
     ]
 
 
