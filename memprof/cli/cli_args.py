@@ -41,6 +41,10 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
                    "LoRA adapters train, the model is frozen")
     p.add_argument("--lora-r", type=positive_int("--lora-r"), help="LoRA rank (over --peft-config's r)")
     p.add_argument("--lora-target-modules", help="LoRA target modules, e.g. q_proj,v_proj or all-linear (over --peft-config's)")
+    p.add_argument("--loss", choices=("hf", "trl-fused-head"), default=None,
+                   help="hf (the ForCausalLM loss over B*S*V logits; default) or trl-fused-head (TRL's trainers: "
+                   "chunked log-probs, no logits)")
+    p.add_argument("--trl", dest="loss", action="store_const", const="trl-fused-head", help="--loss trl-fused-head")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
     p.add_argument("--offload-optimizer", help="none or cpu")
     p.add_argument("--offload-params", "--offload-param", dest="offload_param", help="none or cpu (stage 3 only)")
@@ -134,7 +138,8 @@ def _setup_flags(args: argparse.Namespace, world_size: int | None) -> SetupFlags
         offload_optimizer=_choice(args.offload_optimizer, OFFLOAD_DEVICES, "--offload-optimizer device"),
         offload_param=_choice(args.offload_param, OFFLOAD_DEVICES, "--offload-params device"),
         peft_config=getattr(args, "peft_config", None), lora_r=getattr(args, "lora_r", None),
-        lora_target_modules=getattr(args, "lora_target_modules", None), **_fsdp2_flags(args))
+        lora_target_modules=getattr(args, "lora_target_modules", None),
+        loss_implementation=(getattr(args, "loss", None) or "hf").replace("-", "_"), **_fsdp2_flags(args))
 
 
 def _fsdp2_flags(args: argparse.Namespace) -> dict[str, Any]:

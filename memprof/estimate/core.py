@@ -23,6 +23,7 @@ from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
 from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
 from memprof.estimate.result import Estimate, RankEstimate
+from memprof.estimate.trainer_terms import FusedHeadBytes, scored_positions, trl_fused_head_bytes
 
 ACT = Category.ACTIVATIONS.value
 
@@ -124,7 +125,19 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
                            f"({shape.n_positions}): use --seq-len {shape.n_positions} or less")
     return model_activations(shape, ActivationQuery(inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
                                                     inputs.attn_implementation, inputs.activation_checkpointing,
-                                                    inputs.device_type, shape.lora_query))
+                                                    inputs.device_type, shape.lora_query,
+                                                    _fused_head(inputs, shape, seq)))
+
+
+def _fused_head(inputs: EstimateInputs, shape: ModelShape, seq: int) -> FusedHeadBytes | None:
+    """TRL's fused LM head over the micro-batch's shifted positions (trainer_terms; Triton's
+    kernels on CUDA, the torch fallbacks elsewhere), or None for the HF loss."""
+    if inputs.loss_implementation != "trl_fused_head":
+        return None
+    triton = inputs.device_type == "cuda"
+    e = ELEMENT_SIZE[inputs.precision]
+    return trl_fused_head_bytes(scored_positions(inputs.micro_batch, seq, triton=triton), shape.hidden, shape.vocab,
+                                compute_bytes=e, hidden_bytes=e, triton=triton)
 
 
 def _why_no_activations(shape: ModelShape) -> str:
@@ -217,6 +230,12 @@ def estimate(inputs: EstimateInputs) -> Estimate:
 
     ranks, layout_notes = _model_ranks(inputs, shape, acts)
     assumptions += _frozen_assumptions(inputs, shape)
+    if inputs.loss_implementation == "trl_fused_head":
+        assumptions.append(
+            "loss: TRL's add_fused_lm_head (trl/trainer/utils.py, ChunkedLogProbFunction): no B*S*V logits; the "
+            "shifted hidden copy saved, a 4096 x 32768 chunk buffer and its tiles at the loss and in its backward "
+            "(memprof.estimate.trainer_terms; SFT's B*(S-1) positions: DPO's concatenated chosen/rejected batch and "
+            "its reference forward are not modelled in the activations)")
     assumptions += layout_notes
     assumptions += _setup_assumptions(inputs)
     assumptions += _memory_kind_assumptions(inputs)

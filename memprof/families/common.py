@@ -42,6 +42,9 @@ class ActivationQuery:
     checkpointing: bool = False  # HF gradient checkpointing (non-reentrant torch.utils.checkpoint)
     device_type: str = "cuda"  # whose kernels run: cuda or cpu
     lora: LoraQuery | None = None  # PEFT LoRA on a frozen model; None: every parameter trains
+    # TRL's fused LM head (memprof.estimate.trainer_terms.FusedHeadBytes) in place of the HF
+    # ForCausalLM loss's logits and cross-entropy; None: the HF loss
+    fused_head: Any = None
 
     @property
     def cpu(self) -> bool:

@@ -212,6 +212,7 @@ class _Sizes:
     embd_mask: int  # the embedding dropout's mask
     # GPT2Model skips the cache under gradient checkpointing in training (cache=None per block)
     cache: bool
+    fused: Any = None  # TRL's fused LM head's bytes (ActivationQuery.fused_head), else the HF loss
 
     @property
     def BSH(self) -> int:
@@ -239,6 +240,7 @@ def _sizes(shape: Any, q: ActivationQuery) -> _Sizes:
         resid_mask=BSH * mask_e if drop.get("resid_pdrop", _DEFAULT_PDROP) > 0 else 0,
         embd_mask=BSH * mask_e if drop.get("embd_pdrop", _DEFAULT_PDROP) > 0 else 0,
         cache=shape.use_cache and not q.checkpointing,
+        fused=q.fused_head,
     )
 
 
@@ -326,11 +328,19 @@ def _outside(s: _Sizes, attn: _Attention) -> _Outside:
     log_softmax = B * S * V * FP32
     logits = B * S * V * e
     upcast = B * S * V * FP32 if e < FP32 else 0  # logits.float() in ForCausalLMLoss, freed on return
+    if s.fused is not None:  # TRL's add_fused_lm_head: the shifted hidden copy, its chunk buffer and tiles
+        log_softmax, logits, upcast = s.fused.saved, s.fused.forward_transient, 0
     # the loss's end: every saved tensor, the logits (and their fp32 copy), the cache copies no
     # kernel saved, the padded labels and the loss itself
     loss_end = logits + upcast + s.L * attn.cache_not_saved + padded_labels + FP32
     return _Outside(input_ids, shift_labels, positions, ln_f, log_softmax,
                     ids + s.embd_mask + ln_f + log_softmax, loss_end)
+
+
+def _loss_backward(s: _Sizes) -> int:
+    """The loss backward's start: nll's and log_softmax's gradients (B*S*V*4 each), or TRL's fused
+    head's backward (trainer_terms.trl_fused_head_bytes)."""
+    return s.fused.backward_transient if s.fused is not None else 2 * s.B * s.S * s.V * FP32
 
 
 def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
@@ -510,7 +520,7 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         saved, recomputed = blocks + outside, 0
         forward_peak = saved + alive_at_loss + cache
     held = saved + out.input_ids
-    bwd_start = held + 2 * s.B * s.S * s.V * FP32 - out.shift_labels + 2 * FP32
+    bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and ln_f's backward: the residual stream's gradient beside the rest; then
     # a block's GELU backward: the frozen mlp.c_proj saved no GELU output, so its grad_x (BSI*e)
     # is alive beside the two gradients of GELU's last mul (traced: 3 BSI*e). The largest moment
@@ -536,7 +546,7 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
     # backward starts with nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each);
     # the loop dropped the output, so the logits are gone; nll_loss_backward has released
     # shift_labels; the loss and its gradient seed (4 bytes each) are alive
-    bwd_start = saved + 2 * s.B * s.S * s.V * FP32 - out.shift_labels + 2 * FP32
+    bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     if shape.tied_embeddings:
         first_hook, gelu_mul = _tied_first_hook(s, q, attn, saved, recomputed, out)
         untied_recompute = 0

@@ -304,6 +304,7 @@ class _Sizes:
     # GradientCheckpointingLayer (modeling_layers.py) sets use_cache=False and cache=None in training
     cache: bool
     cpu: bool = False  # CPU kernels (the dropout mask's dtype)
+    fused: Any = None  # TRL's fused LM head's bytes (ActivationQuery.fused_head), else the HF loss
 
     @property
     def n_rep(self) -> int:
@@ -354,7 +355,7 @@ def _sizes(shape: Any, q: ActivationQuery) -> _Sizes:
     assert H and I and a and V and L and kv and d
     kernel = attention_kernel(q.attn_implementation, q.device_type, q.element_size, a // kv)
     return _Sizes(q.micro_batch, q.seq_len, q.element_size, H, I, a, V, L, kv, d, kernel,
-                  cache=shape.use_cache and not q.checkpointing, cpu=q.cpu)
+                  cache=shape.use_cache and not q.checkpointing, cpu=q.cpu, fused=q.fused_head)
 
 
 @dataclass(frozen=True)
@@ -419,8 +420,21 @@ def _outside(s: _Sizes, attn: _Attention) -> _Outside:
     log_softmax = BS * V * FP32
     logits = BS * V * e
     upcast = BS * V * FP32 if e < FP32 else 0  # logits.float() in ForCausalLMLoss
+    if s.fused is not None:
+        # TRL's add_fused_lm_head: no logits; ChunkedLogProbFunction saves the shifted hidden
+        # copy (in log_softmax's place) and holds its chunk buffer and tiles at the loss
+        log_softmax, logits, upcast = s.fused.saved, s.fused.forward_transient, 0
     loss_end = logits + upcast + s.L * attn.cache_not_saved + padded_labels + FP32  # + the loss
     return _Outside(input_ids, shift_labels, rotary, log_softmax, ids + rotary + final_norm + log_softmax, loss_end)
+
+
+def _loss_backward(s: _Sizes) -> int:
+    """What the loss's backward holds at its start: nll_loss_backward's and
+    _log_softmax_backward_data's outputs (B*S*V*4 each), or TRL's fused head's backward (its chunk
+    buffer, tiles and fp32 grad_hidden: trainer_terms.trl_fused_head_bytes)."""
+    if s.fused is not None:
+        return s.fused.backward_transient
+    return 2 * s.BS * s.V * FP32
 
 
 def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
@@ -625,7 +639,7 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         saved, recomputed = layers + outside, 0
         forward_peak = saved + alive_at_loss + cache
     held = saved + out.input_ids  # after forward: saved tensors and the loop's batch
-    bwd_start = held + 2 * BS * s.V * FP32 - out.shift_labels + 2 * FP32
+    bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and the final norm's backward: the residual stream's gradient beside the
     # rest (the recomputed last layer with checkpointing)
     after_norm = held + recomputed - out.shift_labels - out.log_softmax - final_norm + BSH * e + 2 * FP32
@@ -663,7 +677,7 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     saved, forward_peak, recomputed = _forward(s, q, per_layer, attn, out)
     # backward's start: nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each),
     # shift_labels released, the loss and its gradient seed alive
-    bwd_start = saved + 2 * s.BS * s.V * FP32 - out.shift_labels + 2 * FP32
+    bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     first_hook = _backward_first_hook(s, shape, attn, saved, recomputed, out)
     formula = (
         f"per layer = RMSNorms 2x(4BSH+4BS+BSH*e) + norm outputs 2BSH*e + SwiGLU 4BSI*e + attention "
