@@ -519,6 +519,12 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         blocks, _, cache = _lora_blocks(s, q, attn, lora, False)
         saved, recomputed = blocks + outside, 0
         forward_peak = saved + alive_at_loss + cache
+    # With checkpointing the loop's last loss keeps every block's input alive after backward (traced
+    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
+    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
+    # loss's graph still references) until the next forward returns a new loss: held between steps
+    # and through the next forward, gone in backward (the new step's inputs are counted there)
+    kept_inputs = s.L * BSH * e if q.checkpointing else 0
     held = saved + out.input_ids
     bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and ln_f's backward: the residual stream's gradient beside the rest; then
@@ -529,8 +535,8 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
     first_hook = after_ln_f + 3 * BSI * e
     formula = (f"LoRA r={lora.r} on a frozen model: per block the frozen LayerNorms' 2(BSH*e+2BS*{s.stat_e}), "
                f"GELU 4BSI*e, dropout masks, attention [{attn.words}], the adapters' inputs and B*S*r intermediates")
-    return Activations(saved, forward_peak, max(bwd_start, first_hook), saved // max(s.L, 1), formula,
-                       loop_held=out.input_ids + FP32, backward_first_hook=first_hook)
+    return Activations(saved, forward_peak + kept_inputs, max(bwd_start, first_hook), saved // max(s.L, 1), formula,
+                       loop_held=out.input_ids + FP32 + kept_inputs, backward_first_hook=first_hook)
 
 
 def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:

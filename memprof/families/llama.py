@@ -638,6 +638,12 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         layers, _, cache = _lora_layers(s, attn, lora, False)  # the frozen embedding's output needs no grad
         saved, recomputed = layers + outside, 0
         forward_peak = saved + alive_at_loss + cache
+    # With checkpointing the loop's last loss keeps every layer's input alive after backward (traced
+    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
+    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
+    # loss's graph still references) until the next forward returns a new loss: held between steps
+    # and through the next forward, gone in backward (the new step's inputs are counted there)
+    kept_inputs = s.L * BSH * e if q.checkpointing else 0
     held = saved + out.input_ids  # after forward: saved tensors and the loop's batch
     bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and the final norm's backward: the residual stream's gradient beside the
@@ -656,8 +662,8 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
     formula = (f"LoRA r={lora.r} on a frozen model: per layer the frozen RMSNorms' 2x(4BSH+4BS), attention "
                f"[{s.kernel}: {attn.words}], SwiGLU 3BSI*e, the adapters' inputs and B*S*r intermediates"
                + (f", lora_dropout {lora.dropout} copies and masks" if lora.dropout > 0 else ""))
-    return Activations(saved, forward_peak, max(bwd_start, norm_bwd, mlp_bwd), saved // max(s.L, 1),
-                       formula, loop_held=out.input_ids + FP32, backward_first_hook=first_hook)
+    return Activations(saved, forward_peak + kept_inputs, max(bwd_start, norm_bwd, mlp_bwd), saved // max(s.L, 1),
+                       formula, loop_held=out.input_ids + FP32 + kept_inputs, backward_first_hook=first_hook)
 
 def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     """Activation memory of a Llama-family causal LM for one micro-batch (module docstring), or
