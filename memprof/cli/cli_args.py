@@ -45,6 +45,8 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
                    help="hf (the ForCausalLM loss over B*S*V logits; default) or trl-fused-head (TRL's trainers: "
                    "chunked log-probs, no logits)")
     p.add_argument("--trl", dest="loss", action="store_const", const="trl-fused-head", help="--loss trl-fused-head")
+    p.add_argument("--reference-model", nargs="?", const="policy", default=None, metavar="CONFIG",
+                   help="add DPO's frozen reference model: a preset or HF config.json (default: the policy's config)")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
     p.add_argument("--offload-optimizer", help="none or cpu")
     p.add_argument("--offload-params", "--offload-param", dest="offload_param", help="none or cpu (stage 3 only)")
@@ -103,7 +105,21 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
             raise MemprofError("--cuda-capability applies to --device-type cuda only: drop it or use --device-type cuda")
         kw["cuda_capability"] = str(args.cuda_capability).strip()
     kw["layout"] = _choice(args.layout, LAYOUTS, "layout")
+    reference = getattr(args, "reference_model", None)
+    if reference is not None:
+        kw["reference_model"] = _reference_model(reference, kw)
     return EstimateInputs(**kw)
+
+
+def _reference_model(reference: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """--reference-model's config: the policy's ("policy", the flag alone), a preset or a config.json."""
+    if reference == "policy":
+        if kw.get("model_config") is not None:
+            return kw["model_config"]
+        return {"n_params": kw["n_params"]}
+    if reference in PRESETS:
+        return preset_config(reference)
+    return load_model_config(reference)
 
 
 def _model(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.layout import describe_buckets, describe_layout, model_state_layout
 from memprof.estimate.layout.partition import stage12_rank_grads
 from memprof.estimate.layout.state import FP32, StateLayout
-from memprof.estimate.model_shapes import ModelShape, shape_of
+from memprof.estimate.model_shapes import ModelShape, model_shape, shape_of
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
 from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
@@ -103,12 +103,33 @@ def _buffer_bytes(shape: ModelShape) -> int:
     return FP32 * shape.buffer_numel
 
 
+def reference_model_bytes(inp: EstimateInputs) -> int:
+    """A frozen reference model's bytes on one rank (DPO; TRL 1.16 trl/models/utils.py
+    ``prepare_deepspeed``: a second engine, ZeRO-3 when the policy's is, else stage 0 with
+    ``bf16``/``fp16`` as the policy's). Frozen, so no gradient, fp32 master or optimizer state
+    (is_optimized_parameter): its parameters in the compute dtype, whole at ZeRO 0-2; at ZeRO-3
+    each one's partition plus the persistent ones gathered (partition_parameters.py), as the
+    policy's frozen parameters; its fp32 module buffers (rotary inv_freq) like the policy's."""
+    if inp.reference_model is None:
+        return 0
+    cfg = None if set(inp.reference_model) == {"n_params"} else inp.reference_model
+    ref = model_shape(cfg, inp.reference_model.get("n_params") if cfg is None else None)
+    e = ELEMENT_SIZE[inp.precision]
+    if inp.zero_stage == 3:
+        threshold, n = inp.zero.param_persistence_threshold, inp.world_size
+        numel = ref.stage3_partition_numel(n) + ref.persistent_gathered_numel(threshold, n)
+    else:
+        numel = ref.n_params
+    return e * numel + _buffer_bytes(ref)
+
+
 def _rank_estimate(
     inp: EstimateInputs, shape: ModelShape, rank: int, acts: Activations | None
 ) -> tuple[RankEstimate, StateLayout]:
     lay = model_state_layout(inp, shape, rank, inp.device_type)
     rest = _rest_with_loop(lay, inp, acts)
     rest["device"][Category.PARAMS.value] += _buffer_bytes(shape)  # llama helper: module buffers
+    rest["device"][Category.PARAMS.value] += reference_model_bytes(inp)
     phases = {
         ph: max((_with_extra(rest, c) for c in cands), key=lambda b: breakdown_total(b, "device"))
         for ph, cands in _phase_extras(lay, acts).items()
@@ -230,6 +251,11 @@ def estimate(inputs: EstimateInputs) -> Estimate:
 
     ranks, layout_notes = _model_ranks(inputs, shape, acts)
     assumptions += _frozen_assumptions(inputs, shape)
+    if inputs.reference_model is not None:
+        assumptions.append(
+            f"reference model (DPO): {reference_model_bytes(inputs):,} bytes of frozen parameters per rank in "
+            f"{inputs.precision} ({'partitioned, ZeRO-3' if inputs.zero_stage == 3 else 'whole: TRL prepares it at ZeRO-0'}"
+            "), no gradient, master or optimizer state; its forward (under no_grad) adds no saved activations")
     if inputs.loss_implementation == "trl_fused_head":
         assumptions.append(
             "loss: TRL's add_fused_lm_head (trl/trainer/utils.py, ChunkedLogProbFunction): no B*S*V logits; the "

@@ -96,6 +96,14 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         )
     if isinstance(run.get("peft_config"), dict):  # memprof.run.facts.peft_facts: the adapter config
         kw["peft"] = lora_setup_from_dict(run["peft_config"], "the run's peft_config")
+    reference = run.get("reference_model")  # memprof.integrations.transformers.describe_reference_model
+    if isinstance(reference, dict):
+        if reference.get("same_config_as_policy") and isinstance(model_config, dict):
+            kw["reference_model"] = model_config
+        elif isinstance(reference.get("model_config"), dict):
+            kw["reference_model"] = reference["model_config"]
+        elif is_positive_int(reference.get("n_params")):
+            kw["reference_model"] = {"n_params": reference["n_params"]}
     trainer = run.get("trainer")
     if isinstance(trainer, dict) and trainer.get("trainer_class") in TRL_FUSED_HEAD_TRAINERS:
         kw["loss_implementation"] = "trl_fused_head"  # recorded by memprof.integrations.transformers
