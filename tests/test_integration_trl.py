@@ -153,3 +153,12 @@ def test_sft_phase_peaks_within_3_percent_of_the_estimate(sft_z2: Path) -> None:
     print("\n".join(lines))
     bad = [line for line in lines if abs(float(line.rsplit("(", 1)[1].rstrip("%)"))) > 3.0]
     assert not bad, "\n".join(lines)
+
+
+@pytest.mark.xfail(reason="DPO's concatenated chosen/rejected batch (2B rows through the model) and the reference "
+                   "model's no_grad forward are not modelled in the activations (issue 16, open)", strict=False)
+def test_dpo_phase_peaks_within_3_percent_of_the_estimate(dpo_z3: Path) -> None:
+    lines = _peak_errors(dpo_z3)
+    print("\n".join(lines))
+    bad = [line for line in lines if abs(float(line.rsplit("(", 1)[1].rstrip("%)"))) > 3.0]
+    assert not bad, "\n".join(lines)

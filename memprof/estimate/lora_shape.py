@@ -131,9 +131,10 @@ def _remapped_fetch(fetch: tuple[tuple[int, ...], ...] | None, new_index: dict[i
     if fetch is None:
         return None
     out: list[tuple[int, ...]] = []
+    last = {module: pos for pos, module in enumerate(fetch)}  # a module's last place in the order
     for pos, module in enumerate(fetch):
         key = module[0]
         out.append(called.get(key) or tuple(new_index[i] for i in module))
-        if module not in fetch[pos + 1:]:  # the embedding's entry of a tied pair gets no adapters
+        if last[module] == pos:  # the embedding's entry of a tied pair gets no adapters
             out += extra_fetch.get(key, [])
     return tuple(out)

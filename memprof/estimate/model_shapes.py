@@ -10,6 +10,7 @@ ZeRO partition boundaries computed from it fall where DeepSpeed's do.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import re
@@ -202,8 +203,15 @@ class ModelShape:
             available += numels[i]
             return numels[i]
 
+        uses: dict[int, list[int]] = {}  # param -> the trace positions using it, ascending
+        for k, module in enumerate(trace):
+            for i in set(module):
+                uses.setdefault(i, []).append(k)
+
         def reused_soon(i: int, pos: int) -> bool:
-            reuse = next(k for k in range(pos + 1, len(trace)) if i in trace[k])
+            # the next use after pos (backward's mirrored half always has one); bisect keeps a
+            # 560-adapter LoRA model's replay linear (a scan of the trace per param was quadratic)
+            reuse = uses[i][bisect.bisect_right(uses[i], pos)]
             return prefix[reuse] - prefix[pos + 1] < max_reuse_distance
 
         for pos, module in enumerate(forward):
