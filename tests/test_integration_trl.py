@@ -129,3 +129,36 @@ def test_log_history_carries_the_last_optimizer_steps_peaks(which: str, request:
             assert entry[f"memprof/peak_{phase}_total_bytes"] == top["peak_total"]
             for category in Category:
                 assert entry[f"memprof/peak_{phase}_{category.value}_bytes"] == top["peak"]["device"][category.value]
+
+
+def _peak_errors(out: Path) -> list[str]:
+    """Each phase peak of a fresh estimate of the run (``memprof compare --fresh-estimate``: TRL's
+    fused head from the recorded trainer class, the LoRA activation terms) against the measurement."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "memprof", "compare", str(out), "--fresh-estimate", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = []
+    for r in json.loads(res.stdout)["rows"]:
+        if r["what"] == "peak" and r["measured"]:
+            err = (r["estimated"] - r["measured"]) / r["measured"]
+            lines.append(f"rank {r['rank']} {r['name']}: measured {r['measured']} estimated {r['estimated']} ({err:+.2%})")
+    return lines
+
+
+def test_sft_phase_peaks_within_3_percent_of_the_estimate(sft_z2: Path) -> None:
+    lines = _peak_errors(sft_z2)
+    print("\n".join(lines))
+    bad = [line for line in lines if abs(float(line.rsplit("(", 1)[1].rstrip("%)"))) > 3.0]
+    assert not bad, "\n".join(lines)
+
+
+@pytest.mark.xfail(reason="DPO's concatenated chosen/rejected batch (2B rows through the model) and the reference "
+                   "model's no_grad forward are not modelled in the activations (issue 16, open)", strict=False)
+def test_dpo_phase_peaks_within_3_percent_of_the_estimate(dpo_z3: Path) -> None:
+    lines = _peak_errors(dpo_z3)
+    print("\n".join(lines))
+    bad = [line for line in lines if abs(float(line.rsplit("(", 1)[1].rstrip("%)"))) > 3.0]
+    assert not bad, "\n".join(lines)

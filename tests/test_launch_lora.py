@@ -3,9 +3,8 @@ resident params / master_params / optimizer_state against bytes derived here fro
 the adapter shapes (r*in + out*r per target) and the partition rules, and the estimator's
 prediction for the run's own setup (``memprof compare --fresh-estimate``).
 
-The forward/backward peaks are checked loosely (estimate at or above the measurement, within 15%;
-measured +10.5% to +10.9%): the activation terms LoRA changes (what frozen layers no longer save
-for backward, the adapters' inputs and intermediates) are not modelled yet."""
+Every phase peak within 3% (the activation terms LoRA changes are derived in the family files from
+PEFT's lora.Linear.forward and traced in tests/test_activations_lora.py)."""
 
 from __future__ import annotations
 
@@ -72,7 +71,7 @@ CASES = {
     "llama-z3-fp32-gas2-ckpt": ("llama-tiny", LLAMA_QV, 3, False,
                                 {"gradient_accumulation_steps": 2, "activation_checkpointing": {}}),
 }
-RESIDENT_TOLERANCE, STEP_TOLERANCE, ACTIVATION_PEAK_TOLERANCE = 0.005, 0.03, 0.15
+RESIDENT_TOLERANCE, PEAK_TOLERANCE = 0.005, 0.03
 
 
 class _Runs(dict):
@@ -122,14 +121,18 @@ def test_resident_model_states_match_derived_bytes(runs, name):
         assert got == want, f"{name} rank {entry['rank']}"
 
 
-# ZeRO-3 + accumulation + checkpointing: forward peak -5.4% and step peak -4.0% (32,821 bytes) under
-# the measurement on both ranks (not yet explained: checkpointing's enable_input_require_grads path
-# and the ZeRO-3 step moment with frozen parameters are the candidates)
+# ZeRO-3 + accumulation + checkpointing: the step peak and the activations at rest now match (the
+# loop's loss keeps the checkpointed layer inputs, L*B*S*H*4 = 32,768 bytes, between steps: traced
+# in tests/test_activations_lora.py). Open: the forward peak is 4.5% under the measurement on both
+# ranks; at the measured moment 172 KiB fewer parameters are gathered, 223 KiB more activations and
+# 32 KiB more "other" are alive than at the estimate's (its activation formula matches an
+# in-process trace of the same PEFT model exactly, so the excess is ZeRO-3-specific: its module
+# hooks on the PEFT wrappers are the candidate, not investigated further).
 KNOWN_GAPS = {"llama-z3-fp32-gas2-ckpt"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason="LoRA ZeRO-3 + GAS + checkpointing "
-                                  "peaks under the measurement (issue 16, open)", strict=True)) if n in KNOWN_GAPS else n
+                                  "forward peak 4.5% under the measurement (issue 16, open)", strict=True)) if n in KNOWN_GAPS else n
                                   for n in CASES])
 def test_estimate_of_the_run_against_measurement(runs, name):
     res = subprocess.run([sys.executable, "-m", "memprof", "compare", str(runs[name]), "--fresh-estimate", "--json"],
@@ -139,11 +142,9 @@ def test_estimate_of_the_run_against_measurement(runs, name):
     for r in json.loads(res.stdout)["rows"]:
         if r["ok"] is None:
             continue
-        tolerance = (RESIDENT_TOLERANCE if r["what"] != "peak" else
-                     STEP_TOLERANCE if r["name"] == "step" else ACTIVATION_PEAK_TOLERANCE)
+        tolerance = RESIDENT_TOLERANCE if r["what"] != "peak" else PEAK_TOLERANCE
         err = abs(r["estimated"] - r["measured"]) / r["measured"] if r["measured"] else abs(r["estimated"])
-        under = r["what"] == "peak" and r["name"] != "step" and r["estimated"] < r["measured"]
-        if err > tolerance or under:
+        if err > tolerance:
             bad.append(f"rank {r['rank']} {r['what']} {r['location']} {r['name']}: measured {r['measured']} "
                        f"estimated {r['estimated']} ({err:.3%})")
     assert not bad, "\n".join(bad)

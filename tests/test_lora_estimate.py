@@ -163,3 +163,45 @@ def test_seventy_b_lora_is_quick():
     shape = model_shape(cfg, None, inp.peft)
     assert 0 < shape.trainable.n_params < shape.n_params // 100
     assert estimate(inp).peak_device_bytes > 0
+
+
+def test_reference_model_adds_frozen_params_only() -> None:
+    from memprof.estimate import estimate
+    from memprof.estimate.core import reference_model_bytes
+    from memprof.estimate.from_run import inputs_from_run
+    from memprof.estimate.inputs import EstimateInputs
+    from memprof.models import preset_config
+
+    cfg = preset_config("llama-tiny")
+    base = EstimateInputs(model_config=cfg, world_size=2, zero_stage=2, precision="bf16", micro_batch=2, seq_len=32,
+                          peft=LoraSetup(r=4, target_modules=("q_proj", "v_proj")))
+    with_ref = base.with_(reference_model=cfg)
+    shape = model_shape(cfg)
+    # ZeRO 0-2: whole in bf16 (TRL's prepare_deepspeed: a stage-0 engine) + the fp32 rotary buffers
+    assert reference_model_bytes(with_ref) == 2 * shape.n_params + 4 * shape.buffer_numel
+    a, b = estimate(base).ranks[0], estimate(with_ref).ranks[0]
+    for cat in ("master_params", "grads", "optimizer_state"):
+        assert a.rest["device"][cat] == b.rest["device"][cat]
+    assert b.rest["device"]["params"] - a.rest["device"]["params"] == reference_model_bytes(with_ref)
+    z3 = with_ref.with_(zero_stage=3)
+    assert reference_model_bytes(z3) == 2 * (shape.stage3_partition_numel(2)
+                                             + shape.persistent_gathered_numel(z3.zero.param_persistence_threshold, 2)
+                                             ) + 4 * shape.buffer_numel
+    run = {"model_config": cfg, "world_size": 2, "zero_stage": 2, "precision": "bf16", "micro_batch": 2, "seq_len": 32,
+           "reference_model": {"same_config_as_policy": True, "model_config": None, "n_params": shape.n_params},
+           "trainer": {"trainer_class": "DPOTrainer"}}
+    inputs = inputs_from_run(run)
+    assert inputs.reference_model == cfg and inputs.loss_implementation == "trl_fused_head"
+
+
+def test_trl_fused_head_replaces_the_logits_terms() -> None:
+    from memprof.estimate import estimate
+    from memprof.estimate.inputs import EstimateInputs
+    from memprof.models import preset_config
+
+    base = EstimateInputs(model_config=preset_config("llama-tiny"), precision="bf16", micro_batch=2, seq_len=32,
+                          device_type="cpu")
+    hf, trl = estimate(base), estimate(base.with_(loss_implementation="trl_fused_head"))
+    # llama-tiny's 512-token vocabulary: the fused head's 32768-column chunk buffer outweighs the logits
+    assert trl.ranks[0].phases["forward"] != hf.ranks[0].phases["forward"]
+    assert any("add_fused_lm_head" in a for a in trl.assumptions)

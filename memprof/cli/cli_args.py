@@ -41,6 +41,12 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
                    "LoRA adapters train, the model is frozen")
     p.add_argument("--lora-r", type=positive_int("--lora-r"), help="LoRA rank (over --peft-config's r)")
     p.add_argument("--lora-target-modules", help="LoRA target modules, e.g. q_proj,v_proj or all-linear (over --peft-config's)")
+    p.add_argument("--loss", choices=("hf", "trl-fused-head"), default=None,
+                   help="hf (the ForCausalLM loss over B*S*V logits; default) or trl-fused-head (TRL's trainers: "
+                   "chunked log-probs, no logits)")
+    p.add_argument("--trl", dest="loss", action="store_const", const="trl-fused-head", help="--loss trl-fused-head")
+    p.add_argument("--reference-model", nargs="?", const="policy", default=None, metavar="CONFIG",
+                   help="add DPO's frozen reference model: a preset or HF config.json (default: the policy's config)")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
     p.add_argument("--offload-optimizer", help="none or cpu")
     p.add_argument("--offload-params", "--offload-param", dest="offload_param", help="none or cpu (stage 3 only)")
@@ -99,7 +105,21 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
             raise MemprofError("--cuda-capability applies to --device-type cuda only: drop it or use --device-type cuda")
         kw["cuda_capability"] = str(args.cuda_capability).strip()
     kw["layout"] = _choice(args.layout, LAYOUTS, "layout")
+    reference = getattr(args, "reference_model", None)
+    if reference is not None:
+        kw["reference_model"] = _reference_model(reference, kw)
     return EstimateInputs(**kw)
+
+
+def _reference_model(reference: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """--reference-model's config: the policy's ("policy", the flag alone), a preset or a config.json."""
+    if reference == "policy":
+        if kw.get("model_config") is not None:
+            return kw["model_config"]
+        return {"n_params": kw["n_params"]}
+    if reference in PRESETS:
+        return preset_config(reference)
+    return load_model_config(reference)
 
 
 def _model(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,7 +154,8 @@ def _setup_flags(args: argparse.Namespace, world_size: int | None) -> SetupFlags
         offload_optimizer=_choice(args.offload_optimizer, OFFLOAD_DEVICES, "--offload-optimizer device"),
         offload_param=_choice(args.offload_param, OFFLOAD_DEVICES, "--offload-params device"),
         peft_config=getattr(args, "peft_config", None), lora_r=getattr(args, "lora_r", None),
-        lora_target_modules=getattr(args, "lora_target_modules", None), **_fsdp2_flags(args))
+        lora_target_modules=getattr(args, "lora_target_modules", None),
+        loss_implementation=(getattr(args, "loss", None) or "hf").replace("-", "_"), **_fsdp2_flags(args))
 
 
 def _fsdp2_flags(args: argparse.Namespace) -> dict[str, Any]:

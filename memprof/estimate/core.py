@@ -19,11 +19,12 @@ from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.layout import describe_buckets, describe_layout, describe_modelled_ranks, model_state_layout
 from memprof.estimate.layout.partition import stage12_rank_grads
 from memprof.estimate.layout.state import FP32, StateLayout
-from memprof.estimate.model_shapes import ModelShape, shape_of
+from memprof.estimate.model_shapes import ModelShape, model_shape, shape_of
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
 from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
 from memprof.estimate.result import Estimate, RankEstimate
+from memprof.estimate.trainer_terms import FusedHeadBytes, scored_positions, trl_fused_head_bytes
 
 ACT = Category.ACTIVATIONS.value
 
@@ -119,12 +120,33 @@ def _buffer_bytes(shape: ModelShape) -> int:
     return FP32 * shape.buffer_numel
 
 
+def reference_model_bytes(inp: EstimateInputs) -> int:
+    """A frozen reference model's bytes on one rank (DPO; TRL 1.16 trl/models/utils.py
+    ``prepare_deepspeed``: a second engine, ZeRO-3 when the policy's is, else stage 0 with
+    ``bf16``/``fp16`` as the policy's). Frozen, so no gradient, fp32 master or optimizer state
+    (is_optimized_parameter): its parameters in the compute dtype, whole at ZeRO 0-2; at ZeRO-3
+    each one's partition plus the persistent ones gathered (partition_parameters.py), as the
+    policy's frozen parameters; its fp32 module buffers (rotary inv_freq) like the policy's."""
+    if inp.reference_model is None:
+        return 0
+    cfg = None if set(inp.reference_model) == {"n_params"} else inp.reference_model
+    ref = model_shape(cfg, inp.reference_model.get("n_params") if cfg is None else None)
+    e = ELEMENT_SIZE[inp.precision]
+    if inp.zero_stage == 3:
+        threshold, n = inp.zero.param_persistence_threshold, inp.world_size
+        numel = ref.stage3_partition_numel(n) + ref.persistent_gathered_numel(threshold, n)
+    else:
+        numel = ref.n_params
+    return e * numel + _buffer_bytes(ref)
+
+
 def _rank_estimate(
     inp: EstimateInputs, shape: ModelShape, rank: int, acts: Activations | None
 ) -> tuple[RankEstimate, StateLayout]:
     lay = model_state_layout(inp, shape, rank, inp.device_type)
     rest = _rest_with_loop(lay, inp, acts)
     rest["device"][Category.PARAMS.value] += _buffer_bytes(shape)  # llama helper: module buffers
+    rest["device"][Category.PARAMS.value] += reference_model_bytes(inp)
     phases = {
         ph: max((_with_extra(rest, c) for c in cands), key=lambda b: breakdown_total(b, "device"))
         for ph, cands in _phase_extras(lay, acts, inp.activation_checkpointing).items()
@@ -141,7 +163,19 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
                            f"({shape.n_positions}): use --seq-len {shape.n_positions} or less")
     return model_activations(shape, ActivationQuery(inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
                                                     inputs.attn_implementation, inputs.activation_checkpointing,
-                                                    inputs.device_type))
+                                                    inputs.device_type, shape.lora_query,
+                                                    _fused_head(inputs, shape, seq)))
+
+
+def _fused_head(inputs: EstimateInputs, shape: ModelShape, seq: int) -> FusedHeadBytes | None:
+    """TRL's fused LM head over the micro-batch's shifted positions (trainer_terms; Triton's
+    kernels on CUDA, the torch fallbacks elsewhere), or None for the HF loss."""
+    if inputs.loss_implementation != "trl_fused_head":
+        return None
+    triton = inputs.device_type == "cuda"
+    e = ELEMENT_SIZE[inputs.precision]
+    return trl_fused_head_bytes(scored_positions(inputs.micro_batch, seq, triton=triton), shape.hidden, shape.vocab,
+                                compute_bytes=e, hidden_bytes=e, triton=triton)
 
 
 def _why_no_activations(shape: ModelShape) -> str:
@@ -234,6 +268,17 @@ def estimate(inputs: EstimateInputs) -> Estimate:
 
     ranks, layout_notes = _model_ranks(inputs, shape, acts)
     assumptions += _frozen_assumptions(inputs, shape)
+    if inputs.reference_model is not None:
+        assumptions.append(
+            f"reference model (DPO): {reference_model_bytes(inputs):,} bytes of frozen parameters per rank in "
+            f"{inputs.precision} ({'partitioned, ZeRO-3' if inputs.zero_stage == 3 else 'whole: TRL prepares it at ZeRO-0'}"
+            "), no gradient, master or optimizer state; its forward (under no_grad) adds no saved activations")
+    if inputs.loss_implementation == "trl_fused_head":
+        assumptions.append(
+            "loss: TRL's add_fused_lm_head (trl/trainer/utils.py, ChunkedLogProbFunction): no B*S*V logits; the "
+            "shifted hidden copy saved, a 4096 x 32768 chunk buffer and its tiles at the loss and in its backward "
+            "(memprof.estimate.trainer_terms; SFT's B*(S-1) positions: DPO's concatenated chosen/rejected batch and "
+            "its reference forward are not modelled in the activations)")
     assumptions += layout_notes
     assumptions += _setup_assumptions(inputs)
     assumptions += _memory_kind_assumptions(inputs)
@@ -270,9 +315,13 @@ def _frozen_assumptions(inputs: EstimateInputs, shape: ModelShape) -> list[str]:
         f"tensors, {shape.frozen_numel:,} frozen; adapters cast to {inputs.precision} with the model by DeepSpeed's "
         f"engine (_configure_distributed_model casts every parameter; PEFT's fp32 autocast of the adapters does not survive it)",
         f"frozen parameters {where} (DeepSpeed 0.19.8: optimizers keep is_optimized_parameter ones only)",
-        "activations with LoRA: the full fine-tuning formula (not yet modelled: what frozen layers no longer save "
-        "for backward, the adapters' inputs, r-dim intermediates and lora_dropout copies); measured +10% on the "
-        "forward/backward peaks for llama-tiny, r=4 on q_proj,v_proj, ZeRO-2 bf16, 2 CPU ranks",
+        ("activations with LoRA: derived from PEFT's lora.Linear.forward and autograd's saved tensors with frozen "
+         "weights (frozen Linears save no input, frozen norms no normalised copy, adapters their input and B*S*r "
+         "intermediate, lora_dropout a copy and mask per target; nothing before the first adapter without "
+         "checkpointing; enable_input_require_grads with it); the backward moments after the first adapter "
+         "gradient are approximate" if shape.lora_query is not None else
+         "activations with LoRA: the full fine-tuning formula (trainable biases, modules_to_save or adapters outside "
+         "the decoder layers are not modelled in the activation terms: an upper bound)"),
     ]
 
 

@@ -24,6 +24,9 @@ def _run_int(value: Any, key: str, positive: bool = False) -> int:
     return int(value)
 
 
+# TRL 1.16's trainers whose compute_loss runs add_fused_lm_head (memprof.estimate.trainer_terms)
+TRL_FUSED_HEAD_TRAINERS = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer")
+
 _TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -93,6 +96,17 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         )
     if isinstance(run.get("peft_config"), dict):  # memprof.run.facts.peft_facts: the adapter config
         kw["peft"] = lora_setup_from_dict(run["peft_config"], "the run's peft_config")
+    reference = run.get("reference_model")  # memprof.integrations.transformers.describe_reference_model
+    if isinstance(reference, dict):
+        if reference.get("same_config_as_policy") and isinstance(model_config, dict):
+            kw["reference_model"] = model_config
+        elif isinstance(reference.get("model_config"), dict):
+            kw["reference_model"] = reference["model_config"]
+        elif is_positive_int(reference.get("n_params")):
+            kw["reference_model"] = {"n_params": reference["n_params"]}
+    trainer = run.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("trainer_class") in TRL_FUSED_HEAD_TRAINERS:
+        kw["loss_implementation"] = "trl_fused_head"  # recorded by memprof.integrations.transformers
     if run.get("model") is not None:
         kw["model_name"] = str(run["model"])
     if run.get("device_type") is not None:

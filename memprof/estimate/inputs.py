@@ -40,6 +40,8 @@ LAYOUTS: tuple[str, ...] = ("deepspeed", "zero-paper")
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
 
 
+LOSS_IMPLEMENTATIONS = ("hf", "trl_fused_head")
+
 @dataclass(frozen=True)
 class EstimateInputs:
     """Everything an estimate depends on, resolved (no None left where a number is needed except
@@ -99,6 +101,14 @@ class EstimateInputs:
     """PEFT LoRA adapters (``--peft-config`` / ``--lora-r`` / ``--lora-target-modules``, or the
     run's recorded adapter config): the backbone frozen, the adapters trained. None: every
     parameter trains."""
+    loss_implementation: str = "hf"
+    """How the loss reads the last hidden state: ``hf`` (the ForCausalLM loss over B*S*V logits) or
+    ``trl_fused_head`` (TRL's trainers: ``add_fused_lm_head``'s chunked log-probs, no logits;
+    memprof.estimate.trainer_terms). ``--loss``, or a run's recorded TRL trainer class."""
+    reference_model: dict[str, Any] | None = None
+    """A frozen reference model beside the policy (DPO: ``memprof estimate --reference-model
+    [CONFIG]``, or a run's recorded ``reference_model``): its HF config (the policy's when none is
+    given), or ``{"n_params": N}``. None: no reference model."""
 
     def __post_init__(self) -> None:
         validate_inputs(self)
@@ -112,6 +122,10 @@ class EstimateInputs:
         if out["model_config"] is not None:
             out["model_config"] = {k: v for k, v in out["model_config"].items() if not k.startswith("_")}
         out["engine"] = Engine(self.engine).value  # a plain str in JSON
+        if self.loss_implementation == "hf":  # the default stays out of the record (older runs' keys)
+            del out["loss_implementation"]
+        if self.reference_model is None:
+            del out["reference_model"]
         return out
 
 
@@ -121,6 +135,10 @@ def validate_inputs(inp: EstimateInputs) -> None:
         raise MemprofError("no model: pass --model PRESET, --model-config PATH or --params N")
     if inp.peft is not None and not isinstance(inp.peft, LoraSetup):
         raise MemprofError(f"peft {inp.peft!r} must be a LoraSetup (memprof.peft_config)")
+    if inp.reference_model is not None and not isinstance(inp.reference_model, dict):
+        raise MemprofError(f"reference model {inp.reference_model!r} must be a model config (a JSON object)")
+    if inp.loss_implementation not in LOSS_IMPLEMENTATIONS:
+        raise MemprofError(f"unknown loss {inp.loss_implementation!r}: choose one of {', '.join(LOSS_IMPLEMENTATIONS)}")
     if inp.n_params is not None and (not isinstance(inp.n_params, int) or inp.n_params <= 0):
         raise MemprofError(f"parameter count {inp.n_params!r} must be a positive number, e.g. --params 7.5e9")
     _positive_int(inp.world_size, "world size", "--world-size 8 (or --nodes and --gpus-per-node)")

@@ -113,6 +113,9 @@ def apply_lora(fields: dict[str, Any], cfg: dict[str, Any], lora: LoraSetup, fam
     out["param_numels"] = tuple(numels)
     out["trainable_mask"] = tuple(trainable)
     out["lora_adapters"] = tuple(adapters)
+    out["lora_targets"] = tuple(m.name for m in modules if m.name in targets)
+    # the activation formulas model adapters on a frozen model (memprof.families.common.LoraQuery)
+    out["lora_frozen_rest"] = lora.bias == "none" and not lora.modules_to_save
     out["lora_r"] = lora.r
     out["lora_dropout"] = lora.lora_dropout
     out["fetch_modules"] = _remapped_fetch(fields.get("fetch_modules"), new_index, called, extra_fetch)
@@ -128,9 +131,10 @@ def _remapped_fetch(fetch: tuple[tuple[int, ...], ...] | None, new_index: dict[i
     if fetch is None:
         return None
     out: list[tuple[int, ...]] = []
+    last = {module: pos for pos, module in enumerate(fetch)}  # a module's last place in the order
     for pos, module in enumerate(fetch):
         key = module[0]
         out.append(called.get(key) or tuple(new_index[i] for i in module))
-        if module not in fetch[pos + 1:]:  # the embedding's entry of a tied pair gets no adapters
+        if last[module] == pos:  # the embedding's entry of a tied pair gets no adapters
             out += extra_fetch.get(key, [])
     return tuple(out)

@@ -10,16 +10,21 @@ ZeRO partition boundaries computed from it fall where DeepSpeed's do.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.estimate.lora_shape import apply_lora
 from memprof.families import family_of
-from memprof.families.common import ModelFamily
+from memprof.families.common import LoraQuery, ModelFamily
 from memprof.peft_config import LoraSetup
+
+# a module inside decoder layer N: "model.layers.3.self_attn.q_proj", "transformer.h.0.attn.c_attn"
+_LAYER_MODULE = re.compile(r"\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,23 @@ class ModelShape:
     lora_adapters: tuple[tuple[int, int], ...] = ()
     lora_r: int = 0
     lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()  # the wrapped modules' names, in parameters() order
+    lora_frozen_rest: bool = False  # every non-adapter parameter frozen (bias none, no modules_to_save)
+
+    @functools.cached_property
+    def lora_query(self) -> LoraQuery | None:
+        """The adapters as the activation formulas take them, or None: no LoRA, or a setup their
+        LoRA terms do not cover (trainable biases or modules_to_save, an adapter outside the
+        decoder layers such as on lm_head): the full fine-tuning formula applies then."""
+        if not self.lora_targets or not self.lora_frozen_rest or not self.n_layer:
+            return None
+        layers: list[list[str]] = [[] for _ in range(self.n_layer)]
+        for name in self.lora_targets:
+            match = _LAYER_MODULE.search(name)
+            if match is None:
+                return None
+            layers[int(match.group(1))].append(match.group(2))
+        return LoraQuery(self.lora_r, self.lora_dropout, tuple(tuple(names) for names in layers))
 
     @functools.cached_property
     def trainable(self) -> ModelShape:
@@ -181,8 +203,15 @@ class ModelShape:
             available += numels[i]
             return numels[i]
 
+        uses: dict[int, list[int]] = {}  # param -> the trace positions using it, ascending
+        for k, module in enumerate(trace):
+            for i in set(module):
+                uses.setdefault(i, []).append(k)
+
         def reused_soon(i: int, pos: int) -> bool:
-            reuse = next(k for k in range(pos + 1, len(trace)) if i in trace[k])
+            # the next use after pos (backward's mirrored half always has one); bisect keeps a
+            # 560-adapter LoRA model's replay linear (a scan of the trace per param was quadratic)
+            reuse = uses[i][bisect.bisect_right(uses[i], pos)]
             return prefix[reuse] - prefix[pos + 1] < max_reuse_distance
 
         for pos, module in enumerate(forward):

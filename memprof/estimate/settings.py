@@ -42,6 +42,7 @@ class SetupFlags:
     peft_config: str | os.PathLike | None = None  # PEFT adapter_config.json
     lora_r: int | None = None  # --lora-r, over the file's r
     lora_target_modules: str | None = None  # --lora-target-modules a,b, over the file's
+    loss_implementation: str = "hf"  # --loss / --trl: EstimateInputs.loss_implementation
     # --engine and FSDP2's knobs (memprof.engines.Fsdp2Settings); None where not stated
     engine: str | None = None
     reshard_after_forward: bool | None = None
@@ -156,6 +157,8 @@ def _with_flags(fields: dict[str, Any], flags: SetupFlags) -> dict[str, Any]:
                                  read_peft_config(flags.peft_config) if flags.peft_config is not None else None)
     if lora is not None:
         fields["peft"] = lora
+    if flags.loss_implementation != "hf":
+        fields["loss_implementation"] = flags.loss_implementation
     return fields
 
 

@@ -16,6 +16,22 @@ FP32 = 4
 
 
 @dataclass(frozen=True)
+class LoraQuery:
+    """PEFT LoRA adapters as the activation formulas need them (memprof.estimate.lora_shape): the
+    rank, ``lora_dropout`` and, per decoder layer, the names of the wrapped modules inside it
+    (relative to the layer, e.g. ``("self_attn.q_proj", "self_attn.v_proj")``). Only set where the
+    family's LoRA formula applies: adapters inside the layers only, every other parameter frozen
+    (no ``modules_to_save``, ``bias`` none)."""
+
+    r: int
+    dropout: float
+    layers: tuple[tuple[str, ...], ...]
+
+    def targets(self, layer: int) -> tuple[str, ...]:
+        return self.layers[layer] if layer < len(self.layers) else ()
+
+
+@dataclass(frozen=True)
 class ActivationQuery:
     """One micro-batch's training setting, as the activation formulas need it."""
 
@@ -25,6 +41,10 @@ class ActivationQuery:
     attn_implementation: str = "sdpa"  # HF config._attn_implementation: sdpa or eager
     checkpointing: bool = False  # HF gradient checkpointing (non-reentrant torch.utils.checkpoint)
     device_type: str = "cuda"  # whose kernels run: cuda or cpu
+    lora: LoraQuery | None = None  # PEFT LoRA on a frozen model; None: every parameter trains
+    # TRL's fused LM head (memprof.estimate.trainer_terms.FusedHeadBytes) in place of the HF
+    # ForCausalLM loss's logits and cross-entropy; None: the HF loss
+    fused_head: Any = None
 
     @property
     def cpu(self) -> bool:

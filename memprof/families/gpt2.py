@@ -45,7 +45,7 @@ exactly for sdpa/eager x fp32/bf16 (3,120,644 / 2,184,196 / 1,692,676 bytes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from memprof.errors import MemprofError
@@ -54,6 +54,7 @@ from memprof.families.common import (
     INT64,
     ActivationQuery,
     Activations,
+    LoraQuery,
     ModelFamily,
     ParamModule,
     attention_keeps_probabilities,
@@ -211,6 +212,7 @@ class _Sizes:
     embd_mask: int  # the embedding dropout's mask
     # GPT2Model skips the cache under gradient checkpointing in training (cache=None per block)
     cache: bool
+    fused: Any = None  # TRL's fused LM head's bytes (ActivationQuery.fused_head), else the HF loss
 
     @property
     def BSH(self) -> int:
@@ -238,6 +240,7 @@ def _sizes(shape: Any, q: ActivationQuery) -> _Sizes:
         resid_mask=BSH * mask_e if drop.get("resid_pdrop", _DEFAULT_PDROP) > 0 else 0,
         embd_mask=BSH * mask_e if drop.get("embd_pdrop", _DEFAULT_PDROP) > 0 else 0,
         cache=shape.use_cache and not q.checkpointing,
+        fused=q.fused_head,
     )
 
 
@@ -325,11 +328,19 @@ def _outside(s: _Sizes, attn: _Attention) -> _Outside:
     log_softmax = B * S * V * FP32
     logits = B * S * V * e
     upcast = B * S * V * FP32 if e < FP32 else 0  # logits.float() in ForCausalLMLoss, freed on return
+    if s.fused is not None:  # TRL's add_fused_lm_head: the shifted hidden copy, its chunk buffer and tiles
+        log_softmax, logits, upcast = s.fused.saved, s.fused.forward_transient, 0
     # the loss's end: every saved tensor, the logits (and their fp32 copy), the cache copies no
     # kernel saved, the padded labels and the loss itself
     loss_end = logits + upcast + s.L * attn.cache_not_saved + padded_labels + FP32
     return _Outside(input_ids, shift_labels, positions, ln_f, log_softmax,
                     ids + s.embd_mask + ln_f + log_softmax, loss_end)
+
+
+def _loss_backward(s: _Sizes) -> int:
+    """The loss backward's start: nll's and log_softmax's gradients (B*S*V*4 each), or TRL's fused
+    head's backward (trainer_terms.trl_fused_head_bytes)."""
+    return s.fused.backward_transient if s.fused is not None else 2 * s.B * s.S * s.V * FP32
 
 
 def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
@@ -421,18 +432,127 @@ _ATTENTION_BACKWARD_NOTE = (
 )
 
 
+# ---- LoRA on a frozen model ------------------------------------------------------------------
+#
+# PEFT 0.21.2 wraps a Conv1D as it wraps an nn.Linear (``lora.Linear`` with fan_in_fan_out):
+# ``result = base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``. With frozen weights
+# (``derivatives.yaml``): a frozen Conv1D (``addmm(bias, x, W)``) whose input requires grad saves
+# W only, not x; LayerNorm with frozen weight and bias still saves its input, mean and rstd for the
+# input's gradient; GELU's chain and the dropouts save as in full fine-tuning wherever their input
+# requires grad, nothing where it does not. ``lora_A`` saves its input (or its dropout copy and,
+# where x requires grad, the mask), ``lora_B`` the B*S*r intermediate. The frozen wte and wpe save
+# no indices; their output needs no grad unless checkpointing's ``enable_input_require_grads``
+# (PEFT's ``_prepare_model_for_gradient_checkpointing``) hooks wte.
+
+
+def _lora_adapter(s: _Sizes, lora: LoraQuery, targets: tuple[str, ...], module: str, fan_in: int, x_grad: bool,
+                  x_saved_anyway: bool) -> int:
+    """What the adapter on ``module`` saves (nothing when it is not a target)."""
+    if module not in targets:
+        return 0
+    x = s.B * s.S * fan_in
+    if lora.dropout > 0:
+        inputs = x * s.e + (x * s.mask_e if x_grad else 0)
+    else:
+        inputs = 0 if x_saved_anyway else x * s.e
+    return inputs + s.B * s.S * lora.r * s.e
+
+
+def _lora_block(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: LoraQuery, targets: tuple[str, ...],
+                grad_in: bool) -> tuple[int, bool, int]:
+    """(bytes one GPT2Block saves with adapters on ``targets``, whether its output requires grad,
+    KV-cache copies alive until the loss that no kernel saved), given whether its input does."""
+    e, BSH, BSI = s.e, s.BSH, s.BSI
+    ln = s.BSH * e + 2 * s.B * s.S * s.stat_e  # input + mean + rstd
+    saved = (ln if grad_in else 0) + _lora_adapter(s, lora, targets, "attn.c_attn", s.H, grad_in, False)
+    att_grad = grad_in or "attn.c_attn" in targets
+    # CUDA's fused kernels save their output, which is attn.c_proj's input (in full fine-tuning
+    # counted with the linear inputs); elsewhere c_proj's input is saved only by its adapter
+    fused_cuda = not q.cpu and q.attn_implementation != "eager"
+    saved += (attn.saved + (BSH * e if fused_cuda else 0)) if att_grad else 0
+    cache = attn.cache_not_saved if att_grad else (2 * BSH * e if s.cache else 0)
+    saved += _lora_adapter(s, lora, targets, "attn.c_proj", s.H, att_grad, att_grad and fused_cuda)
+    attn_out_grad = att_grad or "attn.c_proj" in targets
+    saved += s.resid_mask if attn_out_grad else 0
+    grad_mid = grad_in or attn_out_grad
+    saved += (ln if grad_mid else 0) + _lora_adapter(s, lora, targets, "mlp.c_fc", s.H, grad_mid, False)
+    fc_grad = grad_mid or "mlp.c_fc" in targets
+    saved += 4 * BSI * e if fc_grad else 0  # GELU's chain: x, tanh's output, 0.5*x, 1 + tanh
+    saved += _lora_adapter(s, lora, targets, "mlp.c_proj", s.I, fc_grad, False)
+    mlp_grad = fc_grad or "mlp.c_proj" in targets
+    saved += s.resid_mask if mlp_grad else 0
+    return saved, grad_mid or mlp_grad, cache
+
+
+def _lora_blocks(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: LoraQuery, grad_in: bool
+                 ) -> tuple[int, int, int]:
+    """(every block's saved bytes, the last block's, cache copies no kernel saved)."""
+    total = last = cache = 0
+    grad = grad_in
+    for layer in range(s.L):
+        last, grad, kv = _lora_block(s, q, attn, lora, lora.targets(layer), grad)
+        total += last
+        cache += kv
+    return total, last, cache
+
+
+def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: LoraQuery) -> Activations:
+    """Activation memory of a PEFT-wrapped GPT-2 (the comment block above). Outside the blocks:
+    ln_f saves its input and stats; its output (the frozen lm_head's input, not saved) stays alive
+    until the loss returns (GPT2LMHeadModel.forward's ``transformer_outputs``); the loss terms
+    are full fine-tuning's; the ids are the loop's; the position ids are not saved."""
+    e, BSH, BSI = s.e, s.BSH, s.BSI
+    out = _outside(s, attn)
+    ln_f = BSH * e + 2 * s.B * s.S * s.stat_e
+    outside = out.shift_labels + FP32 + ln_f + out.log_softmax
+    alive_at_loss = out.input_ids + BSH * e + out.loss_end - s.L * attn.cache_not_saved
+    if q.checkpointing:
+        # as full fine-tuning's (_forward): each block keeps its input; wte's output requires
+        # grad (enable_input_require_grads), so the embedding dropout saves its noise
+        saved = s.L * BSH * e + outside + s.embd_mask
+        _, last, _ = _lora_blocks(s, q, attn, lora, True)
+        recomputed = last - BSH * e  # ln_1's input is the checkpointed block input
+        # the forward moments of full fine-tuning's _forward, with what is alive at the loss
+        at_loss = replace(out, saved=outside + s.embd_mask + BSH * e + out.input_ids)
+        _, forward_peak, _ = _forward(s, q, 0, attn, at_loss)
+    else:
+        blocks, _, cache = _lora_blocks(s, q, attn, lora, False)
+        saved, recomputed = blocks + outside, 0
+        forward_peak = saved + alive_at_loss + cache
+    # With checkpointing the loop's last loss keeps every block's input alive after backward (traced
+    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
+    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
+    # loss's graph still references) until the next forward returns a new loss: held between steps
+    # and through the next forward, gone in backward (the new step's inputs are counted there)
+    kept_inputs = s.L * BSH * e if q.checkpointing else 0
+    held = saved + out.input_ids
+    bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
+    # after the loss's and ln_f's backward: the residual stream's gradient beside the rest; then
+    # a block's GELU backward: the frozen mlp.c_proj saved no GELU output, so its grad_x (BSI*e)
+    # is alive beside the two gradients of GELU's last mul (traced: 3 BSI*e). The largest moment
+    # from the first adapter gradient on is taken as this one (an approximation, as Llama's)
+    after_ln_f = held + recomputed - out.shift_labels - out.log_softmax - ln_f + BSH * e + 2 * FP32
+    first_hook = after_ln_f + 3 * BSI * e
+    formula = (f"LoRA r={lora.r} on a frozen model: per block the frozen LayerNorms' 2(BSH*e+2BS*{s.stat_e}), "
+               f"GELU 4BSI*e, dropout masks, attention [{attn.words}], the adapters' inputs and B*S*r intermediates")
+    return Activations(saved, forward_peak + kept_inputs, max(bwd_start, first_hook), saved // max(s.L, 1), formula,
+                       loop_held=out.input_ids + FP32 + kept_inputs, backward_first_hook=first_hook)
+
+
 def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
     """Activation memory of GPT2LMHeadModel training for one micro-batch (module docstring);
     ``shape`` is a GPT-2 :class:`memprof.estimate.model_shapes.ModelShape`."""
     s = _sizes(shape, q)
     attn = _attention(s, q)
+    if q.lora is not None:
+        return _lora_activations(s, q, attn, q.lora)
     per_layer = _per_layer(s, attn)
     out = _outside(s, attn)
     saved, forward_peak, recomputed = _forward(s, q, per_layer, attn, out)
     # backward starts with nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each);
     # the loop dropped the output, so the logits are gone; nll_loss_backward has released
     # shift_labels; the loss and its gradient seed (4 bytes each) are alive
-    bwd_start = saved + 2 * s.B * s.S * s.V * FP32 - out.shift_labels + 2 * FP32
+    bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     if shape.tied_embeddings:
         first_hook, gelu_mul = _tied_first_hook(s, q, attn, saved, recomputed, out)
         untied_recompute = 0

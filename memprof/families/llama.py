@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
-from memprof.families.common import FP32, INT64, ActivationQuery, Activations, ModelFamily, ParamModule
+from memprof.families.common import FP32, INT64, ActivationQuery, Activations, LoraQuery, ModelFamily, ParamModule
 from memprof.units import is_positive_int
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -303,6 +303,8 @@ class _Sizes:
     kernel: str  # attention_kernel's answer
     # GradientCheckpointingLayer (modeling_layers.py) sets use_cache=False and cache=None in training
     cache: bool
+    cpu: bool = False  # CPU kernels (the dropout mask's dtype)
+    fused: Any = None  # TRL's fused LM head's bytes (ActivationQuery.fused_head), else the HF loss
 
     @property
     def n_rep(self) -> int:
@@ -353,7 +355,7 @@ def _sizes(shape: Any, q: ActivationQuery) -> _Sizes:
     assert H and I and a and V and L and kv and d
     kernel = attention_kernel(q.attn_implementation, q.device_type, q.element_size, a // kv)
     return _Sizes(q.micro_batch, q.seq_len, q.element_size, H, I, a, V, L, kv, d, kernel,
-                  cache=shape.use_cache and not q.checkpointing)
+                  cache=shape.use_cache and not q.checkpointing, cpu=q.cpu, fused=q.fused_head)
 
 
 @dataclass(frozen=True)
@@ -418,8 +420,21 @@ def _outside(s: _Sizes, attn: _Attention) -> _Outside:
     log_softmax = BS * V * FP32
     logits = BS * V * e
     upcast = BS * V * FP32 if e < FP32 else 0  # logits.float() in ForCausalLMLoss
+    if s.fused is not None:
+        # TRL's add_fused_lm_head: no logits; ChunkedLogProbFunction saves the shifted hidden
+        # copy (in log_softmax's place) and holds its chunk buffer and tiles at the loss
+        log_softmax, logits, upcast = s.fused.saved, s.fused.forward_transient, 0
     loss_end = logits + upcast + s.L * attn.cache_not_saved + padded_labels + FP32  # + the loss
     return _Outside(input_ids, shift_labels, rotary, log_softmax, ids + rotary + final_norm + log_softmax, loss_end)
+
+
+def _loss_backward(s: _Sizes) -> int:
+    """What the loss's backward holds at its start: nll_loss_backward's and
+    _log_softmax_backward_data's outputs (B*S*V*4 each), or TRL's fused head's backward (its chunk
+    buffer, tiles and fp32 grad_hidden: trainer_terms.trl_fused_head_bytes)."""
+    if s.fused is not None:
+        return s.fused.backward_transient
+    return 2 * s.BS * s.V * FP32
 
 
 def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
@@ -502,6 +517,154 @@ def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, re
     return max(moments)
 
 
+# ---- LoRA on a frozen model ------------------------------------------------------------------
+#
+# PEFT 0.21.2 ``lora.Linear.forward`` (peft/tuners/lora/layer.py): ``result = base_layer(x)``, then
+# per adapter ``result = result + lora_B(lora_A(dropout(x))) * scaling``. With the base weights
+# frozen, autograd saves what each op needs for the gradients that are required only
+# (``derivatives.yaml``): a frozen Linear whose input requires grad saves its weight (a
+# parameter, not an activation), not its input; ``lora_A`` (trainable) saves its input x (or the
+# dropout's copy), ``lora_B`` the B*S*r intermediate; ``* scaling`` (a Python number) and the sum
+# save nothing. ``LlamaRMSNorm`` with a frozen weight saves its fp32 input and rsqrt for the input's
+# gradient, but no longer the normalised states (``weight * h`` saves the weight). A tensor that
+# does not require grad (the frozen embedding's output; everything before the first adapter without
+# checkpointing) makes the ops reading it save nothing. With checkpointing PEFT's
+# ``_prepare_model_for_gradient_checkpointing`` calls ``enable_input_require_grads`` (a forward hook
+# setting ``requires_grad_`` on the embedding output), so every layer's input requires grad.
+# ``lora_dropout > 0`` (nn.Dropout per target): each target makes its own copy of x (B*S*in*e),
+# and where x requires grad the dropout saves its mask for backward: torch ``at::dropout`` on CUDA
+# runs ``native_dropout`` (a bool mask, 1 byte a element), on CPU ``_dropout_impl`` (``input *
+# noise``: a noise tensor in the compute dtype). The frozen embedding saves no indices.
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def _adapters_reading(s: _Sizes, lora: LoraQuery, targets: tuple[str, ...], modules: tuple[str, ...], fan_in: int,
+                      x_grad: bool, x_saved_anyway: bool) -> int:
+    """What the adapters on ``modules`` (all reading one input x of B*S*fan_in) save: lora_A's
+    input (x itself, once, unless something else saves x; with dropout a copy per target and, when
+    x requires grad, its mask) and lora_B's input (B*S*r per target)."""
+    n = sum(1 for m in modules if m in targets)
+    if not n:
+        return 0
+    x = s.BS * fan_in
+    if lora.dropout > 0:
+        mask = (x * s.e if s.cpu else x) if x_grad else 0  # CPU: noise in the compute dtype; CUDA: bool
+        inputs = n * (x * s.e + mask)
+    else:
+        inputs = 0 if x_saved_anyway else x * s.e
+    return inputs + n * s.BS * lora.r * s.e
+
+
+def _lora_attention_core(s: _Sizes, attn: _Attention, q_grad: bool, k_grad: bool, v_grad: bool) -> int:
+    """What the attention core saves when only some of q, k, v require grad (layer 0 without
+    checkpointing), o_proj's input left out. sdpa's flash kernel saves q, k, v, its output and
+    the logsumexp whenever any input requires grad. Eager (and math) by op: ``matmul(q, k^T)``
+    saves k's copy for q's gradient and q for k's; softmax its output for its input's;
+    ``matmul(probs, v)`` saves v for the probabilities' gradient and the probabilities (the bf16
+    copy when e < 4) for v's."""
+    if not (q_grad or k_grad or v_grad):
+        return 0
+    if s.kernel == "flash":
+        return attn.saved
+    ae = FP32 if s.kernel == "math" else s.e
+    copy = s.bass * s.e if s.e < FP32 and s.kernel == "eager" else 0  # softmax's output cast to e
+    probs_grad = q_grad or k_grad
+    return (s.BSQ * ae * k_grad + attn.kv_saved // 2 * (q_grad + probs_grad)
+            + s.bass * FP32 * (probs_grad or (v_grad and not copy)) + copy * v_grad)
+
+
+def _lora_layer(s: _Sizes, attn: _Attention, lora: LoraQuery, targets: tuple[str, ...], grad_in: bool
+                ) -> tuple[int, bool, bool]:
+    """(bytes one decoder layer saves with adapters on ``targets``, whether its output requires
+    grad, whether its attention does), given whether its input does (the comment block above)."""
+    e, H, Q = s.e, s.H, s.a * s.d
+    norm = 4 * s.BSH + 4 * s.BS  # a frozen RMSNorm: fp32 input (copy or itself) and rsqrt
+    saved = (norm if grad_in else 0) + _adapters_reading(s, lora, targets, _QKV, H, grad_in, False)
+    q_grad, k_grad, v_grad = (grad_in or m in targets for m in _QKV)
+    att_grad = q_grad or k_grad or v_grad
+    saved += _lora_attention_core(s, attn, q_grad, k_grad, v_grad)
+    # sdpa's flash kernel saves its output, which is o_proj's input; eager/math's o_proj input is a
+    # contiguous copy only a trainable reader (o_proj's lora_A) saves
+    o_input_saved = att_grad and s.kernel == "flash"
+    saved += _adapters_reading(s, lora, targets, ("self_attn.o_proj",), Q, att_grad, o_input_saved)
+    grad_mid = att_grad or "self_attn.o_proj" in targets
+    saved += (norm if grad_mid else 0) + _adapters_reading(s, lora, targets, _GATE_UP, H, grad_mid, False)
+    gate_grad = grad_mid or "mlp.gate_proj" in targets
+    up_grad = grad_mid or "mlp.up_proj" in targets
+    # silu saves its input (gate's output) for gate's gradient; the product saves each factor
+    # for the other's gradient; the frozen down_proj saves nothing of the product
+    saved += s.BSI * e * (2 * gate_grad + up_grad)
+    prod_grad = gate_grad or up_grad
+    saved += _adapters_reading(s, lora, targets, ("mlp.down_proj",), s.I, prod_grad, False)
+    return saved, prod_grad or "mlp.down_proj" in targets, att_grad
+
+
+def _lora_layers(s: _Sizes, attn: _Attention, lora: LoraQuery, grad_in: bool) -> tuple[int, int, int]:
+    """(every layer's saved bytes, the last layer's, KV-cache copies no kernel saved), walking
+    the layers in forward order. The cache (``use_cache``, no checkpointing) holds k and v
+    copies until the loss returns: saved by sdpa where the attention needs grad; in a layer whose
+    attention needs none, or eager with GQA (repeat_kv saves expanded copies), not."""
+    total = last = cache = 0
+    grad = grad_in
+    for layer in range(s.L):
+        last, grad, att_grad = _lora_layer(s, attn, lora, lora.targets(layer), grad)
+        total += last
+        cache += attn.cache_not_saved if att_grad else (2 * s.BSK * s.e if s.cache else 0)
+    return total, last, cache
+
+
+def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: LoraQuery) -> Activations:
+    """Activation memory of a PEFT-wrapped Llama (the comment block above). Outside the layers:
+    the final norm saves its fp32 input and rsqrt; its output (lm_head's input, frozen lm_head:
+    not saved) stays alive until the loss returns (LlamaForCausalLM.forward's ``outputs`` local);
+    the loss terms are those of full fine-tuning; the ids are held by the loop, not saved."""
+    e, BSH, BS = s.e, s.BSH, s.BS
+    out = _outside(s, attn)
+    final_norm = 4 * BSH + 4 * BS
+    outside = out.shift_labels + FP32 + out.rotary + final_norm + out.log_softmax
+    # ids, the final norm's output, logits and the loss's copies (the cache's copies apart)
+    alive_at_loss = out.input_ids + BSH * e + out.loss_end - s.L * attn.cache_not_saved
+    positions = s.S * INT64
+    if q.checkpointing:
+        mask = s.B * s.S * s.S * e if s.kernel == "eager" else 0
+        saved = s.L * BSH * e + outside + positions + mask  # each layer's input, as in full fine-tuning
+        _, last, _ = _lora_layers(s, attn, lora, True)  # enable_input_require_grads: every input requires grad
+        recomputed = last - (BSH * FP32 if e == FP32 else 0)  # the fp32 norm input is the layer input
+        layer_base = out.input_ids + positions + out.rotary + mask + s.L * BSH * e
+        forward_peak = max(saved + alive_at_loss, layer_base + 2 * BSH * e + 3 * s.BSI * e)
+    else:
+        layers, _, cache = _lora_layers(s, attn, lora, False)  # the frozen embedding's output needs no grad
+        saved, recomputed = layers + outside, 0
+        forward_peak = saved + alive_at_loss + cache
+    # With checkpointing the loop's last loss keeps every layer's input alive after backward (traced
+    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
+    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
+    # loss's graph still references) until the next forward returns a new loss: held between steps
+    # and through the next forward, gone in backward (the new step's inputs are counted there)
+    kept_inputs = s.L * BSH * e if q.checkpointing else 0
+    held = saved + out.input_ids  # after forward: saved tensors and the loop's batch
+    bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
+    # after the loss's and the final norm's backward: the residual stream's gradient beside the
+    # rest (the recomputed last layer with checkpointing)
+    after_norm = held + recomputed - out.shift_labels - out.log_softmax - final_norm + BSH * e + 2 * FP32
+    # the final norm's backward at its widest (as in full fine-tuning: the fp32 chain's temporaries)
+    norm_bwd = after_norm - recomputed + final_norm + 3 * BSH * FP32 + (BSH * FP32 if e < FP32 else 0) - 4 * BS
+    # a layer's MLP backward: the SwiGLU product's two gradients beside down_proj's grad_x and
+    # the residual stream's gradient (an adapter's B*S*r terms left out). The first adapter
+    # gradient comes in the last layer's backward, before some layer's MLP backward (the last
+    # one's when an adapter sits in its attention, the one before it otherwise): the largest
+    # moment from then on is taken as this one (traced within ~8% at the tiny presets, an
+    # approximation: memprof's test_activations_lora.py)
+    mlp_bwd = after_norm + 2 * s.BSI * e
+    first_hook = mlp_bwd
+    formula = (f"LoRA r={lora.r} on a frozen model: per layer the frozen RMSNorms' 2x(4BSH+4BS), attention "
+               f"[{s.kernel}: {attn.words}], SwiGLU 3BSI*e, the adapters' inputs and B*S*r intermediates"
+               + (f", lora_dropout {lora.dropout} copies and masks" if lora.dropout > 0 else ""))
+    return Activations(saved, forward_peak + kept_inputs, max(bwd_start, norm_bwd, mlp_bwd), saved // max(s.L, 1),
+                       formula, loop_held=out.input_ids + FP32 + kept_inputs, backward_first_hook=first_hook)
+
 def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     """Activation memory of a Llama-family causal LM for one micro-batch (module docstring), or
     None where it is not modelled: an MLP activation other than SiLU, or a sequence longer than a
@@ -513,12 +676,14 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
         return None
     s = _sizes(shape, q)
     attn = _attention(s)
+    if q.lora is not None:
+        return _lora_activations(s, q, attn, q.lora)
     per_layer = _per_layer(s, attn)
     out = _outside(s, attn)
     saved, forward_peak, recomputed = _forward(s, q, per_layer, attn, out)
     # backward's start: nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each),
     # shift_labels released, the loss and its gradient seed alive
-    bwd_start = saved + 2 * s.BS * s.V * FP32 - out.shift_labels + 2 * FP32
+    bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     first_hook = _backward_first_hook(s, shape, attn, saved, recomputed, out)
     formula = (
         f"per layer = RMSNorms 2x(4BSH+4BS+BSH*e) + norm outputs 2BSH*e + SwiGLU 4BSI*e + attention "
