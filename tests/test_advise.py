@@ -142,6 +142,21 @@ ADVISE_CASES = {
     "llama-z2-adamw-gas2": ("llama-tiny", {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
                                            "steps_per_print": 10**6, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                                            "zero_optimization": {"stage": 2}}, 0.75),
+    # ZeRO-3 with HF-sized buckets (reduce/prefetch 4096, persistence 64) and checkpointing already on:
+    # at 85% of its peak the advisor leaves ZeRO-3 for a lower stage
+    "llama-z3-ckpt-small-buckets": ("llama-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                                   "steps_per_print": 10**6, "activation_checkpointing": {},
+                                                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                                                   "zero_optimization": {"stage": 3, "reduce_bucket_size": 4096,
+                                                                         "stage3_prefetch_bucket_size": 4096,
+                                                                         "stage3_param_persistence_threshold": 64}}, 0.85),
+    # ZeRO-2, micro-batch 1, checkpointing on: nothing left but the stage and offload; at 80% of its
+    # peak only optimizer offload fits
+    "gpt2-z2-ckpt-offload": ("gpt2-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                           "steps_per_print": 10**6, "activation_checkpointing": {},
+                                           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                                           "zero_optimization": {"stage": 2, "reduce_bucket_size": 4096,
+                                                                 "allgather_bucket_size": 4096}}, 0.8),
 }
 SEQ = 64
 
@@ -189,3 +204,20 @@ def test_a_written_optimizer_block_reads_back_as_the_same_optimizer():
     for name in ZOO:
         block = deepspeed_optimizer_block(name, lr=1e-4)
         assert zoo_name_of_deepspeed_type(block["type"], block["params"], "written config") == name
+
+
+def test_lora_rank_and_targets_are_offered_and_priced_by_trainable_parameters():
+    from memprof.peft_config import LoraSetup
+
+    cfg = preset_config("llama-2-7b")
+    base = EstimateInputs(model_config=cfg, model_name="llama-2-7b", world_size=2, zero_stage=2, precision="bf16",
+                          micro_batch=1, seq_len=512, gpu_memory_bytes=80 * GIB,
+                          peft=LoraSetup(r=16, target_modules="all-linear"))
+    changes = {c.change: c for c in advise(base).changes}
+    assert "lora_r=8" in changes and "lora_target_modules=q_proj,v_proj" in changes
+    # PEFT's LoRA on q_proj and v_proj: r x (in + out) per target; Llama-2-7B's are 4096 x 4096, 32 layers
+    trainable = 32 * 2 * 16 * (4096 + 4096)
+    qv = changes["lora_target_modules=q_proj,v_proj"].costs
+    # ZeRO-2 moves gradients and updated partitions of trainable parameters only: 2 x bf16 x trainable
+    assert qv.comm_bytes == 2 * 2 * trainable
+    assert "a modelling choice" in changes["lora_r=8"].cost

@@ -50,17 +50,19 @@ from memprof.estimate.core import activations_not_estimated, estimate, peak_devi
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.model_shapes import shape_of
 from memprof.estimate.result import Estimate
+from memprof.families import family_of
 from memprof.units import format_bytes
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-COST_ORDER: tuple[str, ...] = ("extra_gpus", "precision_changed", "pcie_bytes", "comm_bytes", "recompute_forwards",
-                               "micro_steps")
+COST_ORDER: tuple[str, ...] = ("extra_gpus", "precision_changed", "adapters_changed", "pcie_bytes", "comm_bytes",
+                               "recompute_forwards", "micro_steps")
 """How combinations are ranked, most important first: GPUs you do not have cost most; then a change
 of numerics (fp32 -> bf16); then PCIe traffic (offload is usually the slowest path); then network
 volume; then recompute; then more, smaller micro-steps."""
 
-COST_ORDER_TEXT = ("cheapest = fewest extra GPUs, then no precision change, then fewest PCIe bytes (offload), "
+COST_ORDER_TEXT = ("cheapest = fewest extra GPUs, then no precision change, then the adapters as given, "
+                   "then fewest PCIe bytes (offload), "
                    "then least communication, then no recompute, then fewest micro-steps per step")
 
 
@@ -92,33 +94,50 @@ class StepCosts:
     recompute_forwards: int
     micro_steps: int
     precision: str
+    lora: str | None = None
+    """The adapters (``r=16 on all-linear``) when PEFT is in play: a change of them is a modelling choice."""
 
     def to_json(self) -> dict[str, Any]:
         return {"gpus": self.gpus, "comm_bytes": self.comm_bytes, "pcie_bytes": self.pcie_bytes,
                 "recompute_forwards": self.recompute_forwards, "micro_steps": self.micro_steps}
 
 
-def step_costs(inp: EstimateInputs, n_params: int) -> StepCosts:
-    """Per rank and optimizer step: communication volume, PCIe bytes, recomputed forwards, micro-steps."""
+def step_costs(inp: EstimateInputs, n_params: int, n_trainable: int | None = None) -> StepCosts:
+    """Per rank and optimizer step: communication volume, PCIe bytes, recomputed forwards, micro-steps.
+
+    ``n_trainable`` (default: every parameter): only trainable parameters have gradients to reduce
+    and updated partitions to gather (runtime/utils.py is_optimized_parameter; a LoRA backbone
+    moves nothing at ZeRO 0-2), while ZeRO-3 gathers every parameter, frozen ones too."""
     if inp.engine == Engine.FSDP2:
         return _fsdp2_step_costs(inp, n_params)
     b, gas, n = ELEMENT_BYTES[inp.precision], inp.gradient_accumulation_steps, inp.world_size
-    psi = n_params * b
+    trained = n_params if n_trainable is None else n_trainable
+    psi, grads = n_params * b, trained * b
     if n == 1:
         comm = 0
     elif inp.zero_stage == 3:  # all-gather in forward and in backward, reduce-scatter: every micro-step
-        comm = 3 * psi * gas
+        comm = (2 * psi + grads) * gas
     elif inp.zero_stage == 2:  # reduce-scatter in every backward, all-gather of the updated partitions once
-        comm = psi * gas + psi
+        comm = grads * gas + grads
     else:  # stage 0: one all-reduce (2 psi) at the boundary; ZeRO-1: reduce + all-gather at the boundary
-        comm = 2 * psi
-    part = -(-n_params // n) if inp.zero_stage > 0 else n_params
+        comm = 2 * grads
+    part = -(-trained // n) if inp.zero_stage > 0 else trained
     pcie = 0
     if inp.zero.offload_optimizer != "none":  # gradient partition down every micro-step, parameters up once
         pcie += part * b * gas + part * b
     if inp.zero.offload_param != "none":  # each rank's partition up for the forward and the backward gathers
-        pcie += 2 * part * b * gas
-    return StepCosts(n, comm, pcie, gas if inp.activation_checkpointing else 0, gas, inp.precision)
+        pcie += 2 * -(-n_params // n) * b * gas
+    lora = None if inp.peft is None else f"r={inp.peft.r} on {_targets_text(inp.peft.target_modules)}"
+    return StepCosts(n, comm, pcie, gas if inp.activation_checkpointing else 0, gas, inp.precision, lora)
+
+
+def _targets_text(targets: tuple[str, ...] | str) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
+def _costs_of(inp: EstimateInputs) -> StepCosts:
+    shape = shape_of(inp)
+    return step_costs(inp, shape.n_params, shape.trainable.n_params)
 
 
 def _fsdp2_step_costs(inp: EstimateInputs, n_params: int) -> StepCosts:
@@ -199,6 +218,8 @@ def _cost_text(base: StepCosts, new: StepCosts) -> str:
         parts.append(f"{new.gpus - base.gpus:+d} GPUs")
     if new.precision != base.precision:
         parts.append(f"numerics {base.precision} -> {new.precision} (mixed precision, fp32 master weights)")
+    if new.lora != base.lora:
+        parts.append(f"adapters {base.lora} -> {new.lora} (a modelling choice: fewer trainable parameters)")
     if new.comm_bytes != base.comm_bytes:
         ratio = f" ({new.comm_bytes / base.comm_bytes:.2f}x)" if base.comm_bytes else ""
         parts.append(f"communication {format_bytes(base.comm_bytes)} -> {format_bytes(new.comm_bytes)} per step{ratio}")
@@ -214,7 +235,7 @@ def _cost_text(base: StepCosts, new: StepCosts) -> str:
 
 def _cost_key(base: StepCosts, c: StepCosts, knobs_changed: int = 0) -> tuple:
     """COST_ORDER, then the fewest knobs changed (of two equally cheap setups, the one nearer the user's)."""
-    return (max(0, c.gpus - base.gpus), c.precision != base.precision, c.pcie_bytes, c.comm_bytes,
+    return (max(0, c.gpus - base.gpus), c.precision != base.precision, c.lora != base.lora, c.pcie_bytes, c.comm_bytes,
             c.recompute_forwards, c.micro_steps, knobs_changed)
 
 
@@ -246,6 +267,7 @@ def _single_changes(base: EstimateInputs, max_gpus: int) -> list[tuple[str, str,
     if base.precision == "fp32":
         out.append(("precision=bf16", "bf16", _bf16_fields(base)))
     out += _knob_changes(base)
+    out += _lora_changes(base)
     n = base.world_size
     while n * 2 <= max_gpus:
         n *= 2
@@ -277,6 +299,24 @@ def _fsdp2_changes(base: EstimateInputs) -> list[tuple[str, str, dict[str, Any]]
 _KNOB_LABELS = {"reduce_bucket_size": "reduce bucket", "allgather_bucket_size": "allgather bucket",
                 "prefetch_bucket_size": "prefetch bucket", "max_live_parameters": "max live params",
                 "param_persistence_threshold": "persistence threshold"}
+
+
+def _lora_changes(base: EstimateInputs) -> list[tuple[str, str, dict[str, Any]]]:
+    """With PEFT adapters in play: half the rank, and PEFT's default targets for the family when the
+    setup targets more (fewer adapter parameters, their grads, master copies, optimizer state and
+    activations)."""
+    lora = base.peft
+    if lora is None:
+        return []
+    out = []
+    if lora.r >= 2:
+        out.append((f"lora_r={lora.r // 2}", f"LoRA r {lora.r // 2}", {"peft": replace(lora, r=lora.r // 2)}))
+    family = family_of((base.model_config or {}).get("model_type"))
+    defaults = family.lora_default_targets if family is not None else ()
+    if defaults and lora.target_modules != defaults:
+        out.append((f"lora_target_modules={','.join(defaults)}", f"LoRA on {','.join(defaults)}",
+                    {"peft": replace(lora, target_modules=defaults)}))
+    return out
 
 
 def _knob_changes(base: EstimateInputs) -> list[tuple[str, str, dict[str, Any]]]:
@@ -320,7 +360,7 @@ def _evaluate(base_inp: EstimateInputs, base_peak: PeakAt, base_costs: StepCosts
         est = estimate(inp)
     except MemprofError as e:
         return Change(change, description, None, None, None, None, None, "unknown", None, unknown=str(e))
-    peak, costs = PeakAt.of(est), step_costs(inp, n_params)
+    peak, costs = PeakAt.of(est), _costs_of(inp)
     saved = base_peak.bytes - peak.bytes
     why = None
     # expected of offload: the device's master weights and optimizer state at the peak leave it
@@ -328,7 +368,7 @@ def _evaluate(base_inp: EstimateInputs, base_peak: PeakAt, base_costs: StepCosts
                 if change.startswith("offload_") else 0)
     if saved <= base_peak.bytes // 100 or saved < 0.9 * expected:  # where the bytes went instead
         why = _why_not(base_peak, peak, description)
-        if expected:
+        if expected and saved < 0.9 * expected:
             why += (f" (the master weights and optimizer state at the peak are {format_bytes(expected)}; offload keeps "
                     "DeepSpeed's device-side buffers, and the peak is set by what stays)")
     return Change(change, description, inp, peak, saved, peak.bytes <= usable, est.host_fits,
@@ -409,7 +449,7 @@ def _search(base: EstimateInputs, base_peak: PeakAt, base_costs: StepCosts, usab
         advice.evaluations += 1
         device, host_per_rank = peak_device_and_host_bytes(inp)
         host_ok = base.host_memory_bytes is None or host_per_rank * (inp.world_size // inp.nodes) <= base.host_memory_bytes
-        costs = step_costs(inp, n_params)
+        costs = _costs_of(inp)
         if device <= usable and host_ok:
             changed = sum(getattr(inp, k) != getattr(base, k) for k in _fields_of(base))
             fitting.append((_cost_key(base_costs, costs, changed), change, inp))
@@ -453,7 +493,7 @@ def advise(base: EstimateInputs, max_gpus: int | None = None) -> Advice:
         raise MemprofError(f"--max-gpus {max_gpus} is below the setup's {base.world_size} GPUs: raise --max-gpus")
     usable = int(base.gpu_memory_bytes * (1 - base.headroom))
     est = estimate(base)
-    base_peak, base_costs = PeakAt.of(est), step_costs(base, shape.n_params)
+    base_peak, base_costs = PeakAt.of(est), _costs_of(base)
     smallest_params = min(peak_device_and_host_bytes(base.with_(
         **_smallest_sharding(base), world_size=max_gpus, nodes=1, micro_batch=1,
         gradient_accumulation_steps=base.gradient_accumulation_steps * base.micro_batch,
@@ -473,5 +513,6 @@ def advise(base: EstimateInputs, max_gpus: int | None = None) -> Advice:
                             f"{format_bytes(smallest_params)}, over the usable {format_bytes(usable)}")
     if base.precision != "fp32":
         advice.notes.append("bf16 instead of fp32: not offered, the setup already computes in " + base.precision)
-    advice.notes.append("LoRA rank / targets: not offered: memprof does not model PEFT adapters yet")
+    if base.peft is None:
+        advice.notes.append("LoRA rank / targets: offered when the setup has adapters (--peft-config or --lora-r)")
     return advice

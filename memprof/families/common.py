@@ -128,6 +128,9 @@ class ModelFamily:
     # the parameter-holding modules in ``model.parameters()`` order (PEFT's view: LoRA targets,
     # modules_to_save); None where the family does not list them (LoRA then refused)
     param_modules: Callable[[dict[str, Any]], tuple[ParamModule, ...]] | None = None
+    # PEFT's default LoRA targets for the family (peft/utils/constants.py
+    # TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING): what `memprof advise` offers as fewer targets
+    lora_default_targets: tuple[str, ...] = ()
 
     @property
     def model_types(self) -> tuple[str, ...]:

@@ -586,4 +586,5 @@ FAMILY = ModelFamily(
     shape_fields=gpt2_shape_fields,
     activations=gpt2_activations,
     param_modules=gpt2_param_modules,
+    lora_default_targets=("c_attn",),
 )

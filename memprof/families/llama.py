@@ -709,4 +709,5 @@ FAMILY = ModelFamily(
     shape_fields=llama_shape_fields,
     activations=llama_activations,
     param_modules=llama_param_modules,
+    lora_default_targets=("q_proj", "v_proj"),
 )
