@@ -121,6 +121,11 @@ class Collector:
         """One tensor's storage, owned by ``category``; ``offloaded``: whether its owner keeps it
         offloaded (decides the location on a CPU-only run)."""
         priority = _PRIORITY[category]
+        # a DTensor (FSDP2's sharded params, their grads and optimizer state) has no storage of its
+        # own: its rank-local tensor does (torch DTensor._local_tensor, DTensor.to_local())
+        local = getattr(t, "_local_tensor", None)
+        if local is not None and isinstance(local, torch.Tensor):
+            t = local
         if t.is_meta:
             return
         storage = t.untyped_storage()
