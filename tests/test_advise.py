@@ -142,14 +142,6 @@ ADVISE_CASES = {
     "llama-z2-adamw-gas2": ("llama-tiny", {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
                                            "steps_per_print": 10**6, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                                            "zero_optimization": {"stage": 2}}, 0.75),
-    # ZeRO-3 with HF-sized buckets (reduce/prefetch 4096, persistence 64) and checkpointing already on:
-    # at 85% of its peak the advisor leaves ZeRO-3 for a lower stage
-    "llama-z3-ckpt-small-buckets": ("llama-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                                                   "steps_per_print": 10**6, "activation_checkpointing": {},
-                                                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-                                                   "zero_optimization": {"stage": 3, "reduce_bucket_size": 4096,
-                                                                         "stage3_prefetch_bucket_size": 4096,
-                                                                         "stage3_param_persistence_threshold": 64}}, 0.85),
     # ZeRO-2, micro-batch 1, checkpointing on: nothing left but the stage and offload; at 80% of its
     # peak only optimizer offload fits
     "gpt2-z2-ckpt-offload": ("gpt2-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,

@@ -150,3 +150,24 @@ def test_breakdown_has_every_location_and_category() -> None:
 
 def test_nothing_passed_gives_an_empty_walk() -> None:
     assert owned_storages() == {}
+
+
+def test_module_tree_listed_like_torch() -> None:
+    """The walk's one-pass listing of parameters and buffers (memprof/measure/ownership/plain_torch.py)
+    keeps torch's order and dedup: a shared submodule, a tied weight, a None parameter, and a module
+    class that lists its members its own way (torch's calls are used then)."""
+    from memprof.measure.ownership.plain_torch import module_tensors
+
+    shared = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), shared, torch.nn.BatchNorm1d(3),
+                                torch.nn.Sequential(shared, torch.nn.Linear(3, 3)))
+    model[3][1].weight = model[0].weight  # tied
+
+    class OwnListing(torch.nn.Sequential):
+        def parameters(self, recurse: bool = True):
+            return iter(list(super().parameters(recurse))[::-1])
+
+    for m in (model, OwnListing(*model)):
+        params, buffers = module_tensors(m)
+        assert [id(p) for p in params] == [id(p) for p in m.parameters()]
+        assert [id(b) for b in buffers] == [id(b) for b in m.buffers()]
