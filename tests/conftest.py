@@ -3,6 +3,7 @@ shared memory the launch tests depend on."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Any
 
@@ -12,6 +13,17 @@ from memprof.run.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 from memprof.train.deepspeed_ops import use_venv_extensions_dir
 
 SHM_AT_START = pytest.StashKey[str]()
+LOAD_AT_START = pytest.StashKey[str]()
+
+
+def _load_state() -> str:
+    # launch deadlines stretch with this (tests/launch_helpers.py load_stretch): a failure on a busy
+    # machine says how busy it was
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 def _shm_state() -> str:
@@ -28,6 +40,7 @@ def _shm_state() -> str:
 
 def pytest_sessionstart(session: Any) -> None:
     session.config.stash[SHM_AT_START] = _shm_state()
+    session.config.stash[LOAD_AT_START] = _load_state()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
@@ -36,6 +49,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
     # memory shows up as launches that hang rather than fail: say so in every run's output.
     start = config.stash.get(SHM_AT_START, "unknown")
     terminalreporter.write_line(f"/dev/shm before the tests: {start}; after: {_shm_state()}")
+    load = config.stash.get(LOAD_AT_START, "unknown")
+    terminalreporter.write_line(f"load average before the tests: {load}; after: {_load_state()}")
 
 
 # Launches started by the tests use the ops `make install` compiled into this virtual environment
