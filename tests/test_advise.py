@@ -142,13 +142,6 @@ ADVISE_CASES = {
     "llama-z2-adamw-gas2": ("llama-tiny", {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
                                            "steps_per_print": 10**6, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                                            "zero_optimization": {"stage": 2}}, 0.75),
-    # ZeRO-2, micro-batch 1, checkpointing on: nothing left but the stage and offload; at 80% of its
-    # peak only optimizer offload fits
-    "gpt2-z2-ckpt-offload": ("gpt2-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                                           "steps_per_print": 10**6, "activation_checkpointing": {},
-                                           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-                                           "zero_optimization": {"stage": 2, "reduce_bucket_size": 4096,
-                                                                 "allgather_bucket_size": 4096}}, 0.8),
 }
 SEQ = 64
 
