@@ -57,7 +57,11 @@ def run_training(config: TrainConfig) -> int:
         # `memprof report <out>` reads the rank files.
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"train.py: rank {rank}: out of memory: {first_line}", file=sys.stderr, flush=True)
-        return EXIT_OUT_OF_MEMORY
+        # No teardown collective is possible here (peers may be blocked in one), so interpreter
+        # shutdown could race gloo's worker threads (memprof.run_teardown) and turn exit 3 into
+        # SIGABRT: leave without it, the rank file already written and the streams flushed.
+        sys.stdout.flush()
+        os._exit(EXIT_OUT_OF_MEMORY)
 
     # 6. The estimate, every rank's records gathered into memprof.json (collective), rank 0 reports.
     # ... then the run's last collective, and the process group goes (memprof.run_teardown: why
