@@ -235,8 +235,8 @@ def test_trainer_without_deepspeed_resident_states(which: str, request: pytest.F
         assert rest["optimizer_state"] == 2 * FP32 * P + 4 * len(NUMELS)
         assert rest["grads"] == 0 and rest["master_params"] == 0
         # DDP's Reducer buckets: one fp32 element per (deduplicated) parameter, for the whole run;
-        # comm_buffers where memprof names them (the allocator hook), other where the dispatch-mode
-        # tracker (multi-rank CPU runs) counts their storages itself
+        # comm_buffers where memprof names them (the allocator hook, every run's default), other
+        # where the dispatch-mode fallback tracker counts their storages itself
         if which == "ddp":
             tracker = rank["diagnostics"]["cpu_tracker"]
             assert (rest["comm_buffers"] if tracker == "allocator hook" else rest["other"]) >= FP32 * P
