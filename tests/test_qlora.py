@@ -83,6 +83,7 @@ def test_shape_holds_the_packed_weights(storage, itemsize, double):
     assert shape.quant_state_bytes == state_bytes(double)
     assert shape.trainable.n_params == ADAPTERS
     assert shape.n_params == UNQUANTIZED + ADAPTERS + packed_bytes() // itemsize
+    assert shape.model_n_params == UNQUANTIZED + ADAPTERS + sum(WEIGHTS)
 
 
 def _inputs(stage=0, precision="fp32", world=1, **quant) -> EstimateInputs:
@@ -261,6 +262,9 @@ def test_real_4bit_model_holds_the_derived_bytes(saved_llama, quant):
     assert len(numels) == len(WEIGHTS) and type(model.base_model.model.lm_head).__name__ == "Linear"
     assert shape.param_numels == tuple(p.numel() for p in model.parameters())  # packed counts in parameters() order
     assert shape.quant_state_bytes == state
+    # the model's own config (what a run records) carries the same quantization_config
+    recorded = model.config.to_dict()["quantization_config"]
+    assert model_shape({**LLAMA, "quantization_config": recorded}, None, ALL) == shape
 
 
 @needs_bnb

@@ -86,6 +86,12 @@ class ModelShape:
             return 0
         return sum(quant_state_bytes(n, self.quantization) for n in self.quantized_numels)
 
+    @functools.cached_property
+    def model_n_params(self) -> int:
+        """The model's own parameter count: ``n_params`` with each 4-bit weight counted by its
+        elements, not by its packed storage's (``n_params`` without quantization)."""
+        return self.n_params - self.quant_packed_numel + sum(self.quantized_numels)
+
     def frozen_bytes(self, e: int) -> int:
         """Bytes of the frozen parameters held whole: ``e`` per element (the compute dtype DeepSpeed
         casts them to), the packed 4-bit weights at their storage dtype's size (a uint8 storage is no
