@@ -306,3 +306,18 @@ def test_training_step_measured(saved_llama, tmp_path):
     for ph in ("forward", "backward"):
         m, e = measured[ph]["peak_total"], sum(est.phases[ph]["device"].values())
         assert abs(m - e) <= 0.03 * m, (ph, m, e)
+
+
+def test_launcher_refuses_a_quantized_config(tmp_path):
+    """launch/train.py builds the model from its config unquantized: a quantization_config is refused
+    in one line (its run's estimate would otherwise model a 4-bit base that was never built)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA, "quantization_config": qc()}))
+    p = subprocess.run([sys.executable, str(repo / "launch" / "train.py"), "--deepspeed_config",
+                        str(repo / "configs" / "demo.json"), "--model-config", str(path), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, cwd=repo)
+    assert p.returncode == 2 and "quantization_config" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "out").exists()
