@@ -226,7 +226,7 @@ def saved_llama(tmp_path_factory):
     return path
 
 
-def _load_4bit(path, quant: dict):
+def _load_4bit(path, quant: dict, lora: LoraSetup = ALL):
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -236,7 +236,7 @@ def _load_4bit(path, quant: dict):
     bnb = BitsAndBytesConfig(**{k: v for k, v in quant.items() if not k.startswith("_") and k != "quant_method"})
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu", dtype=torch.float32)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return wrap_with_peft(model, ALL.to_json())
+    return wrap_with_peft(model, lora.to_json())
 
 
 @needs_bnb
@@ -265,6 +265,26 @@ def test_real_4bit_model_holds_the_derived_bytes(saved_llama, quant):
     # the model's own config (what a run records) carries the same quantization_config
     recorded = model.config.to_dict()["quantization_config"]
     assert model_shape({**LLAMA, "quantization_config": recorded}, None, ALL) == shape
+
+
+@needs_bnb
+def test_gpt2_conv1d_weights_measured(tmp_path):
+    """GPT-2's Conv1D layers are quantized too (replace_with_bnb_linear; the weight transposed
+    first): the loaded model's parameters and QuantState bytes are the estimate's."""
+    pytest.importorskip("peft")
+    from memprof.measure.ownership.plain_torch import quant_state_tensors
+    from memprof.train.model import build_model
+
+    gpt2 = PRESETS["gpt2-tiny"]
+    build_model(gpt2, seed=0).save_pretrained(tmp_path)
+    quant, lora = qc("nf4", True, "uint8"), LoraSetup(r=4, target_modules=("c_attn", "c_fc"))
+    model = _load_4bit(tmp_path, quant, lora)
+    params = list(model.parameters())
+    state = sum(t.untyped_storage().nbytes() for p in params if type(p).__name__ == "Params4bit"
+                for t in quant_state_tensors(p.quant_state))
+    shape = model_shape({**gpt2, "quantization_config": quant}, None, lora)
+    assert shape.param_numels == tuple(p.numel() for p in params)
+    assert len(shape.quantized_numels) == 4 * gpt2["n_layer"] and shape.quant_state_bytes == state
 
 
 @needs_bnb
