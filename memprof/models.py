@@ -117,6 +117,11 @@ def validate_launchable(config: dict[str, Any], name: str) -> None:
             f"{where} has model_type {model_type!r}: the launcher builds {', '.join(SUPPORTED_MODEL_TYPES)} models only"
         )
     family.check_launchable(config, where)
+    if config.get("quantization_config") is not None:
+        # the launcher builds the model from its config, unquantized; its run's estimate would read
+        # the quantization_config and model a 4-bit base that was never built
+        raise MemprofError(f"{where} has a quantization_config: the launcher trains unquantized models only "
+                           "(a 4-bit QLoRA base is estimated by memprof estimate / plan / advise, not launched)")
     vocab = family.vocab_size(config)
     # Tokens are raw UTF-8 bytes (ids 0..255), so the embedding table needs at least 256 rows.
     if not isinstance(vocab, int) or vocab < 256:

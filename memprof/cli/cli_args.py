@@ -41,6 +41,14 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
                    "LoRA adapters train, the model is frozen")
     p.add_argument("--lora-r", type=positive_int("--lora-r"), help="LoRA rank (over --peft-config's r)")
     p.add_argument("--lora-target-modules", help="LoRA target modules, e.g. q_proj,v_proj or all-linear (over --peft-config's)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA: the model's Linear layers loaded in 4 bits by bitsandbytes (BitsAndBytesConfig(load_in_4bit=True); "
+                   "a config.json's quantization_config is read without it); needs LoRA adapters")
+    p.add_argument("--bnb-4bit-quant-type", help="nf4 or fp4 (BitsAndBytesConfig's default fp4; same bytes)")
+    p.add_argument("--bnb-4bit-double-quant", action="store_true", help="bnb_4bit_use_double_quant: quantize the absmax too")
+    p.add_argument("--bnb-4bit-quant-storage", help="bnb_4bit_quant_storage: uint8 (default), bfloat16, float16, float32, ... "
+                   "(ZeRO-3 needs the compute precision's dtype)")
+    p.add_argument("--bnb-4bit-compute-dtype", help="bnb_4bit_compute_dtype: float32 (default), bfloat16 or float16")
     p.add_argument("--loss", choices=("hf", "trl-fused-head"), default=None,
                    help="hf (the ForCausalLM loss over B*S*V logits; default) or trl-fused-head (TRL's trainers: "
                    "chunked log-probs, no logits)")
@@ -155,7 +163,18 @@ def _setup_flags(args: argparse.Namespace, world_size: int | None) -> SetupFlags
         offload_param=_choice(args.offload_param, OFFLOAD_DEVICES, "--offload-params device"),
         peft_config=getattr(args, "peft_config", None), lora_r=getattr(args, "lora_r", None),
         lora_target_modules=getattr(args, "lora_target_modules", None),
-        loss_implementation=(getattr(args, "loss", None) or "hf").replace("-", "_"), **_fsdp2_flags(args))
+        loss_implementation=(getattr(args, "loss", None) or "hf").replace("-", "_"), **_fsdp2_flags(args),
+        **_bnb_4bit_flags(args))
+
+
+def _bnb_4bit_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--load-in-4bit and --bnb-4bit-* as SetupFlags fields (checked by memprof.quant_config)."""
+    quant_type = getattr(args, "bnb_4bit_quant_type", None)
+    return {"load_in_4bit": bool(getattr(args, "load_in_4bit", False)),
+            "bnb_4bit_quant_type": None if quant_type is None else quant_type.lower(),
+            "bnb_4bit_double_quant": bool(getattr(args, "bnb_4bit_double_quant", False)),
+            "bnb_4bit_quant_storage": getattr(args, "bnb_4bit_quant_storage", None),
+            "bnb_4bit_compute_dtype": getattr(args, "bnb_4bit_compute_dtype", None)}
 
 
 def _fsdp2_flags(args: argparse.Namespace) -> dict[str, Any]:

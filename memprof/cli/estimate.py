@@ -63,7 +63,10 @@ def fits_line(est: Estimate) -> str | None:
 def render(est: Estimate) -> None:
     console = output_console()
     inp = est.inputs
-    model = f"{inp.model_name} ({est.shape.n_params:,} params)" if inp.model_name else f"{est.shape.n_params:,} parameters"
+    shape = est.shape
+    counted = (f"{shape.model_n_params:,} params, {sum(shape.quantized_numels):,} of them in 4 bits"
+               if shape.quantization is not None else f"{shape.n_params:,} params")
+    model = f"{inp.model_name} ({counted})" if inp.model_name else f"{shape.n_params:,} parameters"
     console.print(f"[bold]memprof estimate[/bold]: {model}, {engine_label(inp)}, "
                   f"{inp.precision}, {inp.optimizer}, world size {inp.world_size}, layout {inp.layout}")
     verdict = fits_line(est)

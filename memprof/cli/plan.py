@@ -60,6 +60,11 @@ def main(argv: list[str]) -> int:
              format_bytes(r.host_bytes_per_node), "yes" if r.fits else "no",
              str(r.largest_micro_batch or "-"), str(r.fewest_gpus or "-")] for r in result.rows]
     print_tables(console, columns, rows)
+    reasons: dict[str, list[str]] = {}
+    for label, reason in result.refused:
+        reasons.setdefault(reason, []).append(label)
+    for reason, labels in reasons.items():
+        console.print(f"not planned: {'; '.join(labels)} ({reason})", soft_wrap=True)
     best = result.cheapest
     if best is None:
         console.print("nothing fits" + (", even on model states alone" if result.model_states_only else "")

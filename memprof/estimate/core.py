@@ -23,6 +23,7 @@ from memprof.estimate.model_shapes import ModelShape, model_shape, shape_of
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
 from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
+from memprof.estimate.quant_terms import quantization_assumptions
 from memprof.estimate.result import Estimate, RankEstimate
 from memprof.estimate.trainer_terms import FusedHeadBytes, scored_positions, trl_fused_head_bytes
 
@@ -116,8 +117,10 @@ def _rest_with_loop(lay: StateLayout, inp: EstimateInputs, acts: Activations | N
 def _buffer_bytes(shape: ModelShape) -> int:
     """Module buffers (the Llama family's rotary inv_freq, original_inv_freq): on the device at
     every stage, fp32 even under bf16/fp16 (DeepSpeed's engine casts parameters only,
-    engine._configure_distributed_model); the ownership walk counts them as params."""
-    return FP32 * shape.buffer_numel
+    engine._configure_distributed_model); the ownership walk counts them as params. A 4-bit
+    base's QuantState tensors likewise (no parameters: no cast, no ZeRO partition; the ownership
+    walk counts them as params too): ModelShape.quant_state_bytes."""
+    return FP32 * shape.buffer_numel + shape.quant_state_bytes
 
 
 def reference_model_bytes(inp: EstimateInputs) -> int:
@@ -268,6 +271,7 @@ def estimate(inputs: EstimateInputs) -> Estimate:
 
     ranks, layout_notes = _model_ranks(inputs, shape, acts)
     assumptions += _frozen_assumptions(inputs, shape)
+    assumptions += quantization_assumptions(inputs, shape)
     if inputs.reference_model is not None:
         assumptions.append(
             f"reference model (DPO): {reference_model_bytes(inputs):,} bytes of frozen parameters per rank in "

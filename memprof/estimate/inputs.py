@@ -22,6 +22,7 @@ from memprof.estimate.settings import (
 )
 from memprof.optimizers import OPTIMIZERS
 from memprof.peft_config import LoraSetup
+from memprof.quant_config import bnb_4bit_from_quantization_config, check_4bit_training
 from memprof.units import is_positive_int
 
 __all__ = [
@@ -152,6 +153,7 @@ def validate_inputs(inp: EstimateInputs) -> None:
         raise MemprofError(f"unknown optimizer {inp.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if inp.precision not in PRECISIONS:
         raise MemprofError(f"unknown precision {inp.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _check_quantization(inp)
     _positive_int(inp.micro_batch, "micro-batch", "--micro-batch 1")
     _positive_int(inp.gradient_accumulation_steps, "gradient accumulation steps", "--gradient-accumulation-steps 1")
     if inp.seq_len is not None:
@@ -191,6 +193,20 @@ def validate_inputs(inp: EstimateInputs) -> None:
         raise MemprofError("parameter offload needs ZeRO stage 3: use --zero-stage 3 or --offload-params none")
     if z.offload_optimizer != "none" and inp.zero_stage == 0:
         raise MemprofError("optimizer offload needs ZeRO stage 1, 2 or 3: raise --zero-stage or use --offload-optimizer none")
+
+
+def _check_quantization(inp: EstimateInputs) -> None:
+    """A 4-bit base (the model config's quantization_config) only where memprof models it
+    (memprof.quant_config.check_4bit_training); a 4-bit reference model is not modelled."""
+    ref = inp.reference_model
+    if isinstance(ref, dict) and bnb_4bit_from_quantization_config(ref.get("quantization_config")) is not None:
+        raise MemprofError("a 4-bit reference model is not modelled: give --reference-model a config without "
+                           "quantization_config")
+    cfg = inp.model_config
+    setup = bnb_4bit_from_quantization_config(cfg.get("quantization_config"), "model config quantization_config") \
+        if isinstance(cfg, dict) else None
+    if setup is not None:
+        check_4bit_training(setup, inp.precision, inp.zero_stage, Engine(inp.engine).value, setup.source)
 
 
 def _positive_int(value: Any, what: str, example: str) -> None:

@@ -19,9 +19,11 @@ from typing import Any
 
 from memprof.errors import MemprofError
 from memprof.estimate.lora_shape import apply_lora
+from memprof.estimate.quant_shape import apply_bnb_4bit
 from memprof.families import family_of
 from memprof.families.common import LoraQuery, ModelFamily
 from memprof.peft_config import LoraSetup
+from memprof.quant_config import Bnb4bitSetup, bnb_4bit_from_quantization_config, packed_numel, quant_state_bytes
 
 # a module inside decoder layer N: "model.layers.3.self_attn.q_proj", "transformer.h.0.attn.c_attn"
 _LAYER_MODULE = re.compile(r"\.(\d+)\.(.+)$")
@@ -63,6 +65,40 @@ class ModelShape:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()  # the wrapped modules' names, in parameters() order
     lora_frozen_rest: bool = False  # every non-adapter parameter frozen (bias none, no modules_to_save)
+    # a bitsandbytes 4-bit base (memprof.estimate.quant_shape): its setup, and each quantized
+    # weight's own element count (its ``param_numels`` entry holds the packed Params4bit's
+    # elements of ``quant_storage``); None / empty without quantization
+    quantization: Bnb4bitSetup | None = None
+    quantized_numels: tuple[int, ...] = ()
+
+    @functools.cached_property
+    def quant_packed_numel(self) -> int:
+        """Elements of the packed Params4bit parameters, in quant_storage (all frozen)."""
+        if self.quantization is None:
+            return 0
+        return sum(packed_numel(n, self.quantization.storage_itemsize) for n in self.quantized_numels)
+
+    @functools.cached_property
+    def quant_state_bytes(self) -> int:
+        """Bytes of the quantized weights' QuantState tensors (absmax, code tables, double
+        quantization's nested state): no parameters, so whole on every rank at every stage."""
+        if self.quantization is None:
+            return 0
+        return sum(quant_state_bytes(n, self.quantization) for n in self.quantized_numels)
+
+    @functools.cached_property
+    def model_n_params(self) -> int:
+        """The model's own parameter count: ``n_params`` with each 4-bit weight counted by its
+        elements, not by its packed storage's (``n_params`` without quantization)."""
+        return self.n_params - self.quant_packed_numel + sum(self.quantized_numels)
+
+    def frozen_bytes(self, e: int) -> int:
+        """Bytes of the frozen parameters held whole: ``e`` per element (the compute dtype DeepSpeed
+        casts them to), the packed 4-bit weights at their storage dtype's size (a uint8 storage is no
+        floating dtype, so engine._cast_module_mixed_precision leaves it alone)."""
+        packed = self.quant_packed_numel
+        itemsize = self.quantization.storage_itemsize if self.quantization is not None else e
+        return (self.frozen_numel - packed) * e + packed * itemsize
 
     @functools.cached_property
     def lora_query(self) -> LoraQuery | None:
@@ -287,8 +323,19 @@ def _model_shape_cached(cfg_json: str | None, n_params: int | None, lora: LoraSe
         return ModelShape(param_numels=(int(n_params),))
     model_type = cfg.get("model_type")
     family = family_of(model_type)
+    quant = bnb_4bit_from_quantization_config(cfg.get("quantization_config"), "model config quantization_config")
+    if quant is not None and family is None:
+        raise MemprofError(f"4-bit quantization of model_type {model_type!r} is not modelled (no family file)")
     if family is not None and lora is not None:
-        return ModelShape(**apply_lora(family.shape_fields(cfg), cfg, lora, family))
+        fields = family.shape_fields(cfg)
+        if quant is not None:
+            fields = apply_bnb_4bit(fields, cfg, quant, family, lora)
+        return ModelShape(**apply_lora(fields, cfg, lora, family))
+    if quant is not None:
+        # transformers 5.25 trainer_utils.validate_quantization_for_training: "You cannot perform
+        # fine-tuning on purely quantized models"
+        raise MemprofError("a 4-bit base trains only through adapters (transformers' Trainer refuses a purely quantized "
+                           "model): add --peft-config or --lora-r with --lora-target-modules")
     if family is not None:
         return ModelShape(**family.shape_fields(cfg))
     if lora is not None:

@@ -88,6 +88,8 @@ class Plan:
     evaluations: int = 0
     activations_not_estimated: str | None = None
     """Set when the plan fits model states only: why the activations are not in its peaks."""
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """(label, one-line reason) of the candidates the setup rules out (e.g. ZeRO-3 with a uint8 4-bit storage)."""
 
     @property
     def model_states_only(self) -> bool:
@@ -111,6 +113,7 @@ class Plan:
             "cheapest": best.to_json() if best else None,
             "rows": [r.to_json() for r in self.rows],
             "evaluations": self.evaluations,
+            "refused": [{"label": label, "reason": reason} for label, reason in self.refused],
         }
 
 
@@ -184,6 +187,12 @@ def plan(base: EstimateInputs, gpus: int, max_gpus: int | None = None, model_sta
     sweep: list[Candidate] = ([(0, "none", "none", f) for f in fsdp2_candidates(base.fsdp2)]
                               if base.engine == Engine.FSDP2 else [(*c, None) for c in candidates()])
     for c in sweep:
+        try:  # a candidate the setup rules out (memprof.estimate.inputs.validate_inputs) is no row
+            replace(base, zero_stage=c[0], zero=replace(base.zero, offload_optimizer=c[1], offload_param=c[2]))
+        except MemprofError as e:
+            offload = ", ".join(f"{what}->cpu" for what, dev in (("optimizer", c[1]), ("params", c[2])) if dev != "none")
+            out.refused.append((f"ZeRO-{c[0]}" + (f" + offload {offload}" if offload else ""), str(e)))
+            continue
         p, host = peaks(c, gpus, base.micro_batch)
         largest = _largest(lambda mb, c=c: fits(c, gpus, mb))
         fewest = fewest_gpus(c)

@@ -20,6 +20,7 @@ from typing import Any
 from memprof.dsconfig import DeepSpeedSettings, ZeroKnobs, read_deepspeed_config
 from memprof.errors import MemprofError
 from memprof.peft_config import lora_setup_from_flags, read_peft_config
+from memprof.quant_config import quantization_config_from_flags
 from memprof.units import is_positive_int
 
 
@@ -48,6 +49,12 @@ class SetupFlags:
     reshard_after_forward: bool | None = None
     param_dtype: str | None = None
     reduce_dtype: str | None = None
+    # --load-in-4bit and its --bnb-4bit-* flags: a quantization_config laid over the model config's
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str | None = None
+    bnb_4bit_double_quant: bool = False
+    bnb_4bit_quant_storage: str | None = None
+    bnb_4bit_compute_dtype: str | None = None
 
 
 def settings_from_setup(
@@ -94,7 +101,21 @@ def settings_from_setup(
                      "Trainer's torch.optim.AdamW): estimated with --optimizer's choice, default adamw (add "
                      "--torch-adam for torch's AdamW)")
     out["config_notes"] = tuple(notes) + out["config_notes"]
+    _with_quantization(out, flags, model_config)
     return _with_fsdp2(_with_flags(out, flags), flags, fsdp2_from_yaml, deepspeed_config)
+
+
+def _with_quantization(fields: dict[str, Any], flags: SetupFlags, model_config: dict[str, Any] | None) -> None:
+    """``--load-in-4bit`` (and ``--bnb-4bit-*``): the ``quantization_config`` BitsAndBytesConfig
+    would write, laid into the model config (over one the config.json carries), so the model's
+    shape reads it where it reads a config file's (memprof.estimate.model_shapes)."""
+    qc = quantization_config_from_flags(flags.load_in_4bit, flags.bnb_4bit_quant_type, flags.bnb_4bit_double_quant,
+                                        flags.bnb_4bit_quant_storage, flags.bnb_4bit_compute_dtype)
+    if qc is None:
+        return
+    if not isinstance(model_config, dict):
+        raise MemprofError("--load-in-4bit needs the model's shape: pass --model PRESET or --model-config PATH, not --params")
+    fields["model_config"] = {**model_config, "quantization_config": qc}
 
 
 _FSDP2_FLAGS = (("reshard_after_forward", "--reshard-after-forward"), ("param_dtype", "--param-dtype"),

@@ -31,7 +31,7 @@ def ddp_layout(s: LayoutSetup, out: StateLayout) -> None:
     """The model states of ``s.rank`` under DDP (every rank alike): parameters, the gradient
     buckets, the optimizer's state; ``param.grad`` from backward's end through the step."""
     inp, e, total = s.inp, s.e, s.t_total  # total: the trainable parameters (all, in full fine-tuning)
-    out.add("device", P, s.total * e)  # every parameter, frozen ones too
+    out.add("device", P, total * e + s.frozen_bytes)  # every parameter, frozen ones too (4-bit ones packed)
     # the Reducer's buckets: one element per trainable parameter (DistributedDataParallel
     # _build_params_for_reducer keeps parameters with requires_grad only)
     out.add("device", C, total * e)

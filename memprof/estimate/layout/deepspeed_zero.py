@@ -119,8 +119,9 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     ``_configure_fp16_optimizer``); gradients are all-reduced by ``buffered_allreduce_fallback``."""
     inp, e, total = s.inp, s.e, s.t_total  # total: the trainable parameters (all, in full fine-tuning)
     # every parameter, frozen ones too, in the compute dtype (engine._configure_distributed_model
-    # casts them all: _cast_module_mixed_precision); only trainable ones get grads, master, state
-    out.add("device", P, s.total * e)
+    # casts them all: _cast_module_mixed_precision; a 4-bit base's uint8 storage is no floating
+    # dtype and stays packed); only trainable ones get grads, master, state
+    out.add("device", P, total * e + s.frozen_bytes)
     if e < FP32:
         # engine._do_optimizer_sanity_check: bf16/fp16 at stage 0 -> FP16_Optimizer (FusedAdam) or
         # FP16_UnfusedOptimizer (any other): fp32 copies of every param, per tensor or flat
@@ -157,8 +158,9 @@ def _stage12_resident(s: LayoutSetup, out: StateLayout, opt_loc: str, pinned: bo
     out.add("device", P, padded * e)  # bit16_groups_flat (fp32 in fp32 mode), padding included
     if s.frozen:
         # bit16_groups holds trainable parameters only (__init__: is_optimized_parameter): a frozen
-        # parameter stays a whole module tensor on every rank, in the compute dtype
-        out.add("device", P, s.frozen * e)
+        # parameter stays a whole module tensor on every rank, in the compute dtype (a 4-bit
+        # weight packed in its quant_storage)
+        out.add("device", P, s.frozen_bytes)
     out.add(opt_loc, M, _host_bytes(s, part * FP32, pinned))  # single_partition_of_fp32_groups (pinned: :565)
     out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part, 1, step_tensors=s.step_tensors))
     return part

@@ -97,6 +97,12 @@ class LayoutSetup:
         """Elements of the frozen parameters (0 in full fine-tuning)."""
         return self.shape.frozen_numel
 
+    @property
+    def frozen_bytes(self) -> int:
+        """Bytes of the frozen parameters held whole (``frozen * e``; a 4-bit base's packed
+        weights at their quant_storage size: ModelShape.frozen_bytes)."""
+        return self.shape.frozen_bytes(self.e)
+
 
 @dataclass(frozen=True)
 class EngineLayout:

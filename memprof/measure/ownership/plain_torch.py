@@ -46,6 +46,14 @@ def module_tensors(module: torch.nn.Module) -> tuple[list[torch.Tensor], list[to
     return params, buffers
 
 
+def quant_state_tensors(quant_state: Any) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes ``QuantState`` (functional.py): ``absmax``, ``code``,
+    ``offset`` and, with double quantization, ``state2``'s ``absmax`` and ``code``."""
+    states = [quant_state, getattr(quant_state, "state2", None)]
+    return [t for s in states if s is not None for t in (getattr(s, "absmax", None), getattr(s, "code", None),
+                                                         getattr(s, "offset", None)) if isinstance(t, torch.Tensor)]
+
+
 def walk_module(col: Collector, module: torch.nn.Module, offload_param: bool) -> None:
     """The model's parameters: compute copies, their ZeRO-3 partitions, and their gradients."""
     params, buffers = module_tensors(module)
@@ -62,6 +70,11 @@ def walk_module(col: Collector, module: torch.nn.Module, offload_param: bool) ->
         # the flat bit16 buffer at stage 1/2); at ZeRO-3 non-empty only while gathered or
         # persistent (free_param sets `param.data = torch.empty(0)`).
         add_tensor(p, PARAMS, False)
+        # bitsandbytes' Params4bit: its QuantState (absmax, code table, double quantization's
+        # nested state) is no parameter but belongs to the packed weight (memprof.quant_config)
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None:
+            add(quant_state_tensors(quant_state), PARAMS, False)
         add(p.grad, GRADS, False)
         # stage_1_and_2.py: `param.grad_accum` holds the fp32 accumulation of a low-precision grad
         # (use_grad_accum_attribute, ZeRO-1 with grad_accum_dtype != param dtype).
