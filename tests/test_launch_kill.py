@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from launch_helpers import run_group
+from launch_helpers import launch_failure, run_group
 
 from memprof.run.files import load_run, read_rank_lines
 
@@ -34,6 +34,9 @@ def test_killed_rank_leaves_readable_files(tmp_path: Path) -> None:
     )
     assert result.returncode != 0, "the launcher must report a rank that died"
     assert not (out / "memprof.json").exists()  # no gather happened: the files are all there is
+    # a launch that failed before the kill (not the failure this test is about) says so with its ranks' lines
+    assert sorted(p.name for p in out.glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"], \
+        launch_failure(result, "the killed-rank launch")
 
     run = load_run(out)  # reads rank<R>.jsonl files; raises on anything unreadable
     assert [r["rank"] for r in run["ranks"]] == [0, 1] and run["missing_ranks"] == []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import enum
 import platform
 from collections.abc import Mapping
 from importlib import metadata
@@ -94,8 +95,10 @@ def _json_value(value: Any) -> Any:
     """A PeftConfig field as JSON (enum -> its value, set -> sorted list, anything else odd -> str)."""
     if isinstance(value, (set, frozenset)):
         return sorted(str(v) for v in value)
-    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
-        return value.value
+    # an Enum first: peft's PeftType / TaskType are `str` subclasses, which the str test below would
+    # pass through as the enum itself (its str() is "PeftType.LORA", which no reader knows)
+    if isinstance(value, enum.Enum):
+        return _json_value(value.value)
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, (list, tuple)):
