@@ -241,7 +241,7 @@ def test_sweep_page(browser, reports):
         ".map(tr => [tr.cells[1].textContent,"
         " tr.cells[2].textContent, tr.querySelector('td[data-kind=\"formula\"]').dataset.bytes])")
     table = {(s, n): int(b) for s, n, b in formula if b is not None}
-    assert table[("3", "4")] == 4 * P_TINY and table[("0", "2")] == 16 * P_TINY
+    assert table[("ZeRO-3", "4")] == 4 * P_TINY and table[("ZeRO-0", "2")] == 16 * P_TINY
     zero = {t["name"]: t for t in chart_data(browser, "sweep-zero-0")}
     assert zero["ZeRO-2 paper formula"]["x"] == [1, 2, 4]
     assert zero["ZeRO-2 paper formula"]["y"] == pytest.approx([(4 + 12 / n) * P_TINY / MIB for n in (1, 2, 4)], rel=1e-5)
