@@ -187,6 +187,10 @@ def test_fsdp2_knobs_in_the_label_and_settings():
     assert s["offload"] == "params cpu (CPUOffloadPolicy)"
     summary = {r["field"]: r["value"] for r in run["summary"]}
     assert summary["Offload"].startswith("params: cpu (CPUOffloadPolicy")
+    # a run that also records a precision (accelerate's mixed_precision): the fsdp2 record decides, as
+    # inputs_from_run does
+    doc["run"]["precision"] = "fp32"
+    assert " · bf16 · " in build_report_data([doc])["runs"][0]["label"]
     groups_differ = build_report_data([_fsdp2_variant(reshard_after_forward=None)])["runs"][0]
     assert "reshard_after_forward=mixed" in groups_differ["label"]
 

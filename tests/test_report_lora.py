@@ -4,6 +4,12 @@ The LoRA run document is REAL: ``launch/train.py --peft-config`` on 2 gloo CPU r
 LoRA r=4 on c_attn (lora_dropout 0.05), ZeRO-2, AdamW, fp32, 2 steps
 (tests/fixtures/make_engine_fixtures.py). Expected counts are derived here from gpt2-tiny's layer
 shapes and PEFT's adapter shapes (lora_A: r x in, lora_B: out x r per target), not read from memprof.
+
+The launcher stored no estimate in it ("train.py: warning: no estimate recorded (MemprofError: the
+run's peft_config: peft_type <PeftType.LORA: 'LORA'> is not modelled (only LORA))": at the end of the
+run ``run["peft_config"]["peft_type"]`` is still peft's str-enum, which memprof.run.facts._json_value
+passes through; in the written JSON it is "LORA"), so the report shows the estimate of the recorded
+setup computed now (``estimate_missing``, what ``memprof report`` does) and says so.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def raw() -> dict:
 
 @pytest.fixture(scope="module")
 def lora_run() -> dict:
-    return build_report_data([load_run(LORA)], [LORA.name])["runs"][0]
+    return build_report_data([load_run(LORA)], [LORA.name], estimate_missing=True)["runs"][0]
 
 
 def test_the_fixture_is_what_it_claims():
@@ -47,6 +53,14 @@ def test_the_fixture_is_what_it_claims():
     assert run["peft_config"]["r"] == R and run["peft_config"]["target_modules"] == ["c_attn"]
     assert run["peft_config"]["lora_dropout"] == 0.05 and run["zero_stage"] == 2 and run["world_size"] == N
     assert (run["n_trainable_params"], run["n_frozen_params"]) == (ADAPTERS, P_TINY)
+    assert run["n_params"] == ADAPTERS + P_TINY and raw()["estimate"] is None
+
+
+def test_without_an_estimate_the_split_is_the_recorded_one_only():
+    run = build_report_data([load_run(LORA)])["runs"][0]
+    p = run["parameters"]
+    assert p["estimated"] is None and p["recorded"]["trainable"] == ADAPTERS and p["split"]
+    assert not run["has_estimate"] and run["overhead"]["estimated"]["opt_bytes_per_trainable_param"] is None
 
 
 def test_trainable_and_frozen_counts_recorded_and_estimated(lora_run):
@@ -55,6 +69,7 @@ def test_trainable_and_frozen_counts_recorded_and_estimated(lora_run):
             "trainable_share": pytest.approx(ADAPTERS / (ADAPTERS + P_TINY))}
     assert p["recorded"] == want  # requires_grad, counted by the launcher
     assert p["estimated"] == want  # ModelShape.trainable_mask, from the adapter config
+    assert lora_run["estimate_origin"]["kind"] == "computed"
     assert p["split"] and "bytes are not split" in p["bytes_note"]
     rows = {r["field"]: r["value"] for r in lora_run["summary"]}
     assert rows["Parameters"].endswith(f"({ADAPTERS:,} trainable, {P_TINY:,} frozen; recorded)")
@@ -107,17 +122,18 @@ def test_frozen_parameters_without_adapters_and_other_target_forms():
 
 def test_sweep_of_lora_beside_full_fine_tuning():
     full = synthetic_run(world_size=2, steps=2, stage=2)
-    data = build_report_data([load_run(LORA), full], [LORA.name, "full"])
+    data = build_report_data([load_run(LORA), full], [LORA.name, "full"], estimate_missing=True)
     table = data["sweep"]["parameters"]
     assert [t["label"] for t in table] == [r["label"] for r in data["runs"]]
     assert table[0]["recorded"]["trainable"] == ADAPTERS and table[0]["adapter"].startswith("LoRA r=4")
+    assert table[0]["estimated"]["frozen"] == P_TINY and table[0]["opt_bytes_per_trainable_param"] == 8.0
     assert table[1]["recorded"] is None and table[1]["adapter"] is None
     # a sweep without adapters or frozen parameters has no such table
     assert build_report_data([full, copy.deepcopy(full)])["sweep"]["parameters"] is None
 
 
 def test_the_page_shows_the_counts_and_the_adapters(tmp_path):
-    html = write_report([load_run(LORA)], tmp_path / "r.html").read_text()
+    html = write_report([load_run(LORA)], tmp_path / "r.html", estimate_missing=True).read_text()
     for kind, (recorded, estimated) in {"trainable": (ADAPTERS, ADAPTERS), "frozen": (P_TINY, P_TINY)}.items():
         row = html[html.index(f'<tr data-kind="{kind}">'):]
         row = row[:row.index("</tr>")]

@@ -46,15 +46,14 @@ def engine_of(run: dict[str, Any]) -> str:
 
 
 def precision_of(run: dict[str, Any]) -> str | None:
-    """The compute precision: the run's own ``precision``; for FSDP2 without one, param_dtype,
-    else the sharded parameters' dtype (as inputs_from_run)."""
-    if run.get("precision") is not None:
-        return str(run["precision"])
+    """The compute precision, as inputs_from_run takes it: for FSDP2 the record's param_dtype, else
+    its sharded parameters' dtype; else (or when the record has neither) the run's ``precision``."""
     if engine_of(run) == FSDP2:
         rec = run["fsdp2"]
         dtype = rec.get("param_dtype") or rec.get("sharded_dtype")
-        return TORCH_DTYPES.get(str(dtype), None if dtype is None else str(dtype))
-    return None
+        if dtype is not None:
+            return TORCH_DTYPES.get(str(dtype), str(dtype))
+    return None if run.get("precision") is None else str(run["precision"])
 
 
 def model_name(run: dict[str, Any]) -> str:
