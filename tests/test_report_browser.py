@@ -19,6 +19,7 @@ from memprof.run.files import load_run
 FIX = Path(__file__).parent / "fixtures" / "report"
 MIB = 2**20
 P_TINY = 149_248  # gpt2-tiny's parameters (derived in test_report_data.py)
+ENGINE_RUNS = ("fsdp2_gpt2_tiny.json", "zero3_gpt2_tiny.json")
 PAYLOAD = '</script><script>window.pwned=1;console.error("pwned")</script><img src=x onerror="window.pwned=2">'
 
 
@@ -59,6 +60,9 @@ def reports(tmp_path_factory) -> dict[str, Path]:
         "xss_sweep": write_report([load_run(FIX / "xss.json"), load_run(FIX / "one_run.json")], out / "xss_sweep.html"),
         "gap": write_report([load_run(FIX / "missing_rank")], out / "gap.html"),
         "sweep": write_report([load_run(p) for p in sweep], out / "sweep.html", sources=[p.name for p in sweep]),
+        # real 2-rank runs (tests/fixtures/make_engine_fixtures.py): FSDP2 beside ZeRO-3, LoRA
+        "engines": write_report([load_run(FIX / "engines" / n) for n in ENGINE_RUNS], out / "engines.html",
+                                sources=list(ENGINE_RUNS), estimate_missing=True),
     }
 
 
@@ -241,7 +245,36 @@ def test_sweep_page(browser, reports):
         ".map(tr => [tr.cells[1].textContent,"
         " tr.cells[2].textContent, tr.querySelector('td[data-kind=\"formula\"]').dataset.bytes])")
     table = {(s, n): int(b) for s, n, b in formula if b is not None}
-    assert table[("3", "4")] == 4 * P_TINY and table[("0", "2")] == 16 * P_TINY
+    assert table[("ZeRO-3", "4")] == 4 * P_TINY and table[("ZeRO-0", "2")] == 16 * P_TINY
     zero = {t["name"]: t for t in chart_data(browser, "sweep-zero-0")}
     assert zero["ZeRO-2 paper formula"]["x"] == [1, 2, 4]
     assert zero["ZeRO-2 paper formula"]["y"] == pytest.approx([(4 + 12 / n) * P_TINY / MIB for n in (1, 2, 4)], rel=1e-5)
+
+
+def test_fsdp2_beside_zero3(browser, reports):
+    """The side-by-side table of an FSDP2 and a ZeRO-3 run shows the bytes of the raw run files,
+    each run headed by its engine and settings; every chart of both runs is drawn."""
+    open_clean(browser, reports["engines"])
+    docs = [json.loads((FIX / "engines" / n).read_text()) for n in ENGINE_RUNS]
+    cells = browser.evaluate(
+        "Array.from(document.querySelectorAll('#sweep-side-by-side tr[data-moment]')).flatMap(tr =>"
+        " Array.from(tr.querySelectorAll('td')).map(td => ({moment: tr.dataset.moment, loc: tr.dataset.location,"
+        " cat: tr.dataset.category, run: +td.dataset.run, rank: +td.dataset.rank, bytes: td.dataset.bytes,"
+        " text: td.firstChild.textContent})))")
+    assert len(cells) == 4 * 8 * 4  # 4 moments x (7 categories + total) x (2 runs x 2 ranks)
+    for c in cells:
+        last = docs[c["run"]]["ranks"][c["rank"]]["steps"][-1]["phases"]
+        b = last["step"]["end"] if c["moment"] == "rest" else last[c["moment"]]["peak"]
+        if c["cat"] == "total":
+            want = sum(b["device"].values()) if c["moment"] == "rest" else last[c["moment"]]["peak_total"]
+        else:
+            want = b["device"][c["cat"]]
+        assert int(c["bytes"]) == want and c["text"] == shown_bytes(want), c
+    heads = browser.evaluate("Array.from(document.querySelectorAll('#sweep-side-by-side th.run-head')).map(th =>"
+                             " [th.dataset.engine, th.querySelector('.engine-title').textContent,"
+                             " Array.from(th.querySelectorAll('li')).map(li => li.dataset.setting)])")
+    assert heads[0][:2] == ["fsdp2", "FSDP2 (torch fully_shard)"] and "reshard_after_forward" in heads[0][2]
+    assert heads[1][:2] == ["deepspeed", "DeepSpeed ZeRO stage 3"] and "stage3_prefetch_bucket_size" in heads[1][2]
+    schemes = browser.evaluate("Array.from(document.querySelectorAll('table.zero-table tr[data-scheme]'))"
+                               ".map(tr => tr.cells[1].textContent)")
+    assert schemes == ["ZeRO-3", "FSDP2"]

@@ -370,5 +370,14 @@ def test_summary_shows_the_launch_settings():
     assert rows["Activation checkpointing"]["value"] == "True"
     assert rows["Micro-batch x sequence"]["value"] == "2 x 64"
     settings = [f for f, r in rows.items() if r["setting"]]
-    assert settings == ["World size", "ZeRO stage", "Precision", "Micro-batch x sequence", "Gradient accumulation",
-                        "Samples per optimizer step", "Activation checkpointing", "Offload"]
+    assert settings == ["World size", "Engine", "ZeRO stage", "Precision", "Micro-batch x sequence",
+                        "Gradient accumulation", "Samples per optimizer step", "Activation checkpointing", "Offload",
+                        "Adapters"]
+    # a DeepSpeed run names its stage, and the stage's ZeRO sizes: the config's (the fixture sets
+    # reduce_bucket_size), else DeepSpeed 0.19.8's defaults (zero/config.py: 5e8 elements; overlap_comm
+    # None becomes stage == 3)
+    assert doc["run"]["deepspeed_config"]["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 500_000}
+    assert rows["Engine"]["value"] == ("DeepSpeed ZeRO stage 2: reduce_bucket_size 500,000 elements; "
+                                       "allgather_bucket_size 500,000,000 elements (DeepSpeed's default); "
+                                       "overlap_comm False (DeepSpeed's default at stage 2)")
+    assert rows["ZeRO stage"]["value"] == "2" and rows["Adapters"]["value"] == "none recorded"

@@ -1,7 +1,9 @@
 """``memprof report RUN [RUN ...] -o reports/NAME.html``: a self-contained HTML report.
 
 RUN is a ``memprof.json`` or a run folder of ``rank<R>.jsonl`` files. One run gives the single-run
-report; several give each run plus the comparison across them (a sweep).
+report; several give each run plus the comparison across them (a sweep), DeepSpeed and FSDP2 runs
+alike. A run that stores no estimate (a MemoryProfiler in your own loop) is shown beside the estimate
+of its recorded setup, computed now, as ``memprof compare`` does; the page says so.
 """
 
 from __future__ import annotations
@@ -34,6 +36,6 @@ def main(argv: list[str]) -> int:
         if doc.get("missing_ranks"):
             print(f"memprof report: warning: {path} lacks ranks {doc['missing_ranks']}: "
                   "the report shows the ranks present and marks the gap", file=sys.stderr)
-    out = write_report(docs, args.output, sources=list(args.runs), title=args.title)
+    out = write_report(docs, args.output, sources=list(args.runs), title=args.title, estimate_missing=True)
     print(out)
     return 0

@@ -26,15 +26,17 @@ def write_report(
     *,
     sources: Sequence[str] | None = None,
     title: str | None = None,
+    estimate_missing: bool = False,
 ) -> Path:
     """Write the HTML report of ``run_docs`` (memprof.json dicts, as :func:`memprof.run.files.load_run`
     returns them) to ``path`` atomically and return the path. ``sources`` name the runs in error
-    messages and on the page. Raises MemprofError for a malformed run doc or an unwritable path;
-    nothing is written then."""
+    messages and on the page. ``estimate_missing``: show a run that stores no estimate beside the
+    estimate of its recorded setup, computed now (``memprof report`` does). Raises MemprofError for
+    a malformed run doc or an unwritable path; nothing is written then."""
     if not run_docs:
         raise MemprofError("no run to report: pass at least one memprof.json or run folder")
     with collector_paused():
-        html = render_html(build_report_data(run_docs, sources), title=title)
+        html = render_html(build_report_data(run_docs, sources, estimate_missing=estimate_missing), title=title)
     path = Path(path)
     if path.is_dir():
         raise MemprofError(f"{path} is a folder: name the report file, e.g. {path / REPORT_FILE_NAME}")

@@ -4,7 +4,10 @@ Everything the page displays is computed as plain data, so tests check numbers w
 HTML, and :mod:`memprof.report.render` only turns this data into charts and tables. One module per
 question: :mod:`~memprof.report.run_page` (one run's page), :mod:`~memprof.report.run_summary`
 (its label and summary table), :mod:`~memprof.report.rank_figures` (each rank's figures),
-:mod:`~memprof.report.series` (chart series), :mod:`~memprof.report.sweep_page` (across runs);
+:mod:`~memprof.report.series` (chart series), :mod:`~memprof.report.run_engine` (the engine and
+its settings), :mod:`~memprof.report.parameters` (trainable / frozen parameters, adapters),
+:mod:`~memprof.report.estimates` (a stored or freshly computed estimate),
+:mod:`~memprof.report.sweep_page` (across runs);
 :func:`build_report_data` here puts them together.
 
 Measured beside estimated is :mod:`memprof.compare`'s, not a copy of it: every at-rest cell and
@@ -25,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from memprof.report.estimates import with_estimate
 from memprof.report.run_page import build_run_data
 from memprof.report.run_summary import SETTING_FIELDS, run_label
 from memprof.report.series import MAX_CHART_STEPS, bucket_ranges
@@ -35,10 +39,17 @@ __all__ = ["MAX_CHART_STEPS", "SETTING_FIELDS", "build_report_data", "build_run_
 
 
 def build_report_data(run_docs: list[dict[str, Any]], sources: Sequence[str] | None = None,
-                      max_chart_steps: int = MAX_CHART_STEPS) -> dict[str, Any]:
-    """Everything a report shows, for one or several runs (``sources`` name them in messages)."""
+                      max_chart_steps: int = MAX_CHART_STEPS, estimate_missing: bool = False) -> dict[str, Any]:
+    """Everything a report shows, for one or several runs (``sources`` name them in messages).
+    ``estimate_missing``: a run that stores no estimate is shown beside the estimate of its recorded
+    setup, computed now (``memprof report`` does this, as ``memprof compare`` does), and says so."""
     sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(run_docs))]
-    runs = [build_run_data(doc, src, max_chart_steps) for doc, src in zip(run_docs, sources)]
+    runs = []
+    for doc, src in zip(run_docs, sources):
+        origin = None
+        if estimate_missing:
+            doc, origin = with_estimate(doc)
+        runs.append(build_run_data(doc, src, max_chart_steps, origin))
     # identical labels would make one sweep bar hide another: number the repeats
     seen: dict[str, int] = {}
     for r in runs:

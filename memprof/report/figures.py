@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from memprof.categories import CATEGORIES, LOCATIONS, MODEL_STATE_CATEGORIES, PHASES
+from memprof.report.sweep_page import scheme_order
 from memprof.units import format_bytes
 
 MIB = 2**20
@@ -229,10 +230,11 @@ def model_state_bars(sweep: dict[str, Any]) -> dict[str, Any]:
 
 
 def zero_saving(group: dict[str, Any]) -> dict[str, Any]:
+    """Model states per rank against world size: one line per sharding scheme (ZeRO stage, FSDP2)."""
     traces = []
-    stages = sorted({p["stage"] for p in group["points"] if p["stage"] is not None})
-    for stage in stages:
-        pts = [p for p in group["points"] if p["stage"] == stage]
+    schemes = sorted({p["scheme"] for p in group["points"]}, key=scheme_order)
+    for scheme in schemes:
+        pts = [p for p in group["points"] if p["scheme"] == scheme]
         x = [p["world_size"] for p in pts]
         for kind, style in (("measured", {"mode": "lines+markers"}),
                             ("formula", {"mode": "lines", "line": {"dash": "dash"}}),
@@ -241,11 +243,11 @@ def zero_saving(group: dict[str, Any]) -> dict[str, Any]:
             if all(v is None for v in y):
                 continue
             name = {"measured": "measured", "formula": "paper formula", "estimated": "memprof estimate"}[kind]
-            traces.append({"type": "scatter", "name": f"ZeRO-{stage} {name}", "x": x, "y": y,
-                           "legendgroup": f"stage{stage}", **style,
+            traces.append({"type": "scatter", "name": f"{esc(scheme)} {name}", "x": x, "y": y,
+                           "legendgroup": esc(scheme), **style,
                            "text": [f"{esc(p['label'])}: {kind} {format_bytes(p[kind]) if p[kind] is not None else 'n/a'}"
                                     for p in pts], "hoverinfo": "text"})
-    title = ("ZeRO saving: model states per rank vs world size "
+    title = ("Sharding saving: model states per rank vs world size "
              f"({esc(group['model'])}, {esc(group['optimizer'])}, {esc(group['precision'])})")
     return {"data": traces, "layout": {**_layout("", "MiB per rank (worst rank)",
                                                  xaxis={"title": {"text": "world size N"},

@@ -102,7 +102,7 @@ def render_html(data: dict[str, Any], title: str | None = None) -> str:
             c["heatmap"] = charts.add(f"run{i}-heatmap", figures.heatmap(run))
         if run["loss"]["x"]:
             c["loss"] = charts.add(f"run{i}-loss", figures.loss(run))
-        config = run["deepspeed_config"]
+        config = run["engine"]["record"]  # the DeepSpeed config, or the fsdp2 / ddp record
         runs.append({"i": i, "d": run, "charts": c,
                      "config_text": None if config is None else json.dumps(config, indent=2, sort_keys=True, default=str)})
     sweep = None

@@ -17,8 +17,10 @@ from memprof.compare import (
     run_gas,
     steady_cycle_indices,
 )
+from memprof.report.parameters import parameters_data
 from memprof.report.peak_words import highest_peak_story
 from memprof.report.rank_figures import rank_data
+from memprof.report.run_engine import engine_data, model_name
 from memprof.report.run_summary import run_label, run_summary
 from memprof.report.series import MAX_CHART_STEPS, loss_series, stacked_choice, stacked_timeline, timeline
 from memprof.run.schema import check_phase_records, check_run_doc
@@ -29,8 +31,12 @@ def _overhead(run: dict[str, Any], ranks: list[dict[str, Any]], estimate: dict[s
     """The Adam overhead, measured and estimated, on the first rank at rest (the estimator's
     ``this_setup_*`` figures mean the same): (params + master_params + optimizer_state) / params,
     i.e. 3x for fp32 Adam without ZeRO, and those bytes per parameter; plus optimizer-state bytes
-    per parameter summed over all ranks, which does not depend on the ZeRO stage (8 for Adam)."""
-    n_params = int(run.get("n_params") or 0)
+    per parameter summed over all ranks, which does not depend on the ZeRO stage (8 for Adam), and,
+    when the run records its trainable parameters (adapters), the same per trainable parameter:
+    frozen parameters have no optimizer state, so that is the one that reads 8 for Adam."""
+    n_params = int(run.get("n_params") or (estimate or {}).get("n_params") or 0)
+    n_trainable = run.get("n_trainable_params")
+    n_trainable = n_trainable if isinstance(n_trainable, int) and not isinstance(n_trainable, bool) and n_trainable > 0 else 0
 
     def states(b: dict[str, dict[str, int]] | None) -> dict[str, Any]:
         if b is None:
@@ -39,17 +45,20 @@ def _overhead(run: dict[str, Any], ranks: list[dict[str, Any]], estimate: dict[s
         held = params + sum(b[loc][c] for loc in LOCATIONS for c in ("master_params", "optimizer_state"))
         return {"ratio": held / params if params else None, "bytes_per_param": held / n_params if n_params else None}
 
-    def opt_per_param(key: str) -> float | None:
-        if not n_params or len(ranks) != n_ranks_expected or any(r[key] is None for r in ranks) or not ranks:
+    def opt_per_param(key: str, n: int = n_params) -> float | None:
+        if not n or len(ranks) != n_ranks_expected or any(r[key] is None for r in ranks) or not ranks:
             return None
-        return sum(r[key][loc]["optimizer_state"] for r in ranks for loc in LOCATIONS) / n_params
+        return sum(r[key][loc]["optimizer_state"] for r in ranks for loc in LOCATIONS) / n
 
     first = next((r for r in ranks if r["measured"] is not None), None)
     stated = (estimate or {}).get("overhead") or {}
     return {
         "rank": first["rank"] if first else None,
-        "measured": {**states(first["measured"] if first else None), "opt_bytes_per_param": opt_per_param("measured")},
-        "estimated": {**states(first["estimated"] if first else None), "opt_bytes_per_param": opt_per_param("estimated")},
+        "measured": {**states(first["measured"] if first else None), "opt_bytes_per_param": opt_per_param("measured"),
+                     "opt_bytes_per_trainable_param": opt_per_param("measured", n_trainable)},
+        "estimated": {**states(first["estimated"] if first else None), "opt_bytes_per_param": opt_per_param("estimated"),
+                      "opt_bytes_per_trainable_param": opt_per_param("estimated", n_trainable)},
+        "n_trainable_params": n_trainable or None,
         "estimator_stated": stated,
     }
 
@@ -101,8 +110,11 @@ def _check_verdict(cmp: Comparison) -> dict[str, Any]:
     }
 
 
-def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_CHART_STEPS) -> dict[str, Any]:
-    """The plain data of one run (checks its shape first; MemprofError names ``source``)."""
+def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_CHART_STEPS,
+                   estimate_origin: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plain data of one run (checks its shape first; MemprofError names ``source``).
+    ``estimate_origin``: where ``doc["estimate"]`` came from (memprof.report.estimates.with_estimate);
+    default: stored in the run file when it has one."""
     check_run_doc(doc, source)
     gas = run_gas(doc)
     for i, entry in enumerate(doc["ranks"]):  # the peak snapshots compare and the composition view read
@@ -132,13 +144,17 @@ def build_run_data(doc: dict[str, Any], source: str, max_chart_steps: int = MAX_
     return {
         "source": source,
         "label": run_label(run),
+        "model_name": model_name(run),
         "run": run,
-        "summary": run_summary(run, entries),
+        "summary": run_summary(run, entries, estimate),
+        "engine": engine_data(run),
+        "parameters": parameters_data(run, estimate),
         "world_size": world_size,
         "missing_ranks": missing,
         "ranks": ranks,
         "shows_host": bool(shows_host),
         "has_estimate": estimate is not None,
+        "estimate_origin": estimate_origin or {"kind": "stored" if estimate else None, "why": None},
         "estimate": None if estimate is None else {
             "device_total_bytes": estimate.get("device_total_bytes"),
             "peak_device_bytes": estimate.get("peak_device_bytes"),
