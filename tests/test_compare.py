@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from memprof.categories import empty_breakdown
 from memprof.compare import compare_run
@@ -114,3 +116,14 @@ def test_a_first_optimizer_step_only_comparison_says_so():
     doc["ranks"][0]["steps"] = [{**step0, "step": i} for i in range(4)]  # a second whole cycle: steady
     cmp = compare_run(doc, _estimate(4000, 8000, PEAKS))
     assert cmp.step == {0: 3} and cmp.warnings == []
+
+
+def test_the_title_names_the_engine_of_an_fsdp2_run():
+    """An FSDP2 run (a user loop's fully_shard modules, no DeepSpeed config) is titled by its engine,
+    not as a ZeRO stage it does not have."""
+    fixture = Path(__file__).parent / "fixtures" / "report" / "engines" / "fsdp2_gpt2_tiny.json"
+    res = subprocess.run([sys.executable, "-m", "memprof", "compare", str(fixture), "--fresh-estimate"],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    title = res.stdout.splitlines()[0]
+    assert "FSDP2 reshard_after_forward=" in title and "ZeRO" not in title and "None" not in title, title

@@ -21,6 +21,7 @@ from memprof.compare import (
 from memprof.display.console import output_console
 from memprof.display.tables import Column, print_tables
 from memprof.errors import MemprofError
+from memprof.report.run_engine import engine_short, model_name, precision_of
 from memprof.run.files import load_run
 from memprof.run.schema import check_phase_records, check_run_doc
 from memprof.units import format_bytes
@@ -77,8 +78,8 @@ def _fmt_err(err: float | None) -> str:
 
 def _title(run_doc: dict[str, Any]) -> str:
     run = run_doc["run"]
-    return (f"{run.get('model')} · ZeRO-{run.get('zero_stage')} · {run.get('optimizer')} · "
-            f"{run.get('precision')} · world {run.get('world_size')} · {run.get('device_type')}")
+    return (f"{model_name(run)} · {engine_short(run)} · {run.get('optimizer')} · "
+            f"{precision_of(run)} · world {run.get('world_size')} · {run.get('device_type')}")
 
 
 def _check_cell(cmp: Comparison, row: Any) -> str:

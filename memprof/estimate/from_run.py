@@ -54,6 +54,18 @@ def _fsdp2_fields(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def recorded_engine(run: dict[str, Any]) -> Engine:
+    """The engine a run trained under, from its record: FSDP2 where MemoryProfiler recorded
+    ``fully_shard`` modules (``run["fsdp2"]``), DDP where the integrations recorded a DDP wrapper
+    (``run["ddp"]``), each only without a DeepSpeed config; DeepSpeed otherwise."""
+    if not run.get("deepspeed_config"):
+        if isinstance(run.get("fsdp2"), dict):
+            return Engine.FSDP2
+        if isinstance(run.get("ddp"), dict):
+            return Engine.DDP
+    return Engine.DEEPSPEED
+
+
 def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     """EstimateInputs for a run's own setup, from the launcher's ``run`` metadata (memprof/run/files.py)."""
     if not isinstance(run, dict):
@@ -74,9 +86,10 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         kw["gradient_accumulation_steps"] = _run_int(run["gradient_accumulation_steps"], "gradient_accumulation_steps", positive=True)
     if run.get("activation_checkpointing") is not None:
         kw["activation_checkpointing"] = bool(run["activation_checkpointing"])
-    if isinstance(run.get("ddp"), dict) and not ds:  # recorded by memprof.integrations for a DDP wrapper
+    engine = recorded_engine(run)
+    if engine is Engine.DDP:
         kw.update(engine=Engine.DDP, ddp_gradient_as_bucket_view=bool(run["ddp"].get("gradient_as_bucket_view", False)))
-    if isinstance(run.get("fsdp2"), dict) and not ds:  # recorded by MemoryProfiler for fully_shard modules
+    elif engine is Engine.FSDP2:
         kw.update(_fsdp2_fields(run["fsdp2"]))
     # a torch.optim Adam the framework built itself (HF Trainer, accelerate: memprof.integrations)
     # keeps a step tensor per parameter, which its DeepSpeed config cannot say

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from memprof.dsconfig.schema import ZeroKnobs
+from memprof.estimate.from_run import recorded_engine
 from memprof.run.files import offload_param_of
 
 DEEPSPEED, DDP, FSDP2 = "deepspeed", "ddp", "fsdp2"
@@ -36,13 +37,9 @@ _ZERO_SIZES = (
 
 
 def engine_of(run: dict[str, Any]) -> str:
-    """``"fsdp2"``, ``"ddp"`` or ``"deepspeed"``, as inputs_from_run decides it."""
-    if not run.get("deepspeed_config"):
-        if isinstance(run.get("fsdp2"), dict):
-            return FSDP2
-        if isinstance(run.get("ddp"), dict):
-            return DDP
-    return DEEPSPEED
+    """``"fsdp2"``, ``"ddp"`` or ``"deepspeed"``: the estimate's own reading of the record
+    (memprof.estimate.from_run.recorded_engine)."""
+    return recorded_engine(run).value
 
 
 def precision_of(run: dict[str, Any]) -> str | None:
