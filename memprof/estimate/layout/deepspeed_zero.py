@@ -9,6 +9,8 @@ both ranks' gradient bookkeeping).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -268,7 +270,7 @@ class _OffloadHook:
     pending: int  # an oversized gradient left waiting outside the bucket after the hook
 
 
-def _stage2_offload_hooks(s: LayoutSetup) -> tuple[list[_OffloadHook], int]:
+def _stage2_offload_hooks(s: LayoutSetup) -> tuple[tuple[_OffloadHook, ...], int]:
     """ZeRO-2 + ``offload_optimizer`` (stage_1_and_2.py, DeepSpeed 0.19.8) hook by hook, in
     backward's (reverse parameter) order: each hook's :class:`_OffloadHook`, and the bytes of the
     last reduction (the epilogue's ``reduce_ipg_grads``, :1018) beyond the buckets.
@@ -283,10 +285,17 @@ def _stage2_offload_hooks(s: LayoutSetup) -> tuple[list[_OffloadHook], int]:
     ``.to(get_norm_dtype())`` of its piece, a float64 copy, one param at a time, before
     async_inplace_copy_grad_to_fp32_buffer_from_gpu copies the piece to the host and clears the
     gradient (:1912); a param outside the partition is cleared (:2269)."""
-    rbs, e, shape = s.inp.zero.reduce_bucket_size, s.e, s.trainable
-    numels, cum = shape.param_numels, shape.prefix_sums
+    shape = s.trainable
     _, part, _ = stage12_partition(shape, s.N, s.rank)
-    start, end = part * s.rank, min(part * (s.rank + 1), cum[-1])
+    return _offload_hook_walk(shape.param_numels, s.inp.zero.reduce_bucket_size, s.e,
+                              part * s.rank, min(part * (s.rank + 1), shape.n_params))
+
+
+@functools.lru_cache(maxsize=1024)
+def _offload_hook_walk(numels: tuple[int, ...], rbs: int, e: int, start: int, end: int) -> tuple[tuple[_OffloadHook, ...], int]:
+    """:func:`_stage2_offload_hooks` for the partition ``[start, end)`` (pure: cached, the planner and
+    the advisor ask for the same ranks many times)."""
+    cum = (0, *itertools.accumulate(numels))
 
     def reduction(bucket: list[int], pending: int | None) -> int:
         reduced = bucket if pending is None else [pending]
@@ -304,7 +313,7 @@ def _stage2_offload_hooks(s: LayoutSetup) -> tuple[list[_OffloadHook], int]:
         bucket.append(i)
         elements += n
         hooks.append(_OffloadHook(reduce, n * e if n > rbs else 0, 0 if pending is None else numels[pending] * e))
-    return hooks, reduction(bucket, pending)
+    return tuple(hooks), reduction(bucket, pending)
 
 
 def _stage2_offload_hook_moments(s: LayoutSetup, out: StateLayout, buckets: int) -> None:
