@@ -142,8 +142,52 @@ ADVISE_CASES = {
     "llama-z2-adamw-gas2": ("llama-tiny", {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
                                            "steps_per_print": 10**6, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                                            "zero_optimization": {"stage": 2}}, 0.75),
+    # ZeRO-2, micro-batch 1, checkpointing on, 4096-element buckets (smaller than every weight matrix):
+    # nothing left but the stage and offload; at 80% of its peak only optimizer offload (or bf16) fits,
+    # and offload is the cheaper by the stated order. Its run peaks in the last block's GELU backward
+    # with mlp.c_proj's cloned weight gradient waiting outside the bucket (stage_1_and_2.py :1446)
+    "gpt2-z2-ckpt-offload": ("gpt2-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                           "steps_per_print": 10**6, "activation_checkpointing": {},
+                                           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                                           "zero_optimization": {"stage": 2, "reduce_bucket_size": 4096,
+                                                                 "allgather_bucket_size": 4096}}, 0.8),
+    # ZeRO-3 with HF-sized buckets (reduce/prefetch 4096, persistence 64), micro-batch 4: at 80% of
+    # its peak the advisor leaves ZeRO-3 (on 2 ranks its gathered parameters and gradients outweigh
+    # what partitioning saves) for ZeRO-0 with micro-batch 2 x 2 accumulation steps
+    "gpt2-z3-mb4-small-buckets": ("gpt2-tiny", {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                                                "steps_per_print": 10**6,
+                                                "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                                                "zero_optimization": {"stage": 3, "reduce_bucket_size": 4096,
+                                                                      "stage3_prefetch_bucket_size": 4096,
+                                                                      "stage3_param_persistence_threshold": 64}},
+                                  0.8),
+    # the same ZeRO-3 buckets on Llama with checkpointing, micro-batch 1: at 85% the advice is ZeRO-1
+    # (KNOWN_GAPS: its run stops out of memory)
+    "llama-z3-ckpt-small-buckets": ("llama-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                                   "steps_per_print": 10**6, "activation_checkpointing": {},
+                                                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                                                   "zero_optimization": {"stage": 3, "reduce_bucket_size": 4096,
+                                                                         "stage3_prefetch_bucket_size": 4096,
+                                                                         "stage3_param_persistence_threshold": 64}},
+                                    0.85),
+}
+# Recommendations a run contradicts today: the advice expected, and what was measured. The test
+# checks the contradiction itself (the recommended run stops out of memory) and then xfails; a fix
+# of the estimate makes that check fail, and the case moves out of here.
+KNOWN_GAPS = {
+    "llama-z3-ckpt-small-buckets": ("zero_stage=1,",
+        "advice ZeRO-1 + checkpointing, predicted 2,229,188 bytes; measured 2,564,316 (rank 0, backward, steady "
+        "step): ZeRO-1 keeps every param.grad through backward (stage_1_and_2.py process_gradients reduces in the "
+        "hooks only with partition_gradients or overlap_comm), so the first layer's backward runs beside every "
+        "later parameter's gradient, a moment the estimate does not model (it has the last block's and the end "
+        "of backward); the recommended run stops out of memory under the 2,397,907-byte budget"),
 }
 SEQ = 64
+# The launcher keeps its token stream resident (memprof/train/data.py: one int64 per byte of text,
+# plus each rank's window starts, one int64 per ceil((bytes - SEQ + 1) / 2)), counted as `other`,
+# which a setup given by flags does not contain. A 256-byte text keeps them at 8 x (256 + 97) =
+# 2,824 bytes on rank 0, under 0.2% of these peaks.
+TEXT_BYTES = 256
 
 
 def _measured_peak(run: Path) -> int:
@@ -165,10 +209,8 @@ def test_recommended_setup_runs_within_the_budget_where_the_original_does_not(tm
     best = json.loads(out.stdout)["best"]
     assert best is not None and best["fits"] and best["peak_bytes"] <= budget
     recommended = json.loads((tmp_path / "best.json").read_text())
-    # a small text: the launcher keeps its tokens resident (8 bytes each, counted as `other`), which a
-    # setup given by flags does not contain; 4 KB keeps them under 1% of these peaks
     text = tmp_path / "text.txt"
-    text.write_text(("We hold these truths to be self-evident, that all men are created equal. " * 60)[:4096])
+    text.write_text(("We hold these truths to be self-evident, that all men are created equal. " * 4)[:TEXT_BYTES])
     extra = ["--memory-budget", str(budget), "--data", str(text)]
     steps = 2 * recommended["gradient_accumulation_steps"] + 1
     # the original stops out of memory under the budget (exit 3, the breakdown written) ...
@@ -178,6 +220,12 @@ def test_recommended_setup_runs_within_the_budget_where_the_original_does_not(tm
     # ... the recommended setup finishes, and peaks within 3% of what advise predicted
     res = launch_deepspeed(2, recommended, tmp_path / "best", steps=steps, seq_len=SEQ, model=model,
                            extra=extra)
+    if name in KNOWN_GAPS:
+        change, why = KNOWN_GAPS[name]
+        assert best["change"].startswith(change), best["change"]
+        assert res.returncode != 0 and "out of memory" in (res.stdout + res.stderr).lower(), (
+            f"{name} now runs within its budget: take it out of KNOWN_GAPS")
+        pytest.xfail(why)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     measured = _measured_peak(tmp_path / "best")
     assert abs(measured - best["peak_bytes"]) <= 0.03 * measured, (measured, best["peak_bytes"], best["change"])

@@ -913,6 +913,57 @@ def test_stage2_small_bucket_rank_holding_the_last_params_allocates_its_grads_ea
     assert abs(r1.phase_total("backward") - measured) <= 0.001 * measured
 
 
+def test_stage2_offload_small_bucket_clone_and_norm_copies():
+    """ZeRO-2 + offload_optimizer, fp32, 2 ranks, buckets 4096 (< every weight matrix), gpt2-tiny with
+    checkpointing at seq 64, micro-batch 1 (the advise offload launch case). DeepSpeed 0.19.8's offload
+    path (stage_1_and_2.py): an oversized gradient is cloned at its hook (:1446) and waits outside the
+    bucket until the next hook reduces it; each reduced piece in the rank's partition is copied to
+    float64 for its norm (:1886); no grads_in_partition. Rank 1's partition [74624, 149248) holds the
+    last block, so: after mlp.c_proj's hooks its 4H^2 weight gradient's clone waits through GELU's
+    backward; at mlp.c_fc.bias's hook that clone is reduced with an fp64 copy of the whole weight.
+    Rank 0 (wte, wpe, block 0's first params) at backward's end: wte's AccumulateGrad sums lm_head's
+    and the embedding's shares (3 V*H*4) while wpe's clone (POS*H*4) waits."""
+    rbs, f64 = 4096, 8
+    run = {**tiny_run(2, 2, ADAMW, False, reduce_bucket_size=rbs, allgather_bucket_size=rbs,
+                      offload_optimizer={"device": "cpu"}),
+           "activation_checkpointing": True, "seq_len": 64, "micro_batch": 1}
+    run["deepspeed_config"]["train_micro_batch_size_per_gpu"] = 1
+    inp = inputs_from_run(run)
+    assert inp.micro_batch == 1 and inp.activation_checkpointing and inp.zero.offload_optimizer == "cpu"
+    est = estimate(inp)
+    acts, held = est.activations, est.activations.loop_held
+    c_proj_w = 4 * TINY_H * TINY_H
+    # the two later hooks of the last block against GELU's moment (all three: at_first_hook + the
+    # recomputed block - the residual dropout's mask + ...): GELU's last mul holds c_proj's grad_x and
+    # its own two BSI*4 outputs; c_proj.weight's hook holds grad_x and the I*H*4 weight gradient;
+    # c_fc.bias's hook has released the five saved BSI*4 MLP tensors and holds c_fc's I*H*4 weight and
+    # I*4 bias gradients (its grad_x replaced its saved BSH*4 input)
+    bsi, inner = 1 * 64 * 4 * TINY_H, 4 * TINY_H
+    assert acts.mlp_out_weight_hook - acts.after_mlp_out_hooks == 4 * c_proj_w - 2 * 4 * bsi
+    assert acts.mlp_in_bias_hook - acts.after_mlp_out_hooks == -7 * 4 * bsi + 4 * c_proj_w + 4 * inner
+    assert TINY_CUM[-5] >= PART  # the last block's mlp.c_proj weight lies wholly in rank 1's partition
+    r0, r1 = est.ranks
+    rest0, rest1 = (sum(r.rest["device"].values()) for r in (r0, r1))
+    bucket = 4 * rbs
+    gelu = rest1 + acts.after_mlp_out_hooks - held + bucket + 4 * c_proj_w
+    c_fc_bias = rest1 + acts.mlp_in_bias_hook - held + bucket + 4 * c_proj_w + f64 * c_proj_w
+    c_proj_weight = rest1 + acts.mlp_out_weight_hook - held + bucket + 4 * c_proj_w  # the clone beside the original
+    start = rest1 + acts.backward_peak - held + bucket
+    assert r1.phase_total("backward") == max(gelu, c_fc_bias, c_proj_weight, start)
+    assert r1.phase_total("backward") == gelu  # measured there: 1,886,940 bytes (-0.54%: RNG state, 10,112 B)
+    wte, wpe = TINY_V * TINY_H, TINY_POS * TINY_H
+    end0 = max(3 * 4 * wte + 4 * wpe,  # wte's two shares and their sum, wpe's clone waiting
+               4 * wte + 4 * wpe + f64 * wpe,  # wte's hook reduces wpe's clone (fp64 copy of it)
+               4 * wte + f64 * wte)  # the epilogue reduces wte's clone
+    assert end0 == 3 * 4 * wte + 4 * wpe
+    from memprof.estimate.core import model_state_layout, shape_of
+
+    assert model_state_layout(inp, shape_of(inp), 0, "cpu").backward_end_extra == {"grads": end0, "comm_buffers": bucket}
+    # rank 0 owns no piece of the last block's c_proj weight: no fp64 copy at c_fc.bias's hook
+    assert r0.phase_total("backward") == max(rest0 + acts.after_mlp_out_hooks - held + bucket + 4 * c_proj_w,
+                                             rest0 + acts.backward_peak - held + bucket, rest0 + end0 + bucket)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_stage0_accumulation_with_activation_checkpointing(checkpointing):
     """ZeRO-0 fp32: the first micro-step's param.grad (4 bytes x every param) is alive through the

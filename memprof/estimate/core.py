@@ -70,6 +70,11 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
     if acts and acts.after_mlp_out_hooks and lay.backward_after_mlp_out_hooks_extra:
         # ZeRO-2: a rank whose gradient partition the first reductions already reach holds it here
         backward.append({**lay.backward_after_mlp_out_hooks_extra, ACT: act(acts.after_mlp_out_hooks)})
+    # ZeRO-2 + offload: an oversized gradient's clone and fp64 norm copy at two later hooks of that block
+    for extra, level in ((lay.backward_mlp_out_weight_hook_extra, acts.mlp_out_weight_hook if acts else 0),
+                         (lay.backward_mlp_in_bias_hook_extra, acts.mlp_in_bias_hook if acts else 0)):
+        if extra and level:
+            backward.append({**extra, ACT: act(level)})
     # at backward's start only the params gathered for it exist beside the activations; gradients
     # and reduce buckets come with the first hook
     forward = [{**lay.forward_extra, ACT: a_fwd}]

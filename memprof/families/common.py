@@ -68,6 +68,13 @@ class Activations:
     # of that block; 0 where not modelled. ZeRO-2 with a small reduce bucket allocates
     # grads_in_partition by then on some ranks (zero_layout._stage2_after_mlp_out_hooks)
     after_mlp_out_hooks: int = 0
+    # the same block's backward at two later gradient hooks (GPT-2 tied; 0 where not modelled),
+    # where ZeRO-2 + optimizer offload adds an oversized gradient's clone or fp64 norm copy
+    # (layout/deepspeed_zero.py _stage2_offload_hooks): mlp.c_proj.weight's hook (c_proj's backward returned,
+    # its weight gradient alive) and mlp.c_fc.bias's hook (c_fc's backward returned, GELU's
+    # tensors released, c_fc's weight and bias gradients alive)
+    mlp_out_weight_hook: int = 0
+    mlp_in_bias_hook: int = 0
     # what the formula leaves out or simplifies, one estimate assumption line each
     notes: tuple[str, ...] = ()
 

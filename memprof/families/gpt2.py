@@ -388,9 +388,10 @@ def _untied_first_hook(s: _Sizes, q: ActivationQuery, per_layer: int, saved: int
 
 
 def _tied_first_hook(s: _Sizes, q: ActivationQuery, attn: _Attention, saved: int, recomputed: int,
-                     out: _Outside) -> tuple[int, int]:
+                     out: _Outside) -> tuple[int, int, int, int]:
     """(the largest moment from the first gradient hook through the last block's backward,
-    ``Activations.after_mlp_out_hooks``) of the tied model (traced)."""
+    ``Activations.after_mlp_out_hooks``, ``mlp_out_weight_hook``, ``mlp_in_bias_hook``) of the
+    tied model (traced)."""
     e, H, I, BSH, BSI, ae, resid_mask = s.e, s.H, s.I, s.BSH, s.BSI, attn.element_size, s.resid_mask
     # The first gradient hook is ln_f.weight's (traced with post-accumulate-grad hooks): by then
     # nll/log_softmax (B*S*V*4 saved), the lm_head input (ln_f output) and ln_f's saved input
@@ -406,6 +407,18 @@ def _tied_first_hook(s: _Sizes, q: ActivationQuery, attn: _Attention, saved: int
     # GELU's last mul (out = 0.5x * (1 + tanh)) makes two BSI*e gradients. The peak counts.
     c_proj = at_first_hook + recomputed + BSI * e + I * H * e + H * e + (BSH * e - resid_mask if resid_mask else 0)
     gelu_mul = at_first_hook + recomputed + 2 * BSI * e - resid_mask
+    # Two later hooks of the same block (traced with ZeRO-2 + offload's clone and norm copy on top,
+    # gpt2-tiny, 1 CPU rank, seq 16 and 64: within 0.1% once torch.utils.checkpoint's CPU RNG state
+    # per checkpointed block, not modelled, is set aside). mlp.c_proj.weight's hook (its bias's
+    # fired first): c_proj's backward has returned, releasing its incoming gradient (the residual
+    # dropout's backward output, which had replaced the mask) and its saved GELU output (BSI*e);
+    # grad_x (BSI*e) waits for GELU, grad_W (I*H*e) is the weight's .grad, grad_b went to the bucket.
+    c_proj_weight_hook = at_first_hook + recomputed + I * H * e - resid_mask
+    # mlp.c_fc.bias's hook: GELU's backward and c_fc's have returned, releasing the block's five
+    # saved BSI*e MLP tensors (c_fc output, 0.5x, tanh output, 1 + tanh, GELU output), GELU's
+    # gradients and the residual dropout's mask; c_fc's grad_x (BSH*e) replaces its saved input
+    # (ln_2's output); its grad_W (H*I*e) waits for the weight's hook, grad_b (I*e) is the bias's .grad.
+    c_fc_bias_hook = at_first_hook + recomputed - 5 * BSI * e - resid_mask + H * I * e + I * e
     # Where attention keeps B*a*S*S tensors (eager; CPU sdpa's math fallback), the last block's
     # attention-core backward can hold more at long sequences (traced at the BmmBackward of
     # probs @ v): its MLP half is released by then (5 BSI*e of GELU/c_proj inputs, ln_2's input,
@@ -422,7 +435,7 @@ def _tied_first_hook(s: _Sizes, q: ActivationQuery, attn: _Attention, saved: int
         mlp_half = 5 * BSI * e + 2 * BSH * e + 2 * s.B * s.S * s.stat_e + 2 * resid_mask + BSH * e
         attn_grads = BSH * e + 2 * BSH * ae + s.bass * ae
         attn_bwd = at_first_hook - BSH * e + recomputed - mlp_half + attn_grads
-    return max(at_first_hook, c_proj, gelu_mul, attn_bwd), gelu_mul
+    return max(at_first_hook, c_proj, gelu_mul, attn_bwd), gelu_mul, c_proj_weight_hook, c_fc_bias_hook
 
 
 _ATTENTION_BACKWARD_NOTE = (
@@ -554,11 +567,11 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
     # shift_labels; the loss and its gradient seed (4 bytes each) are alive
     bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     if shape.tied_embeddings:
-        first_hook, gelu_mul = _tied_first_hook(s, q, attn, saved, recomputed, out)
+        first_hook, gelu_mul, c_proj_weight_hook, c_fc_bias_hook = _tied_first_hook(s, q, attn, saved, recomputed, out)
         untied_recompute = 0
     else:
         first_hook, untied_recompute = _untied_first_hook(s, q, per_layer, saved, out)
-        gelu_mul = 0
+        gelu_mul = c_proj_weight_hook = c_fc_bias_hook = 0
     formula = (
         f"per layer {'(recomputed once in backward) ' if q.checkpointing else ''}"
         f"= LayerNorms 2BSH*e+4BS*{s.stat_e} + linear inputs 3BSH*e + dropout masks 2BSH*{s.mask_e} "
@@ -570,6 +583,7 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
         saved, forward_peak, max(bwd_start, first_hook, untied_recompute), per_layer, formula,
         loop_held=out.input_ids + FP32,  # the batch and the loss
         backward_first_hook=first_hook, after_mlp_out_hooks=gelu_mul,
+        mlp_out_weight_hook=c_proj_weight_hook, mlp_in_bias_hook=c_fc_bias_hook,
         notes=(_ATTENTION_BACKWARD_NOTE,) if keeps_probs else (),
     )
 

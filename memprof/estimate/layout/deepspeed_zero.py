@@ -9,7 +9,10 @@ both ranks' gradient bookkeeping).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from dataclasses import dataclass
 
 from memprof.dsconfig import ELEMENT_SIZE
 from memprof.estimate.activations import GPT2_MLP_OUT_HOOKS
@@ -237,6 +240,8 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
     # straight into the host fp32 partition (async_inplace_copy_grad_to_fp32_buffer_from_gpu)
     grads_end = s.t_total * e if stage == 1 else 0
     out.backward_end_extra = {G: grads_end, C: buckets}
+    if stage == 2:
+        _stage2_offload_hook_moments(s, out, buckets)
     out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
     if inp.gradient_accumulation_steps > 1:
         if stage == 1:
@@ -255,6 +260,94 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
                                    for n in stage12_partition_param_numels(s.trainable, s.N, s.rank)))
             accumulate_between_microsteps(s, out, {}, how="on the device nothing (the host keeps accumulated_grads_in_cpu, "
                                         "the partition's params whole in the model dtype)")
+
+
+@dataclass(frozen=True)
+class _OffloadHook:
+    """What one ZeRO-2 + offload gradient hook adds on the device beyond the reduce buckets (bytes;
+    the hooked parameter's own gradient is not included)."""
+
+    reduce: int  # during the reduction the hook starts: the waiting oversized gradient + one fp64 norm copy
+    clone: int  # the hooked oversized gradient's clone, beside the gradient it copies
+    pending: int  # an oversized gradient left waiting outside the bucket after the hook
+
+
+def _stage2_offload_hooks(s: LayoutSetup) -> tuple[tuple[_OffloadHook, ...], int]:
+    """ZeRO-2 + ``offload_optimizer`` (stage_1_and_2.py, DeepSpeed 0.19.8) hook by hook, in
+    backward's (reverse parameter) order: each hook's :class:`_OffloadHook`, and the bytes of the
+    last reduction (the epilogue's ``reduce_ipg_grads``, :1018) beyond the buckets.
+
+    reduce_independent_p_g_buckets_and_remove_grads (:1414) first reduces the bucket when
+    ``bucket.elements + param.numel() > reduce_bucket_size`` (:1422). A param larger than the
+    bucket is not copied into it: under offload (``_offload_gradient_safety_enabled``, :232) its
+    gradient is replaced by a clone (``grad_reduc.data = grad_reduc.detach().clone()``, :1446: both
+    alive for the copy) that waits as ``extra_large_param_to_reduce`` until the next hook reduces it
+    (reduce_ipg_grads :2213). Each reduced param touching this rank's partition then goes through
+    copy_grads_in_partition's offload branch (:2161): set_norm_for_param_grad_in_gpu (:1886) takes
+    ``.to(get_norm_dtype())`` of its piece, a float64 copy, one param at a time, before
+    async_inplace_copy_grad_to_fp32_buffer_from_gpu copies the piece to the host and clears the
+    gradient (:1912); a param outside the partition is cleared (:2269)."""
+    shape = s.trainable
+    _, part, _ = stage12_partition(shape, s.N, s.rank)
+    return _offload_hook_walk(shape.param_numels, s.inp.zero.reduce_bucket_size, s.e,
+                              part * s.rank, min(part * (s.rank + 1), shape.n_params))
+
+
+@functools.lru_cache(maxsize=1024)
+def _offload_hook_walk(numels: tuple[int, ...], rbs: int, e: int, start: int, end: int) -> tuple[tuple[_OffloadHook, ...], int]:
+    """:func:`_stage2_offload_hooks` for the partition ``[start, end)`` (pure: cached, the planner and
+    the advisor ask for the same ranks many times)."""
+    cum = (0, *itertools.accumulate(numels))
+
+    def reduction(bucket: list[int], pending: int | None) -> int:
+        reduced = bucket if pending is None else [pending]
+        pieces = [min(cum[i + 1], end) - max(cum[i], start) for i in reduced]  # grad_position's num_elements
+        return (0 if pending is None else numels[pending] * e) + FP64 * max([p for p in pieces if p > 0], default=0)
+
+    hooks, elements, bucket, pending = [], 0, [], None
+    for i in reversed(range(len(numels))):
+        n, reduce = numels[i], 0
+        if elements + n > rbs:
+            reduce = reduction(bucket, pending)
+            elements, bucket, pending = 0, [], None
+        if n > rbs:
+            pending = i
+        bucket.append(i)
+        elements += n
+        hooks.append(_OffloadHook(reduce, n * e if n > rbs else 0, 0 if pending is None else numels[pending] * e))
+    return tuple(hooks), reduction(bucket, pending)
+
+
+def _stage2_offload_hook_moments(s: LayoutSetup, out: StateLayout, buckets: int) -> None:
+    """The moments :func:`_stage2_offload_hooks` adds to backward. At its end (every model; the
+    activations freed): the last hook (the first parameter's: its gradient, then the reduction it
+    starts or its clone), the epilogue's reduction, and with tied GPT-2 embeddings the wte
+    AccumulateGrad summing its two shares (lm_head's and the embedding's, and their sum: 3 V*H*e,
+    measured) beside the gradient still waiting. In the last GPT-2 (tied) block: mlp.c_proj.weight's
+    hook, GELU's backward after it (the gradient still waiting, as without offload) and
+    mlp.c_fc.bias's hook, each beside its activations (Activations.mlp_out_weight_hook,
+    after_mlp_out_hooks, mlp_in_bias_hook)."""
+    if s.shape.n_tensors <= 1 or not s.numels:
+        return  # a bare parameter count: no per-tensor shapes to walk
+    hooks, last_reduction = _stage2_offload_hooks(s)
+    e, last = s.e, hooks[-1]
+    end = [last_reduction, s.numels[0] * e + max(last.reduce, last.clone)]
+    gpt2_tied = s.shape.model_type == "gpt2" and s.shape.tied_embeddings and not s.frozen
+    if gpt2_tied and len(hooks) > GPT2_MLP_OUT_HOOKS:
+        end.append(3 * s.numels[0] * e + hooks[-2].pending)
+        weight, bias = hooks[GPT2_MLP_OUT_HOOKS - 1], hooks[GPT2_MLP_OUT_HOOKS]
+        out.backward_mlp_out_weight_hook_extra = {G: max(weight.reduce, weight.clone), C: buckets}
+        out.backward_after_mlp_out_hooks_extra = {G: weight.pending, C: buckets}
+        out.backward_mlp_in_bias_hook_extra = {G: max(bias.reduce, bias.clone), C: buckets}
+    else:
+        out.notes.append(_UNMODELLED_OFFLOAD_HOOKS)
+    out.backward_end_extra = {G: max(end), C: buckets}
+
+
+_UNMODELLED_OFFLOAD_HOOKS = (
+    "ZeRO-2 + offload_optimizer: a parameter larger than reduce_bucket_size has its gradient cloned at its "
+    "hook, and each reduced gradient piece is copied to float64 for its norm (stage_1_and_2.py); modelled at "
+    "the end of backward only for this model (in the last block too for GPT-2): the backward peak may be low")
 
 
 _APPROXIMATE_FP32_ACCUMULATION = (

@@ -44,6 +44,10 @@ class StateLayout:
     # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
     # Activations.after_mlp_out_hooks); empty where not modelled (deepspeed_zero._stage2_after_mlp_out_hooks)
     backward_after_mlp_out_hooks_extra: dict[str, int] = field(default_factory=dict)
+    # beyond ``rest`` at two later hooks of that block (beside Activations.mlp_out_weight_hook /
+    # mlp_in_bias_hook); empty where not modelled (deepspeed_zero._stage2_offload_hooks)
+    backward_mlp_out_weight_hook_extra: dict[str, int] = field(default_factory=dict)
+    backward_mlp_in_bias_hook_extra: dict[str, int] = field(default_factory=dict)
     # candidate moments of the step phase, each as device bytes beyond ``rest`` (may be negative:
     # ZeRO-3 releases the gathered persistent params for the step); the phase peak is the largest
     step_moments: list[dict[str, int]] = field(default_factory=list)
@@ -184,9 +188,10 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
         out.backward_start_extra = plus(out.backward_start_extra, between)
     out.backward_extra = plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
     out.backward_end_extra = plus(out.backward_end_extra, {c: n for c, n in between.items() if c not in same_at_end})
-    if out.backward_after_mlp_out_hooks_extra:
-        out.backward_after_mlp_out_hooks_extra = plus(
-            out.backward_after_mlp_out_hooks_extra, {c: n for c, n in between.items() if c not in same_at_hook})
+    for name in ("backward_after_mlp_out_hooks_extra", "backward_mlp_out_weight_hook_extra",
+                 "backward_mlp_in_bias_hook_extra"):
+        if getattr(out, name):
+            setattr(out, name, plus(getattr(out, name), {c: n for c, n in between.items() if c not in same_at_hook}))
     out.step_moments = [*out.step_moments, dict(between)]
     out.notes.append(f"gradient accumulation over {s.inp.gradient_accumulation_steps} micro-steps: "
                      f"{how or 'nothing beyond the run-long state'} stays alive between micro-steps; "
