@@ -58,6 +58,7 @@ from memprof.families.common import (
     ModelFamily,
     ParamModule,
     attention_keeps_probabilities,
+    lora_checkpoint_held,
 )
 from memprof.units import is_positive_int
 
@@ -519,12 +520,12 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         blocks, _, cache = _lora_blocks(s, q, attn, lora, False)
         saved, recomputed = blocks + outside, 0
         forward_peak = saved + alive_at_loss + cache
-    # With checkpointing the loop's last loss keeps every block's input alive after backward (traced
-    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
-    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
-    # loss's graph still references) until the next forward returns a new loss: held between steps
-    # and through the next forward, gone in backward (the new step's inputs are counted there)
-    kept_inputs = s.L * BSH * e if q.checkpointing else 0
+    # With checkpointing the loop's last loss keeps wte's output and its .grad alive after backward
+    # (common.lora_checkpoint_held; reentrant: also the blocks' kwargs, cache_position, and the
+    # stashed CPU RNG states) until the next forward returns a new loss: held between steps and
+    # through the next forward, gone in backward (the new step's are counted there)
+    kept_inputs = lora_checkpoint_held(BSH * e, s.S, s.L, reentrant=q.checkpoint_reentrant, cpu=q.cpu,
+                                       kwargs_bytes=s.S * INT64) if q.checkpointing else 0
     held = saved + out.input_ids
     bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and ln_f's backward: the residual stream's gradient beside the rest; then

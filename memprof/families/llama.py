@@ -63,7 +63,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
-from memprof.families.common import FP32, INT64, ActivationQuery, Activations, LoraQuery, ModelFamily, ParamModule
+from memprof.families.common import (
+    FP32,
+    INT64,
+    ActivationQuery,
+    Activations,
+    LoraQuery,
+    ModelFamily,
+    ParamModule,
+    lora_checkpoint_held,
+)
 from memprof.units import is_positive_int
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -638,12 +647,12 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         layers, _, cache = _lora_layers(s, attn, lora, False)  # the frozen embedding's output needs no grad
         saved, recomputed = layers + outside, 0
         forward_peak = saved + alive_at_loss + cache
-    # With checkpointing the loop's last loss keeps every layer's input alive after backward (traced
-    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
-    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
-    # loss's graph still references) until the next forward returns a new loss: held between steps
-    # and through the next forward, gone in backward (the new step's inputs are counted there)
-    kept_inputs = s.L * BSH * e if q.checkpointing else 0
+    # With checkpointing the loop's last loss keeps the embedding output and its .grad alive after
+    # backward (common.lora_checkpoint_held; reentrant: also the layers' kwargs, position ids, cos
+    # and sin, and the stashed CPU RNG states) until the next forward returns a new loss: held
+    # between steps and through the next forward, gone in backward (the new step's are counted there)
+    kept_inputs = lora_checkpoint_held(BSH * e, s.S, s.L, reentrant=q.checkpoint_reentrant, cpu=s.cpu,
+                                       kwargs_bytes=positions + out.rotary) if q.checkpointing else 0
     held = saved + out.input_ids  # after forward: saved tensors and the loop's batch
     bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and the final norm's backward: the residual stream's gradient beside the

@@ -386,9 +386,19 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
         out.add("host", G, sum(_host_bytes(s, n * FP32, pin_opt) for n in subs if n > 0))
     if z.contiguous_gradients:
         out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept
-    gathered, how = _stage3_gathered(s, thr, single_rank)
-    out.forward_extra = {P: gathered * e}
-    out.backward_extra = {P: gathered * e, G: largest * e}
+    if _trace_reset_each_micro_step(inp) and not single_rank:
+        # no complete trace: every module's params (persistent ones too) released after its forward
+        # and backward; the fused head gathers lm_head itself (trl maybe_gather_lm_head_ctx ->
+        # GatheredParameters) in its forward and in its backward, beside its peak moments
+        head = -(-shape.vocab * shape.hidden // N) * N if shape.has_transformer_shape else 0
+        gathered, how = 0, ("(none: DPO's PEFT reference forward calls the PeftModel outside the engine, whose root "
+                            "pre-forward hook resets the coordinator's trace every micro-step: record mode throughout)")
+        out.forward_extra = {P: (head - persistent) * e}
+        out.backward_extra = {P: (head - persistent) * e, G: largest * e}
+    else:
+        gathered, how = _stage3_gathered(s, thr, single_rank)
+        out.forward_extra = {P: gathered * e}
+        out.backward_extra = {P: gathered * e, G: largest * e}
     out.backward_end_extra = {}
     if off_opt:
         # DeepSpeedCPUAdam updates the host partitions in place
@@ -410,6 +420,22 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
         f"stage 3: {shape.persistent_numel(thr):,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
         f"gathered when forward ends: {gathered:,} of {total - shape.persistent_numel(thr):,} non-persistent elements " + how
     )
+
+
+def _trace_reset_each_micro_step(inp: EstimateInputs) -> bool:
+    """Whether the policy's ZeRO-3 parameter coordinator never completes a trace: TRL's DPOTrainer
+    with PEFT and no reference model runs the reference forward as ``self.model(...)`` (the
+    PeftModel the engine wraps, trl/trainer/dpo_trainer.py ``_compute_loss``) under
+    ``use_adapter(..., None)``. The engine's ``_start_of_forward_hook`` is a forward pre-hook on
+    that root module (runtime/zero/parameter_offload.py ``setup_zero_stage3_hooks``), so it fires
+    again mid-micro-step: ``reset_step`` turns the trace just recorded (the policy's forward) into a
+    complete one, the adapter-disabled forward skips lora_A / lora_B and ``trace_prologue``
+    invalidates it, and the next micro-step starts recording again
+    (partitioned_param_coordinator.py). With an incomplete trace ``release_sub_module`` releases
+    every parameter of a module after its forward, persistent ones included, and nothing is
+    prefetched."""
+    return (inp.loss_implementation == "trl_dpo" and inp.peft is not None and inp.reference_model is None
+            and not inp.precompute_ref_log_probs)
 
 
 def _stage3_gathered(s: LayoutSetup, thr: int, single_rank: bool) -> tuple[int, str]:
