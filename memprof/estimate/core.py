@@ -369,7 +369,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         seq = inputs.seq_len or shape.n_positions
         assumptions.append(
             f"activations of {shape.family.causal_lm_class(shape.model_type)}, {inputs.attn_implementation} attention, "
-            f"micro-batch {inputs.micro_batch} x "
+            f"micro-batch {inputs.micro_batch}"
+            f"{f' pairs = {model_rows(inputs)} rows' if inputs.loss_implementation == 'trl_dpo' else ''} x "
             f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
             f"train mode ({shape.family.train_mode}), "
             f"{inputs.device_type} kernels: {acts.formula}"
