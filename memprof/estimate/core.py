@@ -81,6 +81,8 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
     # at backward's start only the params gathered for it exist beside the activations; gradients
     # and reduce buckets come with the first hook
     forward = [{**lay.forward_extra, ACT: a_fwd}]
+    if lay.forward_in_layer_extra and acts and acts.forward_in_layer:
+        forward.append({**lay.forward_in_layer_extra, ACT: act(acts.forward_in_layer)})
     if lay.forward_last_block_extra:
         forward.append({**lay.forward_last_block_extra, ACT: _last_block_activations(acts, checkpointing, act)})
     return {
@@ -384,6 +386,7 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     ranks, layout_notes = _model_ranks(inputs, shape, acts)
     assumptions += _frozen_assumptions(inputs, shape)
     assumptions += _trainer_assumptions(inputs)
+    assumptions += _in_layer_assumptions(inputs, shape, acts)
     assumptions += layout_notes
     assumptions += _setup_assumptions(inputs)
     assumptions += _memory_kind_assumptions(inputs)
@@ -412,6 +415,21 @@ def _reference_words(inputs: EstimateInputs) -> str:
         return "whole: TRL prepares it at ZeRO-0"
     return (f"partitioned, ZeRO-3, its own engine's persistence threshold {reference_persistence_threshold(inputs):,} "
             "elements: persistent parameters stay gathered from its first forward on, nothing releases them")
+
+
+def _in_layer_assumptions(inputs: EstimateInputs, shape: ModelShape, acts: Activations | None) -> list[str]:
+    """ZeRO-3's prefetch buffers inside forward, where the estimate pairs them with an in-layer moment."""
+    if acts is None or not acts.forward_in_layer or inputs.zero_stage != 3 or inputs.world_size == 1:
+        return []
+    z = inputs.zero
+    thr = min(z.param_persistence_threshold, z.model_persistence_threshold)
+    r = shape.stage3_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size, z.max_live_parameters, inputs.world_size)
+    if r is None or r.peak_buffers == 0:
+        return []
+    return [f"stage 3 inside forward: at most {r.peak_gathered:,} elements gathered beside {r.peak_buffers:,} of "
+            "all-gather buffers (comm_buffers) at one module's fetch: a prefetched group is held twice, its flat "
+            "all-gather buffer and each parameter's torch.cat copy, until its last parameter's module fetches it "
+            "(memprof.estimate.stage3_replay); counted beside the last layer's widest activation moment, an upper bound"]
 
 
 def _trainer_assumptions(inputs: EstimateInputs) -> list[str]:

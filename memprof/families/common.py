@@ -94,6 +94,10 @@ class Activations:
     # of that block; 0 where not modelled. ZeRO-2 with a small reduce bucket allocates
     # grads_in_partition by then on some ranks (zero_layout._stage2_after_mlp_out_hooks)
     after_mlp_out_hooks: int = 0
+    # the widest moment inside the last layer's forward (checkpointing: its MLP, every layer's input
+    # kept), paired with what an engine holds there beyond the loss's moment (ZeRO-3's prefetch
+    # buffers: StateLayout.forward_in_layer_extra); 0 where not modelled
+    forward_in_layer: int = 0
     # what the formula leaves out or simplifies, one estimate assumption line each
     notes: tuple[str, ...] = ()
 

@@ -386,19 +386,7 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
         out.add("host", G, sum(_host_bytes(s, n * FP32, pin_opt) for n in subs if n > 0))
     if z.contiguous_gradients:
         out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept
-    if _trace_reset_each_micro_step(inp) and not single_rank:
-        # no complete trace: every module's params (persistent ones too) released after its forward
-        # and backward; the fused head gathers lm_head itself (trl maybe_gather_lm_head_ctx ->
-        # GatheredParameters) in its forward and in its backward, beside its peak moments
-        head = -(-shape.vocab * shape.hidden // N) * N if shape.has_transformer_shape else 0
-        gathered, how = 0, ("(none: DPO's PEFT reference forward calls the PeftModel outside the engine, whose root "
-                            "pre-forward hook resets the coordinator's trace every micro-step: record mode throughout)")
-        out.forward_extra = {P: (head - persistent) * e}
-        out.backward_extra = {P: (head - persistent) * e, G: largest * e}
-    else:
-        gathered, how = _stage3_gathered(s, thr, single_rank)
-        out.forward_extra = {P: gathered * e}
-        out.backward_extra = {P: gathered * e, G: largest * e}
+    gathered, how = _stage3_forward_moments(s, out, thr, single_rank, persistent, largest)
     out.backward_end_extra = {}
     if off_opt:
         # DeepSpeedCPUAdam updates the host partitions in place
@@ -420,6 +408,32 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
         f"stage 3: {shape.persistent_numel(thr):,} elements in params of <= {thr:,} elements stay gathered (persistence threshold); "
         f"gathered when forward ends: {gathered:,} of {total - shape.persistent_numel(thr):,} non-persistent elements " + how
     )
+
+
+def _stage3_forward_moments(s: LayoutSetup, out: StateLayout, thr: int, single_rank: bool, persistent: int,
+                            largest: int) -> tuple[int, str]:
+    """ZeRO-3's gathered parameters at forward's and backward's moments (and inside forward, the
+    prefetch groups' buffers), and how they were found: (gathered when forward ends, words)."""
+    shape, z, e, N = s.shape, s.inp.zero, s.e, s.N
+    if _trace_reset_each_micro_step(s.inp) and not single_rank:
+        # no complete trace: every module's params (persistent ones too) released after its forward
+        # and backward; the fused head gathers lm_head itself (trl maybe_gather_lm_head_ctx ->
+        # GatheredParameters) in its forward and in its backward, beside its peak moments
+        head = -(-shape.vocab * shape.hidden // N) * N if shape.has_transformer_shape else 0
+        out.forward_extra = {P: (head - persistent) * e}
+        out.backward_extra = {P: (head - persistent) * e, G: largest * e}
+        return 0, ("(none: DPO's PEFT reference forward calls the PeftModel outside the engine, whose root "
+                   "pre-forward hook resets the coordinator's trace every micro-step: record mode throughout)")
+    gathered, how = _stage3_gathered(s, thr, single_rank)
+    out.forward_extra = {P: gathered * e}
+    out.backward_extra = {P: gathered * e, G: largest * e}
+    replayed = None if single_rank else shape.stage3_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
+                                                              z.max_live_parameters, N)
+    if replayed is not None and replayed.peak > gathered:
+        # inside forward a prefetched group is held twice: each param's gathered copy (params)
+        # beside the call's flat all-gather buffer (comm_buffers) until its last param's module
+        out.forward_in_layer_extra = {P: replayed.peak_gathered * e, C: replayed.peak_buffers * e}
+    return gathered, how
 
 
 def _trace_reset_each_micro_step(inp: EstimateInputs) -> bool:
