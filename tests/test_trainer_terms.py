@@ -271,3 +271,73 @@ def test_reference_forward_mlp_moment_matches_a_no_grad_backbone(layers, inner, 
     assert peak == derived
     assert reference_forward_bytes(rows, seq, H, V_, e=e, inner=inner, n_layer=layers, head_dim=D,
                                    policy_outputs=False).mlp == derived
+
+
+def test_dpo_run_record_selects_its_terms() -> None:
+    """A DPOTrainer run (memprof.integrations.transformers' record) is estimated with DPO's terms; the
+    checkpoint kind and precompute_ref_log_probs come from the record, the reference engine's
+    threshold from reference_model."""
+    from memprof.estimate.core import checkpoint_reentrant, model_rows, reference_persistence_threshold
+    from memprof.estimate.from_run import inputs_from_run
+    from memprof.models import preset_config
+
+    cfg = preset_config("llama-tiny")
+    run = {"model_config": cfg, "world_size": 2, "zero_stage": 3, "precision": "bf16", "micro_batch": 2, "seq_len": 32,
+           "activation_checkpointing": True,
+           "reference_model": {"same_config_as_policy": True, "n_params": 1, "param_persistence_threshold": 100_000},
+           "trainer": {"trainer_class": "DPOTrainer", "gradient_checkpointing": True,
+                       "gradient_checkpointing_kwargs": {"use_reentrant": True}, "precompute_ref_log_probs": False}}
+    inp = inputs_from_run(run)
+    assert inp.loss_implementation == "trl_dpo" and model_rows(inp) == 4 and not inp.precompute_ref_log_probs
+    assert checkpoint_reentrant(inp) and reference_persistence_threshold(inp) == 100_000
+    run["trainer"] = {"trainer_class": "SFTTrainer", "gradient_checkpointing": True,
+                      "gradient_checkpointing_kwargs": None}
+    sft = inputs_from_run(run)
+    assert sft.loss_implementation == "trl_fused_head" and model_rows(sft) == 2 and not checkpoint_reentrant(sft)
+
+
+def test_reference_engine_threshold_from_the_config() -> None:
+    """TRL prepares the reference engine before HF resolves the hidden-size "auto" values, and
+    DeepSpeed drops "auto": an "auto" threshold is DeepSpeed's default 100,000 for the reference
+    (runtime/zero/config.py), an explicit one is kept."""
+    from memprof.estimate.core import reference_persistence_threshold
+    from memprof.estimate.inputs import EstimateInputs, settings_from_deepspeed_config
+    from memprof.models import preset_config
+
+    cfg = preset_config("llama-tiny")
+
+    def inputs(value):
+        ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": value},
+              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}
+        return EstimateInputs(model_config=cfg, reference_model=cfg, loss_implementation="trl_dpo", world_size=2,
+                              **settings_from_deepspeed_config(ds, "x", world_size=2, hidden_size=cfg["hidden_size"]))
+
+    assert inputs("auto").zero.param_persistence_threshold == 640  # the policy's: 10 x hidden
+    assert reference_persistence_threshold(inputs("auto")) == 100_000
+    assert reference_persistence_threshold(inputs(5000)) == 5000
+
+
+def test_trainer_holds_its_accumulation_batches_and_one_ahead() -> None:
+    """DPO under the HF Trainer, CPU: gradient_accumulation_steps collated batches (get_batch_samples)
+    and accelerate's one-batch lookahead, each input_ids + attention_mask + completion_mask, 2B x S
+    int64; one input_ids is the activation formula's already (measured at rest in the DPO launches:
+    9,216 of the 9,385 bytes of `other`, GAS 2, B 2, S 32)."""
+    from memprof.estimate import estimate
+    from memprof.estimate.inputs import EstimateInputs
+    from memprof.models import preset_config
+
+    cfg = preset_config("llama-tiny")
+    base = dict(model_config=cfg, micro_batch=2, seq_len=32, world_size=2, zero_stage=2, device_type="cpu",
+                gradient_accumulation_steps=2)
+    dpo = estimate(EstimateInputs(**base, loss_implementation="trl_dpo")).ranks[0].rest["device"]["other"]
+    assert dpo == (2 + 1) * 3 * 4 * 32 * 8 - 4 * 32 * 8 == 8_192
+    assert estimate(EstimateInputs(**base)).ranks[0].rest["device"]["other"] == 0
+
+
+def test_precompute_needs_dpo_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "memprof", "estimate", "--model", "llama-tiny",
+                          "--precompute-ref-log-probs"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--loss trl-dpo" in res.stderr

@@ -178,7 +178,7 @@ class ModelShape:
         None for a bare parameter count (no modules to replay)."""
         replayed = self.stage3_forward(threshold, max_reuse_distance, prefetch_bucket, max_live, 1)
         # a parameter prefetched for backward is still in flight at forward's end: its buffer is held
-        return None if replayed is None else replayed.end_gathered + replayed.end_buffers
+        return None if replayed is None else replayed.end_numel
 
     def stage3_forward(self, threshold: int, max_reuse_distance: int, prefetch_bucket: int, max_live: int,
                        world_size: int) -> Stage3Forward | None:

@@ -38,6 +38,7 @@ class Stage3Forward:
 
     end_gathered: int  # gathered when forward ends (after the last module's release)
     end_buffers: int  # coalesced all-gather buffers (or in-flight single buffers) alive then
+    end_numel: int  # the same two in parameters' elements (no rounding to the world size)
     peak_gathered: int  # at the module fetch with the most gathered + buffer elements: gathered,
     peak_buffers: int  # and buffers
 
@@ -68,6 +69,11 @@ class _Replay:
         self.inflight: set[int] = set()
         self.registry: dict[int, int] = {}  # param -> its call
         self.calls: list[tuple[tuple[int, ...], int, bool]] = []  # (params, flat buffer elements, waited)
+        self.registered: list[int] = []  # per call: its params still in the registry
+        # running totals (a 560-adapter model fetches ~4,000 modules: no sums per fetch)
+        self.held_total = 0
+        self.buffer_total = 0  # flat buffers of calls still registered + single in-flight buffers
+        self.numel_total = 0  # gathered or in flight, in parameters' elements (one copy each)
 
     def aligned(self, i: int) -> int:
         return -(-self.numels[i] // self.n) * self.n
@@ -79,6 +85,9 @@ class _Replay:
         self.available += sum(self.numels[i] for i in new)
         flat = 0 if len(new) == 1 else sum(self.aligned(i) for i in new)
         self.calls.append((tuple(new), flat, False))
+        self.registered.append(len(new))
+        self.buffer_total += flat if flat else self.aligned(new[0])
+        self.numel_total += sum(self.numels[i] for i in new)
         for i in new:
             self.inflight.add(i)
             self.registry[i] = len(self.calls) - 1
@@ -93,14 +102,20 @@ class _Replay:
             if i in self.inflight:
                 self.inflight.discard(i)
                 self.held[i] = self.aligned(i) if flat == 0 else self.numels[i]
+                self.held_total += self.held[i]
+        if flat == 0:  # a single param's buffer is its data now
+            self.buffer_total -= self.aligned(params[0])
+
+    def unregister(self, i: int) -> None:
+        call = self.registry.pop(i)
+        self.registered[call] -= 1
+        if self.registered[call] == 0:
+            self.buffer_total -= self.calls[call][1]
 
     def elements(self) -> tuple[int, int]:
         """(gathered data, buffers): flat buffers of calls still in the registry, and single
         in-flight buffers (their data once waited)."""
-        live = {self.registry[i] for i in self.registry}
-        buffers = sum(self.calls[c][1] for c in live) + sum(self.aligned(i) for i in self.inflight
-                                                            if self.calls[self.registry[i]][1] == 0)
-        return sum(self.held.values()), buffers
+        return self.held_total, self.buffer_total
 
     def reused_soon(self, i: int, pos: int) -> bool:
         # the next use after pos (backward's mirrored half always has one); bisect keeps a
@@ -108,42 +123,56 @@ class _Replay:
         reuse = self.uses[i][bisect.bisect_right(self.uses[i], pos)]
         return self.prefix[reuse] - self.prefix[pos + 1] < self.max_reuse
 
-    def pop_queue(self, pos: int, budget: int | None) -> list[int]:
-        """Pop this module's own entries (``budget`` None), or prefetch up to ``budget`` elements."""
-        picked: list[int] = []
-        fetched = 0
-        while self.head < len(self.queue):
-            i, k = self.queue[self.head]
-            if budget is None and k > pos or budget is not None and fetched >= budget:
-                break
-            self.latest[i] = max(self.latest[i], k)
+    def pop_own(self, pos: int) -> None:
+        """Pop the entries of the modules fetched so far (the current one's)."""
+        queue, latest = self.queue, self.latest
+        while self.head < len(queue) and queue[self.head][1] <= pos:
+            i, k = queue[self.head]
+            if k > latest[i]:
+                latest[i] = k
             self.head += 1
-            if budget is not None and i not in self.persistent and i not in self.held and i not in self.inflight \
-                    and i not in picked:
-                picked.append(i)
-                fetched += self.numels[i]
-        return picked
+
+    def prefetch(self, budget: int) -> list[int]:
+        """Pop entries until ``budget`` elements not yet gathered or in flight are picked."""
+        queue, latest, numels = self.queue, self.latest, self.numels
+        skip = (self.persistent, self.held, self.inflight)
+        picked: dict[int, None] = {}
+        fetched = 0
+        while self.head < len(queue) and fetched < budget:
+            i, k = queue[self.head]
+            if k > latest[i]:
+                latest[i] = k
+            self.head += 1
+            if i not in picked and not any(i in x for x in skip):
+                picked[i] = None
+                fetched += numels[i]
+        return list(picked)
 
     def fetch(self, pos: int, module: tuple[int, ...], prefetch_bucket: int, max_live: int) -> tuple[int, int]:
         """One module's fetch; (gathered, buffers) at its widest."""
-        own = sorted(set(module))
-        self.gather(own)
-        for i in own:
-            if i in self.registry:
-                self.wait(self.registry[i])
-        waited = self.elements()  # the waited copies beside the buffers still registered
-        for i in own:
-            self.registry.pop(i, None)
-        self.pop_queue(pos, None)
+        waited = self.elements()
+        if module:
+            own = sorted(set(module))
+            self.gather(own)
+            for i in own:
+                if i in self.registry:
+                    self.wait(self.registry[i])
+            waited = self.elements()  # the waited copies beside the buffers still registered
+            for i in own:
+                if i in self.registry:
+                    self.unregister(i)
+            self.pop_own(pos)
         if prefetch_bucket > 0:
-            self.gather(self.pop_queue(pos, min(max_live - self.available, prefetch_bucket)))
-        return max(waited, self.elements(), key=sum)
+            self.gather(self.prefetch(min(max_live - self.available, prefetch_bucket)))
+        after = self.elements()
+        return after if sum(after) >= sum(waited) else waited
 
     def release(self, pos: int, module: tuple[int, ...]) -> None:
         for i in set(module) - self.persistent:
             if i in self.held and self.latest[i] <= pos and not self.reused_soon(i, pos):
-                del self.held[i]
+                self.held_total -= self.held.pop(i)
                 self.available -= self.numels[i]
+                self.numel_total -= self.numels[i]
 
 
 def replay_stage3_forward(numels: tuple[int, ...], forward: tuple[tuple[int, ...], ...], threshold: int,
@@ -157,4 +186,4 @@ def replay_stage3_forward(numels: tuple[int, ...], forward: tuple[tuple[int, ...
         r.release(pos, module)
     end = r.elements()
     peak = max(peak, end, key=sum)
-    return Stage3Forward(end[0], end[1], peak[0], peak[1])
+    return Stage3Forward(end[0], end[1], r.numel_total, peak[0], peak[1])

@@ -461,12 +461,11 @@ def _stage3_gathered(s: LayoutSetup, thr: int, single_rank: bool) -> tuple[int, 
     partitioned_param_coordinator.py:452)."""
     shape, z = s.shape, s.inp.zero
     non_persistent = s.total - shape.persistent_numel(thr)
-    replayed = shape.stage3_gathered_after_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
-                                                   z.max_live_parameters)
     if single_rank:
         return 0, "(world size 1: a gathered param is a view of its own partition, no extra bytes)"
+    replayed = shape.stage3_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size, z.max_live_parameters, s.N)
     if replayed is not None:
-        return replayed, "(replayed from the parameter coordinator's fetch/prefetch/release rules)"
+        return replayed.end_numel, "(replayed from the parameter coordinator's fetch/prefetch/release rules)"
     retained = shape.stage3_retained_numel(thr, z.max_reuse_distance)
     window = s.largest + min(z.prefetch_bucket_size, max(0, z.max_live_parameters - retained))
     gathered = retained + min(non_persistent - retained, window)
