@@ -70,16 +70,16 @@ def test_tiny_presets_by_hand() -> None:
 
 @pytest.mark.parametrize("name", ["llama gqa untied", "llama kv absent, tied, biases, head_dim", "qwen2 gqa tied"])
 def test_fetch_order_is_the_forward_call_order(name: str) -> None:
-    """ZeRO-3's coordinator sees modules with parameters in forward order: record it with forward
-    pre-hooks on a real model and compare with llama_fetch_modules."""
+    """ZeRO-3's coordinator fetches every module in forward order (DeepSpeed hooks each one; a
+    module without parameters still prefetches): record it with forward pre-hooks on a real model
+    and compare with llama_fetch_modules (empty tuples for modules without parameters)."""
     cfg = VARIANTS[name]
     model = build_model(cfg, seed=0)
     index = {id(p): k for k, p in enumerate(model.parameters())}
     order: list[tuple[int, ...]] = []
     for module in model.modules():
         own = [p for p in module.parameters(recurse=False)]
-        if own:
-            module.register_forward_pre_hook(lambda m, a, own=own: order.append(tuple(index[id(p)] for p in own)))
+        module.register_forward_pre_hook(lambda m, a, own=own: order.append(tuple(index[id(p)] for p in own)))
     ids = torch.randint(0, 256, (1, 8))
     model(input_ids=ids, labels=ids)
     assert tuple(order) == llama_fetch_modules(cfg)

@@ -191,7 +191,7 @@ def test_reference_model_adds_frozen_params_only() -> None:
            "reference_model": {"same_config_as_policy": True, "model_config": None, "n_params": shape.n_params},
            "trainer": {"trainer_class": "DPOTrainer"}}
     inputs = inputs_from_run(run)
-    assert inputs.reference_model == cfg and inputs.loss_implementation == "trl_fused_head"
+    assert inputs.reference_model == cfg and inputs.loss_implementation == "trl_dpo"  # DPO: 2B rows, reference forward
 
 
 def test_trl_fused_head_replaces_the_logits_terms() -> None:

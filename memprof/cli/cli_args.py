@@ -49,10 +49,13 @@ def add_setup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bnb-4bit-quant-storage", help="bnb_4bit_quant_storage: uint8 (default), bfloat16, float16, float32, ... "
                    "(ZeRO-3 needs the compute precision's dtype)")
     p.add_argument("--bnb-4bit-compute-dtype", help="bnb_4bit_compute_dtype: float32 (default), bfloat16 or float16")
-    p.add_argument("--loss", choices=("hf", "trl-fused-head"), default=None,
-                   help="hf (the ForCausalLM loss over B*S*V logits; default) or trl-fused-head (TRL's trainers: "
-                   "chunked log-probs, no logits)")
+    p.add_argument("--loss", choices=("hf", "trl-fused-head", "trl-dpo"), default=None,
+                   help="hf (the ForCausalLM loss over B*S*V logits; default), trl-fused-head (TRL's trainers: "
+                   "chunked log-probs, no logits) or trl-dpo (TRL's DPOTrainer: --micro-batch preference pairs, "
+                   "2 rows each, and the reference forward)")
     p.add_argument("--trl", dest="loss", action="store_const", const="trl-fused-head", help="--loss trl-fused-head")
+    p.add_argument("--precompute-ref-log-probs", action="store_true",
+                   help="--loss trl-dpo: TRL's precompute_ref_log_probs (no reference forward in a training step)")
     p.add_argument("--reference-model", nargs="?", const="policy", default=None, metavar="CONFIG",
                    help="add DPO's frozen reference model: a preset or HF config.json (default: the policy's config)")
     p.add_argument("--attn-implementation", help="sdpa (transformers' default) or eager")
@@ -116,6 +119,8 @@ def inputs_from_args(args: argparse.Namespace, world_size: int | None) -> Estima
     reference = getattr(args, "reference_model", None)
     if reference is not None:
         kw["reference_model"] = _reference_model(reference, kw)
+    if getattr(args, "precompute_ref_log_probs", False):
+        kw["precompute_ref_log_probs"] = True
     return EstimateInputs(**kw)
 
 

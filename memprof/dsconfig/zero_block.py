@@ -72,6 +72,14 @@ def read_zero_block(ds: Mapping[str, Any], reading: Reading, hidden: int | None)
     return stage, knobs
 
 
+def written_zero_block(ds: Any) -> dict[str, Any]:
+    """A config's ``zero_optimization`` block as written (an empty dict where it has none, or where it
+    is the legacy ``true``), refusing nothing: for describing the settings of a run DeepSpeed
+    already made (the report's engine rows), not for estimating (that is :func:`read_zero_block`)."""
+    zero = ds.get("zero_optimization") if isinstance(ds, Mapping) else None
+    return dict(zero) if isinstance(zero, dict) else {}
+
+
 def offload_devices(ds: Mapping[str, Any]) -> tuple[str, str]:
     """``(offload_optimizer, offload_param)`` devices of a config as DeepSpeed reads them
     (``"none"``, ``"cpu"`` or ``"nvme"``; the deprecated booleans; ``offload_param`` only at stage 3),

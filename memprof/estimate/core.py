@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from memprof.categories import Breakdown, Category, breakdown_total, empty_breakdown
@@ -25,7 +26,15 @@ from memprof.estimate.overhead import overhead
 from memprof.estimate.paper import PAPER_LAYOUT_HAS_NO_ACTIVATIONS, paper_estimate, paper_model_states
 from memprof.estimate.quant_terms import quantization_assumptions
 from memprof.estimate.result import Estimate, RankEstimate
-from memprof.estimate.trainer_terms import FusedHeadBytes, scored_positions, trl_fused_head_bytes
+from memprof.estimate.trainer_terms import (
+    FusedHeadBytes,
+    ReferenceForward,
+    dpo_rows,
+    scored_positions,
+    trl_fused_head_bytes,
+)
+from memprof.estimate.trainer_terms import dpo_reference_forward as trainer_dpo_reference_forward
+from memprof.families.common import INT64
 
 ACT = Category.ACTIVATIONS.value
 
@@ -78,6 +87,8 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
     # at backward's start only the params gathered for it exist beside the activations; gradients
     # and reduce buckets come with the first hook
     forward = [{**lay.forward_extra, ACT: a_fwd}]
+    if lay.forward_in_layer_extra and acts and acts.forward_in_layer:
+        forward.append({**lay.forward_in_layer_extra, ACT: act(acts.forward_in_layer)})
     if lay.forward_last_block_extra:
         forward.append({**lay.forward_last_block_extra, ACT: _last_block_activations(acts, checkpointing, act)})
     return {
@@ -106,8 +117,24 @@ def _device_other(inp: EstimateInputs) -> int:
     launcher's data set stays in host memory there, so it is no device byte.
     """
     if inp.device_type != "cuda":
-        return inp.script_resident_bytes
-    return blas_workspace_bytes(inp.cuda_capability or ASSUMED_CAPABILITY, inp.activation_checkpointing)
+        return inp.script_resident_bytes + _trainer_batches(inp)
+    return blas_workspace_bytes(inp.cuda_capability or ASSUMED_CAPABILITY, inp.activation_checkpointing) + _trainer_batches(inp)
+
+
+def _trainer_batches(inp: EstimateInputs) -> int:
+    """DPO under the HF Trainer: the collated batches it holds beyond the one input_ids tensor the
+    activation formula counts. transformers 5's ``_inner_training_loop`` fetches an optimizer step's
+    ``gradient_accumulation_steps`` batches up front (``get_batch_samples``) and keeps the list
+    through its micro-steps; accelerate's ``DataLoaderShard.__iter__`` iterates one batch ahead (on
+    the CPU: moved to the device only when it becomes current). Each DPO batch is
+    ``DataCollatorForPreference``'s input_ids, attention_mask and completion_mask, ``2B x S`` int64
+    each (TRL's ``pad``; ``ref_chosen_logps`` / ``ref_rejected_logps``, B fp32 each, when precomputed)."""
+    if inp.loss_implementation != "trl_dpo" or inp.seq_len is None:
+        return 0
+    rows, seq = model_rows(inp), inp.seq_len
+    batch = 3 * rows * seq * INT64 + (2 * inp.micro_batch * FP32 if inp.precompute_ref_log_probs else 0)
+    held = inp.gradient_accumulation_steps + (1 if inp.device_type != "cuda" else 0)
+    return held * batch - rows * seq * INT64
 
 
 def _rest_with_loop(lay: StateLayout, inp: EstimateInputs, acts: Activations | None) -> Breakdown:
@@ -128,20 +155,54 @@ def _buffer_bytes(shape: ModelShape) -> int:
     return FP32 * shape.buffer_numel + shape.quant_state_bytes
 
 
+def reference_shape(inp: EstimateInputs) -> ModelShape | None:
+    """The frozen reference model's shape (``inp.reference_model``: a config, or a bare count)."""
+    if inp.reference_model is None:
+        return None
+    cfg = None if set(inp.reference_model) == {"n_params"} else inp.reference_model
+    return model_shape(cfg, inp.reference_model.get("n_params") if cfg is None else None)
+
+
+# DeepSpeed 0.19.8 runtime/zero/config.py: ``param_persistence_threshold`` Field(pp_int(1e5))
+DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
+_HF_AUTO_PERSISTENCE = "zero_optimization.stage3_param_persistence_threshold"
+
+
+def reference_persistence_threshold(inp: EstimateInputs) -> int:
+    """ZeRO-3 persistence threshold of the reference model's engine. TRL 1.16's
+    ``prepare_deepspeed`` (trl/models/utils.py, called in ``DPOTrainer.__init__``) deep-copies the
+    accelerate plugin's config before the HF Trainer resolves its hidden-size "auto" values
+    (``trainer_config_finalize``, in ``train()``), and its overrides are top-level dotted keys
+    (``"zero_optimization.stage3_param_persistence_threshold"``) DeepSpeed never reads; DeepSpeed's
+    config model drops "auto" (runtime/config_utils.py), so an "auto" threshold becomes its default
+    of 100,000 elements for the reference, while the policy gets HF's 10 * hidden. A recorded run
+    says it (``inp.reference_persistence_threshold``); otherwise "auto" in the config -> 100,000,
+    an explicit value -> that value."""
+    if inp.reference_persistence_threshold is not None:
+        return inp.reference_persistence_threshold
+    if _HF_AUTO_PERSISTENCE in inp.auto_values:
+        return DS_DEFAULT_PERSISTENCE_THRESHOLD
+    return inp.zero.param_persistence_threshold
+
+
 def reference_model_bytes(inp: EstimateInputs) -> int:
     """A frozen reference model's bytes on one rank (DPO; TRL 1.16 trl/models/utils.py
     ``prepare_deepspeed``: a second engine, ZeRO-3 when the policy's is, else stage 0 with
     ``bf16``/``fp16`` as the policy's). Frozen, so no gradient, fp32 master or optimizer state
     (is_optimized_parameter): its parameters in the compute dtype, whole at ZeRO 0-2; at ZeRO-3
-    each one's partition plus the persistent ones gathered (partition_parameters.py), as the
-    policy's frozen parameters; its fp32 module buffers (rotary inv_freq) like the policy's."""
-    if inp.reference_model is None:
+    each one's partition plus the persistent ones gathered (partition_parameters.py), with the
+    reference engine's own threshold (:func:`reference_persistence_threshold`). That engine has no
+    optimizer, so nothing ever calls ``partition_all_parameters`` on it: a persistent parameter its
+    first forward with a complete trace gathers stays gathered for the run (the steady state from
+    the second micro-step on); the non-persistent ones are gathered and released inside its own
+    forward, between the policy's phases. Its fp32 module buffers (rotary inv_freq) like the policy's."""
+    ref = reference_shape(inp)
+    if ref is None:
         return 0
-    cfg = None if set(inp.reference_model) == {"n_params"} else inp.reference_model
-    ref = model_shape(cfg, inp.reference_model.get("n_params") if cfg is None else None)
     e = ELEMENT_SIZE[inp.precision]
     if inp.zero_stage == 3:
-        threshold, n = inp.zero.param_persistence_threshold, inp.world_size
+        n = inp.world_size
+        threshold = min(reference_persistence_threshold(inp), inp.zero.model_persistence_threshold)
         numel = ref.stage3_partition_numel(n) + ref.persistent_gathered_numel(threshold, n)
     else:
         numel = ref.n_params
@@ -169,20 +230,75 @@ def _activations(inputs: EstimateInputs, shape: ModelShape) -> Activations | Non
     if seq > shape.n_positions:
         raise MemprofError(f"sequence length {seq} exceeds the model's {shape.family.positions_field} "
                            f"({shape.n_positions}): use --seq-len {shape.n_positions} or less")
-    return model_activations(shape, ActivationQuery(inputs.micro_batch, seq, ELEMENT_SIZE[inputs.precision],
+    rows = model_rows(inputs)
+    acts = model_activations(shape, ActivationQuery(rows, seq, ELEMENT_SIZE[inputs.precision],
                                                     inputs.attn_implementation, inputs.activation_checkpointing,
                                                     inputs.device_type, shape.lora_query,
-                                                    _fused_head(inputs, shape, seq)))
+                                                    _fused_head(inputs, shape, rows, seq),
+                                                    checkpoint_reentrant(inputs)))
+    if acts is None or inputs.loss_implementation != "trl_dpo":
+        return acts
+    return _with_reference_forward(inputs, shape, acts, rows, seq)
 
 
-def _fused_head(inputs: EstimateInputs, shape: ModelShape, seq: int) -> FusedHeadBytes | None:
+def model_rows(inputs: EstimateInputs) -> int:
+    """Rows one micro-batch puts through the model: ``micro_batch``, or DPO's chosen and rejected
+    row per pair (trainer_terms.dpo_rows)."""
+    return dpo_rows(inputs.micro_batch) if inputs.loss_implementation == "trl_dpo" else inputs.micro_batch
+
+
+def checkpoint_reentrant(inputs: EstimateInputs) -> bool:
+    """Whether checkpointing is the reentrant kind: as stated (a run's gradient_checkpointing_kwargs),
+    else TRL's DPOTrainer rule (trl/trainer/dpo_trainer.py ``__init__``: PEFT + DeepSpeed ZeRO-3 +
+    gradient checkpointing forces ``use_reentrant=True``); otherwise the non-reentrant checkpoint
+    (transformers 5's default, memprof's launcher)."""
+    if not inputs.activation_checkpointing:
+        return False
+    if inputs.checkpoint_reentrant is not None:
+        return inputs.checkpoint_reentrant
+    return inputs.loss_implementation == "trl_dpo" and inputs.peft is not None and inputs.zero_stage == 3
+
+
+def dpo_reference_forward(inputs: EstimateInputs, shape: ModelShape) -> ReferenceForward | None:
+    """DPO's reference forward (trainer_terms.reference_forward_bytes), or None where a training
+    step runs none (``precompute_ref_log_probs``, or no reference: neither a model nor PEFT) or its
+    model has no layer shapes."""
+    if inputs.loss_implementation != "trl_dpo" or inputs.precompute_ref_log_probs or not shape.has_transformer_shape:
+        return None
+    peft_reference = inputs.reference_model is None and inputs.peft is not None
+    ref = shape if peft_reference else reference_shape(inputs)
+    if ref is None:
+        return None
+    seq = inputs.seq_len or shape.n_positions
+    return trainer_dpo_reference_forward(model_rows(inputs), seq, ref, e=ELEMENT_SIZE[inputs.precision],
+                                         peft_reference=peft_reference, triton=inputs.device_type == "cuda")
+
+
+def _with_reference_forward(inputs: EstimateInputs, shape: ModelShape, acts: Activations, rows: int,
+                            seq: int) -> Activations:
+    """The policy's activations with DPO's reference forward as a forward moment: what the policy
+    holds once its forward returned (its saved tensors, the loop's batch and loss) beside the
+    reference forward's widest moment (trainer_terms)."""
+    ref = dpo_reference_forward(inputs, shape)
+    if ref is None:
+        return acts
+    at_reference = acts.saved + acts.loop_held + ref.nbytes
+    note = (f"DPO reference forward (no_grad, {rows} rows x seq {seq}): its widest moment, the "
+            f"{'fused head' if ref.moment == 'head' else 'last layer SwiGLU'}, {ref.nbytes:,} bytes beside what the "
+            f"policy holds after its forward ({at_reference:,} in all against the policy's own forward peak of "
+            f"{acts.forward_peak:,}); it runs outside the policy engine's forward, where MemprofCallback's forward "
+            "phase ends, so a measurement does not see it")
+    return replace(acts, forward_peak=max(acts.forward_peak, at_reference), notes=(*acts.notes, note))
+
+
+def _fused_head(inputs: EstimateInputs, shape: ModelShape, rows: int, seq: int) -> FusedHeadBytes | None:
     """TRL's fused LM head over the micro-batch's shifted positions (trainer_terms; Triton's
     kernels on CUDA, the torch fallbacks elsewhere), or None for the HF loss."""
-    if inputs.loss_implementation != "trl_fused_head":
+    if inputs.loss_implementation not in ("trl_fused_head", "trl_dpo"):
         return None
     triton = inputs.device_type == "cuda"
     e = ELEMENT_SIZE[inputs.precision]
-    return trl_fused_head_bytes(scored_positions(inputs.micro_batch, seq, triton=triton), shape.hidden, shape.vocab,
+    return trl_fused_head_bytes(scored_positions(rows, seq, triton=triton), shape.hidden, shape.vocab,
                                 compute_bytes=e, hidden_bytes=e, triton=triton)
 
 
@@ -263,7 +379,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
         seq = inputs.seq_len or shape.n_positions
         assumptions.append(
             f"activations of {shape.family.causal_lm_class(shape.model_type)}, {inputs.attn_implementation} attention, "
-            f"micro-batch {inputs.micro_batch} x "
+            f"micro-batch {inputs.micro_batch}"
+            f"{f' pairs = {model_rows(inputs)} rows' if inputs.loss_implementation == 'trl_dpo' else ''} x "
             f"seq {seq}, {'with' if inputs.activation_checkpointing else 'without'} activation checkpointing, "
             f"train mode ({shape.family.train_mode}), "
             f"{inputs.device_type} kernels: {acts.formula}"
@@ -277,17 +394,8 @@ def estimate(inputs: EstimateInputs) -> Estimate:
     ranks, layout_notes = _model_ranks(inputs, shape, acts)
     assumptions += _frozen_assumptions(inputs, shape)
     assumptions += quantization_assumptions(inputs, shape)
-    if inputs.reference_model is not None:
-        assumptions.append(
-            f"reference model (DPO): {reference_model_bytes(inputs):,} bytes of frozen parameters per rank in "
-            f"{inputs.precision} ({'partitioned, ZeRO-3' if inputs.zero_stage == 3 else 'whole: TRL prepares it at ZeRO-0'}"
-            "), no gradient, master or optimizer state; its forward (under no_grad) adds no saved activations")
-    if inputs.loss_implementation == "trl_fused_head":
-        assumptions.append(
-            "loss: TRL's add_fused_lm_head (trl/trainer/utils.py, ChunkedLogProbFunction): no B*S*V logits; the "
-            "shifted hidden copy saved, a 4096 x 32768 chunk buffer and its tiles at the loss and in its backward "
-            "(memprof.estimate.trainer_terms; SFT's B*(S-1) positions: DPO's concatenated chosen/rejected batch and "
-            "its reference forward are not modelled in the activations)")
+    assumptions += _trainer_assumptions(inputs)
+    assumptions += _in_layer_assumptions(inputs, shape, acts)
     assumptions += layout_notes
     assumptions += _setup_assumptions(inputs)
     assumptions += _memory_kind_assumptions(inputs)
@@ -309,6 +417,58 @@ def _model_ranks(inputs: EstimateInputs, shape: ModelShape, acts: Activations | 
         ranks.append(rank_est)
         notes = lay.notes
     return ranks, notes
+
+
+def _reference_words(inputs: EstimateInputs) -> str:
+    if inputs.zero_stage != 3:
+        return "whole: TRL prepares it at ZeRO-0"
+    return (f"partitioned, ZeRO-3, its own engine's persistence threshold {reference_persistence_threshold(inputs):,} "
+            "elements: persistent parameters stay gathered from its first forward on, nothing releases them")
+
+
+def _in_layer_assumptions(inputs: EstimateInputs, shape: ModelShape, acts: Activations | None) -> list[str]:
+    """ZeRO-3's prefetch buffers inside forward, where the estimate pairs them with an in-layer moment."""
+    if acts is None or not acts.forward_in_layer or inputs.zero_stage != 3 or inputs.world_size == 1:
+        return []
+    z = inputs.zero
+    thr = min(z.param_persistence_threshold, z.model_persistence_threshold)
+    r = shape.stage3_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size, z.max_live_parameters, inputs.world_size)
+    if r is None or r.peak_buffers == 0:
+        return []
+    return [f"stage 3 inside forward: at most {r.peak_gathered:,} elements gathered beside {r.peak_buffers:,} of "
+            "all-gather buffers (comm_buffers) at one module's fetch: a prefetched group is held twice, its flat "
+            "all-gather buffer and each parameter's torch.cat copy, until its last parameter's module fetches it "
+            "(memprof.estimate.stage3_replay); counted beside the last layer's widest activation moment, an upper bound"]
+
+
+def _trainer_assumptions(inputs: EstimateInputs) -> list[str]:
+    """What the reference model and TRL's loss add (memprof.estimate.trainer_terms)."""
+    out: list[str] = []
+    if inputs.reference_model is not None:
+        out.append(
+            f"reference model (DPO): {reference_model_bytes(inputs):,} bytes of frozen parameters per rank in "
+            f"{inputs.precision} ({_reference_words(inputs)}), no gradient, master or optimizer state; its forward "
+            "(under no_grad) adds no saved activations")
+    if inputs.loss_implementation == "trl_fused_head":
+        out.append(
+            "loss: TRL's add_fused_lm_head (trl/trainer/utils.py, ChunkedLogProbFunction): no B*S*V logits; the "
+            "shifted hidden copy saved, a 4096 x 32768 chunk buffer and its tiles at the loss and in its backward "
+            "over SFT's B*(S-1) positions (memprof.estimate.trainer_terms)")
+    if inputs.loss_implementation == "trl_dpo":
+        ref = ("none in a training step (precompute_ref_log_probs)" if inputs.precompute_ref_log_probs else
+               "the reference model's" if inputs.reference_model is not None else
+               "the policy with its adapters disabled (PEFT, no ref_model)" if inputs.peft is not None else
+               "none modelled (no reference model given: TRL would load one, pass --reference-model)")
+        out.append(
+            f"loss: TRL's DPOTrainer (trl/trainer/dpo_trainer.py): micro-batch {inputs.micro_batch} preference pairs = "
+            f"{model_rows(inputs)} rows (chosen, then rejected, padded to seq) through the policy, TRL's "
+            "add_fused_lm_head over their shifted positions (memprof.estimate.trainer_terms); reference forward: "
+            f"{ref}; DPO's loss over per-sequence sums adds nothing measurable")
+    if inputs.activation_checkpointing and checkpoint_reentrant(inputs):
+        out.append("gradient checkpointing: reentrant (torch.utils.checkpoint CheckpointFunction"
+                   + ("; TRL forces use_reentrant=True with PEFT + ZeRO-3" if inputs.checkpoint_reentrant is None else "")
+                   + "): after backward the loss also keeps each layer's kwargs and, on CPU, its stashed RNG state")
+    return out
 
 
 def _frozen_assumptions(inputs: EstimateInputs, shape: ModelShape) -> list[str]:

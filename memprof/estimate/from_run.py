@@ -109,17 +109,8 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
         )
     if isinstance(run.get("peft_config"), dict):  # memprof.run.facts.peft_facts: the adapter config
         kw["peft"] = lora_setup_from_dict(run["peft_config"], "the run's peft_config")
-    reference = run.get("reference_model")  # memprof.integrations.transformers.describe_reference_model
-    if isinstance(reference, dict):
-        if reference.get("same_config_as_policy") and isinstance(model_config, dict):
-            kw["reference_model"] = model_config
-        elif isinstance(reference.get("model_config"), dict):
-            kw["reference_model"] = reference["model_config"]
-        elif is_positive_int(reference.get("n_params")):
-            kw["reference_model"] = {"n_params": reference["n_params"]}
-    trainer = run.get("trainer")
-    if isinstance(trainer, dict) and trainer.get("trainer_class") in TRL_FUSED_HEAD_TRAINERS:
-        kw["loss_implementation"] = "trl_fused_head"  # recorded by memprof.integrations.transformers
+    kw.update(_reference_fields(run.get("reference_model"), model_config))
+    kw.update(_trainer_fields(run.get("trainer")))
     if run.get("model") is not None:
         kw["model_name"] = str(run["model"])
     if run.get("device_type") is not None:
@@ -132,3 +123,40 @@ def inputs_from_run(run: dict[str, Any]) -> EstimateInputs:
     if isinstance(data_bytes, int) and not isinstance(data_bytes, bool) and data_bytes >= 0:
         kw["script_resident_bytes"] = data_bytes
     return EstimateInputs(**kw)
+
+
+def _reference_fields(reference: Any, model_config: Any) -> dict[str, Any]:
+    """EstimateInputs fields for the run's ``reference_model`` record
+    (memprof.integrations.transformers.describe_reference_model)."""
+    kw: dict[str, Any] = {}
+    if not isinstance(reference, dict):
+        return kw
+    if reference.get("same_config_as_policy") and isinstance(model_config, dict):
+        kw["reference_model"] = model_config
+    elif isinstance(reference.get("model_config"), dict):
+        kw["reference_model"] = reference["model_config"]
+    elif is_positive_int(reference.get("n_params")):
+        kw["reference_model"] = {"n_params": reference["n_params"]}
+    threshold = reference.get("param_persistence_threshold")  # the reference engine's own (ZeRO-3)
+    if threshold is not None:
+        kw["reference_persistence_threshold"] = _run_int(threshold, "reference_model.param_persistence_threshold")
+    return kw
+
+
+def _trainer_fields(trainer: Any) -> dict[str, Any]:
+    """EstimateInputs fields for the run's ``trainer`` record (memprof.integrations.transformers):
+    TRL's loss from the trainer class, DPO's precomputed reference log-probs, and the checkpoint
+    kind from ``gradient_checkpointing_kwargs`` (the trainer's final choice: TRL rewrites it)."""
+    kw: dict[str, Any] = {}
+    if not isinstance(trainer, dict):
+        return kw
+    cls = trainer.get("trainer_class")
+    if cls == "DPOTrainer":
+        kw["loss_implementation"] = "trl_dpo"
+        kw["precompute_ref_log_probs"] = trainer.get("precompute_ref_log_probs") is True
+    elif cls in TRL_FUSED_HEAD_TRAINERS:
+        kw["loss_implementation"] = "trl_fused_head"
+    ckpt = trainer.get("gradient_checkpointing_kwargs")
+    if trainer.get("gradient_checkpointing") and isinstance(ckpt, dict) and isinstance(ckpt.get("use_reentrant"), bool):
+        kw["checkpoint_reentrant"] = ckpt["use_reentrant"]
+    return kw

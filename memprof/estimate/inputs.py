@@ -41,7 +41,7 @@ LAYOUTS: tuple[str, ...] = ("deepspeed", "zero-paper")
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
 
 
-LOSS_IMPLEMENTATIONS = ("hf", "trl_fused_head")
+LOSS_IMPLEMENTATIONS = ("hf", "trl_fused_head", "trl_dpo")
 
 @dataclass(frozen=True)
 class EstimateInputs:
@@ -103,13 +103,27 @@ class EstimateInputs:
     run's recorded adapter config): the backbone frozen, the adapters trained. None: every
     parameter trains."""
     loss_implementation: str = "hf"
-    """How the loss reads the last hidden state: ``hf`` (the ForCausalLM loss over B*S*V logits) or
+    """How the loss reads the last hidden state: ``hf`` (the ForCausalLM loss over B*S*V logits),
     ``trl_fused_head`` (TRL's trainers: ``add_fused_lm_head``'s chunked log-probs, no logits;
-    memprof.estimate.trainer_terms). ``--loss``, or a run's recorded TRL trainer class."""
+    memprof.estimate.trainer_terms) or ``trl_dpo`` (TRL's DPOTrainer: the same head over the
+    concatenated chosen/rejected batch, ``micro_batch`` pairs being 2x rows, and the reference
+    model's no-grad forward). ``--loss``, or a run's recorded TRL trainer class."""
     reference_model: dict[str, Any] | None = None
     """A frozen reference model beside the policy (DPO: ``memprof estimate --reference-model
     [CONFIG]``, or a run's recorded ``reference_model``): its HF config (the policy's when none is
     given), or ``{"n_params": N}``. None: no reference model."""
+    reference_persistence_threshold: int | None = None
+    """ZeRO-3 ``stage3_param_persistence_threshold`` of the reference model's own DeepSpeed engine, as
+    a run recorded it (memprof.integrations.transformers.describe_reference_model). None: derived
+    from the config (core.reference_persistence_threshold)."""
+    precompute_ref_log_probs: bool = False
+    """DPO (``trl_dpo``): TRL's ``precompute_ref_log_probs`` (the reference log-probs computed before
+    training, so no reference forward in a training step)."""
+    checkpoint_reentrant: bool | None = None
+    """Gradient checkpointing with ``use_reentrant=True`` (torch.utils.checkpoint's
+    CheckpointFunction) rather than the non-reentrant checkpoint memprof's launcher uses. None:
+    what the trainer picks (TRL's DPOTrainer forces it with PEFT + ZeRO-3 + checkpointing; else
+    False); a run records it in ``trainer.gradient_checkpointing_kwargs``."""
 
     def __post_init__(self) -> None:
         validate_inputs(self)
@@ -127,6 +141,9 @@ class EstimateInputs:
             del out["loss_implementation"]
         if self.reference_model is None:
             del out["reference_model"]
+        for key in ("reference_persistence_threshold", "precompute_ref_log_probs", "checkpoint_reentrant"):
+            if out[key] in (None, False):  # defaults stay out of the record (older runs' keys)
+                del out[key]
         return out
 
 
@@ -140,6 +157,13 @@ def validate_inputs(inp: EstimateInputs) -> None:
         raise MemprofError(f"reference model {inp.reference_model!r} must be a model config (a JSON object)")
     if inp.loss_implementation not in LOSS_IMPLEMENTATIONS:
         raise MemprofError(f"unknown loss {inp.loss_implementation!r}: choose one of {', '.join(LOSS_IMPLEMENTATIONS)}")
+    if inp.precompute_ref_log_probs and inp.loss_implementation != "trl_dpo":
+        raise MemprofError("precompute_ref_log_probs is a DPO setting: use it with --loss trl-dpo")
+    if inp.reference_persistence_threshold is not None and (
+            not isinstance(inp.reference_persistence_threshold, int) or isinstance(inp.reference_persistence_threshold, bool)
+            or inp.reference_persistence_threshold < 0):
+        raise MemprofError(f"reference persistence threshold {inp.reference_persistence_threshold!r} must be a "
+                           "non-negative whole number of elements")
     if inp.n_params is not None and (not isinstance(inp.n_params, int) or inp.n_params <= 0):
         raise MemprofError(f"parameter count {inp.n_params!r} must be a positive number, e.g. --params 7.5e9")
     _positive_int(inp.world_size, "world size", "--world-size 8 (or --nodes and --gpus-per-node)")

@@ -125,16 +125,26 @@ def apply_lora(fields: dict[str, Any], cfg: dict[str, Any], lora: LoraSetup, fam
 def _remapped_fetch(fetch: tuple[tuple[int, ...], ...] | None, new_index: dict[int, int],
                     called: dict[int, tuple[int, ...]], extra_fetch: dict[int, list[tuple[int, ...]]]
                     ) -> tuple[tuple[int, ...], ...] | None:
-    """The family's forward fetch order in the wrapped model's indices: a wrapped module is followed
-    by its lora_A and lora_B; a modules_to_save module is replaced by its trainable copy. A tied LM
-    head fetches the embedding's weight again (the same entry twice): its adapters follow the last."""
+    """The family's forward call order in the wrapped model's indices (peft 0.21.2): PeftModel's root
+    first; a wrapped module becomes lora.Linear (no parameters of its own), its base_layer,
+    lora_dropout.default (nn.Identity at 0: a module all the same), lora_A.default and
+    lora_B.default (``Linear.forward``); a modules_to_save module becomes its wrapper and the
+    trainable copy forward calls. A tied LM head fetches the embedding's weight again (the same
+    entry twice): its adapters follow the last."""
     if fetch is None:
         return None
-    out: list[tuple[int, ...]] = []
-    last = {module: pos for pos, module in enumerate(fetch)}  # a module's last place in the order
+    out: list[tuple[int, ...]] = [()]  # PeftModelForCausalLM, the engine's root (LoraModel's hooks do not fire)
+    last = {module: pos for pos, module in enumerate(fetch) if module}  # a module's last place in the order
     for pos, module in enumerate(fetch):
+        if not module:  # a module without parameters of its own
+            out.append(())
+            continue
         key = module[0]
-        out.append(called.get(key) or tuple(new_index[i] for i in module))
-        if last[module] == pos:  # the embedding's entry of a tied pair gets no adapters
-            out += extra_fetch.get(key, [])
+        adapters = extra_fetch.get(key, []) if last[module] == pos else []  # a tied pair's embedding entry gets none
+        if key in called:  # ModulesToSaveWrapper, then its trainable copy
+            out += [(), called[key]]
+        elif adapters:  # lora.Linear, base_layer, lora_dropout.default, lora_A.default, lora_B.default
+            out += [(), tuple(new_index[i] for i in module), (), *adapters]
+        else:
+            out.append(tuple(new_index[i] for i in module))
     return tuple(out)

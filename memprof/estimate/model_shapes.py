@@ -10,7 +10,6 @@ ZeRO partition boundaries computed from it fall where DeepSpeed's do.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import json
 import re
@@ -20,6 +19,7 @@ from typing import Any
 from memprof.errors import MemprofError
 from memprof.estimate.lora_shape import apply_lora
 from memprof.estimate.quant_shape import apply_bnb_4bit
+from memprof.estimate.stage3_replay import Stage3Forward, replay_stage3_forward
 from memprof.families import family_of
 from memprof.families.common import LoraQuery, ModelFamily
 from memprof.peft_config import LoraSetup
@@ -196,9 +196,8 @@ class ModelShape:
         self, threshold: int, max_reuse_distance: int, prefetch_bucket: int, max_live: int
     ) -> int | None:
         """Elements of non-persistent parameters still gathered when forward ends (steady state:
-        from the second step on the coordinator replays a complete trace), by replaying
-        ``PartitionedParameterCoordinator`` (partitioned_param_coordinator.py, DeepSpeed 0.19.8)
-        over the trace (forward modules, then backward in reverse):
+        from the second step on the coordinator replays a complete trace): memprof.estimate.
+        stage3_replay over the trace (forward modules, then backward in reverse):
 
         * ``_fetch_sub_module_impl`` (:310) gathers the module's params, pops its entries off the
           parameter queue, then prefetches (:452): it pops queue entries, gathering those not
@@ -213,65 +212,21 @@ class ModelShape:
         For a small model the scan reaches backward's entries early in forward, and from then on
         nothing is released: every parameter is gathered when the loss is computed.
         None for a bare parameter count (no modules to replay)."""
+        replayed = self.stage3_forward(threshold, max_reuse_distance, prefetch_bucket, max_live, 1)
+        # a parameter prefetched for backward is still in flight at forward's end: its buffer is held
+        return None if replayed is None else replayed.end_numel
+
+    def stage3_forward(self, threshold: int, max_reuse_distance: int, prefetch_bucket: int, max_live: int,
+                       world_size: int) -> Stage3Forward | None:
+        """ZeRO-3's forward replayed (memprof.estimate.stage3_replay): gathered elements and
+        all-gather buffers when forward ends, and the most at any module; None for a bare count."""
         if len(self.param_numels) == 1:
             return None
-        key = ("gathered", threshold, max_reuse_distance, prefetch_bucket, max_live)
-        if key in self._memo:
-            return self._memo[key]
-        numels = self.param_numels
-        forward = self.module_order()
-        trace = forward + forward[::-1]
-        prefix = [0]
-        for module in trace:
-            prefix.append(prefix[-1] + sum(numels[i] for i in module))
-        persistent = {i for i, n in enumerate(numels) if n <= threshold}
-        queue = [(i, k) for k, module in enumerate(trace) for i in sorted(set(module))]
-        head = 0
-        gathered: set[int] = set()
-        available = 0  # __n_available_params
-        latest = [-1] * len(numels)  # __most_recent_step_id_param_fetched_for
-
-        def gather(i: int) -> int:
-            nonlocal available
-            if i in persistent or i in gathered:
-                return 0
-            gathered.add(i)
-            available += numels[i]
-            return numels[i]
-
-        uses: dict[int, list[int]] = {}  # param -> the trace positions using it, ascending
-        for k, module in enumerate(trace):
-            for i in set(module):
-                uses.setdefault(i, []).append(k)
-
-        def reused_soon(i: int, pos: int) -> bool:
-            # the next use after pos (backward's mirrored half always has one); bisect keeps a
-            # 560-adapter LoRA model's replay linear (a scan of the trace per param was quadratic)
-            reuse = uses[i][bisect.bisect_right(uses[i], pos)]
-            return prefix[reuse] - prefix[pos + 1] < max_reuse_distance
-
-        for pos, module in enumerate(forward):
-            for i in module:
-                gather(i)
-            while head < len(queue) and queue[head][1] <= pos:  # this module's own entries
-                i, k = queue[head]
-                latest[i] = max(latest[i], k)
-                head += 1
-            if prefetch_bucket > 0:
-                budget = min(max_live - available, prefetch_bucket)
-                fetched = 0
-                while head < len(queue) and fetched < budget:
-                    i, k = queue[head]
-                    latest[i] = max(latest[i], k)
-                    fetched += gather(i)
-                    head += 1
-            for i in set(module) - persistent:
-                if latest[i] <= pos and not reused_soon(i, pos) and i in gathered:
-                    gathered.discard(i)
-                    available -= numels[i]
-        out = sum(numels[i] for i in gathered)
-        self._memo[key] = out
-        return out
+        key = ("stage3", threshold, max_reuse_distance, prefetch_bucket, max_live, world_size)
+        if key not in self._memo:
+            self._memo[key] = replay_stage3_forward(self.param_numels, self.module_order(), threshold,
+                                                    max_reuse_distance, prefetch_bucket, max_live, world_size)
+        return self._memo[key]
 
     def stage3_retained_numel(self, threshold: int, max_reuse_distance: int) -> int:
         """A bare parameter count's stand-in for :meth:`stage3_gathered_after_forward`: a chain

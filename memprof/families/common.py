@@ -13,6 +13,29 @@ from typing import Any
 
 INT64 = 8  # token ids, labels and position ids (torch.long)
 FP32 = 4
+# torch.get_rng_state(): the CPU generator's state as a uint8 tensor (mt19937's 624 words and the
+# rest of CPUGeneratorImplState), which torch.utils.checkpoint stashes per checkpointed layer
+# (preserve_rng_state=True); on CUDA it is host memory, like the device generators' states
+CPU_RNG_STATE_BYTES = 5056
+
+
+def lora_checkpoint_held(bsh_e: int, seq: int, layers: int, *, reentrant: bool, cpu: bool, kwargs_bytes: int) -> int:
+    """What a LoRA model's loss keeps alive after backward under gradient checkpointing, until the
+    loss is dropped (traced at 2 and 3 layers, Llama and GPT-2, both checkpoint kinds):
+
+    * PEFT's ``enable_input_require_grads`` (``_prepare_model_for_gradient_checkpointing``) hooks the
+      input embedding with ``output.requires_grad_(True)``: the frozen embedding's output becomes a
+      leaf that requires grad, held by its AccumulateGrad node in the loss's graph, and backward
+      fills its ``.grad``: 2 ``B*S*H*e`` (``bsh_e`` is one), whatever the depth;
+    * reentrant checkpointing also keeps each ``CheckpointFunction`` node's ``ctx.run_function``
+      (transformers' GradientCheckpointingLayer passes ``partial(forward, self, **kwargs)``: the
+      layer's keyword tensors, shared by all layers: ``kwargs_bytes``) and, on CPU, the stashed
+      ``ctx.fwd_cpu_state`` (torch.get_rng_state(), one per layer); the non-reentrant checkpoint's
+      frames are gone by then (torch 2.13 utils/checkpoint.py)."""
+    held = 2 * bsh_e
+    if reentrant:
+        held += kwargs_bytes + (layers * CPU_RNG_STATE_BYTES if cpu else 0)
+    return held
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,9 @@ class ActivationQuery:
     # TRL's fused LM head (memprof.estimate.trainer_terms.FusedHeadBytes) in place of the HF
     # ForCausalLM loss's logits and cross-entropy; None: the HF loss
     fused_head: Any = None
+    # torch.utils.checkpoint's reentrant CheckpointFunction (``use_reentrant=True``: TRL's DPOTrainer
+    # forces it with PEFT + ZeRO-3) instead of the non-reentrant checkpoint; only with checkpointing
+    checkpoint_reentrant: bool = False
 
     @property
     def cpu(self) -> bool:
@@ -75,6 +101,10 @@ class Activations:
     # tensors released, c_fc's weight and bias gradients alive)
     mlp_out_weight_hook: int = 0
     mlp_in_bias_hook: int = 0
+    # the widest moment inside the last layer's forward (checkpointing: its MLP, every layer's input
+    # kept), paired with what an engine holds there beyond the loss's moment (ZeRO-3's prefetch
+    # buffers: StateLayout.forward_in_layer_extra); 0 where not modelled
+    forward_in_layer: int = 0
     # what the formula leaves out or simplifies, one estimate assumption line each
     notes: tuple[str, ...] = ()
 

@@ -58,6 +58,7 @@ from memprof.families.common import (
     ModelFamily,
     ParamModule,
     attention_keeps_probabilities,
+    lora_checkpoint_held,
 )
 from memprof.units import is_positive_int
 
@@ -97,20 +98,26 @@ def gpt2_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
 
 
 def gpt2_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """GPT2LMHeadModel's parameter-holding modules in forward call order (modeling_gpt2.py:
-    wte, wpe (GPT2Model.forward), per block ln_1, attn.c_attn, attn.c_proj, [ln_cross_attn,
-    crossattention q_attn, c_attn, c_proj], ln_2, mlp.c_fc, mlp.c_proj, then ln_f and lm_head),
-    as indices into :func:`gpt2_param_numels`. A tied lm_head uses wte's weight (index 0)."""
+    """GPT2LMHeadModel's modules in forward call order, as the ZeRO-3 coordinator's forward hooks
+    see them (modeling_gpt2.py: the model, transformer, wte, wpe, drop (GPT2Model.forward), per
+    block the block, ln_1, attn (c_attn, c_proj, resid_dropout), [ln_cross_attn, crossattention
+    q_attn, c_attn, c_proj], ln_2, mlp (c_fc, act, c_proj, dropout), then ln_f and lm_head), each
+    as the indices into :func:`gpt2_param_numels` of its own parameters, empty for modules with
+    none. A tied lm_head uses wte's weight (index 0)."""
     n_layer = _req(cfg, "n_layer")
     cross = bool(cfg.get("add_cross_attention"))
     per_block = 20 if cross else 12
-    modules: list[tuple[int, ...]] = [(0,), (1,)]
+    # GPT2LMHeadModel, transformer, wte, wpe, drop; modules without parameters are empty (their
+    # fetch still prefetches: model_shapes.ModelShape.module_order)
+    modules: list[tuple[int, ...]] = [(), (), (0,), (1,), ()]
     for layer in range(n_layer):
         b = 2 + layer * per_block
-        modules += [(b, b + 1), (b + 2, b + 3), (b + 4, b + 5)]  # ln_1, attn.c_attn, attn.c_proj
+        # the block, ln_1, attn, attn.c_attn, attn.c_proj, attn.resid_dropout
+        modules += [(), (b, b + 1), (), (b + 2, b + 3), (b + 4, b + 5), ()]
         if cross:  # appended after the MLP in gpt2_param_numels' block layout
-            modules += [(b + 18, b + 19), (b + 14, b + 15), (b + 12, b + 13), (b + 16, b + 17)]
-        modules += [(b + 6, b + 7), (b + 8, b + 9), (b + 10, b + 11)]  # ln_2, mlp.c_fc, mlp.c_proj
+            modules += [(b + 18, b + 19), (), (b + 14, b + 15), (b + 12, b + 13), (b + 16, b + 17), ()]
+        # ln_2, mlp, mlp.c_fc, mlp.act, mlp.c_proj, mlp.dropout
+        modules += [(b + 6, b + 7), (), (b + 8, b + 9), (), (b + 10, b + 11), ()]
     ln_f = 2 + n_layer * per_block
     modules.append((ln_f, ln_f + 1))
     modules.append((0,) if cfg.get("tie_word_embeddings", True) is not False else (ln_f + 2,))
@@ -532,12 +539,12 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         blocks, _, cache = _lora_blocks(s, q, attn, lora, False)
         saved, recomputed = blocks + outside, 0
         forward_peak = saved + alive_at_loss + cache
-    # With checkpointing the loop's last loss keeps every block's input alive after backward (traced
-    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
-    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
-    # loss's graph still references) until the next forward returns a new loss: held between steps
-    # and through the next forward, gone in backward (the new step's inputs are counted there)
-    kept_inputs = s.L * BSH * e if q.checkpointing else 0
+    # With checkpointing the loop's last loss keeps wte's output and its .grad alive after backward
+    # (common.lora_checkpoint_held; reentrant: also the blocks' kwargs, cache_position, and the
+    # stashed CPU RNG states) until the next forward returns a new loss: held between steps and
+    # through the next forward, gone in backward (the new step's are counted there)
+    kept_inputs = lora_checkpoint_held(BSH * e, s.S, s.L, reentrant=q.checkpoint_reentrant, cpu=q.cpu,
+                                       kwargs_bytes=s.S * INT64) if q.checkpointing else 0
     held = saved + out.input_ids
     bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and ln_f's backward: the residual stream's gradient beside the rest; then

@@ -63,7 +63,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.errors import MemprofError
-from memprof.families.common import FP32, INT64, ActivationQuery, Activations, LoraQuery, ModelFamily, ParamModule
+from memprof.families.common import (
+    FP32,
+    INT64,
+    ActivationQuery,
+    Activations,
+    LoraQuery,
+    ModelFamily,
+    ParamModule,
+    lora_checkpoint_held,
+)
 from memprof.units import is_positive_int
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -193,23 +202,26 @@ def llama_param_numels(cfg: dict[str, Any]) -> tuple[int, ...]:
 
 
 def llama_fetch_modules(cfg: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """The parameter-holding modules in forward call order (LlamaModel.forward: embed_tokens,
-    then per LlamaDecoderLayer input_layernorm, self_attn.q_proj, k_proj, v_proj, o_proj,
-    post_attention_layernorm, mlp.gate_proj, up_proj (``down_proj(act_fn(gate_proj(x)) *
-    up_proj(x))``), down_proj; then norm and lm_head), as indices into :func:`llama_param_numels`.
-    A tied lm_head is embed_tokens' weight (index 0)."""
+    """Every module in forward call order, as the ZeRO-3 parameter coordinator's forward hooks see
+    them (LlamaForCausalLM.forward -> LlamaModel.forward: embed_tokens, rotary_emb, then per
+    LlamaDecoderLayer input_layernorm, self_attn (q_proj, k_proj, v_proj, o_proj),
+    post_attention_layernorm, mlp (gate_proj, act_fn, up_proj: ``down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))``, down_proj); then norm and lm_head), each as the indices into
+    :func:`llama_param_numels` of its own parameters (``parameters(recurse=False)``); modules with
+    none (the model, LlamaModel, rotary_emb, each layer, self_attn, mlp, act_fn) are empty: their
+    fetch still prefetches. A tied lm_head is embed_tokens' weight (index 0)."""
     f = llama_family_fields(cfg)
     qkv_bias, o_bias, mlp_bias = _llama_biases(f)
     sizes = [1 + qkv_bias] * 3 + [1 + o_bias] + [1 + mlp_bias] * 3 + [1, 1]  # per layer, param order
     per_layer = sum(sizes)
-    modules: list[tuple[int, ...]] = [(0,)]
+    modules: list[tuple[int, ...]] = [(), (), (0,), ()]  # LlamaForCausalLM, LlamaModel, embed_tokens, rotary_emb
     for layer in range(f["num_hidden_layers"]):
         start, own = 1 + layer * per_layer, []
         for n in sizes:
             own.append(tuple(range(start, start + n)))
             start += n
         q, k, v, o, gate, up, down, ln_in, ln_post = own
-        modules += [ln_in, q, k, v, o, ln_post, gate, up, down]
+        modules += [(), ln_in, (), q, k, v, o, ln_post, (), gate, (), up, down]
     norm = 1 + f["num_hidden_layers"] * per_layer
     modules.append((norm,))
     modules.append((0,) if f["tie_word_embeddings"] else (norm + 1,))
@@ -633,17 +645,19 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         _, last, _ = _lora_layers(s, attn, lora, True)  # enable_input_require_grads: every input requires grad
         recomputed = last - (BSH * FP32 if e == FP32 else 0)  # the fp32 norm input is the layer input
         layer_base = out.input_ids + positions + out.rotary + mask + s.L * BSH * e
-        forward_peak = max(saved + alive_at_loss, layer_base + 2 * BSH * e + 3 * s.BSI * e)
+        in_layer = layer_base + 2 * BSH * e + 3 * s.BSI * e
+        forward_peak = max(saved + alive_at_loss, in_layer)
     else:
         layers, _, cache = _lora_layers(s, attn, lora, False)  # the frozen embedding's output needs no grad
         saved, recomputed = layers + outside, 0
         forward_peak = saved + alive_at_loss + cache
-    # With checkpointing the loop's last loss keeps every layer's input alive after backward (traced
-    # in-process with PEFT: L*B*S*H*e where full fine-tuning keeps none; torch 2.13
-    # utils/checkpoint.py ``_CheckpointFrame.save_inputs`` holds them as SavedTensors of a frame the
-    # loss's graph still references) until the next forward returns a new loss: held between steps
-    # and through the next forward, gone in backward (the new step's inputs are counted there)
-    kept_inputs = s.L * BSH * e if q.checkpointing else 0
+        in_layer = 0
+    # With checkpointing the loop's last loss keeps the embedding output and its .grad alive after
+    # backward (common.lora_checkpoint_held; reentrant: also the layers' kwargs, position ids, cos
+    # and sin, and the stashed CPU RNG states) until the next forward returns a new loss: held
+    # between steps and through the next forward, gone in backward (the new step's are counted there)
+    kept_inputs = lora_checkpoint_held(BSH * e, s.S, s.L, reentrant=q.checkpoint_reentrant, cpu=s.cpu,
+                                       kwargs_bytes=positions + out.rotary) if q.checkpointing else 0
     held = saved + out.input_ids  # after forward: saved tensors and the loop's batch
     bwd_start = held + _loss_backward(s) - out.shift_labels + 2 * FP32
     # after the loss's and the final norm's backward: the residual stream's gradient beside the
@@ -663,7 +677,8 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
                f"[{s.kernel}: {attn.words}], SwiGLU 3BSI*e, the adapters' inputs and B*S*r intermediates"
                + (f", lora_dropout {lora.dropout} copies and masks" if lora.dropout > 0 else ""))
     return Activations(saved, forward_peak + kept_inputs, max(bwd_start, norm_bwd, mlp_bwd), saved // max(s.L, 1),
-                       formula, loop_held=out.input_ids + FP32 + kept_inputs, backward_first_hook=first_hook)
+                       formula, loop_held=out.input_ids + FP32 + kept_inputs, backward_first_hook=first_hook,
+                       forward_in_layer=in_layer + kept_inputs if in_layer else 0)
 
 def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     """Activation memory of a Llama-family causal LM for one micro-batch (module docstring), or
@@ -690,7 +705,19 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
         f"[{s.kernel}: {attn.words}]" + ("; KV cache copies of k, v per layer" if s.cache else "")
     )
     return Activations(saved, forward_peak, max(bwd_start, first_hook), per_layer, formula,
-                       loop_held=out.input_ids + FP32, backward_first_hook=first_hook)  # the batch and the loss
+                       loop_held=out.input_ids + FP32, backward_first_hook=first_hook,  # the batch and the loss
+                       forward_in_layer=_in_layer_moment(s, q, attn, out) if q.checkpointing else 0)
+
+
+def _in_layer_moment(s: _Sizes, q: ActivationQuery, attn: _Attention, out: _Outside) -> int:
+    """With checkpointing, the last layer's widest forward moment (_forward's in-layer moments: its
+    MLP, or eager attention's scores), every layer's input kept."""
+    mask = s.B * s.S * s.S * s.e if s.kernel == "eager" else 0
+    layer_base = out.input_ids + s.S * INT64 + out.rotary + mask + s.L * s.BSH * s.e
+    moments = [layer_base + 2 * s.BSH * s.e + 3 * s.BSI * s.e]
+    if s.kernel == "eager":
+        moments.append(layer_base + s.BSH * s.e + s.BSQ * s.e + 2 * s.BSK * s.e + s.eager_core)
+    return max(moments)
 
 
 FAMILY = ModelFamily(

@@ -69,6 +69,7 @@ TRAINER_MEMORY_ARGS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
     "gradient_checkpointing_kwargs", "bf16", "fp16", "tf32", "max_grad_norm", "optim", "torch_compile",
     "use_cpu", "deepspeed", "ddp_bucket_cap_mb", "torch_empty_cache_steps",
+    "precompute_ref_log_probs",  # TRL's DPOConfig (None for other trainers): no reference forward in training
 )
 
 
@@ -234,15 +235,21 @@ def describe_reference_model(reference: ReferenceModel, policy: torch.nn.Module)
     same = config is not None and policy_config is not None and _without_private(config) == _without_private(policy_config)
     first = next(reference.module.parameters(), None)
     engine = reference.engine
-    return {
+    stage = int(engine.zero_optimization_stage()) if engine is not None else None
+    out = {
         "model_class": type(reference.module).__name__,
         "same_config_as_policy": same,
         "model_config": None if same else config,
         "n_params": count_parameters(reference.module),
         "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
-        "zero_stage": int(engine.zero_optimization_stage()) if engine is not None else None,
+        "zero_stage": stage,
         "trainable": any(p.requires_grad for p in reference.module.parameters()),
     }
+    if stage == 3:
+        # the reference engine's own threshold: TRL prepares it before HF resolves the config's
+        # hidden-size "auto" values, so it can differ from the policy's (memprof.estimate.core)
+        out["param_persistence_threshold"] = int(engine.zero_param_persistence_threshold())
+    return out
 
 
 # keys that differ between two models of one config for reasons that do not change its shapes

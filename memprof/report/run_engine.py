@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from memprof.dsconfig.schema import ZeroKnobs
+from memprof.dsconfig.zero_block import written_zero_block
 from memprof.estimate.from_run import recorded_engine
 from memprof.run.files import offload_param_of
 
@@ -98,9 +99,7 @@ def engine_title(run: dict[str, Any]) -> str:
 
 
 def _zero_block(run: dict[str, Any]) -> dict[str, Any]:
-    ds = run.get("deepspeed_config")
-    block = ds.get("zero_optimization") if isinstance(ds, dict) else None
-    return block if isinstance(block, dict) else {}
+    return written_zero_block(run.get("deepspeed_config"))
 
 
 def _deepspeed_settings(run: dict[str, Any]) -> list[tuple[str, str]]:

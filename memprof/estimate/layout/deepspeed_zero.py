@@ -481,9 +481,7 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
         out.add("host", G, sum(_host_bytes(s, n * FP32, pin_opt) for n in subs if n > 0))
     if z.contiguous_gradients:
         out.add("device", C, z.reduce_bucket_size * e)  # IPG bucket flat buffer, allocated at init, kept
-    gathered, how = _stage3_gathered(s, thr, single_rank)
-    out.forward_extra = {P: gathered * e}
-    out.backward_extra = {P: gathered * e, G: largest * e}
+    gathered, how = _stage3_forward_moments(s, out, thr, single_rank, persistent, largest)
     out.backward_end_extra = {}
     if off_opt:
         # DeepSpeedCPUAdam updates the host partitions in place
@@ -507,6 +505,48 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
     )
 
 
+def _stage3_forward_moments(s: LayoutSetup, out: StateLayout, thr: int, single_rank: bool, persistent: int,
+                            largest: int) -> tuple[int, str]:
+    """ZeRO-3's gathered parameters at forward's and backward's moments (and inside forward, the
+    prefetch groups' buffers), and how they were found: (gathered when forward ends, words)."""
+    shape, z, e, N = s.shape, s.inp.zero, s.e, s.N
+    if _trace_reset_each_micro_step(s.inp) and not single_rank:
+        # no complete trace: every module's params (persistent ones too) released after its forward
+        # and backward; the fused head gathers lm_head itself (trl maybe_gather_lm_head_ctx ->
+        # GatheredParameters) in its forward and in its backward, beside its peak moments
+        head = -(-shape.vocab * shape.hidden // N) * N if shape.has_transformer_shape else 0
+        out.forward_extra = {P: (head - persistent) * e}
+        out.backward_extra = {P: (head - persistent) * e, G: largest * e}
+        return 0, ("(none: DPO's PEFT reference forward calls the PeftModel outside the engine, whose root "
+                   "pre-forward hook resets the coordinator's trace every micro-step: record mode throughout)")
+    gathered, how = _stage3_gathered(s, thr, single_rank)
+    out.forward_extra = {P: gathered * e}
+    out.backward_extra = {P: gathered * e, G: largest * e}
+    replayed = None if single_rank else shape.stage3_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
+                                                              z.max_live_parameters, N)
+    if replayed is not None and replayed.peak > gathered:
+        # inside forward a prefetched group is held twice: each param's gathered copy (params)
+        # beside the call's flat all-gather buffer (comm_buffers) until its last param's module
+        out.forward_in_layer_extra = {P: replayed.peak_gathered * e, C: replayed.peak_buffers * e}
+    return gathered, how
+
+
+def _trace_reset_each_micro_step(inp: EstimateInputs) -> bool:
+    """Whether the policy's ZeRO-3 parameter coordinator never completes a trace: TRL's DPOTrainer
+    with PEFT and no reference model runs the reference forward as ``self.model(...)`` (the
+    PeftModel the engine wraps, trl/trainer/dpo_trainer.py ``_compute_loss``) under
+    ``use_adapter(..., None)``. The engine's ``_start_of_forward_hook`` is a forward pre-hook on
+    that root module (runtime/zero/parameter_offload.py ``setup_zero_stage3_hooks``), so it fires
+    again mid-micro-step: ``reset_step`` turns the trace just recorded (the policy's forward) into a
+    complete one, the adapter-disabled forward skips lora_A / lora_B and ``trace_prologue``
+    invalidates it, and the next micro-step starts recording again
+    (partitioned_param_coordinator.py). With an incomplete trace ``release_sub_module`` releases
+    every parameter of a module after its forward, persistent ones included, and nothing is
+    prefetched."""
+    return (inp.loss_implementation == "trl_dpo" and inp.peft is not None and inp.reference_model is None
+            and not inp.precompute_ref_log_probs)
+
+
 def _stage3_gathered(s: LayoutSetup, thr: int, single_rank: bool) -> tuple[int, str]:
     """Gathered non-persistent params when forward ends (steady state), and how that was found:
     replayed from the coordinator's fetch / prefetch / release rules
@@ -516,12 +556,11 @@ def _stage3_gathered(s: LayoutSetup, thr: int, single_rank: bool) -> tuple[int, 
     partitioned_param_coordinator.py:452)."""
     shape, z = s.shape, s.inp.zero
     non_persistent = s.total - shape.persistent_numel(thr)
-    replayed = shape.stage3_gathered_after_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
-                                                   z.max_live_parameters)
     if single_rank:
         return 0, "(world size 1: a gathered param is a view of its own partition, no extra bytes)"
+    replayed = shape.stage3_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size, z.max_live_parameters, s.N)
     if replayed is not None:
-        return replayed, "(replayed from the parameter coordinator's fetch/prefetch/release rules)"
+        return replayed.end_numel, "(replayed from the parameter coordinator's fetch/prefetch/release rules)"
     retained = shape.stage3_retained_numel(thr, z.max_reuse_distance)
     window = s.largest + min(z.prefetch_bucket_size, max(0, z.max_live_parameters - retained))
     gathered = retained + min(non_persistent - retained, window)

@@ -35,6 +35,10 @@ class StateLayout:
     # (Activations.saved; under checkpointing its forward_peak): FSDP2's last block, gathered with
     # its flat all-gather output; empty where the engine has none (DeepSpeed, DDP)
     forward_last_block_extra: dict[str, int] = field(default_factory=dict)
+    # a forward moment inside the last layer beside the family's in-layer activation moment
+    # (Activations.forward_in_layer): ZeRO-3's most gathered parameters and all-gather buffers at
+    # any module's fetch (memprof.estimate.stage3_replay); empty where not modelled
+    forward_in_layer_extra: dict[str, int] = field(default_factory=dict)
     # backward's start (the loss gradients beside every saved activation), where it differs from
     # ``forward_extra`` (FSDP2: the root's post-forward freed the last all-gather output); None:
     # the same as forward_extra (DeepSpeed, DDP)
@@ -184,6 +188,8 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
     out.forward_extra = plus(out.forward_extra, between)
     if out.forward_last_block_extra:
         out.forward_last_block_extra = plus(out.forward_last_block_extra, between)
+    if out.forward_in_layer_extra:
+        out.forward_in_layer_extra = plus(out.forward_in_layer_extra, between)
     if out.backward_start_extra is not None:
         out.backward_start_extra = plus(out.backward_start_extra, between)
     out.backward_extra = plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
