@@ -1,5 +1,5 @@
-"""Session-wide test set-up: where launches find DeepSpeed's compiled ops, and a closing line on the
-shared memory the launch tests depend on."""
+"""Session-wide test set-up: where launches find DeepSpeed's compiled ops, the launches tests share
+across modules, and a closing line on the shared memory the launch tests depend on."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 from typing import Any
 
 import pytest
+from launch_helpers import SharedLaunches
 
 from memprof.run.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 from memprof.train.deepspeed_ops import use_venv_extensions_dir
@@ -51,6 +52,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
     terminalreporter.write_line(f"/dev/shm before the tests: {start}; after: {_shm_state()}")
     load = config.stash.get(LOAD_AT_START, "unknown")
     terminalreporter.write_line(f"load average before the tests: {load}; after: {_load_state()}")
+
+
+@pytest.fixture(scope="session")
+def shared_launches(tmp_path_factory: pytest.TempPathFactory) -> SharedLaunches:
+    """DeepSpeed runs launched once per session, read by every test (in any module) asking for an
+    equal run (tests/launch_helpers.py SharedLaunches)."""
+    return SharedLaunches(tmp_path_factory.mktemp("launches"))
 
 
 # Launches started by the tests use the ops `make install` compiled into this virtual environment
