@@ -222,6 +222,26 @@ def memprof_in_process(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["memprof", *argv], code, out.getvalue(), err.getvalue())
 
 
+RESIDENT_HARNESS = REPO / "tests" / "ds_harness" / "resident.py"
+
+
+def launch_resident_harness(work: Path, cases: Sequence[dict[str, Any]], ranks: int = 2) -> list[dict[str, Any]]:
+    """One ``deepspeed --num_gpus N tests/ds_harness/resident.py`` launch running ``cases`` one after
+    another (a fresh model and engine each); every rank's results (``{"rank", "world_size", "cases"}``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps({"cases": list(cases)}))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    port = free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(RESIDENT_HARNESS),
+           "--spec", str(work / "spec.json"), "--out", str(work / "out")]
+    # ~2 s a case after ~10 s of start-up; `make install` compiled DeepSpeed's ops (a cold cache would add minutes)
+    deadline = launch_deadline(ranks, len(cases), what=f"{len(cases)} cases of tests/ds_harness/resident.py")
+    proc = run_group(cmd, cwd=REPO, env=env, timeout=deadline)
+    assert proc.returncode == 0, launch_failure(proc, f"tests/ds_harness/resident.py over {len(cases)} cases")
+    assert leaked_shm_segments(int(proc.args[proc.args.index("--master_port") + 1])) == []
+    return [json.loads((work / "out" / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
 def leaked_shm_segments(port: int) -> list[str]:
     """DeepSpeed CPU shm segments still in /dev/shm for a launch on ``port`` (see memprof.run.deepspeed_shm)."""
     if not SHM_DIR.is_dir():
