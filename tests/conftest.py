@@ -1,5 +1,5 @@
-"""Session-wide test set-up: where launches find DeepSpeed's compiled ops, and a closing line on the
-shared memory the launch tests depend on."""
+"""Session-wide test set-up: where launches find DeepSpeed's compiled ops, the launches tests share
+across modules, and a closing line on the shared memory the launch tests depend on."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 from typing import Any
 
 import pytest
+from launch_helpers import SharedLaunches, launch_resident_harness
 
 from memprof.run.deepspeed_shm import SEGMENT_PREFIX, SHM_DIR
 from memprof.train.deepspeed_ops import use_venv_extensions_dir
@@ -51,6 +52,25 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
     terminalreporter.write_line(f"/dev/shm before the tests: {start}; after: {_shm_state()}")
     load = config.stash.get(LOAD_AT_START, "unknown")
     terminalreporter.write_line(f"load average before the tests: {load}; after: {_load_state()}")
+
+
+@pytest.fixture(scope="session")
+def shared_launches(tmp_path_factory: pytest.TempPathFactory) -> SharedLaunches:
+    """DeepSpeed runs launched once per session, read by every test (in any module) asking for an
+    equal run (tests/launch_helpers.py SharedLaunches)."""
+    return SharedLaunches(tmp_path_factory.mktemp("launches"))
+
+
+@pytest.fixture(scope="session")
+def resident_harness_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """tests/ds_harness/resident.py launched once for the cases of every module of this session that
+    defines ``resident_spec()`` (the GPT-2 and the Llama-family ownership tests): one start-up, not
+    one per module. Each rank's results; a module reads its own cases by name."""
+    modules = {item.module for item in request.session.items if hasattr(getattr(item, "module", None), "resident_spec")}
+    cases = [case for module in sorted(modules, key=lambda m: m.__name__) for case in module.resident_spec()]
+    names = [case["name"] for case in cases]
+    assert len(set(names)) == len(names), f"case names shared between modules: {names}"
+    return launch_resident_harness(tmp_path_factory.mktemp("ownership"), cases)
 
 
 # Launches started by the tests use the ops `make install` compiled into this virtual environment

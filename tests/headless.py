@@ -4,17 +4,20 @@ network requests, and values computed in the page. Used by the report tests
 ``tests/`` on its path); not part of the memprof package.
 
 Chromium is driven over the Chrome DevTools Protocol (CDP) through ``websocket-client`` (a test
-dependency, imported lazily). Chromium picks its own
-debugging port (``--remote-debugging-port=0``) and writes it to ``DevToolsActivePort`` in the
-throw-away profile folder, so parallel test runs never collide.
+dependency, imported lazily). Chromium picks its own debugging port (``--remote-debugging-port=0``)
+and says which on stderr ("DevTools listening on ws://..."), so parallel test runs never collide.
+Nothing here sleeps: start-up waits on Chromium's stderr, a page's readiness on a promise the page
+resolves itself (a MutationObserver), both through blocking reads with a deadline.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -26,6 +29,18 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-dev-shm-usage", "--remote-debugging-port=0",
 )
+_LISTENING = re.compile(r"DevTools listening on ws://[^:/]+:(\d+)/")
+# Resolves once the ready expression holds: checked now, then on every DOM change, until the page's
+# own timer rejects it. Runtime.evaluate(awaitPromise) answers when it settles: no polling.
+_READY_PROMISE = """new Promise((resolve, reject) => {
+  const ready = () => { try { return !!(%(expr)s); } catch (e) { return false; } };
+  if (ready()) { resolve(true); return; }
+  const observer = new MutationObserver(() => {
+    if (ready()) { observer.disconnect(); clearTimeout(timer); resolve(true); }
+  });
+  observer.observe(document, {attributes: true, childList: true, subtree: true, characterData: true});
+  const timer = setTimeout(() => { observer.disconnect(); reject(new Error("not ready")); }, %(ms)d);
+})"""
 
 
 @dataclass
@@ -56,6 +71,7 @@ class Chromium:
         self._proc: subprocess.Popen | None = None
         self._ws: Any = None
         self._next_id = 0
+        self._loads = 0  # Page.loadEventFired events seen
         self.log = PageLog()
 
     def __enter__(self) -> Chromium:
@@ -63,16 +79,12 @@ class Chromium:
 
         self._proc = subprocess.Popen(
             [self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
         )
-        port_file = self._profile / "DevToolsActivePort"
-        deadline = time.monotonic() + self.timeout_s
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"{self.executable} did not start its DevTools endpoint")
-            time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
+        port = self._debugging_port()
+        if port is None:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"{self.executable} did not start its DevTools endpoint within {self.timeout_s:.0f} s")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
             targets = json.load(resp)
         page = next(t for t in targets if t.get("type") == "page")
@@ -82,6 +94,25 @@ class Chromium:
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
         return self
+
+    def _debugging_port(self) -> int | None:
+        """The port Chromium announces on stderr; None if it exits or stays silent past the deadline.
+        A thread reads stderr to its end (a full pipe would block Chromium); the caller waits on an event."""
+        found: list[int] = []
+        announced = threading.Event()
+
+        def read_stderr(stream: Any) -> None:
+            for line in stream:
+                m = _LISTENING.search(line)
+                if m and not found:
+                    found.append(int(m.group(1)))
+                    announced.set()
+            announced.set()  # end of stream: Chromium exited
+
+        assert self._proc is not None and self._proc.stderr is not None
+        threading.Thread(target=read_stderr, args=(self._proc.stderr,), daemon=True).start()
+        announced.wait(self.timeout_s)
+        return found[0] if found else None
 
     def __exit__(self, *exc: Any) -> None:
         if self._ws is not None:
@@ -111,6 +142,8 @@ class Chromium:
             self.log.log_entries.append(p.get("entry", {}))
         elif method == "Network.requestWillBeSent":
             self.log.requests.append(p.get("request", {}).get("url", ""))
+        elif method == "Page.loadEventFired":
+            self._loads += 1
 
     def _receive(self) -> dict[str, Any]:
         msg = json.loads(self._ws.recv())
@@ -139,12 +172,18 @@ class Chromium:
     # -- pages ---------------------------------------------------------------------------------
 
     def open(self, path: str | Path, ready_expression: str = "document.body && document.body.hasAttribute('data-charts-drawn')") -> float:
-        """Load ``path`` and wait until ``ready_expression`` is true; returns seconds taken."""
+        """Load ``path`` and wait until ``ready_expression`` is true (it is re-checked on every DOM
+        change, so it must become true with one, as the default does); returns seconds taken."""
         self.log = PageLog()
         start = time.monotonic()
+        loads = self._loads
         self.call("Page.navigate", {"url": Path(path).resolve().as_uri()})
-        while not self.evaluate(f"!!({ready_expression})"):
-            if time.monotonic() - start > self.timeout_s:
-                raise TimeoutError(f"{path} was not ready within {self.timeout_s} s: {self.log.errors()}")
-            time.sleep(0.05)
+        try:
+            while self._loads == loads:  # blocking reads until the new document's load event
+                self._receive()
+            left_ms = max(1, int(1000 * (self.timeout_s - (time.monotonic() - start))))
+            self.evaluate(_READY_PROMISE % {"expr": ready_expression, "ms": left_ms}, await_promise=True)
+        except Exception as e:  # the page's timer, or the socket's own timeout
+            why = f"{ready_expression} stayed false" if "not ready" in str(e) else f"{type(e).__name__}: {e}"
+            raise TimeoutError(f"{path} was not ready within {self.timeout_s} s ({why}): {self.log.errors()}") from e
         return time.monotonic() - start

@@ -5,21 +5,31 @@ ranks: a rank left spinning in a gloo collective would otherwise steal the two C
 later test. A timeout fails the test saying what it waited for and how long, with each rank's last
 lines, so a hang says where. A launch whose rendezvous port was taken between choosing it and
 binding it (another job on the machine) is started again on a fresh port, once or twice.
+
+Launches are the suite's cost (~10-15 s each on 2 idle cores, nearly all of it interpreter, torch /
+DeepSpeed / transformers start-up and DeepSpeed's launcher, not steps), so: a run several tests read
+is launched once (module fixtures; :class:`SharedLaunches` across modules, one per session), a
+fixture launches only the cases the session selected (:func:`selected_params`), and independent
+launches go two side by side (:func:`side_by_side`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -118,9 +128,16 @@ def launch_failure(res: subprocess.CompletedProcess, what: str = "") -> str:
 
 
 
+_LIVE: set[subprocess.Popen] = set()  # started and not yet finished: killed on an interrupt (side_by_side)
+_LIVE_LOCK = threading.Lock()
+
+
 def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     """Start ``cmd`` in a new session with captured text output."""
-    return subprocess.Popen(list(cmd), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    proc = subprocess.Popen(list(cmd), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    return proc
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -166,6 +183,8 @@ def finish_groups(procs: Sequence[subprocess.Popen], timeout: float | Deadline) 
     finally:
         for p in procs:  # ranks orphaned by a launcher that exited early must not outlive the test
             _kill_group(p)
+        with _LIVE_LOCK:
+            _LIVE.difference_update(procs)
     return done
 
 
@@ -189,6 +208,38 @@ def run_group(cmd: Sequence[str], *, timeout: float | Deadline, **kwargs: Any) -
             return res
         cmd = retry
     return finish_groups([start_group(cmd, **kwargs)], timeout)[0]
+
+
+def memprof_in_process(*argv: str) -> subprocess.CompletedProcess:
+    """``memprof ARGV`` run in this process (memprof.cli.main), its output captured: for tests that
+    read what a command computes (``compare --json``) rather than how the process behaves (those
+    start ``python -m memprof``). Spares an interpreter start per call."""
+    from memprof.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return subprocess.CompletedProcess(["memprof", *argv], code, out.getvalue(), err.getvalue())
+
+
+RESIDENT_HARNESS = REPO / "tests" / "ds_harness" / "resident.py"
+
+
+def launch_resident_harness(work: Path, cases: Sequence[dict[str, Any]], ranks: int = 2) -> list[dict[str, Any]]:
+    """One ``deepspeed --num_gpus N tests/ds_harness/resident.py`` launch running ``cases`` one after
+    another (a fresh model and engine each); every rank's results (``{"rank", "world_size", "cases"}``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps({"cases": list(cases)}))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    port = free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(RESIDENT_HARNESS),
+           "--spec", str(work / "spec.json"), "--out", str(work / "out")]
+    # ~2 s a case after ~10 s of start-up; `make install` compiled DeepSpeed's ops (a cold cache would add minutes)
+    deadline = launch_deadline(ranks, len(cases), what=f"{len(cases)} cases of tests/ds_harness/resident.py")
+    proc = run_group(cmd, cwd=REPO, env=env, timeout=deadline)
+    assert proc.returncode == 0, launch_failure(proc, f"tests/ds_harness/resident.py over {len(cases)} cases")
+    assert leaked_shm_segments(int(proc.args[proc.args.index("--master_port") + 1])) == []
+    return [json.loads((work / "out" / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def leaked_shm_segments(port: int) -> list[str]:
@@ -216,3 +267,144 @@ def launch_deepspeed(
     if timeout is None:
         timeout = launch_deadline(n_ranks, steps, model, what=f"deepspeed launch/train.py -> {out.name}")
     return run_group(cmd, cwd=REPO, env=env, timeout=timeout)
+
+
+# -- launching less, and side by side ------------------------------------------------------------
+
+# Independent launches a fixture runs at once. A single small launch leaves part of 2 cores idle
+# (its launchers' serial start-up, DeepSpeed's 1 s exit poll, rendezvous): four gpt2-tiny 2-rank
+# launches took 45.5 s one after another and 36-40 s two at a time on this 2-core machine, with every
+# measured byte identical (peaks and phase ends). Deadlines stretch with the load this adds.
+LAUNCH_LANES = 2
+T = TypeVar("T")
+
+
+def side_by_side(jobs: Mapping[str, Callable[[], T]], lanes: int = LAUNCH_LANES) -> dict[str, T | BaseException]:
+    """Run each job (a launch: it waits on subprocesses, so threads suffice), ``lanes`` at a time;
+    returns each job's result, or the exception it raised (a deadline failure fails only the
+    tests that read that run)."""
+
+    def attempt(job: Callable[[], T]) -> T | BaseException:
+        try:
+            return job()
+        except Exception as e:  # handed to the tests of this run
+            return e
+
+    if len(jobs) <= 1:
+        return {name: attempt(job) for name, job in jobs.items()}
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="launch")
+    try:
+        futures = {name: pool.submit(attempt, job) for name, job in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+    except BaseException:  # an interrupt (Ctrl-C) lands here, in the main thread: end every launch now
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _LIVE_LOCK:
+            live = list(_LIVE)
+        for proc in live:
+            _kill_group(proc)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def selected_params(request: Any, argname: str) -> list[Any]:
+    """The values of the parameter ``argname`` over the tests of the requesting module that this
+    session runs (after ``-k`` / node-id selection), each once, in test order: what a module
+    fixture must launch, and no more."""
+    seen: list[Any] = []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "module", None) is request.module and argname in params and params[argname] not in seen:
+            seen.append(params[argname])
+    return seen
+
+
+def selected_runs(request: Any, runs: Sequence[str], argname: str = "which") -> list[str]:
+    """The runs among ``runs`` that the selected tests of the requesting module read: as fixtures
+    of those names (asked for directly or through other fixtures) or as the value of the parameter
+    ``argname`` (a test that calls ``request.getfixturevalue(which)``)."""
+    wanted: set[str] = set()
+    for item in request.session.items:
+        if getattr(item, "module", None) is not request.module:
+            continue
+        wanted.update(name for name in getattr(item, "fixturenames", ()) if name in runs)
+        value = getattr(getattr(item, "callspec", None), "params", {}).get(argname)
+        if value in runs:
+            wanted.add(value)
+    return [name for name in runs if name in wanted]
+
+
+@dataclass(frozen=True)
+class DeepSpeedRun:
+    """One `deepspeed --num_gpus N launch/train.py` run, as :func:`launch_deepspeed` takes it; equal
+    runs are one launch (:class:`SharedLaunches`)."""
+
+    ranks: int
+    config_json: str  # the DeepSpeed JSON, canonical (sorted keys), so equal configs compare equal
+    steps: int = 3
+    seq_len: int = 32
+    model: str = "gpt2-tiny"
+    extra: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, ranks: int, config: dict[str, Any], **kwargs: Any) -> DeepSpeedRun:
+        return cls(ranks, json.dumps(config, sort_keys=True), **kwargs)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.config_json)
+
+
+@dataclass
+class Launched:
+    """A finished launch: its folder, and what the launcher returned (or why there is nothing)."""
+
+    out: Path
+    result: subprocess.CompletedProcess | None = None
+    error: BaseException | None = None
+    what: str = field(default="")
+
+    def ok(self) -> Path:
+        """The run folder; fails the calling test, with each rank's last lines, if the launch failed."""
+        if self.error is not None:
+            raise AssertionError(f"{self.what}: {self.error}") from self.error
+        assert self.result is not None and self.result.returncode == 0, launch_failure(self.result, self.what)
+        return self.out
+
+    @property
+    def port(self) -> int:
+        assert self.result is not None
+        args = list(map(str, self.result.args))
+        return int(args[args.index("--master_port") + 1])
+
+
+class SharedLaunches:
+    """The session's DeepSpeed launches, shared by every test that reads the same run (one instance:
+    the ``shared_launches`` fixture of tests/conftest.py). Each distinct :class:`DeepSpeedRun` is
+    launched once, in a folder named after the first name it was asked for; the runs one call asks
+    for and nobody launched yet go side by side."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._done: dict[DeepSpeedRun, Launched] = {}
+
+    def deepspeed(self, runs: Mapping[str, DeepSpeedRun]) -> dict[str, Launched]:
+        todo: dict[DeepSpeedRun, Path] = {}
+        for name, run in runs.items():
+            if run not in self._done and run not in todo:
+                out = self.root / name
+                while out.exists() or out in todo.values():
+                    out = out.with_name(out.name + "_")
+                todo[run] = out
+        jobs = {str(out): (lambda run=run, out=out: launch_deepspeed(run.ranks, run.config, out, steps=run.steps,
+                                                                   seq_len=run.seq_len, model=run.model, extra=run.extra))
+                for run, out in todo.items()}
+        results = side_by_side(jobs)
+        for run, out in todo.items():
+            res = results[str(out)]
+            what = f"deepspeed --num_gpus {run.ranks} launch/train.py -> {out.name}"
+            if isinstance(res, BaseException):
+                self._done[run] = Launched(out, error=res, what=what)
+            else:
+                self._done[run] = Launched(out, result=res, what=what)
+        return {name: self._done[run] for name, run in runs.items()}

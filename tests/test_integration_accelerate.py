@@ -6,7 +6,8 @@ from an empty folder (DS_ACCELERATOR=cpu) with ``deepspeed --num_gpus 2`` and wi
 ``accelerate launch --use_deepspeed --num_processes 2``; each run's files are then checked as the
 Trainer's are: micro-steps and their place in the accumulation, the engine's resolved config,
 resident states derived from the layer shapes and ZeRO-2's partition rules, the recorded estimate
-against the measurement, and the report.
+against the measurement, and the report. The selected launchers' runs go side by side
+(tests/launch_helpers.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_helpers import ACCELERATE, DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
+from launch_helpers import (
+    ACCELERATE,
+    DEEPSPEED,
+    REPO,
+    free_port,
+    leaked_shm_segments,
+    memprof_in_process,
+    run_group,
+    selected_params,
+    side_by_side,
+)
 from test_integration_trainer import PEAK_TOLERANCE, _all_values
 from test_ownership_deepspeed import gpt2_param_numels, zero12_padded
 
@@ -28,7 +37,6 @@ from memprof.categories import PHASES
 
 N = 2
 FP32 = 4
-MEMPROF = Path(sys.executable).parent / "memprof"
 # the example's own settings, read off its text below (and asserted to be there)
 EXAMPLE_MODEL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512, "n_positions": 256}
 SAMPLES, MICRO_BATCH, GAS, SEQ = 16, 2, 2, 32
@@ -56,20 +64,36 @@ def launch_command(launcher: str, port: int) -> list[str]:
     return [str(ACCELERATE), "launch", *ACCELERATE_ARGS, "--main_process_port", str(port), "example.py"]
 
 
-@pytest.fixture(scope="module", params=["deepspeed", "accelerate"])
-def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp(f"accelerate-{request.param}")
+LAUNCHERS = ("deepspeed", "accelerate")
+
+
+def _launch(launcher: str, work: Path) -> Path:
     code = readme_example()
     assert len(code.strip().splitlines()) <= 14
     (work / "example.py").write_text(code)
     port = free_port()
     # HF_HOME: an empty folder, so that no default_config.yaml of this machine's user changes the launch
     env = {**_env(), "HF_HOME": str(work / "hf_home")}
-    proc = run_group(launch_command(request.param, port), cwd=work, env=env, timeout=480)
+    proc = run_group(launch_command(launcher, port), cwd=work, env=env, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # under torchrun DeepSpeed makes no segment (LOCAL_SIZE unset: shm_interface.cpp), under deepspeed memprof unlinks it
     assert leaked_shm_segments(port) == []
     return work / "runs" / "accelerate"
+
+
+@pytest.fixture(scope="module")
+def launched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | BaseException]:
+    """The example run under each selected launcher, side by side."""
+    work = {name: tmp_path_factory.mktemp(f"accelerate-{name}") for name in selected_params(request, "run_dir")}
+    return side_by_side({name: (lambda name=name: _launch(name, work[name])) for name in work})
+
+
+@pytest.fixture(scope="module", params=LAUNCHERS)
+def run_dir(request: pytest.FixtureRequest, launched: dict[str, Path | BaseException]) -> Path:
+    out = launched[request.param]
+    if isinstance(out, BaseException):
+        raise out
+    return out
 
 
 def _doc(out: Path) -> dict[str, Any]:
@@ -126,7 +150,7 @@ def test_resident_states_match_the_partition_rules(run_dir: Path) -> None:
 
 
 def test_recorded_estimate_matches_the_measurement(run_dir: Path) -> None:
-    proc = subprocess.run(check=False, args=[str(MEMPROF), "compare", str(run_dir), "--json"], capture_output=True, text=True, env=_env())
+    proc = memprof_in_process("compare", str(run_dir), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
     resident = [r for r in rows if r["what"] == "rest" and r["tolerance"] is not None]
@@ -136,6 +160,5 @@ def test_recorded_estimate_matches_the_measurement(run_dir: Path) -> None:
 
 
 def test_report_builds(run_dir: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(check=False, args=[str(MEMPROF), "report", str(run_dir), "-o", str(tmp_path / "r.html")],
-                          capture_output=True, text=True, env=_env())
+    proc = memprof_in_process("report", str(run_dir), "-o", str(tmp_path / "r.html"))
     assert proc.returncode == 0, proc.stderr

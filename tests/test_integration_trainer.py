@@ -14,6 +14,9 @@ from a torch Dataset, ``TrainingArguments(use_cpu=True)``, micro-batch 2, gradie
 Resident bytes are derived from gpt2-tiny's layer shapes and ZeRO's partition rules (the rules and
 their DeepSpeed source lines are in tests/test_ownership_deepspeed.py, imported here); the "auto"
 values from transformers' resolution rules (integrations/deepspeed.py ``trainer_config_finalize``).
+
+Each run is launched once for the module, and only if a selected test reads it; the runs go two
+side by side (tests/launch_helpers.py).
 """
 
 from __future__ import annotations
@@ -22,11 +25,22 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_helpers import ACCELERATE, DEEPSPEED, REPO, free_port, leaked_shm_segments, run_group
+from launch_helpers import (
+    ACCELERATE,
+    DEEPSPEED,
+    REPO,
+    free_port,
+    leaked_shm_segments,
+    memprof_in_process,
+    run_group,
+    selected_runs,
+    side_by_side,
+)
 from test_ownership_deepspeed import gpt2_param_numels, zero3_partition, zero12_padded
 
 from memprof.categories import PHASES
@@ -34,7 +48,6 @@ from memprof.models import PRESETS
 
 HARNESS = REPO / "tests" / "hf_harness" / "trainer_run.py"
 CONFIGS = REPO / "tests" / "hf_harness"
-MEMPROF = Path(sys.executable).parent / "memprof"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 N = 2
 FP32 = 4
@@ -83,47 +96,92 @@ def launch_trainer(out: Path, config: str | None, *extra: str, timeout: int = 48
 
 
 def _memprof(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(check=False, args=[str(MEMPROF), *args], capture_output=True, text=True, env=_env(), timeout=300)
+    # what compare / report compute from the run files (their command lines: tests/test_compare.py, test_report_cli.py)
+    return memprof_in_process(*args)
+
+
+def launch_killed(out: Path) -> subprocess.CompletedProcess:
+    """ZeRO-2 "auto" under deepspeed, rank 1 SIGKILLed at micro-step 3."""
+    cmd = [str(DEEPSPEED), "--num_gpus", str(N), "--master_port", str(free_port()), str(HARNESS), "--out", str(out),
+           "--steps", str(STEPS), "--micro-batch", str(MICRO_BATCH), "--gas", str(GAS), "--seq-len", str(SEQ),
+           "--deepspeed", str(CONFIGS / "ds_zero2_auto.json"), "--kill-rank", "1", "--kill-at", "3"]
+    return run_group(cmd, cwd=REPO, env=_env(), timeout=480)
+
+
+# every launch of this module: name -> launch into the given folder
+RUNS: dict[str, Callable[[Path], subprocess.CompletedProcess]] = {
+    "z2": lambda out: launch_trainer(out, "ds_zero2_auto.json"),
+    "z2_accelerate": lambda out: launch_trainer(out, "ds_zero2_auto.json", accelerate=True),
+    "z3": lambda out: launch_trainer(out, "ds_zero3_auto.json"),
+    "plain": lambda out: launch_trainer(out, None),
+    "ddp": lambda out: launch_trainer(out, None, ddp=True),
+    "ckpt": lambda out: launch_trainer(out, None, "--checkpointing"),
+    "raised": lambda out: launch_trainer(out, None, "--raise-at", "3"),  # fails on purpose
+    "killed": launch_killed,  # fails on purpose
+}
 
 
 @pytest.fixture(scope="module")
-def z2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trainer") / "z2"
-    proc = launch_trainer(out, "ds_zero2_auto.json")
+def launched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """The runs the selected tests read, each launched once: folder and the launcher's result (or
+    the exception a deadline raised)."""
+    root = tmp_path_factory.mktemp("trainer")
+    names = selected_runs(request, list(RUNS))
+    results = side_by_side({name: (lambda name=name: RUNS[name](root / name)) for name in names})
+    return {name: (root / name, results[name]) for name in names}
+
+
+def _ended(launched: dict[str, tuple[Path, Any]], name: str) -> tuple[Path, subprocess.CompletedProcess]:
+    out, res = launched[name]
+    if isinstance(res, BaseException):
+        raise res
+    return out, res
+
+
+def _finished(launched: dict[str, tuple[Path, Any]], name: str) -> Path:
+    out, proc = _ended(launched, name)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def z2_accelerate(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trainer") / "z2_accelerate"
-    proc = launch_trainer(out, "ds_zero2_auto.json", accelerate=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def z2(launched) -> Path:
+    return _finished(launched, "z2")
 
 
 @pytest.fixture(scope="module")
-def z3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trainer") / "z3"
-    proc = launch_trainer(out, "ds_zero3_auto.json")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def z2_accelerate(launched) -> Path:
+    return _finished(launched, "z2_accelerate")
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trainer") / "plain"
-    proc = launch_trainer(out, None)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def z3(launched) -> Path:
+    return _finished(launched, "z3")
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trainer") / "ddp"
-    proc = launch_trainer(out, None, ddp=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def plain(launched) -> Path:
+    return _finished(launched, "plain")
+
+
+@pytest.fixture(scope="module")
+def ddp(launched) -> Path:
+    return _finished(launched, "ddp")
+
+
+@pytest.fixture(scope="module")
+def ckpt(launched) -> Path:
+    return _finished(launched, "ckpt")
+
+
+@pytest.fixture(scope="module")
+def raised(launched) -> tuple[Path, subprocess.CompletedProcess]:
+    return _ended(launched, "raised")
+
+
+@pytest.fixture(scope="module")
+def killed(launched) -> tuple[Path, subprocess.CompletedProcess]:
+    return _ended(launched, "killed")
 
 
 def _doc(out: Path) -> dict[str, Any]:
@@ -280,9 +338,8 @@ def test_report_builds_from_the_run(which: str, request: pytest.FixtureRequest, 
 
 
 # ---- early stops ---------------------------------------------------------------------------------
-def test_exception_in_training_leaves_readable_rank_files(tmp_path: Path) -> None:
-    out = tmp_path / "raised"
-    proc = launch_trainer(out, None, "--raise-at", "3")
+def test_exception_in_training_leaves_readable_rank_files(raised: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    out, proc = raised
     assert proc.returncode != 0 and "injected failure in training forward 3" in proc.stderr
     records = [json.loads(line) for line in (out / "rank0.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["type"] == "step"]
@@ -295,14 +352,10 @@ def test_exception_in_training_leaves_readable_rank_files(tmp_path: Path) -> Non
     assert json.loads(cmp.stdout)["steps_compared"] == {"0": 1}  # the last micro-step with all phases
 
 
-def test_rank_killed_mid_run_leaves_readable_rank_files(tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    port = free_port()
-    cmd = [str(DEEPSPEED), "--num_gpus", str(N), "--master_port", str(port), str(HARNESS), "--out", str(out),
-           "--steps", str(STEPS), "--micro-batch", str(MICRO_BATCH), "--gas", str(GAS), "--seq-len", str(SEQ),
-           "--deepspeed", str(CONFIGS / "ds_zero2_auto.json"), "--kill-rank", "1", "--kill-at", "3"]
-    proc = run_group(cmd, cwd=REPO, env=_env(), timeout=480)
+def test_rank_killed_mid_run_leaves_readable_rank_files(killed: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    out, proc = killed
     assert proc.returncode != 0
+    port = int(proc.args[proc.args.index("--master_port") + 1])
     assert leaked_shm_segments(port) == []
     r1 = [json.loads(line) for line in (out / "rank1.jsonl").read_text().splitlines()]
     assert [r["step"] for r in r1 if r["type"] == "step"] == [0, 1, 2]
@@ -328,11 +381,8 @@ def test_callback_report_opens_in_a_browser_with_every_chart_drawn(z2: Path) -> 
     assert summary["Parameters"] == f"{P:,}" and summary["ZeRO stage"] == "2" and summary["World size"] == str(N)
 
 
-def test_gradient_checkpointing_is_recorded(tmp_path: Path, plain: Path) -> None:
-    out = tmp_path / "ckpt"
-    proc = launch_trainer(out, None, "--checkpointing")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = _doc(out)
+def test_gradient_checkpointing_is_recorded(ckpt: Path, plain: Path) -> None:
+    doc = _doc(ckpt)
     run = doc["run"]
     assert run["activation_checkpointing"] is True
     assert run["trainer"]["gradient_checkpointing"] is True

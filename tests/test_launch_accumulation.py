@@ -1,24 +1,27 @@
 """Gradient accumulation 2 on 2 CPU ranks under the deepspeed launcher: every micro-step is
-profiled, and the records say which micro-steps are accumulation boundaries. One launch."""
+profiled, and the records say which micro-steps are accumulation boundaries.
+
+The run read is the stage-0 AdamW fp32, accumulation 2, 4 micro-steps case of
+tests/test_measured_vs_estimated.py (its config also turns on activation checkpointing, which changes
+no record checked here), launched once per session for both modules (launch_helpers.SharedLaunches)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from launch_helpers import REPO, launch_deepspeed
+from launch_helpers import SharedLaunches
+from test_measured_vs_estimated import case_run
 
 from memprof.run.files import load_run, step_is_boundary, step_micro_index
 
+CASE = "z0-adamw-fp32-ckpt-gas2-n2"
 GAS, STEPS = 2, 4
 
 
-def test_every_micro_step_profiled_and_boundaries_marked(tmp_path: Path) -> None:
-    ds = json.loads((REPO / "configs" / "stage0_adamw.json").read_text())
-    ds["gradient_accumulation_steps"] = GAS
-    out = tmp_path / "run"
-    result = launch_deepspeed(2, ds, out, steps=STEPS)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_every_micro_step_profiled_and_boundaries_marked(shared_launches: SharedLaunches) -> None:
+    run_spec = case_run(CASE)
+    cfg = run_spec.config
+    assert (cfg["zero_optimization"]["stage"], cfg["optimizer"]["type"], cfg["gradient_accumulation_steps"]) == (0, "AdamW", GAS)
+    assert run_spec.ranks == 2 and run_spec.steps == STEPS and "bf16" not in cfg
+    out = shared_launches.deepspeed({CASE: run_spec})[CASE].ok()
     run = load_run(out)
     n_params = run["run"]["n_params"]
     assert [r["rank"] for r in run["ranks"]] == [0, 1]

@@ -1,14 +1,29 @@
 """The launch helpers themselves: a port lost to another process is retried, a deadline failure says
-what it waited for, each rank's last lines are shown. No DeepSpeed launch: stand-in commands."""
+what it waited for, each rank's last lines are shown, launches go side by side and equal runs are
+launched once. No DeepSpeed launch: stand-in commands."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
+import launch_helpers
 import pytest
-from launch_helpers import Deadline, finish_groups, launch_deadline, launch_failure, rank_tails, run_group, start_group
+from launch_helpers import (
+    Deadline,
+    DeepSpeedRun,
+    SharedLaunches,
+    finish_groups,
+    launch_deadline,
+    launch_failure,
+    rank_tails,
+    run_group,
+    side_by_side,
+    start_group,
+)
 
 from memprof.train.ports import ANY_FREE_PORT, lost_port_race
 
@@ -72,3 +87,39 @@ def test_rank_tails_groups_lines_by_rank_with_exit_codes() -> None:
     assert "--- rank 1 (exit code not reported) ---\nwaiting" in tails
     res = subprocess.CompletedProcess(["deepspeed", "x"], 1, out, "")
     assert launch_failure(res, "a 2-rank launch").startswith("a 2-rank launch exited 1\n--- rank 0")
+
+
+def test_side_by_side_runs_jobs_at_once_and_hands_back_each_failure() -> None:
+    # two jobs that can only finish together: one lane at a time would leave the first waiting
+    both = threading.Barrier(2, timeout=60)
+    met = side_by_side({"a": lambda: both.wait() is not None, "b": lambda: both.wait() is not None})
+    assert met == {"a": True, "b": True}
+
+    def deadline() -> None:
+        raise AssertionError("waited 480 s for a launch")
+
+    results = side_by_side({"ok": lambda: 1, "hung": deadline})
+    assert results["ok"] == 1 and isinstance(results["hung"], AssertionError)
+
+
+def test_equal_runs_are_launched_once_per_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    launched: list[str] = []
+
+    def stand_in(ranks: int, config: dict, out: Path, **kwargs: object) -> subprocess.CompletedProcess:
+        launched.append(out.name)
+        out.mkdir(parents=True)
+        code = 1 if ranks == 3 else 0
+        return subprocess.CompletedProcess(["deepspeed", "--master_port", "29500"], code, "", "[rank1]: boom")
+
+    monkeypatch.setattr(launch_helpers, "launch_deepspeed", stand_in)
+    shared = SharedLaunches(tmp_path)
+    run = DeepSpeedRun.of(2, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    same = DeepSpeedRun.of(2, {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})  # key order aside
+    three = DeepSpeedRun.of(3, run.config)
+    first = shared.deepspeed({"z2": run, "z2_again": same, "z2_n3": three})
+    later = shared.deepspeed({"z2_elsewhere": same})
+    assert sorted(launched) == ["z2", "z2_n3"]
+    assert first["z2_again"] is first["z2"] and later["z2_elsewhere"] is first["z2"]
+    assert first["z2"].ok() == tmp_path / "z2" and first["z2"].port == 29500
+    with pytest.raises(AssertionError, match="exited 1"):
+        first["z2_n3"].ok()

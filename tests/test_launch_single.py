@@ -1,5 +1,5 @@
 """Plain `python launch/train.py` (no launcher: a world of one), and the simulated memory budget
-running out. Two launches of one process each."""
+running out. Two launches of one process each, side by side (tests/launch_helpers.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from launch_helpers import side_by_side
 
 from memprof.run.files import read_rank_lines
 
@@ -23,9 +26,29 @@ def _train(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TRAIN), *argv], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def test_plain_python_is_a_world_of_one_zero3_bf16(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    result = _train("--deepspeed_config", "configs/stage3_adamw_bf16.json", "--steps", "2", "--seq-len", "32", "--out", str(out))
+RUNS = {
+    "zero3_bf16": ("--deepspeed_config", "configs/stage3_adamw_bf16.json", "--steps", "2", "--seq-len", "32"),
+    # 64 KiB: less than gpt2-tiny's 149,248 fp32 parameters (583 KiB) alone
+    "over_budget": ("--deepspeed_config", "configs/stage0_sgd.json", "--steps", "2", "--seq-len", "32", "--memory-budget", "64KiB"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    root = tmp_path_factory.mktemp("single")
+    done = side_by_side({name: (lambda name=name, argv=argv: _train(*argv, "--out", str(root / name))) for name, argv in RUNS.items()})
+    return {name: (root / name, done[name]) for name in RUNS}
+
+
+def _run(runs: dict[str, tuple[Path, subprocess.CompletedProcess]], name: str) -> tuple[Path, subprocess.CompletedProcess]:
+    out, result = runs[name]
+    if isinstance(result, BaseException):
+        raise result
+    return out, result
+
+
+def test_plain_python_is_a_world_of_one_zero3_bf16(runs) -> None:
+    out, result = _run(runs, "zero3_bf16")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     doc = json.loads((out / "memprof.json").read_text())
     run = doc["run"]
@@ -36,11 +59,9 @@ def test_plain_python_is_a_world_of_one_zero3_bf16(tmp_path: Path) -> None:
     assert f"memprof: run files in {out.resolve()}" in result.stdout
 
 
-def test_memory_budget_exceeded_is_recorded_and_exits_3(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    budget = 64 * 1024  # 64 KiB: less than gpt2-tiny's 149,248 fp32 parameters (583 KiB) alone
-    result = _train("--deepspeed_config", "configs/stage0_sgd.json", "--steps", "2", "--seq-len", "32",
-                    "--memory-budget", "64KiB", "--out", str(out))
+def test_memory_budget_exceeded_is_recorded_and_exits_3(runs) -> None:
+    out, result = _run(runs, "over_budget")
+    budget = 64 * 1024  # the run's --memory-budget 64KiB
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     oom_lines = [l for l in result.stderr.splitlines() if l.startswith("train.py: rank 0: out of memory: ")]
     assert len(oom_lines) == 1 and "Traceback" not in result.stderr

@@ -10,18 +10,17 @@ Checked two ways, as tests/test_measured_vs_estimated.py does for GPT-2:
    (tighter than compare's own 5%).
 
 One launch per case, 2 steps, micro-batch 2 x seq 32; the last step is compared (steady state).
+Only the selected cases are launched, two side by side (tests/launch_helpers.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from launch_helpers import REPO, launch_deepspeed, leaked_shm_segments
+from launch_helpers import DeepSpeedRun, Launched, SharedLaunches, leaked_shm_segments, memprof_in_process, selected_params
 
 from memprof.models import PRESETS
 
@@ -108,26 +107,32 @@ TOP = {
 RESIDENT_TOLERANCE, PEAK_TOLERANCE = 0.005, 0.03
 
 
+def case_run(name: str) -> DeepSpeedRun:
+    preset, ranks, stage, opt, bf16, zero = CASES[name]
+    top = TOP.get(name, {})
+    # two whole accumulation cycles: compare's steady cycle is then not the first optimizer step
+    steps = 2 * top.get("gradient_accumulation_steps", 1)
+    return DeepSpeedRun.of(ranks, {**_config(stage, opt, bf16, **zero), **top}, steps=steps, model=preset)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("matrix_llama")
-    out = {}
-    for name, (preset, ranks, stage, opt, bf16, zero) in CASES.items():
-        top = TOP.get(name, {})
-        # two whole accumulation cycles: compare's steady cycle is then not the first optimizer step
-        steps = 2 * top.get("gradient_accumulation_steps", 1)
-        res = launch_deepspeed(ranks, {**_config(stage, opt, bf16, **zero), **top}, root / name, steps=steps, model=preset)
-        assert res.returncode == 0, f"{name}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        port = int(res.args[res.args.index("--master_port") + 1])
-        assert leaked_shm_segments(port) == [], name
-        out[name] = root / name
+def launches(request: pytest.FixtureRequest, shared_launches: SharedLaunches) -> dict[str, Launched]:
+    """Every case the session selected, launched once (two side by side)."""
+    return shared_launches.deepspeed({name: case_run(name) for name in selected_params(request, "name")})
+
+
+@pytest.fixture
+def run(launches: dict[str, Launched], name: str) -> Path:
+    launched = launches[name]
+    out = launched.ok()
+    assert leaked_shm_segments(launched.port) == [], name
     return out
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_resident_model_states_match_partition_rules(runs, name):
+def test_resident_model_states_match_partition_rules(run, name):
     preset, ranks, stage, opt, bf16, _ = CASES[name]
-    doc = json.loads((runs[name] / "memprof.json").read_text())
+    doc = json.loads((run / "memprof.json").read_text())
     assert doc["run"]["model"] == preset and [r["rank"] for r in doc["ranks"]] == list(range(ranks))
     want = expected(preset, stage, opt, bf16, ranks)
     for entry in doc["ranks"]:
@@ -137,15 +142,14 @@ def test_resident_model_states_match_partition_rules(runs, name):
 
 
 def _compare(run: Path) -> dict:
-    res = subprocess.run([sys.executable, "-m", "memprof", "compare", str(run), "--fresh-estimate", "--json"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = memprof_in_process("compare", str(run), "--fresh-estimate", "--json")
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_estimate_within_tolerance_of_measurement(runs, name):
-    cmp = _compare(runs[name])
+def test_estimate_within_tolerance_of_measurement(run, name):
+    cmp = _compare(run)
     rows = [r for r in cmp["rows"] if r["ok"] is not None]
     ranks = CASES[name][1]
     assert len(rows) == ranks * (3 * 2 + 3)  # 3 resident categories x 2 locations + 3 phase peaks, per rank
@@ -158,5 +162,5 @@ def test_estimate_within_tolerance_of_measurement(runs, name):
                        f"estimated {r['estimated']} ({err:.3%})")
     assert not bad, "\n".join(bad)
     # the estimate modelled the activations (fits can be computed)
-    doc = json.loads((runs[name] / "memprof.json").read_text())
+    doc = json.loads((run / "memprof.json").read_text())
     assert doc["run"]["model_config"]["model_type"] in ("llama", "qwen2")

@@ -1,7 +1,8 @@
 """Resident categories of real 2-rank DeepSpeed runs, checked against numbers derived here.
 
-One ``deepspeed --num_gpus 2`` launch (module-scoped fixture) runs every case below one after
-another in tests/ds_harness/resident.py: a fresh seeded gpt2-tiny model and engine per case, two
+One ``deepspeed --num_gpus 2`` launch (the session's ``resident_harness_runs``, shared with the
+Llama-family twin tests/test_ownership_deepspeed_llama.py) runs every case below one after another in
+tests/ds_harness/resident.py: a fresh seeded gpt2-tiny model and engine per case, two
 training steps, then ``owned_breakdown(owned_storages(engine))`` per rank. Each expected number is
 derived in this file from the layer shapes, the dtypes and ZeRO's partitioning rules (each rule
 cites the DeepSpeed 0.19.8 source line it comes from), never copied from the walk's output.
@@ -9,23 +10,15 @@ cites the DeepSpeed 0.19.8 source line it comes from), never copied from the wal
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_helpers import free_port, leaked_shm_segments, run_group
 from precision_support import precision_of, skip_unless_cpu_supports, unsupported_reason
 
 from memprof.categories import CATEGORIES, LOCATIONS, Breakdown
 from memprof.models import PRESETS
 
-REPO = Path(__file__).resolve().parents[1]
-HARNESS = REPO / "tests" / "ds_harness" / "resident.py"
 N = 2  # ranks
 FP32, HALF = 4, 2  # bytes per element (bf16 and fp16 are both 2)
 RBS = 4096  # reduce_bucket_size (elements) in every ZeRO config: keeps buckets tiny and exact
@@ -222,24 +215,16 @@ def skip_if_unlaunchable(name: str) -> None:
     skip_unless_cpu_supports(precision_of(CASES[name][1]))
 
 
+def resident_spec() -> list[dict[str, Any]]:
+    """This module's cases for the session's one launch of the harness (tests/conftest.py)."""
+    return [{"name": name, "model": CASES[name][0], "ds_config": CASES[name][1], "mid_backward": name in MID_BACKWARD}
+            for name in launchable()]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("ownership")
-    spec = {"cases": [{"name": name, "model": CASES[name][0], "ds_config": CASES[name][1], "mid_backward": name in MID_BACKWARD}
-                      for name in launchable()]}
-    (work / "spec.json").write_text(json.dumps(spec))
-    launcher = Path(sys.executable).with_name("deepspeed")
-    if not launcher.exists():
-        launcher = Path(shutil.which("deepspeed") or "deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    port = free_port()
-    cmd = [str(launcher), "--num_gpus", str(N), "--master_port", str(port), str(HARNESS),
-           "--spec", str(work / "spec.json"), "--out", str(work / "out")]
-    # ~30 s; `make install` compiled DeepSpeed's ops (a cold cache would add minutes of JIT build here).
-    proc = run_group(cmd, cwd=REPO, env=env, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert leaked_shm_segments(port) == []
-    return [json.loads((work / "out" / f"rank{r}.json").read_text()) for r in range(N)]
+def runs(resident_harness_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each rank's results of this module's cases."""
+    return [{**run, "cases": {k: v for k, v in run["cases"].items() if k in CASES}} for run in resident_harness_runs]
 
 
 def test_launch_covers_every_case(runs: list[dict[str, Any]]) -> None:

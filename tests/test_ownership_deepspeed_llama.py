@@ -1,7 +1,8 @@
 """Resident categories of real 2-rank DeepSpeed runs of Llama-family models, derived here.
 
 The Llama-family twin of tests/test_ownership_deepspeed.py: one ``deepspeed --num_gpus 2`` launch
-of tests/ds_harness/resident.py runs every case (a fresh seeded model and engine, two training
+of tests/ds_harness/resident.py (the session's ``resident_harness_runs``, shared with the GPT-2 cases)
+runs every case (a fresh seeded model and engine, two training
 steps, then ``owned_breakdown(owned_storages(engine))`` per rank). llama-tiny has grouped-query
 attention (4 query heads share 2 key/value heads) and an untied lm_head; qwen2-tiny has tied
 embeddings and q/k/v biases. Every expected number is derived in this file from the layer shapes
@@ -11,22 +12,14 @@ cites the DeepSpeed 0.19.8 lines), never copied from the walk's output.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_helpers import free_port, leaked_shm_segments, run_group
 
 from memprof.categories import CATEGORIES, LOCATIONS, Breakdown
 from memprof.models import PRESETS
 
-REPO = Path(__file__).resolve().parents[1]
-HARNESS = REPO / "tests" / "ds_harness" / "resident.py"
 N = 2
 FP32, HALF = 4, 2
 RBS = 4096
@@ -139,24 +132,17 @@ CASES: dict[str, tuple[str, dict[str, Any], Breakdown]] = {
 SCALAR_BYTES = 8
 
 
+def resident_spec() -> list[dict[str, Any]]:
+    """This module's cases for the session's one launch of the harness (tests/conftest.py)."""
+    return [{"name": name, "preset": preset, "ds_config": ds_config, "mid_backward": name == "llama_s2_fp32_adamw_torch",
+             "model": ODD if name.startswith("odd_") else {}}
+            for name, (preset, ds_config, _) in CASES.items()]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("ownership_llama")
-    spec = {"cases": [{"name": name, "preset": preset, "ds_config": ds_config, "mid_backward": name == "llama_s2_fp32_adamw_torch",
-                       "model": ODD if name.startswith("odd_") else {}}
-                      for name, (preset, ds_config, _) in CASES.items()]}
-    (work / "spec.json").write_text(json.dumps(spec))
-    launcher = Path(sys.executable).with_name("deepspeed")
-    if not launcher.exists():
-        launcher = Path(shutil.which("deepspeed") or "deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    port = free_port()
-    cmd = [str(launcher), "--num_gpus", str(N), "--master_port", str(port), str(HARNESS),
-           "--spec", str(work / "spec.json"), "--out", str(work / "out")]
-    proc = run_group(cmd, cwd=REPO, env=env, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert leaked_shm_segments(port) == []
-    return [json.loads((work / "out" / f"rank{r}.json").read_text()) for r in range(N)]
+def runs(resident_harness_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each rank's results of this module's cases."""
+    return [{**run, "cases": {k: v for k, v in run["cases"].items() if k in CASES}} for run in resident_harness_runs]
 
 
 def test_launch_covers_every_case(runs: list[dict[str, Any]]) -> None:
