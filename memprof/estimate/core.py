@@ -310,11 +310,18 @@ def _frozen_assumptions(inputs: EstimateInputs, shape: ModelShape) -> list[str]:
              "state" if inputs.zero_stage == 3 else
              "whole on every rank in the compute dtype, outside DeepSpeed's flat groups (no gradient, fp32 master, "
              "optimizer state or bucket space)")
+    cast = (f"adapters cast to {inputs.precision} with the model by DeepSpeed's engine (_configure_distributed_model "
+            "casts every parameter; PEFT's fp32 autocast of the adapters does not survive it)")
+    frozen = f"frozen parameters {where} (DeepSpeed 0.19.8: optimizers keep is_optimized_parameter ones only)"
+    if inputs.engine == "fsdp2":  # FSDP2 casts nothing (layout/fsdp2.py holds its frozen-parameter rule)
+        cast = (f"adapters in the model's {inputs.precision} (PEFT's fp32 autocast of a 16-bit model's adapters, "
+                "autocast_adapter_dtype, is not modelled)")
+        frozen = ("frozen parameters sharded and gathered like every parameter (FSDP2), with no gradient, reduce-scatter "
+                  "space or optimizer state (the script's optimizer over the trainable parameters)")
     return [
         f"{inputs.peft.describe()}: {shape.trainable.n_params:,} trainable parameters in {shape.trainable.n_tensors} "
-        f"tensors, {shape.frozen_numel:,} frozen; adapters cast to {inputs.precision} with the model by DeepSpeed's "
-        f"engine (_configure_distributed_model casts every parameter; PEFT's fp32 autocast of the adapters does not survive it)",
-        f"frozen parameters {where} (DeepSpeed 0.19.8: optimizers keep is_optimized_parameter ones only)",
+        f"tensors, {shape.frozen_numel:,} frozen; {cast}",
+        frozen,
         ("activations with LoRA: derived from PEFT's lora.Linear.forward and autograd's saved tensors with frozen "
          "weights (frozen Linears save no input, frozen norms no normalised copy, adapters their input and B*S*r "
          "intermediate, lora_dropout a copy and mask per target; nothing before the first adapter without "

@@ -214,8 +214,9 @@ class MemoryProfiler:
         return False
 
     def _watch_fsdp2_resizes(self, on: bool) -> None:
-        """FSDP2 frees and re-gathers blocks by resizing storages in place, which the dispatch-mode
-        CPU tracker sees only when told (ownership.fsdp2.StorageResizeWatch); on several CPU ranks
+        """FSDP2 frees and re-gathers blocks by resizing storages in place, which a CPU tracker sees
+        only when told (the dispatch mode never; the allocator hook not for a storage made before it
+        started: ownership.fsdp2.StorageResizeWatch); on several CPU ranks
         gloo's threads get the GIL after each backward collective (CommThreadsReleaseWatch)."""
         if not on:
             for watch in (self._resize_watch, self._comm_watch):
