@@ -3,8 +3,9 @@ torchrun, gloo, CPU): ``fully_shard`` on each GPT-2 block and the root, torch Ad
 run per setup named on the command line, each in its own folder under OUT.
 
 Setups: ``reshard`` (reshard_after_forward True), ``keep`` (False), ``bf16``
-(MixedPrecisionPolicy(param_dtype=bf16)), ``dim1`` (shard_placement_fn Shard(1): memprof must
-refuse it in one line, which the worker writes to OUT/dim1/refused.txt), ``accelerate`` (the
+(MixedPrecisionPolicy(param_dtype=bf16)), ``offload`` (CPUOffloadPolicy(pin_memory=False): pinning
+needs an accelerator), ``dim1`` (shard_placement_fn Shard(1): memprof must refuse it in one line,
+which the worker writes to OUT/dim1/refused.txt), ``accelerate`` (the
 ``reshard`` model in an accelerate loop under ``profile_accelerate``: accelerate turns its FSDP
 plugin on only for accelerator devices, so the script applies ``fully_shard`` itself and prepares
 the optimizer only), ``lora`` (PEFT LoRA on a tiny Llama: ``get_peft_model`` first, then
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -45,6 +46,8 @@ def build(setup: str) -> GPT2LMHeadModel:
         kw["reshard_after_forward"] = False
     if setup == "bf16":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    if setup == "offload":  # no pinned memory on a CPU-only build (pin_memory needs an accelerator)
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     if setup == "dim1":
         kw["shard_placement_fn"] = lambda p: Shard(1) if p.ndim == 2 else Shard(0)
     for block in model.transformer.h:

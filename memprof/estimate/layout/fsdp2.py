@@ -34,7 +34,7 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
 from __future__ import annotations
 
 from math import ceil
-from typing import Any
+from typing import Any, NamedTuple
 
 from memprof.dsconfig import ELEMENT_SIZE
 from memprof.errors import MemprofError
@@ -54,7 +54,19 @@ from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import optimizer_state_bytes
 from memprof.families.common import ParamModule
 
-Dims = list[tuple[int, int, bool]]  # (dim 0, numel, requires_grad) per parameter
+
+class Unit(NamedTuple):
+    """One parameter as FSDP2 shards it."""
+
+    d0: int  # its dim 0 (what torch.chunk splits)
+    numel: int
+    trains: bool  # requires_grad
+    # a root parameter forward uses after the blocks (the final norm, an untied head): its gradient
+    # exists from the loss's backward on, before any block's backward
+    late: bool = False
+
+
+Dims = list[Unit]
 
 
 def _dim0(module: ParamModule, pname: str, numel: int, hidden: int) -> int:
@@ -125,9 +137,11 @@ def fsdp2_units(sh: ModelShape, cfg: dict[str, Any], modules_to_save: tuple[str,
         cursor += len(held)
         if cursor > len(sh.param_numels):
             break
-        units.setdefault(_block_of(module.name), []).extend((d0, sh.param_numels[i], mask[i]) for d0, i in held)
+        block = _block_of(module.name)
+        late = block is None and any(k is not None for k in units)  # a root module after the blocks
+        units.setdefault(block, []).extend(Unit(d0, sh.param_numels[i], mask[i], late) for d0, i in held)
     root, blocks = units.pop(None, []), list(units.values())
-    if cursor != len(sh.param_numels) or any(d0 <= 0 or n % d0 for b in [root, *blocks] for d0, n, _ in b):
+    if cursor != len(sh.param_numels) or any(u.d0 <= 0 or u.numel % u.d0 for b in [root, *blocks] for u in b):
         raise MemprofError(f"--engine fsdp2: the {sh.model_type} model's parameters (with its adapters) do not follow "
                            "the family's modules in parameters() order: not modelled")
     if len(blocks) != sh.n_layer or any(b != blocks[0] for b in blocks):
@@ -153,7 +167,7 @@ def local_shard_numel(d0: int, numel: int, world_size: int, rank: int) -> int:
 
 def _shards(dims: Dims, n: int, trainable_only: bool = False) -> int:
     """Padded shard elements of ``dims`` on one rank (of the trainable parameters only, if asked)."""
-    return sum(padded_shard_numel(d0, numel, n) for d0, numel, trains in dims if trains or not trainable_only)
+    return sum(padded_shard_numel(u.d0, u.numel, n) for u in dims if u.trains or not trainable_only)
 
 
 def fsdp2_dtypes(inp: EstimateInputs) -> tuple[int, int, int]:
@@ -179,8 +193,8 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     root_shard, block_shard = _shards(root, n), _shards(block, n)
     shards = root_shard + layers * block_shard  # elements this rank keeps
     trained = _shards(root, n, True) + layers * _shards(block, n, True)  # ... of trainable parameters
-    n_trained = sum(t for *_, t in root) + layers * sum(t for *_, t in block)
-    local = [local_shard_numel(d0, numel, n, s.rank) for d0, numel, t in root + block * layers if t]
+    n_trained = sum(u.trains for u in root) + layers * sum(u.trains for u in block)
+    local = [local_shard_numel(u.d0, u.numel, n, s.rank) for u in root + block * layers if u.trains]
     where = "host" if inp.fsdp2.offload_params else "device"
     out.add(where, P, shards * e_o)
     # torch.optim over the sharded DTensors: state like each rank's unpadded local shard (its dtype),
@@ -205,10 +219,13 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     # _backward_prefetch), a flat output unless that block is still gathered
     out.backward_start_extra = {P: root_gathered + blocks_kept, C: 0 if blocks_kept else flat}
     # backward, the last block's pre-backward: the root still gathered with the unsharded gradients
-    # of its trainable parameters (the head's and ln_f's, from the loss; none under LoRA), the block
-    # gathered and, when blocks were resharded, the next one's all-gather prefetched
-    # (_backward_prefetch); already gathered blocks need none
-    root_grads = sum(numel for _, numel, trains in root if trains) * e_p
+    # its trainable parameters have by then: those forward used after the blocks (the final norm, an
+    # untied head), from the loss's backward; not yet the embeddings' (their backward comes last),
+    # and a tied head's is the activation term's (the family counts it waiting in the embedding's
+    # AccumulateGrad buffer, not yet a .grad); none under LoRA. The block gathered and, when blocks
+    # were resharded, the next one's all-gather prefetched (_backward_prefetch); already gathered
+    # blocks need none
+    root_grads = sum(u.numel for u in root if u.trains and u.late) * e_p
     out.backward_extra = {P: root_gathered + last_block, G: root_grads,
                           C: 0 if blocks_kept else flat}
     grads = trained * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
@@ -217,7 +234,10 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
         out.backward_end_extra, step_grads = {}, {}
     else:
         out.backward_end_extra, step_grads = {G: grads}, {G: grads}
-    out.step_moments = [{**step_grads, O: optimizer_temporaries(inp, max(local, default=0), sum(local), s.device_type)}]
+    # the optimizer's temporaries; under CPUOffloadPolicy the step runs on the host shards (its
+    # temporaries host memory, not in the device peak)
+    temporaries = optimizer_temporaries(inp, max(local, default=0), sum(local), s.device_type)
+    out.step_moments = [{**step_grads, O: 0 if inp.fsdp2.offload_params else temporaries}]
     accumulate_between_microsteps(s, out, dict(step_grads), same_at_end=(G,),
                                   how="every sharded gradient (reduce-scattered every micro-step)")
     out.notes.append(_note(inp, root_shard, block_shard, layers, trained))
@@ -232,7 +252,11 @@ def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int, t
             f"to chunk 0 (root {root_shard:,} + {layers} x {block_shard:,} elements per rank){frozen}; reshard_after_forward "
             f"{f.reshard_after_forward} (the root stays gathered after forward either way); MixedPrecisionPolicy "
             f"param_dtype {f.param_dtype or 'none'}, reduce_dtype {f.reduce_dtype or 'none'}"
-            + ("; CPUOffloadPolicy: shards, their gradients and optimizer state on the host" if f.offload_params else "")
+            + ("; CPUOffloadPolicy: shards, their gradients and optimizer state on the host (the step runs there: its "
+               "temporaries are host memory, not in the host figure); the gathered copies, all-gather and reduce-scatter "
+               "buffers stay on the device; on CUDA each shard's transient device copy for the all-gather "
+               "(FSDPParam.all_gather_inputs) and each reduce-scatter output before its copy to the host are not at the "
+               "modelled peaks" if f.offload_params else "")
             + "; not at the modelled peaks: a block's reduce-scatter input (N x its trainable padded shards, reduce_dtype), "
             "alive from its post-backward to the next block's, later in backward when fewer activations remain, and "
             "the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")

@@ -171,19 +171,26 @@ def _walk_comm_context(col: Collector, ctx: Any) -> None:
         col.add(state.reduce_scatter_input, COMM, False)
 
 
-def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> None:
+def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> dict[int, bool]:
     """Every storage FSDP2 keeps for ``model`` (nothing for a model without ``fully_shard``). Walk
-    before the module's parameters so offloaded shards get their ``host`` location first."""
+    before the module's parameters so offloaded shards get their ``host`` location first. Returns
+    ``{id(sharded parameter): True}`` for the shards ``CPUOffloadPolicy`` keeps on the host: the
+    optimizer's state of those (torch.optim's ``zeros_like`` of a CPU shard) is host memory too,
+    which on a CPU-only run only ownership can say (``Collector``: location by ownership there)."""
     contexts: dict[int, Any] = {}
+    offloaded: dict[int, bool] = {}
     for group in param_groups(model):
         for fp in group.fsdp_params:
             _walk_param(col, fp)
+            if getattr(fp, "offload_to_cpu", False):
+                offloaded[id(fp.sharded_param)] = True
         _walk_group_buffers(col, group)
         ctx = getattr(group, "comm_ctx", None)
         if ctx is not None:
             contexts[id(ctx)] = ctx  # one context shared by every group under a root
     for ctx in contexts.values():
         _walk_comm_context(col, ctx)
+    return offloaded
 
 
 class StorageResizeWatch:
