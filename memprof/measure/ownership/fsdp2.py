@@ -233,24 +233,37 @@ class StorageResizeWatch:
         self.saved.clear()
 
 
-class CommThreadsReleaseWatch:
-    """Gives gloo's worker threads the GIL after each of FSDP2's backward collectives, while active:
-    gloo completes a collective on its own thread, which drops its references to the buffers (a
-    block's all-gather output, which ``FSDPParamGroup.wait_for_unshard`` frees right after the
-    copy-out in backward; a reduce-scatter's) only once it gets the GIL, so without this a buffer
-    FSDP2 has already freed is alive at the next block's backward peak at random ranks and steps
-    (+1.6% / -4.5% on a 2-rank bf16 run). ``let_release`` is the CPU backend's own pause for the
-    same thing at phase ends (backends.CpuBackend._let_comm_threads_release, a few ms on several
-    ranks). Wraps ``wait_for_unshard`` (outside forward) and ``post_backward`` of
-    ``FSDPParamGroup``, calling the originals unchanged, and puts them back on exit."""
+class Fsdp2GroupWatch:
+    """Runs the profiler's own work at two of ``FSDPParamGroup``'s moments, while active, wrapping
+    ``wait_for_unshard`` and ``post_backward`` (calling the originals unchanged; put back on exit):
+
+    * ``before`` each, an ownership walk if one is due (``CpuBackend.walk_if_due``). These are the
+      moments just before FSDP2 frees what it owns within a phase: ``wait_for_unshard`` frees the
+      previous block's all-gather output in forward and its own after the copy-out in backward (the
+      gathered parameters, allocated in ``unshard`` before it, are alive there too, until
+      ``reshard``); ``post_backward`` frees the block's unsharded gradients (copied into the
+      reduce-scatter input) and the previous block's reduce-scatter input (the root's, in the final
+      callback, comes before the last one is cleared). A walk there names each of them (in the peak
+      too, ``relabel_pending``) before it dies, as a walk after every large allocation did, at one
+      walk per point instead of one per large activation (about 150 a step on the 4-block GPT-2 of
+      benchmarks/bench_fsdp2.py).
+    * ``after`` each, outside forward, ``let_release``: gloo's worker threads get the GIL. gloo
+      completes a collective on its own thread, which drops its references to the buffers (a
+      block's all-gather output, which ``wait_for_unshard`` frees right after the copy-out in
+      backward; a reduce-scatter's) only once it gets the GIL, so without this a buffer FSDP2 has
+      already freed is alive at the next block's backward peak at random ranks and steps (+1.6% /
+      -4.5% on a 2-rank bf16 run). ``let_release`` is the CPU backend's own pause for the same
+      thing at phase ends (backends.CpuBackend._let_comm_threads_release, a few ms on several ranks).
+    """
 
     _METHODS = ("wait_for_unshard", "post_backward")
 
-    def __init__(self, let_release: Any) -> None:
+    def __init__(self, before: Any = None, let_release: Any = None) -> None:
+        self.before = before
         self.let_release = let_release
         self.saved: dict[str, Any] = {}
 
-    def __enter__(self) -> CommThreadsReleaseWatch:
+    def __enter__(self) -> Fsdp2GroupWatch:
         from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
         from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
@@ -261,11 +274,13 @@ class CommThreadsReleaseWatch:
         return self
 
     def _watched(self, original: Any, forward: Any) -> Any:
-        let_release = self.let_release
+        before, let_release = self.before, self.let_release
 
         def watched(group: Any, *args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before()
             out = original(group, *args, **kwargs)
-            if getattr(group, "_training_state", None) != forward:
+            if let_release is not None and getattr(group, "_training_state", None) != forward:
                 let_release()
             return out
         return watched
