@@ -370,6 +370,19 @@ def test_advise_offers_fsdp2_knobs_with_torchs_traffic() -> None:
     assert result.best is not None and result.best.inputs.engine == Engine.FSDP2
 
 
+def test_advise_and_plan_take_lora_under_fsdp2_and_reduce_only_the_adapters() -> None:
+    lora = LoraSetup(r=8, target_modules=("c_attn",))
+    base = _fsdp2_inputs(micro_batch=2, peft=lora)
+    shape = model_shape(preset_config("gpt2-large"), lora=lora)
+    costs = step_costs(base, shape.n_params, shape.trainable.n_params)
+    # fp32, reshard_after_forward: two all-gathers of every parameter, one reduce-scatter of the adapters
+    assert costs.comm_bytes == (2 * shape.n_params + shape.trainable.n_params) * 4
+    assert costs.lora == "r=8 on c_attn"
+    result = advise(base, max_gpus=4)
+    assert result.best is not None and result.best.inputs.peft == lora
+    assert plan(base, gpus=2, max_gpus=8).rows
+
+
 def test_advise_refuses_write_config_for_fsdp2(tmp_path: Path) -> None:
     from memprof.cli.advise import main as advise_main
 

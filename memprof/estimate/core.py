@@ -83,13 +83,15 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
 
 def _last_block_activations(acts: Activations | None, checkpointing: bool, act: Callable[[int], int]) -> int:
     """Activations at the end of the last block's forward: every block's saved tensors and the
-    block's own outputs, the head's (final norm, log-softmax) not yet. ``Activations.saved``
-    (which holds the head's and not the block's outputs, alike in size: within 1% of the measured
-    bytes on 2-rank GPT-2, fp32 and bf16, tests/test_fsdp2.py) stands for it; under checkpointing the
+    block's own outputs, the head's (final norm, log-softmax) not yet: ``Activations.last_block_end``
+    where the family models it (Llama with LoRA), else ``Activations.saved``, which holds the
+    head's and not the block's outputs, alike in size in full fine-tuning (within 1% of the measured
+    bytes on 2-rank GPT-2, fp32 and bf16, tests/test_fsdp2.py) but not with LoRA, where the head's
+    log-softmax outweighs what the blocks save (an upper bound there); under checkpointing the
     forward peak, which is inside the last block or at the loss (an upper bound)."""
     if acts is None:
         return 0
-    return act(acts.forward_peak if checkpointing else acts.saved)
+    return act(acts.forward_peak if checkpointing else (acts.last_block_end or acts.saved))
 
 
 def _device_other(inp: EstimateInputs) -> int:
