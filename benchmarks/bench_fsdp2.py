@@ -8,13 +8,16 @@ interleaved so that load on the machine falls on all alike: ``bare`` (no tool), 
 (``MemoryProfiler(model=...)`` with its forward / backward / step phases) and ``fsdp_mem_tracker``
 (torch/distributed/_tools/fsdp2_mem_tracker.py ``FSDPMemTracker(model, optimizer)`` around the
 same steps, with its ``reset_mod_stats()`` after each, which it needs for a second iteration).
-Rank 0 prints each mode's median step time and its ratio to ``bare``. A tool's set-up
-and its end-of-run files are outside the timed steps.
+Rank 0 prints each mode's median step time (wall clock, and rank 0's process CPU time, which
+other jobs on a loaded machine disturb less) and its ratio to ``bare``, the load average, and
+memprof's CPU tracker and ownership walks per step. A tool's set-up and its end-of-run files are
+outside the timed steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -47,21 +50,22 @@ def train_step(model, opt, x) -> torch.Tensor:
     return loss
 
 
-def timed(steps: int, one_step) -> list[float]:
+def timed(steps: int, one_step) -> list[tuple[float, float]]:
+    """(wall seconds, this process's CPU seconds) of each step."""
     out = []
     for i in range(steps):
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         one_step(i)
-        out.append(time.perf_counter() - start)
+        out.append((time.perf_counter() - start, time.process_time() - cpu))
     return out
 
 
-def round_bare(model, opt, x, steps: int) -> list[float]:
+def round_bare(model, opt, x, steps: int) -> list[tuple[float, float]]:
     return timed(steps, lambda i: train_step(model, opt, x))
 
 
-def round_memprof(model, opt, x, steps: int, out_dir: Path) -> list[float]:
+def round_memprof(model, opt, x, steps: int, out_dir: Path, diagnostics: dict) -> list[tuple[float, float]]:
     prof = MemoryProfiler(model=model, optimizer=opt, out_dir=out_dir,
                           run={"model_config": model.config.to_dict(), "micro_batch": x.shape[0],
                                "seq_len": x.shape[1], "optimizer": "adamw"})
@@ -80,10 +84,13 @@ def round_memprof(model, opt, x, steps: int, out_dir: Path) -> list[float]:
     with prof:
         times = timed(steps, one_step)
     prof.finish()
+    diagnostics.update(prof.diagnostics)
+    diagnostics["steps"] = diagnostics.get("steps", 0) + steps
+    diagnostics["walks"] = diagnostics.get("walks", 0) + prof.diagnostics["mid_phase_walks"]
     return times
 
 
-def round_tracker(model, opt, x, steps: int) -> list[float]:
+def round_tracker(model, opt, x, steps: int) -> list[tuple[float, float]]:
     fmt = FSDPMemTracker(model, opt)
     fmt.track_inputs((x,))
     def one_step(i: int) -> None:
@@ -107,19 +114,24 @@ def main() -> None:
     model, opt = build(args.layers, args.hidden)
     x = torch.randint(0, 8192, (args.batch, args.seq))
     train_step(model, opt, x)  # warm-up: lazy init, optimizer state
-    times: dict[str, list[float]] = {"bare": [], "memprof": [], "fsdp_mem_tracker": []}
+    times: dict[str, list[tuple[float, float]]] = {"bare": [], "memprof": [], "fsdp_mem_tracker": []}
+    diagnostics: dict = {}
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             times["bare"] += round_bare(model, opt, x, args.steps)[1:]  # each round's first step: warm-up
-            times["memprof"] += round_memprof(model, opt, x, args.steps, Path(tmp) / f"r{r}")[1:]
+            times["memprof"] += round_memprof(model, opt, x, args.steps, Path(tmp) / f"r{r}", diagnostics)[1:]
             times["fsdp_mem_tracker"] += round_tracker(model, opt, x, args.steps)[1:]
     if dist.get_rank() == 0:
-        bare = statistics.median(times["bare"])
+        bare = [statistics.median(t[k] for t in times["bare"]) for k in (0, 1)]
         print(f"FSDP2, {dist.get_world_size()} gloo CPU ranks, GPT-2 {args.layers} layers x {args.hidden}, batch "
               f"{args.batch} x seq {args.seq}, {args.rounds} rounds x {args.steps - 1} timed steps per mode")
         for mode, t in times.items():
-            med = statistics.median(t)
-            print(f"  {mode:17s} median step {med * 1000:8.1f} ms  {med / bare:5.2f}x bare")
+            wall, cpu = (statistics.median(x[k] for x in t) for k in (0, 1))
+            print(f"  {mode:17s} median step {wall * 1000:8.1f} ms  {wall / bare[0]:5.2f}x bare;  "
+                  f"CPU {cpu * 1000:8.1f} ms  {cpu / bare[1]:5.2f}x bare")
+        print(f"memprof: {diagnostics.get('cpu_tracker')}, {diagnostics['walks'] / diagnostics['steps']:.1f} ownership "
+              f"walks a step (mid-phase); load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     dist.destroy_process_group()
 
 

@@ -109,7 +109,7 @@ def step_costs(inp: EstimateInputs, n_params: int, n_trainable: int | None = Non
     and updated partitions to gather (runtime/utils.py is_optimized_parameter; a LoRA backbone
     moves nothing at ZeRO 0-2), while ZeRO-3 gathers every parameter, frozen ones too."""
     if inp.engine == Engine.FSDP2:
-        return _fsdp2_step_costs(inp, n_params)
+        return _fsdp2_step_costs(inp, n_params, n_params if n_trainable is None else n_trainable)
     b, gas, n = ELEMENT_BYTES[inp.precision], inp.gradient_accumulation_steps, inp.world_size
     trained = n_params if n_trainable is None else n_trainable
     psi, grads = n_params * b, trained * b
@@ -140,17 +140,18 @@ def _costs_of(inp: EstimateInputs) -> StepCosts:
     return step_costs(inp, shape.n_params, shape.trainable.n_params)
 
 
-def _fsdp2_step_costs(inp: EstimateInputs, n_params: int) -> StepCosts:
-    """FSDP2's step_costs (module docstring): gathers (1 or 2 per micro-step) in param_dtype, one
-    reduce-scatter in reduce_dtype; under offload the shards up per gather, gradients down."""
+def _fsdp2_step_costs(inp: EstimateInputs, n_params: int, n_trainable: int) -> StepCosts:
+    """FSDP2's step_costs (module docstring): gathers (1 or 2 per micro-step) of every parameter in
+    param_dtype, one reduce-scatter of the trainable ones in reduce_dtype (a frozen LoRA backbone is
+    gathered, never reduced: layout/fsdp2.py); under offload the shards up per gather, gradients down."""
     f, gas, n = inp.fsdp2, inp.gradient_accumulation_steps, inp.world_size
     gathers = 1 if not f.reshard_after_forward else 2
     gathered, reduced = ELEMENT_BYTES[inp.precision], ELEMENT_BYTES[f.reduce_dtype or inp.precision]
     sharded = 4 if f.param_dtype else gathered  # fp32 shards under a param_dtype
-    comm = 0 if n == 1 else (gathers * n_params * gathered + n_params * reduced) * gas
-    shard = -(-n_params // n)
-    pcie = (gathers + 1) * shard * sharded * gas if f.offload_params else 0
-    return StepCosts(n, comm, pcie, gas if inp.activation_checkpointing else 0, gas, inp.precision)
+    comm = 0 if n == 1 else (gathers * n_params * gathered + n_trainable * reduced) * gas
+    pcie = (gathers * -(-n_params // n) + -(-n_trainable // n)) * sharded * gas if f.offload_params else 0
+    lora = None if inp.peft is None else f"r={inp.peft.r} on {_targets_text(inp.peft.target_modules)}"
+    return StepCosts(n, comm, pcie, gas if inp.activation_checkpointing else 0, gas, inp.precision, lora)
 
 
 @dataclass(frozen=True)

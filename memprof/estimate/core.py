@@ -100,13 +100,15 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
 
 def _last_block_activations(acts: Activations | None, checkpointing: bool, act: Callable[[int], int]) -> int:
     """Activations at the end of the last block's forward: every block's saved tensors and the
-    block's own outputs, the head's (final norm, log-softmax) not yet. ``Activations.saved``
-    (which holds the head's and not the block's outputs, alike in size: within 1% of the measured
-    bytes on 2-rank GPT-2, fp32 and bf16, tests/test_fsdp2.py) stands for it; under checkpointing the
+    block's own outputs, the head's (final norm, log-softmax) not yet: ``Activations.last_block_end``
+    where the family models it (Llama with LoRA), else ``Activations.saved``, which holds the
+    head's and not the block's outputs, alike in size in full fine-tuning (within 1% of the measured
+    bytes on 2-rank GPT-2, fp32 and bf16, tests/test_fsdp2.py) but not with LoRA, where the head's
+    log-softmax outweighs what the blocks save (an upper bound there); under checkpointing the
     forward peak, which is inside the last block or at the loss (an upper bound)."""
     if acts is None:
         return 0
-    return act(acts.forward_peak if checkpointing else acts.saved)
+    return act(acts.forward_peak if checkpointing else (acts.last_block_end or acts.saved))
 
 
 def _device_other(inp: EstimateInputs) -> int:
@@ -479,11 +481,18 @@ def _frozen_assumptions(inputs: EstimateInputs, shape: ModelShape) -> list[str]:
              "state" if inputs.zero_stage == 3 else
              "whole on every rank in the compute dtype, outside DeepSpeed's flat groups (no gradient, fp32 master, "
              "optimizer state or bucket space)")
+    cast = (f"adapters cast to {inputs.precision} with the model by DeepSpeed's engine (_configure_distributed_model "
+            "casts every parameter; PEFT's fp32 autocast of the adapters does not survive it)")
+    frozen = f"frozen parameters {where} (DeepSpeed 0.19.8: optimizers keep is_optimized_parameter ones only)"
+    if inputs.engine == "fsdp2":  # FSDP2 casts nothing (layout/fsdp2.py holds its frozen-parameter rule)
+        cast = (f"adapters in the model's {inputs.precision} (PEFT's fp32 autocast of a 16-bit model's adapters, "
+                "autocast_adapter_dtype, is not modelled)")
+        frozen = ("frozen parameters sharded and gathered like every parameter (FSDP2), with no gradient, reduce-scatter "
+                  "space or optimizer state (the script's optimizer over the trainable parameters)")
     return [
         f"{inputs.peft.describe()}: {shape.trainable.n_params:,} trainable parameters in {shape.trainable.n_tensors} "
-        f"tensors, {shape.frozen_numel:,} frozen; adapters cast to {inputs.precision} with the model by DeepSpeed's "
-        f"engine (_configure_distributed_model casts every parameter; PEFT's fp32 autocast of the adapters does not survive it)",
-        f"frozen parameters {where} (DeepSpeed 0.19.8: optimizers keep is_optimized_parameter ones only)",
+        f"tensors, {shape.frozen_numel:,} frozen; {cast}",
+        frozen,
         ("activations with LoRA: derived from PEFT's lora.Linear.forward and autograd's saved tensors with frozen "
          "weights (frozen Linears save no input, frozen norms no normalised copy, adapters their input and B*S*r "
          "intermediate, lora_dropout a copy and mask per target; nothing before the first adapter without "

@@ -107,6 +107,10 @@ class Activations:
     forward_in_layer: int = 0
     # what the formula leaves out or simplifies, one estimate assumption line each
     notes: tuple[str, ...] = ()
+    # activations alive when the last block's forward returns (FSDP2's last-block moment, before
+    # its reshard): every block's saved tensors and what the model's forward still holds then; 0
+    # where not modelled (``saved`` stands for it: memprof.estimate.core._last_block_activations)
+    last_block_end: int = 0
 
 
 def attention_keeps_probabilities(attn_implementation: str, device_type: str, attn_dropout: bool) -> bool:

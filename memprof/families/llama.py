@@ -647,11 +647,13 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
         layer_base = out.input_ids + positions + out.rotary + mask + s.L * BSH * e
         in_layer = layer_base + 2 * BSH * e + 3 * s.BSI * e
         forward_peak = max(saved + alive_at_loss, in_layer)
+        last_block_end = 0
     else:
         layers, _, cache = _lora_layers(s, attn, lora, False)  # the frozen embedding's output needs no grad
         saved, recomputed = layers + outside, 0
         forward_peak = saved + alive_at_loss + cache
         in_layer = 0
+        last_block_end = _lora_last_block_end(s, attn, lora, layers + cache, out, positions)
     # With checkpointing the loop's last loss keeps the embedding output and its .grad alive after
     # backward (common.lora_checkpoint_held; reentrant: also the layers' kwargs, position ids, cos
     # and sin, and the stashed CPU RNG states) until the next forward returns a new loss: held
@@ -678,7 +680,23 @@ def _lora_activations(s: _Sizes, q: ActivationQuery, attn: _Attention, lora: Lor
                + (f", lora_dropout {lora.dropout} copies and masks" if lora.dropout > 0 else ""))
     return Activations(saved, forward_peak + kept_inputs, max(bwd_start, norm_bwd, mlp_bwd), saved // max(s.L, 1),
                        formula, loop_held=out.input_ids + FP32 + kept_inputs, backward_first_hook=first_hook,
-                       forward_in_layer=in_layer + kept_inputs if in_layer else 0)
+                       forward_in_layer=in_layer + kept_inputs if in_layer else 0,
+                       last_block_end=0 if q.checkpointing else last_block_end)
+
+
+def _lora_last_block_end(s: _Sizes, attn: _Attention, lora: LoraQuery, layers: int, out: _Outside, positions: int) -> int:
+    """Activations when the last decoder layer's forward returns (no checkpointing): every layer's
+    saved tensors (and cache copies), the loop's ids and last loss, the position ids, cos and sin,
+    eager's causal mask, ``LlamaModel.forward``'s ``inputs_embeds`` local (the frozen embedding's
+    output, saved by nothing), the layer's output, and its input where nothing saves it as it is
+    (its input_layernorm saves the fp32 input: that input itself in fp32, where it requires grad).
+    Traced on the 2-rank FSDP2 LoRA run of tests/test_fsdp2.py (fp32, sdpa): within 1 KB."""
+    grad = False  # the embedding's output needs no grad
+    for layer in range(s.L - 1):
+        grad = _lora_layer(s, attn, lora, lora.targets(layer), grad)[1]
+    last_input = 0 if s.L == 1 or (grad and s.e == FP32) else s.BSH * s.e
+    mask = s.B * s.S * s.S * s.e if s.kernel == "eager" else 0
+    return layers + out.input_ids + FP32 + positions + out.rotary + mask + 2 * s.BSH * s.e + last_input
 
 def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     """Activation memory of a Llama-family causal LM for one micro-batch (module docstring), or

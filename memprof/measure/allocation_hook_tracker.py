@@ -42,8 +42,12 @@ class NativeAllocationTracker:
         self._new_label = DEVICE_OTHER
         self._large_bytes: int | None = None
         self._active = False
-        # seeded storages: data_ptr -> (weak reference, seq, nbytes)
+        # seeded storages: data_ptr -> (weak reference, seq, nbytes); id(storage) -> that data_ptr
         self._seeded: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._seeded_ptr: dict[int, int] = {}
+        # seeded storages resized to 0 in place, which may grow again (FSDP2's free_storage /
+        # alloc_storage): id(storage) -> (weak reference, the label to seed it with again)
+        self._emptied: dict[int, tuple[weakref.ref, int]] = {}
         self._pending_seeds: list[tuple[torch.UntypedStorage, int]] = []
 
     # ---- the context ----------------------------------------------------------------------
@@ -138,34 +142,64 @@ class NativeAllocationTracker:
         seq = self._hook.seed(ptr, n, label)
         if not seq:
             return False
-        hook = self._hook
+        hook, key = self._hook, id(st)
 
         def freed(_ref: weakref.ref, ptr: int = ptr, seq: int = seq) -> None:
             hook.forget(ptr, seq)
-            self._seeded.pop(ptr, None)
+            if self._seeded.pop(ptr, None) is not None and self._seeded_ptr.get(key) == ptr:
+                del self._seeded_ptr[key]
 
         self._seeded[ptr] = (weakref.ref(st, freed), seq, n)
+        self._seeded_ptr[key] = ptr
         return True
 
     def _refresh_seeded(self) -> None:
-        """A seeded storage resized in place since (``UntypedStorage.resize_`` through the allocator
-        it was made with, not the hook): follow its new size and pointer."""
-        for ptr, (ref, seq, n) in list(self._seeded.items()):
+        """Seeded storages resized in place since (``UntypedStorage.resize_`` through the allocator
+        each was made with, not the hook): follow their new size and pointer."""
+        for ref, _, _ in list(self._seeded.values()):
             st = ref()
-            if st is None:
-                continue
-            new_ptr, new_n = st.data_ptr(), st.nbytes()
-            if new_ptr == ptr and new_n == n:
-                continue
-            if new_ptr == ptr:
-                self._hook.resize_seeded(ptr, seq, new_n)
-                self._seeded[ptr] = (ref, seq, new_n)
-            else:
-                label = self._label_of_seeded(ptr, seq)
-                self._hook.forget(ptr, seq)
-                self._seeded.pop(ptr, None)
-                if new_n and new_ptr:
-                    self._seed_one(st, label)
+            if st is not None:
+                self._follow(st, DEVICE_OTHER)
+        for ref, _ in list(self._emptied.values()):
+            st = ref()
+            if st is not None and st.nbytes():
+                self._follow(st, DEVICE_OTHER)
+
+    def resync(self, st: torch.UntypedStorage, label: int = DEVICE_OTHER) -> None:
+        """A storage resized in place outside the hook's sight: FSDP2's ``free_storage`` /
+        ``alloc_storage`` (``UntypedStorage.resize_``) go through the allocator the storage was made
+        with, which is not the hook for one made before tracking started (a model that trained
+        before the profiler started, or a root FSDP2 gathered in the forward that started it). Its
+        old block is forgotten and its new one counted (under the label it had, else ``label``),
+        with the peak; a block the hook made itself is the hook's to count."""
+        self._follow(st, label)
+
+    def _follow(self, st: torch.UntypedStorage, label: int) -> None:
+        key = id(st)
+        ptr, n = st.data_ptr(), st.nbytes()
+        old_ptr = self._seeded_ptr.get(key)
+        if old_ptr is not None:
+            ref, seq, old_n = self._seeded[old_ptr]
+            if old_ptr == ptr and old_n == n:
+                return
+            if old_ptr == ptr and n:
+                self._hook.resize_seeded(ptr, seq, n)
+                self._seeded[ptr] = (ref, seq, n)
+                return
+            label = self._label_of_seeded(old_ptr, seq)
+            self._hook.forget(old_ptr, seq)
+            del self._seeded[old_ptr], self._seeded_ptr[key]
+        elif key in self._emptied:
+            label = self._emptied.pop(key)[1]
+        if n and ptr:
+            self._seed_one(st, label)  # False: the hook made this block and counts it
+            return
+        emptied = self._emptied
+
+        def dropped(_ref: weakref.ref, key: int = key) -> None:
+            emptied.pop(key, None)
+
+        emptied[key] = (weakref.ref(st, dropped), label)
 
     def _label_of_seeded(self, ptr: int, seq: int) -> int:
         label = self._hook.label_of(ptr, seq)

@@ -145,6 +145,7 @@ class CpuBackend:
         memory_budget: int | None,
         mid_phase_walks: bool,
         multi_rank: bool,
+        walks_at_engine_points: bool = False,
     ) -> None:
         self._owner_walk = owner_walk
         self._diagnostics = diagnostics
@@ -153,6 +154,11 @@ class CpuBackend:
         # gathered ZeRO-3 params); a plain model's grads and optimizer state outlive the phase and
         # the phase-end walk labels them at the peak too, so no mid-phase walks there.
         self._mid_phase_walks = mid_phase_walks
+        # An engine that says when it is about to free what it owns (FSDP2:
+        # ownership.fsdp2.Fsdp2GroupWatch) walks there (walk_if_due), a large allocation only
+        # marking a walk as due: one walk per such point, not one per large activation
+        self._walks_at_engine_points = walks_at_engine_points
+        self._walk_due = False
         self._multi_rank = multi_rank
         self._tallies = OwnedTallies()
         self.tracker: CpuTracker | None = None
@@ -171,7 +177,7 @@ class CpuBackend:
             for label, storages in by_label.items():
                 tracker.seed(storages, label)
             if self._mid_phase_walks:
-                tracker.on_large_allocation = self._mid_phase_walk
+                tracker.on_large_allocation = self._note_walk_due if self._walks_at_engine_points else self._mid_phase_walk
             tracker.__enter__()
             return tracker
 
@@ -209,6 +215,7 @@ class CpuBackend:
         tracker = self._live_tracker()
         tracker.new_label = DEVICE_OTHER
         tracker.large_bytes = None
+        self._walk_due = False
         extra = self._relabel_from_ownership("peak")
         end_tally = _add_tallies(tracker.tally, extra)
         peak_tally = _add_tallies(tracker.peak.tally, extra)
@@ -274,8 +281,18 @@ class CpuBackend:
         return extra
 
     def _mid_phase_walk(self) -> None:
+        self._walk_due = False
         self._diagnostics["mid_phase_walks"] += 1
         self._live_tracker().relabel_pending(self._tallies.of(self._owner_walk()).labels)
+
+    def _note_walk_due(self) -> None:
+        self._walk_due = True
+
+    def walk_if_due(self) -> None:
+        """An ownership walk if a large storage came since the last one (``walks_at_engine_points``:
+        called at the engine's own moments, before it frees a buffer it owns)."""
+        if self._walk_due and self.tracker is not None and self.tracker.large_bytes is not None:
+            self._mid_phase_walk()
 
 
 def new_cpu_tracker(budget_bytes: int | None, diagnostics: Diagnostics, *, multi_rank: bool = False) -> CpuTracker:

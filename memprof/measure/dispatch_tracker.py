@@ -201,12 +201,16 @@ class AllocationTracker(TorchDispatchMode):
         if label < N_CATEGORIES:
             self.device_total -= n
 
-    def resync(self, st: torch.UntypedStorage) -> None:
+    def resync(self, st: torch.UntypedStorage, label: int = DEVICE_OTHER) -> None:
         """A storage resized outside any dispatched op (``UntypedStorage.resize_``, which FSDP2's
-        ``free_storage`` / ``alloc_storage`` call on gathered parameters): count its new size."""
+        ``free_storage`` / ``alloc_storage`` call on gathered parameters): count its new size; one
+        not counted yet (empty when tracking started) is counted from now on under ``label``."""
         rec = self.live.get(id(st))
-        if rec is not None and st.nbytes() != rec.nbytes:
-            self._resize(rec, st.nbytes())
+        if rec is not None:
+            if st.nbytes() != rec.nbytes:
+                self._resize(rec, st.nbytes())
+        elif st.nbytes() and st.data_ptr():
+            self._add(st, st.nbytes(), label)
 
     def _resize(self, rec: _Live, n: int) -> None:
         delta = n - rec.nbytes

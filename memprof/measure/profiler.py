@@ -178,13 +178,14 @@ class MemoryProfiler:
             CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget)
             if on_cuda
             else CpuBackend(self._owner_walk, self.diagnostics, memory_budget=memory_budget,
-                            # FSDP2 gathers and frees a block's params inside a phase, as ZeRO-3 does
+                            # FSDP2 gathers and frees a block's params inside a phase, as ZeRO-3 does;
+                            # it walks at its own moments (ownership.fsdp2.Fsdp2GroupWatch)
                             mid_phase_walks=engine is not None or fsdp2 is not None,
-                            multi_rank=self.world_size > 1)
+                            multi_rank=self.world_size > 1, walks_at_engine_points=engine is None and fsdp2 is not None)
         )
         self._active = False
         self._resize_watch: Any = None
-        self._comm_watch: Any = None  # ownership.fsdp2.CommThreadsReleaseWatch (FSDP2 on gloo)
+        self._comm_watch: Any = None  # ownership.fsdp2.Fsdp2GroupWatch (FSDP2's walks; gloo's releases)
         self._finished = False
         self._oom_recorded = False
         header = {"host": socket.gethostname(), "device": self._device_label(), "run": self.run}
@@ -214,9 +215,11 @@ class MemoryProfiler:
         return False
 
     def _watch_fsdp2_resizes(self, on: bool) -> None:
-        """FSDP2 frees and re-gathers blocks by resizing storages in place, which the dispatch-mode
-        CPU tracker sees only when told (ownership.fsdp2.StorageResizeWatch); on several CPU ranks
-        gloo's threads get the GIL after each backward collective (CommThreadsReleaseWatch)."""
+        """FSDP2 frees and re-gathers blocks by resizing storages in place, which a CPU tracker sees
+        only when told (the dispatch mode never; the allocator hook not for a storage made before it
+        started: ownership.fsdp2.StorageResizeWatch); ownership walks run before FSDP2 frees what it
+        owns, and on several CPU ranks gloo's threads get the GIL after each backward collective
+        (Fsdp2GroupWatch)."""
         if not on:
             for watch in (self._resize_watch, self._comm_watch):
                 if watch is not None:
@@ -230,10 +233,13 @@ class MemoryProfiler:
             self._resize_watch = StorageResizeWatch(resync).__enter__()
         # gloo (CPU, several ranks): FSDP2's freed backward buffers released before the next peak
         let_release = getattr(self._backend, "_let_comm_threads_release", None)
-        if "fsdp2" in self.run and let_release is not None and getattr(self._backend, "_multi_rank", False):
-            from memprof.measure.ownership.fsdp2 import CommThreadsReleaseWatch
+        if not getattr(self._backend, "_multi_rank", False):
+            let_release = None
+        walk = getattr(self._backend, "walk_if_due", None) if getattr(self._backend, "_walks_at_engine_points", False) else None
+        if "fsdp2" in self.run and (let_release is not None or walk is not None):
+            from memprof.measure.ownership.fsdp2 import Fsdp2GroupWatch
 
-            self._comm_watch = CommThreadsReleaseWatch(let_release).__enter__()
+            self._comm_watch = Fsdp2GroupWatch(walk, let_release).__enter__()
 
     def step(self, step: int, *, micro_step: int | None = None, boundary: bool | None = None) -> StepContext:
         """Context manager for one training step (use inside ``with profiler:``): one call per

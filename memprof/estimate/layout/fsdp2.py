@@ -34,7 +34,7 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
 from __future__ import annotations
 
 from math import ceil
-from typing import Any
+from typing import Any, NamedTuple
 
 from memprof.dsconfig import ELEMENT_SIZE
 from memprof.errors import MemprofError
@@ -54,7 +54,19 @@ from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import optimizer_state_bytes
 from memprof.families.common import ParamModule
 
-Dims = list[tuple[int, int]]  # (dim 0, numel) per parameter
+
+class Unit(NamedTuple):
+    """One parameter as FSDP2 shards it."""
+
+    d0: int  # its dim 0 (what torch.chunk splits)
+    numel: int
+    trains: bool  # requires_grad
+    # a root parameter forward uses after the blocks (the final norm, an untied head): its gradient
+    # exists from the loss's backward on, before any block's backward
+    late: bool = False
+
+
+Dims = list[Unit]
 
 
 def _dim0(module: ParamModule, pname: str, numel: int, hidden: int) -> int:
@@ -76,14 +88,36 @@ def _block_of(name: str) -> str | None:
     return None if index is None else ".".join(parts[:index + 1])
 
 
-def fsdp2_units(sh: ModelShape, cfg: dict[str, Any]) -> tuple[Dims, Dims]:
-    """(the root module's own parameters, one transformer block's), as (dim 0, numel) each: the
-    wrapping ``fully_shard(block)`` for every block, then ``fully_shard(model)``; derived from the
-    family's parameter-holding modules (``ModelFamily.param_modules``), so a new family needs
-    nothing here. MemprofError for a model whose parameter shapes memprof does not know."""
-    if sh.trainable_mask is not None:
-        raise MemprofError("--engine fsdp2 with frozen parameters (LoRA adapters) is not modelled yet: "
-                           "estimate the adapters under DeepSpeed (drop --engine) or FSDP2 without --peft-config/--lora-r")
+def _saved(modules_to_save: tuple[str, ...], name: str) -> bool:
+    """peft's ``modules_to_save`` match (``ModulesToSaveWrapper``: the name or a ``.``-suffix)."""
+    return any(name == m or name.endswith("." + m) for m in modules_to_save)
+
+
+def _module_params(sh: ModelShape, module: ParamModule, own: list[tuple[str, int]], cursor: int,
+                   modules_to_save: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(dim 0, index into the wrapped model's ``param_numels``) of what one module holds in
+    ``parameters()`` order, as peft 0.21.2 wraps it (memprof.estimate.lora_shape.apply_lora): its
+    own parameters; a ``modules_to_save`` copy (``modules_to_save.default``, same shapes); for a LoRA
+    target ``lora_A.default`` = nn.Linear(in, r) (weight (r, in): dim 0 r) and ``lora_B.default`` =
+    nn.Linear(r, out) (weight (out, r): dim 0 out), registered after the base layer
+    (``LoraLayer.update_layer``). Without LoRA, the module's own parameters only."""
+    hidden = sh.hidden or 0
+    dims = [_dim0(module, pname, sh.param_numels[cursor + k], hidden) for k, (pname, _) in enumerate(own)]
+    if own and _saved(modules_to_save, module.name):
+        dims += dims
+    if module.name in sh.lora_targets and module.linear is not None:
+        dims += [sh.lora_r, module.linear[1]]
+    return [(d0, cursor + k) for k, d0 in enumerate(dims)]
+
+
+def fsdp2_units(sh: ModelShape, cfg: dict[str, Any], modules_to_save: tuple[str, ...] = ()) -> tuple[Dims, Dims]:
+    """(the root module's own parameters, one transformer block's), as (dim 0, numel, requires_grad)
+    each: the wrapping ``fully_shard(block)`` for every block, then ``fully_shard(model)``; derived
+    from the family's parameter-holding modules (``ModelFamily.param_modules``), so a new family
+    needs nothing here. With PEFT LoRA (``sh.trainable_mask``) the adapters sit in their target's
+    block, each parameter keeps its ``requires_grad`` (frozen ones are sharded and gathered alike:
+    ``FSDPParam`` is built for every parameter of the module, _fsdp_init.py ``_get_managed_states``).
+    MemprofError for a model whose parameter shapes memprof does not know."""
     family = sh.family
     if family is None or family.param_modules is None or not sh.n_layer:
         raise MemprofError(f"--engine fsdp2 needs per-parameter shapes: model_type {sh.model_type or '(a bare --params count)'} "
@@ -92,19 +126,27 @@ def fsdp2_units(sh: ModelShape, cfg: dict[str, Any]) -> tuple[Dims, Dims]:
         modules = family.param_modules(cfg)
     except MemprofError as e:  # the family's own refusal names LoRA: say what FSDP2 cannot model
         raise MemprofError(f"--engine fsdp2: {e}".replace("LoRA on ", "")) from None
+    mask = sh.trainable_mask or (True,) * len(sh.param_numels)
     units: dict[str | None, Dims] = {}
-    seen: set[int] = set()
+    seen: set[int] = set()  # the family's indices: a tied head's weight is the embedding's (the root's)
+    cursor = 0  # index into the (wrapped) model's parameters() order
     for module in modules:
-        for pname, index in module.params:
-            if index in seen:
-                continue  # a tied head: the embedding's weight, counted once (in the root)
-            seen.add(index)
-            numel = sh.param_numels[index]
-            units.setdefault(_block_of(module.name), []).append((_dim0(module, pname, numel, sh.hidden or 0), numel))
+        own = [(pname, index) for pname, index in module.params if index not in seen]
+        seen.update(index for _, index in own)
+        held = _module_params(sh, module, own, cursor, modules_to_save)
+        cursor += len(held)
+        if cursor > len(sh.param_numels):
+            break
+        block = _block_of(module.name)
+        late = block is None and any(k is not None for k in units)  # a root module after the blocks
+        units.setdefault(block, []).extend(Unit(d0, sh.param_numels[i], mask[i], late) for d0, i in held)
     root, blocks = units.pop(None, []), list(units.values())
-    if len(blocks) != sh.n_layer or any(b != blocks[0] for b in blocks) or len(seen) != len(sh.param_numels):
+    if cursor != len(sh.param_numels) or any(u.d0 <= 0 or u.numel % u.d0 for b in [root, *blocks] for u in b):
+        raise MemprofError(f"--engine fsdp2: the {sh.model_type} model's parameters (with its adapters) do not follow "
+                           "the family's modules in parameters() order: not modelled")
+    if len(blocks) != sh.n_layer or any(b != blocks[0] for b in blocks):
         raise MemprofError(f"--engine fsdp2: the {sh.model_type} config's parameters are not the plain "
-                           "block layout memprof models (e.g. cross-attention)")
+                           "block layout memprof models (e.g. cross-attention, adapters on some layers only)")
     return root, blocks[0]
 
 
@@ -113,8 +155,19 @@ def padded_shard_numel(d0: int, numel: int, world_size: int) -> int:
     return ceil(d0 / world_size) * (numel // d0) if d0 else 0
 
 
-def _shards(dims: Dims, n: int) -> int:
-    return sum(padded_shard_numel(d0, numel, n) for d0, numel in dims)
+def local_shard_numel(d0: int, numel: int, world_size: int, rank: int) -> int:
+    """Elements of a parameter's unpadded chunk on ``rank`` (``sharded_param``'s local tensor: the
+    padded shard narrowed to the rows ``torch.chunk`` gives that rank, ``ceil(d0 / N)`` each, the
+    later ranks of an uneven dim 0 fewer or none): what torch.optim's ``zeros_like`` state is sized by."""
+    if not d0:
+        return 0
+    rows = ceil(d0 / world_size)
+    return min(rows, max(0, d0 - rank * rows)) * (numel // d0)
+
+
+def _shards(dims: Dims, n: int, trainable_only: bool = False) -> int:
+    """Padded shard elements of ``dims`` on one rank (of the trainable parameters only, if asked)."""
+    return sum(padded_shard_numel(u.d0, u.numel, n) for u in dims if u.trains or not trainable_only)
 
 
 def fsdp2_dtypes(inp: EstimateInputs) -> tuple[int, int, int]:
@@ -126,17 +179,27 @@ def fsdp2_dtypes(inp: EstimateInputs) -> tuple[int, int, int]:
 
 
 def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
-    """One rank's model states under FSDP2 (every rank alike: each pads its chunk to chunk 0's size)."""
+    """One rank's model states under FSDP2 (every rank alike: each pads its chunk to chunk 0's size).
+
+    Frozen parameters (PEFT LoRA's backbone) are sharded and gathered like the others, but have no
+    gradient, no reduce-scatter space and no optimizer state: ``FSDPParamGroup.post_backward``
+    reduces only parameters with an unsharded gradient, ``foreach_reduce`` sizes the reduce-scatter
+    input and output by those (``padded_unsharded_sizes`` of ``unsharded_grads``), the sharded
+    gradients are views of that output, and torch.optim makes state only for a parameter with a
+    gradient (a group whose parameters are all frozen, as the root under LoRA, reduces nothing)."""
     inp, n, layers = s.inp, s.N, s.shape.n_layer or 0
-    root, block = fsdp2_units(s.shape, inp.model_config or {})
+    root, block = fsdp2_units(s.shape, inp.model_config or {}, inp.peft.modules_to_save if inp.peft else ())
     e_o, e_p, e_r = fsdp2_dtypes(inp)
     root_shard, block_shard = _shards(root, n), _shards(block, n)
     shards = root_shard + layers * block_shard  # elements this rank keeps
-    n_tensors = len(root) + layers * len(block)
+    trained = _shards(root, n, True) + layers * _shards(block, n, True)  # ... of trainable parameters
+    n_trained = sum(u.trains for u in root) + layers * sum(u.trains for u in block)
+    local = [local_shard_numel(u.d0, u.numel, n, s.rank) for u in root + block * layers if u.trains]
     where = "host" if inp.fsdp2.offload_params else "device"
     out.add(where, P, shards * e_o)
-    # torch.optim over the sharded DTensors: state like the shard (its dtype), a step tensor each
-    out.add(where, O, optimizer_state_bytes(inp.optimizer, shards, n_tensors, e_o, step_tensors=s.step_tensors))
+    # torch.optim over the sharded DTensors: state like each rank's unpadded local shard (its dtype),
+    # a step tensor each
+    out.add(where, O, optimizer_state_bytes(inp.optimizer, sum(local), n_trained, e_o, step_tensors=s.step_tensors))
     root_gathered, block_gathered = root_shard * n * e_p, block_shard * n * e_p
     blocks_kept = 0 if inp.fsdp2.reshard_after_forward else layers * block_gathered
     # a block's flat all-gather output; none on one rank, where FSDPParamGroup.unshard skips the
@@ -155,33 +218,46 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     # pre-backward prefetches the last block's all-gather (FSDPParamGroup.pre_backward ->
     # _backward_prefetch), a flat output unless that block is still gathered
     out.backward_start_extra = {P: root_gathered + blocks_kept, C: 0 if blocks_kept else flat}
-    # backward, the last block's pre-backward: the root still gathered with its unsharded gradients
-    # (the head's and ln_f's, from the loss), the block gathered and, when blocks were resharded,
-    # the next one's all-gather prefetched (_backward_prefetch); already gathered blocks need none
-    root_grads = sum(numel for _, numel in root) * e_p
+    # backward, the last block's pre-backward: the root still gathered with the unsharded gradients
+    # its trainable parameters have by then: those forward used after the blocks (the final norm, an
+    # untied head), from the loss's backward; not yet the embeddings' (their backward comes last),
+    # and a tied head's is the activation term's (the family counts it waiting in the embedding's
+    # AccumulateGrad buffer, not yet a .grad); none under LoRA. The block gathered and, when blocks
+    # were resharded, the next one's all-gather prefetched (_backward_prefetch); already gathered
+    # blocks need none
+    root_grads = sum(u.numel for u in root if u.trains and u.late) * e_p
     out.backward_extra = {P: root_gathered + last_block, G: root_grads,
                           C: 0 if blocks_kept else flat}
-    grads = shards * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
+    grads = trained * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
     if inp.fsdp2.offload_params:
         out.add("host", G, grads)  # copied to the host by foreach_reduce (offload_to_cpu)
         out.backward_end_extra, step_grads = {}, {}
     else:
         out.backward_end_extra, step_grads = {G: grads}, {G: grads}
-    out.step_moments = [{**step_grads, O: optimizer_temporaries(inp, max(padded_shard_numel(d, m, n) for d, m in root + block),
-                                                                shards, s.device_type)}]
+    # the optimizer's temporaries; under CPUOffloadPolicy the step runs on the host shards (its
+    # temporaries host memory, not in the device peak)
+    temporaries = optimizer_temporaries(inp, max(local, default=0), sum(local), s.device_type)
+    out.step_moments = [{**step_grads, O: 0 if inp.fsdp2.offload_params else temporaries}]
     accumulate_between_microsteps(s, out, dict(step_grads), same_at_end=(G,),
                                   how="every sharded gradient (reduce-scattered every micro-step)")
-    out.notes.append(_note(inp, root_shard, block_shard, layers))
+    out.notes.append(_note(inp, root_shard, block_shard, layers, trained))
 
 
-def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int) -> str:
+def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int, trained: int) -> str:
     f = inp.fsdp2
+    frozen = (f"; frozen parameters (LoRA's backbone) sharded and gathered like the others, with no gradient, "
+              f"reduce-scatter space or optimizer state: {trained:,} trainable shard elements per rank"
+              if root_shard + layers * block_shard != trained else "")
     return (f"FSDP2: fully_shard on each of {layers} blocks and the root, {inp.world_size} ranks, dim-0 chunks padded "
-            f"to chunk 0 (root {root_shard:,} + {layers} x {block_shard:,} elements per rank); reshard_after_forward "
+            f"to chunk 0 (root {root_shard:,} + {layers} x {block_shard:,} elements per rank){frozen}; reshard_after_forward "
             f"{f.reshard_after_forward} (the root stays gathered after forward either way); MixedPrecisionPolicy "
             f"param_dtype {f.param_dtype or 'none'}, reduce_dtype {f.reduce_dtype or 'none'}"
-            + ("; CPUOffloadPolicy: shards, their gradients and optimizer state on the host" if f.offload_params else "")
-            + "; not at the modelled peaks: a block's reduce-scatter input (N x its padded shards, reduce_dtype), "
+            + ("; CPUOffloadPolicy: shards, their gradients and optimizer state on the host (the step runs there: its "
+               "temporaries are host memory, not in the host figure); the gathered copies, all-gather and reduce-scatter "
+               "buffers stay on the device; on CUDA each shard's transient device copy for the all-gather "
+               "(FSDPParam.all_gather_inputs) and each reduce-scatter output before its copy to the host are not at the "
+               "modelled peaks" if f.offload_params else "")
+            + "; not at the modelled peaks: a block's reduce-scatter input (N x its trainable padded shards, reduce_dtype), "
             "alive from its post-backward to the next block's, later in backward when fewer activations remain, and "
             "the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")
 
@@ -196,8 +272,11 @@ def describe_fsdp2_buffers(inp: EstimateInputs) -> str:
 
 
 def describe_fsdp2_ranks(inp: EstimateInputs) -> str:
-    return ("every rank holds the same: each pads its dim-0 chunks to chunk 0's size (_fsdp_param.py: "
-            "FSDPParam._init_sharded_param), so no rank carries more padding than another")
+    return ("parameters and gradients alike on every rank: each pads its dim-0 chunks to chunk 0's size "
+            "(_fsdp_param.py: FSDPParam._init_sharded_param; foreach_reduce's padded reduce-scatter output), so no "
+            "rank carries more padding than another; optimizer state follows each rank's unpadded chunk (torch.optim's "
+            "zeros_like of the sharded parameter's local tensor), so the later ranks of an uneven dim 0 hold less: "
+            "rank 0 (the most) and the last rank modelled")
 
 
 FSDP2_LAYOUT = EngineLayout(fsdp2_layout, describe_fsdp2, describe_fsdp2_buffers, describe_fsdp2_ranks)

@@ -273,7 +273,10 @@ int64_t seed(uintptr_t ptr, int64_t nbytes, int label) {
   g.seq += 1;
   g.live.emplace(p, Rec{nbytes, label, g.seq});
   g.tally[label] += nbytes;
-  if (label < g.n_device_labels) g.device_total += nbytes;
+  if (label < g.n_device_labels) {
+    g.device_total += nbytes;
+    maybe_new_peak_locked();  // a block seeded while tracking (resync) is live memory now
+  }
   return g.seq;
 }
 

@@ -39,7 +39,10 @@ from typing import Any
 import torch
 
 from memprof.errors import MemprofError
+from memprof.measure.dispatch_tracker import label_of
 from memprof.measure.ownership.core import COMM, GRADS, PARAMS, Collector
+
+_GATHERED = label_of("device", PARAMS)  # the tracker label of a gathered (unsharded) parameter
 
 try:  # torch >= 2.6 exports both; older torch has no FSDP2 to walk
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
@@ -168,27 +171,40 @@ def _walk_comm_context(col: Collector, ctx: Any) -> None:
         col.add(state.reduce_scatter_input, COMM, False)
 
 
-def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> None:
+def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> dict[int, bool]:
     """Every storage FSDP2 keeps for ``model`` (nothing for a model without ``fully_shard``). Walk
-    before the module's parameters so offloaded shards get their ``host`` location first."""
+    before the module's parameters so offloaded shards get their ``host`` location first. Returns
+    ``{id(sharded parameter): True}`` for the shards ``CPUOffloadPolicy`` keeps on the host: the
+    optimizer's state of those (torch.optim's ``zeros_like`` of a CPU shard) is host memory too,
+    which on a CPU-only run only ownership can say (``Collector``: location by ownership there)."""
     contexts: dict[int, Any] = {}
+    offloaded: dict[int, bool] = {}
     for group in param_groups(model):
         for fp in group.fsdp_params:
             _walk_param(col, fp)
+            if getattr(fp, "offload_to_cpu", False):
+                offloaded[id(fp.sharded_param)] = True
         _walk_group_buffers(col, group)
         ctx = getattr(group, "comm_ctx", None)
         if ctx is not None:
             contexts[id(ctx)] = ctx  # one context shared by every group under a root
     for ctx in contexts.values():
         _walk_comm_context(col, ctx)
+    return offloaded
 
 
 class StorageResizeWatch:
-    """Tells ``resync(storage)`` about every storage FSDP2 frees or re-allocates in place, while
-    active: FSDP2 frees a resharded block with ``UntypedStorage.resize_(0)`` and gathers it again
-    with ``resize_(n)`` (``_fsdp_param.py``: ``free_storage``, ``alloc_storage``), which no
-    dispatched op shows the dispatch-mode tracker (the allocator hook sees them itself). Wraps those
-    two module functions, calling the originals unchanged, and puts them back on exit."""
+    """Tells ``resync(storage, label)`` about every storage FSDP2 frees or re-allocates in place,
+    while active: FSDP2 frees a resharded block with ``UntypedStorage.resize_(0)`` and gathers it
+    again with ``resize_(n)`` (``_fsdp_param.py``: ``free_storage``, ``alloc_storage``, only ever
+    on a parameter's unsharded storage, so ``label`` is device ``params``). No dispatched op shows
+    that to the dispatch-mode tracker; the allocator hook sees it only for a storage made while it
+    tracks, since ``resize_`` goes through the allocator the storage was made with: the gathered
+    storages of a model that ran a step before the profiler started (or of the root, which FSDP2
+    gathers in the pre-forward hook that runs before ``profile_accelerate``'s first forward phase
+    starts the profiler) were invisible to it, their re-gathers uncounted (-3.5% at accelerate's
+    backward peak in tests/test_fsdp2.py). Wraps those two module functions, calling the originals
+    unchanged, and puts them back on exit."""
 
     def __init__(self, resync: Any) -> None:
         self.resync = resync
@@ -206,7 +222,7 @@ class StorageResizeWatch:
     def _watched(self, original: Any) -> Any:
         def watched(tensor: torch.Tensor) -> None:
             original(tensor)
-            self.resync(tensor.untyped_storage())
+            self.resync(tensor.untyped_storage(), _GATHERED)
         return watched
 
     def __exit__(self, *exc: Any) -> None:
@@ -217,24 +233,37 @@ class StorageResizeWatch:
         self.saved.clear()
 
 
-class CommThreadsReleaseWatch:
-    """Gives gloo's worker threads the GIL after each of FSDP2's backward collectives, while active:
-    gloo completes a collective on its own thread, which drops its references to the buffers (a
-    block's all-gather output, which ``FSDPParamGroup.wait_for_unshard`` frees right after the
-    copy-out in backward; a reduce-scatter's) only once it gets the GIL, so without this a buffer
-    FSDP2 has already freed is alive at the next block's backward peak at random ranks and steps
-    (+1.6% / -4.5% on a 2-rank bf16 run). ``let_release`` is the CPU backend's own pause for the
-    same thing at phase ends (backends.CpuBackend._let_comm_threads_release, a few ms on several
-    ranks). Wraps ``wait_for_unshard`` (outside forward) and ``post_backward`` of
-    ``FSDPParamGroup``, calling the originals unchanged, and puts them back on exit."""
+class Fsdp2GroupWatch:
+    """Runs the profiler's own work at two of ``FSDPParamGroup``'s moments, while active, wrapping
+    ``wait_for_unshard`` and ``post_backward`` (calling the originals unchanged; put back on exit):
+
+    * ``before`` each, an ownership walk if one is due (``CpuBackend.walk_if_due``). These are the
+      moments just before FSDP2 frees what it owns within a phase: ``wait_for_unshard`` frees the
+      previous block's all-gather output in forward and its own after the copy-out in backward (the
+      gathered parameters, allocated in ``unshard`` before it, are alive there too, until
+      ``reshard``); ``post_backward`` frees the block's unsharded gradients (copied into the
+      reduce-scatter input) and the previous block's reduce-scatter input (the root's, in the final
+      callback, comes before the last one is cleared). A walk there names each of them (in the peak
+      too, ``relabel_pending``) before it dies, as a walk after every large allocation did, at one
+      walk per point instead of one per large activation (about 150 a step on the 4-block GPT-2 of
+      benchmarks/bench_fsdp2.py).
+    * ``after`` each, outside forward, ``let_release``: gloo's worker threads get the GIL. gloo
+      completes a collective on its own thread, which drops its references to the buffers (a
+      block's all-gather output, which ``wait_for_unshard`` frees right after the copy-out in
+      backward; a reduce-scatter's) only once it gets the GIL, so without this a buffer FSDP2 has
+      already freed is alive at the next block's backward peak at random ranks and steps (+1.6% /
+      -4.5% on a 2-rank bf16 run). ``let_release`` is the CPU backend's own pause for the same
+      thing at phase ends (backends.CpuBackend._let_comm_threads_release, a few ms on several ranks).
+    """
 
     _METHODS = ("wait_for_unshard", "post_backward")
 
-    def __init__(self, let_release: Any) -> None:
+    def __init__(self, before: Any = None, let_release: Any = None) -> None:
+        self.before = before
         self.let_release = let_release
         self.saved: dict[str, Any] = {}
 
-    def __enter__(self) -> CommThreadsReleaseWatch:
+    def __enter__(self) -> Fsdp2GroupWatch:
         from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
         from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
@@ -245,11 +274,13 @@ class CommThreadsReleaseWatch:
         return self
 
     def _watched(self, original: Any, forward: Any) -> Any:
-        let_release = self.let_release
+        before, let_release = self.before, self.let_release
 
         def watched(group: Any, *args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before()
             out = original(group, *args, **kwargs)
-            if getattr(group, "_training_state", None) != forward:
+            if let_release is not None and getattr(group, "_training_state", None) != forward:
                 let_release()
             return out
         return watched

@@ -53,7 +53,9 @@ def owned_storages(engine: Any = None, *, model: torch.nn.Module | None = None,
     # params' partitions are views of the CPU flat buffer, whose location the optimizer walk set.
     # stage3.py: `offload_param` (bool) says non-persistent partitions live on the CPU.
     if model is not None:
-        fsdp2.walk_fsdp2(col, model)  # FSDP2's shards first: an offloaded shard is host
+        offloaded = fsdp2.walk_fsdp2(col, model)  # FSDP2's shards first: an offloaded shard is host
+        if offloaded:  # ... and so is its optimizer state (CPUOffloadPolicy)
+            placement = Placement({**placement.offloaded_by_id, **offloaded}, placement.default_offloaded)
         walk_module(col, model, bool(getattr(optimizer, "offload_param", False)))
 
     inner = inner_torch_optimizers(optimizer)
