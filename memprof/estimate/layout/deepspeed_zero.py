@@ -134,6 +134,9 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
     # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
     out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0}
+    # engine.backward (runtime/engine.py) runs loss.backward() and only then allreduce_gradients:
+    # no hook releases a gradient, so each block's backward runs beside every later param.grad
+    out.backward_blocks_extra, out.backward_blocks_grad_size = {}, e
     temporaries = optimizer_temporaries(inp, s.t_largest, total, s.device_type, s.numels)
     if e < FP32 and uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
         # FP16_Optimizer.step (fp16/fused_optimizer.py:284): _flatten_dense_tensors over a list
@@ -378,6 +381,12 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
     else:
         grads_end = rank_grads.held * e if inp.zero.contiguous_gradients else 0  # grads_in_partition
     out.backward_end_extra = {G: grads_end + pad, C: buckets}
+    if stage == 1 and not inp.zero.overlap_comm_for(1):
+        # process_gradients (stage_1_and_2.py:2284) reduces in the hook only with
+        # partition_gradients or overlap_comm; otherwise engine.allreduce_gradients calls
+        # reduce_gradients after loss.backward() returned (engine.py:3092): every param.grad is
+        # kept, so each block's backward runs beside the later ones (and the ipg buckets)
+        out.backward_blocks_extra, out.backward_blocks_grad_size = {C: buckets}, e
     if (stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings
             and not s.frozen):
         # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)
