@@ -1,60 +1,69 @@
-"""Single-process trace: live bytes of storages created from loss.backward's start, op by op,
-param.grad held (no hooks release them: ZeRO-0/1 without overlap_comm)."""
-import os, sys, weakref, traceback
+"""Trace a preset's backward in one process, plain torch, every param.grad kept (what ZeRO-0, and
+ZeRO-1 without overlap_comm, do: no hook releases a gradient before backward returns), and print
+the backward peak beside memprof's estimate for the same setup at ZeRO-0 on one rank.
+
+    PYTHONPATH=$PWD python benchmarks/trace_backward_blocks.py llama-tiny --checkpointing
+
+The trace counts the native allocation hook's device total (memprof.measure.native) beyond what
+exists before forward (the parameters, the ids), op by op under a TorchDispatchMode; the estimate's
+matching figure is its backward peak's grads + activations + comm buffers less the ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-sys.path.insert(0, "/work/wt-z01")
-import memprof.models as MM
-from memprof.train.model import build_model
-
-model_name, ckpt, S, B = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
-cfg = [v for k, v in vars(MM).items() if isinstance(v, dict) and model_name in v][0][model_name]
-model = build_model(cfg, 0, activation_checkpointing=ckpt)
-ids = torch.randint(0, 500, (B, S))
-
-class Tracer(TorchDispatchMode):
-    def __init__(s):
-        super().__init__(); s.live = {}; s.total = 0; s.peak = 0; s.items = []; s.refs = []; s.n = 0; s.tl = []
-    def __torch_dispatch__(s, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        s.n += 1
-        ins = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage(); key = st.data_ptr()
-                if st.nbytes() == 0 or key in s.live or key in ins or key in pre: continue
-                s.live[key] = (st.nbytes(), str(func), tuple(t.shape), key); s.total += st.nbytes()
-                def gone(_r, key=key, n=st.nbytes()):
-                    if s.live.pop(key, None) is not None: s.total -= n
-                s.refs.append(weakref.ref(st, gone))
-        s.tl.append((NT.device_total - base0, str(func)))
-        s.abs = max(getattr(s, 'abs', 0), NT.device_total - base0)
-        if s.total > s.peak:
-            s.peak = s.total; s.items = list(s.live.values()); s.op = (s.n, str(func))
-        return out
 
 from memprof.measure.allocation_hook_tracker import NativeAllocationTracker
-NT = NativeAllocationTracker().__enter__()
-base0 = NT.device_total
-out = model(input_ids=ids, labels=ids)
-loss = out.loss; del out
-pre = {p.untyped_storage().data_ptr() for p in model.parameters()}
-start = NT.device_total - base0
-tr = Tracer()
-with tr:
-    loss.backward()
-grads = sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
-print("peak new-in-backward", tr.peak, "at op", tr.op, "ops", tr.n, "all grads", grads)
-gp = {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
-g = sum(n for n, f, sh, k in tr.items if k in gp)
-print("absolute (beyond params+ids) backward peak", tr.abs, "at backward start", start)
-print("at peak: grads", g, "other", tr.peak - g)
-for n, f, sh, k in sorted(tr.items, key=lambda x: -x[0])[:int(os.environ.get("TOP", "0"))]:
-    print(f"{n:>8} {f} {sh} {'GRAD' if k in gp else ''}")
+from memprof.models import PRESETS
+from memprof.train.model import build_model
 
-import os
-if os.environ.get("TL"):
-    with open(os.environ["TL"], "w") as fh:
-        for i, (n, f) in enumerate(tr.tl):
-            fh.write(f"{i} {n} {f}\n")
+
+class _Peak(TorchDispatchMode):
+    def __init__(self, tracker: NativeAllocationTracker, base: int) -> None:
+        super().__init__()
+        self.tracker, self.base, self.peak, self.op = tracker, base, 0, ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        now = self.tracker.device_total - self.base
+        if now > self.peak:
+            self.peak, self.op = now, str(func)
+        return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    a = ap.parse_args()
+    model = build_model(PRESETS[a.model], 0, activation_checkpointing=a.checkpointing)
+    ids = torch.randint(0, 500, (a.micro_batch, a.seq_len))
+    tracker = NativeAllocationTracker().__enter__()
+    base = tracker.device_total
+    loss = model(input_ids=ids, labels=ids).loss
+    tracer = _Peak(tracker, base)
+    with tracer:
+        loss.backward()
+    flags = ["--model", a.model, "--zero-stage", "0", "--precision", "fp32", "--optimizer", "sgd", "--gpus-per-node", "1",
+             "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len), "--device-type", "cpu", "--json"]
+    if a.checkpointing:
+        flags.append("--activation-checkpointing")
+    est = json.loads(subprocess.run([sys.executable, "-m", "memprof", "estimate", *flags], check=True,
+                                    capture_output=True, text=True).stdout)
+    dev = est["ranks"][0]["phases"]["backward"]["peak"]["device"]
+    estimated = dev["grads"] + dev["activations"] + dev["comm_buffers"] - ids.numel() * 8
+    print(f"{a.model} checkpointing={a.checkpointing}: traced backward peak {tracer.peak:,} B at {tracer.op}; "
+          f"estimated {estimated:,} B ({(estimated - tracer.peak) / tracer.peak:+.2%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
