@@ -133,7 +133,8 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     out.add("device", O, optimizer_state_bytes(inp.optimizer, total, len(s.numels), step_tensors=s.step_tensors))
     # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
     # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
-    out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0}
+    out.backward_end_extra = max({G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0},
+                                 {G: total * e + _tied_embedding_sum(s)}, key=lambda m: sum(m.values()))
     # engine.backward (runtime/engine.py) runs loss.backward() and only then allreduce_gradients:
     # no hook releases a gradient, so each block's backward runs beside every later param.grad
     out.backward_blocks_extra, out.backward_blocks_grad_size = {}, e
@@ -153,6 +154,17 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     # engine.backward calls allreduce_gradients only at the boundary, and zero_grad runs in
     # engine.step's boundary branch: every param.grad (e*P) is alive between micro-steps
     accumulate_between_microsteps(s, out, {G: total * e}, same_at_end=(G,), how="every param.grad (e*P)")
+
+def _tied_embedding_sum(s: LayoutSetup) -> int:
+    """Where every param.grad is kept through backward (ZeRO-0, ZeRO-1 without overlap_comm), the
+    last moment of backward with tied embeddings: the embedding's backward returns its share of
+    the tied weight's gradient while lm_head's share waits in the AccumulateGrad node's input
+    buffer; torch's InputBuffer::accumulate adds them out of place (both shares and their sum,
+    3 x V*H*e, beside every other param.grad; traced on gpt2-tiny, benchmarks/trace_backward_blocks.py).
+    Returns the bytes beyond the weight's own .grad (2 x V*H*e), 0 untied or frozen."""
+    tied = s.shape.tied_embeddings and s.shape.model_type is not None and not s.frozen and s.numels
+    return 2 * s.numels[0] * s.e if tied else 0
+
 
 def _stage12_resident(s: LayoutSetup, out: StateLayout, opt_loc: str, pinned: bool = False) -> int:
     """What every ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer.__init__``, stage_1_and_2.py, and
@@ -387,6 +399,7 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
         # reduce_gradients after loss.backward() returned (engine.py:3092): every param.grad is
         # kept, so each block's backward runs beside the later ones (and the ipg buckets)
         out.backward_blocks_extra, out.backward_blocks_grad_size = {C: buckets}, e
+        out.backward_end_extra = {G: grads_end + pad + _tied_embedding_sum(s), C: buckets}
     if (stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings
             and not s.frozen):
         # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)
