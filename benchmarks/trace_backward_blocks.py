@@ -43,17 +43,21 @@ def main() -> int:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--gas", type=int, default=1, help="backward passes before the traced one (grads kept)")
     a = ap.parse_args()
     model = build_model(PRESETS[a.model], 0, activation_checkpointing=a.checkpointing)
     ids = torch.randint(0, 500, (a.micro_batch, a.seq_len))
+    for _ in range(a.gas - 1):  # earlier micro-steps: their param.grad stay (no zero_grad before the boundary)
+        model(input_ids=ids, labels=ids).loss.backward()
     tracker = NativeAllocationTracker().__enter__()
-    base = tracker.device_total
+    base = tracker.device_total - sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
     loss = model(input_ids=ids, labels=ids).loss
     tracer = _Peak(tracker, base)
     with tracer:
         loss.backward()
     flags = ["--model", a.model, "--zero-stage", "0", "--precision", "fp32", "--optimizer", "sgd", "--gpus-per-node", "1",
-             "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len), "--device-type", "cpu", "--json"]
+             "--micro-batch", str(a.micro_batch),
+             "--gradient-accumulation-steps", str(a.gas), "--seq-len", str(a.seq_len), "--device-type", "cpu", "--json"]
     if a.checkpointing:
         flags.append("--activation-checkpointing")
     est = json.loads(subprocess.run([sys.executable, "-m", "memprof", "estimate", *flags], check=True,
