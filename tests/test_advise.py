@@ -161,8 +161,8 @@ ADVISE_CASES = {
                                                                       "stage3_prefetch_bucket_size": 4096,
                                                                       "stage3_param_persistence_threshold": 64}},
                                   0.8),
-    # the same ZeRO-3 buckets on Llama with checkpointing, micro-batch 1: at 85% the advice is ZeRO-1
-    # (KNOWN_GAPS: its run stops out of memory)
+    # the same ZeRO-3 buckets on Llama with checkpointing, micro-batch 1: at 85% the advice was ZeRO-1,
+    # whose run stopped out of memory (ZeRO-1's backward block by block was not modelled); now ZeRO-2
     "llama-z3-ckpt-small-buckets": ("llama-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                                                    "steps_per_print": 10**6, "activation_checkpointing": {},
                                                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
@@ -174,13 +174,12 @@ ADVISE_CASES = {
 # Recommendations a run contradicts today: the advice expected, and what was measured. The test
 # checks the contradiction itself (the recommended run stops out of memory) and then xfails; a fix
 # of the estimate makes that check fail, and the case moves out of here.
-KNOWN_GAPS = {
-    "llama-z3-ckpt-small-buckets": ("zero_stage=1,",
-        "advice ZeRO-1 + checkpointing, predicted 2,229,188 bytes; measured 2,564,316 (rank 0, backward, steady "
-        "step): ZeRO-1 keeps every param.grad through backward (stage_1_and_2.py process_gradients reduces in the "
-        "hooks only with partition_gradients or overlap_comm), so the first layer's backward runs beside every "
-        "later parameter's gradient, a moment the estimate does not model (it has the last block's and the end "
-        "of backward); the recommended run stops out of memory under the 2,397,907-byte budget"),
+KNOWN_GAPS: dict[str, tuple[str, str]] = {
+    # (was) llama-z3-ckpt-small-buckets: advice ZeRO-1 + checkpointing at 2,229,188 bytes, measured
+    # 2,564,316 and out of memory: ZeRO-1 keeps every param.grad through backward, so the first
+    # layer's backward runs beside every later parameter's gradient. The estimate now models the
+    # backward block by block at ZeRO-0/1 (core._block_moments): ZeRO-1 is estimated at 2,402,764,
+    # over the 2,397,907-byte budget, and the advice is ZeRO-2 + checkpointing instead.
 }
 SEQ = 64
 # The launcher keeps its token stream resident (memprof/train/data.py: one int64 per byte of text,
