@@ -155,6 +155,29 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     # engine.step's boundary branch: every param.grad (e*P) is alive between micro-steps
     accumulate_between_microsteps(s, out, {G: total * e}, same_at_end=(G,), how="every param.grad (e*P)")
 
+def _stage1_partition_copy(s: LayoutSetup, held: int) -> int:
+    """ZeRO-1 without overlap_comm, contiguous_gradients: gradient elements alive when
+    ``grads_in_partition`` is allocated. After loss.backward() returns, reduce_gradients
+    (stage_1_and_2.py:958) walks the params in group (forward) order:
+    reduce_independent_p_g_buckets_and_remove_grads copies a param no larger than the bucket into
+    the ipg buffer and points its .grad there (its own storage freed); a larger one keeps its
+    gradient (extra_large_param_to_reduce). The first reduction of a param in this rank's partition
+    calls copy_grads_in_partition (:2271, stage 1 branch), whose first call allocates
+    ``grads_in_partition`` (every param touching the partition, :2184) while the other params' .grad
+    are still alive (stage 1 clears none). Params bucketed before that are counted as freed (the
+    bucket holding the first partition param itself is not: an upper bound for the later ranks)."""
+    rbs, numels = s.inp.zero.reduce_bucket_size, s.trainable.param_numels
+    _, part, _ = stage12_partition(s.trainable, s.N, s.rank)
+    start, cum = part * s.rank, 0
+    freed = 0
+    for n in numels:
+        if cum + n > start:  # the first param touching this rank's partition
+            break
+        freed += n if n <= rbs else 0
+        cum += n
+    return s.t_total - freed + held
+
+
 def _tied_embedding_sum(s: LayoutSetup) -> int:
     """Where every param.grad is kept through backward (ZeRO-0, ZeRO-1 without overlap_comm), the
     last moment of backward with tied embeddings: the embedding's backward returns its share of
@@ -399,7 +422,10 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
         # reduce_gradients after loss.backward() returned (engine.py:3092): every param.grad is
         # kept, so each block's backward runs beside the later ones (and the ipg buckets)
         out.backward_blocks_extra, out.backward_blocks_grad_size = {C: buckets}, e
-        out.backward_end_extra = {G: grads_end + pad + _tied_embedding_sum(s), C: buckets}
+        end = grads_end + pad + _tied_embedding_sum(s)
+        if inp.zero.contiguous_gradients and s.trainable.n_tensors > 1:
+            end = max(end, _stage1_partition_copy(s, rank_grads.held) * e + pad)
+        out.backward_end_extra = {G: end, C: buckets}
     if (stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings
             and not s.frozen):
         # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)
