@@ -15,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,11 +42,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--layers", type=int, help="override the preset's layer count (n_layer / num_hidden_layers)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--gas", type=int, default=1, help="backward passes before the traced one (grads kept)")
     a = ap.parse_args()
-    model = build_model(PRESETS[a.model], 0, activation_checkpointing=a.checkpointing)
+    cfg = dict(PRESETS[a.model])
+    if a.layers:
+        cfg["n_layer" if "n_layer" in cfg else "num_hidden_layers"] = a.layers
+    model = build_model(cfg, 0, activation_checkpointing=a.checkpointing)
     ids = torch.randint(0, 500, (a.micro_batch, a.seq_len))
     for _ in range(a.gas - 1):  # earlier micro-steps: their param.grad stay (no zero_grad before the boundary)
         model(input_ids=ids, labels=ids).loss.backward()
@@ -55,7 +60,10 @@ def main() -> int:
     tracer = _Peak(tracker, base)
     with tracer:
         loss.backward()
-    flags = ["--model", a.model, "--zero-stage", "0", "--precision", "fp32", "--optimizer", "sgd", "--gpus-per-node", "1",
+    cfg_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    json.dump(cfg, cfg_file)
+    cfg_file.close()
+    flags = ["--model-config", cfg_file.name, "--zero-stage", "0", "--precision", "fp32", "--optimizer", "sgd", "--gpus-per-node", "1",
              "--micro-batch", str(a.micro_batch),
              "--gradient-accumulation-steps", str(a.gas), "--seq-len", str(a.seq_len), "--device-type", "cpu", "--json"]
     if a.checkpointing:
