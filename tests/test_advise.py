@@ -177,9 +177,11 @@ ADVISE_CASES = {
 KNOWN_GAPS: dict[str, tuple[str, str]] = {
     # (was) llama-z3-ckpt-small-buckets: advice ZeRO-1 + checkpointing at 2,229,188 bytes, measured
     # 2,564,316 and out of memory: ZeRO-1 keeps every param.grad through backward, so the first
-    # layer's backward runs beside every later parameter's gradient. The estimate now models the
-    # backward block by block at ZeRO-0/1 (core._block_moments): ZeRO-1 is estimated at 2,402,764,
-    # over the 2,397,907-byte budget, and the advice is ZeRO-2 + checkpointing instead.
+    # layer's backward runs beside every later parameter's gradient, and reduce_gradients allocates
+    # grads_in_partition beside them. Both are modelled now (core._block_moments,
+    # deepspeed_zero._stage1_partition_copy): ZeRO-1 is estimated at 2,561,476 (2,564,300 with the
+    # launcher's text, -0.00% of that run's rank 0), over the 2,397,907-byte budget; the advice is
+    # ZeRO-2 + checkpointing (2,229,060).
 }
 SEQ = 64
 # The launcher keeps its token stream resident (memprof/train/data.py: one int64 per byte of text,
