@@ -983,9 +983,12 @@ def test_stage0_accumulation_with_activation_checkpointing(checkpointing):
     if checkpointing:
         # measured (launch/train.py, 2 CPU ranks, activation_checkpointing block, FusedAdam fp32,
         # micro-batch 2 x 32, GAS 2, the last cycle's largest, rank 0): forward 3,023,296 and
-        # backward 3,540,424 bytes (the GAS-1 estimate of the same run: -19.7% / -8.6%)
+        # backward 3,540,424 bytes (the GAS-1 estimate of the same run: -19.7% / -8.6%); the
+        # backward re-measured 2026-12-07 (tests/test_measured_vs_estimated.py's
+        # z0-adamw-fp32-ckpt-gas2-n2 launch, torch 2.13): 3,550,584, the two blocks' stashed CPU RNG
+        # states (2 x 5,056) beside the last block's backward, now in the block moments
         r0 = two.ranks[0]
-        for phase, measured in (("forward", 3_023_296), ("backward", 3_540_424)):
+        for phase, measured in (("forward", 3_023_296), ("backward", 3_550_584)):
             assert abs(r0.phase_total(phase) - measured) <= 0.001 * measured, phase
             assert measured - r0.phase_total(phase) < 4 * TP / 10
 
@@ -1075,8 +1078,8 @@ def test_stage0_backward_peaks_at_block_0_beside_the_later_gradients(model, late
     fp32, one CPU rank: the backward peak is block 0's recompute + backward, beside the gradients of
     every parameter after it. The gradients are counted from the HF model's named parameters; the
     total is the traced one (benchmarks/trace_backward_blocks.py: the native allocation hook's total
-    beyond the parameters and the ids, plain torch, gradients kept), within the 5,056-byte CPU RNG
-    state torch.utils.checkpoint stashes for block 0 (not modelled)."""
+    beyond the parameters and the ids, plain torch, gradients kept; block 0's stashed CPU RNG state,
+    5,056 bytes, included), within the loss's 4 bytes."""
     inp = EstimateInputs(model_config=preset_config(model), zero_stage=0, precision="fp32", optimizer="sgd",
                          world_size=1, micro_batch=1, seq_len=64, activation_checkpointing=True, device_type="cpu")
     est = estimate(inp)
@@ -1084,7 +1087,7 @@ def test_stage0_backward_peaks_at_block_0_beside_the_later_gradients(model, late
     assert peak["grads"] == 4 * (_hf_numels(model, later) + _hf_numels(model, own))
     ids = 64 * 8  # the input batch (int64), there before forward like the parameters
     beyond = peak["grads"] + peak["activations"] + peak["comm_buffers"] - ids
-    assert 0 <= traced - beyond <= 5_056 + 64, (beyond, traced)
+    assert abs(traced - beyond) <= 64, (beyond, traced)
     # the estimate before the block-by-block model (its end of backward / last block's backward:
     # llama-tiny 632,068, gpt2-tiny 1,033,996) was 18-22% under the trace
     assert beyond > 1.15 * {"llama-tiny": 632_068, "gpt2-tiny": 1_033_996}[model]

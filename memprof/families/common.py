@@ -203,3 +203,16 @@ def later_grad_elements(numels: tuple[int, ...], n_layer: int, before: int, afte
         tail[j] = tail[j + 1] + numels[j]
     return tuple(tail[before + (i + 1) * per_block] for i in range(n_layer))
 
+
+def rng_stash(q: ActivationQuery) -> int:
+    """torch.utils.checkpoint (non-reentrant, preserve_rng_state=True) stashes the CPU generator's
+    state per checkpointed block on CPU runs (``_get_device_states`` keeps device states for CUDA
+    tensors only, host memory): CPU_RNG_STATE_BYTES, alive until that block's backward ran."""
+    return CPU_RNG_STATE_BYTES if q.checkpointing and q.cpu and not q.checkpoint_reentrant else 0
+
+
+def with_rng_stash(moments: tuple[tuple[int, int], ...], layers: int, q: ActivationQuery) -> tuple[tuple[int, int], ...]:
+    """``Activations.block_moments`` with every block's stashed RNG state alive at the last block's
+    backward (:func:`rng_stash`; block i then holds i+1 of them, ``block_kept`` carrying one each)."""
+    extra = layers * rng_stash(q)
+    return tuple((level + extra, own) for level, own in moments)

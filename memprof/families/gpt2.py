@@ -60,6 +60,8 @@ from memprof.families.common import (
     attention_keeps_probabilities,
     later_grad_elements,
     lora_checkpoint_held,
+    rng_stash,
+    with_rng_stash,
 )
 from memprof.units import is_positive_int
 
@@ -603,8 +605,8 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
         backward_first_hook=first_hook, after_mlp_out_hooks=gelu_mul,
         mlp_out_weight_hook=c_proj_weight_hook, mlp_in_bias_hook=c_fc_bias_hook,
         # each block keeps its saved tensors (checkpointing: its input, BSH*e) until its backward
-        block_moments=block,
-        block_kept=s.BSH * s.e if q.checkpointing else per_layer, later_grad_elements=later,
+        block_moments=with_rng_stash(block, s.L, q),
+        block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer, later_grad_elements=later,
         notes=(_ATTENTION_BACKWARD_NOTE,) if keeps_probs else (),
     )
 

@@ -73,6 +73,8 @@ from memprof.families.common import (
     ParamModule,
     later_grad_elements,
     lora_checkpoint_held,
+    rng_stash,
+    with_rng_stash,
 )
 from memprof.units import is_positive_int
 
@@ -714,8 +716,8 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     return Activations(saved, forward_peak, max(bwd_start, first_hook), per_layer, formula,
                        loop_held=out.input_ids + FP32, backward_first_hook=first_hook,  # the batch and the loss
                        # each block keeps its saved tensors (checkpointing: its input, BSH*e) until its backward
-                       block_moments=block_moments,
-                       block_kept=s.BSH * s.e if q.checkpointing else per_layer,
+                       block_moments=with_rng_stash(block_moments, s.L, q),
+                       block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer,
                        later_grad_elements=_later_grads(shape),
                        forward_in_layer=_in_layer_moment(s, q, attn, out) if q.checkpointing else 0)
 
