@@ -179,12 +179,12 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
     # 2,564,316, out of memory): ZeRO-1's backward block by block and reduce_gradients' partition copy
     # were not modelled. Both are now (ZeRO-1 estimated 2,561,476, 2,564,300 with the launcher's text:
     # -0.00% of that run's rank 0), so ZeRO-1 is rejected; the advice moved to ZeRO-2, whose run also
-    # stops out of memory under the budget: a ZeRO-2 gap with a 4096-element bucket, not yet modelled.
+    # stops out of memory under the budget too: a ZeRO-2 gap, not yet found.
     "llama-z3-ckpt-small-buckets": ("zero_stage=2,",
         "advice ZeRO-2 + checkpointing, predicted 2,229,060 bytes; the run stops out of memory under the "
-        "2,397,907-byte budget at its second step (rank 1, in stage_1_and_2.py's reduction: "
-        "allreduce_and_copy_with_multiple_ranks -> allreduce_bucket, reduce_bucket_size 4096); its peak "
-        "is not yet modelled (the ZeRO-1 gap this case recorded before is fixed: issue 17)"),
+        "2,397,907-byte budget in its second step (rank 1 exits 3, out of memory; rank 0 then fails in "
+        "stage_1_and_2.py's all_reduce, reduce_bucket_size 4096); where rank 1's peak is was not recorded "
+        "(the ZeRO-1 gap this case recorded before is fixed: issue 17)"),
 }
 SEQ = 64
 # The launcher keeps its token stream resident (memprof/train/data.py: one int64 per byte of text,
