@@ -19,7 +19,7 @@ from memprof.estimate.cuda_runtime import ASSUMED_CAPABILITY, blas_workspace_byt
 from memprof.estimate.inputs import EstimateInputs
 from memprof.estimate.layout import describe_buckets, describe_layout, describe_modelled_ranks, model_state_layout
 from memprof.estimate.layout.partition import stage12_rank_grads
-from memprof.estimate.layout.state import FP32, StateLayout
+from memprof.estimate.layout.state import FP32, G, StateLayout
 from memprof.estimate.model_shapes import ModelShape, model_shape, shape_of
 from memprof.estimate.optimizers import OPTIMIZER_SPECS
 from memprof.estimate.overhead import overhead
@@ -84,6 +84,7 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
                          (lay.backward_mlp_in_bias_hook_extra, acts.mlp_in_bias_hook if acts else 0)):
         if extra and level:
             backward.append({**extra, ACT: act(level)})
+    backward.extend(_block_moments(lay, acts, act))
     # at backward's start only the params gathered for it exist beside the activations; gradients
     # and reduce buckets come with the first hook
     forward = [{**lay.forward_extra, ACT: a_fwd}]
@@ -96,6 +97,25 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
         "backward": backward,
         "step": [dict(m) for m in lay.step_moments] or [{}],
     }
+
+
+def _block_moments(lay: StateLayout, acts: Activations | None, act: Callable[[int], int]) -> list[dict[str, int]]:
+    """Where every param.grad is kept through backward (``lay.backward_blocks_extra``: DeepSpeed
+    ZeRO-0, and ZeRO-1 without overlap_comm), backward block by block, i = L-1 down to 0: block
+    i's in-block moments (``acts.block_moments``, the last block's) less what the blocks after it
+    released (``acts.block_kept`` each: torch.utils.checkpoint's non-reentrant frame drops its
+    saved input, or autograd its saved tensors, once that block's backward ran), beside the
+    gradients of every parameter after block i (``acts.later_grad_elements[i]``) and of the block's
+    own finished ones. The largest of these moments (one dict; none where not modelled): with
+    gradients growing faster than the kept tensors shrink it is block 0's, else the last block's."""
+    if lay.backward_blocks_extra is None or acts is None or not acts.block_moments or not acts.later_grad_elements:
+        return []
+    extra, size, later = lay.backward_blocks_extra, lay.backward_blocks_grad_size, acts.later_grad_elements
+    L = len(later)
+    moments = ({**extra, G: extra.get(G, 0) + size * (later[i] + own),
+                ACT: act(level - (L - 1 - i) * acts.block_kept)}
+               for i in range(L) for level, own in acts.block_moments)
+    return [max(moments, key=lambda m: sum(m.values()))]
 
 
 def _last_block_activations(acts: Activations | None, checkpointing: bool, act: Callable[[int], int]) -> int:

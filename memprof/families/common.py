@@ -105,6 +105,19 @@ class Activations:
     # kept), paired with what an engine holds there beyond the loss's moment (ZeRO-3's prefetch
     # buffers: StateLayout.forward_in_layer_extra); 0 where not modelled
     forward_in_layer: int = 0
+    # The backward seen block by block (block i = L-1 down to 0), for engines that keep every
+    # param.grad through backward (DeepSpeed ZeRO-0/1: StateLayout.backward_blocks_extra):
+    # ``block_moments``: the last block's in-block backward moments, each as (activation bytes,
+    # elements of that block's own parameters whose .grad already exists then; a gradient being
+    # formed is in the activation bytes); ``block_kept``: what each block keeps until its own
+    # backward and releases there (its saved tensors; with checkpointing its checkpointed input;
+    # the recomputed tensors come and go with each block), so block i's moment is the last
+    # block's less (L-1-i) x block_kept; ``later_grad_elements[i]``: trainable elements whose
+    # .grad exists when block i's backward starts (parameters after block i in parameters()
+    # order: blocks > i, the final norm, an untied lm_head). Empty where not modelled.
+    block_moments: tuple[tuple[int, int], ...] = ()
+    block_kept: int = 0
+    later_grad_elements: tuple[int, ...] = ()
     # what the formula leaves out or simplifies, one estimate assumption line each
     notes: tuple[str, ...] = ()
     # activations alive when the last block's forward returns (FSDP2's last-block moment, before
@@ -179,3 +192,31 @@ class ModelFamily:
 
     def causal_lm_class(self, model_type: str) -> str:
         return self.hf_classes[model_type][1]
+
+
+def later_grad_elements(numels: tuple[int, ...], n_layer: int, before: int, after: int) -> tuple[int, ...]:
+    """For each block i, the elements of the parameters after block i in ``parameters()`` order
+    (``Activations.later_grad_elements``): ``before`` tensors ahead of the blocks (embeddings),
+    ``after`` behind them (final norm, an untied lm_head), the rest split evenly over the
+    ``n_layer`` blocks. Empty where the count does not split evenly (not a plain stack)."""
+    per_block, rem = divmod(len(numels) - before - after, n_layer) if n_layer > 0 else (0, 1)
+    if rem or per_block <= 0:
+        return ()
+    tail = [0] * (len(numels) + 1)
+    for j in range(len(numels) - 1, -1, -1):
+        tail[j] = tail[j + 1] + numels[j]
+    return tuple(tail[before + (i + 1) * per_block] for i in range(n_layer))
+
+
+def rng_stash(q: ActivationQuery) -> int:
+    """torch.utils.checkpoint (non-reentrant, preserve_rng_state=True) stashes the CPU generator's
+    state per checkpointed block on CPU runs (``_get_device_states`` keeps device states for CUDA
+    tensors only, host memory): CPU_RNG_STATE_BYTES, alive until that block's backward ran."""
+    return CPU_RNG_STATE_BYTES if q.checkpointing and q.cpu and not q.checkpoint_reentrant else 0
+
+
+def with_rng_stash(moments: tuple[tuple[int, int], ...], layers: int, q: ActivationQuery) -> tuple[tuple[int, int], ...]:
+    """``Activations.block_moments`` with every block's stashed RNG state alive at the last block's
+    backward (:func:`rng_stash`; block i then holds i+1 of them, ``block_kept`` carrying one each)."""
+    extra = layers * rng_stash(q)
+    return tuple((level + extra, own) for level, own in moments)

@@ -58,7 +58,10 @@ from memprof.families.common import (
     ModelFamily,
     ParamModule,
     attention_keeps_probabilities,
+    later_grad_elements,
     lora_checkpoint_held,
+    rng_stash,
+    with_rng_stash,
 )
 from memprof.units import is_positive_int
 
@@ -395,7 +398,7 @@ def _untied_first_hook(s: _Sizes, q: ActivationQuery, per_layer: int, saved: int
 
 
 def _tied_first_hook(s: _Sizes, q: ActivationQuery, attn: _Attention, saved: int, recomputed: int,
-                     out: _Outside) -> tuple[int, int, int, int]:
+                     out: _Outside) -> tuple[int, int, int, int, tuple[tuple[int, int], ...]]:
     """(the largest moment from the first gradient hook through the last block's backward,
     ``Activations.after_mlp_out_hooks``, ``mlp_out_weight_hook``, ``mlp_in_bias_hook``) of the
     tied model (traced)."""
@@ -442,7 +445,13 @@ def _tied_first_hook(s: _Sizes, q: ActivationQuery, attn: _Attention, saved: int
         mlp_half = 5 * BSI * e + 2 * BSH * e + 2 * s.B * s.S * s.stat_e + 2 * resid_mask + BSH * e
         attn_grads = BSH * e + 2 * BSH * ae + s.bass * ae
         attn_bwd = at_first_hook - BSH * e + recomputed - mlp_half + attn_grads
-    return max(at_first_hook, c_proj, gelu_mul, attn_bwd), gelu_mul, c_proj_weight_hook, c_fc_bias_hook
+    # Activations.block_moments: own .grads by then (GPT2Block runs the MLP half's backward first):
+    # none at c_proj (its grad_W is being formed), mlp.c_proj's at GELU's mul, and at the attention
+    # backward mlp.c_proj's, mlp.c_fc's, ln_2's and attn.c_proj's
+    block = [(c_proj, 0), (gelu_mul, I * H + H)]
+    if attn_bwd:
+        block.append((attn_bwd, 2 * I * H + I + 3 * H + H * H + H))
+    return max(at_first_hook, c_proj, gelu_mul, attn_bwd), gelu_mul, c_proj_weight_hook, c_fc_bias_hook, tuple(block)
 
 
 _ATTENTION_BACKWARD_NOTE = (
@@ -574,11 +583,15 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
     # shift_labels; the loss and its gradient seed (4 bytes each) are alive
     bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     if shape.tied_embeddings:
-        first_hook, gelu_mul, c_proj_weight_hook, c_fc_bias_hook = _tied_first_hook(s, q, attn, saved, recomputed, out)
+        first_hook, gelu_mul, c_proj_weight_hook, c_fc_bias_hook, block = _tied_first_hook(s, q, attn, saved, recomputed, out)
         untied_recompute = 0
+        # GPT2LMHeadModel.parameters(): wte, wpe, 12 per block (ln_1, attn.c_attn, attn.c_proj,
+        # ln_2, mlp.c_fc, mlp.c_proj: weight and bias each), ln_f's two; the tied lm_head is wte
+        later = later_grad_elements(shape.param_numels, s.L, 2, 2) if shape.trainable_mask is None else ()
     else:
         first_hook, untied_recompute = _untied_first_hook(s, q, per_layer, saved, out)
         gelu_mul = c_proj_weight_hook = c_fc_bias_hook = 0
+        block, later = (), ()  # untied: the in-block moments are not traced (not modelled block by block)
     formula = (
         f"per layer {'(recomputed once in backward) ' if q.checkpointing else ''}"
         f"= LayerNorms 2BSH*e+4BS*{s.stat_e} + linear inputs 3BSH*e + dropout masks 2BSH*{s.mask_e} "
@@ -591,6 +604,9 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
         loop_held=out.input_ids + FP32,  # the batch and the loss
         backward_first_hook=first_hook, after_mlp_out_hooks=gelu_mul,
         mlp_out_weight_hook=c_proj_weight_hook, mlp_in_bias_hook=c_fc_bias_hook,
+        # each block keeps its saved tensors (checkpointing: its input, BSH*e) until its backward
+        block_moments=with_rng_stash(block, s.L, q),
+        block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer, later_grad_elements=later,
         notes=(_ATTENTION_BACKWARD_NOTE,) if keeps_probs else (),
     )
 

@@ -71,7 +71,10 @@ from memprof.families.common import (
     LoraQuery,
     ModelFamily,
     ParamModule,
+    later_grad_elements,
     lora_checkpoint_held,
+    rng_stash,
+    with_rng_stash,
 )
 from memprof.units import is_positive_int
 
@@ -493,9 +496,11 @@ def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, ou
     return saved, forward_peak, 0
 
 
-def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, recomputed: int, out: _Outside) -> int:
+def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, recomputed: int, out: _Outside
+                         ) -> tuple[int, tuple[tuple[int, int], ...]]:
     """The largest moment from the first parameter gradient hook through the last layer's
-    backward (traced; module docstring)."""
+    backward (traced; module docstring), and the last layer's in-block moments as
+    ``Activations.block_moments`` (activation bytes, elements of its own parameters' .grad)."""
     e, H, I, BSH, BSI, norm_saved, bass = s.e, s.H, s.I, s.BSH, s.BSI, s.norm_saved, s.bass
     # After the final norm's backward (its saved tensors and output freed, the residual stream's
     # gradient BSH*e alive; the loss gradients and log_softmax's output freed; a tied embedding's
@@ -515,7 +520,11 @@ def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, re
     # the SwiGLU product's backward (grad of silu's output and of up's output, BSI*e each, beside
     # down_proj's grad_x; down_proj's saved input, the product, already freed)
     swiglu_mul = after_norm + 2 * BSI * e
-    moments = [first, norm_bwd, down_proj, swiglu_mul]
+    mlp_b = 2 * I + H if shape.mlp_bias else 0
+    # own .grads by then: none at down_proj (its grad_W is the one being formed); down_proj's at
+    # the SwiGLU product; at the attention backward the MLP's three weights, post_attention_layernorm's
+    # and o_proj's (LlamaDecoderLayer runs the MLP half's backward first)
+    block = [(down_proj, 0), (swiglu_mul, H * I + (H if shape.mlp_bias else 0))]
     if s.kernel != "flash":
         # The last layer's eager attention backward, at _softmax_backward_data (traced): by then its
         # MLP half is released (SwiGLU's 4 BSI*e, post_attention_layernorm's saved tensors and
@@ -524,9 +533,9 @@ def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, re
         # copy; alive: the gradient of the probabilities in fp32 (a ToCopyBackward copy when
         # e < 4) and softmax's backward output (B*a*S*S*4 each).
         after_o_proj = after_norm - _mlp(s) - norm_saved - BSH * e
-        moments.append(after_o_proj - attn.kv_saved // 2 + 2 * bass * FP32
-                       - (bass * e if e < FP32 and s.kernel == "eager" else 0))
-    return max(moments)
+        block.append((after_o_proj - attn.kv_saved // 2 + 2 * bass * FP32
+                      - (bass * e if e < FP32 and s.kernel == "eager" else 0), 3 * H * I + mlp_b + H + s.a * s.d * H))
+    return max([first, norm_bwd, *(m for m, _ in block)]), tuple(block)
 
 
 # ---- LoRA on a frozen model ------------------------------------------------------------------
@@ -717,14 +726,27 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     # backward's start: nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each),
     # shift_labels released, the loss and its gradient seed alive
     bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
-    first_hook = _backward_first_hook(s, shape, attn, saved, recomputed, out)
+    first_hook, block_moments = _backward_first_hook(s, shape, attn, saved, recomputed, out)
     formula = (
         f"per layer = RMSNorms 2x(4BSH+4BS+BSH*e) + norm outputs 2BSH*e + SwiGLU 4BSI*e + attention "
         f"[{s.kernel}: {attn.words}]" + ("; KV cache copies of k, v per layer" if s.cache else "")
     )
     return Activations(saved, forward_peak, max(bwd_start, first_hook), per_layer, formula,
                        loop_held=out.input_ids + FP32, backward_first_hook=first_hook,  # the batch and the loss
+                       # each block keeps its saved tensors (checkpointing: its input, BSH*e) until its backward
+                       block_moments=with_rng_stash(block_moments, s.L, q),
+                       block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer,
+                       later_grad_elements=_later_grads(shape),
                        forward_in_layer=_in_layer_moment(s, q, attn, out) if q.checkpointing else 0)
+
+
+def _later_grads(shape: Any) -> tuple[int, ...]:
+    """``Activations.later_grad_elements``: LlamaForCausalLM.parameters() is embed_tokens, the
+    layers, model.norm, then lm_head unless tied (it is embed_tokens' tensor then, counted once
+    and first). Full fine-tuning only."""
+    if shape.trainable_mask is not None or shape.quantization is not None:
+        return ()
+    return later_grad_elements(shape.param_numels, shape.n_layer, 1, 1 if shape.tied_embeddings else 2)
 
 
 def _in_layer_moment(s: _Sizes, q: ActivationQuery, attn: _Attention, out: _Outside) -> int:

@@ -133,7 +133,11 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     out.add("device", O, optimizer_state_bytes(inp.optimizer, total, len(s.numels), step_tensors=s.step_tensors))
     # backward: param.grad for every param, then buffered_allreduce_fallback flattens up to
     # allreduce bucket (MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements) into one copy
-    out.backward_end_extra = {G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0}
+    out.backward_end_extra = max({G: total * e, C: min(total, 500_000_000) * e if s.N > 1 else 0},
+                                 {G: total * e + _tied_embedding_sum(s)}, key=lambda m: sum(m.values()))
+    # engine.backward (runtime/engine.py) runs loss.backward() and only then allreduce_gradients:
+    # no hook releases a gradient, so each block's backward runs beside every later param.grad
+    out.backward_blocks_extra, out.backward_blocks_grad_size = {}, e
     temporaries = optimizer_temporaries(inp, s.t_largest, total, s.device_type, s.numels)
     if e < FP32 and uses_deepspeed_adam(inp.optimizer, inp.torch_adam):
         # FP16_Optimizer.step (fp16/fused_optimizer.py:284): _flatten_dense_tensors over a list
@@ -150,6 +154,40 @@ def _stage0(s: LayoutSetup, out: StateLayout) -> None:
     # engine.backward calls allreduce_gradients only at the boundary, and zero_grad runs in
     # engine.step's boundary branch: every param.grad (e*P) is alive between micro-steps
     accumulate_between_microsteps(s, out, {G: total * e}, same_at_end=(G,), how="every param.grad (e*P)")
+
+def _stage1_partition_copy(s: LayoutSetup, held: int) -> int:
+    """ZeRO-1 without overlap_comm, contiguous_gradients: gradient elements alive when
+    ``grads_in_partition`` is allocated. After loss.backward() returns, reduce_gradients
+    (stage_1_and_2.py:958) walks the params in group (forward) order:
+    reduce_independent_p_g_buckets_and_remove_grads copies a param no larger than the bucket into
+    the ipg buffer and points its .grad there (its own storage freed); a larger one keeps its
+    gradient (extra_large_param_to_reduce). The first reduction of a param in this rank's partition
+    calls copy_grads_in_partition (:2271, stage 1 branch), whose first call allocates
+    ``grads_in_partition`` (every param touching the partition, :2184) while the other params' .grad
+    are still alive (stage 1 clears none). Params bucketed before that are counted as freed (the
+    bucket holding the first partition param itself is not: an upper bound for the later ranks)."""
+    rbs, numels = s.inp.zero.reduce_bucket_size, s.trainable.param_numels
+    _, part, _ = stage12_partition(s.trainable, s.N, s.rank)
+    start, cum = part * s.rank, 0
+    freed = 0
+    for n in numels:
+        if cum + n > start:  # the first param touching this rank's partition
+            break
+        freed += n if n <= rbs else 0
+        cum += n
+    return s.t_total - freed + held
+
+
+def _tied_embedding_sum(s: LayoutSetup) -> int:
+    """Where every param.grad is kept through backward (ZeRO-0, ZeRO-1 without overlap_comm), the
+    last moment of backward with tied embeddings: the embedding's backward returns its share of
+    the tied weight's gradient while lm_head's share waits in the AccumulateGrad node's input
+    buffer; torch's InputBuffer::accumulate adds them out of place (both shares and their sum,
+    3 x V*H*e, beside every other param.grad; traced on gpt2-tiny, benchmarks/trace_backward_blocks.py).
+    Returns the bytes beyond the weight's own .grad (2 x V*H*e), 0 untied or frozen."""
+    tied = s.shape.tied_embeddings and s.shape.model_type is not None and not s.frozen and s.numels
+    return 2 * s.numels[0] * s.e if tied else 0
+
 
 def _stage12_resident(s: LayoutSetup, out: StateLayout, opt_loc: str, pinned: bool = False) -> int:
     """What every ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer.__init__``, stage_1_and_2.py, and
@@ -378,6 +416,16 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
     else:
         grads_end = rank_grads.held * e if inp.zero.contiguous_gradients else 0  # grads_in_partition
     out.backward_end_extra = {G: grads_end + pad, C: buckets}
+    if stage == 1 and not inp.zero.overlap_comm_for(1):
+        # process_gradients (stage_1_and_2.py:2284) reduces in the hook only with
+        # partition_gradients or overlap_comm; otherwise engine.allreduce_gradients calls
+        # reduce_gradients after loss.backward() returned (engine.py:3092): every param.grad is
+        # kept, so each block's backward runs beside the later ones (and the ipg buckets)
+        out.backward_blocks_extra, out.backward_blocks_grad_size = {C: buckets}, e
+        end = grads_end + pad + _tied_embedding_sum(s)
+        if inp.zero.contiguous_gradients and s.trainable.n_tensors > 1:
+            end = max(end, _stage1_partition_copy(s, rank_grads.held) * e + pad)
+        out.backward_end_extra = {G: end, C: buckets}
     if (stage == 2 and inp.zero.contiguous_gradients and s.shape.model_type == "gpt2" and s.shape.tied_embeddings
             and not s.frozen):
         # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)

@@ -45,6 +45,13 @@ class StateLayout:
     backward_start_extra: dict[str, int] | None = None
     backward_extra: dict[str, int] = field(default_factory=dict)
     backward_end_extra: dict[str, int] = field(default_factory=dict)  # at the end of backward
+    # Engines that keep every param.grad through backward (DeepSpeed ZeRO-0, ZeRO-1 without
+    # overlap_comm): beyond ``rest`` at each block's backward, beside the gradients already
+    # produced (``backward_blocks_grad_size`` bytes per element of Activations.later_grad_elements
+    # and of the block's own finished ones) and the block's activations (Activations.block_moments,
+    # less the blocks already done: Activations.block_kept each); None: not modelled block by block
+    backward_blocks_extra: dict[str, int] | None = None
+    backward_blocks_grad_size: int = 0
     # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
     # Activations.after_mlp_out_hooks); empty where not modelled (deepspeed_zero._stage2_after_mlp_out_hooks)
     backward_after_mlp_out_hooks_extra: dict[str, int] = field(default_factory=dict)
@@ -194,6 +201,12 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
         out.backward_start_extra = plus(out.backward_start_extra, between)
     out.backward_extra = plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
     out.backward_end_extra = plus(out.backward_end_extra, {c: n for c, n in between.items() if c not in same_at_end})
+    if out.backward_blocks_extra is not None:
+        # every param.grad already exists from the earlier micro-steps (AccumulateGrad adds in place):
+        # the block moments hold ``between`` whole, no gradient grows during the boundary's backward
+        out.backward_blocks_extra = plus(out.backward_blocks_extra, {c: n for c, n in between.items() if c not in same_at_hook})
+        if G in between:
+            out.backward_blocks_grad_size = 0
     for name in ("backward_after_mlp_out_hooks_extra", "backward_mlp_out_weight_hook_extra",
                  "backward_mlp_in_bias_hook_extra"):
         if getattr(out, name):
