@@ -111,6 +111,9 @@ def _launch(root: Path, name: str) -> Path:
 def test_resident_model_states_match_derived_bytes(runs, name):
     preset, lora, stage, bf16, _ = CASES[name]
     doc = json.loads((runs[name] / "memprof.json").read_text())
+    # the launch estimated its own LoRA setup (the recorded peft_config read back: it once held peft's
+    # PeftType enum, which the reader refused, and the run stored no estimate)
+    assert doc["estimate"] is not None and doc["estimate"]["inputs"]["peft"] is not None, name
     assert doc["run"]["peft_config"]["r"] == lora.r
     assert doc["run"]["n_trainable_params"] == sum(adapter_numels(preset, lora.r))
     assert doc["run"]["n_frozen_params"] == sum(base_numels(preset))
