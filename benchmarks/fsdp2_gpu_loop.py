@@ -5,7 +5,9 @@ run folder then read by ``memprof compare`` (allocator counters, categories, est
     accelerate launch --config_file FSDP2.yaml benchmarks/fsdp2_gpu_loop.py OUT accelerate [MODEL] [SEQ]
 
 SETUP: ``reshard`` (reshard_after_forward True), ``keep`` (False), ``bf16``
-(MixedPrecisionPolicy(param_dtype=bf16)): ``fully_shard`` on each block and the root, torch AdamW,
+(MixedPrecisionPolicy(param_dtype=bf16)), ``offload`` (CPUOffloadPolicy: pinned host shards on
+CUDA), ``lora`` (PEFT LoRA r=8 on every Linear but the head, ``get_peft_model`` before
+``fully_shard``; AdamW over the adapters): ``fully_shard`` on each block and the root, torch AdamW,
 ``MemoryProfiler(model=...)`` (nccl on CUDA; gloo on a machine without one, for a dry run);
 ``accelerate``: accelerate's FSDP plugin (the YAML's ``fsdp_version: 2``) wraps the model in
 ``accelerator.prepare``, the loop runs under ``profile_accelerate``. Writes OUT/SETUP/.
@@ -38,21 +40,30 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def run_fully_shard(out: Path, setup: str, name: str, seq: int, device: torch.device) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from memprof.measure.profiler import MemoryProfiler
+    from memprof.run.facts import peft_facts
 
-    model = _model(name).to(device)
+    # CPUOffloadPolicy wants the parameters on the CPU when fully_shard runs (FSDPParamGroup._validate_cpu_offload_params)
+    model = _model(name) if setup == "offload" else _model(name).to(device)
+    blocks = _blocks(model)
+    if setup == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     kw: dict = {"reshard_after_forward": setup != "keep"}
     if setup == "bf16":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
-    for block in _blocks(model):
+    if setup == "offload":
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    for block in blocks:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     prof = MemoryProfiler(model=model, optimizer=opt, out_dir=out / setup,
                           run={"model_config": model.config.to_dict(), "micro_batch": BATCH, "seq_len": seq,
-                               "optimizer": "adamw"})
+                               "optimizer": "adamw", **peft_facts(model)})
     x = torch.randint(0, model.config.vocab_size, (BATCH, seq), device=device)
     with prof:
         for step in range(STEPS):

@@ -55,7 +55,7 @@ fi
 # (allocator counters vs categories vs the --engine fsdp2 estimate). FSDP2_MODEL=none skips them.
 FSDP2_MODEL=${FSDP2_MODEL:-$MODEL}
 if [ "$FSDP2_MODEL" != none ]; then
-for setup in reshard keep bf16; do
+for setup in reshard keep bf16 offload lora; do
   echo "== fsdp2_$setup ($FSDP2_MODEL, seq $SEQ)" | tee -a "$OUT/launch.log"
   start=$(date +%s)
   timeout 300 $PY -m torch.distributed.run --nproc_per_node 1 benchmarks/fsdp2_gpu_loop.py \

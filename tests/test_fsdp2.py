@@ -300,7 +300,7 @@ def test_run_records_fsdp2_settings(runs: Path) -> None:
 
 # measured peak vs estimate, |error| within 3% at every phase of every setup: forward's two moments
 # (the last block's end, the loss's end), backward's start apart from its first block's, and gloo's
-# freed backward buffers released before the next peak (ownership.fsdp2.CommThreadsReleaseWatch)
+# freed backward buffers released before the next peak (ownership.fsdp2.Fsdp2GroupWatch)
 TOLERANCE = 0.03
 
 
