@@ -29,13 +29,17 @@ def install() -> int:
         print("chromium is missing: install Debian's 'chromium' package (apt-get install chromium)", file=sys.stderr)
         return 1
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    # Two checkouts installing at once on a fresh machine both reach apt-get: wait for the other's
+    # dpkg lock (up to 10 minutes) instead of failing on it.
+    wait_for_lock = ["-o", "DPkg::Lock::Timeout=600"]
+    for cmd in (
+        ["apt-get", *wait_for_lock, "update", "-q"],
+        ["apt-get", *wait_for_lock, "install", "-y", "-q", "--no-install-recommends", "chromium"],
+    ):
+        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            print(f"chromium install failed: `{' '.join(cmd)}` (see its lines above); install Debian's "
+                  "'chromium' package and rerun", file=sys.stderr)
+            return 2
     return 0 if chromium_path() else 1
 
 
