@@ -343,6 +343,16 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
     # straight into the host fp32 partition (async_inplace_copy_grad_to_fp32_buffer_from_gpu)
     grads_end = s.t_total * e if stage == 1 else 0
     out.backward_end_extra = {G: grads_end, C: buckets}
+    if stage == 1 and not inp.zero.overlap_comm_for(1):
+        # as on the device (_stage12): no hook reduces (process_gradients, stage_1_and_2.py:2284),
+        # reduce_gradients runs after loss.backward() returned: every param.grad is kept, so each
+        # block's backward runs beside the later ones (and the ipg buckets)
+        out.backward_blocks_extra, out.backward_blocks_grad_size = {C: buckets}, e
+        if s.trainable.n_tensors > 1:
+            _, part, _ = stage12_partition(s.trainable, s.N, s.rank)
+            walk = _stage1_offload_reduction(s.numels, inp.zero.reduce_bucket_size, e, part * s.rank,
+                                             min(part * (s.rank + 1), s.t_total))
+            out.backward_end_extra = {G: max(grads_end + _tied_embedding_sum(s), walk), C: buckets}
     if stage == 2:
         _stage2_offload_hook_moments(s, out, buckets)
     out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
@@ -363,6 +373,44 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
                                    for n in stage12_partition_param_numels(s.trainable, s.N, s.rank)))
             accumulate_between_microsteps(s, out, {}, how="on the device nothing (the host keeps accumulated_grads_in_cpu, "
                                         "the partition's params whole in the model dtype)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _stage1_offload_reduction(numels: tuple[int, ...], rbs: int, e: int, start: int, end: int) -> int:
+    """ZeRO-1 + offload_optimizer after loss.backward() returned: gradient bytes at the worst
+    moment of reduce_gradients (stage_1_and_2.py:958), every param.grad alive at its start. It walks
+    the params in group (forward) order through reduce_independent_p_g_buckets_and_remove_grads
+    (:1414): a param no larger than the bucket is copied into it and its own storage freed (:1455),
+    a larger one keeps its gradient (extra_large_param_to_reduce) until the next param's call
+    reduces it (:1422). reduce_ipg_grads' stage 1 branch (:2273) sends each reduced param in the
+    partition ``[start, end)`` to copy_grads_in_partition's offload branch (:2161):
+    set_norm_for_param_grad_in_gpu (:1873) takes a float64 copy of its piece, then
+    async_inplace_copy_grad_to_fp32_buffer_from_gpu (:1888) copies it to the host and clears the
+    gradient; a reduced param outside the partition keeps its gradient (stage 1 clears none)."""
+    cum = (0, *itertools.accumulate(numels))
+    alive, worst, elements, bucket, pending = sum(numels), 0, 0, [], None
+
+    def reduce(reduced: list[int]) -> int:
+        nonlocal alive
+        pieces = [(i, min(cum[i + 1], end) - max(cum[i], start)) for i in reduced]
+        mine = [(i, p) for i, p in pieces if p > 0]
+        peak = alive * e + FP64 * max([p for _, p in mine], default=0)
+        alive -= sum(numels[i] for i, _ in mine if numels[i] > rbs)  # an oversized own gradient cleared
+        return peak
+
+    for i, n in enumerate(numels):
+        if n == 0:
+            continue
+        if elements + n > rbs:
+            worst = max(worst, reduce(bucket if pending is None else [pending]))
+            elements, bucket, pending = 0, [], None
+        if n > rbs:
+            pending = i
+        else:
+            alive -= n  # copied into the bucket: the bucket holds it now
+        bucket.append(i)
+        elements += n
+    return max(worst, reduce(bucket if pending is None else [pending]))  # the epilogue's reduction
 
 
 @dataclass(frozen=True)
