@@ -162,7 +162,13 @@ ADVISE_CASES = {
                                                                       "stage3_param_persistence_threshold": 64}},
                                   0.8),
     # the same ZeRO-3 buckets on Llama with checkpointing, micro-batch 1: at 85% the advice was ZeRO-1,
-    # whose run stopped out of memory (fixed); now ZeRO-2, whose run also does (KNOWN_GAPS)
+    # whose run stopped out of memory (issue 17: ZeRO-1's backward block by block), then ZeRO-2
+    # (predicted 2,229,060), whose run did too (issue 18): its backward peaks inside a block's
+    # recomputed MLP with grads_in_partition already allocated (a 4096-element bucket flush reached
+    # the rank's partition: rank 1 at model.norm's hook, rank 0 at layers.1.input_layernorm's) and
+    # down_proj's oversized gradient waiting, 2,426,784 / 2,432,088 measured on ranks 0 / 1. Both
+    # modelled now (estimated 2,426,772 / 2,432,084 with the launcher's text), ZeRO-2 is rejected
+    # and the advice is ZeRO-1 + optimizer offload + checkpointing
     "llama-z3-ckpt-small-buckets": ("llama-tiny", {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                                                    "steps_per_print": 10**6, "activation_checkpointing": {},
                                                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
@@ -175,16 +181,7 @@ ADVISE_CASES = {
 # checks the contradiction itself (the recommended run stops out of memory) and then xfails; a fix
 # of the estimate makes that check fail, and the case moves out of here.
 KNOWN_GAPS: dict[str, tuple[str, str]] = {
-    # Before issue 17's fix the advice here was ZeRO-1 + checkpointing (predicted 2,229,188; measured
-    # 2,564,316, out of memory): ZeRO-1's backward block by block and reduce_gradients' partition copy
-    # were not modelled. Both are now (ZeRO-1 estimated 2,561,476, 2,564,300 with the launcher's text:
-    # -0.00% of that run's rank 0), so ZeRO-1 is rejected; the advice moved to ZeRO-2, whose run also
-    # stops out of memory under the budget too: a ZeRO-2 gap, not yet found.
-    "llama-z3-ckpt-small-buckets": ("zero_stage=2,",
-        "advice ZeRO-2 + checkpointing, predicted 2,229,060 bytes; the run stops out of memory under the "
-        "2,397,907-byte budget in its second step (rank 1 exits 3, out of memory; rank 0 then fails in "
-        "stage_1_and_2.py's all_reduce, reduce_bucket_size 4096); where rank 1's peak is was not recorded "
-        "(the ZeRO-1 gap this case recorded before is fixed: issue 17)"),
+    # (none today) "name": ("the advice's change, as it starts", "what its run measured")
 }
 SEQ = 64
 # The launcher keeps its token stream resident (memprof/train/data.py: one int64 per byte of text,

@@ -107,11 +107,22 @@ def _block_moments(lay: StateLayout, acts: Activations | None, act: Callable[[in
     saved input, or autograd its saved tensors, once that block's backward ran), beside the
     gradients of every parameter after block i (``acts.later_grad_elements[i]``) and of the block's
     own finished ones. The largest of these moments (one dict; none where not modelled): with
-    gradients growing faster than the kept tensors shrink it is block 0's, else the last block's."""
-    if lay.backward_blocks_extra is None or acts is None or not acts.block_moments or not acts.later_grad_elements:
+    gradients growing faster than the kept tensors shrink it is block 0's, else the last block's.
+    ZeRO-2 (``lay.backward_blocks_after``) frees each gradient at its hook instead: the same
+    moments beside what the reductions up to then hold (``grads_in_partition`` once one reached
+    this rank's partition, an oversized gradient waiting, the bucket)."""
+    if acts is None or not acts.block_moments or not acts.later_grad_elements:
         return []
-    extra, size, later = lay.backward_blocks_extra, lay.backward_blocks_grad_size, acts.later_grad_elements
-    L = len(later)
+    later, L = acts.later_grad_elements, len(acts.later_grad_elements)
+    if lay.backward_blocks_after is not None:
+        # ZeRO-2: the same moments beside what the hooks fired by then left (later[i] + own elements)
+        at = ((lay.backward_blocks_after(later[i] + own), act(level - (L - 1 - i) * acts.block_kept))
+              for i in range(L) for level, own in acts.block_moments)
+        found = [{**m, ACT: a} for m, a in at if m is not None]
+        return [max(found, key=lambda m: sum(m.values()))] if found else []
+    if lay.backward_blocks_extra is None:
+        return []
+    extra, size = lay.backward_blocks_extra, lay.backward_blocks_grad_size
     moments = ({**extra, G: extra.get(G, 0) + size * (later[i] + own),
                 ACT: act(level - (L - 1 - i) * acts.block_kept)}
                for i in range(L) for level, own in acts.block_moments)

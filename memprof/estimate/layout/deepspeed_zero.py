@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memprof.dsconfig import ELEMENT_SIZE
@@ -36,6 +37,7 @@ from memprof.estimate.layout.state import (
     accumulate_between_microsteps,
     optimizer_temporaries,
 )
+from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS, optimizer_state_bytes, uses_deepspeed_adam
 
 FP64 = 8  # deepspeed.runtime.zero.utils.get_norm_dtype(): float64 wherever the accelerator has it (CPU, CUDA)
@@ -113,6 +115,69 @@ def _stage2_after_mlp_out_hooks(s: LayoutSetup, n_hooks: int) -> tuple[bool, int
         bucket.append(i)
         elements += n
     return allocated, pending
+
+
+def _backward_hook_order(shape: ModelShape) -> tuple[int, ...] | None:
+    """The parameters' gradient hooks in the order backward runs them: the forward's modules
+    (``ModelShape.fetch_modules``) reversed, each module's parameters reversed (a Linear's bias
+    before its weight), a tied weight once, at its first module's place (the embedding: its
+    AccumulateGrad runs when both shares are in). Traced with register_post_accumulate_grad_hook
+    on llama-tiny and qwen2-tiny (exact; torch 2.13): lm_head, norm, then per layer down_proj,
+    up_proj, gate_proj, post_attention_layernorm, o_proj, v_proj, k_proj, q_proj, input_layernorm,
+    then embed_tokens; GPT-2 matches but for its LayerNorms (weight's hook before bias's). None
+    where the family gives no module order."""
+    if shape.fetch_modules is None:
+        return None
+    order: list[int] = []
+    for module in reversed(shape.fetch_modules):
+        order += reversed(module)
+    last = {i: k for k, i in enumerate(order)}  # a tied weight: its last place in backward
+    order = [i for k, i in enumerate(order) if last[i] == k]
+    return tuple(order) if sorted(order) == list(range(len(shape.param_numels))) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _stage2_hook_states(numels: tuple[int, ...], mine: tuple[bool, ...], rbs: int) -> dict[int, tuple[bool, int]]:
+    """ZeRO-2 (contiguous_gradients) hook by hook, ``numels`` / ``mine`` (the param touches this
+    rank's partition) in backward's hook order: for each count of elements whose hooks have run,
+    (whether ``grads_in_partition`` is allocated by then, elements of an oversized gradient waiting
+    outside the bucket). stage_1_and_2.py (0.19.8) reduce_independent_p_g_buckets_and_remove_grads
+    (:1414): a hook first reduces the bucket when ``bucket.elements + param.numel() >
+    reduce_bucket_size`` (:1422); reduce_ipg_grads (:2205) then calls copy_grads_in_partition
+    (:2270) for each reduced param in the partition, whose first call allocates
+    ``grads_in_partition`` (:2184); the others' gradients are cleared (:2268). A param larger than
+    the bucket keeps its own gradient (extra_large_param_to_reduce, :1446) until the next hook
+    reduces it; a smaller one is copied into the bucket and its own storage freed (:1455)."""
+    states, fired, elements, touched, allocated = {0: (False, 0)}, 0, 0, False, False
+    for n, own in zip(numels, mine):
+        if n == 0:
+            continue  # :1417: no hook work
+        if elements + n > rbs:
+            allocated, elements, touched = allocated or touched, 0, False
+        touched, elements, fired = touched or own, elements + n, fired + n
+        states[fired] = (allocated, n if n > rbs else 0)
+    return states
+
+
+def _stage2_blocks_after(s: LayoutSetup, held: int, buckets: int) -> Callable[[int], dict[str, int] | None] | None:
+    """``StateLayout.backward_blocks_after`` for ZeRO-2 on the device: at a block moment, this
+    rank's ``grads_in_partition`` (``held`` bytes: every param touching the partition, :2187) once
+    a reduction reached the partition, an oversized gradient waiting, and the bucket. No zero tail:
+    the epilogue makes it (:2890). None where the hook order is not known, or some parameters are frozen."""
+    order = None if s.frozen else _backward_hook_order(s.shape)
+    if order is None:
+        return None
+    cum = s.shape.prefix_sums
+    _, part, _ = stage12_partition(s.shape, s.N, s.rank)
+    start, end = part * s.rank, min(part * (s.rank + 1), cum[-1])
+    states = _stage2_hook_states(tuple(s.numels[i] for i in order),
+                                 tuple(cum[i] < end and cum[i + 1] > start for i in order), s.inp.zero.reduce_bucket_size)
+
+    def after(fired: int) -> dict[str, int] | None:
+        found = states.get(fired)
+        return None if found is None else {G: (held if found[0] else 0) + found[1] * s.e, C: buckets}
+
+    return after
 
 
 def _stage0(s: LayoutSetup, out: StateLayout) -> None:
@@ -278,6 +343,16 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
     # straight into the host fp32 partition (async_inplace_copy_grad_to_fp32_buffer_from_gpu)
     grads_end = s.t_total * e if stage == 1 else 0
     out.backward_end_extra = {G: grads_end, C: buckets}
+    if stage == 1 and not inp.zero.overlap_comm_for(1):
+        # as on the device (_stage12): no hook reduces (process_gradients, stage_1_and_2.py:2284),
+        # reduce_gradients runs after loss.backward() returned: every param.grad is kept, so each
+        # block's backward runs beside the later ones (and the ipg buckets)
+        out.backward_blocks_extra, out.backward_blocks_grad_size = {C: buckets}, e
+        if s.trainable.n_tensors > 1:
+            _, part, _ = stage12_partition(s.trainable, s.N, s.rank)
+            walk = _stage1_offload_reduction(s.numels, inp.zero.reduce_bucket_size, e, part * s.rank,
+                                             min(part * (s.rank + 1), s.t_total))
+            out.backward_end_extra = {G: max(grads_end + _tied_embedding_sum(s), walk), C: buckets}
     if stage == 2:
         _stage2_offload_hook_moments(s, out, buckets)
     out.step_moments = [{}]  # DeepSpeedCPUAdam steps in place on the host
@@ -298,6 +373,44 @@ def _stage12_offload(s: LayoutSetup, out: StateLayout) -> None:
                                    for n in stage12_partition_param_numels(s.trainable, s.N, s.rank)))
             accumulate_between_microsteps(s, out, {}, how="on the device nothing (the host keeps accumulated_grads_in_cpu, "
                                         "the partition's params whole in the model dtype)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _stage1_offload_reduction(numels: tuple[int, ...], rbs: int, e: int, start: int, end: int) -> int:
+    """ZeRO-1 + offload_optimizer after loss.backward() returned: gradient bytes at the worst
+    moment of reduce_gradients (stage_1_and_2.py:958), every param.grad alive at its start. It walks
+    the params in group (forward) order through reduce_independent_p_g_buckets_and_remove_grads
+    (:1414): a param no larger than the bucket is copied into it and its own storage freed (:1455),
+    a larger one keeps its gradient (extra_large_param_to_reduce) until the next param's call
+    reduces it (:1422). reduce_ipg_grads' stage 1 branch (:2273) sends each reduced param in the
+    partition ``[start, end)`` to copy_grads_in_partition's offload branch (:2161):
+    set_norm_for_param_grad_in_gpu (:1873) takes a float64 copy of its piece, then
+    async_inplace_copy_grad_to_fp32_buffer_from_gpu (:1888) copies it to the host and clears the
+    gradient; a reduced param outside the partition keeps its gradient (stage 1 clears none)."""
+    cum = (0, *itertools.accumulate(numels))
+    alive, worst, elements, bucket, pending = sum(numels), 0, 0, [], None
+
+    def reduce(reduced: list[int]) -> int:
+        nonlocal alive
+        pieces = [(i, min(cum[i + 1], end) - max(cum[i], start)) for i in reduced]
+        mine = [(i, p) for i, p in pieces if p > 0]
+        peak = alive * e + FP64 * max([p for _, p in mine], default=0)
+        alive -= sum(numels[i] for i, _ in mine if numels[i] > rbs)  # an oversized own gradient cleared
+        return peak
+
+    for i, n in enumerate(numels):
+        if n == 0:
+            continue
+        if elements + n > rbs:
+            worst = max(worst, reduce(bucket if pending is None else [pending]))
+            elements, bucket, pending = 0, [], None
+        if n > rbs:
+            pending = i
+        else:
+            alive -= n  # copied into the bucket: the bucket holds it now
+        bucket.append(i)
+        elements += n
+    return max(worst, reduce(bucket if pending is None else [pending]))  # the epilogue's reduction
 
 
 @dataclass(frozen=True)
@@ -431,6 +544,8 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
         # the moment after the last block's mlp.c_proj hooks (Activations.after_mlp_out_hooks)
         allocated, pending = _stage2_after_mlp_out_hooks(s, GPT2_MLP_OUT_HOOKS)
         out.backward_after_mlp_out_hooks_extra = {G: (grads_end + pad if allocated else 0) + pending * e, C: buckets}
+    if stage == 2 and inp.zero.contiguous_gradients:
+        out.backward_blocks_after = _stage2_blocks_after(s, rank_grads.held * e, buckets)
     # step() (stage_1_and_2.py:3013) with the grads of every param touching the partition
     # still held (averaged_gradients views of grads_in_partition, + the zero tail):
     # (1) scaled_global_norm -> get_grad_norm_direct (:2684): a float64 copy of one piece at

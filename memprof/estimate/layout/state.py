@@ -52,6 +52,13 @@ class StateLayout:
     # less the blocks already done: Activations.block_kept each); None: not modelled block by block
     backward_blocks_extra: dict[str, int] | None = None
     backward_blocks_grad_size: int = 0
+    # ZeRO-2 (gradients reduced at their hooks): beyond ``rest`` at a block's backward moment once
+    # the hooks of gradients of ``fired`` elements ran (Activations.later_grad_elements[i] + the
+    # moment's own elements), as that reduction state leaves it: ``grads_in_partition`` if a
+    # reduction has reached this rank's partition, an oversized gradient waiting outside the bucket,
+    # the bucket (deepspeed_zero._stage2_hook_states); None for a count no hook boundary reaches, or
+    # not modelled
+    backward_blocks_after: Callable[[int], dict[str, int] | None] | None = None
     # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
     # Activations.after_mlp_out_hooks); empty where not modelled (deepspeed_zero._stage2_after_mlp_out_hooks)
     backward_after_mlp_out_hooks_extra: dict[str, int] = field(default_factory=dict)
@@ -207,6 +214,14 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
         out.backward_blocks_extra = plus(out.backward_blocks_extra, {c: n for c, n in between.items() if c not in same_at_hook})
         if G in between:
             out.backward_blocks_grad_size = 0
+    if out.backward_blocks_after is not None:
+        at, kept = out.backward_blocks_after, {c: n for c, n in between.items() if c not in same_at_hook}
+
+        def after(fired: int) -> dict[str, int] | None:
+            m = at(fired)
+            return None if m is None else plus(m, kept)
+
+        out.backward_blocks_after = after
     for name in ("backward_after_mlp_out_hooks_extra", "backward_mlp_out_weight_hook_extra",
                  "backward_mlp_in_bias_hook_extra"):
         if getattr(out, name):
