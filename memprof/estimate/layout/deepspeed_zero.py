@@ -128,12 +128,19 @@ def _backward_hook_order(shape: ModelShape) -> tuple[int, ...] | None:
     where the family gives no module order."""
     if shape.fetch_modules is None:
         return None
+    return _hook_order_of_modules(shape.fetch_modules, len(shape.param_numels))
+
+
+@functools.lru_cache(maxsize=256)
+def _hook_order_of_modules(fetch_modules: tuple[tuple[int, ...], ...], n_params: int) -> tuple[int, ...] | None:
+    """:func:`_backward_hook_order` of one module list (cached: ``advise`` asks it of the same
+    shape once per rank and change)."""
     order: list[int] = []
-    for module in reversed(shape.fetch_modules):
+    for module in reversed(fetch_modules):
         order += reversed(module)
     last = {i: k for k, i in enumerate(order)}  # a tied weight: its last place in backward
     order = [i for k, i in enumerate(order) if last[i] == k]
-    return tuple(order) if sorted(order) == list(range(len(shape.param_numels))) else None
+    return tuple(order) if sorted(order) == list(range(n_params)) else None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -159,6 +166,15 @@ def _stage2_hook_states(numels: tuple[int, ...], mine: tuple[bool, ...], rbs: in
     return states
 
 
+@functools.lru_cache(maxsize=1024)
+def _stage2_states_in_order(order: tuple[int, ...], numels: tuple[int, ...], cum: tuple[int, ...], start: int, end: int,
+                            rbs: int) -> dict[int, tuple[bool, int]]:
+    """:func:`_stage2_hook_states` over the params in hook ``order``, each marked whether it
+    touches this rank's partition [start, end) of the ``cum`` prefix sums (cached per rank)."""
+    return _stage2_hook_states(tuple(numels[i] for i in order),
+                               tuple(cum[i] < end and cum[i + 1] > start for i in order), rbs)
+
+
 def _stage2_blocks_after(s: LayoutSetup, held: int, buckets: int) -> Callable[[int], dict[str, int] | None] | None:
     """``StateLayout.backward_blocks_after`` for ZeRO-2 on the device: at a block moment, this
     rank's ``grads_in_partition`` (``held`` bytes: every param touching the partition, :2187) once
@@ -170,8 +186,7 @@ def _stage2_blocks_after(s: LayoutSetup, held: int, buckets: int) -> Callable[[i
     cum = s.shape.prefix_sums
     _, part, _ = stage12_partition(s.shape, s.N, s.rank)
     start, end = part * s.rank, min(part * (s.rank + 1), cum[-1])
-    states = _stage2_hook_states(tuple(s.numels[i] for i in order),
-                                 tuple(cum[i] < end and cum[i + 1] > start for i in order), s.inp.zero.reduce_bucket_size)
+    states = _stage2_states_in_order(order, s.numels, cum, start, end, s.inp.zero.reduce_bucket_size)
 
     def after(fired: int) -> dict[str, int] | None:
         found = states.get(fired)
