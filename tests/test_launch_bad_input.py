@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_helpers import run_group
+from launch_helpers import free_port, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -108,7 +108,8 @@ def test_deepspeed_launcher_exits_non_zero_when_ranks_reject_input(tmp_path: Pat
     bad = _ds_json(tmp_path, "stage4.json", stage=4)
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     result = run_group(
-        [str(DEEPSPEED), "--num_gpus", "2", str(TRAIN), "--deepspeed_config", str(bad), "--out", str(tmp_path / "out")],
+        [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), "--deepspeed_config", str(bad),
+         "--out", str(tmp_path / "out")],
         timeout=300, cwd=REPO, env=env,
     )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from launch_helpers import launch_failure, run_group
+from launch_helpers import free_port, launch_deadline, launch_failure, run_group
 
 from memprof.run.files import load_run, read_rank_lines
 
@@ -28,9 +28,12 @@ def test_killed_rank_leaves_readable_files(tmp_path: Path) -> None:
         "MEMPROF_KILL_AT_STEP": str(KILL_AT_STEP),
     }
     result = run_group(
-        [str(DEEPSPEED), "--num_gpus", "2", str(KILLING_TRAIN), "--deepspeed_config", "configs/stage0_adamw.json",
+        # a free port (the launcher's default 29500 is anyone's: another job's launch took it once
+        # and this launch failed before the kill); run_group restarts a launch that loses a port race
+        [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(KILLING_TRAIN),
+         "--deepspeed_config", "configs/stage0_adamw.json",
          "--model", "gpt2-tiny", "--steps", str(STEPS), "--seq-len", "32", "--out", str(out)],
-        cwd=REPO, env=env, timeout=420,
+        cwd=REPO, env=env, timeout=launch_deadline(2, STEPS, what="the killed-rank launch"),
     )
     assert result.returncode != 0, "the launcher must report a rank that died"
     assert not (out / "memprof.json").exists()  # no gather happened: the files are all there is

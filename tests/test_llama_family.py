@@ -119,22 +119,22 @@ def test_launcher_refuses_a_sequence_beyond_max_position_embeddings(tmp_path: Pa
 
 
 @pytest.mark.parametrize("preset", ["tinyllama-1.1b", "llama-2-7b", "qwen2-0.5b", "llama-2-70b"])
-def test_real_shapes_estimate_fast_without_allocating(preset: str) -> None:
-    """`memprof estimate` for a real shape: activations modelled (fits computed), answered in
-    well under a second, in a process that never imports torch (nothing can be allocated)."""
+def test_real_shapes_estimate_without_allocating(preset: str) -> None:
+    """`memprof estimate` for a real shape: activations modelled (fits computed), in a process that
+    never imports torch (nothing can be allocated). How fast is benchmarks/bench_estimate.py's to
+    say (BENCHMARKS.md), not a timed test's: a loaded machine once made this one fail."""
     code = (
-        "import sys, time; t = time.perf_counter()\n"
+        "import sys\n"
         "from memprof.estimate import EstimateInputs, estimate\n"
         "from memprof.models import preset_config\n"
         f"est = estimate(EstimateInputs(model_config=preset_config({preset!r}), optimizer='adamw', precision='bf16', "
         "zero_stage=3, world_size=8, micro_batch=4, seq_len=2048, gpu_memory_bytes=80 * 2**30))\n"
         "assert est.activations is not None and est.fits is not None\n"
-        "print(time.perf_counter() - t, 'torch' in sys.modules)\n"
+        "print('torch' in sys.modules)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    seconds, torch_imported = proc.stdout.split()
-    assert float(seconds) < 0.5 and torch_imported == "False"
+    assert proc.stdout.split() == ["False"], proc.stdout
 
 
 def test_activations_not_modelled_outside_the_traced_code_paths() -> None:
