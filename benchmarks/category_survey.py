@@ -163,7 +163,7 @@ def table(rows: list[dict[str, Any]], top: int | None, markdown: bool) -> str:
     rows = sorted(rows, key=lambda r: -r["worst"])[:top]
     cats = [c for c in ("params", "master_params", "grads", "optimizer_state", "activations", "comm_buffers", "other")
             if any(abs(r["errors"].get(c, 0)) >= 0.0005 for r in rows)]
-    head = ["run", "rank", "phase", "peak KiB", "other %", *[f"{c} %" for c in cats]]
+    head = ["run", "rank", "phase", "peak KiB", "other/peak %", *[f"Δ {c} %" for c in cats]]
     body = [[r["run"], str(r["rank"]), r["phase"], f"{r['peak'] / 1024:,.0f}", f"{100 * r['other_share']:.1f}",
              *[f"{100 * r['errors'].get(c, 0):+.1f}" for c in cats]] for r in rows]
     if markdown:
@@ -178,6 +178,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", type=Path, help="run folders to compare instead of launching")
     p.add_argument("--work", type=Path, default=Path("/tmp/category_survey"), help="where launches write")
     p.add_argument("--only", nargs="+", choices=sorted(CASES), help="launch only these cases")
+    p.add_argument("--keep", action="store_true", help="do not launch a case whose run folder under --work has a memprof.json")
     p.add_argument("--out", type=Path, help="write every row (measured and estimated bytes too) as JSON")
     p.add_argument("--top", type=int, default=None, help="print only the N worst rows")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -197,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         names = args.only or list(CASES)
         runs = {}
         for i, name in enumerate(names, 1):
+            if args.keep and (args.work / name / "memprof.json").is_file():
+                say(f"kept {i}/{len(names)}: {name} (already in {args.work})")
+                runs[name] = args.work / name
+                continue
             say(f"launching {i}/{len(names)}: {name} (load {os.getloadavg()[0]:.2f})")
             try:
                 runs[name] = launch(name, args.work)
