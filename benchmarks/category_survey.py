@@ -173,6 +173,24 @@ def table(rows: list[dict[str, Any]], top: int | None, markdown: bool) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
 
 
+def summary(rows: list[dict[str, Any]], markdown: bool) -> str:
+    """Per phase: peaks, how many have a category off by more than 3% of the peak, and the worst."""
+    head = ["phase", "peaks", "beyond 3% of the peak", "worst (run, rank: category Δ % of peak)"]
+    body = []
+    for phase in ("forward", "backward", "step"):
+        mine = [r for r in rows if r["phase"] == phase]
+        if not mine:
+            continue
+        worst = max(mine, key=lambda r: r["worst"])
+        cat = max(worst["errors"], key=lambda c: abs(worst["errors"][c]))
+        body.append([phase, str(len(mine)), str(sum(r["worst"] > 0.03 for r in mine)),
+                     f"{worst['run']}, {worst['rank']}: {cat} {100 * worst['errors'][cat]:+.1f}"])
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(b) + " |" for b in body])
+    return "\n".join("  ".join(line) for line in [head, *body])
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", type=Path, help="run folders to compare instead of launching")
@@ -213,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(sorted(rows, key=lambda r: -r["worst"]), indent=1))
     print(table(rows, args.top, args.markdown))
+    print()
+    print(summary(rows, args.markdown))
     say(f"{len(runs)} runs, {len(rows)} phase peaks; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
