@@ -448,7 +448,6 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
     if stage == 1:
         _stage1_accumulation(s, out, buckets)
     else:
-        _stage2_bucket_views_are_grads(s, out, buckets)
         # stage 2 reduces at every micro-step: a non-boundary epilogue keeps the reduced grads of
         # the partition's params (get_all_grad_tensors -> all_grad_tensors, views of that
         # micro-step's grads_in_partition, :1037) and the next micro-step's copy_grads_in_partition
@@ -456,35 +455,6 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
         # new into the old (:1044) and step() flattens the old
         accumulate_between_microsteps(s, out, {G: rank_grads.held * e},
                     how="the partition params' reduced gradients (all_grad_tensors, e x their numel)")
-
-
-def _stage2_bucket_views_are_grads(s: LayoutSetup, out: StateLayout, buckets: int) -> None:
-    """ZeRO-2 (contiguous_gradients, one bucket: no overlap_comm): the ipg bucket is ``grads`` at a
-    backward moment when the hook just before it copied its gradient in. The hook
-    (reduce_independent_p_g_buckets_and_remove_grads, stage_1_and_2.py:1414) copies a param of at
-    most ``reduce_bucket_size`` elements into the bucket and points its ``.grad`` there (:1450-1454,
-    ``grad_reduc.data = new_grad_tensor.data.view_as(grad_reduc)``), so the bucket's storage backs a
-    param.grad, which the ownership contract names ``grads`` (grads outrank comm_buffers,
-    docs/ownership.md; measured: a 5e8-element bucket at a ZeRO-2 backward peak is ``grads``). A
-    larger param bypasses it after a reduction emptied it (:1422, :1443): it stays ``comm_buffers``.
-    The moments: the first hook (the last parameter's), the end of backward before the epilogue's
-    reduction (the first parameter's hook last) and the one after the last block's mlp.c_proj
-    hooks (nothing waiting outside the bucket: :func:`_stage2_after_mlp_out_hooks`)."""
-    z = s.inp.zero
-    if not buckets or z.overlap_comm_for(2) or not s.numels:
-        return  # overlap_comm: two buffers swapped at each reduction, not modelled here
-
-    def relabel(moment: dict[str, int], last_hooked: int) -> dict[str, int]:
-        if last_hooked > z.reduce_bucket_size or moment.get(C, 0) < buckets:
-            return moment
-        return {**moment, C: moment[C] - buckets, G: moment.get(G, 0) + buckets}
-
-    out.backward_extra = relabel(out.backward_extra, s.numels[-1])
-    out.backward_end_extra = relabel(out.backward_end_extra, s.numels[0])
-    if out.backward_after_mlp_out_hooks_extra:
-        _, pending = _stage2_after_mlp_out_hooks(s, GPT2_MLP_OUT_HOOKS)
-        waiting = z.reduce_bucket_size + 1 if pending else 0
-        out.backward_after_mlp_out_hooks_extra = relabel(out.backward_after_mlp_out_hooks_extra, waiting)
 
 
 def _stage1_accumulation(s: LayoutSetup, out: StateLayout, buckets: int) -> None:
