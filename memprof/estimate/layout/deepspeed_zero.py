@@ -239,21 +239,28 @@ def _stage1_partition_copy(s: LayoutSetup, held: int) -> int:
     """ZeRO-1 without overlap_comm, contiguous_gradients: gradient elements alive when
     ``grads_in_partition`` is allocated. After loss.backward() returns, reduce_gradients
     (stage_1_and_2.py:958) walks the params in group (forward) order:
-    reduce_independent_p_g_buckets_and_remove_grads copies a param no larger than the bucket into
-    the ipg buffer and points its .grad there (its own storage freed); a larger one keeps its
-    gradient (extra_large_param_to_reduce). The first reduction of a param in this rank's partition
-    calls copy_grads_in_partition (:2271, stage 1 branch), whose first call allocates
-    ``grads_in_partition`` (every param touching the partition, :2184) while the other params' .grad
-    are still alive (stage 1 clears none). Params bucketed before that are counted as freed (the
-    bucket holding the first partition param itself is not: an upper bound for the later ranks)."""
+    reduce_independent_p_g_buckets_and_remove_grads (:1414) first reduces the bucket when
+    ``bucket.elements + param.numel() > reduce_bucket_size`` (:1422), then copies a param no larger
+    than the bucket into the ipg buffer and points its .grad there (:1450-1454: its own storage
+    freed); a larger one keeps its gradient (extra_large_param_to_reduce, :1443). The first
+    reduction (reduce_ipg_grads, :2205, or the epilogue's last one) whose bucket holds a param
+    touching this rank's partition calls copy_grads_in_partition (:2271, stage 1 branch), whose
+    first call allocates ``grads_in_partition`` (every param touching the partition, :2184) while
+    the params not yet bucketed keep their .grad (stage 1 clears none). Every param bucketed
+    before that reduction, the reduced bucket's own included, no longer holds a gradient of its own."""
     rbs, numels = s.inp.zero.reduce_bucket_size, s.trainable.param_numels
     _, part, _ = stage12_partition(s.trainable, s.N, s.rank)
-    start, cum = part * s.rank, 0
-    freed = 0
+    start, end = part * s.rank, part * (s.rank + 1)
+    cum = freed = elements = 0
+    mine = False  # the bucket holds a param touching this rank's partition
     for n in numels:
-        if cum + n > start:  # the first param touching this rank's partition
-            break
+        if elements + n > rbs:
+            if mine:
+                break  # this reduction allocates grads_in_partition
+            elements = 0
+        mine = mine or (cum < end and cum + n > start)
         freed += n if n <= rbs else 0
+        elements += n
         cum += n
     return s.t_total - freed + held
 
