@@ -35,6 +35,7 @@ from memprof.measure.dispatch_tracker import (
     tally_to_breakdown,
 )
 from memprof.measure.oom import SimulatedOutOfMemoryError
+from memprof.measure.regions import LabelStack, Remover
 
 CpuTracker = AllocationTracker | NativeAllocationTracker
 OwnedMap = Mapping[tuple[str, int], Any]
@@ -146,8 +147,14 @@ class CpuBackend:
         mid_phase_walks: bool,
         multi_rank: bool,
         walks_at_engine_points: bool = False,
+        regions: Callable[[LabelStack], Remover] | None = None,
     ) -> None:
         self._owner_walk = owner_walk
+        # marks the code regions that allocate transients (memprof.measure.regions): installed
+        # when tracking starts, removed when it stops
+        self._regions = regions
+        self._labels: LabelStack | None = None
+        self._remove_regions: Remover | None = None
         self._diagnostics = diagnostics
         self._memory_budget = memory_budget
         # Only a DeepSpeed engine owns buffers that live and die inside one phase (reduce buckets,
@@ -186,9 +193,15 @@ class CpuBackend:
         except native.HookUnavailable as e:  # the hook loaded but cannot be installed here
             self._diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} (allocator hook unavailable: {e})"
             self.tracker = started(AllocationTracker(budget_bytes=self._memory_budget))
+        self._labels = LabelStack(self.tracker)
+        if self._regions is not None:
+            self._remove_regions = self._regions(self._labels)
 
     def stop(self) -> None:
         tracker = self._live_tracker()
+        if self._remove_regions is not None:
+            self._remove_regions()
+            self._remove_regions = None
         tracker.__exit__(None, None, None)
         self._diagnostics["negative_clamps"] += tracker.negative_clamps
 
@@ -198,6 +211,7 @@ class CpuBackend:
 
     def begin_phase(self, phase: str) -> None:
         tracker = self._live_tracker()
+        self._close_regions()
         tracker.new_label = DEVICE_ACTIVATIONS if phase in _ACTIVATION_PHASES else DEVICE_OTHER
         # "large" = worth an ownership walk before the phase ends (see tracker.pending)
         tracker.large_bytes = (
@@ -207,12 +221,14 @@ class CpuBackend:
 
     def abandon_phase(self) -> None:
         tracker = self._live_tracker()
+        self._close_regions()
         tracker.new_label = DEVICE_OTHER
         tracker.large_bytes = None
 
     def end_phase(self, phase: str) -> dict[str, Any]:
         self._let_comm_threads_release()
         tracker = self._live_tracker()
+        self._close_regions()
         tracker.new_label = DEVICE_OTHER
         tracker.large_bytes = None
         self._walk_due = False
@@ -247,6 +263,11 @@ class CpuBackend:
         return tally_to_breakdown(tally), exc.total_bytes, exc.budget_bytes
 
     # ---- internals ------------------------------------------------------------------------
+    def _close_regions(self) -> None:
+        """Forget label regions an exception left open (their labels are reset with the phase's)."""
+        if self._labels is not None:
+            self._labels.clear()
+
     def _live_tracker(self) -> AllocationTracker:
         assert self.tracker is not None, "CpuBackend.start() was not called"
         return self.tracker

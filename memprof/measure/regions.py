@@ -1,0 +1,135 @@
+"""Labels by region: the code that allocates a CPU storage names it, at allocation time.
+
+An ownership walk names what an engine *holds* at the moment it runs. Tensors born and freed
+between two walks (the fp32 gradient partition ZeRO flattens inside ``step()``, the optimizer's
+foreach temporaries) are never held where a walk looks: without a name given when they are
+allocated they would keep the phase's default label (``other`` in the step). So the profiler
+marks the regions of code that make them, and a CPU tracker labels each new storage with the
+label of the innermost region open (``tracker.new_label``, saved and restored: a label switch
+per region, never Python work per allocation).
+
+Regions installed on the objects the ownership walk already knows (removed when the profiler
+exits; never on a class):
+
+* every inner torch optimizer (``plain_torch.inner_torch_optimizers``): its ``step``, through
+  torch's own ``register_step_pre_hook`` / ``register_step_post_hook``, is ``optimizer_state``:
+  the working memory of the update (foreach / for-loop temporaries) and the state it creates;
+* a DeepSpeed optimizer wrapper (ZeRO-1/2, ZeRO-3, BF16_Optimizer, FP16 optimizers): its own
+  ``step`` (an attribute set on the INSTANCE) is ``grads``: what it does around the inner step is
+  gradient work (flatten the gradient partition, cast it to fp32, take the norm, unscale and clip:
+  deepspeed/runtime/zero/stage_1_and_2.py step() 3013-3170, stage3.py step() 2873-2931 with
+  _prepare_fp32_grad_for_sub_group, bf16_optimizer.py step(), fp16/fused_optimizer.py step());
+  its inner step is ``optimizer_state`` as above. The all-gather of the updated partitions
+  (all_gather_dp_groups) gathers into the flat parameter buffers (params) and its staging is the
+  collective's own, which the allocator hook does not count (native/allocation_hook.cpp).
+
+Storages still alive at the phase end are then relabelled from the ownership walk as before, so
+a region's label only decides the bytes nobody holds: a transient's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from memprof.measure.dispatch_tracker import label_of
+from memprof.measure.ownership.deepspeed import OPTIMIZER_WALKS
+from memprof.measure.ownership.plain_torch import inner_torch_optimizers
+
+DEVICE_GRADS = label_of("device", "grads")
+DEVICE_OPTIMIZER_STATE = label_of("device", "optimizer_state")
+
+
+class LabelStack:
+    """Nested label regions on a tracker: ``push`` saves ``tracker.new_label`` and sets a new one,
+    ``pop`` restores it. ``clear`` forgets regions a raised exception left open (a phase start)."""
+
+    def __init__(self, tracker: Any) -> None:
+        self._tracker = tracker
+        self._saved: list[int] = []
+
+    def push(self, label: int) -> None:
+        self._saved.append(self._tracker.new_label)
+        self._tracker.new_label = label
+
+    def pop(self) -> None:
+        if self._saved:
+            self._tracker.new_label = self._saved.pop()
+
+    def clear(self) -> None:
+        self._saved.clear()
+
+    @property
+    def depth(self) -> int:
+        return len(self._saved)
+
+
+Remover = Callable[[], None]
+
+
+def _is_deepspeed_wrapper(optimizer: Any) -> bool:
+    return any(matches(optimizer) for matches, _ in OPTIMIZER_WALKS)
+
+
+def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: LabelStack) -> Remover:
+    """``opt.step`` as an ``optimizer_state`` region, by torch's per-instance step hooks."""
+
+    def pre(_opt: Any, _args: Any, _kwargs: Any) -> None:
+        stack.push(DEVICE_OPTIMIZER_STATE)
+
+    def post(_opt: Any, _args: Any, _kwargs: Any) -> None:
+        stack.pop()
+
+    handles = [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return remove
+
+
+def _label_wrapper_step(wrapper: Any, stack: LabelStack) -> Remover:
+    """A DeepSpeed wrapper's ``step`` (set on the instance) as a ``grads`` region."""
+    had_own = "step" in vars(wrapper)
+    previous = vars(wrapper).get("step")
+    step = wrapper.step
+
+    def labelled_step(*args: Any, **kwargs: Any) -> Any:
+        stack.push(DEVICE_GRADS)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            stack.pop()
+
+    wrapper.step = labelled_step
+
+    def remove() -> None:
+        if vars(wrapper).get("step") is labelled_step:
+            if had_own:
+                wrapper.step = previous
+            else:
+                del wrapper.step
+
+    return remove
+
+
+def install_regions(stack: LabelStack, engine: Any = None, optimizer: Any = None) -> Remover:
+    """Mark the regions above on ``optimizer`` (else ``engine.optimizer``); returns the function
+    that removes them all."""
+    if optimizer is None and engine is not None:
+        optimizer = getattr(engine, "optimizer", None)
+    removers: list[Remover] = []
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and _is_deepspeed_wrapper(optimizer):
+        removers.append(_label_wrapper_step(optimizer, stack))
+    for opt in inner_torch_optimizers(optimizer):
+        removers.append(_label_torch_optimizer(opt, stack))
+
+    def remove_all() -> None:
+        for remove in reversed(removers):
+            remove()
+        stack.clear()
+
+    return remove_all
