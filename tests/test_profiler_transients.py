@@ -20,7 +20,11 @@ import torch
 from launch_helpers import SharedLaunches
 from test_measured_vs_estimated import case_run, zero12_partition
 
-from memprof.measure import MemoryProfiler
+from memprof.measure import MemoryProfiler, cuda_counters
+from memprof.measure.backends import CudaBackend
+from memprof.measure.dispatch_tracker import label_of
+from memprof.measure.ownership import Owned
+from memprof.measure.regions import PeakRegions
 from memprof.run.files import load_run
 
 OTHER_SHARE = 0.01
@@ -99,3 +103,57 @@ def test_zero2_step_names_the_fp32_gradient_partition(z2_run: dict) -> None:
                 assert peak["other"] <= OTHER_SHARE * rec["peak_total"], (rank["rank"], step["step"], phase, peak)
             if step.get("boundary", True):
                 assert step["phases"]["step"]["peak"]["device"]["grads"] >= fp32_partition, (rank["rank"], step)
+
+
+# ---- CUDA: the regions as allocator counters (no GPU here: the counters are simulated) ----------
+DEVICE_GRADS, DEVICE_OPT = label_of("device", "grads"), label_of("device", "optimizer_state")
+
+
+def test_peak_regions_name_the_layers_above_each_region_start() -> None:
+    # (allocated, peak so far) at: grads region start, optimizer region start, its end, grads end
+    reads = iter([(100, 100), (150, 180), (120, 260), (120, 260)])
+    regions = PeakRegions(lambda: next(reads))
+    regions.push(DEVICE_GRADS)
+    regions.push(DEVICE_OPT)
+    regions.pop()  # the peak rose to 260 inside: 260 - 150 the optimizer's, 150 - 100 the grads region's
+    regions.pop()  # no higher peak after: unchanged
+    assert regions.peak == 260 and regions.layers == {DEVICE_OPT: 110, DEVICE_GRADS: 50}
+    # a peak reached in the enclosing region after the inner one ended is the enclosing one's alone
+    reads = iter([(100, 100), (150, 150), (150, 170), (120, 300)])
+    regions = PeakRegions(lambda: next(reads))
+    regions.push(DEVICE_GRADS)
+    regions.push(DEVICE_OPT)
+    regions.pop()
+    regions.pop()
+    assert regions.peak == 300 and regions.layers == {DEVICE_GRADS: 200}
+
+
+def test_cuda_step_peak_names_the_region_it_was_reached_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    params, data = 1000, 50  # owned parameters; a tensor of the script's, alive before the step
+    now = {"allocated": params + data, "peak": params + data}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: now["allocated"])
+    monkeypatch.setattr(cuda_counters, "start_phase", lambda device: now.update(peak=now["allocated"]))
+    monkeypatch.setattr(cuda_counters, "allocated_and_peak", lambda device: (now["allocated"], now["peak"]))
+    monkeypatch.setattr(cuda_counters, "read", lambda device: {
+        "allocated_bytes": now["allocated"], "reserved_bytes": now["peak"], "peak_allocated_bytes": now["peak"],
+        "alloc_retries": 0})
+
+    def alloc(n: int) -> None:
+        now["allocated"] += n
+        now["peak"] = max(now["peak"], now["allocated"])
+
+    owned = {("cuda:0", 1): Owned("params", "device", params)}
+    backend = CudaBackend(torch.device("cuda", 0), lambda: owned, {"negative_clamps": 0}, memory_budget=None)
+    backend.start()
+    backend.begin_step()
+    backend.begin_phase("step")
+    backend._peaks.push(DEVICE_GRADS)  # what the DeepSpeed wrapper's step region does
+    alloc(400)  # the fp32 gradient partition
+    backend._peaks.push(DEVICE_OPT)  # the inner torch optimizer's step hooks
+    alloc(200)  # its temporaries
+    alloc(-200)
+    backend._peaks.pop()
+    alloc(-400)
+    backend._peaks.pop()
+    peak = backend.end_phase("step")["peak"]["device"]
+    assert peak == {**peak, "params": params, "grads": 400, "optimizer_state": 200, "other": data, "activations": 0}

@@ -177,7 +177,8 @@ class MemoryProfiler:
                             # cost outside allocation tracking): phase starts and ends, records
                             "phase_end_seconds": 0.0}
         self._backend: Backend = (
-            CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget)
+            CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget,
+                        regions=functools.partial(install_regions, engine=engine, optimizer=optimizer))
             if on_cuda
             else CpuBackend(self._owner_walk, self.diagnostics, memory_budget=memory_budget,
                             # FSDP2 gathers and frees a block's params inside a phase, as ZeRO-3 does;

@@ -66,6 +66,46 @@ class LabelStack:
         return len(self._saved)
 
 
+class PeakRegions:
+    """The same regions on CUDA, where the caching allocator gives counters, not a label per block:
+    which region the phase's peak was reached in, and how many bytes each open region had added
+    (net) by then. ``push`` and ``pop`` read ``allocated_and_peak()`` (allocated now, the phase's
+    peak so far). When a region ends with the phase's peak raised inside it, the bytes above its
+    start are its own and those between an enclosing region's start and the next inner start are
+    the enclosing one's (``layers``, innermost first): net growth, so a block allocated and freed
+    inside a region before the peak counts nowhere, and a region's bytes freed before the peak but
+    after an inner region started are still counted to it (an approximation; see docs/profiler.md)."""
+
+    def __init__(self, allocated_and_peak: Callable[[], tuple[int, int]]) -> None:
+        self._read = allocated_and_peak
+        self._open: list[tuple[int, int, int]] = []  # (label, allocated at start, peak at start)
+        self.peak = -1  # the peak the layers are of; -1: none reached inside a region this phase
+        self.layers: dict[int, int] = {}
+
+    def push(self, label: int) -> None:
+        allocated, peak = self._read()
+        self._open.append((label, allocated, peak))
+
+    def pop(self) -> None:
+        if not self._open:
+            return
+        _, _, peak_at_start = self._open[-1]
+        _, peak = self._read()
+        if peak > peak_at_start and peak > self.peak:
+            layers: dict[int, int] = {}
+            upper = peak
+            for label, allocated_at_start, _ in reversed(self._open):
+                layers[label] = layers.get(label, 0) + max(0, upper - allocated_at_start)
+                upper = min(upper, allocated_at_start)
+            self.layers, self.peak = layers, peak
+        self._open.pop()
+
+    def clear(self) -> None:
+        """A phase starts (or ended): no region open, no peak recorded."""
+        self._open.clear()
+        self.peak, self.layers = -1, {}
+
+
 Remover = Callable[[], None]
 
 
@@ -73,7 +113,10 @@ def _is_deepspeed_wrapper(optimizer: Any) -> bool:
     return any(matches(optimizer) for matches, _ in OPTIMIZER_WALKS)
 
 
-def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: LabelStack) -> Remover:
+Regions = LabelStack | PeakRegions
+
+
+def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: Regions) -> Remover:
     """``opt.step`` as an ``optimizer_state`` region, by torch's per-instance step hooks."""
 
     def pre(_opt: Any, _args: Any, _kwargs: Any) -> None:
@@ -91,7 +134,7 @@ def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: LabelStack) -> Rem
     return remove
 
 
-def _label_wrapper_step(wrapper: Any, stack: LabelStack) -> Remover:
+def _label_wrapper_step(wrapper: Any, stack: Regions) -> Remover:
     """A DeepSpeed wrapper's ``step`` (set on the instance) as a ``grads`` region."""
     had_own = "step" in vars(wrapper)
     previous = vars(wrapper).get("step")
@@ -116,7 +159,7 @@ def _label_wrapper_step(wrapper: Any, stack: LabelStack) -> Remover:
     return remove
 
 
-def install_regions(stack: LabelStack, engine: Any = None, optimizer: Any = None) -> Remover:
+def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None) -> Remover:
     """Mark the regions above on ``optimizer`` (else ``engine.optimizer``); returns the function
     that removes them all."""
     if optimizer is None and engine is not None:
