@@ -4,7 +4,8 @@
   allocation and free, so the peak is exact at op granularity and its breakdown is a copy of a
   running tally, relabelled from the ownership walk at phase boundaries.
 * :class:`CudaBackend`: the caching allocator's counters (peak reset per phase), the ownership walk
-  for model states, and no dispatch mode, which keeps the cost to a few reads per phase.
+  for model states, and no dispatch mode, which keeps the cost to a few reads per phase (and one
+  per labelled region's start and end: memprof.measure.regions.PeakRegions).
 
 :class:`~memprof.measure.profiler.MemoryProfiler` owns the steps, the records and the files and asks
 its backend only for what differs: starting, a phase's start and end (its PhaseRecord), the budget

@@ -25,6 +25,10 @@ exits; never on a class):
 
 Storages still alive at the phase end are then relabelled from the ownership walk as before, so
 a region's label only decides the bytes nobody holds: a transient's.
+
+On CUDA there is no label per block: :class:`PeakRegions` takes the same regions as allocator
+counters read at each region's start and end, and names the bytes the regions had added when the
+phase peaked inside one (CudaBackend).
 """
 
 from __future__ import annotations
