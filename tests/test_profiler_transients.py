@@ -23,7 +23,7 @@ from test_measured_vs_estimated import case_run, zero12_partition
 from memprof.measure import MemoryProfiler, cuda_counters
 from memprof.measure.backends import CudaBackend
 from memprof.measure.dispatch_tracker import label_of
-from memprof.measure.ownership import Owned
+from memprof.measure.ownership import Owned, owned_storages, storage_key
 from memprof.measure.regions import PeakRegions
 from memprof.run.files import load_run
 
@@ -72,6 +72,45 @@ def test_adam_step_temporaries_are_optimizer_state(tmp_path: Path, tracker: str,
         state = 2 * 4 * numel + 4 * tensors
         assert state + 4 * numel <= peak["optimizer_state"] <= state + 4 * numel + 64, peak
         assert peak["grads"] == 4 * numel and peak["params"] == 4 * numel
+
+
+def test_an_offloaded_optimizers_working_memory_is_host(tmp_path: Path) -> None:
+    # an optimizer over fp32 masters the walk places on the host (as ZeRO's offload_optimizer
+    # places its partitions): its step runs on the CPU, its temporaries are host memory
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Linear(HIDDEN, OUT))
+    masters = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    optimizer = torch.optim.Adam(masters, lr=1e-3, foreach=True)
+
+    def walk() -> dict:
+        on_device = {storage_key(t) for p in model.parameters() for t in (p, p.grad) if t is not None}
+        return {k: o if k in on_device else o._replace(location="host")
+                for k, o in owned_storages(model=model, optimizer=optimizer).items()}
+
+    numel = sum(p.numel() for p in model.parameters())
+    prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=tmp_path, owner_walk=walk)
+    with prof:
+        for i in range(2):
+            x = torch.randn(BATCH, IN)
+            with prof.step(i) as s:
+                with s.phase("forward"):
+                    loss = model(x).square().mean()
+                with s.phase("backward"):
+                    loss.backward()
+                with s.phase("step"):
+                    for m, p in zip(masters, model.parameters()):
+                        m.grad = p.grad.clone()  # "copied to the host"
+                    optimizer.step()
+                    model.zero_grad(set_to_none=True)
+    doc = prof.finish()
+    assert doc is not None
+    rec = doc["ranks"][0]["steps"][1]["phases"]["step"]
+    peak = rec["peak"]
+    # the device peak holds the params and their grads; the Adam temporaries (4 x numel) that a
+    # device label would have put beside them are host bytes, outside the device total
+    assert peak["device"]["optimizer_state"] == 0 and peak["device"]["other"] <= OTHER_SHARE * rec["peak_total"]
+    assert peak["device"]["params"] == peak["device"]["grads"] == 4 * numel
+    assert peak["host"]["optimizer_state"] == 2 * 4 * numel + 4 * len(masters)
 
 
 def test_regions_are_removed_when_the_profiler_exits(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from memprof.measure.dispatch_tracker import (
     DEVICE_ACTIVATIONS,
     DEVICE_OTHER,
     MODEL_STATE_LABELS,
+    N_CATEGORIES,
     N_LABELS,
     AllocationTracker,
     device_total,
@@ -422,6 +423,8 @@ class CudaBackend:
         born = max(0, device_total(owned_tally) - self._owned_before)
         layers: dict[int, int] = {}
         for label, n in self._peaks.layers.items():
+            if label >= N_CATEGORIES:
+                continue  # an offloaded optimizer's region: its working memory is not on the GPU
             taken = min(n, born)
             born -= taken
             layers[label] = n - taken

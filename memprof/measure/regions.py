@@ -13,7 +13,8 @@ exits; never on a class):
 
 * every inner torch optimizer (``plain_torch.inner_torch_optimizers``): its ``step``, through
   torch's own ``register_step_pre_hook`` / ``register_step_post_hook``, is ``optimizer_state``:
-  the working memory of the update (foreach / for-loop temporaries) and the state it creates;
+  the working memory of the update (foreach / for-loop temporaries) and the state it creates; on
+  the host when the walk places what it updates there (an offloaded optimizer steps on the CPU);
 * a DeepSpeed optimizer wrapper (ZeRO-1/2, ZeRO-3, BF16_Optimizer, FP16 optimizers): its own
   ``step`` (an attribute set on the INSTANCE) is ``grads``: what it does around the inner step is
   gradient work (flatten the gradient partition, cast it to fp32, take the norm, unscale and clip:
@@ -33,7 +34,7 @@ phase peaked inside one (CudaBackend).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from memprof.measure.ownership.plain_torch import inner_torch_optimizers
 
 DEVICE_GRADS = label_of("device", "grads")
 DEVICE_OPTIMIZER_STATE = label_of("device", "optimizer_state")
+HOST_OPTIMIZER_STATE = label_of("host", "optimizer_state")
 
 
 class LabelStack:
@@ -120,11 +122,28 @@ def _is_deepspeed_wrapper(optimizer: Any) -> bool:
 Regions = LabelStack | PeakRegions
 
 
-def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: Regions) -> Remover:
-    """``opt.step`` as an ``optimizer_state`` region, by torch's per-instance step hooks."""
+def _updates_host_tensors(opt: torch.optim.Optimizer, owned: Mapping[tuple[str, int], Any]) -> bool:
+    """Whether the walk placed what ``opt`` updates on the host (ZeRO's offload_optimizer, FSDP2's
+    CPUOffloadPolicy): its step then runs on the CPU and its working memory is host memory."""
+    for group in getattr(opt, "param_groups", None) or []:
+        for p in group.get("params", []) if isinstance(group, dict) else []:
+            local = getattr(p, "_local_tensor", None)
+            t = local if isinstance(local, torch.Tensor) else p
+            try:
+                found = owned.get(("cpu" if t.is_cpu else str(t.device), t.untyped_storage().data_ptr()))
+            except RuntimeError:
+                continue
+            if found is not None:
+                return found.location == "host"
+    return False
+
+
+def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: Regions, label: int) -> Remover:
+    """``opt.step`` as an ``optimizer_state`` region (``label``: on the device, or on the host for
+    an offloaded optimizer), by torch's per-instance step hooks."""
 
     def pre(_opt: Any, _args: Any, _kwargs: Any) -> None:
-        stack.push(DEVICE_OPTIMIZER_STATE)
+        stack.push(label)
 
     def post(_opt: Any, _args: Any, _kwargs: Any) -> None:
         stack.pop()
@@ -163,16 +182,20 @@ def _label_wrapper_step(wrapper: Any, stack: Regions) -> Remover:
     return remove
 
 
-def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None) -> Remover:
+def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None,
+                    owner_walk: Callable[[], Mapping[tuple[str, int], Any]] | None = None) -> Remover:
     """Mark the regions above on ``optimizer`` (else ``engine.optimizer``); returns the function
-    that removes them all."""
+    that removes them all. ``owner_walk`` (the profiler's) says which optimizers are offloaded."""
     if optimizer is None and engine is not None:
         optimizer = getattr(engine, "optimizer", None)
     removers: list[Remover] = []
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and _is_deepspeed_wrapper(optimizer):
         removers.append(_label_wrapper_step(optimizer, stack))
-    for opt in inner_torch_optimizers(optimizer):
-        removers.append(_label_torch_optimizer(opt, stack))
+    inner = inner_torch_optimizers(optimizer)
+    owned = owner_walk() if owner_walk is not None and inner else {}
+    for opt in inner:
+        label = HOST_OPTIMIZER_STATE if _updates_host_tensors(opt, owned) else DEVICE_OPTIMIZER_STATE
+        removers.append(_label_torch_optimizer(opt, stack, label))
 
     def remove_all() -> None:
         for remove in reversed(removers):
