@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from memprof.measure import MemoryProfiler, cuda_counters
 from memprof.measure.backends import CudaBackend
 from memprof.measure.dispatch_tracker import label_of
 from memprof.measure.ownership import Owned, owned_storages, storage_key
-from memprof.measure.regions import PeakRegions
+from memprof.measure.regions import LabelStack, PeakRegions, install_regions
 from memprof.run.files import load_run
 
 OTHER_SHARE = 0.01
@@ -146,6 +147,7 @@ def test_zero2_step_names_the_fp32_gradient_partition(z2_run: dict) -> None:
 
 # ---- CUDA: the regions as allocator counters (no GPU here: the counters are simulated) ----------
 DEVICE_GRADS, DEVICE_OPT = label_of("device", "grads"), label_of("device", "optimizer_state")
+DEVICE_OTHER = label_of("device", "other")
 
 
 def test_peak_regions_name_the_layers_above_each_region_start() -> None:
@@ -196,3 +198,21 @@ def test_cuda_step_peak_names_the_region_it_was_reached_in(monkeypatch: pytest.M
     backend._peaks.pop()
     peak = backend.end_phase("step")["peak"]["device"]
     assert peak == {**peak, "params": params, "grads": 400, "optimizer_state": 200, "other": data, "activations": 0}
+
+
+def test_a_region_left_open_by_an_exception_is_closed_by_the_enclosing_one() -> None:
+    tracker = SimpleNamespace(new_label=DEVICE_OTHER)
+    stack = LabelStack(tracker)
+
+    class Inner(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[override]
+            raise RuntimeError("boom")
+
+    inner = Inner([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    wrapper = SimpleNamespace(optimizer=inner, single_partition_of_fp32_groups=[], step=lambda: inner.step())
+    remove = install_regions(stack, optimizer=wrapper)
+    with pytest.raises(RuntimeError, match="boom"):
+        wrapper.step()  # grads region, then the optimizer's, whose post hook never runs
+    assert tracker.new_label == DEVICE_OTHER and stack.depth == 0
+    remove()
+    assert "step" in vars(wrapper) and not inner._optimizer_step_pre_hooks

@@ -64,6 +64,11 @@ class LabelStack:
         if self._saved:
             self._tracker.new_label = self._saved.pop()
 
+    def pop_to(self, depth: int) -> None:
+        """Close the regions opened since ``depth``, an inner one an exception left open too."""
+        while len(self._saved) > depth:
+            self.pop()
+
     def clear(self) -> None:
         self._saved.clear()
 
@@ -105,6 +110,14 @@ class PeakRegions:
                 upper = min(upper, allocated_at_start)
             self.layers, self.peak = layers, peak
         self._open.pop()
+
+    def pop_to(self, depth: int) -> None:
+        while len(self._open) > depth:
+            self.pop()
+
+    @property
+    def depth(self) -> int:
+        return len(self._open)
 
     def clear(self) -> None:
         """A phase starts (or ended): no region open, no peak recorded."""
@@ -164,11 +177,12 @@ def _label_wrapper_step(wrapper: Any, stack: Regions) -> Remover:
     step = wrapper.step
 
     def labelled_step(*args: Any, **kwargs: Any) -> Any:
+        depth = stack.depth
         stack.push(DEVICE_GRADS)
         try:
             return step(*args, **kwargs)
         finally:
-            stack.pop()
+            stack.pop_to(depth)  # also the inner optimizer's region if it raised before its post hook
 
     wrapper.step = labelled_step
 
