@@ -19,16 +19,21 @@ class Category(str, Enum):
     MASTER_PARAMS = "master_params"
     """fp32 master copies of the parameters that DeepSpeed keeps beside low-precision weights."""
     GRADS = "grads"
-    """Gradients: full, bucketed or partitioned, low precision or fp32 accumulators."""
+    """Gradients: full, bucketed or partitioned, low precision or fp32 accumulators, and the working
+    memory of gradient processing in a DeepSpeed optimizer's step (the flattened gradient partition
+    and its fp32 copy, the norm's and unscaling's temporaries: memprof/measure/regions.py)."""
     OPTIMIZER_STATE = "optimizer_state"
     """Per-parameter optimizer state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq,
-    square_avg, sum) and step counters."""
+    square_avg, sum) and step counters, and the working memory of the optimizer's step (e.g. torch
+    Adam's foreach / for-loop temporaries: what the torch optimizer allocates inside ``step()``)."""
     COMM_BUFFERS = "comm_buffers"
-    """Communication buffers: reduce / all-gather buckets, ZeRO-3 prefetch and staging."""
+    """Communication buffers: reduce / all-gather buckets (a reduce bucket whose slices are
+    parameters' ``.grad`` views while they wait to be reduced included), ZeRO-3 prefetch and staging."""
     ACTIVATIONS = "activations"
     """Tensors saved for backward plus working memory of forward and backward."""
     OTHER = "other"
-    """Measured total minus every category above: never dropped, never negative."""
+    """Measured total minus every category above: never dropped, never negative. On CPU what no
+    category's code made and nobody owns (the script's own tensors, e.g. its data set and batches)."""
 
     @property
     def is_model_state(self) -> bool:

@@ -269,8 +269,8 @@ def test_cpu_offload_puts_shards_grads_and_optimizer_state_on_the_host(runs: Pat
     the device peaks of forward and backward (gathered copies, all-gather buffers, activations) lower
     than the same model's without offload by exactly the shards and the optimizer state, and within
     3% of the estimate. Not checkable here: the transfers themselves, pinned buffers, and the step's
-    temporaries (host memory under offload: the step runs on the CPU shards; a CPU tracker labels a
-    storage made in the step phase by phase, so they show as device "other": the step peak is not
+    temporaries (host memory under offload: the step runs on the CPU shards; the optimizer's step is a
+    labelled region, host optimizer_state here (memprof/measure/regions.py): the step peak is not
     compared to the estimate, only checked to hold no model state on the device)."""
     shapes = _gpt2_shapes()
     shards = sum(map(_padded, shapes))

@@ -120,6 +120,23 @@ def test_priority_params_before_optimizer_state() -> None:
     assert b["device"]["params"] == FP32 * p and b["device"]["optimizer_state"] == 0
 
 
+def test_reduce_bucket_wins_over_the_grad_views_into_it() -> None:
+    # ZeRO-2 contiguous_gradients (stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads):
+    # a gradient is copied into the reduce bucket and param.grad points at its slice until the
+    # bucket is reduced. The storage is the bucket: comm_buffers, not grads (Collector.claim).
+    model, p, _ = mlp()
+    bucket = torch.zeros(p + 100)  # reduce_bucket_size elements, larger than the grads in it
+    offset = 0
+    for q in model.parameters():
+        q.grad = bucket[offset:offset + q.numel()].view_as(q)
+        offset += q.numel()
+    master = torch.zeros(p)
+    zero = SimpleNamespace(single_partition_of_fp32_groups=[master], ipg_buckets={torch.float32: SimpleNamespace(buffer=[bucket])})
+    b = owned_breakdown(owned_storages(model=model, optimizer=zero))
+    assert b["device"]["comm_buffers"] == FP32 * (p + 100) and b["device"]["grads"] == 0
+    assert b["device"]["params"] == FP32 * p and b["device"]["master_params"] == FP32 * p
+
+
 def test_none_and_empty_entries_are_skipped() -> None:
     model, _, _ = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

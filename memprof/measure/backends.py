@@ -4,7 +4,8 @@
   allocation and free, so the peak is exact at op granularity and its breakdown is a copy of a
   running tally, relabelled from the ownership walk at phase boundaries.
 * :class:`CudaBackend`: the caching allocator's counters (peak reset per phase), the ownership walk
-  for model states, and no dispatch mode, which keeps the cost to a few reads per phase.
+  for model states, and no dispatch mode, which keeps the cost to a few reads per phase (and one
+  per labelled region's start and end: memprof.measure.regions.PeakRegions).
 
 :class:`~memprof.measure.profiler.MemoryProfiler` owns the steps, the records and the files and asks
 its backend only for what differs: starting, a phase's start and end (its PhaseRecord), the budget
@@ -27,6 +28,7 @@ from memprof.measure.dispatch_tracker import (
     DEVICE_ACTIVATIONS,
     DEVICE_OTHER,
     MODEL_STATE_LABELS,
+    N_CATEGORIES,
     N_LABELS,
     AllocationTracker,
     device_total,
@@ -35,6 +37,7 @@ from memprof.measure.dispatch_tracker import (
     tally_to_breakdown,
 )
 from memprof.measure.oom import SimulatedOutOfMemoryError
+from memprof.measure.regions import LabelStack, PeakRegions, Remover
 
 CpuTracker = AllocationTracker | NativeAllocationTracker
 OwnedMap = Mapping[tuple[str, int], Any]
@@ -146,8 +149,14 @@ class CpuBackend:
         mid_phase_walks: bool,
         multi_rank: bool,
         walks_at_engine_points: bool = False,
+        regions: Callable[[LabelStack], Remover] | None = None,
     ) -> None:
         self._owner_walk = owner_walk
+        # marks the code regions that allocate transients (memprof.measure.regions): installed
+        # when tracking starts, removed when it stops
+        self._regions = regions
+        self._labels: LabelStack | None = None
+        self._remove_regions: Remover | None = None
         self._diagnostics = diagnostics
         self._memory_budget = memory_budget
         # Only a DeepSpeed engine owns buffers that live and die inside one phase (reduce buckets,
@@ -186,9 +195,15 @@ class CpuBackend:
         except native.HookUnavailable as e:  # the hook loaded but cannot be installed here
             self._diagnostics["cpu_tracker"] = f"{AllocationTracker.mechanism} (allocator hook unavailable: {e})"
             self.tracker = started(AllocationTracker(budget_bytes=self._memory_budget))
+        self._labels = LabelStack(self.tracker)
+        if self._regions is not None:
+            self._remove_regions = self._regions(self._labels)
 
     def stop(self) -> None:
         tracker = self._live_tracker()
+        if self._remove_regions is not None:
+            self._remove_regions()
+            self._remove_regions = None
         tracker.__exit__(None, None, None)
         self._diagnostics["negative_clamps"] += tracker.negative_clamps
 
@@ -198,6 +213,7 @@ class CpuBackend:
 
     def begin_phase(self, phase: str) -> None:
         tracker = self._live_tracker()
+        self._close_regions()
         tracker.new_label = DEVICE_ACTIVATIONS if phase in _ACTIVATION_PHASES else DEVICE_OTHER
         # "large" = worth an ownership walk before the phase ends (see tracker.pending)
         tracker.large_bytes = (
@@ -207,12 +223,14 @@ class CpuBackend:
 
     def abandon_phase(self) -> None:
         tracker = self._live_tracker()
+        self._close_regions()
         tracker.new_label = DEVICE_OTHER
         tracker.large_bytes = None
 
     def end_phase(self, phase: str) -> dict[str, Any]:
         self._let_comm_threads_release()
         tracker = self._live_tracker()
+        self._close_regions()
         tracker.new_label = DEVICE_OTHER
         tracker.large_bytes = None
         self._walk_due = False
@@ -247,6 +265,11 @@ class CpuBackend:
         return tally_to_breakdown(tally), exc.total_bytes, exc.budget_bytes
 
     # ---- internals ------------------------------------------------------------------------
+    def _close_regions(self) -> None:
+        """Forget label regions an exception left open (their labels are reset with the phase's)."""
+        if self._labels is not None:
+            self._labels.clear()
+
     def _live_tracker(self) -> AllocationTracker:
         assert self.tracker is not None, "CpuBackend.start() was not called"
         return self.tracker
@@ -319,8 +342,13 @@ class CudaBackend:
     """The caching allocator's counters per phase; unowned bytes split into activations/other."""
 
     def __init__(self, device: torch.device, owner_walk: OwnershipWalk, diagnostics: Diagnostics,
-                 *, memory_budget: int | None) -> None:
+                 *, memory_budget: int | None, regions: Callable[[PeakRegions], Remover] | None = None) -> None:
         self._device = device
+        # the labelled regions (memprof.measure.regions), as counters: which one the peak was in
+        self._regions = regions
+        self._peaks = PeakRegions(lambda: cuda_counters.allocated_and_peak(self._device))
+        self._remove_regions: Remover | None = None
+        self._owned_before = 0  # owned device bytes at the previous phase end
         self._owner_walk = owner_walk
         self._diagnostics = diagnostics
         self._memory_budget = memory_budget
@@ -330,16 +358,22 @@ class CudaBackend:
 
     def start(self) -> None:
         owned = self._tallies.of(self._owner_walk())
-        self._unowned_baseline = max(0, torch.cuda.memory_allocated(self._device) - device_total(owned.tally))
+        self._owned_before = device_total(owned.tally)
+        self._unowned_baseline = max(0, torch.cuda.memory_allocated(self._device) - self._owned_before)
+        if self._regions is not None:
+            self._remove_regions = self._regions(self._peaks)
 
     def stop(self) -> None:
-        pass
+        if self._remove_regions is not None:
+            self._remove_regions()
+            self._remove_regions = None
 
     def begin_step(self) -> None:
         pass  # the baseline of unowned bytes is taken at the end of the previous step
 
     def begin_phase(self, phase: str) -> None:
         cuda_counters.start_phase(self._device)
+        self._peaks.clear()
 
     def abandon_phase(self) -> None:
         pass
@@ -348,7 +382,9 @@ class CudaBackend:
         counters = cuda_counters.read(self._device)
         owned = self._tallies.of(self._owner_walk())
         end = self._breakdown(owned.tally, counters["allocated_bytes"], phase)
-        peak = self._breakdown(owned.tally, counters["peak_allocated_bytes"], phase)
+        peak = self._breakdown(owned.tally, counters["peak_allocated_bytes"], phase, self._peak_layers(owned.tally, counters))
+        self._peaks.clear()
+        self._owned_before = device_total(owned.tally)
         if phase == Phase.BACKWARD.value:
             self._backward_activations = end["device"]["activations"]
         if phase == Phase.STEP.value:
@@ -378,14 +414,36 @@ class CudaBackend:
         breakdown = self._breakdown(owned.tally, allocated, phase or Phase.STEP.value)
         return breakdown, allocated, self._memory_budget or cuda_counters.device_capacity(self._device)
 
-    def _breakdown(self, owned_tally: list[int], allocated: int, phase: str) -> Breakdown:
-        """Owned states by category; the allocated bytes nobody owns split into activations (what
+    def _peak_layers(self, owned_tally: list[int], counters: dict[str, int]) -> dict[int, int]:
+        """The bytes each labelled region had added when the phase peaked, when it peaked inside one
+        (PeakRegions), less the owned bytes the phase added (e.g. Adam's state born in the first
+        step: already counted from the walk), taken from the innermost region first."""
+        if self._peaks.peak != counters["peak_allocated_bytes"]:
+            return {}
+        born = max(0, device_total(owned_tally) - self._owned_before)
+        layers: dict[int, int] = {}
+        for label, n in self._peaks.layers.items():
+            if label >= N_CATEGORIES:
+                continue  # an offloaded optimizer's region: its working memory is not on the GPU
+            taken = min(n, born)
+            born -= taken
+            layers[label] = n - taken
+        return layers
+
+    def _breakdown(self, owned_tally: list[int], allocated: int, phase: str,
+                   region_layers: dict[int, int] | None = None) -> Breakdown:
+        """Owned states by category; the allocated bytes nobody owns go first to the labelled
+        region the peak was reached in (``region_layers``), the rest split into activations (what
         grew since the step start) and other (what was there before). See docs/profiler.md."""
         tally = list(owned_tally)
         unowned = allocated - device_total(owned_tally)
         if unowned < 0:
             self._diagnostics["negative_clamps"] += 1
             unowned = 0
+        for label, n in (region_layers or {}).items():
+            named = min(n, unowned, max(0, unowned - self._unowned_baseline))
+            tally[label] += named
+            unowned -= named
         activations = max(0, unowned - self._unowned_baseline)
         if phase == Phase.STEP.value:
             activations = min(activations, self._backward_activations)

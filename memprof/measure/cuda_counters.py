@@ -32,3 +32,10 @@ def read(device: torch.device) -> dict[str, int]:
 def device_capacity(device: torch.device) -> int:
     """Total memory of the GPU in bytes (the budget of a real OOM)."""
     return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def allocated_and_peak(device: torch.device) -> tuple[int, int]:
+    """(allocated bytes now, the peak since :func:`start_phase`): one read of the allocator's stats,
+    at a labelled region's start and end (memprof.measure.regions.PeakRegions)."""
+    stats: dict[str, Any] = torch.cuda.memory_stats(device)
+    return int(stats.get("allocated_bytes.all.current", 0)), int(stats.get("allocated_bytes.all.peak", 0))

@@ -26,6 +26,7 @@ boundaries; see docs/profiler.md for the rules and the approximations left.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -43,6 +44,7 @@ from memprof.measure.backends import Backend, CpuBackend, CudaBackend, OwnedMap,
 from memprof.measure.gather import gather_records, rank_and_world, render_rank_table, write_run_file
 from memprof.measure.host import HostMemory
 from memprof.measure.oom import oom_record
+from memprof.measure.regions import install_regions
 from memprof.runfile import SCHEMA_VERSION, RankWriter
 from memprof.units import is_positive_int
 
@@ -175,13 +177,18 @@ class MemoryProfiler:
                             # cost outside allocation tracking): phase starts and ends, records
                             "phase_end_seconds": 0.0}
         self._backend: Backend = (
-            CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget)
+            CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget,
+                        regions=functools.partial(install_regions, engine=engine, optimizer=optimizer,
+                                                    owner_walk=self._owner_walk))
             if on_cuda
             else CpuBackend(self._owner_walk, self.diagnostics, memory_budget=memory_budget,
                             # FSDP2 gathers and frees a block's params inside a phase, as ZeRO-3 does;
                             # it walks at its own moments (ownership.fsdp2.Fsdp2GroupWatch)
                             mid_phase_walks=engine is not None or fsdp2 is not None,
-                            multi_rank=self.world_size > 1, walks_at_engine_points=engine is None and fsdp2 is not None)
+                            multi_rank=self.world_size > 1, walks_at_engine_points=engine is None and fsdp2 is not None,
+                            # transients named by the code that makes them (memprof.measure.regions)
+                            regions=functools.partial(install_regions, engine=engine, optimizer=optimizer,
+                                                    owner_walk=self._owner_walk))
         )
         self._active = False
         self._resize_watch: Any = None

@@ -120,6 +120,8 @@ class Collector:
         # ids of the model parameters walked, with their gradients (plain_torch.walk_module), so
         # that an optimizer's param_groups do not offer them again (the offer could only lose)
         self.model_params: set[int] = set()
+        # storages claimed with :meth:`claim`: their category wins over the priority order
+        self.final: set[StorageKey] = set()
 
     def add(self, obj: Any, category: str, offloaded: bool = False) -> None:
         """Every tensor in ``obj`` (a tensor, or containers of them: :func:`iter_tensors`)."""
@@ -149,12 +151,29 @@ class Collector:
         on_cpu = t.is_cpu
         key = ("cpu" if on_cpu else str(t.device), _data_ptr(t, storage))
         held = self.owned.get(key)
-        if held is not None and _PRIORITY[held[0]] <= priority:
+        if held is not None and (_PRIORITY[held[0]] <= priority or key in self.final):
             return
         if self.compute_on_cpu:
             # Every tensor is on the CPU: only ownership (is this state offloaded?) tells them apart.
             on_cpu = offloaded
         self.owned[key] = _new_owned(Owned, (category, _HOST if on_cpu else _DEVICE, nbytes))
+
+    def claim(self, obj: Any, category: str, offloaded: bool = False) -> None:
+        """Every tensor in ``obj`` owned by ``category`` whatever else offers its storage later or
+        earlier: a reduce bucket whose slices are, for a while, parameters' ``.grad`` views (ZeRO-2
+        contiguous_gradients, stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads)
+        holds gradients waiting to be reduced: it is the bucket, comm_buffers, as the estimator
+        counts it, not grads."""
+        for t in ([obj] if isinstance(obj, torch.Tensor) else iter_tensors(obj)):
+            local = getattr(t, "_local_tensor", None)
+            t = local if isinstance(local, torch.Tensor) else t
+            if t.is_meta or t.untyped_storage().nbytes() == 0:
+                continue
+            key = ("cpu" if t.is_cpu else str(t.device), _data_ptr(t, t.untyped_storage()))
+            self.owned.pop(key, None)
+            self.final.discard(key)
+            self.add_tensor(t, category, offloaded)
+            self.final.add(key)
 
     def add_grad_of(self, obj: Any, offloaded: bool = False) -> None:
         """The ``.grad`` of every tensor in ``obj`` (e.g. of the fp32 master partitions)."""

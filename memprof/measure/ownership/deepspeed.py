@@ -42,9 +42,10 @@ def _walk_zero_1_2(col: Collector, zo: Any) -> Placement:
     # Offload: per-param fp32 gradient accumulators on the CPU.
     col.add(getattr(zo, "accumulated_grads_in_cpu", None), GRADS, offload)
     # Reduce buckets: dict dtype -> IPGBucket whose `.buffer` is a list of reduce_bucket_size
-    # tensors (two with overlap_comm), allocated in setup_buckets, cleared after backward.
+    # tensors (two with overlap_comm), allocated in setup_buckets, cleared after backward. With
+    # contiguous_gradients params' .grad are views of it until reduced: the bucket wins (Collector.claim).
     for bucket in list((getattr(zo, "ipg_buckets", None) or {}).values()):
-        col.add(getattr(bucket, "buffer", None), COMM)
+        col.claim(getattr(bucket, "buffer", None), COMM)
     # Offload staging: low-precision copy of the updated partition before the all-gather, and the
     # largest-param-sized gradient transfer buffers (CPU side and accelerator side).
     col.add(getattr(zo, "param_buffer_of_bit16_for_cpu_offload_groups", None), COMM, offload)
@@ -84,7 +85,7 @@ def _walk_zero_3(col: Collector, zo: Any) -> Placement:
     # IPG reduce bucket: dict dtype -> IPGBucketZ3 with one `.buffer` of reduce_bucket_size
     # elements, allocated once in _setup_for_real_optimizer and kept for the whole run.
     for bucket in list((getattr(zo, "ipg_buckets", None) or {}).values()):
-        col.add(getattr(bucket, "buffer", None), COMM)
+        col.claim(getattr(bucket, "buffer", None), COMM)
     # Muon momentum kept beside the optimizer state (also referenced from optimizer.state).
     col.add(getattr(zo, "muon_momentum_buffer_partitioned_groups_flat", None), OPT_STATE, offload_opt)
     col.add(getattr(zo, "_muon_allgather_buffers", None), COMM)

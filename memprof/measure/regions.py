@@ -1,0 +1,219 @@
+"""Labels by region: the code that allocates a CPU storage names it, at allocation time.
+
+An ownership walk names what an engine *holds* at the moment it runs. Tensors born and freed
+between two walks (the fp32 gradient partition ZeRO flattens inside ``step()``, the optimizer's
+foreach temporaries) are never held where a walk looks: without a name given when they are
+allocated they would keep the phase's default label (``other`` in the step). So the profiler
+marks the regions of code that make them, and a CPU tracker labels each new storage with the
+label of the innermost region open (``tracker.new_label``, saved and restored: a label switch
+per region, never Python work per allocation).
+
+Regions installed on the objects the ownership walk already knows (removed when the profiler
+exits; never on a class):
+
+* every inner torch optimizer (``plain_torch.inner_torch_optimizers``): its ``step``, through
+  torch's own ``register_step_pre_hook`` / ``register_step_post_hook``, is ``optimizer_state``:
+  the working memory of the update (foreach / for-loop temporaries) and the state it creates; on
+  the host when the walk places what it updates there (an offloaded optimizer steps on the CPU);
+* a DeepSpeed optimizer wrapper (ZeRO-1/2, ZeRO-3, BF16_Optimizer, FP16 optimizers): its own
+  ``step`` (an attribute set on the INSTANCE) is ``grads``: what it does around the inner step is
+  gradient work (flatten the gradient partition, cast it to fp32, take the norm, unscale and clip:
+  deepspeed/runtime/zero/stage_1_and_2.py step() 3013-3170, stage3.py step() 2873-2931 with
+  _prepare_fp32_grad_for_sub_group, bf16_optimizer.py step(), fp16/fused_optimizer.py step());
+  its inner step is ``optimizer_state`` as above. The all-gather of the updated partitions
+  (all_gather_dp_groups) gathers into the flat parameter buffers (params) and its staging is the
+  collective's own, which the allocator hook does not count (native/allocation_hook.cpp).
+
+Storages still alive at the phase end are then relabelled from the ownership walk as before, so
+a region's label only decides the bytes nobody holds: a transient's.
+
+On CUDA there is no label per block: :class:`PeakRegions` takes the same regions as allocator
+counters read at each region's start and end, and names the bytes the regions had added when the
+phase peaked inside one (CudaBackend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from memprof.measure.dispatch_tracker import label_of
+from memprof.measure.ownership.deepspeed import OPTIMIZER_WALKS
+from memprof.measure.ownership.plain_torch import inner_torch_optimizers
+
+DEVICE_GRADS = label_of("device", "grads")
+DEVICE_OPTIMIZER_STATE = label_of("device", "optimizer_state")
+HOST_OPTIMIZER_STATE = label_of("host", "optimizer_state")
+
+
+class LabelStack:
+    """Nested label regions on a tracker: ``push`` saves ``tracker.new_label`` and sets a new one,
+    ``pop`` restores it. ``clear`` forgets regions a raised exception left open (a phase start)."""
+
+    def __init__(self, tracker: Any) -> None:
+        self._tracker = tracker
+        self._saved: list[int] = []
+
+    def push(self, label: int) -> None:
+        self._saved.append(self._tracker.new_label)
+        self._tracker.new_label = label
+
+    def pop(self) -> None:
+        if self._saved:
+            self._tracker.new_label = self._saved.pop()
+
+    def pop_to(self, depth: int) -> None:
+        """Close the regions opened since ``depth``, an inner one an exception left open too."""
+        while len(self._saved) > depth:
+            self.pop()
+
+    def clear(self) -> None:
+        self._saved.clear()
+
+    @property
+    def depth(self) -> int:
+        return len(self._saved)
+
+
+class PeakRegions:
+    """The same regions on CUDA, where the caching allocator gives counters, not a label per block:
+    which region the phase's peak was reached in, and how many bytes each open region had added
+    (net) by then. ``push`` and ``pop`` read ``allocated_and_peak()`` (allocated now, the phase's
+    peak so far). When a region ends with the phase's peak raised inside it, the bytes above its
+    start are its own and those between an enclosing region's start and the next inner start are
+    the enclosing one's (``layers``, innermost first): net growth, so a block allocated and freed
+    inside a region before the peak counts nowhere, and a region's bytes freed before the peak but
+    after an inner region started are still counted to it (an approximation; see docs/profiler.md)."""
+
+    def __init__(self, allocated_and_peak: Callable[[], tuple[int, int]]) -> None:
+        self._read = allocated_and_peak
+        self._open: list[tuple[int, int, int]] = []  # (label, allocated at start, peak at start)
+        self.peak = -1  # the peak the layers are of; -1: none reached inside a region this phase
+        self.layers: dict[int, int] = {}
+
+    def push(self, label: int) -> None:
+        allocated, peak = self._read()
+        self._open.append((label, allocated, peak))
+
+    def pop(self) -> None:
+        if not self._open:
+            return
+        _, _, peak_at_start = self._open[-1]
+        _, peak = self._read()
+        if peak > peak_at_start and peak > self.peak:
+            layers: dict[int, int] = {}
+            upper = peak
+            for label, allocated_at_start, _ in reversed(self._open):
+                layers[label] = layers.get(label, 0) + max(0, upper - allocated_at_start)
+                upper = min(upper, allocated_at_start)
+            self.layers, self.peak = layers, peak
+        self._open.pop()
+
+    def pop_to(self, depth: int) -> None:
+        while len(self._open) > depth:
+            self.pop()
+
+    @property
+    def depth(self) -> int:
+        return len(self._open)
+
+    def clear(self) -> None:
+        """A phase starts (or ended): no region open, no peak recorded."""
+        self._open.clear()
+        self.peak, self.layers = -1, {}
+
+
+Remover = Callable[[], None]
+
+
+def _is_deepspeed_wrapper(optimizer: Any) -> bool:
+    return any(matches(optimizer) for matches, _ in OPTIMIZER_WALKS)
+
+
+Regions = LabelStack | PeakRegions
+
+
+def _updates_host_tensors(opt: torch.optim.Optimizer, owned: Mapping[tuple[str, int], Any]) -> bool:
+    """Whether the walk placed what ``opt`` updates on the host (ZeRO's offload_optimizer, FSDP2's
+    CPUOffloadPolicy): its step then runs on the CPU and its working memory is host memory."""
+    for group in getattr(opt, "param_groups", None) or []:
+        for p in group.get("params", []) if isinstance(group, dict) else []:
+            local = getattr(p, "_local_tensor", None)
+            t = local if isinstance(local, torch.Tensor) else p
+            try:
+                found = owned.get(("cpu" if t.is_cpu else str(t.device), t.untyped_storage().data_ptr()))
+            except RuntimeError:
+                continue
+            if found is not None:
+                return found.location == "host"
+    return False
+
+
+def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: Regions, label: int) -> Remover:
+    """``opt.step`` as an ``optimizer_state`` region (``label``: on the device, or on the host for
+    an offloaded optimizer), by torch's per-instance step hooks."""
+
+    def pre(_opt: Any, _args: Any, _kwargs: Any) -> None:
+        stack.push(label)
+
+    def post(_opt: Any, _args: Any, _kwargs: Any) -> None:
+        stack.pop()
+
+    handles = [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return remove
+
+
+def _label_wrapper_step(wrapper: Any, stack: Regions) -> Remover:
+    """A DeepSpeed wrapper's ``step`` (set on the instance) as a ``grads`` region."""
+    had_own = "step" in vars(wrapper)
+    previous = vars(wrapper).get("step")
+    step = wrapper.step
+
+    def labelled_step(*args: Any, **kwargs: Any) -> Any:
+        depth = stack.depth
+        stack.push(DEVICE_GRADS)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            stack.pop_to(depth)  # also the inner optimizer's region if it raised before its post hook
+
+    wrapper.step = labelled_step
+
+    def remove() -> None:
+        if vars(wrapper).get("step") is labelled_step:
+            if had_own:
+                wrapper.step = previous
+            else:
+                del wrapper.step
+
+    return remove
+
+
+def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None,
+                    owner_walk: Callable[[], Mapping[tuple[str, int], Any]] | None = None) -> Remover:
+    """Mark the regions above on ``optimizer`` (else ``engine.optimizer``); returns the function
+    that removes them all. ``owner_walk`` (the profiler's) says which optimizers are offloaded."""
+    if optimizer is None and engine is not None:
+        optimizer = getattr(engine, "optimizer", None)
+    removers: list[Remover] = []
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and _is_deepspeed_wrapper(optimizer):
+        removers.append(_label_wrapper_step(optimizer, stack))
+    inner = inner_torch_optimizers(optimizer)
+    owned = owner_walk() if owner_walk is not None and inner else {}
+    for opt in inner:
+        label = HOST_OPTIMIZER_STATE if _updates_host_tensors(opt, owned) else DEVICE_OPTIMIZER_STATE
+        removers.append(_label_torch_optimizer(opt, stack, label))
+
+    def remove_all() -> None:
+        for remove in reversed(removers):
+            remove()
+        stack.clear()
+
+    return remove_all

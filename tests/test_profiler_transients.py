@@ -1,0 +1,223 @@
+"""The profiler names the transients: tensors born and freed inside a phase, between two ownership
+walks, are labelled by the code that made them (memprof/measure/regions.py), so `other` stays
+<= 1% of the step's peak.
+
+* a plain torch Adam step (in-process, both CPU trackers): foreach Adam's temporary
+  (``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)``, torch/optim/adam.py
+  ``_multi_tensor_adam``: one fp32 tensor per parameter) is optimizer_state at the step peak;
+* a ZeRO-2 bf16 step on 2 ranks (the launch tests/test_measured_vs_estimated.py also reads): the
+  fp32 gradient partition ZeRO flattens and casts inside ``step()`` (stage_1_and_2.py
+  ``single_grad_partition = flat_grad_partition.to(fp32)``: partition numel x 4 bytes) is grads.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from launch_helpers import SharedLaunches
+from test_measured_vs_estimated import case_run, zero12_partition
+
+from memprof.measure import MemoryProfiler, cuda_counters
+from memprof.measure.backends import CudaBackend
+from memprof.measure.dispatch_tracker import label_of
+from memprof.measure.ownership import Owned, owned_storages, storage_key
+from memprof.measure.regions import LabelStack, PeakRegions, install_regions
+from memprof.run.files import load_run
+
+OTHER_SHARE = 0.01
+IN, HIDDEN, OUT, BATCH = 256, 1024, 256, 8
+
+
+def _profiled_adam_steps(out: Path, steps: int = 2) -> tuple[dict, int, int]:
+    """(run document, parameter elements, parameter tensors) of a small MLP trained with foreach Adam."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    gc.collect()
+    prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=out)
+    with prof:
+        for i in range(steps):
+            x, y = torch.randn(BATCH, IN), torch.randn(BATCH, OUT)
+            with prof.step(i) as s:
+                with s.phase("forward"):
+                    loss = torch.nn.functional.mse_loss(model(x), y)
+                with s.phase("backward"):
+                    loss.backward()
+                with s.phase("step"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                s.loss = loss
+    doc = prof.finish()
+    assert doc is not None
+    params = list(model.parameters())
+    return doc, sum(p.numel() for p in params), len(params)
+
+
+@pytest.mark.parametrize("tracker", ["allocator", "dispatch"])
+def test_adam_step_temporaries_are_optimizer_state(tmp_path: Path, tracker: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMPROF_CPU_TRACKER", tracker)
+    doc, numel, tensors = _profiled_adam_steps(tmp_path)
+    rank = doc["ranks"][0]
+    for step in rank["steps"]:
+        rec = step["phases"]["step"]
+        peak = rec["peak"]["device"]
+        assert peak["other"] <= OTHER_SHARE * rec["peak_total"], (step["step"], peak)
+        # exp_avg + exp_avg_sq (fp32) + a 4-byte step tensor per parameter, and the foreach
+        # sqrt temporary (fp32, one per parameter) alive while the parameters are updated; the
+        # allocator hook also sees a few bytes of wrapped Python scalars
+        state = 2 * 4 * numel + 4 * tensors
+        assert state + 4 * numel <= peak["optimizer_state"] <= state + 4 * numel + 64, peak
+        assert peak["grads"] == 4 * numel and peak["params"] == 4 * numel
+
+
+def test_an_offloaded_optimizers_working_memory_is_host(tmp_path: Path) -> None:
+    # an optimizer over fp32 masters the walk places on the host (as ZeRO's offload_optimizer
+    # places its partitions): its step runs on the CPU, its temporaries are host memory
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Linear(HIDDEN, OUT))
+    masters = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    optimizer = torch.optim.Adam(masters, lr=1e-3, foreach=True)
+
+    def walk() -> dict:
+        on_device = {storage_key(t) for p in model.parameters() for t in (p, p.grad) if t is not None}
+        return {k: o if k in on_device else o._replace(location="host")
+                for k, o in owned_storages(model=model, optimizer=optimizer).items()}
+
+    numel = sum(p.numel() for p in model.parameters())
+    prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=tmp_path, owner_walk=walk)
+    with prof:
+        for i in range(2):
+            x = torch.randn(BATCH, IN)
+            with prof.step(i) as s:
+                with s.phase("forward"):
+                    loss = model(x).square().mean()
+                with s.phase("backward"):
+                    loss.backward()
+                with s.phase("step"):
+                    for m, p in zip(masters, model.parameters()):
+                        m.grad = p.grad.clone()  # "copied to the host"
+                    optimizer.step()
+                    model.zero_grad(set_to_none=True)
+    doc = prof.finish()
+    assert doc is not None
+    rec = doc["ranks"][0]["steps"][1]["phases"]["step"]
+    peak = rec["peak"]
+    # the device peak holds the params and their grads; the Adam temporaries (4 x numel) that a
+    # device label would have put beside them are host bytes, outside the device total
+    assert peak["device"]["optimizer_state"] == 0 and peak["device"]["other"] <= OTHER_SHARE * rec["peak_total"]
+    assert peak["device"]["params"] == peak["device"]["grads"] == 4 * numel
+    assert peak["host"]["optimizer_state"] == 2 * 4 * numel + 4 * len(masters)
+
+
+def test_regions_are_removed_when_the_profiler_exits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.Adam(model.parameters())
+    with MemoryProfiler(model=model, optimizer=optimizer, out_dir=tmp_path):
+        assert len(optimizer._optimizer_step_pre_hooks) == 1 and len(optimizer._optimizer_step_post_hooks) == 1
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+Z2 = "z2-adamw-bf16-n2"
+
+
+@pytest.fixture(scope="module")
+def z2_run(shared_launches: SharedLaunches) -> dict:
+    return load_run(shared_launches.deepspeed({Z2: case_run(Z2)})[Z2].ok())
+
+
+def test_zero2_step_names_the_fp32_gradient_partition(z2_run: dict) -> None:
+    n = len(z2_run["ranks"])
+    # this rank's fp32 gradient partition: partition numel (the flat group padded to 2N, split
+    # in N) x 4 bytes, made by step() from the bf16 averaged gradients
+    fp32_partition = 4 * zero12_partition(n)
+    # the launcher's tokenised data set is a CPU tensor of the script's: `other` on a CPU run (the
+    # estimate counts it there too, memprof/estimate/core.py _device_other), known from the run
+    data_set = z2_run["run"]["data_tensor_bytes"]
+    assert data_set > 0
+    for rank in z2_run["ranks"]:
+        for step in rank["steps"]:
+            for phase, rec in step["phases"].items():
+                peak = rec["peak"]["device"]
+                unnamed = max(0, peak["other"] - data_set)  # (rank 0's: other ranks' start offsets differ by a few bytes)
+                assert unnamed <= OTHER_SHARE * rec["peak_total"], (rank["rank"], step["step"], phase, peak)
+            if step.get("boundary", True):
+                assert step["phases"]["step"]["peak"]["device"]["grads"] >= fp32_partition, (rank["rank"], step)
+
+
+# ---- CUDA: the regions as allocator counters (no GPU here: the counters are simulated) ----------
+DEVICE_GRADS, DEVICE_OPT = label_of("device", "grads"), label_of("device", "optimizer_state")
+DEVICE_OTHER = label_of("device", "other")
+
+
+def test_peak_regions_name_the_layers_above_each_region_start() -> None:
+    # (allocated, peak so far) at: grads region start, optimizer region start, its end, grads end
+    reads = iter([(100, 100), (150, 180), (120, 260), (120, 260)])
+    regions = PeakRegions(lambda: next(reads))
+    regions.push(DEVICE_GRADS)
+    regions.push(DEVICE_OPT)
+    regions.pop()  # the peak rose to 260 inside: 260 - 150 the optimizer's, 150 - 100 the grads region's
+    regions.pop()  # no higher peak after: unchanged
+    assert regions.peak == 260 and regions.layers == {DEVICE_OPT: 110, DEVICE_GRADS: 50}
+    # a peak reached in the enclosing region after the inner one ended is the enclosing one's alone
+    reads = iter([(100, 100), (150, 150), (150, 170), (120, 300)])
+    regions = PeakRegions(lambda: next(reads))
+    regions.push(DEVICE_GRADS)
+    regions.push(DEVICE_OPT)
+    regions.pop()
+    regions.pop()
+    assert regions.peak == 300 and regions.layers == {DEVICE_GRADS: 200}
+
+
+def test_cuda_step_peak_names_the_region_it_was_reached_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    params, data = 1000, 50  # owned parameters; a tensor of the script's, alive before the step
+    now = {"allocated": params + data, "peak": params + data}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: now["allocated"])
+    monkeypatch.setattr(cuda_counters, "start_phase", lambda device: now.update(peak=now["allocated"]))
+    monkeypatch.setattr(cuda_counters, "allocated_and_peak", lambda device: (now["allocated"], now["peak"]))
+    monkeypatch.setattr(cuda_counters, "read", lambda device: {
+        "allocated_bytes": now["allocated"], "reserved_bytes": now["peak"], "peak_allocated_bytes": now["peak"],
+        "alloc_retries": 0})
+
+    def alloc(n: int) -> None:
+        now["allocated"] += n
+        now["peak"] = max(now["peak"], now["allocated"])
+
+    owned = {("cuda:0", 1): Owned("params", "device", params)}
+    backend = CudaBackend(torch.device("cuda", 0), lambda: owned, {"negative_clamps": 0}, memory_budget=None)
+    backend.start()
+    backend.begin_step()
+    backend.begin_phase("step")
+    backend._peaks.push(DEVICE_GRADS)  # what the DeepSpeed wrapper's step region does
+    alloc(400)  # the fp32 gradient partition
+    backend._peaks.push(DEVICE_OPT)  # the inner torch optimizer's step hooks
+    alloc(200)  # its temporaries
+    alloc(-200)
+    backend._peaks.pop()
+    alloc(-400)
+    backend._peaks.pop()
+    peak = backend.end_phase("step")["peak"]["device"]
+    assert peak == {**peak, "params": params, "grads": 400, "optimizer_state": 200, "other": data, "activations": 0}
+
+
+def test_a_region_left_open_by_an_exception_is_closed_by_the_enclosing_one() -> None:
+    tracker = SimpleNamespace(new_label=DEVICE_OTHER)
+    stack = LabelStack(tracker)
+
+    class Inner(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[override]
+            raise RuntimeError("boom")
+
+    inner = Inner([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    wrapper = SimpleNamespace(optimizer=inner, single_partition_of_fp32_groups=[], step=lambda: inner.step())
+    remove = install_regions(stack, optimizer=wrapper)
+    with pytest.raises(RuntimeError, match="boom"):
+        wrapper.step()  # grads region, then the optimizer's, whose post hook never runs
+    assert tracker.new_label == DEVICE_OTHER and stack.depth == 0
+    remove()
+    assert "step" in vars(wrapper) and not inner._optimizer_step_pre_hooks
