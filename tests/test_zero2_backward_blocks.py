@@ -69,3 +69,29 @@ def test_zero1_offload_keeps_every_grad_through_the_norms_float64_copy():
     r0 = _backward_peak(est, 0)
     assert r0["grads"] == TOTAL * FP32 + 32_768 * FP64 == 894_208
     assert r0["activations"] == 64 * 8 + 4  # freed by then: only the loop's batch ids and loss remain
+
+
+# GPT-2 124M (tied lm_head), 2 ranks, ZeRO-2 fp32, 500,000-element buckets (configs/demo.json), in
+# parameters() order: wte 50,257 x 768 = 38,597,376; wpe 1,024 x 768 = 786,432; per block 7,087,872
+# (ln_1 1,536, c_attn 1,769,472 + 2,304, attn.c_proj 589,824 + 768, ln_2 1,536, c_fc 2,359,296 +
+# 3,072, c_proj 2,359,296 + 768); ln_f 1,536. 124,439,808 in all, a multiple of 4: 62,219,904 a
+# partition. Rank 0 owns wte, wpe, blocks 0-2 and block 3's ln_1; block 3's c_attn.weight
+# [60,648,960, 62,418,432) straddles: grads_in_partition holds 62,418,432 elements on rank 0.
+GPT2_WTE, GPT2_WPE, GPT2_HELD0 = 50_257 * 768, 1_024 * 768, 62_418_432
+
+
+def test_zero2_tied_embedding_sum_is_rank0s_backward_peak():
+    inp = EstimateInputs(model_config=preset_config("gpt2"), model_name="gpt2", world_size=2, zero_stage=2,
+                         micro_batch=2, seq_len=128, device_type="cpu", zero=ZeroKnobs(reduce_bucket_size=500_000))
+    est = estimate(inp)
+    r0 = next(r for r in est.ranks if r.rank == 0)
+    peak = r0.phases["backward"]["device"]
+    # wte's hook is backward's last (one AccumulateGrad node for both uses): when the embedding's
+    # backward returns its share, lm_head's waits in the node's input buffer and torch adds them
+    # out of place: both shares and the sum, 3 x V*H*4 (traced on 2-rank GPT-2 124M: the peak is
+    # that aten.add). Every other hook has run: grads_in_partition exists on rank 0 (block 3's
+    # c_attn.weight was reduced at its ln_1.weight hook), and wpe (786,432 > 500,000 elements)
+    # waits outside the bucket for wte's hook to reduce it (:1446).
+    assert peak["activations"] - r0.rest["device"]["activations"] == 3 * GPT2_WTE * FP32 == 463_168_512
+    assert peak["grads"] == GPT2_HELD0 * FP32 + GPT2_WPE * FP32 == 252_819_456
+    assert peak["comm_buffers"] == 500_000 * FP32

@@ -126,7 +126,9 @@ def _block_moments(lay: StateLayout, acts: Activations | None, act: Callable[[in
                     a = act(level - kept)
                     if sum(m.values()) + a > best_total:
                         best, best_total = {**m, ACT: a}, sum(m.values()) + a
-        return [best] if best is not None else []
+        # after the blocks, a tied embedding's gradient shares summed (deepspeed_zero._stage2_tied_sum)
+        tied = [dict(lay.backward_tied_sum_extra)] if lay.backward_tied_sum_extra else []
+        return ([best] if best is not None else []) + tied
     if lay.backward_blocks_extra is None:
         return []
     extra, size = lay.backward_blocks_extra, lay.backward_blocks_grad_size

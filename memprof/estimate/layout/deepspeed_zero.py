@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from memprof.categories import Category
 from memprof.dsconfig import ELEMENT_SIZE
 from memprof.estimate.activations import GPT2_MLP_OUT_HOOKS
 from memprof.estimate.inputs import EstimateInputs
@@ -40,6 +41,7 @@ from memprof.estimate.layout.state import (
 from memprof.estimate.model_shapes import ModelShape
 from memprof.estimate.optimizers import OPTIMIZER_SPECS, optimizer_state_bytes, uses_deepspeed_adam
 
+ACT = Category.ACTIVATIONS.value
 FP64 = 8  # deepspeed.runtime.zero.utils.get_norm_dtype(): float64 wherever the accelerator has it (CPU, CUDA)
 
 
@@ -193,6 +195,25 @@ def _stage2_blocks_after(s: LayoutSetup, held: int, buckets: int) -> Callable[[i
         return None if found is None else {G: (held if found[0] else 0) + found[1] * s.e, C: buckets}
 
     return after
+
+
+def _stage2_tied_sum(s: LayoutSetup, after: Callable[[int], dict[str, int] | None]) -> dict[str, int]:
+    """ZeRO-2 with tied embeddings: the moment autograd sums the tied weight's gradient shares.
+    Its hook is backward's last (:func:`_backward_hook_order`: the AccumulateGrad node runs once
+    both shares are in); lm_head's share (V*H*e) waited in the node's input buffer since the loss's
+    backward, the embedding's backward returns the other, and torch's InputBuffer::accumulate adds
+    them out of place (:func:`_tied_embedding_sum`): 3 x V*H*e, counted as activations (the sum,
+    the weight's .grad for one hook, is copied into ``grads_in_partition`` or cleared at its
+    reduction, stage_1_and_2.py :2184, :2268). Beside it, the reductions of every other hook
+    (``after`` that many elements): ``grads_in_partition`` once a flush reached this rank's
+    partition, the oversized wpe gradient waiting (:1446), the bucket. On 2-rank GPT-2 124M
+    (ZeRO-2 fp32, buckets 5e5, CPU) this is rank 0's backward peak, at the traced aten.add (2 B
+    of the measured grads + activations, ids aside). Empty untied or where not modelled."""
+    order = _backward_hook_order(s.shape)
+    if not _tied_embedding_sum(s) or order is None or order[-1] != 0:
+        return {}
+    m = after(s.shape.prefix_sums[-1] - s.numels[0])
+    return {} if m is None else {**m, ACT: 3 * s.numels[0] * s.e}
 
 
 def _stage0(s: LayoutSetup, out: StateLayout) -> None:
@@ -568,6 +589,8 @@ def _stage12(s: LayoutSetup, out: StateLayout) -> None:
         out.backward_after_mlp_out_hooks_extra = {G: (grads_end + pad if allocated else 0) + pending * e, C: buckets}
     if stage == 2 and inp.zero.contiguous_gradients:
         out.backward_blocks_after = _stage2_blocks_after(s, rank_grads.held * e, buckets)
+        if out.backward_blocks_after is not None:
+            out.backward_tied_sum_extra = _stage2_tied_sum(s, out.backward_blocks_after)
     # step() (stage_1_and_2.py:3013) with the grads of every param touching the partition
     # still held (averaged_gradients views of grads_in_partition, + the zero tail):
     # (1) scaled_global_norm -> get_grad_norm_direct (:2684): a float64 copy of one piece at

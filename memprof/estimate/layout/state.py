@@ -59,6 +59,10 @@ class StateLayout:
     # the bucket (deepspeed_zero._stage2_hook_states); None for a count no hook boundary reaches, or
     # not modelled
     backward_blocks_after: Callable[[int], dict[str, int] | None] | None = None
+    # ZeRO-2 with tied embeddings: beyond ``rest`` (activations included) when autograd sums the
+    # tied weight's two gradient shares, after every other hook (deepspeed_zero._stage2_tied_sum);
+    # empty where not modelled
+    backward_tied_sum_extra: dict[str, int] = field(default_factory=dict)
     # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
     # Activations.after_mlp_out_hooks); empty where not modelled (deepspeed_zero._stage2_after_mlp_out_hooks)
     backward_after_mlp_out_hooks_extra: dict[str, int] = field(default_factory=dict)
