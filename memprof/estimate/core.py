@@ -117,15 +117,7 @@ def _block_moments(lay: StateLayout, acts: Activations | None, act: Callable[[in
     if lay.backward_blocks_after is not None:
         # ZeRO-2: the same moments beside what the hooks fired by then left (later[i] + own elements);
         # a plain loop keeping the first highest (advise asks this of ~10^5 moments for a 70B model)
-        after, best, best_total = lay.backward_blocks_after, None, -1
-        for i in range(L):
-            kept = (L - 1 - i) * acts.block_kept
-            for level, own in acts.block_moments:
-                m = after(later[i] + own)
-                if m is not None:
-                    a = act(level - kept)
-                    if sum(m.values()) + a > best_total:
-                        best, best_total = {**m, ACT: a}, sum(m.values()) + a
+        best = _stage2_block_moment(lay.backward_blocks_after, acts, act)
         # after the blocks, a tied embedding's gradient shares summed (deepspeed_zero._stage2_tied_sum)
         tied = [dict(lay.backward_tied_sum_extra)] if lay.backward_tied_sum_extra else []
         return ([best] if best is not None else []) + tied
@@ -136,6 +128,34 @@ def _block_moments(lay: StateLayout, acts: Activations | None, act: Callable[[in
                 ACT: act(level - (L - 1 - i) * acts.block_kept)}
                for i in range(L) for level, own in acts.block_moments)
     return [max(moments, key=lambda m: sum(m.values()))]
+
+
+def _stage2_block_moment(after: Callable[[int], dict[str, int] | None], acts: Activations,
+                         act: Callable[[int], int]) -> dict[str, int] | None:
+    """ZeRO-2's highest block moment (:func:`_block_moments`): the first highest in block order
+    (block 0 first, each block's moments in order). Walked from the last block down: a block's
+    activations only shrink with the blocks after it, so once its highest moment beside the most
+    the hooks can leave (``after.most``, where the layout gives it) is below the best so far, no
+    earlier block can be the peak (advise asks this of ~10^5 moments for a 70B model)."""
+    later, L = acts.later_grad_elements, len(acts.later_grad_elements)
+    most = getattr(after, "most", None)
+    top_level = max(level for level, _ in acts.block_moments)
+    best, best_total = None, -1
+    for i in reversed(range(L)):
+        kept = (L - 1 - i) * acts.block_kept
+        if most is not None and act(top_level - kept) + most < best_total:
+            break
+        block_best, block_total = None, -1
+        for level, own in acts.block_moments:
+            m = after(later[i] + own)
+            if m is not None:
+                a = act(level - kept)
+                total = sum(m.values()) + a
+                if total > block_total:  # the first highest within a block
+                    block_best, block_total = {**m, ACT: a}, total
+        if block_best is not None and block_total >= best_total:  # an earlier block wins a tie
+            best, best_total = block_best, block_total
+    return best
 
 
 def _last_block_activations(acts: Activations | None, checkpointing: bool, act: Callable[[int], int]) -> int:

@@ -194,6 +194,8 @@ def _stage2_blocks_after(s: LayoutSetup, held: int, buckets: int) -> Callable[[i
         found = states.get(fired)
         return None if found is None else {G: (held if found[0] else 0) + found[1] * s.e, C: buckets}
 
+    # the most any hook state leaves (core._stage2_block_moment stops walking blocks below it)
+    after.most = held + max((pending for _, pending in states.values()), default=0) * s.e + buckets  # type: ignore[attr-defined]
     return after
 
 

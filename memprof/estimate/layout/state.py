@@ -225,6 +225,8 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
             m = at(fired)
             return None if m is None else plus(m, kept)
 
+        if getattr(at, "most", None) is not None:  # the bound core._stage2_block_moment walks by
+            after.most = at.most + sum(kept.values())  # type: ignore[attr-defined]
         out.backward_blocks_after = after
     for name in ("backward_after_mlp_out_hooks_extra", "backward_mlp_out_weight_hook_extra",
                  "backward_mlp_in_bias_hook_extra"):
