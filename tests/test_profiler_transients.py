@@ -66,7 +66,11 @@ def test_adam_step_temporaries_are_optimizer_state(tmp_path: Path, tracker: str,
     for step in rank["steps"]:
         rec = step["phases"]["step"]
         peak = rec["peak"]["device"]
-        assert peak["other"] <= OTHER_SHARE * rec["peak_total"], (step["step"], peak)
+        # the step names everything it makes: its peak's `other` is at most 1% above what was
+        # `other` before it (whatever earlier tests in this process left alive is seeded as
+        # `other` at the start: 32 MB of it in CI's full suite)
+        before_step = step["phases"]["backward"]["end"]["device"]["other"]
+        assert peak["other"] - before_step <= OTHER_SHARE * rec["peak_total"], (step["step"], before_step, peak)
         # exp_avg + exp_avg_sq (fp32) + a 4-byte step tensor per parameter, and the foreach
         # sqrt temporary (fp32, one per parameter) alive while the parameters are updated; the
         # allocator hook also sees a few bytes of wrapped Python scalars
@@ -105,11 +109,15 @@ def test_an_offloaded_optimizers_working_memory_is_host(tmp_path: Path) -> None:
                     model.zero_grad(set_to_none=True)
     doc = prof.finish()
     assert doc is not None
-    rec = doc["ranks"][0]["steps"][1]["phases"]["step"]
+    phases = doc["ranks"][0]["steps"][1]["phases"]
+    rec = phases["step"]
     peak = rec["peak"]
     # the device peak holds the params and their grads; the Adam temporaries (4 x numel) that a
-    # device label would have put beside them are host bytes, outside the device total
-    assert peak["device"]["optimizer_state"] == 0 and peak["device"]["other"] <= OTHER_SHARE * rec["peak_total"]
+    # device label would have put beside them are host bytes, outside the device total; `other`
+    # grows by at most 1% in the step (earlier tests' leftovers are `other` from the start)
+    before_step = phases["backward"]["end"]["device"]["other"]
+    assert peak["device"]["optimizer_state"] == 0
+    assert peak["device"]["other"] - before_step <= OTHER_SHARE * rec["peak_total"], (before_step, peak)
     assert peak["device"]["params"] == peak["device"]["grads"] == 4 * numel
     assert peak["host"]["optimizer_state"] == 2 * 4 * numel + 4 * len(masters)
 
