@@ -14,9 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     3 out of memory (see :data:`memprof.train.loop.EXIT_OUT_OF_MEMORY`).
     """
     from memprof.train.config import check_precision_supported, parse_args
-    from memprof.train.deepspeed_ops import use_venv_extensions_dir
+    from memprof.train.deepspeed_ops import remember_cpu_info, use_venv_extensions_dir
 
     use_venv_extensions_dir()  # before DeepSpeed is imported: the ops `make install` compiled
+    remember_cpu_info()  # and the CPU facts their build asked for (2.4 s of each rank's start-up)
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         from memprof.train.config import build_arg_parser
