@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The suite on a busy machine (issue 15): CI's command (`.ci/run`, i.e. `make test`) in a fresh clone of this
-# checkout's HEAD, with a 2-rank DeepSpeed launch started every INTERVAL seconds beside it (a user's other jobs),
+# checkout's HEAD, with one 2-rank DeepSpeed launch at a time beside it, a new one every INTERVAL seconds (a user's other jobs),
 # the provocation under which ranks once aborted at exit. Prints the suite's result, every beside launch's exit
 # code, and any rank abort ("terminate called", SIGABRT) found in the suite's or the launches' output.
 #
@@ -16,13 +16,15 @@ cd "$WORK/main" || exit 2
 echo "busy_suite: fresh clone of $(git rev-parse --short HEAD) in $WORK; installing"
 make install > "$WORK/install.log" 2>&1 || { echo "busy_suite: make install failed, see $WORK/install.log"; exit 2; }
 
-beside() {  # one 2-rank launch every INTERVAL s, each on its own port, never waiting for the last
-  local i=0
+beside() {  # one 2-rank launch at a time, a new one every INTERVAL s (or when the last ends, if later)
+  local i=0 pid=""
   while true; do
     i=$((i + 1))
+    [ -n "$pid" ] && wait "$pid"
     DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus 2 --master_port $((29600 + i % 300)) launch/train.py \
       --deepspeed_config configs/demo.json --model gpt2-tiny --steps 3 --out "$WORK/beside/run$i" \
       > "$WORK/beside/run$i.log" 2>&1 &
+    pid=$!
     sleep "$INTERVAL"
   done
 }
