@@ -23,6 +23,31 @@ exits; never on a class):
   its inner step is ``optimizer_state`` as above. The all-gather of the updated partitions
   (all_gather_dp_groups) gathers into the flat parameter buffers (params) and its staging is the
   collective's own, which the allocator hook does not count (native/allocation_hook.cpp).
+* a DeepSpeed engine (any object with the methods below, set on the INSTANCE):
+  ``buffered_allreduce_fallback`` is ``comm_buffers``. It is how the engine all-reduces whole
+  gradients where no ZeRO optimizer partitions them (stage 0, BF16_Optimizer: runtime/engine.py
+  allreduce_gradients 3073-3096, called from _backward_epilogue 3165 in backward, or from step()
+  3603 without managed accumulation): allreduce_no_retain (3828) gathers gradients of one dtype
+  until their elements exceed ``elements_per_buffer`` (MEMORY_OPT_ALLREDUCE_SIZE, 5e8, :151) and
+  allreduce_bucket (3795) flattens them into one new buffer (and a cast copy when
+  ``communication_data_type`` differs), all-reduces it and copies it back: a reduce bucket, the
+  estimator's ``comm_buffers`` at the backward peak too (estimate/layout/deepspeed_zero.py
+  ``_stage0``: ``C: min(total, 500_000_000) * e``). ``clip_fp32_gradients`` (3502, stage 0 fp32
+  with ``gradient_clipping``: runtime/utils.py clip_grad_norm_) is ``grads``: its norms are
+  gradient processing, as a ZeRO wrapper's step's are.
+* torch's gradient clipping, while the profiler is active: ``torch.nn.utils.clip_grad_norm_``
+  calls ``_get_total_norm`` and ``_clip_grads_with_norm_`` (torch/nn/utils/clip_grad.py), looked up
+  as module globals at each call, so replacing those two names catches every caller however it
+  imported ``clip_grad_norm_``; accelerate's ``Accelerator.clip_grad_norm_`` imports the public
+  aliases ``get_total_norm`` / ``clip_grads_with_norm_`` from torch.nn.utils at its call
+  (``_clip_grad_norm_dtensor_aware``), replaced too. Their temporaries (one norm per gradient, the
+  stacked norms, the total, the clip coefficient) are ``grads``: the working memory of gradient
+  processing, as the estimator counts a ZeRO step's norm copies (deepspeed_zero.py
+  ``norm = {G: ...}``); it models none of torch's (a few bytes per tensor). No object the walk
+  knows is called there (clip_grad_norm_ reaches the gradients through ``p.grad``), so these are
+  module attributes, restored when the profiler exits. HF Trainer and accelerate clip between
+  ``backward`` and ``step`` (memprof.integrations), outside every phase; a plain loop clips inside
+  one.
 
 Storages still alive at the phase end are then relabelled from the ownership walk as before, so
 a region's label only decides the bytes nobody holds: a transient's.
@@ -34,6 +59,7 @@ phase peaked inside one (CudaBackend).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +70,7 @@ from memprof.measure.ownership.deepspeed import OPTIMIZER_WALKS
 from memprof.measure.ownership.plain_torch import inner_torch_optimizers
 
 DEVICE_GRADS = label_of("device", "grads")
+DEVICE_COMM_BUFFERS = label_of("device", "comm_buffers")
 DEVICE_OPTIMIZER_STATE = label_of("device", "optimizer_state")
 HOST_OPTIMIZER_STATE = label_of("host", "optimizer_state")
 
@@ -170,39 +197,92 @@ def _label_torch_optimizer(opt: torch.optim.Optimizer, stack: Regions, label: in
     return remove
 
 
-def _label_wrapper_step(wrapper: Any, stack: Regions) -> Remover:
-    """A DeepSpeed wrapper's ``step`` (set on the instance) as a ``grads`` region."""
-    had_own = "step" in vars(wrapper)
-    previous = vars(wrapper).get("step")
-    step = wrapper.step
+def _labelled(function: Callable[..., Any], stack: Regions, label: int) -> Callable[..., Any]:
+    """``function`` run as a ``label`` region: one push and one pop per call."""
 
-    def labelled_step(*args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(function)
+    def labelled(*args: Any, **kwargs: Any) -> Any:
         depth = stack.depth
-        stack.push(DEVICE_GRADS)
+        stack.push(label)
         try:
-            return step(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
-            stack.pop_to(depth)  # also the inner optimizer's region if it raised before its post hook
+            stack.pop_to(depth)  # also an inner region (an optimizer's) that raised before its post hook
 
-    wrapper.step = labelled_step
+    return labelled
+
+
+def _label_method(obj: Any, name: str, stack: Regions, label: int) -> Remover:
+    """``obj.<name>`` (replaced on the INSTANCE, never its class) as a ``label`` region."""
+    had_own = name in vars(obj)
+    previous = vars(obj).get(name)
+    labelled = _labelled(getattr(obj, name), stack, label)
+    setattr(obj, name, labelled)
 
     def remove() -> None:
-        if vars(wrapper).get("step") is labelled_step:
+        if vars(obj).get(name) is labelled:
             if had_own:
-                wrapper.step = previous
+                setattr(obj, name, previous)
             else:
-                del wrapper.step
+                delattr(obj, name)
+
+    return remove
+
+
+def _label_wrapper_step(wrapper: Any, stack: Regions) -> Remover:
+    """A DeepSpeed wrapper's ``step`` (set on the instance) as a ``grads`` region."""
+    return _label_method(wrapper, "step", stack, DEVICE_GRADS)
+
+
+# (method of a DeepSpeed engine, its label): see the module docstring
+_ENGINE_REGIONS = (("buffered_allreduce_fallback", DEVICE_COMM_BUFFERS), ("clip_fp32_gradients", DEVICE_GRADS))
+
+
+def _label_engine(engine: Any, stack: Regions) -> list[Remover]:
+    return [_label_method(engine, name, stack, label) for name, label in _ENGINE_REGIONS
+            if callable(getattr(engine, name, None))]
+
+
+def _torch_clip_functions() -> list[tuple[Any, str]]:
+    """(module, name) of the functions torch's gradient clipping runs through (module docstring):
+    the helpers clip_grad_norm_ calls (torch >= 2.6), or clip_grad_norm_ itself before them."""
+    from torch.nn.utils import clip_grad
+
+    if hasattr(clip_grad, "_get_total_norm") and hasattr(clip_grad, "_clip_grads_with_norm_"):
+        names = [(clip_grad, "_get_total_norm"), (clip_grad, "_clip_grads_with_norm_")]
+        public = ("get_total_norm", "clip_grads_with_norm_")
+    else:
+        names, public = [(clip_grad, "clip_grad_norm_")], ("clip_grad_norm_",)
+    return names + [(torch.nn.utils, n) for n in public if callable(getattr(torch.nn.utils, n, None))]
+
+
+def _label_torch_clipping(stack: Regions) -> Remover:
+    """torch's gradient clipping helpers as ``grads`` regions, while the profiler is active."""
+    replaced: list[tuple[Any, str, Any, Any]] = []
+    for module, name in _torch_clip_functions():
+        original = getattr(module, name)
+        labelled = _labelled(original, stack, DEVICE_GRADS)
+        setattr(module, name, labelled)
+        replaced.append((module, name, original, labelled))
+
+    def remove() -> None:
+        for module, name, original, labelled in reversed(replaced):
+            if getattr(module, name, None) is labelled:  # another profiler's, installed later, stays
+                setattr(module, name, original)
 
     return remove
 
 
 def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None,
                     owner_walk: Callable[[], Mapping[tuple[str, int], Any]] | None = None) -> Remover:
-    """Mark the regions above on ``optimizer`` (else ``engine.optimizer``); returns the function
-    that removes them all. ``owner_walk`` (the profiler's) says which optimizers are offloaded."""
+    """Mark the regions above on ``optimizer`` (else ``engine.optimizer``), ``engine`` and torch's
+    gradient clipping; returns the function that removes them all. ``owner_walk`` (the profiler's)
+    says which optimizers are offloaded."""
     if optimizer is None and engine is not None:
         optimizer = getattr(engine, "optimizer", None)
-    removers: list[Remover] = []
+    removers: list[Remover] = [_label_torch_clipping(stack)]
+    if engine is not None:
+        removers += _label_engine(engine, stack)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and _is_deepspeed_wrapper(optimizer):
         removers.append(_label_wrapper_step(optimizer, stack))
     inner = inner_torch_optimizers(optimizer)
