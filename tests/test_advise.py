@@ -184,10 +184,9 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
     # (none today) "name": ("the advice's change, as it starts", "what its run measured")
 }
 SEQ = 64
-# The launcher keeps its token stream resident (memprof/train/data.py: one int64 per byte of text,
-# plus each rank's window starts, one int64 per ceil((bytes - SEQ + 1) / 2)), counted as `other`,
-# which a setup given by flags does not contain. A 256-byte text keeps them at 8 x (256 + 97) =
-# 2,824 bytes on rank 0, under 0.2% of these peaks.
+# The launcher keeps its token stream resident (memprof/train/data.py: one uint8 per byte of text),
+# counted as `other`, which a setup given by flags does not contain. A 256-byte text keeps it at
+# 256 bytes, under 0.02% of these peaks.
 TEXT_BYTES = 256
 
 
