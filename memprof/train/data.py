@@ -42,8 +42,8 @@ def load_text(path: Path | None = None) -> bytes:
 def tokenize(text: bytes) -> torch.Tensor:
     """Byte-level tokens: a 1-D uint8 tensor of the bytes' values (0..255), one byte per token.
 
-    The stream stays resident for the whole run (``other`` in a CPU run's device memory), so it is
-    kept at one byte a token; ``ByteBatches.next_batch`` widens only the batch to int64 ids.
+    ``ByteBatches`` keeps the stream as a bytearray (outside tensor memory) and widens only each
+    batch to int64 ids.
     """
     # clone: a tensor that owns its memory, not a view of a bytearray kept alive beside it
     return torch.frombuffer(bytearray(text), dtype=torch.uint8).clone()
@@ -63,7 +63,10 @@ class ByteBatches:
                 f"the text has {tokens.numel()} tokens, too few for {world_size} ranks of --seq-len {seq_len} windows: "
                 "use a shorter --seq-len or a longer --data text"
             )
-        self.tokens = tokens
+        # The stream is kept as a bytearray, not a tensor: it is the script's input data, host memory
+        # outside torch's allocator (as a GPU run's data set is outside device memory), so a CPU run's
+        # device total holds only what training computes with. Only each batch is made a tensor.
+        self.stream = bytearray(tokens.numpy().tobytes())
         self.seq_len = seq_len
         self.micro_batch = micro_batch
         # This rank's shard: every world_size-th start offset, beginning at its rank. Its i-th offset
@@ -75,8 +78,9 @@ class ByteBatches:
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
 
     def resident_bytes(self) -> int:
-        """Bytes this sampler keeps alive for the whole run: the token stream (one byte a token)."""
-        return self.tokens.untyped_storage().nbytes()
+        """Tensor bytes this sampler keeps alive for the whole run: none (the token stream is a
+        bytearray, :attr:`stream`; its bytes are in the process's RSS, not in tensor memory)."""
+        return 0
 
     def next_batch(self) -> torch.Tensor:
         """``[micro_batch, seq_len]`` int64 ids: each row a window of this rank's shard."""
@@ -85,5 +89,5 @@ class ByteBatches:
         for row, pick in zip(batch, picks.tolist()):
             start = self.rank + self.world_size * pick
             # copy_ widens the uint8 window into the int64 row: no int64 copy of the stream, no offsets tensor
-            row.copy_(self.tokens[start : start + self.seq_len])
+            row.copy_(torch.frombuffer(self.stream, dtype=torch.uint8, offset=start, count=self.seq_len))
         return batch
