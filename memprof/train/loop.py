@@ -126,8 +126,8 @@ def _model_and_run_meta(config: TrainConfig, dist_facts: DistributedFacts, batch
         model = wrap_with_peft(model, config.peft_config_raw or {})
     run_meta = describe_launched_run(config, dist_facts, count_parameters(model))
     run_meta.update(peft_facts(model))
-    # The script's own resident tensors (the token stream and the batch start offsets) live in the
-    # measured device memory on a CPU run; recorded so the estimate can count them as `other`.
+    # The script's own resident tensors live in the measured device memory on a CPU run; recorded so
+    # the estimate can count them as `other` (the launcher's text is a bytearray, not a tensor: 0).
     run_meta["data_tensor_bytes"] = batches.resident_bytes()
     return model, run_meta
 
