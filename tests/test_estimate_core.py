@@ -313,8 +313,8 @@ def test_peaks_match_cpu_measurements():
     """Phase peak totals measured with memprof's profiler on 2 CPU ranks (launch/train.py, gpt2-tiny,
     micro-batch 2 x seq 128, reduce/allgather/prefetch buckets 1e5, torch AdamW, step 2), when the
     launcher still kept its data set as int64 tokens and window starts (249,144 bytes on rank 0, the
-    run's data_tensor_bytes, given to the estimate as script_resident_bytes; it is the text's bytes
-    now): the estimate is within 0.01% of each."""
+    run's data_tensor_bytes, given to the estimate as script_resident_bytes; it is 0 now, the text
+    outside tensor memory): the estimate is within 0.01% of each."""
     measured = {  # (stage, dtype): (forward, backward, step) peak totals
         (0, "fp32"): (10_511_812, 10_900_916, 2_901_420),
         (0, "bf16"): (9_199_556, 9_326_516, 3_498_412),
