@@ -178,7 +178,8 @@ def describe(run: dict[str, Any]) -> dict[str, Any]:
     if engine == "deepspeed" and not ds and run.get("integration"):
         engine = "torch"  # an integration's run without DeepSpeed, DDP or FSDP2 (the estimate takes it as stage 0)
     trainer = run.get("trainer") or {}
-    kind = run.get("integration") or "launcher"
+    # launch/train.py records its data set's bytes; a user's script under MemoryProfiler does not
+    kind = run.get("integration") or ("launcher" if "data_tensor_bytes" in run else "MemoryProfiler")
     if kind == "trainer" and isinstance(trainer, dict) and trainer.get("trainer_class"):
         kind = f"trainer:{trainer['trainer_class']}"
     return {"kind": kind, "engine": engine, "ranks": run.get("world_size"),
