@@ -314,6 +314,38 @@ def details(infos: list[dict[str, Any]], rows: list[dict[str, Any]], markdown: b
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
 
 
+def per_run(infos: list[dict[str, Any]], rows: list[dict[str, Any]], markdown: bool) -> str:
+    """One line per run: what it is, ``other``'s largest share of each phase's peak (over ranks),
+    how many phase peaks have a category beyond 3% of the peak, and the worst such category with
+    its measured and estimated bytes."""
+    head = ["run", "kind", "engine", "ranks", "stage", "prec", "gas/ckpt/lora", "other/peak % fwd/bwd/step",
+            "peaks beyond 3%", "worst: rank phase category measured -> estimated KiB (Δ % of peak)"]
+    body = []
+    for info in infos:
+        mine = [r for r in rows if r["run"] == info["run"]]
+        flags = f"{info['gas']}/{'y' if info['ckpt'] else 'n'}/{'y' if info['lora'] else 'n'}"
+        other = "/".join(f"{100 * max((r['other_share'] for r in mine if r['phase'] == ph), default=0):.1f}"
+                         for ph in ("forward", "backward", "step"))
+        beyond = [r for r in mine if r["worst"] > TOLERANCE]
+        worst_text = "-"
+        if info["error"]:
+            worst_text = f"not compared: {info['error']}"
+        elif beyond:
+            w = max(beyond, key=lambda r: r["worst"])
+            c = max(w["errors"], key=lambda k: abs(w["errors"][k]))
+            worst_text = (f"{w['rank']} {w['phase']} {c} {w['measured'].get(c, 0) / 1024:,.0f} -> "
+                          f"{w['estimated'].get(c, 0) / 1024:,.0f} ({100 * w['errors'][c]:+.1f})")
+        name = info["run"] + (" (first cycle only)" if info.get("first_cycle_only") else "")
+        body.append([name, info["kind"], info["engine"], str(info["ranks"]),
+                     "-" if info["zero_stage"] is None else str(info["zero_stage"]), str(info["precision"]), flags,
+                     other, f"{len(beyond)} of {len(mine)}", worst_text])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
+
+
 def table(rows: list[dict[str, Any]], top: int | None, markdown: bool) -> str:
     rows = sorted(rows, key=lambda r: -r["worst"])[:top]
     cats = [c for c in ("params", "master_params", "grads", "optimizer_state", "activations", "comm_buffers", "other")
@@ -358,6 +390,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", type=Path, help="run folders to compare instead of launching")
     p.add_argument("--find", nargs="+", type=Path, help="compare every run folder under these folders instead of launching")
     p.add_argument("--recorded", action="store_true", help="compare against the run's recorded estimate, not a fresh one")
+    p.add_argument("--per-run", action="store_true", help="print one line per run (other's share per phase, the worst category)")
     p.add_argument("--details", action="store_true",
                    help="print per run and phase peak other's share and each category beyond 3%% (bytes)")
     p.add_argument("--work", type=Path, default=Path("/tmp/category_survey"), help="where launches write")
@@ -407,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{name}: not compared: {info['error']}")
     if args.out:
         args.out.write_text(json.dumps({"runs": infos, "rows": sorted(rows, key=lambda r: -r["worst"])}, indent=1))
+    if args.per_run:
+        print(per_run(infos, rows, args.markdown))
+        print()
     if args.details:
         print(details(infos, rows, args.markdown))
         print()
