@@ -396,7 +396,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/category_survey"), help="where launches write")
     p.add_argument("--only", nargs="+", choices=sorted(CASES), help="launch only these cases")
     p.add_argument("--keep", action="store_true", help="do not launch a case whose run folder under --work has a memprof.json")
-    p.add_argument("--out", type=Path, help="write every row (measured and estimated bytes too) as JSON")
+    p.add_argument("--out", type=Path,
+                   help='write {"runs": each run\'s description, "rows": every row (measured and estimated bytes too)} as JSON')
     p.add_argument("--top", type=int, default=None, help="print only the N worst rows")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     return p.parse_args(argv)
