@@ -11,6 +11,15 @@ share of that peak, the worst row first.
 
     python benchmarks/category_survey.py --work /tmp/survey --out /tmp/survey.json --markdown
     python benchmarks/category_survey.py --runs /tmp/survey/* --markdown     # re-compare, no launch
+    python benchmarks/category_survey.py --find /tmp/pytest-basetemp --details  # every run folder under it
+
+``--find`` walks folders for run folders (a ``memprof.json`` or ``rank<R>.jsonl`` files: the
+integrations' runs, DDP and FSDP2 runs included), so the tests' own launches can be surveyed from
+their ``--basetemp``. Each run is described (kind: launcher or integration, engine, ranks, ZeRO
+stage, precision, accumulation, checkpointing, LoRA); a run memprof cannot compare (no complete
+step, an estimator error) is listed with the reason and ``other``'s share measured alone.
+``--details`` prints, per run and phase peak, ``other``'s share and every category beyond 3% of
+the peak with its measured and estimated bytes.
 
 The launches use the tests' settings (tests/launch_helpers.py launch_deepspeed: seq 32, micro-batch
 2, the shipped text; tests/test_measured_vs_estimated*.py: 50,000-element buckets, persistence
@@ -130,16 +139,74 @@ def launch(name: str, work: Path) -> Path:
     return out
 
 
-def compare_json(run: Path) -> dict[str, Any]:
-    """``memprof compare RUN --fresh-estimate --json``, in-process: memprof's own comparison."""
+def compare_json(run: Path, recorded: bool = False) -> dict[str, Any]:
+    """``memprof compare RUN --fresh-estimate --json``, in-process: memprof's own comparison (the
+    run's recorded estimate instead with ``recorded``)."""
     from memprof.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["compare", str(run), "--fresh-estimate", "--json"])
+        code = main(["compare", str(run), "--json", *([] if recorded else ["--fresh-estimate"])])
     if code != 0:
         raise RuntimeError(f"memprof compare {run} exited {code}: {err.getvalue().strip()}")
     return json.loads(out.getvalue())
+
+
+def is_run_folder(d: Path) -> bool:
+    return (d / "memprof.json").is_file() or any(d.glob("rank*.jsonl"))
+
+
+def find_runs(roots: list[Path]) -> dict[str, Path]:
+    """Every run folder under ``roots`` (a folder holding memprof.json or rank<R>.jsonl), named by
+    its path below its root (the root's own name when the root is one)."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        for d in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
+            if is_run_folder(d):
+                rel = d.relative_to(root)
+                found[str(Path(root.name) / rel) if str(rel) != "." else root.name] = d
+    return found
+
+
+def describe(run: dict[str, Any]) -> dict[str, Any]:
+    """What kind of run this is, from its ``run`` record (memprof/run/files.py, observed_run.py)."""
+    from memprof.estimate.from_run import recorded_engine
+    from memprof.report.run_engine import precision_of
+
+    engine = recorded_engine(run).value
+    ds = run.get("deepspeed_config") or {}
+    if engine == "deepspeed" and not ds and run.get("integration"):
+        engine = "torch"  # an integration's run without DeepSpeed, DDP or FSDP2 (the estimate takes it as stage 0)
+    trainer = run.get("trainer") or {}
+    # launch/train.py records its data set's bytes; a user's script under MemoryProfiler does not
+    kind = run.get("integration") or ("launcher" if "data_tensor_bytes" in run else "MemoryProfiler")
+    if kind == "trainer" and isinstance(trainer, dict) and trainer.get("trainer_class"):
+        kind = f"trainer:{trainer['trainer_class']}"
+    return {"kind": kind, "engine": engine, "ranks": run.get("world_size"),
+            "zero_stage": run.get("zero_stage") if engine == "deepspeed" else None,
+            "precision": precision_of(run), "gas": run.get("gradient_accumulation_steps") or 1,
+            "ckpt": bool(run.get("activation_checkpointing")), "lora": bool(run.get("peft_config")),
+            "offload": run.get("offload_optimizer") not in (None, "none"),
+            "optimizer": run.get("optimizer"), "model": run.get("model"),
+            "micro_batch": run.get("micro_batch"), "seq_len": run.get("seq_len"),
+            "ds_optimizer": (ds.get("optimizer") or {}).get("type") if isinstance(ds, dict) else None}
+
+
+def measured_only_rows(name: str, run_doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Without an estimate: per (rank, phase) the measured peak and other's share, at the snapshot
+    memprof compare would read (memprof.compare.steady_cycle / peak_snapshots)."""
+    from memprof.compare import peak_snapshots, run_gas, steady_cycle
+
+    rows = []
+    for entry in run_doc["ranks"]:
+        for phase, snap in peak_snapshots(steady_cycle(entry, run_gas(run_doc))).items():
+            rec = snap["phases"][phase]
+            peak, dev = int(rec["peak_total"]), rec["peak"].get("device") or {}
+            rows.append({"run": name, "rank": int(entry["rank"]), "phase": phase, "step": int(snap["step"]),
+                         "peak": peak, "errors": {}, "measured": {k: int(v) for k, v in dev.items()}, "estimated": {},
+                         "other_share": int(dev.get("other", 0)) / peak if peak else 0.0, "worst": 0.0,
+                         "estimated_peak": None})
+    return rows
 
 
 def rows_of(name: str, cmp: dict[str, Any]) -> list[dict[str, Any]]:
@@ -153,10 +220,130 @@ def rows_of(name: str, cmp: dict[str, Any]) -> list[dict[str, Any]]:
         row["measured"][category], row["estimated"][category] = r["measured"], r["estimated"]
         if r["error"] is not None:
             row["errors"][category] = r["error"]
+    for r in cmp["rows"]:
+        if r["what"] == "peak" and (r["rank"], r["name"]) in by_peak:
+            by_peak[(r["rank"], r["name"])]["estimated_peak"] = r["estimated"]
     for row in by_peak.values():
         row["other_share"] = row["measured"].get("other", 0) / row["peak"] if row["peak"] else 0.0
         row["worst"] = max((abs(e) for e in row["errors"].values()), default=0.0)
     return list(by_peak.values())
+
+
+def mark_first_cycle(info: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flag the rows of a run whose only complete cycle is its first (a run stopped early on
+    purpose, tests/test_integration_trainer.py ``raised`` / ``killed``): lazily created optimizer
+    state does not exist in that cycle's forward and backward, so its rows differ from the steady
+    estimate for that reason alone (compare's own warning); :func:`summary` counts them apart."""
+    first = any("first optimizer step" in w for w in info.get("warnings") or [])
+    info["first_cycle_only"] = first
+    for r in rows:
+        r["first_cycle_only"] = first
+    return rows
+
+
+def survey_run(name: str, run: Path, recorded: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's description and its rows; a run memprof cannot compare gets measured-only rows
+    and its reason under ``error``."""
+    from memprof.run.files import load_run
+
+    doc = load_run(run)
+    info = {"run": name, "path": str(run), **describe(doc["run"]), "error": None, "note": None}
+    try:
+        cmp = compare_json(run, recorded)
+        info["warnings"] = cmp.get("warnings") or []
+        return info, mark_first_cycle(info, rows_of(name, cmp))
+    except Exception as e:  # noqa: BLE001 - the survey lists what it could not compare, and why
+        info["error"] = " ".join(str(e).split())[:300]
+    if "not a multiple of the node count" in info["error"] and not recorded:
+        # ranks spread unevenly over nodes (tests/test_launch_torchrun.py: 2 + 1): the estimator
+        # refuses the node count, which only sizes host memory per node; each rank's device
+        # estimate does not depend on it, so compare against the estimate for one node
+        from memprof.compare import compare_run
+        from memprof.estimate import estimate, inputs_from_run
+
+        one_node = {**doc["run"], "nodes": 1}
+        cmp = compare_run(doc, estimate(inputs_from_run(one_node)).to_json()).to_json()
+        info["note"], info["error"] = f"estimated as 1 node ({info['error'].split('error: ')[-1]})", None
+        info["warnings"] = cmp.get("warnings") or []
+        return info, mark_first_cycle(info, rows_of(name, cmp))
+    if info["error"]:
+        try:
+            return info, measured_only_rows(name, doc)
+        except Exception as e2:  # noqa: BLE001
+            info["error"] += f"; measured rows: {e2}"
+    return info, []
+
+
+TOLERANCE = 0.03
+
+
+def details(infos: list[dict[str, Any]], rows: list[dict[str, Any]], markdown: bool) -> str:
+    """Per run and phase peak: other's share and every category beyond 3% of the peak (measured ->
+    estimated KiB, Δ % of the peak); ranks with the same figures are merged."""
+    head = ["run", "kind", "engine", "ranks", "stage", "prec", "gas/ckpt/lora", "phase", "ranks shown", "peak KiB",
+            "est. peak KiB", "other/peak %", "categories beyond 3% of the peak: measured -> estimated KiB (Δ % of peak)"]
+    body = []
+    for info in infos:
+        mine = [r for r in rows if r["run"] == info["run"]]
+        flags = f"{info['gas']}/{'y' if info['ckpt'] else 'n'}/{'y' if info['lora'] else 'n'}"
+        label = info["run"] + (" (first cycle only)" if info.get("first_cycle_only") else "")
+        lead = [label, info["kind"], info["engine"], str(info["ranks"]),
+                "-" if info["zero_stage"] is None else str(info["zero_stage"]), str(info["precision"]), flags]
+        if not mine:
+            body.append([*lead, "-", "-", "-", "-", "-", f"not compared: {info['error']}"])
+            continue
+        merged: dict[tuple, list[int]] = {}
+        for phase in ("forward", "backward", "step"):
+            for r in sorted((r for r in mine if r["phase"] == phase), key=lambda r: r["rank"]):
+                misses = tuple(sorted((c, r["measured"].get(c, 0), r["estimated"].get(c, 0), round(e, 3))
+                                      for c, e in r["errors"].items() if abs(e) > TOLERANCE))
+                key = (phase, r["peak"] // 1024, (r.get("estimated_peak") or 0) // 1024, round(r["other_share"], 3), misses)
+                merged.setdefault(key, []).append(r["rank"])
+        for (phase, peak, est_peak, other, misses), ranks in merged.items():
+            text = "; ".join(f"{c} {m / 1024:,.0f} -> {e / 1024:,.0f} ({100 * d:+.1f})" for c, m, e, d in misses)
+            if info["error"]:
+                text = f"no estimate: {info['error']}"
+            elif info.get("note"):
+                text = f"{text or 'none'} [{info['note']}]"
+            body.append([*lead, phase, ",".join(map(str, ranks)), f"{peak:,}", f"{est_peak:,}" if est_peak else "-",
+                         f"{100 * other:.1f}", text or "none"])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
+
+
+def per_run(infos: list[dict[str, Any]], rows: list[dict[str, Any]], markdown: bool) -> str:
+    """One line per run: what it is, ``other``'s largest share of each phase's peak (over ranks),
+    how many phase peaks have a category beyond 3% of the peak, and the worst such category with
+    its measured and estimated bytes."""
+    head = ["run", "kind", "engine", "ranks", "stage", "prec", "gas/ckpt/lora", "other/peak % fwd/bwd/step",
+            "peaks beyond 3%", "worst: rank phase category measured -> estimated KiB (Δ % of peak)"]
+    body = []
+    for info in infos:
+        mine = [r for r in rows if r["run"] == info["run"]]
+        flags = f"{info['gas']}/{'y' if info['ckpt'] else 'n'}/{'y' if info['lora'] else 'n'}"
+        other = "/".join(f"{100 * max((r['other_share'] for r in mine if r['phase'] == ph), default=0):.1f}"
+                         for ph in ("forward", "backward", "step"))
+        beyond = [r for r in mine if r["worst"] > TOLERANCE]
+        worst_text = "-"
+        if info["error"]:
+            worst_text = f"not compared: {info['error']}"
+        elif beyond:
+            w = max(beyond, key=lambda r: r["worst"])
+            c = max(w["errors"], key=lambda k: abs(w["errors"][k]))
+            worst_text = (f"{w['rank']} {w['phase']} {c} {w['measured'].get(c, 0) / 1024:,.0f} -> "
+                          f"{w['estimated'].get(c, 0) / 1024:,.0f} ({100 * w['errors'][c]:+.1f})")
+        name = info["run"] + (" (first cycle only)" if info.get("first_cycle_only") else "")
+        body.append([name, info["kind"], info["engine"], str(info["ranks"]),
+                     "-" if info["zero_stage"] is None else str(info["zero_stage"]), str(info["precision"]), flags,
+                     other, f"{len(beyond)} of {len(mine)}", worst_text])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
 
 
 def table(rows: list[dict[str, Any]], top: int | None, markdown: bool) -> str:
@@ -174,17 +361,24 @@ def table(rows: list[dict[str, Any]], top: int | None, markdown: bool) -> str:
 
 
 def summary(rows: list[dict[str, Any]], markdown: bool) -> str:
-    """Per phase: peaks, how many have a category off by more than 3% of the peak, and the worst."""
-    head = ["phase", "peaks", "beyond 3% of the peak", "worst (run, rank: category Δ % of peak)"]
+    """Per phase: peaks, how many have a category off by more than 3% of the peak, and the worst
+    (runs whose only complete cycle is the first left out: :func:`mark_first_cycle`)."""
+    head = ["phase", "peaks compared", "beyond 3% of the peak", "worst (run, rank: category Δ % of peak)"]
     body = []
     for phase in ("forward", "backward", "step"):
-        mine = [r for r in rows if r["phase"] == phase]
+        mine = [r for r in rows if r["phase"] == phase and not r.get("first_cycle_only")]
         if not mine:
             continue
         worst = max(mine, key=lambda r: r["worst"])
+        compared = [r for r in mine if r["errors"]]
+        if not worst["errors"]:
+            body.append([phase, f"{len(compared)} of {len(mine)}", "0", "-"])
+            continue
         cat = max(worst["errors"], key=lambda c: abs(worst["errors"][c]))
-        body.append([phase, str(len(mine)), str(sum(r["worst"] > 0.03 for r in mine)),
-                     f"{worst['run']}, {worst['rank']}: {cat} {100 * worst['errors'][cat]:+.1f}"])
+        other_over = sum(r["other_share"] > 0.01 for r in mine)
+        body.append([phase, f"{len(compared)} of {len(mine)}", str(sum(r["worst"] > TOLERANCE for r in compared)),
+                     f"{worst['run']}, {worst['rank']}: {cat} {100 * worst['errors'][cat]:+.1f}; "
+                     f"other > 1% of the peak at {other_over} of {len(mine)}"])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
                          ["| " + " | ".join(b) + " |" for b in body])
@@ -194,10 +388,16 @@ def summary(rows: list[dict[str, Any]], markdown: bool) -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", type=Path, help="run folders to compare instead of launching")
+    p.add_argument("--find", nargs="+", type=Path, help="compare every run folder under these folders instead of launching")
+    p.add_argument("--recorded", action="store_true", help="compare against the run's recorded estimate, not a fresh one")
+    p.add_argument("--per-run", action="store_true", help="print one line per run (other's share per phase, the worst category)")
+    p.add_argument("--details", action="store_true",
+                   help="print per run and phase peak other's share and each category beyond 3%% (bytes)")
     p.add_argument("--work", type=Path, default=Path("/tmp/category_survey"), help="where launches write")
     p.add_argument("--only", nargs="+", choices=sorted(CASES), help="launch only these cases")
     p.add_argument("--keep", action="store_true", help="do not launch a case whose run folder under --work has a memprof.json")
-    p.add_argument("--out", type=Path, help="write every row (measured and estimated bytes too) as JSON")
+    p.add_argument("--out", type=Path,
+                   help='write {"runs": each run\'s description, "rows": every row (measured and estimated bytes too)} as JSON')
     p.add_argument("--top", type=int, default=None, help="print only the N worst rows")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     return p.parse_args(argv)
@@ -205,10 +405,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    if args.runs:
-        bad = [str(d) for d in args.runs if not (d / "memprof.json").is_file()]
+    if args.find:
+        bad = [str(d) for d in args.find if not d.is_dir()]
         if bad:
-            print(f"error: no memprof.json in {', '.join(bad)}", file=sys.stderr)
+            print(f"error: not a folder: {', '.join(bad)}", file=sys.stderr)
+            return 2
+        runs = find_runs(args.find)
+    elif args.runs:
+        bad = [str(d) for d in args.runs if not is_run_folder(d)]
+        if bad:
+            print(f"error: no memprof.json or rank<R>.jsonl in {', '.join(bad)}", file=sys.stderr)
             return 2
         runs = {d.name: d for d in args.runs}
     else:
@@ -226,10 +432,21 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 say(f"FAILED {e}")
     rows: list[dict[str, Any]] = []
+    infos: list[dict[str, Any]] = []
     for name, run in runs.items():
-        rows += rows_of(name, compare_json(run))
+        info, mine = survey_run(name, run, args.recorded)
+        infos.append(info)
+        rows += mine
+        if info["error"]:
+            say(f"{name}: not compared: {info['error']}")
     if args.out:
-        args.out.write_text(json.dumps(sorted(rows, key=lambda r: -r["worst"]), indent=1))
+        args.out.write_text(json.dumps({"runs": infos, "rows": sorted(rows, key=lambda r: -r["worst"])}, indent=1))
+    if args.per_run:
+        print(per_run(infos, rows, args.markdown))
+        print()
+    if args.details:
+        print(details(infos, rows, args.markdown))
+        print()
     print(table(rows, args.top, args.markdown))
     print()
     print(summary(rows, args.markdown))

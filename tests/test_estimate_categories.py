@@ -121,3 +121,29 @@ def test_stage1_reduction_walk_frees_the_bucketed_grads_before_grads_in_partitio
     est = estimate(inputs_from_run(doc))
     for r, measured in zip(est.ranks, (2_836_624, 2_836_616)):
         assert abs(r.phase_total("backward") - measured) <= 16, r.rank
+
+
+def test_tied_embedding_sum_shares_are_activations_at_stage0_and_stage1():
+    # gpt2-tiny ties lm_head to wte (V x H = 32,768 elements). Where every param.grad is kept
+    # through backward (ZeRO-0; ZeRO-1 without overlap_comm), backward's last moment is autograd
+    # summing the tied weight's two gradient shares (lm_head's, waiting in the AccumulateGrad
+    # node's input buffer since the loss's backward, and the embedding backward's output) out of
+    # place: the sum becomes wte's .grad (in the 4P of every param.grad), the two shares
+    # (2 x V*H*4 = 262,144 B) are autograd's, not any parameter's .grad: activations. Measured so
+    # on a 1-rank ZeRO-0 fp32 HF run (tests/test_integration_recorder.py's accelerate run:
+    # backward peak grads 596,992 B, activations 262,144 B)
+    shares = 2 * V * H * 4
+    assert shares == 262_144
+    doc = run_doc(0, False)
+    doc["world_size"] = 1  # one rank: no all-reduce copy, the tied sum is the end moment
+    assert layout(doc).backward_end_extra == {"grads": 4 * P, "activations": shares}
+    # ZeRO-1 fp32, no overlap_comm, 2 ranks, 50,000-element buckets: reduce_gradients runs after
+    # loss.backward() returned (stage_1_and_2.py:958), so the tied sum happens beside every
+    # param.grad (4P; P = 149,248 is a multiple of 2N = 4: no zero tail) and the bucket
+    # (50,000 x 4 B, allocated at the first hook); it is above the later moment when
+    # grads_in_partition is allocated (at most P - 32,768 + P/2 elements of gradient: the first
+    # reduction holds wte, 32,768 elements, freed into the bucket), so the same naming holds
+    assert (P - V * H + P // 2) * 4 < 4 * P + shares
+    for rank in (0, 1):
+        z1 = layout(run_doc(1, False, reduce_bucket_size=50_000), rank)
+        assert z1.backward_end_extra == {"grads": 4 * P, "comm_buffers": 200_000, "activations": shares}
