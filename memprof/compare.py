@@ -363,8 +363,10 @@ class RankDifference:
         return said
 
     def to_json(self) -> dict[str, Any]:
+        cause = self.cause
         return dict(asdict(self), spread=self.spread, words=self.words(),
-                    cause=None if self.cause is None else self.cause.category)
+                    cause=None if cause is None else cause.category,
+                    cause_owner=None if cause is None else cause.owner)
 
 
 def _signed(n: int) -> str:

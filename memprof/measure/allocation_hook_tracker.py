@@ -207,22 +207,28 @@ class NativeAllocationTracker:
 
     # ---- relabelling (phase boundaries) ----------------------------------------------------
     def relabel_owned(self, owned_labels: Mapping[tuple[str, int], int], unowned: Mapping[int, int],
-                      snapshot: str | None) -> set[tuple[str, int]]:
-        """Owned storages take their owner's label; an unowned one whose label is a key of
-        ``unowned`` takes the mapped label; ``snapshot`` ("peak" / "oom" / None) is fixed for the
-        storages alive at it. Returns the owned keys that are not live allocations here."""
+                      snapshot: str | None, owners: Mapping[tuple[str, int], int] | None = None) -> set[tuple[str, int]]:
+        """Owned storages take their owner's label (and their owner's index from ``owners``); an
+        unowned one whose label is a key of ``unowned`` takes the mapped label; ``snapshot``
+        ("peak" / "oom" / None) is fixed for the storages alive at it. Returns the owned keys that
+        are not live allocations here."""
         self._refresh_seeded()
         cpu = _cpu_blocks(owned_labels)
-        missing = self._hook.relabel(cpu, dict(unowned), snapshot == "peak", snapshot == "oom")
+        missing = self._hook.relabel(cpu, dict(unowned), snapshot == "peak", snapshot == "oom", _cpu_blocks(owners or {}))
         out = {("cpu", int(p)) for p in missing}
         # other devices, and keys no block has (memprof.measure.ownership.DdpBuckets: negative)
         out.update(key for key in owned_labels if key[0] != "cpu" or key[1] <= 0)
         return out
 
-    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int]) -> None:
+    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int],
+                        owners: Mapping[tuple[str, int], int] | None = None) -> None:
         """Label the large storages allocated since the last walk that have an owner now (also in
-        the current peak); the others stay pending."""
-        self._hook.relabel_pending(_cpu_blocks(owned_labels))
+        the current peak; their owner's index from ``owners``); the others stay pending."""
+        self._hook.relabel_pending(_cpu_blocks(owned_labels), _cpu_blocks(owners or {}))
+
+    def peak_owners(self) -> list[int]:
+        """Bytes per owner index at the current peak (an index past the end: 0)."""
+        return list(self._hook.peak_owners())
 
     # ---- the budget ------------------------------------------------------------------------
     def simulated_oom(self, exc: BaseException) -> SimulatedOutOfMemoryError | None:
