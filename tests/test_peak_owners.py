@@ -203,8 +203,76 @@ def test_a_category_keeps_its_largest_owners_and_sums_the_rest() -> None:
     owner_bytes = {index(PARAMS, f"p{i}"): 100 * (i + 1) for i in range(n)}  # p{n-1} the largest
     peak = empty_breakdown()
     peak["device"]["params"] = sum(owner_bytes.values()) + 7  # 7 bytes nobody named
-    got = peak_owners_record(owner_bytes, index, peak)["device"]["params"]
+    got = peak_owners_record(owner_bytes.items(), index, peak)["device"]["params"]
     kept = [f"p{i}" for i in range(n - 1, n - 1 - PEAK_OWNERS_TOP, -1)]
     assert list(got) == [*kept, OTHERS, UNNAMED]
     assert got[OTHERS] == sum(100 * (i + 1) for i in range(3)) and got[UNNAMED] == 7
     assert sum(got.values()) == peak["device"]["params"]
+
+
+# ---- a real 2-rank run whose ranks differ ---------------------------------------------------------
+# ZeRO-2 with a 4096-element reduce bucket and accumulation (tests/test_measured_vs_estimated.py):
+# rank 1 owns the last params, so its backward peaks with more activations alive, and the two
+# ranks' gradient partitions differ by the parameter that straddles the partition boundary
+UNEVEN = "z2-adamw-fp32-bucket4096-gas2-n2"
+
+
+@pytest.fixture(scope="module")
+def uneven_run(shared_launches) -> tuple[Path, dict]:
+    from test_measured_vs_estimated import case_run
+
+    from memprof.run.files import load_run
+
+    out = shared_launches.deepspeed({UNEVEN: case_run(UNEVEN)})[UNEVEN].ok()
+    return out, load_run(out)
+
+
+def _gradient_partition_numels(n: int) -> list[int]:
+    """Per rank, the elements of ZeRO-2's contiguous gradient buffer: the full numel of every
+    parameter in its partition (stage_1_and_2.py copy_grads_in_partition, 2184-2192: `total_size +=
+    param_in_partition.numel()`), where a parameter is in partition r when it starts inside it or
+    straddles its start (get_partition_info, 2579-2609), the flat group being the parameters in
+    model order (round_robin_gradients off) split in parts of zero12_partition(n) elements."""
+    from test_measured_vs_estimated import param_numels, zero12_partition
+
+    part = zero12_partition(n)
+    starts, at = [], 0
+    for k in param_numels():
+        starts.append(at)
+        at += k
+    out = []
+    for r in range(n):
+        lo, hi = r * part, (r + 1) * part
+        out.append(sum(k for s, k in zip(starts, param_numels()) if lo <= s < hi or s < lo < s + k))
+    return out
+
+
+def test_the_owner_of_the_uneven_gradient_partition_is_named(uneven_run) -> None:
+    from launch_helpers import memprof_in_process
+
+    from memprof.compare import rank_differences
+    from memprof.units import format_bytes
+
+    out, doc = uneven_run
+    numels = _gradient_partition_numels(2)
+    assert numels[1] > numels[0]  # rank 1 holds the straddling parameter and everything after it
+    (d,) = [x for x in rank_differences(doc) if x.phase == "backward"]
+    assert (d.heavier_rank, d.lighter_rank) == (1, 0)
+    grads = next(g for g in d.gaps if g.category == "grads")
+    assert (grads.heavier, grads.lighter) == (FP32 * numels[1], FP32 * numels[0])
+    # at the backward's end the buffer is reached through the averaged gradients, views of it
+    owner = "averaged gradient partition, group 0"
+    assert (grads.owner, grads.owner_difference) == (owner, FP32 * (numels[1] - numels[0]))
+    # the peak's cause is unowned (activations): the words name the owned difference beside it
+    assert d.cause is not None and d.cause.owner is None and d.held_cause is grads
+    said = f"the largest difference is {owner} (grads), +{format_bytes(FP32 * (numels[1] - numels[0]))}"
+    assert said in d.words()
+    res = memprof_in_process("compare", str(out), "--fresh-estimate")
+    assert res.returncode == 0, res.stderr
+    assert said in " ".join(res.stdout.split())
+    # the report's list of rank differences carries the same words, and the owner as data
+    from memprof.report.data import build_report_data
+
+    (shown,) = [x for x in build_report_data([doc])["runs"][0]["rank_differences"] if x["phase"] == "backward"]
+    assert shown["words"] == d.words() and shown["held_owner"] == {"category": "grads", "owner": owner,
+                                                                    "difference": FP32 * (numels[1] - numels[0])}

@@ -15,8 +15,9 @@ check and the breakdown at an out-of-memory error. See docs/profiler.md for the 
 from __future__ import annotations
 
 import gc
+import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -37,7 +38,7 @@ from memprof.measure.dispatch_tracker import (
     tally_to_breakdown,
 )
 from memprof.measure.oom import SimulatedOutOfMemoryError
-from memprof.measure.ownership.core import UNNAMED
+from memprof.measure.ownership.core import UNNAMED, Owned
 from memprof.measure.regions import LabelStack, PeakRegions, Remover
 
 CpuTracker = AllocationTracker | NativeAllocationTracker
@@ -68,20 +69,24 @@ OTHERS = "(others)"
 
 
 class OwnerIndex:
-    """Owner names as small integers for the trackers (which keep bytes per index): index ->
-    (label, name), one index per pair, growing as walks name new owners (bounded by the model's
-    structure: names are parameters' and engine buffers')."""
+    """Owner names as small integers for the trackers (which keep bytes per index): index i is the
+    owner ``names[i]`` of the storages labelled ``labels[i]``, one index per (label, name), growing
+    as walks name new owners (bounded by the model's structure: names are parameters' and engine
+    buffers')."""
 
     def __init__(self) -> None:
-        self._index: dict[tuple[int, str], int] = {}
-        self.pairs: list[tuple[int, str]] = []
+        self._of_label: list[dict[str, int]] = [{} for _ in range(N_LABELS)]
+        self.labels: list[int] = []
+        self.names: list[str] = []
 
     def __call__(self, label: int, name: str) -> int:
-        pair = (label, name or UNNAMED)
-        i = self._index.get(pair)
-        if i is None:
-            i = self._index[pair] = len(self.pairs)
-            self.pairs.append(pair)
+        i = self._of_label[label].get(name)
+        return self._add(label, name) if i is None else i
+
+    def _add(self, label: int, name: str) -> int:
+        i = self._of_label[label][name] = len(self.names)
+        self.labels.append(label)
+        self.names.append(name or UNNAMED)
         return i
 
 
@@ -105,6 +110,7 @@ def tally_owned(owned: OwnedMap, index: OwnerIndex | None = None) -> OwnedTally:
     nbytes: dict[tuple[str, int], int] = {}
     owners: dict[tuple[str, int], int] = {}
     owner_bytes: dict[int, int] = {}
+    of_label = index._of_label  # OwnerIndex.__call__, inlined: hundreds of storages per walk
     for key, o in owned.items():
         label = _LABEL_OF_PAIR.get((o.location, o.category))
         if label is None:
@@ -113,7 +119,11 @@ def tally_owned(owned: OwnedMap, index: OwnerIndex | None = None) -> OwnedTally:
         labels[key] = label
         nbytes[key] = n
         tally[label] += n
-        owner = owners[key] = index(label, getattr(o, "owner", ""))
+        name = o.owner if type(o) is Owned else getattr(o, "owner", "")
+        owner = of_label[label].get(name)
+        if owner is None:
+            owner = index._add(label, name)
+        owners[key] = owner
         owner_bytes[owner] = owner_bytes.get(owner, 0) + n
     return OwnedTally(tally, labels, nbytes, owners, owner_bytes)
 
@@ -134,18 +144,21 @@ class OwnedTallies:
         return self._tallied
 
 
-def peak_owners_record(owner_bytes: Mapping[int, int], index: OwnerIndex, peak: Breakdown) -> dict[str, Any]:
+def peak_owners_record(owner_bytes: Iterable[tuple[int, int]], index: OwnerIndex, peak: Breakdown) -> dict[str, Any]:
     """A phase record's ``peak_owners`` (memprof.compare.PEAK_OWNERS_KEY): ``{location: {category:
     {owner: bytes}}}`` of every model-state category with bytes at the peak, from the bytes per
-    owner index there; the :data:`PEAK_OWNERS_TOP` largest owners by name, the rest as
-    :data:`OTHERS`, and the category's bytes at the peak no named owner accounts for as
-    :data:`~memprof.measure.ownership.core.UNNAMED`."""
+    owner index there (``(index, bytes)`` pairs; an index may come twice); the
+    :data:`PEAK_OWNERS_TOP` largest owners by name, the rest as :data:`OTHERS`, and the category's
+    bytes at the peak no named owner accounts for as :data:`~memprof.measure.ownership.core.UNNAMED`."""
+    labels, names = index.labels, index.names
     named: dict[int, dict[str, int]] = {}
-    for i, n in owner_bytes.items():
+    for i, n in owner_bytes:
         if n > 0:
-            label, name = index.pairs[i]
-            by_name = named.setdefault(label, {})
-            by_name[name] = by_name.get(name, 0) + int(n)
+            by_name = named.get(labels[i])
+            if by_name is None:
+                by_name = named[labels[i]] = {}
+            name = names[i]
+            by_name[name] = by_name.get(name, 0) + n
     out: dict[str, Any] = {}
     for label in sorted(MODEL_STATE_LABELS):
         location, category = LOCATIONS[label // N_CATEGORIES], CATEGORIES[label % N_CATEGORIES]
@@ -238,6 +251,7 @@ class CpuBackend:
         self._walk_due = False
         self._multi_rank = multi_rank
         self._tallies = OwnedTallies()
+        self._last_owners: dict[str, tuple[Any, dict[str, Any]]] = {}  # phase -> (inputs, peak_owners)
         self.tracker: CpuTracker | None = None
 
     def start(self) -> None:
@@ -309,16 +323,24 @@ class CpuBackend:
         # who holds the peak's bytes: the tracker's bytes per owner at the peak moment (kept beside
         # its tally, copied only when owners change after a new peak), and the owned storages it
         # never saw, counted as alive throughout as in the tally
-        owners = dict(enumerate(tracker.peak_owners()))
-        for i, n in extra_owners.items():
-            owners[i] = owners.get(i, 0) + n
         return {
             "end": tally_to_breakdown(end_tally),
             "peak": peak,
             "peak_total": device_total(peak_tally),
             "end_total": device_total(end_tally),
-            "peak_owners": peak_owners_record(owners, self._tallies.index, peak),
+            "peak_owners": self._peak_owners(phase, tracker.peak_owners(), extra_owners, peak_tally, peak),
         }
+
+    def _peak_owners(self, phase: str, at_peak: list[int], extra: dict[int, int], peak_tally: list[int],
+                     peak: Breakdown) -> dict[str, Any]:
+        """:func:`peak_owners_record`, kept per phase for the next step whose peak has the same
+        owners and bytes (most steps after the first): comparing costs less than ranking again."""
+        key = (at_peak, extra, peak_tally)
+        last = self._last_owners.get(phase)
+        if last is None or last[0] != key:
+            owners = itertools.chain(enumerate(at_peak), extra.items())
+            last = self._last_owners[phase] = (key, peak_owners_record(owners, self._tallies.index, peak))
+        return {loc: {cat: dict(by_owner) for cat, by_owner in cats.items()} for loc, cats in last[1].items()}
 
     def over_budget(self, record: dict[str, Any]) -> SimulatedOutOfMemoryError | None:
         return None  # the tracker raises from inside the allocation that crosses the budget
@@ -478,7 +500,7 @@ class CudaBackend:
             "peak": peak,
             "peak_total": counters["peak_allocated_bytes"],
             "end_total": counters["allocated_bytes"],
-            "peak_owners": peak_owners_record(owned.owner_bytes, self._tallies.index, peak),
+            "peak_owners": peak_owners_record(owned.owner_bytes.items(), self._tallies.index, peak),
             "cuda": counters,
         }
 

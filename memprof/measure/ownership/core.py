@@ -158,11 +158,10 @@ class Collector:
         index (or key): an engine's per-group buffers ("fp32 partition, group {}")."""
         if obj is None:
             return
-        if isinstance(obj, torch.Tensor):
-            self.add_tensor(obj, category, offloaded, owner.format(0))
+        if not isinstance(obj, (dict, list, tuple)):  # one tensor, or one GradPartitionBufferGroup
+            self.add(obj, category, offloaded, owner.format(0))
             return
-        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-        for i, item in items:
+        for i, item in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
             self.add(item, category, offloaded, owner.format(i))
 
     def add_tensor(self, t: torch.Tensor, category: str, offloaded: bool = False, owner: str = "") -> None:
