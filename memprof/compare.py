@@ -348,7 +348,23 @@ class RankDifference:
                  f"({format_bytes(cause.heavier)} vs {format_bytes(cause.lighter)} measured")
         if cause.owner is not None:
             text += f", most of it {cause.owner}, +{format_bytes(cause.owner_difference or 0)}"
-        return text + ")" + self._estimate_words(cause)
+        text += ")"
+        held = self.held_cause
+        if held is not None:
+            text += (f"; of what the ranks hold, the largest difference is {held.owner} ({held.category}), "
+                     f"+{format_bytes(held.owner_difference or 0)}")
+        return text + self._estimate_words(cause)
+
+    @property
+    def held_cause(self) -> CategoryGap | None:
+        """Where the cause has no owner (activations, other: nobody holds them), the category whose
+        named owner differs most between the two ranks (an uneven gradient partition under a
+        heavier activation peak); None where the cause names its owner or no owner differs."""
+        cause = self.cause
+        if cause is None or cause.owner is not None:
+            return None
+        held = [g for g in self.gaps if g.owner is not None and (g.owner_difference or 0) > 0]
+        return max(held, key=lambda g: g.owner_difference or 0, default=None)
 
     def _estimate_words(self, cause: CategoryGap) -> str:
         if self.estimate_tells_apart is None:
@@ -363,8 +379,13 @@ class RankDifference:
         return said
 
     def to_json(self) -> dict[str, Any]:
+        cause = self.cause
+        held = self.held_cause
         return dict(asdict(self), spread=self.spread, words=self.words(),
-                    cause=None if self.cause is None else self.cause.category)
+                    cause=None if cause is None else cause.category,
+                    cause_owner=None if cause is None else cause.owner,
+                    held_owner=None if held is None else {"category": held.category, "owner": held.owner,
+                                                          "difference": held.owner_difference})
 
 
 def _signed(n: int) -> str:

@@ -49,6 +49,9 @@ class NativeAllocationTracker:
         # alloc_storage): id(storage) -> (weak reference, the label to seed it with again)
         self._emptied: dict[int, tuple[weakref.ref, int]] = {}
         self._pending_seeds: list[tuple[torch.UntypedStorage, int]] = []
+        # the hook's {pointer: value} of the last owned_labels / owners mappings passed: the
+        # profiler passes the same dicts again while its walks find the same storages
+        self._blocks = [_BlocksOf(), _BlocksOf()]
 
     # ---- the context ----------------------------------------------------------------------
     def __enter__(self) -> NativeAllocationTracker:
@@ -207,22 +210,30 @@ class NativeAllocationTracker:
 
     # ---- relabelling (phase boundaries) ----------------------------------------------------
     def relabel_owned(self, owned_labels: Mapping[tuple[str, int], int], unowned: Mapping[int, int],
-                      snapshot: str | None) -> set[tuple[str, int]]:
-        """Owned storages take their owner's label; an unowned one whose label is a key of
-        ``unowned`` takes the mapped label; ``snapshot`` ("peak" / "oom" / None) is fixed for the
-        storages alive at it. Returns the owned keys that are not live allocations here."""
+                      snapshot: str | None, owners: Mapping[tuple[str, int], int] | None = None) -> set[tuple[str, int]]:
+        """Owned storages take their owner's label (and their owner's index from ``owners``); an
+        unowned one whose label is a key of ``unowned`` takes the mapped label; ``snapshot``
+        ("peak" / "oom" / None) is fixed for the storages alive at it. Returns the owned keys that
+        are not live allocations here. The mappings are read as they are when first passed: pass a
+        new one, not the same one changed (the profiler passes a walk's, unchanged, while its walks
+        find the same storages)."""
         self._refresh_seeded()
-        cpu = _cpu_blocks(owned_labels)
-        missing = self._hook.relabel(cpu, dict(unowned), snapshot == "peak", snapshot == "oom")
+        labels, owner_of = self._blocks[0](owned_labels), self._blocks[1](owners or {})
+        missing = self._hook.relabel(labels, dict(unowned), snapshot == "peak", snapshot == "oom", owner_of)
         out = {("cpu", int(p)) for p in missing}
         # other devices, and keys no block has (memprof.measure.ownership.DdpBuckets: negative)
         out.update(key for key in owned_labels if key[0] != "cpu" or key[1] <= 0)
         return out
 
-    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int]) -> None:
+    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int],
+                        owners: Mapping[tuple[str, int], int] | None = None) -> None:
         """Label the large storages allocated since the last walk that have an owner now (also in
-        the current peak); the others stay pending."""
-        self._hook.relabel_pending(_cpu_blocks(owned_labels))
+        the current peak; their owner's index from ``owners``); the others stay pending."""
+        self._hook.relabel_pending(self._blocks[0](owned_labels), self._blocks[1](owners or {}))
+
+    def peak_owners(self) -> list[int]:
+        """Bytes per owner index at the current peak (an index past the end: 0)."""
+        return list(self._hook.peak_owners())
 
     # ---- the budget ------------------------------------------------------------------------
     def simulated_oom(self, exc: BaseException) -> SimulatedOutOfMemoryError | None:
@@ -235,6 +246,19 @@ class NativeAllocationTracker:
             return None
         _, _, requested, total, budget = got
         return SimulatedOutOfMemoryError(requested_bytes=requested, total_bytes=total, budget_bytes=budget)
+
+
+class _BlocksOf:
+    """:func:`_cpu_blocks` of a mapping, kept for the next call with the same (unchanged) object."""
+
+    def __init__(self) -> None:
+        self._of: Mapping[tuple[str, int], int] | None = None
+        self._blocks: dict[int, int] = {}
+
+    def __call__(self, mapping: Mapping[tuple[str, int], int]) -> dict[int, int]:
+        if mapping is not self._of:
+            self._of, self._blocks = mapping, _cpu_blocks(mapping)
+        return self._blocks
 
 
 def _cpu_blocks(owned_labels: Mapping[tuple[str, int], int]) -> dict[int, int]:

@@ -15,8 +15,9 @@ check and the breakdown at an out-of-memory error. See docs/profiler.md for the 
 from __future__ import annotations
 
 import gc
+import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -37,6 +38,7 @@ from memprof.measure.dispatch_tracker import (
     tally_to_breakdown,
 )
 from memprof.measure.oom import SimulatedOutOfMemoryError
+from memprof.measure.ownership.core import UNNAMED, Owned
 from memprof.measure.regions import LabelStack, PeakRegions, Remover
 
 CpuTracker = AllocationTracker | NativeAllocationTracker
@@ -60,10 +62,44 @@ _LARGE_FRACTION = 64
 _COMM_RELEASE_WAIT_S = 0.005
 
 
+PEAK_OWNERS_TOP = 8
+"""Owners named per location and category in a phase record's ``peak_owners`` (the largest at the
+peak); the rest are summed as :data:`OTHERS`. A per-parameter walk (plain torch, DDP, optimizer
+state per parameter) names thousands of owners on a large model: the file keeps at most
+PEAK_OWNERS_TOP + 2 entries per category (~10 x 5 model-state categories per phase record), while
+what tells ranks apart (ZeRO's flat partitions, buckets, gradient partitions) is one owner each."""
+OTHERS = "(others)"
+"""The owners beyond the :data:`PEAK_OWNERS_TOP` largest of a category, summed."""
+
+
+class OwnerIndex:
+    """Owner names as small integers for the trackers (which keep bytes per index): index i is the
+    owner ``names[i]`` of the storages labelled ``labels[i]``, one index per (label, name), growing
+    as walks name new owners (bounded by the model's structure: names are parameters' and engine
+    buffers')."""
+
+    def __init__(self) -> None:
+        self._of_label: list[dict[str, int]] = [{} for _ in range(N_LABELS)]
+        self.labels: list[int] = []
+        self.names: list[str] = []
+
+    def __call__(self, label: int, name: str) -> int:
+        i = self._of_label[label].get(name)
+        return self._add(label, name) if i is None else i
+
+    def _add(self, label: int, name: str) -> int:
+        i = self._of_label[label][name] = len(self.names)
+        self.labels.append(label)
+        self.names.append(name or UNNAMED)
+        return i
+
+
 class OwnedTally(NamedTuple):
     tally: list[int]  # label-indexed bytes of owned storages
     labels: dict[tuple[str, int], int]  # storage key -> label
     nbytes: dict[tuple[str, int], int]  # storage key -> bytes
+    owners: dict[tuple[str, int], int]  # storage key -> owner index (OwnerIndex)
+    owner_bytes: dict[int, int]  # owner index -> bytes
 
 
 # label_of() validates its pair through the enums on every call; a walk's hundreds of storages use
@@ -71,10 +107,14 @@ class OwnedTally(NamedTuple):
 _LABEL_OF_PAIR: dict[tuple[str, str], int] = {(loc, cat): label_of(loc, cat) for loc in LOCATIONS for cat in CATEGORIES}
 
 
-def tally_owned(owned: OwnedMap) -> OwnedTally:
+def tally_owned(owned: OwnedMap, index: OwnerIndex | None = None) -> OwnedTally:
+    index = index if index is not None else OwnerIndex()
     tally = [0] * N_LABELS
     labels: dict[tuple[str, int], int] = {}
     nbytes: dict[tuple[str, int], int] = {}
+    owners: dict[tuple[str, int], int] = {}
+    owner_bytes: dict[int, int] = {}
+    of_label = index._of_label  # OwnerIndex.__call__, inlined: hundreds of storages per walk
     for key, o in owned.items():
         label = _LABEL_OF_PAIR.get((o.location, o.category))
         if label is None:
@@ -83,22 +123,63 @@ def tally_owned(owned: OwnedMap) -> OwnedTally:
         labels[key] = label
         nbytes[key] = n
         tally[label] += n
-    return OwnedTally(tally, labels, nbytes)
+        name = o.owner if type(o) is Owned else getattr(o, "owner", "")
+        owner = of_label[label].get(name)
+        if owner is None:
+            owner = index._add(label, name)
+        owners[key] = owner
+        owner_bytes[owner] = owner_bytes.get(owner, 0) + n
+    return OwnedTally(tally, labels, nbytes, owners, owner_bytes)
 
 
 class OwnedTallies:
     """``tally_owned`` of each walk, reused while a walk finds exactly what the last one found
     (most phase ends after the first steps: comparing two maps costs far less than tallying)."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: OwnerIndex | None = None) -> None:
+        self.index = index if index is not None else OwnerIndex()
         self._owned: dict[tuple[str, int], Any] | None = None
         self._tallied: OwnedTally | None = None
 
     def of(self, owned: OwnedMap) -> OwnedTally:
         if self._tallied is None or owned != self._owned:
             self._owned = dict(owned)
-            self._tallied = tally_owned(owned)
+            self._tallied = tally_owned(owned, self.index)
         return self._tallied
+
+
+def peak_owners_record(owner_bytes: Iterable[tuple[int, int]], index: OwnerIndex, peak: Breakdown) -> dict[str, Any]:
+    """A phase record's ``peak_owners`` (memprof.compare.PEAK_OWNERS_KEY): ``{location: {category:
+    {owner: bytes}}}`` of every model-state category with bytes at the peak, from the bytes per
+    owner index there (``(index, bytes)`` pairs; an index may come twice); the
+    :data:`PEAK_OWNERS_TOP` largest owners by name, the rest as :data:`OTHERS`, and the category's
+    bytes at the peak no named owner accounts for as :data:`~memprof.measure.ownership.core.UNNAMED`."""
+    labels, names = index.labels, index.names
+    named: dict[int, dict[str, int]] = {}
+    for i, n in owner_bytes:
+        if n > 0:
+            by_name = named.get(labels[i])
+            if by_name is None:
+                by_name = named[labels[i]] = {}
+            name = names[i]
+            by_name[name] = by_name.get(name, 0) + n
+    out: dict[str, Any] = {}
+    for label in sorted(MODEL_STATE_LABELS):
+        location, category = LOCATIONS[label // N_CATEGORIES], CATEGORIES[label % N_CATEGORIES]
+        at_peak = int(peak[location][category])
+        by_name = named.get(label, {})
+        if at_peak <= 0 and not by_name:
+            continue
+        by_name.pop(UNNAMED, None)  # storages given no name: in the remainder below
+        unnamed = max(0, at_peak - sum(by_name.values()))
+        ranked = sorted(by_name.items(), key=lambda kv: (-kv[1], kv[0]))
+        entry = dict(ranked[:PEAK_OWNERS_TOP])
+        if len(ranked) > PEAK_OWNERS_TOP:
+            entry[OTHERS] = sum(n for _, n in ranked[PEAK_OWNERS_TOP:])
+        if unnamed:
+            entry[UNNAMED] = unnamed
+        out.setdefault(location, {})[category] = entry
+    return out
 
 
 def _add_tallies(a: list[int], b: list[int]) -> list[int]:
@@ -174,6 +255,7 @@ class CpuBackend:
         self._walk_due = False
         self._multi_rank = multi_rank
         self._tallies = OwnedTallies()
+        self._last_owners: dict[str, tuple[Any, dict[str, Any]]] = {}  # phase -> (inputs, peak_owners)
         self.tracker: CpuTracker | None = None
 
     def start(self) -> None:
@@ -238,15 +320,31 @@ class CpuBackend:
         tracker.new_label = DEVICE_OTHER
         tracker.large_bytes = None
         self._walk_due = False
-        extra = self._relabel_from_ownership("peak")
+        extra, extra_owners = self._relabel_from_ownership("peak")
         end_tally = _add_tallies(tracker.tally, extra)
         peak_tally = _add_tallies(tracker.peak.tally, extra)
+        peak = tally_to_breakdown(peak_tally)
+        # who holds the peak's bytes: the tracker's bytes per owner at the peak moment (kept beside
+        # its tally, copied only when owners change after a new peak), and the owned storages it
+        # never saw, counted as alive throughout as in the tally
         return {
             "end": tally_to_breakdown(end_tally),
-            "peak": tally_to_breakdown(peak_tally),
+            "peak": peak,
             "peak_total": device_total(peak_tally),
             "end_total": device_total(end_tally),
+            "peak_owners": self._peak_owners(phase, tracker.peak_owners(), extra_owners, peak_tally, peak),
         }
+
+    def _peak_owners(self, phase: str, at_peak: list[int], extra: dict[int, int], peak_tally: list[int],
+                     peak: Breakdown) -> dict[str, Any]:
+        """:func:`peak_owners_record`, kept per phase for the next step whose peak has the same
+        owners and bytes (most steps after the first): comparing costs less than ranking again."""
+        key = (at_peak, extra, peak_tally)
+        last = self._last_owners.get(phase)
+        if last is None or last[0] != key:
+            owners = itertools.chain(enumerate(at_peak), extra.items())
+            last = self._last_owners[phase] = (key, peak_owners_record(owners, self._tallies.index, peak))
+        return {loc: {cat: dict(by_owner) for cat, by_owner in cats.items()} for loc, cats in last[1].items()}
 
     def over_budget(self, record: dict[str, Any]) -> SimulatedOutOfMemoryError | None:
         return None  # the tracker raises from inside the allocation that crosses the budget
@@ -262,7 +360,7 @@ class CpuBackend:
         tracker = self.tracker
         if not isinstance(exc, SimulatedOutOfMemoryError) or tracker is None or tracker.oom is None:
             return None
-        extra = self._relabel_from_ownership("oom")
+        extra, _ = self._relabel_from_ownership("oom")
         snap = tracker.oom
         assert snap is not None
         tally = _add_tallies(snap.tally, extra)
@@ -287,30 +385,35 @@ class CpuBackend:
         if self._multi_rank:
             time.sleep(_COMM_RELEASE_WAIT_S)
 
-    def _relabel_from_ownership(self, snapshot: str) -> list[int]:
-        """Relabel the tracker's live storages from a fresh ownership walk, fixing ``snapshot``
-        ("peak" or "oom"). Returns the label tally of owned storages the tracker does not hold
-        (counted as alive throughout; should be empty)."""
+    def _relabel_from_ownership(self, snapshot: str) -> tuple[list[int], dict[int, int]]:
+        """Relabel the tracker's live storages (and give them their owners) from a fresh ownership
+        walk, fixing ``snapshot`` ("peak" or "oom"). Returns the label tally, and the bytes per
+        owner index, of owned storages the tracker does not hold (counted as alive throughout;
+        should be empty)."""
         tracker = self._live_tracker()
         owned = self._tallies.of(self._owner_walk())
         # a model state nobody owns any more (e.g. a dropped buffer) becomes other
         unowned = {label: DEVICE_OTHER for label in MODEL_STATE_LABELS}
-        missing_keys = tracker.relabel_owned(owned.labels, unowned, snapshot)
+        missing_keys = tracker.relabel_owned(owned.labels, unowned, snapshot, owned.owners)
         extra = [0] * N_LABELS
+        extra_owners: dict[int, int] = {}
         missing = 0
         for key in missing_keys:
             # owned but never seen allocated (made outside the tracker's sight before tracking
             # could see it): counted from the walk's size, as if alive for the whole phase
-            extra[owned.labels[key]] += owned.nbytes[key]
-            missing += owned.nbytes[key]
+            n = owned.nbytes[key]
+            extra[owned.labels[key]] += n
+            extra_owners[owned.owners[key]] = extra_owners.get(owned.owners[key], 0) + n
+            missing += n
         if missing > self._diagnostics["untracked_owned_bytes_max"]:
             self._diagnostics["untracked_owned_bytes_max"] = missing
-        return extra
+        return extra, extra_owners
 
     def _mid_phase_walk(self) -> None:
         self._walk_due = False
         self._diagnostics["mid_phase_walks"] += 1
-        self._live_tracker().relabel_pending(self._tallies.of(self._owner_walk()).labels)
+        owned = self._tallies.of(self._owner_walk())
+        self._live_tracker().relabel_pending(owned.labels, owned.owners)
 
     def _note_walk_due(self) -> None:
         self._walk_due = True
@@ -387,6 +490,8 @@ class CudaBackend:
         owned = self._tallies.of(self._owner_walk())
         end = self._breakdown(owned.tally, counters["allocated_bytes"], phase)
         peak = self._breakdown(owned.tally, counters["peak_allocated_bytes"], phase, self._peak_layers(owned.tally, counters))
+        # the owned states at the peak are the walk's at the phase end (as in the breakdown above):
+        # their owners likewise; bytes a labelled region adds are unnamed
         self._peaks.clear()
         self._owned_before = device_total(owned.tally)
         if phase == Phase.BACKWARD.value:
@@ -399,6 +504,7 @@ class CudaBackend:
             "peak": peak,
             "peak_total": counters["peak_allocated_bytes"],
             "end_total": counters["allocated_bytes"],
+            "peak_owners": peak_owners_record(owned.owner_bytes.items(), self._tallies.index, peak),
             "cuda": counters,
         }
 

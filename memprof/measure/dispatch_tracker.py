@@ -66,12 +66,13 @@ def device_total(tally: list[int]) -> int:
 class _Live(weakref.ref):
     """A weak reference to one live storage that also carries what the tracker knows of it."""
 
-    __slots__ = ("key", "nbytes", "label", "seq")
+    __slots__ = ("key", "nbytes", "label", "seq", "owner")
 
     key: int
     nbytes: int
     label: int
     seq: int
+    owner: int  # its owner's index (the profiler's OwnerIndex), -1 for none
 
 
 @dataclass
@@ -109,6 +110,13 @@ class AllocationTracker(TorchDispatchMode):
         self.new_label = DEVICE_OTHER
         self.peak = Snapshot(list(self.tally), 0)
         self.peak_total = 0
+        # Bytes per owner (an index the profiler gives at its walks), and their copy at the peak.
+        # Only walks and the frees of owned storages change them, never a new allocation (it has no
+        # owner yet), so the copy is taken lazily: at the first owner change after a new peak
+        # (`_owner_peak_of` is then not `self.peak`), never per allocation.
+        self.owner_tally: list[int] = []
+        self._owner_peak: list[int] = []
+        self._owner_peak_of: Snapshot | None = None
         self.oom: Snapshot | None = None
         self.negative_clamps = 0  # times a tally would have gone below zero (should stay 0)
         # Large new storages wait here for an ownership walk before their phase ends: a buffer an
@@ -170,6 +178,7 @@ class AllocationTracker(TorchDispatchMode):
         rec.nbytes = n
         rec.label = label
         rec.seq = self.seq
+        rec.owner = -1
         self.live[rec.key] = rec
         self.tally[label] += n
         if self.large_bytes is not None and n >= self.large_bytes:
@@ -189,6 +198,8 @@ class AllocationTracker(TorchDispatchMode):
     def _on_free(self, rec: _Live) -> None:
         if self.live.pop(rec.key, None) is None:
             return
+        if rec.owner >= 0:
+            self._owner_add(rec.owner, -rec.nbytes, False)
         self._sub(rec.label, rec.nbytes)
 
     def _sub(self, label: int, n: int) -> None:
@@ -214,6 +225,8 @@ class AllocationTracker(TorchDispatchMode):
 
     def _resize(self, rec: _Live, n: int) -> None:
         delta = n - rec.nbytes
+        if rec.owner >= 0:
+            self._owner_add(rec.owner, delta, False)
         rec.nbytes = n
         if delta < 0:
             self._sub(rec.label, -delta)
@@ -238,7 +251,7 @@ class AllocationTracker(TorchDispatchMode):
                 continue
             self.seq += 1
             rec = _Live(st, self._free_cb)
-            rec.key, rec.nbytes, rec.label, rec.seq = id(st), n, label, self.seq
+            rec.key, rec.nbytes, rec.label, rec.seq, rec.owner = id(st), n, label, self.seq, -1
             self.live[rec.key] = rec
             self.tally[label] += n
             if label < N_CATEGORIES:
@@ -256,15 +269,20 @@ class AllocationTracker(TorchDispatchMode):
         self,
         label_for: Callable[[tuple[str, int], _Live], int],
         snapshots: Iterable[Snapshot] = (),
+        owner_for: Callable[[tuple[str, int], _Live, int], int] | None = None,
     ) -> set[tuple[str, int]]:
-        """Give every live storage the label ``label_for((device, data_ptr), record)`` returns.
+        """Give every live storage the label ``label_for((device, data_ptr), record)`` returns
+        (and the owner ``owner_for(key, record, new label)`` returns; without it, a storage whose
+        label changes loses its owner).
 
         A storage whose label changes and that was alive at a snapshot (its ``seq`` is at most the
         snapshot's) moves its bytes in that snapshot too, so the peak's breakdown names what the
-        bytes turned out to be (e.g. gradients born in backward). Sizes changed outside dispatch
-        (``UntypedStorage.resize_``) are picked up here. Returns the keys of the live storages.
+        bytes turned out to be (e.g. gradients born in backward); so does its owner at the peak.
+        Sizes changed outside dispatch (``UntypedStorage.resize_``) are picked up here. Returns the
+        keys of the live storages.
         """
         snapshots = list(snapshots)
+        fix_peak = any(snap is self.peak for snap in snapshots)
         keys: set[tuple[str, int]] = set()
         for rec in list(self.live.values()):
             st = rec()
@@ -276,16 +294,20 @@ class AllocationTracker(TorchDispatchMode):
             key = (str(st.device), st.data_ptr())
             keys.add(key)
             new = label_for(key, rec)
+            owner = owner_for(key, rec, new) if owner_for is not None else (rec.owner if new == rec.label else -1)
+            if owner != rec.owner:
+                self._set_owner(rec, owner, fix_peak)
             if new != rec.label:
                 self._move(rec, new, snapshots)
         self.pending.clear()
         return keys
 
     def relabel_owned(self, owned_labels: Mapping[tuple[str, int], int], unowned: Mapping[int, int],
-                      snapshot: str | None) -> set[tuple[str, int]]:
-        """Owned storages (keys of ``owned_labels``) take their owner's label; an unowned one
-        whose label is a key of ``unowned`` takes the mapped label; ``snapshot`` ("peak", "oom"
-        or None) is fixed for the storages alive at it. Returns the owned keys not live here.
+                      snapshot: str | None, owners: Mapping[tuple[str, int], int] | None = None) -> set[tuple[str, int]]:
+        """Owned storages (keys of ``owned_labels``) take their owner's label, and their owner's
+        index from ``owners`` (-1 where it has none); an unowned one whose label is a key of
+        ``unowned`` takes the mapped label (and loses its owner); ``snapshot`` ("peak", "oom" or
+        None) is fixed for the storages alive at it. Returns the owned keys not live here.
         (The interface the profiler's CPU backend uses, shared with the allocator hook.)"""
         snaps = {"peak": [self.peak], "oom": [self.oom] if self.oom is not None else []}.get(snapshot or "", [])
 
@@ -293,26 +315,71 @@ class AllocationTracker(TorchDispatchMode):
             label = owned_labels.get(key)
             return label if label is not None else unowned.get(rec.label, rec.label)
 
-        live = self.relabel(label_for, snaps)
+        def owner_for(key: tuple[str, int], rec: _Live, label: int) -> int:
+            if key in owned_labels:
+                return owners.get(key, -1) if owners is not None else -1
+            return rec.owner if label == rec.label else -1
+
+        live = self.relabel(label_for, snaps, owner_for)
         return {key for key in owned_labels if key not in live}
+
+    # ---- owners ------------------------------------------------------------------------------
+    def peak_owners(self) -> list[int]:
+        """Bytes per owner index at the current peak (an index past the end: 0)."""
+        return list(self._owner_peak if self._owner_peak_of is self.peak else self.owner_tally)
+
+    def _freeze_owner_peak(self) -> None:
+        """Before the owners change: keep their bytes at the peak, if a new peak came since the last change."""
+        if self._owner_peak_of is not self.peak:
+            self._owner_peak = self.owner_tally.copy()
+            self._owner_peak_of = self.peak
+
+    def _owner_add(self, owner: int, delta: int, at_peak_too: bool) -> None:
+        """``delta`` bytes to ``owner``; ``at_peak_too``: a storage alive at the peak changes
+        owner, so the peak's owners change as well."""
+        if at_peak_too:
+            if self._owner_peak_of is self.peak:  # a copy was taken: it changes too
+                if owner >= len(self._owner_peak):
+                    self._owner_peak.extend([0] * (owner + 1 - len(self._owner_peak)))
+                self._owner_peak[owner] += delta
+            # else no owner changed since the peak: its owners are the tally's, changed below
+        else:
+            self._freeze_owner_peak()
+        if owner >= len(self.owner_tally):
+            self.owner_tally.extend([0] * (owner + 1 - len(self.owner_tally)))
+        self.owner_tally[owner] += delta
+
+    def _set_owner(self, rec: _Live, owner: int, fix_peak: bool) -> None:
+        at_peak = fix_peak and rec.seq <= self.peak.seq
+        if rec.owner >= 0:
+            self._owner_add(rec.owner, -rec.nbytes, at_peak)
+        if owner >= 0:
+            self._owner_add(owner, rec.nbytes, at_peak)
+        rec.owner = owner
 
     def simulated_oom(self, exc: BaseException) -> SimulatedOutOfMemoryError | None:
         """This tracker raises :class:`SimulatedOutOfMemoryError` itself: nothing to translate."""
         return None
 
-    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int]) -> None:
+    def relabel_pending(self, owned_labels: Mapping[tuple[str, int], int],
+                        owners: Mapping[tuple[str, int], int] | None = None) -> None:
         """Label the large storages allocated since the last walk that have an owner now (their
-        key is in ``owned_labels``), in the tally and in the current peak. Those without an owner
-        yet stay pending until the next walk or the phase end."""
+        key is in ``owned_labels``; their owner's index in ``owners``), in the tally and in the
+        current peak. Those without an owner yet stay pending until the next walk or the phase end."""
         still: list[_Live] = []
         for rec in self.pending:
             st = rec()
             if st is None or rec.key not in self.live:
                 continue  # freed already: it keeps its label
-            new = owned_labels.get((str(st.device), st.data_ptr()))
+            key = (str(st.device), st.data_ptr())
+            new = owned_labels.get(key)
             if new is None:
                 still.append(rec)
-            elif new != rec.label:
+                continue
+            owner = owners.get(key, -1) if owners is not None else -1
+            if owner != rec.owner:
+                self._set_owner(rec, owner, True)
+            if new != rec.label:
                 self._move(rec, new, [self.peak])
         self.pending = still
 

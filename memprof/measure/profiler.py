@@ -327,8 +327,9 @@ class MemoryProfiler:
         started = time.perf_counter()
         record = self._backend.end_phase(phase)
         record["host_rss_bytes"] = self.host.rss()
-        if "cuda" in record:  # keep the documented key order: host_rss_bytes before cuda
-            record["cuda"] = record.pop("cuda")
+        for key in ("cuda", "peak_owners"):  # keep the documented key order: host_rss_bytes, cuda, peak_owners
+            if key in record:
+                record[key] = record.pop(key)
         ctx.phases[phase] = record
         self.diagnostics["phase_end_seconds"] += time.perf_counter() - started
         err = self._backend.over_budget(record)

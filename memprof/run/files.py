@@ -21,11 +21,15 @@ Layout of a run folder ``<out>/`` (the names: :data:`RUN_FILE_NAME`, :func:`rank
                    self-checks: ``negative_clamps``, ``untracked_owned_bytes_max``, ...)
 
   A ``PhaseRecord`` is ``{"end": Breakdown, "peak": Breakdown, "peak_total": int,
-  "end_total": int, "host_rss_bytes": int, "cuda": {...}?}`` where a Breakdown is
+  "end_total": int, "host_rss_bytes": int, "cuda": {...}?, "peak_owners": {...}?}`` where a Breakdown is
   ``{"device": {category: bytes}, "host": {category: bytes}}`` (see :mod:`memprof.categories`),
   ``peak`` is the breakdown at the moment of the phase's peak and ``peak_total`` its device total.
   ``cuda`` (CUDA runs only) holds the caching allocator's counters for the phase:
   ``allocated_bytes``, ``reserved_bytes``, ``peak_allocated_bytes``, ``alloc_retries``.
+  ``peak_owners`` (optional: absent in files written before it existed) says who holds the
+  model-state bytes at the peak: ``{location: {category: {owner: bytes}}}``, the largest owners
+  of each category (memprof.measure.backends.PEAK_OWNERS_TOP), the rest as ``"(others)"``, and
+  the category's bytes no owner was named for as ``"(unnamed)"``.
 
 * ``memprof.json`` -- written atomically by rank 0 at the end after gathering every rank over
   torch.distributed::

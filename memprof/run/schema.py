@@ -103,6 +103,8 @@ class _ShownPhase(TypedDict):
     end: Breakdown
     peak: Breakdown
     peak_total: int
+    # who holds the peak's bytes (memprof.compare.PEAK_OWNERS_KEY), where the profiler recorded it
+    peak_owners: NotRequired[dict[str, dict[str, dict[str, Annotated[int, Field(ge=0)]]]]]
 
 
 _DOC = TypeAdapter(_RunDoc)

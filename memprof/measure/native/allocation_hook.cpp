@@ -25,6 +25,11 @@
 // crossed raises from inside the allocation; a large allocation asks Python for an ownership walk
 // at the next top-level op (an aten op that is not nested in another), via a thread-local
 // RecordFunction callback on the thread that started tracking.
+//
+// Owners: a block may also carry an owner index (given by Python's walks, -1 for none); the bytes
+// per owner are kept beside the tally, and their copy at the peak is taken lazily, at the first
+// owner change after a new peak (a free of an owned block, a walk), never per allocation: a new
+// block has no owner until a walk names it, so allocations never change the owners' bytes.
 #include <torch/extension.h>
 
 #include <ATen/record_function.h>
@@ -45,6 +50,7 @@ struct Rec {
   int64_t nbytes;
   int label;
   int64_t seq;
+  int owner = -1;
 };
 
 struct Snap {
@@ -61,6 +67,10 @@ struct State {
   int64_t peak_total = 0;
   int64_t seq = 0;
   Snap peak;
+  int64_t peak_gen = 0;  // bumped at every new peak (and reset_peak)
+  std::vector<int64_t> owner_tally;  // bytes per owner index
+  std::vector<int64_t> owner_peak;  // owner_tally at the peak, valid while owner_peak_gen == peak_gen
+  int64_t owner_peak_gen = -1;
   int new_label = 0;
   int64_t large_bytes = -1;  // < 0: no mid-phase walks
   std::vector<std::pair<void*, int64_t>> pending;  // (ptr, seq) of large allocations since the last walk
@@ -104,17 +114,50 @@ void maybe_new_peak_locked() {
     g.peak_total = g.device_total;
     g.peak.tally = g.tally;
     g.peak.seq = g.seq;
+    g.peak_gen += 1;
   }
+}
+
+void grow(std::vector<int64_t>& v, int index) {
+  if (index >= static_cast<int>(v.size())) v.resize(index + 1, 0);
+}
+
+// `delta` bytes to `owner`; at_peak_too: a block alive at the peak changes owner, so the peak's
+// owners change as well (when no owner changed since the peak they are the tally's: nothing to copy)
+void owner_add_locked(int owner, int64_t delta, bool at_peak_too) {
+  if (owner < 0) return;
+  if (at_peak_too) {
+    if (g.owner_peak_gen == g.peak_gen) {
+      grow(g.owner_peak, owner);
+      g.owner_peak[owner] += delta;
+    }
+  } else if (g.owner_peak_gen != g.peak_gen) {  // the first owner change since a new peak
+    g.owner_peak = g.owner_tally;
+    g.owner_peak_gen = g.peak_gen;
+  }
+  grow(g.owner_tally, owner);
+  g.owner_tally[owner] += delta;
+}
+
+void set_owner_locked(Rec& r, int owner, bool fix_peak) {
+  if (owner == r.owner) return;
+  const bool at_peak = fix_peak && r.seq <= g.peak.seq;
+  owner_add_locked(r.owner, -r.nbytes, at_peak);
+  owner_add_locked(owner, r.nbytes, at_peak);
+  r.owner = owner;
+}
+
+void erase_locked(std::unordered_map<void*, Rec>::iterator it) {
+  owner_add_locked(it->second.owner, -it->second.nbytes, false);
+  sub_locked(it->second.label, it->second.nbytes);
+  g.live.erase(it);
 }
 
 void tracked_delete(void* ptr) {
   if (ptr != nullptr) {
     std::lock_guard<std::mutex> lock(g.mu);
     auto it = g.live.find(ptr);
-    if (it != g.live.end()) {
-      sub_locked(it->second.label, it->second.nbytes);
-      g.live.erase(it);
-    }
+    if (it != g.live.end()) erase_locked(it);
   }
   g_orig_deleter(ptr);
 }
@@ -135,14 +178,11 @@ struct TrackingAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(g.mu);
       auto stale = g.live.find(ptr);
-      if (stale != g.live.end()) {  // a seeded block freed outside this allocator, reused
-        sub_locked(stale->second.label, stale->second.nbytes);
-        g.live.erase(stale);
-      }
+      if (stale != g.live.end()) erase_locked(stale);  // a seeded block freed outside this allocator, reused
       const int64_t nb = static_cast<int64_t>(n);
       g.seq += 1;
       const int label = g.new_label;
-      g.live.emplace(ptr, Rec{nb, label, g.seq});
+      g.live.emplace(ptr, Rec{nb, label, g.seq, -1});
       g.tally[label] += nb;
       if (g.large_bytes >= 0 && nb >= g.large_bytes) {
         g.pending.emplace_back(ptr, g.seq);
@@ -220,6 +260,10 @@ bool start(int n_labels, int n_device_labels, int64_t budget, py::object walk_ca
     g.n_device_labels = n_device_labels;
     g.device_total = g.peak_total = g.seq = 0;
     g.peak = Snap{g.tally, 0};
+    g.peak_gen = 0;
+    g.owner_tally.clear();
+    g.owner_peak.clear();
+    g.owner_peak_gen = -1;
     g.new_label = n_device_labels - 1;
     g.large_bytes = -1;
     g.pending.clear();
@@ -271,7 +315,7 @@ int64_t seed(uintptr_t ptr, int64_t nbytes, int label) {
   void* p = reinterpret_cast<void*>(ptr);
   if (nbytes <= 0 || p == nullptr || g.live.count(p)) return 0;
   g.seq += 1;
-  g.live.emplace(p, Rec{nbytes, label, g.seq});
+  g.live.emplace(p, Rec{nbytes, label, g.seq, -1});
   g.tally[label] += nbytes;
   if (label < g.n_device_labels) {
     g.device_total += nbytes;
@@ -292,8 +336,7 @@ void forget(uintptr_t ptr, int64_t seq) {
   std::lock_guard<std::mutex> lock(g.mu);
   auto it = g.live.find(reinterpret_cast<void*>(ptr));
   if (it == g.live.end() || it->second.seq != seq) return;
-  sub_locked(it->second.label, it->second.nbytes);
-  g.live.erase(it);
+  erase_locked(it);
 }
 
 // A seeded block's size changed outside the allocator (UntypedStorage.resize_ keeps its pointer only
@@ -304,6 +347,7 @@ void resize_seeded(uintptr_t ptr, int64_t seq, int64_t nbytes) {
   if (it == g.live.end() || it->second.seq != seq || it->second.nbytes == nbytes) return;
   Rec& r = it->second;
   const int64_t delta = nbytes - r.nbytes;
+  owner_add_locked(r.owner, delta, false);
   r.nbytes = nbytes;
   if (delta < 0) {
     sub_locked(r.label, -delta);
@@ -333,6 +377,13 @@ void reset_peak() {
   g.peak_total = g.device_total;
   g.peak.tally = g.tally;
   g.peak.seq = g.seq;
+  g.peak_gen += 1;
+}
+
+// Bytes per owner index at the current peak.
+std::vector<int64_t> peak_owners() {
+  std::lock_guard<std::mutex> lock(g.mu);
+  return g.owner_peak_gen == g.peak_gen ? g.owner_peak : g.owner_tally;
 }
 
 py::tuple state() {
@@ -368,23 +419,32 @@ void move_locked(Rec& r, int new_label, bool fix_peak, bool fix_oom) {
   maybe_new_peak_locked();
 }
 
-// Relabel every live block: an owned one (ptr in `owned`) takes its owner's label; an unowned one
-// whose label is in `unowned_map` takes the mapped label. Snapshots (peak / oom) are fixed for the
-// blocks alive at them. Returns the owned pointers that are not live here.
+// Relabel every live block: an owned one (ptr in `owned`) takes its owner's label, and its owner
+// index from `owners` (-1 where absent); an unowned one whose label is in `unowned_map` takes the
+// mapped label and loses its owner. Snapshots (peak / oom) are fixed for the blocks alive at them
+// (the owners at the peak with the peak). Returns the owned pointers that are not live here.
 std::vector<uintptr_t> relabel(const std::unordered_map<uintptr_t, int>& owned,
-                               const std::unordered_map<int, int>& unowned_map, bool fix_peak, bool fix_oom) {
+                               const std::unordered_map<int, int>& unowned_map, bool fix_peak, bool fix_oom,
+                               const std::unordered_map<uintptr_t, int>& owners) {
   std::lock_guard<std::mutex> lock(g.mu);
   size_t found = 0;
   for (auto& [ptr, r] : g.live) {
     auto o = owned.find(reinterpret_cast<uintptr_t>(ptr));
     int new_label = r.label;
+    int new_owner = r.owner;
     if (o != owned.end()) {
       new_label = o->second;
+      auto w = owners.find(reinterpret_cast<uintptr_t>(ptr));
+      new_owner = w == owners.end() ? -1 : w->second;
       found += 1;
     } else {
       auto m = unowned_map.find(r.label);
-      if (m != unowned_map.end()) new_label = m->second;
+      if (m != unowned_map.end() && m->second != r.label) {
+        new_label = m->second;
+        new_owner = -1;
+      }
     }
+    set_owner_locked(r, new_owner, fix_peak);
     if (new_label != r.label) move_locked(r, new_label, fix_peak, fix_oom);
   }
   g.pending.clear();
@@ -397,8 +457,9 @@ std::vector<uintptr_t> relabel(const std::unordered_map<uintptr_t, int>& owned,
   return missing;
 }
 
-// Label the pending large blocks that have an owner now, in the tally and the current peak.
-void relabel_pending(const std::unordered_map<uintptr_t, int>& owned) {
+// Label the pending large blocks that have an owner now (and give them its index from `owners`),
+// in the tally and the current peak.
+void relabel_pending(const std::unordered_map<uintptr_t, int>& owned, const std::unordered_map<uintptr_t, int>& owners) {
   std::lock_guard<std::mutex> lock(g.mu);
   std::vector<std::pair<void*, int64_t>> still;
   for (const auto& [ptr, seq] : g.pending) {
@@ -407,9 +468,11 @@ void relabel_pending(const std::unordered_map<uintptr_t, int>& owned) {
     auto o = owned.find(reinterpret_cast<uintptr_t>(ptr));
     if (o == owned.end()) {
       still.emplace_back(ptr, seq);
-    } else if (o->second != it->second.label) {
-      move_locked(it->second, o->second, /*fix_peak=*/true, /*fix_oom=*/false);
+      continue;
     }
+    auto w = owners.find(reinterpret_cast<uintptr_t>(ptr));
+    set_owner_locked(it->second, w == owners.end() ? -1 : w->second, /*fix_peak=*/true);
+    if (o->second != it->second.label) move_locked(it->second, o->second, /*fix_peak=*/true, /*fix_oom=*/false);
   }
   g.pending.swap(still);
 }
@@ -430,6 +493,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_peak", &reset_peak);
   m.def("state", &state);
   m.def("peak", &peak);
+  m.def("peak_owners", &peak_owners);
   m.def("oom", &oom);
   m.def("relabel", &relabel);
   m.def("relabel_pending", &relabel_pending);

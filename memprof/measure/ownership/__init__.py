@@ -18,10 +18,10 @@ One module per engine over a shared core:
 * ``walk.py``: ``owned_storages``, which picks the engine's walk.
 """
 
-from memprof.measure.ownership.core import Owned, StorageKey, owned_breakdown, storage_key
+from memprof.measure.ownership.core import UNNAMED, Owned, StorageKey, owned_breakdown, owner_breakdown, storage_key
 from memprof.measure.ownership.ddp import DdpBuckets
 from memprof.measure.ownership.fsdp2 import fsdp2_record, is_fsdp2_model
 from memprof.measure.ownership.walk import owned_storages
 
-__all__ = ["DdpBuckets", "Owned", "StorageKey", "fsdp2_record", "is_fsdp2_model", "owned_breakdown",
-           "owned_storages", "storage_key"]
+__all__ = ["UNNAMED", "DdpBuckets", "Owned", "StorageKey", "fsdp2_record", "is_fsdp2_model", "owned_breakdown",
+           "owned_storages", "owner_breakdown", "storage_key"]

@@ -40,11 +40,22 @@ COMM = Category.COMM_BUFFERS.value
 
 
 class Owned(NamedTuple):
-    """One storage's owner: its category, where it lives and its size."""
+    """One storage's owner: its category, where it lives, its size and who holds it."""
 
     category: str  # a memprof.categories.Category value
     location: str  # "device" or "host"
     nbytes: int  # the untyped storage's nbytes
+    owner: str = ""
+    """Who holds it, in words bounded by the model's structure: a parameter's qualified name
+    ("transformer.h.0.attn.c_attn.weight"), its gradient ("... .grad"), its optimizer state
+    ("exp_avg of ..."), or an engine's grouped buffer ("bit16 flat params, group 0", "ipg reduce
+    bucket torch.bfloat16 #0"). "" where the walk gives none (read as :data:`UNNAMED`)."""
+
+
+UNNAMED = "(unnamed)"
+"""The owner of bytes no walk named: an owned storage given no name, or, at a phase peak, bytes of a
+model-state category that no named storage accounts for (a transient labelled by the code region
+that made it, memprof.measure.regions; a storage named only after it was freed)."""
 
 
 StorageKey = tuple[str, int]
@@ -106,6 +117,11 @@ _DEVICE = Location.DEVICE.value
 _HOST = Location.HOST.value
 
 
+def grad_of(name: str) -> str:
+    """The owner name of the gradient of what ``name`` names."""
+    return f".grad of {name}"
+
+
 class Collector:
     """Accumulates ``storage key -> Owned``, applying the dedup and priority rules.
 
@@ -117,25 +133,40 @@ class Collector:
     def __init__(self, compute_on_cpu: bool) -> None:
         self.compute_on_cpu = compute_on_cpu
         self.owned: dict[StorageKey, Owned] = {}
+        # id(tensor) -> its owner name, for the tensors an optimizer updates (model parameters,
+        # master partitions): their optimizer state is named after them ("exp_avg of <name>")
+        self.names: dict[int, str] = {}
         # ids of the model parameters walked, with their gradients (plain_torch.walk_module), so
         # that an optimizer's param_groups do not offer them again (the offer could only lose)
         self.model_params: set[int] = set()
         # storages claimed with :meth:`claim`: their category wins over the priority order
         self.final: set[StorageKey] = set()
 
-    def add(self, obj: Any, category: str, offloaded: bool = False) -> None:
-        """Every tensor in ``obj`` (a tensor, or containers of them: :func:`iter_tensors`)."""
+    def add(self, obj: Any, category: str, offloaded: bool = False, owner: str = "") -> None:
+        """Every tensor in ``obj`` (a tensor, or containers of them: :func:`iter_tensors`), held by
+        ``owner`` (:attr:`Owned.owner`)."""
         if obj is None:
             return
         if isinstance(obj, torch.Tensor):
-            self.add_tensor(obj, category, offloaded)
+            self.add_tensor(obj, category, offloaded, owner)
             return
         for t in iter_tensors(obj):
-            self.add_tensor(t, category, offloaded)
+            self.add_tensor(t, category, offloaded, owner)
 
-    def add_tensor(self, t: torch.Tensor, category: str, offloaded: bool = False) -> None:
-        """One tensor's storage, owned by ``category``; ``offloaded``: whether its owner keeps it
-        offloaded (decides the location on a CPU-only run)."""
+    def add_each(self, obj: Any, category: str, owner: str, offloaded: bool = False) -> None:
+        """Each item of a list (or dict) ``obj`` with its own owner, ``owner`` formatted with its
+        index (or key): an engine's per-group buffers ("fp32 partition, group {}")."""
+        if obj is None:
+            return
+        if not isinstance(obj, (dict, list, tuple)):  # one tensor, or one GradPartitionBufferGroup
+            self.add(obj, category, offloaded, owner.format(0))
+            return
+        for i, item in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            self.add(item, category, offloaded, owner.format(i))
+
+    def add_tensor(self, t: torch.Tensor, category: str, offloaded: bool = False, owner: str = "") -> None:
+        """One tensor's storage, owned by ``category`` and held by ``owner``; ``offloaded``: whether
+        its owner keeps it offloaded (decides the location on a CPU-only run)."""
         priority = _PRIORITY[category]
         # a DTensor (FSDP2's sharded params, their grads and optimizer state) has no storage of
         # its own: its rank-local tensor does (torch DTensor._local_tensor, DTensor.to_local())
@@ -152,13 +183,17 @@ class Collector:
         key = ("cpu" if on_cpu else str(t.device), _data_ptr(t, storage))
         held = self.owned.get(key)
         if held is not None and (_PRIORITY[held[0]] <= priority or key in self.final):
+            if owner and not held[3] and held[0] == category:
+                # claimed first without a name (a wrapper's list of the model's own params): the
+                # module walk's name for it
+                self.owned[key] = held._replace(owner=owner)
             return
         if self.compute_on_cpu:
             # Every tensor is on the CPU: only ownership (is this state offloaded?) tells them apart.
             on_cpu = offloaded
-        self.owned[key] = _new_owned(Owned, (category, _HOST if on_cpu else _DEVICE, nbytes))
+        self.owned[key] = _new_owned(Owned, (category, _HOST if on_cpu else _DEVICE, nbytes, owner))
 
-    def claim(self, obj: Any, category: str, offloaded: bool = False) -> None:
+    def claim(self, obj: Any, category: str, offloaded: bool = False, owner: str = "") -> None:
         """Every tensor in ``obj`` owned by ``category`` whatever else offers its storage later or
         earlier: a reduce bucket whose slices are, for a while, parameters' ``.grad`` views (ZeRO-2
         contiguous_gradients, stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads)
@@ -172,13 +207,34 @@ class Collector:
             key = ("cpu" if t.is_cpu else str(t.device), _data_ptr(t, t.untyped_storage()))
             self.owned.pop(key, None)
             self.final.discard(key)
-            self.add_tensor(t, category, offloaded)
+            self.add_tensor(t, category, offloaded, owner)
             self.final.add(key)
+
+    def add_masters(self, obj: Any, owner: str, offloaded: bool = False) -> None:
+        """Master partitions (a list per group, ``owner`` formatted with the group's index) and
+        their ``.grad``; each is remembered in :attr:`names`, so its optimizer state is named after it."""
+        for i, item in (enumerate(obj) if isinstance(obj, (list, tuple)) else [(0, obj)] if obj is not None else []):
+            name = owner.format(i)
+            for t in iter_tensors(item):
+                self.names[id(t)] = name
+                self.add_tensor(t, MASTER, offloaded, name)
+                self.add(t.grad, GRADS, offloaded, grad_of(name))
 
     def add_grad_of(self, obj: Any, offloaded: bool = False) -> None:
         """The ``.grad`` of every tensor in ``obj`` (e.g. of the fp32 master partitions)."""
         for t in iter_tensors(obj):
-            self.add(t.grad, GRADS, offloaded)
+            name = self.names.get(id(t))
+            self.add(t.grad, GRADS, offloaded, grad_of(name) if name else "")
+
+
+def owner_breakdown(owned: dict[StorageKey, Owned]) -> dict[str, dict[str, dict[str, int]]]:
+    """Bytes per location, category and owner (:data:`UNNAMED` for a storage given no owner)."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for item in owned.values():
+        by_owner = out.setdefault(item.location, {}).setdefault(item.category, {})
+        name = item.owner or UNNAMED
+        by_owner[name] = by_owner.get(name, 0) + int(item.nbytes)
+    return out
 
 
 def owned_breakdown(owned: dict[StorageKey, Owned]) -> Breakdown:

@@ -47,4 +47,5 @@ class DdpBuckets:
             return {}
         if not self.rebuilt_before_tracking and getattr(self.ddp, "_has_rebuilt_buckets", False):
             return {}  # rebuilt while tracking: the tracker counts the new buckets itself
-        return {(self.device, -(i + 1)): Owned(COMM, "device", n) for i, n in enumerate(self.bucket_bytes())}
+        return {(self.device, -(i + 1)): Owned(COMM, "device", n, f"DDP gradient bucket {i}")
+                for i, n in enumerate(self.bucket_bytes())}

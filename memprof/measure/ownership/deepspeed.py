@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from memprof.measure.ownership.core import COMM, GRADS, MASTER, OPT_STATE, PARAMS, Collector, Placement
+from memprof.measure.ownership.core import COMM, GRADS, OPT_STATE, PARAMS, Collector, Placement
 
 
 def _walk_zero_1_2(col: Collector, zo: Any) -> Placement:
@@ -25,35 +25,46 @@ def _walk_zero_1_2(col: Collector, zo: Any) -> Placement:
     # `cpu_offload` is True when offload_optimizer.device is cpu (stage_1_and_2.py __init__).
     offload = bool(getattr(zo, "cpu_offload", False))
     # The flat low-precision (or fp32) buffer per param group; model params are views into it.
-    col.add(getattr(zo, "bit16_groups_flat", None), PARAMS)
-    # fp32 master partition this rank updates; on `self.device` ('cpu' under offload).
-    masters = getattr(zo, "single_partition_of_fp32_groups", None)
-    col.add(masters, MASTER, offload)
-    # Its `.grad`: the fp32 gradient partition, alive only inside step() unless offloaded
+    col.add_each(getattr(zo, "bit16_groups_flat", None), PARAMS, "bit16 flat params, group {}")
+    # fp32 master partition this rank updates; on `self.device` ('cpu' under offload). Its
+    # `.grad`: the fp32 gradient partition, alive only inside step() unless offloaded
     # (initialize_optimizer_states keeps it for cpu_offload).
-    col.add_grad_of(masters, offload)
+    col.add_masters(getattr(zo, "single_partition_of_fp32_groups", None), "fp32 partition, group {}", offload)
     # Gradient partitions averaged across ranks: dict group -> list of tensors (or a
     # GradPartitionBufferGroup with a `flat_partition`), None after step().
-    col.add(getattr(zo, "averaged_gradients", None), GRADS)
+    col.add_each(getattr(zo, "averaged_gradients", None), GRADS, "averaged gradient partition, group {}")
     # Accumulated full gradients of params in this partition (ZeRO-1 path), None after use.
-    col.add(getattr(zo, "all_grad_tensors", None), GRADS)
-    # ZeRO-2 contiguous gradient partition (copy_grads_in_partition), released after backward.
-    col.add(getattr(zo, "grads_in_partition", None), GRADS)
+    col.add_each(getattr(zo, "all_grad_tensors", None), GRADS, "accumulated gradients (all_grad_tensors), group {}")
+    # ZeRO-2 contiguous gradient partition (copy_grads_in_partition), released after backward:
+    # sized by the params in this rank's partition, so it differs between ranks.
+    col.add(getattr(zo, "grads_in_partition", None), GRADS, False, "grads_in_partition (this rank's gradients)")
     # Offload: per-param fp32 gradient accumulators on the CPU.
-    col.add(getattr(zo, "accumulated_grads_in_cpu", None), GRADS, offload)
+    col.add(getattr(zo, "accumulated_grads_in_cpu", None), GRADS, offload, "CPU gradient accumulators")
     # Reduce buckets: dict dtype -> IPGBucket whose `.buffer` is a list of reduce_bucket_size
     # tensors (two with overlap_comm), allocated in setup_buckets, cleared after backward. With
     # contiguous_gradients params' .grad are views of it until reduced: the bucket wins (Collector.claim).
-    for bucket in list((getattr(zo, "ipg_buckets", None) or {}).values()):
-        col.claim(getattr(bucket, "buffer", None), COMM)
+    _claim_buckets(col, zo)
     # Offload staging: low-precision copy of the updated partition before the all-gather, and the
     # largest-param-sized gradient transfer buffers (CPU side and accelerator side).
-    col.add(getattr(zo, "param_buffer_of_bit16_for_cpu_offload_groups", None), COMM, offload)
-    col.add(getattr(zo, "temp_grad_buffer_for_cpu_offload", None), COMM, offload)
-    col.add(getattr(zo, "temp_grad_buffer_for_gpu_offload", None), COMM, False)
+    col.add(getattr(zo, "param_buffer_of_bit16_for_cpu_offload_groups", None), COMM, offload,
+            "offload staging: bit16 partition copy")
+    col.add(getattr(zo, "temp_grad_buffer_for_cpu_offload", None), COMM, offload, "offload staging: gradient buffer (host)")
+    col.add(getattr(zo, "temp_grad_buffer_for_gpu_offload", None), COMM, False, "offload staging: gradient buffer (device)")
     # Muon all-gather cache: OrderedDict key -> (local_buffer, gathered_buffer, nbytes).
-    col.add(getattr(zo, "_muon_allgather_buffers", None), COMM)
+    col.add(getattr(zo, "_muon_allgather_buffers", None), COMM, False, "muon all-gather cache")
     return Placement({}, offload)
+
+
+def _claim_buckets(col: Collector, zo: Any) -> None:
+    """The IPG reduce buckets, named by dtype and index (two per dtype with overlap_comm)."""
+    for dtype, bucket in list((getattr(zo, "ipg_buckets", None) or {}).items()):
+        buffers = getattr(bucket, "buffer", None)
+        name = f"ipg reduce bucket {str(dtype).removeprefix('torch.')}"
+        if isinstance(buffers, (list, tuple)) and len(buffers) > 1:
+            for i, b in enumerate(buffers):
+                col.claim(b, COMM, False, f"{name} #{i}")
+        else:
+            col.claim(buffers, COMM, False, name)
 
 
 def _walk_zero_3(col: Collector, zo: Any) -> Placement:
@@ -61,13 +72,14 @@ def _walk_zero_3(col: Collector, zo: Any) -> Placement:
     offload_opt = bool(getattr(zo, "offload_optimizer", False))
     offload_param = bool(getattr(zo, "offload_param", False))
     # Flat buffer of all parameter partitions (defragment()); ds_tensors are views into it.
-    col.add(getattr(zo, "lp_param_buffer", None), PARAMS)
+    col.add(getattr(zo, "lp_param_buffer", None), PARAMS, False, "param partitions (flat lp_param_buffer)")
     # Per sub-group views of that buffer, or with offload_param of the CPU flat buffers below.
-    col.add(getattr(zo, "fp16_partitioned_groups_flat", None), PARAMS, offload_param)
-    col.add(getattr(zo, "param_groups_fp16_flat_cpu_memory", None), PARAMS, offload_param)
+    col.add_each(getattr(zo, "fp16_partitioned_groups_flat", None), PARAMS, "param partitions, sub-group {}", offload_param)
+    col.add_each(getattr(zo, "param_groups_fp16_flat_cpu_memory", None), PARAMS, "param partitions (host flat buffer {})",
+                 offload_param)
     # Pinned copies made by offload_states() (dynamic offload of states between steps).
-    col.add(getattr(zo, "lp_param_contiguous_pin_buffer", None), PARAMS, True)
-    col.add(getattr(zo, "lp_grad_partitions_flat_pin_buffers", None), GRADS, True)
+    col.add(getattr(zo, "lp_param_contiguous_pin_buffer", None), PARAMS, True, "pinned copy of param partitions")
+    col.add(getattr(zo, "lp_grad_partitions_flat_pin_buffers", None), GRADS, True, "pinned copy of gradient partitions")
     # fp32 master partitions per sub-group; with offload_optimizer each sub-group goes to
     # `subgroup_to_device[i]` ('cpu' unless partial offload keeps it on the accelerator).
     subgroup_to_device = getattr(zo, "subgroup_to_device", None) or {}
@@ -77,40 +89,37 @@ def _walk_zero_3(col: Collector, zo: Any) -> Placement:
         offloaded = offload_opt and subgroup_to_device.get(i, "cpu") == "cpu"
         if master is not None:
             offloaded_by_id[id(master)] = offloaded
-        col.add(master, MASTER, offloaded)
-        col.add(getattr(master, "grad", None), GRADS, offloaded)
+        col.add_masters([master] if master is not None else None, f"fp32 partition, sub-group {i}", offloaded)
     # fp32 (grad_accum_dtype) gradient partitions of every param, one flat buffer on `self.device`.
-    col.add(getattr(zo, "grad_partitions_flat_buffer", None), GRADS, offload_opt)
-    col.add(getattr(zo, "averaged_gradients", None), GRADS, offload_opt)
+    col.add(getattr(zo, "grad_partitions_flat_buffer", None), GRADS, offload_opt, "gradient partitions (flat buffer)")
+    col.add_each(getattr(zo, "averaged_gradients", None), GRADS, "averaged gradient partition, sub-group {}", offload_opt)
     # IPG reduce bucket: dict dtype -> IPGBucketZ3 with one `.buffer` of reduce_bucket_size
     # elements, allocated once in _setup_for_real_optimizer and kept for the whole run.
-    for bucket in list((getattr(zo, "ipg_buckets", None) or {}).values()):
-        col.claim(getattr(bucket, "buffer", None), COMM)
+    _claim_buckets(col, zo)
     # Muon momentum kept beside the optimizer state (also referenced from optimizer.state).
-    col.add(getattr(zo, "muon_momentum_buffer_partitioned_groups_flat", None), OPT_STATE, offload_opt)
-    col.add(getattr(zo, "_muon_allgather_buffers", None), COMM)
+    col.add_each(getattr(zo, "muon_momentum_buffer_partitioned_groups_flat", None), OPT_STATE,
+                 "muon momentum, sub-group {}", offload_opt)
+    col.add(getattr(zo, "_muon_allgather_buffers", None), COMM, False, "muon all-gather cache")
     return Placement(offloaded_by_id, offload_opt)
 
 
 def _walk_bf16_optimizer(col: Collector, bo: Any) -> Placement:
     """BF16_Optimizer (bf16_optimizer.py): ZeRO-1 bf16 with fp32 gradient accumulation."""
-    col.add(getattr(bo, "bf16_groups_flat", None), PARAMS)  # flat bf16 params, padded to 2*N
-    masters = getattr(bo, "fp32_groups_flat_partition", None)  # fp32 master partition
-    col.add(masters, MASTER)
-    col.add_grad_of(masters)
+    col.add_each(getattr(bo, "bf16_groups_flat", None), PARAMS, "bf16 flat params, group {}")  # padded to 2*N
+    col.add_masters(getattr(bo, "fp32_groups_flat_partition", None), "fp32 partition, group {}")  # fp32 master partition
     # fp32 gradient accumulator of the WHOLE flat group (not partitioned), kept for the run.
-    col.add(getattr(bo, "fp32_groups_gradients_flat", None), GRADS)
+    col.add_each(getattr(bo, "fp32_groups_gradients_flat", None), GRADS, "fp32 gradient accumulator (whole group), group {}")
     return Placement({}, False)
 
 
 def _walk_fp16_optimizers(col: Collector, fo: Any) -> Placement:
     """FP16_Optimizer (fused) and FP16_UnfusedOptimizer (fp16/), also used for bf16 at stage 0."""
-    col.add(getattr(fo, "fp16_groups_flat", None), PARAMS)  # fused: flat low-precision params
-    col.add(getattr(fo, "fp16_groups", None), PARAMS)  # lists of the model's low-precision params
-    for name in ("fp32_groups_flat", "fp32_groups"):  # fused: flat fp32 master; unfused: per param
-        masters = getattr(fo, name, None)
-        col.add(masters, MASTER)
-        col.add_grad_of(masters)
+    col.add_each(getattr(fo, "fp16_groups_flat", None), PARAMS, "low-precision flat params, group {}")  # fused
+    # unfused: lists of the model's low-precision params, named after each by the module walk
+    col.add(getattr(fo, "fp16_groups", None), PARAMS)
+    # fused: flat fp32 master per group; unfused: one fp32 master per param
+    col.add_masters(getattr(fo, "fp32_groups_flat", None), "fp32 master (flat), group {}")
+    col.add_masters(getattr(fo, "fp32_groups", None), "fp32 master params, group {}")
     return Placement({}, False)
 
 

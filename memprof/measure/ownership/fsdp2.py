@@ -139,36 +139,37 @@ def fsdp2_record(model: torch.nn.Module | None) -> dict[str, Any] | None:
 
 def _walk_param(col: Collector, fp: Any) -> None:
     offloaded = bool(getattr(fp, "offload_to_cpu", False))
-    col.add(getattr(fp, "_sharded_param_data", None), PARAMS, offloaded)
+    name = _param_name(fp)
+    col.add(getattr(fp, "_sharded_param_data", None), PARAMS, offloaded, f"shard of {name}")
     # gathered (storage resized to 0 when resharded: the collector skips empty storages)
-    col.add(list(getattr(fp, "all_gather_outputs", None) or []), PARAMS, False)
-    col.add(list(getattr(fp, "_unsharded_inner_tensors", None) or []), PARAMS, False)
-    col.add(getattr(fp, "_sharded_post_forward_param_data", None), PARAMS, False)
+    col.add(list(getattr(fp, "all_gather_outputs", None) or []), PARAMS, False, f"gathered {name}")
+    col.add(list(getattr(fp, "_unsharded_inner_tensors", None) or []), PARAMS, False, f"gathered {name}")
+    col.add(getattr(fp, "_sharded_post_forward_param_data", None), PARAMS, False, f"post-forward shard of {name}")
     sharded = getattr(fp, "sharded_param", None)
     if sharded is not None:
-        col.add(_local(sharded.grad), GRADS, offloaded)
+        col.add(_local(sharded.grad), GRADS, offloaded, f".grad of shard of {name}")
     unsharded = fp.__dict__.get("_unsharded_param")  # set at the first all-gather
     if unsharded is not None:
-        col.add(_local(unsharded.grad), GRADS, False)
-    col.add(getattr(fp, "unsharded_accumulated_grad", None), GRADS, False)
+        col.add(_local(unsharded.grad), GRADS, False, f".grad of gathered {name}")
+    col.add(getattr(fp, "unsharded_accumulated_grad", None), GRADS, False, f"accumulated gradient of {name}")
 
 
 def _walk_group_buffers(col: Collector, group: Any) -> None:
     pending = getattr(group, "_all_gather_result", None)
     if pending is not None:
-        col.add(pending.all_gather_output, COMM, False)
-    col.add(getattr(group, "_partial_reduce_output", None), COMM, False)
+        col.add(pending.all_gather_output, COMM, False, "FSDP2 all-gather output")
+    col.add(getattr(group, "_partial_reduce_output", None), COMM, False, "FSDP2 partial reduce output")
     all_reduce = getattr(group, "_all_reduce_state", None)
     if all_reduce is not None:
-        col.add(all_reduce.all_reduce_input, COMM, False)
+        col.add(all_reduce.all_reduce_input, COMM, False, "FSDP2 all-reduce input")
 
 
 def _walk_comm_context(col: Collector, ctx: Any) -> None:
     kept = getattr(ctx, "all_gather_state", None)
     if kept is not None:
-        col.add(kept.all_gather_result.all_gather_output, COMM, False)
+        col.add(kept.all_gather_result.all_gather_output, COMM, False, "FSDP2 all-gather output")
     for state in list(getattr(ctx, "reduce_scatter_states", None) or []):
-        col.add(state.reduce_scatter_input, COMM, False)
+        col.add(state.reduce_scatter_input, COMM, False, "FSDP2 reduce-scatter input")
 
 
 def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> dict[int, bool]:

@@ -7,11 +7,12 @@ it sets on the model's own parameters; the optimizer wrappers are walked in ``de
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
-from memprof.measure.ownership.core import GRADS, MASTER, OPT_STATE, PARAMS, Collector
+from memprof.measure.ownership.core import GRADS, MASTER, OPT_STATE, PARAMS, Collector, grad_of
 
 _MODULE_WALKERS = ("parameters", "named_parameters", "buffers", "named_buffers", "_named_members")
 
@@ -46,6 +47,28 @@ def module_tensors(module: torch.nn.Module) -> tuple[list[torch.Tensor], list[to
     return params, buffers
 
 
+# module -> (ids of its parameters, their qualified names, ids of its buffers, theirs): the names
+# are read once (named_parameters walks the tree with string joins), then reused while the module
+# holds the same tensors, in module_tensors' order (torch's)
+_NAMES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[int], list[str], list[int], list[str]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def tensor_names(module: torch.nn.Module, params: list[torch.Tensor],
+                 buffers: list[torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Qualified names of ``params`` and ``buffers`` (:func:`module_tensors`' lists of ``module``)."""
+    param_ids, buffer_ids = [id(p) for p in params], [id(b) for b in buffers]
+    cached = _NAMES.get(module)
+    if cached is not None and cached[0] == param_ids and cached[2] == buffer_ids:
+        return cached[1], cached[3]
+    by_id = {id(t): n for n, t in module.named_parameters()}
+    by_id.update((id(t), n) for n, t in module.named_buffers())
+    names = ([by_id.get(i, f"parameter #{k}") for k, i in enumerate(param_ids)],
+             [by_id.get(i, f"buffer #{k}") for k, i in enumerate(buffer_ids)])
+    _NAMES[module] = (param_ids, names[0], buffer_ids, names[1])
+    return names
+
+
 def quant_state_tensors(quant_state: Any) -> list[torch.Tensor]:
     """The tensors of a bitsandbytes ``QuantState`` (functional.py): ``absmax``, ``code``,
     ``offset`` and, with double quantization, ``state2``'s ``absmax`` and ``code``."""
@@ -57,33 +80,39 @@ def quant_state_tensors(quant_state: Any) -> list[torch.Tensor]:
 def walk_module(col: Collector, module: torch.nn.Module, offload_param: bool) -> None:
     """The model's parameters: compute copies, their ZeRO-3 partitions, and their gradients."""
     params, buffers = module_tensors(module)
+    param_names, buffer_names = tensor_names(module, params, buffers)
     col.model_params.update(map(id, params))
-    add, add_tensor = col.add, col.add_tensor
-    for p in params:
+    add, add_tensor, names = col.add, col.add_tensor, col.names
+    for p, name in zip(params, param_names):
+        names[id(p)] = name  # its optimizer state is named after it
         # ZeRO-3 (partition_parameters.py, _partition_param): `ds_tensor` is this rank's partition;
         # persistent params (`ds_persist`, numel <= stage3_param_persistence_threshold) keep their
         # partition on the compute device even with offload_param, the others go to `remote_device`.
         ds_tensor = getattr(p, "ds_tensor", None)
         if ds_tensor is not None:
-            add(ds_tensor, PARAMS, offload_param and not getattr(p, "ds_persist", False))
+            add(ds_tensor, PARAMS, offload_param and not getattr(p, "ds_persist", False), f"partition of {name}")
         # The parameter's storage (that of `param.data`): the full parameter at stage 0-2 (a view of
         # the flat bit16 buffer at stage 1/2); at ZeRO-3 non-empty only while gathered or
         # persistent (free_param sets `param.data = torch.empty(0)`).
-        add_tensor(p, PARAMS, False)
+        add_tensor(p, PARAMS, False, name)
         # bitsandbytes' Params4bit: its QuantState (absmax, code table, double quantization's
         # nested state) is no parameter but belongs to the packed weight (memprof.quant_config)
         quant_state = getattr(p, "quant_state", None)
         if quant_state is not None:
-            add(quant_state_tensors(quant_state), PARAMS, False)
-        add(p.grad, GRADS, False)
+            add(quant_state_tensors(quant_state), PARAMS, False, f"quant state of {name}")
+        grad = p.grad
+        if grad is not None:
+            add(grad, GRADS, False, grad_of(name))
         # stage_1_and_2.py: `param.grad_accum` holds the fp32 accumulation of a low-precision grad
         # (use_grad_accum_attribute, ZeRO-1 with grad_accum_dtype != param dtype).
-        add(getattr(p, "grad_accum", None), GRADS, False)
+        grad_accum = getattr(p, "grad_accum", None)
+        if grad_accum is not None:
+            add(grad_accum, GRADS, False, f".grad_accum of {name}")
     # Module buffers (e.g. the Llama family's rotary `inv_freq` / `original_inv_freq`): model tensors
     # the forward reads, never partitioned or offloaded by ZeRO; DeepSpeed keeps them fp32 under
     # bf16/fp16 (engine._configure_distributed_model casts parameters only). Counted as params.
-    for b in buffers:
-        add_tensor(b, PARAMS, False)
+    for b, name in zip(buffers, buffer_names):
+        add_tensor(b, PARAMS, False, name)
 
 
 def inner_torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -109,31 +138,38 @@ def walk_optimizer_state(col: Collector, opt: torch.optim.Optimizer, offloaded_p
     state = getattr(opt, "state", None)
     if not isinstance(state, dict):
         return
-    add, add_tensor, tensor = col.add, col.add_tensor, torch.Tensor
+    add, add_tensor, tensor, names = col.add, col.add_tensor, torch.Tensor, col.names
     for param, per_param in list(state.items()):
         offloaded = offloaded_params.get(id(param), default_offloaded) if offloaded_params else default_offloaded
         if isinstance(per_param, dict):
-            for value in per_param.values():
+            of = names.get(id(param)) or "a tensor no walk names"
+            for key, value in per_param.items():
                 if isinstance(value, tensor):
-                    add_tensor(value, OPT_STATE, offloaded)
+                    add_tensor(value, OPT_STATE, offloaded, f"{key} of {of}")
                 else:
-                    add(value, OPT_STATE, offloaded)
+                    add(value, OPT_STATE, offloaded, f"{key} of {of}")
 
 
 def walk_torch_optimizers(col: Collector, optimizers: list[torch.optim.Optimizer],
                           offloaded_by_id: dict[int, bool], default_offloaded: bool) -> None:
     """The state of each torch optimizer, then what it updates."""
-    add = col.add
+    add, names = col.add, col.names
     for opt in optimizers:
+        groups = getattr(opt, "param_groups", None) or []
+        for g, group in enumerate(groups):  # names first: the state below is named after them
+            for p in (group.get("params", []) if isinstance(group, dict) else []):
+                if id(p) not in names:
+                    names[id(p)] = f"params {type(opt).__name__} updates, group {g}"
         walk_optimizer_state(col, opt, offloaded_by_id, default_offloaded)
         # What the inner optimizer updates is the master copy when it is not a model parameter
         # (catches a wrapper this walk does not know). Model params, and their grads, were claimed
         # first by walk_module, as params and grads: offered again here they would lose.
-        for group in getattr(opt, "param_groups", None) or []:
+        for group in groups:
             params = group.get("params", []) if isinstance(group, dict) else []
             for p in params:
                 if id(p) in col.model_params:
                     continue
                 offloaded = offloaded_by_id.get(id(p), default_offloaded) if offloaded_by_id else default_offloaded
-                add(p, MASTER, offloaded)
-                add(getattr(p, "grad", None), GRADS, offloaded)
+                name = names[id(p)]
+                add(p, MASTER, offloaded, name)
+                add(getattr(p, "grad", None), GRADS, offloaded, grad_of(name))
