@@ -322,9 +322,6 @@ def test_cuda_step_peak_names_the_region_it_was_reached_in(fake_cuda) -> None:
     assert peak == {**peak, "params": params, "grads": 400, "optimizer_state": 200, "other": data, "activations": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="CudaBackend._peak_layers takes the bytes the phase's owned states grew by "
-                   "(backward's new .grad) from every region's layer, the all-reduce's too, though they were born "
-                   "before it started: needs a change in memprof/measure/backends.py (see the s23-labels report)")
 def test_cuda_zero0_backward_peak_names_the_all_reduce_copy(fake_cuda) -> None:
     _, alloc = fake_cuda
     params, grads = 1000, 1000

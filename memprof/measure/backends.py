@@ -39,7 +39,7 @@ from memprof.measure.dispatch_tracker import (
 )
 from memprof.measure.oom import SimulatedOutOfMemoryError
 from memprof.measure.ownership.core import UNNAMED, Owned
-from memprof.measure.regions import LabelStack, PeakRegions, Remover
+from memprof.measure.regions import DEVICE_COMM_BUFFERS, LabelStack, PeakRegions, Remover
 
 CpuTracker = AllocationTracker | NativeAllocationTracker
 OwnedMap = Mapping[tuple[str, int], Any]
@@ -535,7 +535,9 @@ class CudaBackend:
         for label, n in self._peaks.layers.items():
             if label >= N_CATEGORIES:
                 continue  # an offloaded optimizer's region: its working memory is not on the GPU
-            taken = min(n, born)
+            # the all-reduce region's bytes are its flat copy, which no walk owns: the owned bytes
+            # the phase grew by (backward's .grad, born before the all-reduce) are not in it
+            taken = 0 if label == DEVICE_COMM_BUFFERS else min(n, born)
             born -= taken
             layers[label] = n - taken
         return layers
