@@ -297,7 +297,13 @@ def _with_tied_sum(moment: dict[str, int], s: LayoutSetup) -> dict[str, int]:
     gpt2-tiny HF Trainer run: 262,144 B = 2 x V*H*4 activations at the backward peak beside every
     param.grad), and :func:`_stage2_tied_sum` counts the same moment's shares the same way."""
     tied = _tied_embedding_sum(s)
-    return {**moment, ACT: tied} if tied else dict(moment)
+    if not tied:
+        return dict(moment)
+    if not s.shape.has_transformer_shape:
+        # a family without an activation model: its estimate holds no activations (it says so), so
+        # the shares stay counted, beside the gradients they are summed into
+        return {**moment, G: moment.get(G, 0) + tied}
+    return {**moment, ACT: tied}
 
 
 def _tied_embedding_sum(s: LayoutSetup) -> int:
