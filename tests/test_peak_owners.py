@@ -18,7 +18,6 @@ owners the ownership walk names, with their bytes at the peak moment.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 
 from memprof.categories import empty_breakdown
 from memprof.compare import PEAK_OWNERS_KEY
-from memprof.measure import MemoryProfiler, cuda_counters, native
+from memprof.measure import cuda_counters, native
 from memprof.measure.allocation_hook_tracker import NativeAllocationTracker
 from memprof.measure.backends import OTHERS, PEAK_OWNERS_TOP, CudaBackend, OwnerIndex, peak_owners_record
 from memprof.measure.dispatch_tracker import DEVICE_ACTIVATIONS, DEVICE_OTHER, AllocationTracker, label_of
@@ -108,32 +107,14 @@ def test_a_large_storage_named_mid_phase_is_named_at_the_peak(Tracker) -> None:
 
 
 # ---- the profiler, in-process -----------------------------------------------------------------------
-IN, HIDDEN, OUT, BATCH = 256, 1024, 256, 8
 
 
 def _profiled_mlp(out: Path) -> tuple[dict, dict[str, int]]:
     """(run document, {parameter name: numel}) of a bias-free MLP trained 2 steps with foreach Adam;
     ``zero_grad`` inside the step phase frees the gradients before it ends."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN, bias=False), torch.nn.GELU(),
-                                torch.nn.Linear(HIDDEN, OUT, bias=False))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
-    gc.collect()
-    prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=out)
-    with prof:
-        for i in range(2):
-            x, y = torch.randn(BATCH, IN), torch.randn(BATCH, OUT)
-            with prof.step(i) as s:
-                with s.phase("forward"):
-                    loss = torch.nn.functional.mse_loss(model(x), y)
-                with s.phase("backward"):
-                    loss.backward()
-                with s.phase("step"):
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                s.loss = loss
-    doc = prof.finish()
-    assert doc is not None
+    from test_profiler_transients import HIDDEN, IN, OUT, _profiled_adam_steps
+
+    doc, _, _ = _profiled_adam_steps(out, bias=False)
     # the qualified names nn.Sequential gives its children's weights, and their sizes
     return doc, {"0.weight": HIDDEN * IN, "2.weight": OUT * HIDDEN}
 

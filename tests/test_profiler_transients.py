@@ -41,10 +41,11 @@ OTHER_SHARE = 0.01
 IN, HIDDEN, OUT, BATCH = 256, 1024, 256, 8
 
 
-def _profiled_adam_steps(out: Path, steps: int = 2) -> tuple[dict, int, int]:
-    """(run document, parameter elements, parameter tensors) of a small MLP trained with foreach Adam."""
+def _profiled_adam_steps(out: Path, steps: int = 2, bias: bool = True) -> tuple[dict, int, int]:
+    """(run document, parameter elements, parameter tensors) of a small MLP trained with foreach Adam
+    (tests/test_peak_owners.py reads its bias-free variant)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT))
+    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN, bias=bias), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT, bias=bias))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     gc.collect()
     prof = MemoryProfiler(model=model, optimizer=optimizer, out_dir=out)
