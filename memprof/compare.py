@@ -17,8 +17,8 @@ The estimate's figures for a rank are :func:`estimate_for_rank`'s (rank 0's stan
 estimator did not list); the error is :func:`relative_error`, (estimated - measured) / measured.
 Tolerances are the ones memprof promises: resident model states (``params``, ``master_params``,
 ``optimizer_state``) within 0.5%, per-phase peak totals within 3%, each category at a phase peak
-within 3% of that peak (gated by ``--check`` only with ``--check-categories`` until the profiler
-names its transients: :data:`CHECK_CATEGORIES_BY_DEFAULT`). :mod:`memprof.report` builds its tables
+within 3% of that peak (gated by ``--check`` by default: :data:`CHECK_CATEGORIES_BY_DEFAULT`;
+``--no-check-categories`` checks the totals only). :mod:`memprof.report` builds its tables
 and charts on :func:`comparison_of`, so the page can never disagree with ``memprof compare --check``.
 
 :func:`rank_differences` names, for each phase whose peaks differ across ranks by more than
@@ -40,10 +40,10 @@ RESIDENT_TOLERANCE = 0.005
 PEAK_TOLERANCE = 0.03  # every phase peak within 3% (issue 8's accuracy bar; the matrix tests hold it)
 CATEGORY_TOLERANCE = 0.03  # every category at a phase peak within 3% of that peak (issue 17)
 RESIDENT_CHECKED = ("params", "master_params", "optimizer_state")
-CHECK_CATEGORIES_BY_DEFAULT = False
-"""Whether ``compare --check`` gates the per-category rows without ``--check-categories``. Off
-while the profiler leaves short-lived tensors as ``other`` (every run would fail); set True when
-it names them (issue 17), and ``--check`` gates them everywhere (the report's verdict too)."""
+CHECK_CATEGORIES_BY_DEFAULT = True
+"""Whether ``compare --check`` (and the report's verdict) gates the per-category rows. On since the
+profiler names its transients (issue 17: `other` at most 1% of every phase peak of the test matrix);
+``--no-check-categories`` gates the totals only."""
 RANK_SPREAD = 0.01  # ranks whose phase peaks differ by more than 1% of the lighter one: named
 PEAK_OWNERS_KEY = "peak_owners"
 """Optional key of a phase record: ``{location: {category: {owner: bytes}}}`` at the peak, where a

@@ -45,9 +45,11 @@ def test_exact_estimate_passes_and_errors_are_relative_to_measured():
 
 
 def test_resident_off_by_one_percent_fails_but_half_percent_passes():
-    # 0.5% of 8000 bytes is 40 bytes: 8040 is at the limit, 8080 (1%) is outside it
-    assert compare_run(_run_doc(4000, 8000, PEAKS), _estimate(4000, 8040, PEAKS)).ok
-    cmp = compare_run(_run_doc(4000, 8000, PEAKS), _estimate(4000, 8080, PEAKS))
+    # 0.5% of 8000 bytes is 40 bytes: 8040 is at the limit, 8080 (1%) is outside it. The resident
+    # figures alone: these synthetic peaks are not the sum of their breakdowns, so the per-category
+    # rows (test_compare_peaks.py's) are left out
+    assert compare_run(_run_doc(4000, 8000, PEAKS), _estimate(4000, 8040, PEAKS), check_categories=False).ok
+    cmp = compare_run(_run_doc(4000, 8000, PEAKS), _estimate(4000, 8080, PEAKS), check_categories=False)
     bad = cmp.failures()
     assert [(r.what, r.name) for r in bad] == [("rest", "optimizer_state")]
     assert abs(bad[0].error - 0.01) < 1e-12

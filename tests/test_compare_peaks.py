@@ -99,13 +99,14 @@ def test_a_category_exactly_three_percent_of_the_peak_off_passes():
     assert [r.name for r in cmp.failures()] == ["backward/activations"]
 
 
-def test_categories_are_gated_only_when_asked():
+def test_categories_are_gated_by_default_and_can_be_left_out():
     doc = run_doc([[step_record(1, PEAKS)]])
     # other -400 (4% of the peak), activations +200: the backward total 9,800 is within 3%
     est = {"ranks": [estimate_rank(0, with_changes(PEAKS, "backward", other=200, activations=4300))]}
-    assert comparison_of(doc, est).ok  # CHECK_CATEGORIES_BY_DEFAULT is off
-    gated = comparison_of(doc, est, check_categories=True)
+    gated = comparison_of(doc, est)
     assert not gated.ok and [r.name for r in gated.failures()] == ["backward/other"]
+    totals_only = comparison_of(doc, est, check_categories=False)
+    assert totals_only.ok and [r.name for r in totals_only.category_misses()] == ["backward/other"]
 
 
 def test_with_gradient_accumulation_the_categories_are_read_at_the_micro_step_of_the_peak():
@@ -122,7 +123,7 @@ def test_with_gradient_accumulation_the_categories_are_read_at_the_micro_step_of
     assert b["step"] == 2 and b["measured"]["device"]["activations"] == 5100 and b["measured_total"] == 11_000
 
 
-# ---- memprof compare --check --check-categories ----------------------------------------------------
+# ---- memprof compare --check [--no-check-categories] ----------------------------------------------------
 
 def _cli(tmp_path, doc: dict, *flags: str) -> subprocess.CompletedProcess:
     path = tmp_path / "memprof.json"
@@ -135,10 +136,13 @@ def test_check_categories_exit_codes(tmp_path):
     doc = run_doc([[step_record(1, PEAKS)]])
     # other -400 (4% of the backward peak); every total within 3%
     doc["estimate"] = {"ranks": [estimate_rank(0, with_changes(PEAKS, "backward", other=200, activations=4300))]}
-    assert _cli(tmp_path, doc, "--check").returncode == 0
-    res = _cli(tmp_path, doc, "--check", "--check-categories")
+    res = _cli(tmp_path, doc, "--check")
     assert res.returncode == 1, res.stderr
     assert "1 checked figure(s) outside tolerance" in res.stdout
+    assert _cli(tmp_path, doc, "--check", "--check-categories").returncode == 1
+    res = _cli(tmp_path, doc, "--check", "--no-check-categories")
+    assert res.returncode == 0, res.stderr
+    assert "1 category figure(s) off by more than 3% of their peak (not checked" in res.stdout
     # other -300 (3% of the peak): within
     doc["estimate"] = {"ranks": [estimate_rank(0, with_changes(PEAKS, "backward", other=300, activations=4300))]}
     assert _cli(tmp_path, doc, "--check", "--check-categories").returncode == 0
@@ -151,10 +155,14 @@ def test_compare_shows_the_category_errors_in_80_columns(tmp_path):
     assert res.returncode == 0, res.stderr
     assert max(len(line) for line in res.stdout.splitlines()) <= 80
     line = next(ln for ln in res.stdout.splitlines() if "backward" in ln and "other" in ln)
-    assert line.split()[-2:] == [f"{(200 - 600) / 10_000:+.2%}", "off"]
-    assert "1 category figure(s) off by more than 3% of their peak (not checked" in res.stdout
+    assert line.split()[-2:] == [f"{(200 - 600) / 10_000:+.2%}", "OUT"]  # gated by default
+    ungated = _cli(tmp_path, doc, "--no-check-categories").stdout.splitlines()
+    assert next(ln for ln in ungated if "backward" in ln and "other" in ln).split()[-2:] == [f"{(200 - 600) / 10_000:+.2%}", "off"]
+    assert "1 checked figure(s) outside tolerance" in res.stdout  # checked by default, so no "not checked" line
+    assert "not checked" not in res.stdout
     data = json.loads(_cli(tmp_path, doc, "--json").stdout)
-    assert data["categories_checked"] is False and data["tolerances"]["category"] == 0.03
+    assert data["categories_checked"] is True and data["tolerances"]["category"] == 0.03 and data["ok"] is False
+    assert json.loads(_cli(tmp_path, doc, "--json", "--no-check-categories").stdout)["ok"] is True
     assert all(r["what"] != "category" for r in data["rows"])  # "rows": rest and peak figures, as before
     row = next(r for r in data["category_rows"] if r["name"] == "backward/other")
     assert (row["what"], row["share_of"], row["ok"]) == ("category", 10_000, False)

@@ -37,7 +37,7 @@ def build_parser() -> MemprofArgumentParser:
             f"setup). Checked: resident params/master_params/optimizer_state within "
             f"{RESIDENT_TOLERANCE:.1%}, per-phase peak totals within {PEAK_TOLERANCE:.0%}; each category "
             f"at each phase peak is shown with its error as a share of that peak (within "
-            f"{CATEGORY_TOLERANCE:.0%} of it, checked with --check-categories). Where ranks' peaks differ "
+            f"{CATEGORY_TOLERANCE:.0%} of it, checked unless --no-check-categories). Where ranks' peaks differ "
             f"by more than 1%, the category that makes the difference is named."
         ),
     )
@@ -54,8 +54,8 @@ def build_parser() -> MemprofArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=CHECK_CATEGORIES_BY_DEFAULT,
         help=f"with --check, also exit 1 when a category at a phase peak is off by more than "
-             f"{CATEGORY_TOLERANCE * 100:g}%% of that peak (default: {'on' if CHECK_CATEGORIES_BY_DEFAULT else 'off'}, "
-             f"while the profiler leaves short-lived tensors as 'other')",
+             f"{CATEGORY_TOLERANCE * 100:g}%% of that peak (default: {'on' if CHECK_CATEGORIES_BY_DEFAULT else 'off'}; "
+             f"--no-check-categories gates the totals only)",
     )
     return p
 
@@ -136,7 +136,7 @@ def print_table(cmp: Comparison, run_doc: dict[str, Any]) -> None:
     misses = len(cmp.category_misses())
     if misses and not cmp.check_categories:
         console.print(f"{misses} category figure(s) off by more than {CATEGORY_TOLERANCE:.0%} of their peak "
-                      "(not checked: --check-categories checks them)")
+                      "(not checked: --no-check-categories was given)")
 
 
 def main(argv: list[str]) -> int:

@@ -102,7 +102,7 @@ def _check_verdict(cmp: Comparison) -> dict[str, Any]:
         "peak_tolerance": PEAK_TOLERANCE,
         "category_tolerance": CATEGORY_TOLERANCE,
         "categories_checked": cmp.check_categories,
-        # category rows outside their tolerance that --check does not gate yet (CHECK_CATEGORIES_BY_DEFAULT)
+        # category rows outside their tolerance that this comparison does not gate (--no-check-categories)
         "category_misses": 0 if cmp.check_categories else len(cmp.category_misses()),
         "failures": [{"rank": r.rank, "what": r.what, "location": r.location, "name": r.name,
                       "measured": r.measured, "estimated": r.estimated, "error": r.error, "tolerance": r.tolerance}
