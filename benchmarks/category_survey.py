@@ -52,6 +52,11 @@ OPTIMIZERS = {
     "sgd": {"type": "SGD", "params": {"lr": 1e-3}},
     "momentum": {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9}},
     "adamw": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
+    # as configs/stage0_{nesterov,rmsprop,adagrad,amsgrad}.json spell them
+    "nesterov": {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9, "nesterov": True}},
+    "rmsprop": {"type": "RMSprop", "params": {"lr": 1e-4}},
+    "adagrad": {"type": "Adagrad", "params": {"lr": 1e-3}},
+    "amsgrad": {"type": "Adam", "params": {"lr": 1e-4, "amsgrad": True, "torch_adam": True}},
 }
 # shapes no test launches (HF config.json dicts for --model-config)
 GPT2_WIDE = {"model_type": "gpt2", "vocab_size": 512, "n_positions": 256, "n_embd": 96, "n_layer": 3,
@@ -96,6 +101,11 @@ CASES: dict[str, tuple[Any, int, dict[str, Any], int]] = {
     "new-gpt2-z0-momentum-bf16-ckpt-mb4-seq96": ("gpt2-tiny", 2, ds_config(0, "momentum", True, micro=4, top=CKPT), 96),
     "new-llamaw96-z2-adamw-fp32-mb1-seq80": (LLAMA_WIDE, 2, ds_config(2, "adamw", False, micro=1, **SMALL), 80),
     "new-llamaw96-z3-momentum-bf16-mb3-seq48": (LLAMA_WIDE, 2, ds_config(3, "momentum", True, micro=3, **Z3), 48),
+    # session 24: the rest of the optimizer zoo, 3 ranks at ZeRO-3 with checkpointing, offload at another width
+    "new-llama-z0-nesterov-fp32-gas2-seq64": ("llama-tiny", 2, ds_config(0, "nesterov", False, gas=2), 64),
+    "new-llamaw96-z1-rmsprop-bf16-gas3-seq40": (LLAMA_WIDE, 2, ds_config(1, "rmsprop", True, gas=3, **SMALL), 40),
+    "new-gpt2w96-z3-adagrad-fp32-ckpt-n3-seq56": (GPT2_WIDE, 3, ds_config(3, "adagrad", False, top=CKPT, **Z3), 56),
+    "new-gpt2w96-z2-amsgrad-fp32-offload-seq48": (GPT2_WIDE, 2, ds_config(2, "amsgrad", False, **SMALL, **OFFLOAD), 48),
 }
 
 
