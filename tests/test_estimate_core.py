@@ -1092,3 +1092,23 @@ def test_stage0_backward_peaks_at_block_0_beside_the_later_gradients(model, late
     # the estimate before the block-by-block model (its end of backward / last block's backward:
     # llama-tiny 632,068, gpt2-tiny 1,033,996) was 18-22% under the trace
     assert beyond > 1.15 * {"llama-tiny": 632_068, "gpt2-tiny": 1_033_996}[model]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_adagrad_at_stage3_keeps_the_constructor_state_of_the_whole_model(dtype):
+    """ZeRO-3 with a model built whole (memprof's launcher, memprof/train/model.py): engine.py:2332
+    makes the torch Adagrad over the model's params before the ZeRO-3 optimizer partitions them
+    (stage3.py initialize_ds_offload), so its constructor-made ``sum`` is full-size in the model
+    dtype, plus a 0-dim fp32 ``step`` per model tensor; stage3.py:1358 then builds a new Adagrad over
+    the fp32 partition (one sub-group at the default sub_group_size: one fp32 sum of S3 elements and
+    one step). Measured on a 3-rank GPT-2 (96 wide) run: 4x the fp32 partition at rest."""
+    e = {"fp32": 4, "bf16": 2}[dtype]
+    ds = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adagrad", "params": {"lr": 1e-3}},
+          "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 3}}
+    if dtype != "fp32":
+        ds[dtype] = {"enabled": True}
+    run = {"model_config": preset_config("gpt2-tiny"), "world_size": N2, "seq_len": 32, "device_type": "cpu",
+           "deepspeed_config": ds}
+    expected = 4 * S3 + 4 + e * TP + 4 * TT
+    for r in estimate(inputs_from_run(run)).ranks:
+        assert r.rest["device"]["optimizer_state"] == expected, r.rank

@@ -343,14 +343,22 @@ def _stale_adagrad_state(s: LayoutSetup, out: StateLayout) -> None:
     creates its state there (adagrad.py ``__init__``: ``sum = torch.full_like(p, ...)``, so in
     p's dtype: bf16/fp16 in mixed precision; ``step = torch.zeros((), dtype=_get_scalar_dtype())``,
     4 bytes fp32 per tensor); the others create it lazily in ``step()``, on the fp32 partitions the
-    ZeRO optimizer hands them. stage_1_and_2.py:946 builds a new Adagrad over the fp32 partitions,
-    but engine.basic_optimizer keeps the original one alive with that full-size ``sum``."""
+    ZeRO optimizer hands them. stage_1_and_2.py:946 (stage3.py:1358 at ZeRO-3) builds a new Adagrad
+    over the fp32 partitions, but engine.basic_optimizer keeps the original one alive with that
+    full-size ``sum``. At ZeRO-3 it is full-size too when the model was built whole, as memprof's
+    launcher builds it (memprof/train/model.py): the engine partitions the parameters only when the
+    ZeRO-3 optimizer is made (stage3.py ``initialize_ds_offload`` -> DeepSpeedZeRoOffload
+    ``_convert_to_zero_parameters``), after ``_configure_basic_optimizer`` (engine.py:2332). A model
+    built under ``deepspeed.zero.Init`` is partitioned already, and its stale ``sum`` is empty: this
+    estimate assumes the model was built whole, and says so."""
     spec = OPTIMIZER_SPECS[s.inp.optimizer]
     if spec.lazy:
         return
     out.add("device", O, optimizer_state_bytes(s.inp.optimizer, s.t_total, len(s.numels), state_bytes_per_element=s.e))
-    out.notes.append(f"ZeRO-1/2 {spec.torch_class}: the engine's original optimizer stays alive with its "
-                     f"constructor-made full-size state in the model dtype ({s.e}P + 4 per tensor)")
+    out.notes.append(f"ZeRO-{s.inp.zero_stage} {spec.torch_class}: the engine's original optimizer stays alive with its "
+                     f"constructor-made full-size state in the model dtype ({s.e}P + 4 per tensor)"
+                     + ("; assumed the model was built whole, not under deepspeed.zero.Init (then that state is empty)"
+                        if s.inp.zero_stage == 3 else ""))
 
 
 def _bf16_optimizer(s: LayoutSetup, out: StateLayout) -> None:
@@ -700,6 +708,7 @@ def _stage3(s: LayoutSetup, out: StateLayout) -> None:
     n_sub = max(1, math.ceil(part_trainable / max(1, z.sub_group_size)))
     largest_sub = min(part_trainable, max(1, z.sub_group_size))
     out.add(opt_loc, O, optimizer_state_bytes(inp.optimizer, part_trainable, n_sub, step_tensors=s.step_tensors))
+    _stale_adagrad_state(s, out)
     # grad_partitions_flat_buffer, in gradient_accumulation_dtype (on the host under optimizer
     # offload, pinned with offload_optimizer.pin_memory: stage3.py:795)
     pin_opt = off_opt and z.offload_optimizer_pin_memory
