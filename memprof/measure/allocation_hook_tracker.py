@@ -158,44 +158,57 @@ class NativeAllocationTracker:
 
     def _refresh_seeded(self) -> None:
         """Seeded storages resized in place since (``UntypedStorage.resize_`` through the allocator
-        each was made with, not the hook): follow their new size and pointer."""
+        each was made with, not the hook): follow their new size and pointer, under the label each had."""
         for ref, _, _ in list(self._seeded.values()):
             st = ref()
             if st is not None:
-                self._follow(st, DEVICE_OTHER)
+                self._follow(st, DEVICE_OTHER, named=False)
         for ref, _ in list(self._emptied.values()):
             st = ref()
             if st is not None and st.nbytes():
-                self._follow(st, DEVICE_OTHER)
+                self._follow(st, DEVICE_OTHER, named=False)
 
     def resync(self, st: torch.UntypedStorage, label: int = DEVICE_OTHER) -> None:
-        """A storage resized in place outside the hook's sight: FSDP2's ``free_storage`` /
-        ``alloc_storage`` (``UntypedStorage.resize_``) go through the allocator the storage was made
-        with, which is not the hook for one made before tracking started (a model that trained
-        before the profiler started, or a root FSDP2 gathered in the forward that started it). Its
-        old block is forgotten and its new one counted (under the label it had, else ``label``),
-        with the peak; a block the hook made itself is the hook's to count."""
-        self._follow(st, label)
+        """A storage FSDP2 has just resized in place or made, whose bytes are ``label``'s
+        (ownership.fsdp2.StorageResizeWatch: a gathered parameter after ``free_storage`` /
+        ``alloc_storage``, a flat all-gather output after ``foreach_all_gather``).
 
-    def _follow(self, st: torch.UntypedStorage, label: int) -> None:
+        ``UntypedStorage.resize_`` goes through the allocator the storage was made with: not the
+        hook for one made before tracking started (a model that trained before the profiler
+        started, or a root FSDP2 gathered in the forward that started it). Such a block is invisible
+        to the hook: its old block is forgotten and its new one counted, with the peak. A block the
+        hook allocated itself is counted already, but under the label open when it was allocated
+        (``activations`` in forward), and FSDP2 frees a re-gathered block (reshard) before any walk
+        can name it: it takes ``label`` here, in the peak too (the hook's ``label_block``)."""
+        self._follow(st, label, named=True)
+
+    def _follow(self, st: torch.UntypedStorage, label: int, named: bool) -> None:
+        """Follow ``st``'s block; ``named``: its bytes are ``label``'s, else those of the label it had."""
         key = id(st)
         ptr, n = st.data_ptr(), st.nbytes()
         old_ptr = self._seeded_ptr.get(key)
         if old_ptr is not None:
             ref, seq, old_n = self._seeded[old_ptr]
             if old_ptr == ptr and old_n == n:
+                if named and n:
+                    self._hook.label_block(ptr, label)
                 return
-            if old_ptr == ptr and n:
+            if old_ptr == ptr and n and not named:
                 self._hook.resize_seeded(ptr, seq, n)
                 self._seeded[ptr] = (ref, seq, n)
                 return
-            label = self._label_of_seeded(old_ptr, seq)
+            # named and resized: the block made now is seeded anew (a new sequence number: it was not
+            # alive, at this size, at a peak taken before)
+            if not named:
+                label = self._label_of_seeded(old_ptr, seq)
             self._hook.forget(old_ptr, seq)
             del self._seeded[old_ptr], self._seeded_ptr[key]
         elif key in self._emptied:
-            label = self._emptied.pop(key)[1]
+            kept = self._emptied.pop(key)[1]
+            label = label if named else kept
         if n and ptr:
-            self._seed_one(st, label)  # False: the hook made this block and counts it
+            if not self._seed_one(st, label) and named:
+                self._hook.label_block(ptr, label)  # the hook made this block and counts it
             return
         emptied = self._emptied
 

@@ -213,15 +213,29 @@ class AllocationTracker(TorchDispatchMode):
             self.device_total -= n
 
     def resync(self, st: torch.UntypedStorage, label: int = DEVICE_OTHER) -> None:
-        """A storage resized outside any dispatched op (``UntypedStorage.resize_``, which FSDP2's
-        ``free_storage`` / ``alloc_storage`` call on gathered parameters): count its new size; one
-        not counted yet (empty when tracking started) is counted from now on under ``label``."""
+        """A storage FSDP2 has just resized or made, whose bytes are ``label``'s
+        (ownership.fsdp2.StorageResizeWatch: a gathered parameter after ``free_storage`` /
+        ``alloc_storage``, which resize it with ``UntypedStorage.resize_``, outside any dispatched op;
+        a flat all-gather output after ``foreach_all_gather``). Its new size is counted, under
+        ``label`` while it has bytes: one grown from empty is a new block (a new sequence number,
+        as an allocation gets: it was not alive at a peak taken before), one counted already (made
+        by an op this mode saw, under the phase's label) moves to ``label``, in the peak and the
+        OOM snapshot too; one not counted yet (empty when tracking started) is counted from now on."""
         rec = self.live.get(id(st))
-        if rec is not None:
-            if st.nbytes() != rec.nbytes:
-                self._resize(rec, st.nbytes())
-        elif st.nbytes() and st.data_ptr():
-            self._add(st, st.nbytes(), label)
+        n = st.nbytes()
+        if rec is None:
+            if n and st.data_ptr():
+                self._add(st, n, label)
+            return
+        if rec.nbytes == 0 and n:
+            # re-gathered after a reshard: made now, under ``label`` (no owner yet, as any new block;
+            # an empty storage adds no bytes to the owner it had)
+            self.seq += 1
+            rec.seq, rec.label, rec.owner = self.seq, label, -1
+        if n != rec.nbytes:
+            self._resize(rec, n)
+        if n and rec.label != label:
+            self._move(rec, label, [self.peak] if self.oom is None else [self.peak, self.oom])
 
     def _resize(self, rec: _Live, n: int) -> None:
         delta = n - rec.nbytes

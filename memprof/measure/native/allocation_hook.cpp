@@ -419,6 +419,17 @@ void move_locked(Rec& r, int new_label, bool fix_peak, bool fix_oom) {
   maybe_new_peak_locked();
 }
 
+// The live block at ptr, allocated just now by code that names it (FSDP2 re-gathering a parameter into
+// a storage the hook allocates, its flat all-gather output), takes `label`: in the tally and in the
+// peak and OOM snapshots taken since it was allocated. Returns false when no block lives at ptr.
+bool label_block(uintptr_t ptr, int label) {
+  std::lock_guard<std::mutex> lock(g.mu);
+  auto it = g.live.find(reinterpret_cast<void*>(ptr));
+  if (it == g.live.end()) return false;
+  if (it->second.label != label) move_locked(it->second, label, /*fix_peak=*/true, /*fix_oom=*/true);
+  return true;
+}
+
 // Relabel every live block: an owned one (ptr in `owned`) takes its owner's label, and its owner
 // index from `owners` (-1 where absent); an unowned one whose label is in `unowned_map` takes the
 // mapped label and loses its owner. Snapshots (peak / oom) are fixed for the blocks alive at them
@@ -488,6 +499,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forget", &forget);
   m.def("label_of", &label_of);
   m.def("resize_seeded", &resize_seeded);
+  m.def("label_block", &label_block);
   m.def("set_new_label", &set_new_label);
   m.def("set_large_bytes", &set_large_bytes);
   m.def("reset_peak", &reset_peak);

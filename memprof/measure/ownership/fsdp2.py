@@ -43,6 +43,7 @@ from memprof.measure.dispatch_tracker import label_of
 from memprof.measure.ownership.core import COMM, GRADS, PARAMS, Collector
 
 _GATHERED = label_of("device", PARAMS)  # the tracker label of a gathered (unsharded) parameter
+_COMM = label_of("device", COMM)  # ... and of a flat all-gather output
 
 try:  # torch >= 2.6 exports both; older torch has no FSDP2 to walk
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
@@ -195,42 +196,75 @@ def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> dict[int, bool]
 
 
 class StorageResizeWatch:
-    """Tells ``resync(storage, label)`` about every storage FSDP2 frees or re-allocates in place,
-    while active: FSDP2 frees a resharded block with ``UntypedStorage.resize_(0)`` and gathers it
-    again with ``resize_(n)`` (``_fsdp_param.py``: ``free_storage``, ``alloc_storage``, only ever
-    on a parameter's unsharded storage, so ``label`` is device ``params``). No dispatched op shows
-    that to the dispatch-mode tracker; the allocator hook sees it only for a storage made while it
-    tracks, since ``resize_`` goes through the allocator the storage was made with: the gathered
-    storages of a model that ran a step before the profiler started (or of the root, which FSDP2
-    gathers in the pre-forward hook that runs before ``profile_accelerate``'s first forward phase
-    starts the profiler) were invisible to it, their re-gathers uncounted (-3.5% at accelerate's
-    backward peak in tests/test_fsdp2.py). Wraps those two module functions, calling the originals
-    unchanged, and puts them back on exit."""
+    """Tells ``resync(storage, label)`` about every storage FSDP2 frees, re-allocates in place or
+    gathers into, while active, so that a CPU tracker counts it and names it when it is made:
+
+    * FSDP2 frees a resharded block with ``UntypedStorage.resize_(0)`` and gathers it again with
+      ``resize_(n)`` (``_fsdp_param.py``: ``free_storage``, ``alloc_storage``, only ever on a
+      parameter's unsharded storage, so ``label`` is device ``params``; ``_fsdp_param_group.py``
+      calls its own imported ``alloc_storage`` on a 1-rank mesh). No dispatched op shows that to the
+      dispatch-mode tracker; the allocator hook sees it only for a storage made while it tracks,
+      since ``resize_`` goes through the allocator the storage was made with: the gathered storages
+      of a model that ran a step before the profiler started (or of the root, which FSDP2 gathers in
+      the pre-forward hook that runs before ``profile_accelerate``'s first forward phase starts the
+      profiler) were invisible to it, their re-gathers uncounted (-3.5% at accelerate's backward
+      peak in tests/test_fsdp2.py). A block the hook does allocate took the label open then
+      (``activations`` in forward) and, with ``reshard_after_forward``, is freed by ``reshard``
+      before any ownership walk (before the next block's ``wait_for_unshard``, or the phase end)
+      can name it: the last block's gathered parameters were ``activations`` at the forward peak
+      (-11.5% of it on tests/test_fsdp2.py's ``reshard`` run).
+    * ``foreach_all_gather`` (``_fsdp_collectives.py``, called by ``FSDPParamGroup.unshard`` through
+      ``_fsdp_param_group``'s name) returns the flat ``all_gather_output`` FSDP2 keeps until the
+      copy-out (or, in forward, until the next block's: ``comm_ctx.all_gather_state``):
+      ``comm_buffers`` from its allocation on, not only once a walk finds it (a walk runs only after
+      a large allocation). Its mixed-precision copy-in (the bf16 casts) dies inside the call and
+      keeps the phase's label.
+
+    Wraps those module functions, calling the originals unchanged, and puts them back on exit."""
+
+    # (module of torch.distributed.fsdp._fully_shard, function): the names FSDP2 calls them by
+    _RESIZES = (("_fsdp_param", "free_storage"), ("_fsdp_param", "alloc_storage"), ("_fsdp_param_group", "alloc_storage"))
+    _GATHERS = (("_fsdp_param_group", "foreach_all_gather"),)
 
     def __init__(self, resync: Any) -> None:
         self.resync = resync
-        self.saved: dict[str, Any] = {}
+        self.saved: list[tuple[Any, str, Any]] = []
 
     def __enter__(self) -> StorageResizeWatch:
-        from torch.distributed.fsdp._fully_shard import _fsdp_param
+        import importlib
 
-        for name in ("free_storage", "alloc_storage"):
-            original = getattr(_fsdp_param, name)
-            self.saved[name] = original
-            setattr(_fsdp_param, name, self._watched(original))
+        for names, watched in ((self._RESIZES, self._resized), (self._GATHERS, self._gathered)):
+            for module_name, name in names:
+                module = importlib.import_module(f"torch.distributed.fsdp._fully_shard.{module_name}")
+                original = getattr(module, name, None)
+                if original is None:  # another torch: nothing of that name to watch
+                    continue
+                self.saved.append((module, name, original))
+                setattr(module, name, watched(original))
         return self
 
-    def _watched(self, original: Any) -> Any:
+    def _resized(self, original: Any) -> Any:
+        resync = self.resync
+
         def watched(tensor: torch.Tensor) -> None:
             original(tensor)
-            self.resync(tensor.untyped_storage(), _GATHERED)
+            resync(tensor.untyped_storage(), _GATHERED)
+        return watched
+
+    def _gathered(self, original: Any) -> Any:
+        resync = self.resync
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            output = getattr(result, "all_gather_output", None)
+            if isinstance(output, torch.Tensor):
+                resync(output.untyped_storage(), _COMM)
+            return result
         return watched
 
     def __exit__(self, *exc: Any) -> None:
-        from torch.distributed.fsdp._fully_shard import _fsdp_param
-
-        for name, original in self.saved.items():
-            setattr(_fsdp_param, name, original)
+        for module, name, original in reversed(self.saved):
+            setattr(module, name, original)
         self.saved.clear()
 
 
