@@ -114,8 +114,11 @@ def _block_moments(lay: StateLayout, acts: Activations | None, act: Callable[[in
     (``lay.backward_block_state``) says itself what block i's moments hold beside its activations."""
     if acts is not None and acts.block_moments and lay.backward_block_state is not None:
         state = lay.backward_block_state
+        # each block's traced in-block moments, then its post-backward reduce (own None) beside the
+        # last of them (no later moment of the block is traced: an upper bound for its activations)
+        moments = (*acts.block_moments, (acts.block_moments[-1][0], None))
         fsdp2 = ({**state(done, own), ACT: act(level - done * acts.block_kept)}
-                 for done in range(lay.backward_block_count) for level, own in acts.block_moments)
+                 for done in range(lay.backward_block_count) for level, own in moments)
         return [max(fsdp2, key=lambda m: sum(m.values()))]  # the first highest: the last block's on a tie
     if acts is None or not acts.block_moments or not acts.later_grad_elements:
         return []

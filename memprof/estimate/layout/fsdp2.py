@@ -240,7 +240,8 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     else:
         step_grads = {G: grads}
     out.backward_block_state = _block_state(n, layers, root_grads, root_gathered, block_gathered, flat,
-                                            _shards(block, n, True), e_o, e_p, e_r, bool(blocks_kept), offload,
+                                            _shards(block, n, True), sum(u.numel for u in block if u.trains),
+                                            e_o, e_p, e_r, bool(blocks_kept), offload,
                                             grads if accumulating else None)
     # block moments need every block parameter trainable: Activations.block_moments counts a
     # block's own .grad elements as full fine-tuning has them (none under LoRA, frozen ones)
@@ -268,11 +269,11 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
 
 
 def _block_state(n: int, layers: int, root_grads: int, root_gathered: int, block_gathered: int, flat: int,
-                 block_trained: int, e_o: int, e_p: int, e_r: int, kept: bool, offload: bool | None,
-                 accumulated: int | None) -> Callable[[int, int], dict[str, int]]:
-    """``StateLayout.backward_block_state`` for FSDP2: beyond ``rest`` at an in-block backward moment
-    of block i = layers-1-done, ``own`` of its parameters' elements with a .grad by then, from
-    torch 2.13 _fully_shard/ (`` _fsdp_param_group.py`` = pg, ``_fsdp_collectives.py`` = coll):
+                 block_trained: int, block_numel: int, e_o: int, e_p: int, e_r: int, kept: bool, offload: bool | None,
+                 accumulated: int | None) -> Callable[[int, int | None], dict[str, int]]:
+    """``StateLayout.backward_block_state`` for FSDP2: beyond ``rest`` at a backward moment of block
+    i = layers-1-done, from torch 2.13 _fully_shard/ (``_fsdp_param_group.py`` = pg,
+    ``_fsdp_collectives.py`` = coll). In-block, ``own`` of its parameters' elements with a .grad:
 
     * params: the root gathered (never resharded after forward) and block i (gathered in its
       pre_backward, pg:576-585); with reshard_after_forward False every block not yet through its
@@ -288,14 +289,23 @@ def _block_state(n: int, layers: int, root_grads: int, root_gathered: int, block
       loss's backward (``root_grads``), its reduce coming last; each finished block's sharded
       gradient (coll:612, 696, 704, 754: a view of its padded reduce-scatter output, cast to the
       parameter dtype; copied to the host under offload: coll:711-740), or every sharded gradient
-      when an earlier micro-step left them (``accumulated``: added into in place, coll:749)."""
-    def state(done: int, own: int) -> dict[str, int]:
+      when an earlier micro-step left them (``accumulated``: added into in place, coll:749).
+
+    ``own`` None: block i's post-backward copy-in, its highest moment (coll:597-606): the block
+    resharded (pg:637-638), block i+1's reduce-scatter input popped (pg:647-658), and the block's
+    own reduce-scatter input allocated beside all its unsharded gradients (``block_numel``
+    elements), which are freed only once copied into it."""
+    def state(done: int, own: int | None) -> dict[str, int]:
         i = layers - 1 - done
         sharded = 0 if offload else (accumulated if accumulated is not None else done * block_trained * e_o)
         prefetch = flat if not kept and i > 0 else 0
-        return {P: root_gathered + (layers - done if kept else 1) * block_gathered,
-                G: root_grads + own * e_p + sharded,
-                C: prefetch + (n * block_trained * e_r if done else 0)}
+        gathered = (layers - done if kept else 1) * block_gathered
+        rs_input = n * block_trained * e_r
+        if own is None:
+            return {P: root_gathered + gathered - block_gathered, G: root_grads + block_numel * e_p + sharded,
+                    C: prefetch + rs_input}
+        return {P: root_gathered + gathered, G: root_grads + own * e_p + sharded,
+                C: prefetch + (rs_input if done else 0)}
     return state
 
 
@@ -315,8 +325,9 @@ def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int, t
                "modelled peaks" if f.offload_params else "")
             + "; backward's block moments: each block's own unsharded gradients (compute dtype) until its post-backward "
             "reduce-scatter, beside the finished blocks' sharded gradients and the previous block's reduce-scatter input "
-            "(N x its trainable padded shards, reduce_dtype); not at the modelled peaks: a block's post-backward copy-in "
-            "itself (its unsharded gradients and its reduce-scatter input at once, activations there not traced) and "
+            "(N x its trainable padded shards, reduce_dtype), and its post-backward copy-in (its unsharded gradients and its "
+            "reduce-scatter input at once) beside the activations of its last traced in-block moment (an upper bound: "
+            "by then autograd has released the block's remaining saved tensors); not at the modelled peaks: "
             "the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")
 
 
