@@ -23,9 +23,11 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
   output: ``FSDPState._post_forward`` freed it), the last block's pre-backward (root gathered
   with its unsharded gradients, the block gathered, the next one prefetched), every block's
   in-block moments (``Activations.block_moments``: its own unsharded gradients so far beside the
-  finished blocks' sharded ones and the previous block's reduce-scatter input: ``_block_state``;
-  on 2-rank GPT-2 the highest is the last block's, once mlp.c_proj's weight gradient exists) and
-  the root's post-backward reduce at the end. Checked on 2 CPU ranks (tests/test_fsdp2.py).
+  finished blocks' sharded ones and the previous block's reduce-scatter input, and its
+  post-backward copy-in: ``_block_state``; on 2-rank GPT-2 the highest is the last block's, once
+  mlp.c_proj's weight gradient exists; with 6 blocks and checkpointing an earlier block's, the
+  sharded gradients having piled up) and the root's post-backward reduce at the end. Checked on 2
+  CPU ranks (tests/test_fsdp2.py).
 * Gradients (``FSDPParamGroup.post_backward``, ``foreach_reduce``): a block's unsharded gradients
   (compute dtype, unpadded) until its post-backward; the reduce-scatter input (``N x`` padded
   shards, ``reduce_dtype``), kept in ``comm_ctx.reduce_scatter_states`` until the next block's
@@ -326,8 +328,8 @@ def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int, t
             + "; backward's block moments: each block's own unsharded gradients (compute dtype) until its post-backward "
             "reduce-scatter, beside the finished blocks' sharded gradients and the previous block's reduce-scatter input "
             "(N x its trainable padded shards, reduce_dtype), and its post-backward copy-in (its unsharded gradients and its "
-            "reduce-scatter input at once) beside the activations of its last traced in-block moment (an upper bound: "
-            "by then autograd has released the block's remaining saved tensors); not at the modelled peaks: "
+            "reduce-scatter input at once), its activations taken as its lowest traced in-block moment's less the block's "
+            "saved tensors (no later moment is traced; errs low); not at the modelled peaks: "
             "the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")
 
 
