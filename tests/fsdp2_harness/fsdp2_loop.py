@@ -9,7 +9,10 @@ which the worker writes to OUT/dim1/refused.txt), ``accelerate`` (the
 ``reshard`` model in an accelerate loop under ``profile_accelerate``: accelerate turns its FSDP
 plugin on only for accelerator devices, so the script applies ``fully_shard`` itself and prepares
 the optimizer only), ``lora`` (PEFT LoRA on a tiny Llama: ``get_peft_model`` first, then
-``fully_shard`` on each decoder layer and on the PeftModel root; AdamW over the adapters only).
+``fully_shard`` on each decoder layer and on the PeftModel root; AdamW over the adapters only),
+``ckpt`` (``reshard`` with 4 blocks and non-reentrant gradient checkpointing: activations shrink
+slowly through backward while the finished blocks' sharded gradients pile up, so backward's peak
+is inside an earlier block than the last).
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ LLAMA_CONFIG = dict(model_type="llama", vocab_size=1001, hidden_size=128, interm
                     attention_dropout=0.0, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
 LORA = dict(r=5, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, bias="none")
 BATCH, SEQ, STEPS = 2, 64, 3
+CKPT_LAYERS = 4  # the ckpt setup's blocks
 
 
 def build(setup: str) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(**CONFIG))
+    model = GPT2LMHeadModel(GPT2Config(**{**CONFIG, "n_layer": CKPT_LAYERS} if setup == "ckpt" else CONFIG))
+    if setup == "ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kw: dict = {}
     if setup == "keep":
         kw["reshard_after_forward"] = False
@@ -77,7 +83,8 @@ def run(setup: str, out: Path) -> None:
     try:
         prof = MemoryProfiler(model=model, optimizer=opt, out_dir=out / setup,
                               run={"model_config": model.config.to_dict(), "micro_batch": BATCH, "seq_len": SEQ,
-                                   "optimizer": "adamw", **peft_facts(model)})
+                                   "optimizer": "adamw", **peft_facts(model),
+                                   **({"activation_checkpointing": True} if setup == "ckpt" else {})})
     except MemprofError as e:
         if dist.get_rank() == 0:
             (out / setup).mkdir(parents=True, exist_ok=True)

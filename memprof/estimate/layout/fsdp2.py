@@ -20,9 +20,14 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
 * Peak moments modelled: forward, the end of the last block (it and the root gathered, its flat
   output, every block's saved activations) and the loss's end (the root gathered, the last flat
   output, the whole forward's activations); backward, its start (the root gathered, no flat
-  output: ``FSDPState._post_forward`` freed it) and the last block's pre-backward (root gathered
-  with its unsharded gradients, the block gathered, the next one prefetched). Checked on 2 CPU
-  ranks (tests/test_fsdp2.py).
+  output: ``FSDPState._post_forward`` freed it), the last block's pre-backward (root gathered
+  with its unsharded gradients, the block gathered, the next one prefetched), every block's
+  in-block moments (``Activations.block_moments``: its own unsharded gradients so far beside the
+  finished blocks' sharded ones and the previous block's reduce-scatter input, and its
+  post-backward copy-in: ``_block_state``; on 2-rank GPT-2 the highest is the last block's, once
+  mlp.c_proj's weight gradient exists; with 6 blocks and checkpointing an earlier block's, the
+  sharded gradients having piled up) and the root's post-backward reduce at the end. Checked on 2
+  CPU ranks (tests/test_fsdp2.py).
 * Gradients (``FSDPParamGroup.post_backward``, ``foreach_reduce``): a block's unsharded gradients
   (compute dtype, unpadded) until its post-backward; the reduce-scatter input (``N x`` padded
   shards, ``reduce_dtype``), kept in ``comm_ctx.reduce_scatter_states`` until the next block's
@@ -33,6 +38,7 @@ root module), torch 2.13, derived from torch/distributed/fsdp/_fully_shard/:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import ceil
 from typing import Any, NamedTuple
 
@@ -229,11 +235,32 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     out.backward_extra = {P: root_gathered + last_block, G: root_grads,
                           C: 0 if blocks_kept else flat}
     grads = trained * e_o  # the reduce-scatter outputs (padded), cast to the parameter dtype
-    if inp.fsdp2.offload_params:
+    offload, accumulating = inp.fsdp2.offload_params, inp.gradient_accumulation_steps > 1
+    if offload:
         out.add("host", G, grads)  # copied to the host by foreach_reduce (offload_to_cpu)
-        out.backward_end_extra, step_grads = {}, {}
+        step_grads = {}
     else:
-        out.backward_end_extra, step_grads = {G: grads}, {G: grads}
+        step_grads = {G: grads}
+    out.backward_block_state = _block_state(n, layers, root_grads, root_gathered, block_gathered, flat,
+                                            _shards(block, n, True), sum(u.numel for u in block if u.trains),
+                                            e_o, e_p, e_r, bool(blocks_kept), offload,
+                                            grads if accumulating else None)
+    # block moments need every block parameter trainable: Activations.block_moments counts a
+    # block's own .grad elements as full fine-tuning has them (none under LoRA, frozen ones)
+    out.backward_block_count = layers if all(u.trains for u in block) else 0
+    # the end of backward at its highest: the root's post-backward, run last by
+    # FSDPState._root_post_backward_final_callback (_fsdp_state.py:395-431; autograd is done, no
+    # activation beyond the loop's is alive): _fsdp_param_group.py:637-638 reshards the root
+    # before the reduce (its gathered copies freed), :650-658 drops block 0's reduce-scatter input,
+    # and foreach_reduce (_fsdp_collectives.py:597-606) allocates the root's reduce-scatter input
+    # (N x its trainable padded shards, reduce_dtype) and copies the root's unsharded gradients
+    # (compute dtype, unpadded) into it before clearing them: both alive beside every block's
+    # sharded gradient (on the host under offload; all of them, the root's too, when an earlier
+    # micro-step left them). After it only the sharded gradients remain (step_grads), less.
+    root_trained = _shards(root, n, True)
+    block_grads = 0 if offload else (grads if accumulating else layers * _shards(block, n, True) * e_o)
+    out.backward_end_extra = {G: block_grads + sum(u.numel for u in root if u.trains) * e_p,
+                              C: n * root_trained * e_r} if root_trained else dict(step_grads)
     # the optimizer's temporaries; under CPUOffloadPolicy the step runs on the host shards (its
     # temporaries host memory, not in the device peak)
     temporaries = optimizer_temporaries(inp, max(local, default=0), sum(local), s.device_type)
@@ -241,6 +268,47 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     accumulate_between_microsteps(s, out, dict(step_grads), same_at_end=(G,),
                                   how="every sharded gradient (reduce-scattered every micro-step)")
     out.notes.append(_note(inp, root_shard, block_shard, layers, trained))
+
+
+def _block_state(n: int, layers: int, root_grads: int, root_gathered: int, block_gathered: int, flat: int,
+                 block_trained: int, block_numel: int, e_o: int, e_p: int, e_r: int, kept: bool, offload: bool | None,
+                 accumulated: int | None) -> Callable[[int, int | None], dict[str, int]]:
+    """``StateLayout.backward_block_state`` for FSDP2: beyond ``rest`` at a backward moment of block
+    i = layers-1-done, from torch 2.13 _fully_shard/ (``_fsdp_param_group.py`` = pg,
+    ``_fsdp_collectives.py`` = coll). In-block, ``own`` of its parameters' elements with a .grad:
+
+    * params: the root gathered (never resharded after forward) and block i (gathered in its
+      pre_backward, pg:576-585); with reshard_after_forward False every block not yet through its
+      post-backward too (pg:637-638 reshards a block once its backward ran: reshard_after_backward);
+    * comm_buffers: block i-1's flat all-gather output, prefetched by block i's pre_backward
+      (pg:795-830 ``_backward_prefetch``: curr_index > 0; block 0 prefetches nothing) and freed only
+      at block i-1's copy-out (pg:417-425), unless the blocks stayed gathered (pg:372-375, ``unshard``
+      a no-op); block i+1's reduce-scatter input (N x its trainable padded shards, reduce_dtype),
+      kept in ``comm_ctx.reduce_scatter_states`` (pg:717) until block i's post-backward pops it
+      (pg:647-658, ``reduce_scatter_max_input_buffers`` 1);
+    * grads: block i's own unsharded gradients, ``unsharded_param.grad`` in the compute dtype,
+      unpadded, until its post-backward (pg:627-630, coll:597-606); the root's gradients from the
+      loss's backward (``root_grads``), its reduce coming last; each finished block's sharded
+      gradient (coll:612, 696, 704, 754: a view of its padded reduce-scatter output, cast to the
+      parameter dtype; copied to the host under offload: coll:711-740), or every sharded gradient
+      when an earlier micro-step left them (``accumulated``: added into in place, coll:749).
+
+    ``own`` None: block i's post-backward copy-in, its highest moment (coll:597-606): the block
+    resharded (pg:637-638), block i+1's reduce-scatter input popped (pg:647-658), and the block's
+    own reduce-scatter input allocated beside all its unsharded gradients (``block_numel``
+    elements), which are freed only once copied into it."""
+    def state(done: int, own: int | None) -> dict[str, int]:
+        i = layers - 1 - done
+        sharded = 0 if offload else (accumulated if accumulated is not None else done * block_trained * e_o)
+        prefetch = flat if not kept and i > 0 else 0
+        gathered = (layers - done if kept else 1) * block_gathered
+        rs_input = n * block_trained * e_r
+        if own is None:
+            return {P: root_gathered + gathered - block_gathered, G: root_grads + block_numel * e_p + sharded,
+                    C: prefetch + rs_input}
+        return {P: root_gathered + gathered, G: root_grads + own * e_p + sharded,
+                C: prefetch + (rs_input if done else 0)}
+    return state
 
 
 def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int, trained: int) -> str:
@@ -257,8 +325,11 @@ def _note(inp: EstimateInputs, root_shard: int, block_shard: int, layers: int, t
                "buffers stay on the device; on CUDA each shard's transient device copy for the all-gather "
                "(FSDPParam.all_gather_inputs) and each reduce-scatter output before its copy to the host are not at the "
                "modelled peaks" if f.offload_params else "")
-            + "; not at the modelled peaks: a block's reduce-scatter input (N x its trainable padded shards, reduce_dtype), "
-            "alive from its post-backward to the next block's, later in backward when fewer activations remain, and "
+            + "; backward's block moments: each block's own unsharded gradients (compute dtype) until its post-backward "
+            "reduce-scatter, beside the finished blocks' sharded gradients and the previous block's reduce-scatter input "
+            "(N x its trainable padded shards, reduce_dtype), and its post-backward copy-in (its unsharded gradients and its "
+            "reduce-scatter input at once), its activations taken as its lowest traced in-block moment's less the block's "
+            "saved tensors (no later moment is traced; errs low); not at the modelled peaks: "
             "the mixed-precision all-gather's copy-in buffer (one block's shards, transient)")
 
 

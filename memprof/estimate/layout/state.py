@@ -63,6 +63,15 @@ class StateLayout:
     # tied weight's two gradient shares, after every other hook (deepspeed_zero._stage2_tied_sum);
     # empty where not modelled
     backward_tied_sum_extra: dict[str, int] = field(default_factory=dict)
+    # FSDP2 (gradients held unsharded per block until its post-backward reduce-scatter): beyond
+    # ``rest`` at block i's in-block backward moments (Activations.block_moments), as
+    # ``backward_block_state(done, own)``: ``done`` = L-1-i blocks whose backward and reduce-scatter
+    # already ran, ``own`` elements of block i's own parameters with a .grad by then; ``own`` None:
+    # block i's post-backward reduce (all its gradients formed), beside its last in-block moment's
+    # activations. The activations are the last block's moment less done x Activations.block_kept
+    # (core._block_moments takes the largest over done = 0 .. backward_block_count - 1); None: not modelled
+    backward_block_state: Callable[[int, int | None], dict[str, int]] | None = None
+    backward_block_count: int = 0
     # beyond ``rest`` once the last block's MLP-output gradient hooks have fired (beside
     # Activations.after_mlp_out_hooks); empty where not modelled (deepspeed_zero._stage2_after_mlp_out_hooks)
     backward_after_mlp_out_hooks_extra: dict[str, int] = field(default_factory=dict)
