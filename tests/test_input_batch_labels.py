@@ -164,3 +164,42 @@ def test_freed_batches_are_forgotten_and_the_hooks_leave_with_the_profiler() -> 
     assert dataloader._BaseDataLoaderIter.__next__ is original_next
     assert input_batches_of(model) is None
     assert not model._forward_pre_hooks
+
+
+def test_accelerate_loop_names_its_first_steps_batches(tmp_path) -> None:
+    """profile_accelerate starts its profiler at the first training forward, after accelerate's
+    DataLoaderShard fetched the first batch and the one after it (it iterates one ahead); the
+    recorder records batches from its construction, so at the first optimizer step's peak both are
+    activations: 2 x micro-batch x seq x 8 bytes (int64 ids, passed as input_ids and labels)."""
+    import transformers
+    from accelerate import Accelerator
+
+    from memprof.integrations.accelerate import profile_accelerate
+    from memprof.models import PRESETS
+
+    micro, seq, n_batches = 2, 16, 4
+    tiny = dict(PRESETS["gpt2-tiny"])
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**tiny))
+    rows = [torch.randint(0, tiny["vocab_size"], (seq,), generator=torch.Generator().manual_seed(i))
+            for i in range(n_batches * micro)]
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model, optimizer, data = accelerator.prepare(model, optimizer, torch.utils.data.DataLoader(rows, batch_size=micro))
+    gc.collect()
+    run = profile_accelerate(accelerator, model, optimizer, out_dir=tmp_path / "run")
+    for ids in data:
+        loss = model(input_ids=ids, labels=ids).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    doc = run.finish(report=False)
+    assert dataloader._BaseDataLoaderIter.__next__.__name__ == "__next__" and input_batches_of(model) is None
+    steps = doc["ranks"][0]["steps"]
+    assert len(steps) == n_batches
+    batch = micro * seq * INT64
+    for i, rec in enumerate(steps):
+        peak = rec["phases"]["step"]["peak"]["device"]
+        held = 2 if i < n_batches - 1 else 1  # the current batch and the one ahead; none after the last
+        # and the fp32 loss (a few bytes of wrapped Python scalars besides)
+        assert held * batch + FP32 <= peak["activations"] <= held * batch + FP32 + 64, (i, peak)

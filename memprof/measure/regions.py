@@ -318,16 +318,17 @@ def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None,
 #   ``send_to_device`` that ``accelerate.data_loader`` calls by its module global (DataLoaderShard
 #   .__iter__ moves each batch to the device one batch ahead, DataLoaderDispatcher after
 #   broadcasting it): on an accelerator that copy is a new tensor. Both are replaced while a
-#   profiler runs (module attributes, as torch's clipping above; restored when the last one exits);
+#   profiler runs or a front end records ahead of it (a torch class's attribute and a module's, as
+#   torch's clipping above; restored when the last one is removed);
 # * the profiled root module: a forward pre-hook (``with_kwargs``) records its inputs, what the loop
 #   made outside a data loader (a script's own tensors, the Trainer's ``_prepare_inputs`` device
 #   copies, TRL DPO's concatenated chosen + rejected rows).
-_BATCH_RECORDERS: list[InputBatches] = []  # the InputBatches of every running profiler
+_BATCH_RECORDERS: list[InputBatches] = []  # one entry per install_input_batches not yet removed
 _DATA_LOADER_PATCHES: list[tuple[Any, str, Any, Any]] = []  # (owner, name, original, replacement)
 
 
 def _record_batch(batch: Any) -> Any:
-    for batches in _BATCH_RECORDERS:
+    for batches in _BATCH_RECORDERS:  # one record may come twice (install_input_batches): it keeps each tensor once
         batches.record(batch)
     return batch
 
@@ -366,10 +367,14 @@ def _unpatch_data_loaders() -> None:
 
 def install_input_batches(module: torch.nn.Module) -> Remover:
     """Record the batches fed to ``module`` (the profiled root module) for the ownership walk,
-    until the returned function is called."""
-    batches = InputBatches()
-    previous = input_batches_of(module)
-    set_input_batches(module, batches)
+    until the returned function is called. A record already installed for ``module`` is kept and
+    added to: a front end that starts its profiler lazily (memprof.integrations.recorder, at the
+    first training forward) installs one first, so the batches fetched before that forward (the
+    first optimizer step's, under the Trainer) are in it."""
+    batches = input_batches_of(module)
+    if batches is None:
+        batches = InputBatches()
+        set_input_batches(module, batches)
     if not _BATCH_RECORDERS:
         _patch_data_loaders()
     _BATCH_RECORDERS.append(batches)
@@ -386,7 +391,7 @@ def install_input_batches(module: torch.nn.Module) -> Remover:
             _BATCH_RECORDERS.remove(batches)
         if not _BATCH_RECORDERS:
             _unpatch_data_loaders()
-        if input_batches_of(module) is batches:
-            set_input_batches(module, previous)
+        if batches not in _BATCH_RECORDERS and input_batches_of(module) is batches:  # the last install of it
+            set_input_batches(module, None)
 
     return remove
