@@ -321,7 +321,9 @@ def test_trainer_holds_its_accumulation_batches_and_one_ahead() -> None:
     """DPO under the HF Trainer, CPU: gradient_accumulation_steps collated batches (get_batch_samples)
     and accelerate's one-batch lookahead, each input_ids + attention_mask + completion_mask, 2B x S
     int64; one input_ids is the activation formula's already (measured at rest in the DPO launches:
-    9,216 of the 9,385 bytes of `other`, GAS 2, B 2, S 32)."""
+    9,216 bytes, GAS 2, B 2, S 32). They are `activations`, as that input_ids is: the model's inputs
+    (the profiler names every batch a data loader returns, memprof.measure.regions); `other` keeps
+    none of them, and the total is the same."""
     from memprof.estimate import estimate
     from memprof.estimate.inputs import EstimateInputs
     from memprof.models import preset_config
@@ -329,9 +331,13 @@ def test_trainer_holds_its_accumulation_batches_and_one_ahead() -> None:
     cfg = preset_config("llama-tiny")
     base = dict(model_config=cfg, micro_batch=2, seq_len=32, world_size=2, zero_stage=2, device_type="cpu",
                 gradient_accumulation_steps=2)
-    dpo = estimate(EstimateInputs(**base, loss_implementation="trl_dpo")).ranks[0].rest["device"]["other"]
-    assert dpo == (2 + 1) * 3 * 4 * 32 * 8 - 4 * 32 * 8 == 8_192
-    assert estimate(EstimateInputs(**base)).ranks[0].rest["device"]["other"] == 0
+    dpo = estimate(EstimateInputs(**base, loss_implementation="trl_dpo")).ranks[0].rest["device"]
+    hf = estimate(EstimateInputs(**base)).ranks[0].rest["device"]
+    # at rest: every held batch (2B = 4 rows) and the fp32 loss; the HF loss's loop holds one
+    # input_ids of B = 2 rows and the loss
+    assert dpo["activations"] == (2 + 1) * 3 * 4 * 32 * 8 + 4 == 9_220
+    assert hf["activations"] == 2 * 32 * 8 + 4
+    assert dpo["other"] == hf["other"] == 0
 
 
 def test_precompute_needs_dpo_in_one_line() -> None:

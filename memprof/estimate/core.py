@@ -190,16 +190,24 @@ def _device_other(inp: EstimateInputs) -> int:
     launcher's data set stays in host memory there, so it is no device byte.
     """
     if inp.device_type != "cuda":
-        return inp.script_resident_bytes + _trainer_batches(inp)
-    return blas_workspace_bytes(inp.cuda_capability or ASSUMED_CAPABILITY, inp.activation_checkpointing) + _trainer_batches(inp)
+        return inp.script_resident_bytes
+    return blas_workspace_bytes(inp.cuda_capability or ASSUMED_CAPABILITY, inp.activation_checkpointing)
+
+
+def _loop_activations(inp: EstimateInputs, acts: Activations | None) -> int:
+    """What the training loop holds between steps as ``activations``: its batch and loss
+    (``Activations.loop_held``) and the trainer's other held batches (``_trainer_batches``)."""
+    return (acts.loop_held if acts else 0) + _trainer_batches(inp)
 
 
 def _trainer_batches(inp: EstimateInputs) -> int:
     """DPO under the HF Trainer: the collated batches it holds beyond the one input_ids tensor the
-    activation formula counts. transformers 5's ``_inner_training_loop`` fetches an optimizer step's
-    ``gradient_accumulation_steps`` batches up front (``get_batch_samples``) and keeps the list
-    through its micro-steps; accelerate's ``DataLoaderShard.__iter__`` iterates one batch ahead (on
-    the CPU: moved to the device only when it becomes current). Each DPO batch is
+    activation formula counts, ``activations`` as that one is (the model's inputs: the profiler
+    names every batch a data loader returned, memprof.measure.regions). transformers 5's
+    ``_inner_training_loop`` fetches an optimizer step's ``gradient_accumulation_steps`` batches up
+    front (``get_batch_samples``) and keeps the list through its micro-steps; accelerate's
+    ``DataLoaderShard.__iter__`` iterates one batch ahead (on the CPU: moved to the device only when
+    it becomes current). Each DPO batch is
     ``DataCollatorForPreference``'s input_ids, attention_mask and completion_mask, ``2B x S`` int64
     each (TRL's ``pad``; ``ref_chosen_logps`` / ``ref_rejected_logps``, B fp32 each, when precomputed)."""
     if inp.loss_implementation != "trl_dpo" or inp.seq_len is None:
@@ -212,9 +220,9 @@ def _trainer_batches(inp: EstimateInputs) -> int:
 
 def _rest_with_loop(lay: StateLayout, inp: EstimateInputs, acts: Activations | None) -> Breakdown:
     """Model states at rest plus what the training loop itself keeps alive between steps: its last
-    batch and loss (activations) and what is neither (other: see ``_device_other``)."""
+    batches and loss (activations: ``_loop_activations``) and what is neither (other: see ``_device_other``)."""
     rest = _breakdown(lay.rest)
-    rest["device"][ACT] += acts.loop_held if acts else 0
+    rest["device"][ACT] += _loop_activations(inp, acts)
     rest["device"][Category.OTHER.value] += _device_other(inp)
     return rest
 
@@ -433,7 +441,7 @@ def peak_device_and_host_bytes(inputs: EstimateInputs) -> tuple[int, int]:
     best = host = 0
     for r in _ranks_to_model(inputs, shape, PLANNER_ALL_RANKS_UP_TO):
         lay = model_state_layout(inputs, shape, r, inputs.device_type)
-        rest = (sum(lay.rest["device"].values()) + (acts.loop_held if acts else 0) + _device_other(inputs)
+        rest = (sum(lay.rest["device"].values()) + _loop_activations(inputs, acts) + _device_other(inputs)
                 + _buffer_bytes(shape))
         for cands in _phase_extras(lay, acts, inputs.activation_checkpointing).values():
             best = max(best, rest + max(sum(c.values()) for c in cands))

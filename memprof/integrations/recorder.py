@@ -45,6 +45,7 @@ from memprof.integrations.call_values import batch_shape, loss_of
 from memprof.integrations.patching import InstancePatch
 from memprof.integrations.step_profiler import StepFieldsProfiler, new_step_profiler
 from memprof.measure.profiler import StepContext
+from memprof.measure.regions import install_input_batches
 
 
 class MicroStepRecorder:
@@ -92,6 +93,11 @@ class MicroStepRecorder:
         self._boundary: bool | None = None
         self.stopped = False  # an exception ended the recording
         self.finished = False
+        # the profiler starts at the first training forward; the batches the loop fetches before it
+        # (the Trainer's first get_batch_samples, accelerate's one-ahead) are recorded from now, so
+        # its walks name them (memprof.measure.regions, data-loader section); removed by detach()
+        root = getattr(engine, "module", None) if engine is not None else model
+        self._stop_recording_batches = install_input_batches(root) if isinstance(root, torch.nn.Module) else None
 
     # ---- attaching ---------------------------------------------------------------------------
     def wrap_forward(self, module: torch.nn.Module) -> None:
@@ -165,6 +171,9 @@ class MicroStepRecorder:
         for patch in reversed(self._patches):
             patch.restore()
         self._patches.clear()
+        if self._stop_recording_batches is not None:
+            self._stop_recording_batches()
+            self._stop_recording_batches = None
 
     # ---- micro-steps, driven by the front ends ------------------------------------------------
     def begin_optimizer_step(self, index: int) -> None:

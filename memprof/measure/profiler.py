@@ -178,7 +178,7 @@ class MemoryProfiler:
                             "phase_end_seconds": 0.0}
         self._backend: Backend = (
             CudaBackend(self.device, self._owner_walk, self.diagnostics, memory_budget=memory_budget,
-                        regions=functools.partial(install_regions, engine=engine, optimizer=optimizer,
+                        regions=functools.partial(install_regions, engine=engine, optimizer=optimizer, model=model,
                                                     owner_walk=self._owner_walk))
             if on_cuda
             else CpuBackend(self._owner_walk, self.diagnostics, memory_budget=memory_budget,
@@ -187,7 +187,7 @@ class MemoryProfiler:
                             mid_phase_walks=engine is not None or fsdp2 is not None,
                             multi_rank=self.world_size > 1, walks_at_engine_points=engine is None and fsdp2 is not None,
                             # transients named by the code that makes them (memprof.measure.regions)
-                            regions=functools.partial(install_regions, engine=engine, optimizer=optimizer,
+                            regions=functools.partial(install_regions, engine=engine, optimizer=optimizer, model=model,
                                                     owner_walk=self._owner_walk))
         )
         self._active = False

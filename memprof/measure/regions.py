@@ -67,7 +67,7 @@ import torch
 
 from memprof.measure.dispatch_tracker import label_of
 from memprof.measure.ownership.deepspeed import OPTIMIZER_WALKS
-from memprof.measure.ownership.plain_torch import inner_torch_optimizers
+from memprof.measure.ownership.plain_torch import InputBatches, inner_torch_optimizers, input_batches_of, set_input_batches
 
 DEVICE_GRADS = label_of("device", "grads")
 DEVICE_COMM_BUFFERS = label_of("device", "comm_buffers")
@@ -274,13 +274,19 @@ def _label_torch_clipping(stack: Regions) -> Remover:
 
 
 def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None,
-                    owner_walk: Callable[[], Mapping[tuple[str, int], Any]] | None = None) -> Remover:
+                    owner_walk: Callable[[], Mapping[tuple[str, int], Any]] | None = None,
+                    model: torch.nn.Module | None = None) -> Remover:
     """Mark the regions above on ``optimizer`` (else ``engine.optimizer``), ``engine`` and torch's
-    gradient clipping; returns the function that removes them all. ``owner_walk`` (the profiler's)
-    says which optimizers are offloaded."""
+    gradient clipping, and record the input batches of ``model`` (else ``engine.module``: the
+    data-loader section below); returns the function that removes them all. ``owner_walk`` (the
+    profiler's) says which optimizers are offloaded."""
     if optimizer is None and engine is not None:
         optimizer = getattr(engine, "optimizer", None)
+    if model is None and engine is not None:
+        model = getattr(engine, "module", None)
     removers: list[Remover] = [_label_torch_clipping(stack)]
+    if isinstance(model, torch.nn.Module):
+        removers.append(install_input_batches(model))
     if engine is not None:
         removers += _label_engine(engine, stack)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and _is_deepspeed_wrapper(optimizer):
@@ -297,3 +303,95 @@ def install_regions(stack: Regions, engine: Any = None, optimizer: Any = None,
         stack.clear()
 
     return remove_all
+
+
+# ---- the data loader: the training loop's input batches -------------------------------------------
+# Not a label region: a batch is fetched outside every phase, and a step's start turns whatever
+# unowned ``activations`` are left into ``other`` (backends.CpuBackend.begin_step), which a label
+# given at allocation would not survive. The tensors of each batch are recorded instead
+# (ownership.plain_torch.InputBatches), and every ownership walk names those alive ``activations``
+# (one record per batch, never per allocation). Two places see the batches:
+#
+# * the data loaders: torch's ``_BaseDataLoaderIter.__next__`` (torch/utils/data/dataloader.py; every
+#   DataLoader's iterator, single- or multi-process, after collate_fn and pin_memory: the batch the
+#   loop receives; its subclasses do not override it) and, when accelerate is imported, the
+#   ``send_to_device`` that ``accelerate.data_loader`` calls by its module global (DataLoaderShard
+#   .__iter__ moves each batch to the device one batch ahead, DataLoaderDispatcher after
+#   broadcasting it): on an accelerator that copy is a new tensor. Both are replaced while a
+#   profiler runs or a front end records ahead of it (a torch class's attribute and a module's, as
+#   torch's clipping above; restored when the last one is removed);
+# * the profiled root module: a forward pre-hook (``with_kwargs``) records its inputs, what the loop
+#   made outside a data loader (a script's own tensors, the Trainer's ``_prepare_inputs`` device
+#   copies, TRL DPO's concatenated chosen + rejected rows).
+_BATCH_RECORDERS: list[InputBatches] = []  # one entry per install_input_batches not yet removed
+_DATA_LOADER_PATCHES: list[tuple[Any, str, Any, Any]] = []  # (owner, name, original, replacement)
+
+
+def _record_batch(batch: Any) -> Any:
+    for batches in _BATCH_RECORDERS:  # one record may come twice (install_input_batches): it keeps each tensor once
+        batches.record(batch)
+    return batch
+
+
+def _data_loader_functions() -> list[tuple[Any, str]]:
+    """(owner, name) of the functions that return a loop's batches (see above)."""
+    import sys
+
+    from torch.utils.data import dataloader
+
+    found: list[tuple[Any, str]] = [(dataloader._BaseDataLoaderIter, "__next__")]
+    accelerate_loader = sys.modules.get("accelerate.data_loader")
+    if accelerate_loader is not None and callable(getattr(accelerate_loader, "send_to_device", None)):
+        found.append((accelerate_loader, "send_to_device"))
+    return found
+
+
+def _patch_data_loaders() -> None:
+    for owner, name in _data_loader_functions():
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def recording(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            return _record_batch(_original(*args, **kwargs))
+
+        setattr(owner, name, recording)
+        _DATA_LOADER_PATCHES.append((owner, name, original, recording))
+
+
+def _unpatch_data_loaders() -> None:
+    while _DATA_LOADER_PATCHES:
+        owner, name, original, recording = _DATA_LOADER_PATCHES.pop()
+        if getattr(owner, name, None) is recording:  # someone else's, installed later, stays
+            setattr(owner, name, original)
+
+
+def install_input_batches(module: torch.nn.Module) -> Remover:
+    """Record the batches fed to ``module`` (the profiled root module) for the ownership walk,
+    until the returned function is called. A record already installed for ``module`` is kept and
+    added to: a front end that starts its profiler lazily (memprof.integrations.recorder, at the
+    first training forward) installs one first, so the batches fetched before that forward (the
+    first optimizer step's, under the Trainer) are in it."""
+    batches = input_batches_of(module)
+    if batches is None:
+        batches = InputBatches()
+        set_input_batches(module, batches)
+    if not _BATCH_RECORDERS:
+        _patch_data_loaders()
+    _BATCH_RECORDERS.append(batches)
+
+    def pre_hook(_module: Any, args: Any, kwargs: Any) -> None:
+        batches.record(args)
+        batches.record(kwargs)
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def remove() -> None:
+        handle.remove()
+        if batches in _BATCH_RECORDERS:
+            _BATCH_RECORDERS.remove(batches)
+        if not _BATCH_RECORDERS:
+            _unpatch_data_loaders()
+        if batches not in _BATCH_RECORDERS and input_batches_of(module) is batches:  # the last install of it
+            set_input_batches(module, None)
+
+    return remove

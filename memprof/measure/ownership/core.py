@@ -37,6 +37,7 @@ MASTER = Category.MASTER_PARAMS.value
 OPT_STATE = Category.OPTIMIZER_STATE.value
 GRADS = Category.GRADS.value
 COMM = Category.COMM_BUFFERS.value
+ACT = Category.ACTIVATIONS.value
 
 
 class Owned(NamedTuple):

@@ -8,11 +8,12 @@ it sets on the model's own parameters; the optimizer wrappers are walked in ``de
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from memprof.measure.ownership.core import GRADS, MASTER, OPT_STATE, PARAMS, Collector, grad_of
+from memprof.measure.ownership.core import ACT, GRADS, MASTER, OPT_STATE, PARAMS, Collector, grad_of
 
 _MODULE_WALKERS = ("parameters", "named_parameters", "buffers", "named_buffers", "_named_members")
 
@@ -173,3 +174,90 @@ def walk_torch_optimizers(col: Collector, optimizers: list[torch.optim.Optimizer
                 name = names[id(p)]
                 add(p, MASTER, offloaded, name)
                 add(getattr(p, "grad", None), GRADS, offloaded, grad_of(name))
+
+
+# ---- the training loop's input batches ----------------------------------------------------------
+INPUT_BATCH = "input batch"
+"""The owner of a tensor the training loop feeds the model (``activations``): a batch the data
+loader returned (memprof.measure.regions' data-loader section), or an input of a root-module forward."""
+
+
+class InputBatches:
+    """Weak references to the tensors of the batches a training loop fetched and fed its model.
+
+    Why ``activations``: the model's input is the first tensor its forward computes from, and the
+    activation formula counts it there (``input_ids`` in the families' ``loop_held``); memprof's
+    launcher makes its batch inside the forward phase, so the tracker labels it ``activations`` from
+    its birth. A loop memprof does not own (HF Trainer, TRL, a user's script) makes its batches
+    outside every phase, and holds some beyond the current one (transformers 5 fetches an optimizer
+    step's ``gradient_accumulation_steps`` batches up front; accelerate's ``DataLoaderShard`` one
+    ahead): nothing but this record says what they are, so the ownership walk names them from it.
+
+    Only live tensors are kept (a weak reference's callback forgets a freed one), so the record is
+    bounded by what the loop itself holds."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def record(self, obj: Any, depth: int = 4) -> None:
+        """Every tensor in ``obj``: a tensor, or a mapping (a dict, transformers' ``BatchEncoding``),
+        list or tuple of them, a few levels deep."""
+        if depth < 0 or obj is None:
+            return
+        if isinstance(obj, torch.Tensor):
+            key = id(obj)
+            if key not in self._refs:
+                refs = self._refs
+
+                def forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
+                    if refs.get(key) is ref:
+                        del refs[key]
+
+                refs[key] = weakref.ref(obj, forget)
+            return
+        if isinstance(obj, Mapping):
+            items: Any = list(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            items = obj
+        else:
+            return
+        for item in items:
+            self.record(item, depth - 1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The recorded tensors still alive."""
+        return [t for t in (r() for r in list(self._refs.values())) if t is not None]
+
+
+# root module -> the batches fed to it (installed by memprof.measure.regions while a profiler runs)
+_INPUT_BATCHES: weakref.WeakKeyDictionary[torch.nn.Module, InputBatches] = weakref.WeakKeyDictionary()
+
+
+def input_batches_of(module: torch.nn.Module | None) -> InputBatches | None:
+    return _INPUT_BATCHES.get(module) if module is not None else None
+
+
+def set_input_batches(module: torch.nn.Module, batches: InputBatches | None) -> None:
+    if batches is None:
+        _INPUT_BATCHES.pop(module, None)
+    else:
+        _INPUT_BATCHES[module] = batches
+
+
+def walk_input_batches(col: Collector, batches: InputBatches | None) -> None:
+    """The recorded input batches as ``activations`` (:data:`INPUT_BATCH`), the lowest priority: a
+    parameter or buffer passed as an input stays what it is. Two kinds are left out:
+
+    * a view into a larger storage (a slice of a data set the script keeps resident in tensor
+      memory): the storage is the data set's, ``other``, as the estimator counts the script's
+      resident tensors (``script_resident_bytes``);
+    * on an accelerator run, a CPU tensor: the data loader's copy before it is moved to the device,
+      host memory no estimate counts."""
+    if batches is None:
+        return
+    for t in batches.tensors():
+        if t.is_meta or (t.is_cpu and not col.compute_on_cpu):
+            continue
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            continue
+        col.add_tensor(t, ACT, False, INPUT_BATCH)

@@ -15,7 +15,13 @@ import torch
 
 from memprof.measure.ownership import deepspeed, fsdp2
 from memprof.measure.ownership.core import Collector, Owned, Placement, StorageKey
-from memprof.measure.ownership.plain_torch import inner_torch_optimizers, walk_module, walk_torch_optimizers
+from memprof.measure.ownership.plain_torch import (
+    inner_torch_optimizers,
+    input_batches_of,
+    walk_input_batches,
+    walk_module,
+    walk_torch_optimizers,
+)
 
 # Each engine's walk of its optimizer wrapper: None when the wrapper is not that engine's.
 _ENGINE_WALKS = (deepspeed.walk_optimizer_wrapper,)
@@ -34,7 +40,8 @@ def owned_storages(engine: Any = None, *, model: torch.nn.Module | None = None,
 
     Pass a DeepSpeed engine, or a plain ``model`` and/or torch ``optimizer`` (or a DeepSpeed
     optimizer wrapper). Activations and ``other`` are not found here: they are what a tracker
-    measures beyond these storages.
+    measures beyond these storages, except the input batches fed to ``model`` while a profiler
+    records them (plain_torch.InputBatches): ``activations``.
     """
     if engine is not None:
         model = model if model is not None else getattr(engine, "module", None)
@@ -63,4 +70,5 @@ def owned_storages(engine: Any = None, *, model: torch.nn.Module | None = None,
     if basic is not None:
         inner.append(basic)
     walk_torch_optimizers(col, inner, placement.offloaded_by_id, placement.default_offloaded)
+    walk_input_batches(col, input_batches_of(model))
     return col.owned
