@@ -202,3 +202,29 @@ def test_stage3_prefetch_groups_hold_their_flat_buffers_until_consumed() -> None
     everything = sum(base_numels("llama-tiny")) - sum(n for n in base_numels("llama-tiny") if n <= 256)
     assert everything == 56_320 + 57_344 + 44_032
     assert (r.end_gathered, r.end_buffers) == (everything, 0)  # lm_head consumed call 3: nothing left in flight
+
+
+def test_stage3_forward_peak_names_the_in_flight_gathers(runs) -> None:
+    """Issue 17: at the llama-z3-fp32-gas2-ckpt forward peak (layer 1's MLP, in steps after the
+    coordinator's trace is complete) the flat outputs of prefetch calls 2 and 3 (the test above) are
+    held only by DeepSpeed's AllGatherCoalescedHandle in the inflight registry
+    (partition_parameters.py 1343-1370; partitioned_param_coordinator.py 613, popped at 406): the
+    ownership walk names them comm_buffers, one owner per call, beside the reduce bucket
+    (reduce_bucket_size 50,000 fp32 elements, stage3.py's IPGBucketZ3, kept for the run). Each call's
+    output is sum(ceil(n / 2)) * 2 elements, fp32; every gathered numel here is even."""
+    v, h, i, a, kv = (PRESETS["llama-tiny"][k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                         "num_attention_heads", "num_key_value_heads"))
+    d = h // a
+    q, k, o, mlp = a * d * h, kv * d * h, h * a * d, i * h
+    call_2 = 2 * mlp + (q + 2 * k + o) + 2 * mlp  # L0 up, down; L1 q, k, v, o; L1 gate, up
+    call_3 = mlp + v * h  # L1 down, lm_head
+    assert (call_2, call_3) == (57_344, 44_032)  # the prefetch test's hand count
+    from memprof.measure.ownership.deepspeed import INFLIGHT_GATHER
+
+    doc = json.loads((runs["llama-z3-fp32-gas2-ckpt"] / "memprof.json").read_text())
+    for entry in doc["ranks"]:
+        owners = entry["steps"][-1]["phases"]["forward"]["peak_owners"]["device"]["comm_buffers"]
+        gathers = sorted(n for name, n in owners.items() if name.startswith(INFLIGHT_GATHER))
+        assert gathers == sorted([4 * call_2, 4 * call_3]), (entry["rank"], owners)
+        assert owners["ipg reduce bucket float32"] == 4 * 50_000
+        assert sum(owners.values()) == entry["steps"][-1]["phases"]["forward"]["peak"]["device"]["comm_buffers"]

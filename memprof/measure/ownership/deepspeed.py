@@ -100,7 +100,60 @@ def _walk_zero_3(col: Collector, zo: Any) -> Placement:
     col.add_each(getattr(zo, "muon_momentum_buffer_partitioned_groups_flat", None), OPT_STATE,
                  "muon momentum, sub-group {}", offload_opt)
     col.add(getattr(zo, "_muon_allgather_buffers", None), COMM, False, "muon all-gather cache")
+    _walk_inflight_gathers(col, zo)
     return Placement(offloaded_by_id, offload_opt)
+
+
+INFLIGHT_GATHER = "all-gather buffer in flight"
+"""The owner name (its prefix) of a ZeRO-3 all-gather's output held by its handle (below)."""
+
+
+def inflight_registries(zo: Any) -> list[Any]:
+    """ZeRO-3's registry of parameters in flight (param -> its all-gather handle): one per model,
+    kept on the module (parameter_offload.py:198-200, ``module.ds_inflight_param_registry``) and
+    handed to the coordinator (``__inflight_param_registry``, partitioned_param_coordinator.py:104)."""
+    found: list[Any] = []
+    coordinator = getattr(getattr(zo, "parameter_offload", None), "param_coordinator", None)
+    for holder, name in ((getattr(zo, "module", None), "ds_inflight_param_registry"),
+                         (coordinator, "_PartitionedParameterCoordinator__inflight_param_registry")):
+        registry = getattr(holder, name, None) if holder is not None else None
+        if registry is not None and all(registry is not r for r in found):
+            found.append(registry)
+    return found
+
+
+def _walk_inflight_gathers(col: Collector, zo: Any) -> None:
+    """The output buffers of ZeRO-3's all-gathers still in flight, ``comm_buffers``.
+
+    The coordinator's prefetch (partitioned_param_coordinator.py __all_gather_params_, 582-622)
+    all-gathers a bucket of parameters in one call and registers the same handle under each of
+    them; ``_fetch_sub_module_impl`` pops a parameter's handle when its module runs (406). An
+    ``AllGatherCoalescedHandle`` keeps ``partitions``, views of the call's flat output
+    (partition_parameters.py ``_all_gather_dtype`` 1343-1370: ``partition_sz * world_size``
+    elements of the all-gather dtype); ``wait()`` copies each parameter out of them (``torch.cat``,
+    795) but the handle still holds them, so the flat buffer lives until the bucket's last
+    parameter is consumed and its handle leaves the registry. Nothing else holds it: no other walk
+    reaches it. Single-parameter gathers (``AllGatherHandle``, 1373-1444) gather into a buffer the
+    parameter's data is a view of (params, from the module walk), except across a dtype change,
+    where the handle keeps it (``param_buffer``); quantized gathers keep the quantized copy and the
+    scales (``QuantizationInfo``)."""
+    handles: dict[int, Any] = {}
+    for registry in inflight_registries(zo):
+        for handle in list(getattr(registry, "values", lambda: [])()):
+            for h in getattr(handle, "handles", None) or [handle]:  # MultipleAllGatherHandles: one per process group
+                handles.setdefault(id(h), h)
+    for h in handles.values():
+        params = [p for p in getattr(h, "params", None) or [getattr(h, "_AllGatherHandle__param", None)] if p is not None]
+        # named by its bucket: a bucket's parameters need not have consecutive ds_ids (a prefetch
+        # skips those already gathered), so the first id and the count, not a range
+        ids = sorted(i for i in (getattr(p, "ds_id", None) for p in params) if isinstance(i, int))
+        owner = f"{INFLIGHT_GATHER} ({len(params)} params from ds_id {ids[0]})" if ids else INFLIGHT_GATHER
+        col.add(getattr(h, "partitions", None), COMM, False, owner)
+        col.add(getattr(h, "_AllGatherHandle__param_buffer", None), COMM, False, owner)
+        quantization = getattr(h, "quantization", None) or getattr(h, "_AllGatherHandle__quantization", None)
+        if quantization is not None:
+            col.add([getattr(quantization, "quantized_param", None), getattr(quantization, "scale_buffer", None)], COMM,
+                    False, owner)
 
 
 def _walk_bf16_optimizer(col: Collector, bo: Any) -> Placement:
