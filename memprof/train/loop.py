@@ -150,6 +150,10 @@ def _profiled_steps(profiler: Any, engine: Any, batches: Any, steps: int) -> Non
             with s.phase("step"):
                 engine.step()
             s.loss = loss.item()
+            # Keep the loss's value to the next forward, not its graph: with PEFT and checkpointing
+            # the graph holds the frozen embedding's output as a leaf (peft's
+            # enable_input_require_grads) and its .grad, 2 x B*S*H that nothing would name (`other`).
+            loss = loss.detach()
 
 
 def _default_single_process_env() -> None:

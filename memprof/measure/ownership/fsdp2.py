@@ -165,6 +165,25 @@ def _walk_group_buffers(col: Collector, group: Any) -> None:
         col.add(all_reduce.all_reduce_input, COMM, False, "FSDP2 all-reduce input")
 
 
+def _walk_mesh(col: Collector, group: Any) -> None:
+    """The group's DeviceMesh keeps its ranks as a small int32 CPU tensor (torch/distributed/
+    device_mesh.py ``DeviceMesh.__init__``: ``_rank_map``, 4 bytes per rank), for the process group
+    FSDP2 communicates over: communication metadata, so ``comm_buffers`` (a tiny offloaded step
+    peak, ~1 KB, was 2% of it ``other``); its root mesh's too, when the group's is a slice of one."""
+    mesh = getattr(getattr(group, "mesh_info", None), "mesh", None)
+    if mesh is None:
+        return
+    meshes = [mesh]
+    root = getattr(mesh, "_get_root_mesh", None)
+    try:
+        if callable(root) and root() is not mesh:
+            meshes.append(root())
+    except Exception:  # a torch without root meshes: the group's own mesh is named still
+        pass
+    for m in meshes:
+        col.add(getattr(m, "_rank_map", None), COMM, False, "FSDP2 device mesh ranks")
+
+
 def _walk_comm_context(col: Collector, ctx: Any) -> None:
     kept = getattr(ctx, "all_gather_state", None)
     if kept is not None:
@@ -187,6 +206,7 @@ def walk_fsdp2(col: Collector, model: torch.nn.Module | None) -> dict[int, bool]
             if getattr(fp, "offload_to_cpu", False):
                 offloaded[id(fp.sharded_param)] = True
         _walk_group_buffers(col, group)
+        _walk_mesh(col, group)
         ctx = getattr(group, "comm_ctx", None)
         if ctx is not None:
             contexts[id(ctx)] = ctx  # one context shared by every group under a root
