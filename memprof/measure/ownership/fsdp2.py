@@ -168,8 +168,9 @@ def _walk_group_buffers(col: Collector, group: Any) -> None:
 def _walk_mesh(col: Collector, group: Any) -> None:
     """The group's DeviceMesh keeps its ranks as a small int32 CPU tensor (torch/distributed/
     device_mesh.py ``DeviceMesh.__init__``: ``_rank_map``, 4 bytes per rank), for the process group
-    FSDP2 communicates over: communication metadata, so ``comm_buffers`` (a tiny offloaded step
-    peak, ~1 KB, was 2% of it ``other``); its root mesh's too, when the group's is a slice of one."""
+    FSDP2 communicates over: communication metadata, so ``comm_buffers``, in host memory (the mesh
+    moves it to the CPU even when given a device tensor), on a CPU-only run too (a tiny offloaded
+    step peak, ~1 KB, was 2% of it ``other``); its root mesh's too, when the group's is a slice of one."""
     mesh = getattr(getattr(group, "mesh_info", None), "mesh", None)
     if mesh is None:
         return
@@ -181,7 +182,7 @@ def _walk_mesh(col: Collector, group: Any) -> None:
     except Exception:  # a torch without root meshes: the group's own mesh is named still
         pass
     for m in meshes:
-        col.add(getattr(m, "_rank_map", None), COMM, False, "FSDP2 device mesh ranks")
+        col.add(getattr(m, "_rank_map", None), COMM, True, "FSDP2 device mesh ranks")
 
 
 def _walk_comm_context(col: Collector, ctx: Any) -> None:
