@@ -219,6 +219,15 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     last_block = max(blocks_kept, block_gathered)
     out.forward_extra = {P: root_gathered + blocks_kept, C: flat}
     out.forward_last_block_extra = {P: root_gathered + last_block, C: flat}
+    if layers > 1 and flat:
+        # the last block's pre-forward (FSDPParamGroup.wait_for_unshard, _fsdp_param_group.py): its
+        # copy-out fills its unsharded parameters while the previous block's flat output is still
+        # held in comm_ctx.all_gather_state (freed only after this copy-out) beside its own; the
+        # previous block already resharded by its post_forward (unless reshard_after_forward is
+        # False). Under checkpointing the activations then are small (each block's checkpointed
+        # input), so this moment can top the end of the last block (tests/test_fsdp2.py ckpt)
+        out.forward_copy_out_extra = {P: root_gathered + last_block, C: 2 * flat}
+        out.forward_copy_out_blocks = layers
     # backward's start: the root's post-forward freed the flat output (FSDPState._post_forward);
     # the root stays gathered, and every block under reshard_after_forward False; the root's
     # pre-backward prefetches the last block's all-gather (FSDPParamGroup.pre_backward ->

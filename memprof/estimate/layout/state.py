@@ -35,6 +35,12 @@ class StateLayout:
     # (Activations.saved; under checkpointing its forward_peak): FSDP2's last block, gathered with
     # its flat all-gather output; empty where the engine has none (DeepSpeed, DDP)
     forward_last_block_extra: dict[str, int] = field(default_factory=dict)
+    # FSDP2, under checkpointing: the last block's all-gather copy-out, beside every earlier block's
+    # checkpointed input and the last block's input (L x Activations.block_kept): two flat
+    # all-gather outputs alive (the previous block's, kept in comm_ctx.all_gather_state, and this
+    # one's); empty where the engine has none
+    forward_copy_out_extra: dict[str, int] = field(default_factory=dict)
+    forward_copy_out_blocks: int = 0  # L: the blocks whose checkpointed inputs exist at that copy-out
     # a forward moment inside the last layer beside the family's in-layer activation moment
     # (Activations.forward_in_layer): ZeRO-3's most gathered parameters and all-gather buffers at
     # any module's fetch (memprof.estimate.stage3_replay); empty where not modelled
@@ -215,6 +221,8 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
     out.forward_extra = plus(out.forward_extra, between)
     if out.forward_last_block_extra:
         out.forward_last_block_extra = plus(out.forward_last_block_extra, between)
+    if out.forward_copy_out_extra:
+        out.forward_copy_out_extra = plus(out.forward_copy_out_extra, between)
     if out.forward_in_layer_extra:
         out.forward_in_layer_extra = plus(out.forward_in_layer_extra, between)
     if out.backward_start_extra is not None:
