@@ -421,7 +421,9 @@ def _forward_in_blocks(shape: Any, s: _Sizes, q: ActivationQuery, attn: _Attenti
     """Activations.forward_in_blocks under checkpointing: block i's attention and GELU moments are the
     last block's (_in_block) less the L-1-i block inputs not made yet (each checkpointed block keeps
     its input: torch/utils/checkpoint.py non-reentrant; traced on block 1 of 3 of a 3-rank ZeRO-3
-    GPT-2 w96 run: 1,012,032 bytes, exact)."""
+    GPT-2 w96 run: 1,012,032 bytes, exact, with a dispatch-mode tracker), plus the CPU RNG state
+    each checkpointed block so far stashed (common.rng_stash: i+1 of them; the allocation-hook
+    tracker sees them, the dispatch mode does not)."""
     if not q.checkpointing:
         return ()
     positions = _block_fetch_positions(shape)
@@ -430,7 +432,7 @@ def _forward_in_blocks(shape: Any, s: _Sizes, q: ActivationQuery, attn: _Attenti
     embed, last_attn, last_mlp = _in_block(s, attn, out)
     moments = []
     for i, (c_attn, act) in enumerate(positions):
-        base = embed - (s.L - 1 - i) * s.BSH * s.e
+        base = embed - (s.L - 1 - i) * s.BSH * s.e + (i + 1) * rng_stash(q)
         moments += [(c_attn, base + last_attn), (act, base + last_mlp)]
     return tuple(moments)
 
