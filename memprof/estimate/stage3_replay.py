@@ -41,6 +41,12 @@ class Stage3Forward:
     end_numel: int  # the same two in parameters' elements (no rounding to the world size)
     peak_gathered: int  # at the module fetch with the most gathered + buffer elements: gathered,
     peak_buffers: int  # and buffers
+    # (gathered, buffers) once each module (by forward position) is fetched, its prefetch issued and
+    # its post-forward release done: what holds from then until the next module's fetch, e.g.
+    # through an attention core between c_attn and c_proj, or a parameter-less module's forward
+    # (GPT-2's mlp.act, GELU) whose own fetch only prefetched; compared to an in-block activation
+    # moment (memprof.estimate.core._block_fetch_moments)
+    after: tuple[tuple[int, int], ...] = ()
 
     @property
     def peak(self) -> int:
@@ -181,9 +187,11 @@ def replay_stage3_forward(numels: tuple[int, ...], forward: tuple[tuple[int, ...
     """The forward of a complete trace (module doc), from the second step on."""
     r = _Replay(numels, forward, threshold, max_reuse_distance, world_size)
     peak = (0, 0)
+    after: list[tuple[int, int]] = []
     for pos, module in enumerate(forward):
         peak = max(peak, r.fetch(pos, module, prefetch_bucket, max_live), key=sum)
         r.release(pos, module)
+        after.append(r.elements())
     end = r.elements()
     peak = max(peak, end, key=sum)
-    return Stage3Forward(end[0], end[1], r.numel_total, peak[0], peak[1])
+    return Stage3Forward(end[0], end[1], r.numel_total, peak[0], peak[1], tuple(after))

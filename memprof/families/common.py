@@ -105,6 +105,12 @@ class Activations:
     # kept), paired with what an engine holds there beyond the loss's moment (ZeRO-3's prefetch
     # buffers: StateLayout.forward_in_layer_extra); 0 where not modelled
     forward_in_layer: int = 0
+    # with checkpointing, every block's in-block forward moments (not only the last block's), each
+    # as (position in ModelShape.module_order of the module whose fetch and release come last
+    # before the moment, activation bytes then): an engine whose parameters come and go module by
+    # module (ZeRO-3: StateLayout.forward_at_fetch) can peak in an earlier block, where fewer
+    # block inputs are kept but prefetched all-gather buffers are held. Empty where not modelled
+    forward_in_blocks: tuple[tuple[int, int], ...] = ()
     # The backward seen block by block (block i = L-1 down to 0), for engines that keep every
     # param.grad through backward (DeepSpeed ZeRO-0/1: StateLayout.backward_blocks_extra):
     # ``block_moments``: the last block's in-block backward moments, each as (activation bytes,

@@ -355,7 +355,7 @@ def _loss_backward(s: _Sizes) -> int:
 
 def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
     """(saved once forward returns, forward's peak, what backward recomputes of the last block)."""
-    e, BSH, BSI, L, ae = s.e, s.BSH, s.BSI, s.L, attn.element_size
+    e, BSH, L = s.e, s.BSH, s.L
     if not q.checkpointing:
         saved = L * per_layer + out.saved
         return saved, saved + out.loss_end, 0
@@ -374,17 +374,67 @@ def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, ou
     # noise (CPU) stays with the autograd graph; the loop's checkpoints hold every block input
     # (the first is the dropout output). Both in-block moments are the LAST block's, where all
     # L block inputs are alive (traced: L = 1, 2, 3, 4).
-    embed = out.input_ids + out.positions + BSH * e + s.S * s.H * e + s.embd_mask + L * BSH * e
+    embed, last_attn, last_mlp = _in_block(s, attn, out)
+    forward_peak = max(saved + out.loss_end, embed + last_attn, embed + last_mlp)
+    # backward recomputes the last block: its saved tensors come back, except ln_1's input,
+    # which is the checkpointed block input itself (already in L*BSH*e)
+    return saved, forward_peak, per_layer - BSH * e
+
+
+def _in_block(s: _Sizes, attn: _Attention, out: _Outside) -> tuple[int, int, int]:
+    """Checkpointing: (what lives outside the last block during its forward, the block's own
+    bytes at its attention's widest, at its MLP's widest) (_forward)."""
+    e, BSH, BSI, ae = s.e, s.BSH, s.BSI, attn.element_size
+    embed = out.input_ids + out.positions + BSH * e + s.S * s.H * e + s.embd_mask + s.L * BSH * e
     upcast_qkv = 3 * BSH * FP32 if ae > e else 0  # the math kernel's fp32 copies of half q, k, v
     # at the attention's dropout output: ln_1 output, c_attn output (3BSH*e), the fp32 copies
     # (half types), the scaled q, the causal mask (S*S) and the probabilities tensors
     last_attn = (BSH * e + 3 * BSH * e + upcast_qkv + BSH * ae + s.S * s.S * ae
                  + (3 if s.attn_dropout else 1) * s.bass * ae)
     last_mlp = 3 * BSH * e + 4 * BSI * e
-    forward_peak = max(saved + out.loss_end, embed + last_attn, embed + last_mlp)
-    # backward recomputes the last block: its saved tensors come back, except ln_1's input,
-    # which is the checkpointed block input itself (already in L*BSH*e)
-    return saved, forward_peak, per_layer - BSH * e
+    return embed, last_attn, last_mlp
+
+
+def _block_fetch_positions(shape: Any) -> tuple[tuple[int, int], ...]:
+    """Per block, the positions in gpt2_fetch_modules' order of its attn.c_attn (the attention core
+    runs after c_attn's fetch and release, before attn.c_proj's fetch) and of its mlp.act (GELU is
+    that module's own forward: NewGELUActivation, ACT2FN, modeling_gpt2.py GPT2MLP.forward); () where
+    the shape's fetch order is not that layout (LoRA adapters, quantization, a bare count)."""
+    fetch, L = shape.fetch_modules, shape.n_layer or 0
+    if fetch is None:
+        return ()
+    cross = len(fetch) == 7 + 18 * L
+    per_params, per_modules = (20, 18) if cross else (12, 12)
+    if len(fetch) != 7 + per_modules * L:
+        return ()
+    out = []
+    for layer in range(L):
+        b, m = 2 + layer * per_params, 5 + layer * per_modules
+        c_attn, act = m + 3, m + per_modules - 3
+        if fetch[c_attn] != (b + 2, b + 3) or fetch[act - 1] != (b + 8, b + 9) or fetch[act] != ():
+            return ()
+        out.append((c_attn, act))
+    return tuple(out)
+
+
+def _forward_in_blocks(shape: Any, s: _Sizes, q: ActivationQuery, attn: _Attention, out: _Outside) -> tuple[tuple[int, int], ...]:
+    """Activations.forward_in_blocks under checkpointing: block i's attention and GELU moments are the
+    last block's (_in_block) less the L-1-i block inputs not made yet (each checkpointed block keeps
+    its input: torch/utils/checkpoint.py non-reentrant; traced on block 1 of 3 of a 3-rank ZeRO-3
+    GPT-2 w96 run: 1,012,032 bytes, exact, with a dispatch-mode tracker), plus the CPU RNG state
+    each checkpointed block so far stashed (common.rng_stash: i+1 of them; the allocation-hook
+    tracker sees them, the dispatch mode does not)."""
+    if not q.checkpointing:
+        return ()
+    positions = _block_fetch_positions(shape)
+    if not positions:
+        return ()
+    embed, last_attn, last_mlp = _in_block(s, attn, out)
+    moments = []
+    for i, (c_attn, act) in enumerate(positions):
+        base = embed - (s.L - 1 - i) * s.BSH * s.e + (i + 1) * rng_stash(q)
+        moments += [(c_attn, base + last_attn), (act, base + last_mlp)]
+    return tuple(moments)
 
 
 def _untied_first_hook(s: _Sizes, q: ActivationQuery, per_layer: int, saved: int, out: _Outside) -> tuple[int, int]:
@@ -608,6 +658,7 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
         block_moments=with_rng_stash(block, s.L, q),
         block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer, later_grad_elements=later,
         notes=(_ATTENTION_BACKWARD_NOTE,) if keeps_probs else (),
+        forward_in_blocks=_forward_in_blocks(shape, s, q, attn, out),
     )
 
 

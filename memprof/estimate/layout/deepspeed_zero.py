@@ -767,6 +767,17 @@ def _stage3_forward_moments(s: LayoutSetup, out: StateLayout, thr: int, single_r
         # inside forward a prefetched group is held twice: each param's gathered copy (params)
         # beside the call's flat all-gather buffer (comm_buffers) until its last param's module
         out.forward_in_layer_extra = {P: replayed.peak_gathered * e, C: replayed.peak_buffers * e}
+    if replayed is not None and replayed.after:
+        # an earlier block's in-block moment (Activations.forward_in_blocks) beside what the
+        # coordinator holds then: with a complete trace nothing is released in forward while its
+        # backward reuse is within stage3_max_reuse_distance (__params_to_release,
+        # partitioned_param_coordinator.py:655-663), so the blocks before are gathered, and the
+        # prefetches issued at each fetch (:451-481) hold the next blocks' params in flat
+        # all-gather buffers (partition_parameters.py:1343) not yet copied out (:795) or still
+        # registered under a param whose module has not run (:406). Traced on a 3-rank GPT-2 w96
+        # run (ckpt, prefetch 50,000): the peak is block 1's GELU (h.2 in flight), not the loss.
+        after = replayed.after
+        out.forward_at_fetch = lambda pos: {P: after[pos][0] * e, C: after[pos][1] * e}
     return gathered, how
 
 

@@ -45,6 +45,11 @@ class StateLayout:
     # (Activations.forward_in_layer): ZeRO-3's most gathered parameters and all-gather buffers at
     # any module's fetch (memprof.estimate.stage3_replay); empty where not modelled
     forward_in_layer_extra: dict[str, int] = field(default_factory=dict)
+    # ZeRO-3: beyond ``rest`` from a module's fetch (by its position in ModelShape.module_order) to
+    # the next one's: the gathered parameters and all-gather buffers the replay
+    # (memprof.estimate.stage3_replay, Stage3Forward.after) finds then, paired with
+    # Activations.forward_in_blocks; None where not modelled
+    forward_at_fetch: Callable[[int], dict[str, int]] | None = None
     # backward's start (the loss gradients beside every saved activation), where it differs from
     # ``forward_extra`` (FSDP2: the root's post-forward freed the last all-gather output); None:
     # the same as forward_extra (DeepSpeed, DDP)
@@ -225,6 +230,9 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
         out.forward_copy_out_extra = plus(out.forward_copy_out_extra, between)
     if out.forward_in_layer_extra:
         out.forward_in_layer_extra = plus(out.forward_in_layer_extra, between)
+    if out.forward_at_fetch is not None and between:
+        at_fetch = out.forward_at_fetch
+        out.forward_at_fetch = lambda pos: plus(at_fetch(pos), between)
     if out.backward_start_extra is not None:
         out.backward_start_extra = plus(out.backward_start_extra, between)
     out.backward_extra = plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
