@@ -1003,8 +1003,10 @@ def test_ddp_without_deepspeed_keeps_gradient_buckets_for_the_run() -> None:
     ddp = estimate(EstimateInputs(**base, engine=Engine.DDP))
     assert ddp.ranks[0].rest["device"]["comm_buffers"] == 4 * TP
     assert ds.ranks[0].rest["device"]["comm_buffers"] == 0
-    for phase in ("forward", "step"):
-        assert ddp.ranks[0].phase_total(phase) - ds.ranks[0].phase_total(phase) == 4 * TP
+    assert ddp.ranks[0].phase_total("step") - ds.ranks[0].phase_total("step") == 4 * TP
+    # forward: the buckets, and DDP's _DDPSink moment (test_ddp_sink_clones_the_outputs_after_the_model_forward)
+    sink = 2 * 32 * TINY_V * 4 + 4 - 2 * 33 * 8
+    assert ddp.ranks[0].phase_total("forward") - ds.ranks[0].phase_total("forward") == 4 * TP + sink
     # DeepSpeed's backward flattens the gradients into one 4*TP copy at its end; DDP's buckets exist already
     assert ddp.ranks[0].phase_total("backward") >= ds.ranks[0].phase_total("backward")
     assert any("torch DDP" in a for a in ddp.assumptions)
@@ -1015,6 +1017,42 @@ def test_ddp_without_deepspeed_keeps_gradient_buckets_for_the_run() -> None:
     # a DeepSpeed config in the run wins: its engine lays the states out
     with_ds = inputs_from_run({**run, "deepspeed_config": {"zero_optimization": {"stage": 0}}})
     assert with_ds.engine is Engine.DEEPSPEED
+
+
+@pytest.mark.parametrize("family", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_ddp_sink_clones_the_outputs_after_the_model_forward(family: str, use_cache: bool) -> None:
+    """torch DDP under the HF Trainer (find_unused_parameters=True without checkpointing,
+    transformers/trainer.py:749-756): _post_forward passes the output through _DDPSink, which
+    clones the loss and the logits (torch/nn/parallel/distributed.py:381-391, 1845-1870) while the
+    originals are alive. Beyond the loss's end (DeepSpeed's forward moment, same activations) that
+    moment holds the logits' clone (B*S*V*e) and the loss's (4), less what ForCausalLMLoss freed
+    on return (transformers/loss/loss_utils.py:62-67): the padded labels (B*(S+1) int64, none at
+    B = 1, where contiguous() keeps the padded storage nll_loss saves) and, when e < 4, the fp32
+    upcast (B*S*V*4), which outweighs the clone: no DDP moment above the loss's end then.
+    Measured (tests/test_integration_trainer.py ddp, gpt2-tiny fp32 B=2 S=32, use_cache off, rank 0
+    forward peak): activations 1,629,504 bytes, 132,592 above the plain run's 1,496,912."""
+    V = 512  # both presets' vocab_size
+    config = {**preset_config(family), "use_cache": use_cache}
+    base = dict(model_config=config, optimizer="adamw", zero_stage=0, world_size=2, device_type="cpu")
+    cases = [  # (precision, micro-batch, seq, checkpointing, expected bytes beyond DeepSpeed's forward activations)
+        ("fp32", 2, 32, False, 2 * 32 * V * 4 + 4 - 2 * 33 * 8),  # 131,072 + 4 - 528
+        ("fp32", 3, 48, False, 3 * 48 * V * 4 + 4 - 3 * 49 * 8),
+        ("bf16", 2, 32, False, 0),  # 2*32*V*2 + 4 < 2*32*V*4 + 528
+        ("fp32", 2, 32, True, 0),  # the Trainer's find_unused_parameters=False under checkpointing: no sink
+    ]
+    if family == "llama-tiny":
+        # B = 1: nothing freed but the upcast. Llama only: the GPT-2 family's loss's end counts the
+        # padded labels beside nll's shift_labels at B = 1 too (gpt2.py _outside has no B = 1 case),
+        # so its loss's end is S*8 above the moment this compares with
+        cases.append(("fp32", 1, 48, False, 1 * 48 * V * 4 + 4))
+    for precision, mb, seq, ckpt, expected in cases:
+        kw = dict(base, precision=precision, micro_batch=mb, seq_len=seq, activation_checkpointing=ckpt)
+        ds = estimate(EstimateInputs(**kw)).ranks[0].phases["forward"]["device"]["activations"]
+        ddp = estimate(EstimateInputs(**kw, engine=Engine.DDP))
+        got = ddp.ranks[0].phases["forward"]["device"]["activations"] - ds
+        assert got == expected, (precision, mb, seq, ckpt)
+        assert any("_DDPSink clones the outputs" in a for a in ddp.assumptions) is not ckpt
 
 
 def test_engine_in_estimate_inputs() -> None:

@@ -97,6 +97,10 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
         # rest). A lower bound: on tests/test_fsdp2.py's ckpt setup 63% of the measured activations
         # there (-1.0% of the peak), the rest not traced
         forward.append({**lay.forward_copy_out_extra, ACT: lay.forward_copy_out_blocks * acts.block_kept})
+    if lay.forward_after_model is not None and acts and not checkpointing:
+        # after the model's forward returned: its saved tensors, its output and what the engine
+        # adds there (DDP's _DDPSink output clones, layout/ddp.py)
+        forward.append({**lay.forward_extra, ACT: act(lay.forward_after_model(acts))})
     forward.extend(_block_fetch_moments(lay, acts, act))
     return {
         "forward": forward,

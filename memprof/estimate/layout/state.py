@@ -17,6 +17,7 @@ from memprof.estimate.optimizers import (
     single_tensor_temporaries,
     temporary_outlives_its_tensor,
 )
+from memprof.families.common import Activations
 
 FP32 = 4
 
@@ -50,6 +51,10 @@ class StateLayout:
     # (memprof.estimate.stage3_replay, Stage3Forward.after) finds then, paired with
     # Activations.forward_in_blocks; None where not modelled
     forward_at_fetch: Callable[[int], dict[str, int]] | None = None
+    # a forward moment after the model's forward returned (without checkpointing), beside
+    # ``forward_extra``: its activation bytes from the family's Activations. torch DDP's _DDPSink
+    # clones of the outputs (layout/ddp.py); None where the engine has none
+    forward_after_model: Callable[[Activations], int] | None = None
     # backward's start (the loss gradients beside every saved activation), where it differs from
     # ``forward_extra`` (FSDP2: the root's post-forward freed the last all-gather output); None:
     # the same as forward_extra (DeepSpeed, DDP)
