@@ -211,23 +211,7 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     # a block's flat all-gather output; none on one rank, where FSDPParamGroup.unshard skips the
     # collective and wait_for_unshard copies each shard into its unsharded parameter directly
     flat = block_gathered if n > 1 else 0
-    # forward, two moments: the end of the last block (it is gathered, with its flat all-gather
-    # output, kept in comm_ctx.all_gather_state by wait_for_unshard; every block's saved
-    # activations, not yet the head's) and the loss's end (the last block resharded unless
-    # reshard_after_forward is False; its flat output kept until the root's post-forward, which
-    # runs after the loss: GPT2LMHeadModel / LlamaForCausalLM compute it inside forward)
-    last_block = max(blocks_kept, block_gathered)
-    out.forward_extra = {P: root_gathered + blocks_kept, C: flat}
-    out.forward_last_block_extra = {P: root_gathered + last_block, C: flat}
-    if layers > 1 and flat:
-        # the last block's pre-forward (FSDPParamGroup.wait_for_unshard, _fsdp_param_group.py): its
-        # copy-out fills its unsharded parameters while the previous block's flat output is still
-        # held in comm_ctx.all_gather_state (freed only after this copy-out) beside its own; the
-        # previous block already resharded by its post_forward (unless reshard_after_forward is
-        # False). Under checkpointing the activations then are small (each block's checkpointed
-        # input), so this moment can top the end of the last block (tests/test_fsdp2.py ckpt)
-        out.forward_copy_out_extra = {P: root_gathered + last_block, C: 2 * flat}
-        out.forward_copy_out_blocks = layers
+    last_block = _forward_moments(out, root_gathered, block_gathered, blocks_kept, flat, layers)
     # backward's start: the root's post-forward freed the flat output (FSDPState._post_forward);
     # the root stays gathered, and every block under reshard_after_forward False; the root's
     # pre-backward prefetches the last block's all-gather (FSDPParamGroup.pre_backward ->
@@ -277,6 +261,30 @@ def fsdp2_layout(s: LayoutSetup, out: StateLayout) -> None:
     accumulate_between_microsteps(s, out, dict(step_grads), same_at_end=(G,),
                                   how="every sharded gradient (reduce-scattered every micro-step)")
     out.notes.append(_note(inp, root_shard, block_shard, layers, trained))
+
+
+def _forward_moments(out: StateLayout, root_gathered: int, block_gathered: int, blocks_kept: int, flat: int,
+                     layers: int) -> int:
+    """FSDP2's forward moments beside the activations (``fsdp2_layout``'s share of the layout);
+    returns the gathered bytes of the last block's moment (the blocks kept, or one block)."""
+    # forward, two moments: the end of the last block (it is gathered, with its flat all-gather
+    # output, kept in comm_ctx.all_gather_state by wait_for_unshard; every block's saved
+    # activations, not yet the head's) and the loss's end (the last block resharded unless
+    # reshard_after_forward is False; its flat output kept until the root's post-forward, which
+    # runs after the loss: GPT2LMHeadModel / LlamaForCausalLM compute it inside forward)
+    last_block = max(blocks_kept, block_gathered)
+    out.forward_extra = {P: root_gathered + blocks_kept, C: flat}
+    out.forward_last_block_extra = {P: root_gathered + last_block, C: flat}
+    if layers > 1 and flat:
+        # the last block's pre-forward (FSDPParamGroup.wait_for_unshard, _fsdp_param_group.py): its
+        # copy-out fills its unsharded parameters while the previous block's flat output is still
+        # held in comm_ctx.all_gather_state (freed only after this copy-out) beside its own; the
+        # previous block already resharded by its post_forward (unless reshard_after_forward is
+        # False). Under checkpointing the activations then are small (each block's checkpointed
+        # input), so this moment can top the end of the last block (tests/test_fsdp2.py ckpt)
+        out.forward_copy_out_extra = {P: root_gathered + last_block, C: 2 * flat}
+        out.forward_copy_out_blocks = layers
+    return last_block
 
 
 def _block_state(n: int, layers: int, root_grads: int, root_gathered: int, block_gathered: int, flat: int,
