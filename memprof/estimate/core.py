@@ -93,10 +93,12 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
     if lay.forward_last_block_extra:
         forward.append({**lay.forward_last_block_extra, ACT: _last_block_activations(acts, checkpointing, act)})
     if lay.forward_copy_out_extra and checkpointing and acts and acts.block_kept:
-        # every block's checkpointed input (the last block's too: its input exists; the batch is in
-        # rest). A lower bound: on tests/test_fsdp2.py's ckpt setup 63% of the measured activations
-        # there (-1.0% of the peak), the rest not traced
-        forward.append({**lay.forward_copy_out_extra, ACT: lay.forward_copy_out_blocks * acts.block_kept})
+        # what the family says is alive as the last block's forward starts (GPT-2: every block input,
+        # the embeddings' outputs GPT2Model.forward still holds, the RNG stashes); else each block's
+        # checkpointed input only (the last block's too: its input exists), a lower bound
+        before = (act(acts.forward_before_last_block) if acts.forward_before_last_block
+                  else lay.forward_copy_out_blocks * acts.block_kept)
+        forward.append({**lay.forward_copy_out_extra, ACT: before})
     if lay.forward_after_model is not None and acts and not checkpointing:
         # after the model's forward returned: its saved tensors, its output and what the engine
         # adds there (DDP's _DDPSink output clones, layout/ddp.py)

@@ -111,6 +111,11 @@ class Activations:
     # module (ZeRO-3: StateLayout.forward_at_fetch) can peak in an earlier block, where fewer
     # block inputs are kept but prefetched all-gather buffers are held. Empty where not modelled
     forward_in_blocks: tuple[tuple[int, int], ...] = ()
+    # with checkpointing, the activations alive as the last block's forward starts (its input and
+    # every earlier block's, what the model's forward still holds of the embeddings, the CPU RNG
+    # stashes): FSDP2's last-block copy-out (StateLayout.forward_copy_out_extra). 0 where not
+    # modelled (the engine counts each block's checkpointed input only then)
+    forward_before_last_block: int = 0
     # The backward seen block by block (block i = L-1 down to 0), for engines that keep every
     # param.grad through backward (DeepSpeed ZeRO-0/1: StateLayout.backward_blocks_extra):
     # ``block_moments``: the last block's in-block backward moments, each as (activation bytes,

@@ -659,6 +659,9 @@ def gpt2_activations(shape: Any, q: ActivationQuery) -> Activations:
         block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer, later_grad_elements=later,
         notes=(_ATTENTION_BACKWARD_NOTE,) if keeps_probs else (),
         forward_in_blocks=_forward_in_blocks(shape, s, q, attn, out),
+        # the last block's non-reentrant checkpoint stashed the RNG state before the block's own
+        # forward (and FSDP2's pre-forward hook inside it) ran: L stashes
+        forward_before_last_block=(_in_block(s, attn, out)[0] + s.L * rng_stash(q)) if q.checkpointing else 0,
     )
 
 
