@@ -106,6 +106,8 @@ CASES: dict[str, tuple[Any, int, dict[str, Any], int]] = {
     "new-llamaw96-z1-rmsprop-bf16-gas3-seq40": (LLAMA_WIDE, 2, ds_config(1, "rmsprop", True, gas=3, **SMALL), 40),
     "new-gpt2w96-z3-adagrad-fp32-ckpt-n3-seq56": (GPT2_WIDE, 3, ds_config(3, "adagrad", False, top=CKPT, **Z3), 56),
     "new-gpt2w96-z2-amsgrad-fp32-offload-seq48": (GPT2_WIDE, 2, ds_config(2, "amsgrad", False, **SMALL, **OFFLOAD), 48),
+    "new-llamaw96-z3-adamw-fp32-ckpt-seq64": (LLAMA_WIDE, 2, ds_config(3, "adamw", False, top=CKPT, **Z3), 64),
+    "new-llama-z3-sgd-bf16-ckpt-mb1-seq96": ("llama-tiny", 3, ds_config(3, "sgd", True, micro=1, top=CKPT, **Z3), 96),
 }
 
 
