@@ -474,7 +474,9 @@ def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, ou
         # repeat_kv's copies, then the scores and their scaled copy, or in bf16 the masked scores
         # beside softmax's fp32 input copy and output)
         layer_base = out.input_ids + positions + out.rotary + mask + L * BSH * e
-        moments = [saved + out.loss_end, layer_base + 2 * BSH * e + 3 * s.BSI * e]
+        # at the loss every checkpoint's stashed CPU RNG state is alive too (common.rng_stash; traced on
+        # the 2-rank ZeRO-3 Llama w96 run: the measured forward peak held 3 x 5,056 bytes beyond the rest)
+        moments = [saved + out.loss_end + L * rng_stash(q), layer_base + 2 * BSH * e + 3 * s.BSI * e]
         if s.kernel == "eager":
             moments.append(layer_base + BSH * e + s.BSQ * e + 2 * s.BSK * e + s.eager_core)
         return saved, max(moments), recomputed
@@ -727,6 +729,9 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     # shift_labels released, the loss and its gradient seed alive
     bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     first_hook, block_moments = _backward_first_hook(s, shape, attn, saved, recomputed, out)
+    # block by block where the fetch order is LlamaForCausalLM's: then the last layer's in-layer
+    # moment is no longer paired with the replay's highest state (an upper bound)
+    in_blocks = _forward_in_blocks(shape, s, q, out)
     formula = (
         f"per layer = RMSNorms 2x(4BSH+4BS+BSH*e) + norm outputs 2BSH*e + SwiGLU 4BSI*e + attention "
         f"[{s.kernel}: {attn.words}]" + ("; KV cache copies of k, v per layer" if s.cache else "")
@@ -737,7 +742,8 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
                        block_moments=with_rng_stash(block_moments, s.L, q),
                        block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer,
                        later_grad_elements=_later_grads(shape),
-                       forward_in_layer=_in_layer_moment(s, q, attn, out) if q.checkpointing else 0)
+                       forward_in_layer=0 if in_blocks else _in_layer_moment(s, q, attn, out) if q.checkpointing else 0,
+                       forward_in_blocks=in_blocks)
 
 
 def _later_grads(shape: Any) -> tuple[int, ...]:
@@ -747,6 +753,49 @@ def _later_grads(shape: Any) -> tuple[int, ...]:
     if shape.trainable_mask is not None or shape.quantization is not None:
         return ()
     return later_grad_elements(shape.param_numels, shape.n_layer, 1, 1 if shape.tied_embeddings else 2)
+
+
+def _block_fetch_positions(shape: Any) -> tuple[tuple[int, int], ...]:
+    """Per layer, the positions in llama_fetch_modules' order of its self_attn.v_proj (the attention
+    core, LlamaAttention.forward: rotary, repeat_kv, the scores, runs after v_proj's fetch and
+    release, before o_proj's fetch) and of its mlp.up_proj (LlamaMLP.forward: ``down_proj(act_fn(
+    gate_proj(x)) * up_proj(x))``: the product is formed after up_proj's forward, before down_proj's
+    fetch); () where the shape's fetch order is not that layout (a bare count, another family)."""
+    fetch, L = shape.fetch_modules, shape.n_layer or 0
+    if fetch is None or L == 0 or len(fetch) != 4 + 13 * L + 2:
+        return ()
+    out = []
+    for layer in range(L):
+        m = 4 + 13 * layer  # the layer's own (parameter-less) module; then the 12 of llama_fetch_modules
+        v, up = m + 5, m + 11
+        if fetch[m] != () or fetch[m + 2] != () or fetch[m + 8] != () or fetch[m + 10] != () or not fetch[v] or not fetch[up]:
+            return ()
+        out.append((v, up))
+    return tuple(out)
+
+
+def _forward_in_blocks(shape: Any, s: _Sizes, q: ActivationQuery, out: _Outside) -> tuple[tuple[int, int], ...]:
+    """Activations.forward_in_blocks under checkpointing: layer i's MLP product moment (and eager
+    attention's scores moment) are the last layer's (_in_layer_moment) less the L-1-i layer inputs
+    not made yet (non-reentrant torch/utils/checkpoint.py keeps each layer's input only), plus the
+    CPU RNG states the i+1 checkpoints so far stashed (common.rng_stash). The attention moment is
+    modelled for eager attention only (sdpa's kernels: not traced), as in _forward."""
+    if not q.checkpointing or q.lora is not None:
+        return ()
+    positions = _block_fetch_positions(shape)
+    if not positions:
+        return ()
+    mask = s.B * s.S * s.S * s.e if s.kernel == "eager" else 0
+    layer_base = out.input_ids + s.S * INT64 + out.rotary + mask + s.L * s.BSH * s.e
+    mlp = layer_base + 2 * s.BSH * s.e + 3 * s.BSI * s.e
+    eager = layer_base + s.BSH * s.e + s.BSQ * s.e + 2 * s.BSK * s.e + s.eager_core
+    moments = []
+    for i, (v, up) in enumerate(positions):
+        less = (s.L - 1 - i) * s.BSH * s.e - (i + 1) * rng_stash(q)
+        if s.kernel == "eager":
+            moments.append((v, eager - less))
+        moments.append((up, mlp - less))
+    return tuple(moments)
 
 
 def _in_layer_moment(s: _Sizes, q: ActivationQuery, attn: _Attention, out: _Outside) -> int:
