@@ -85,6 +85,12 @@ def _phase_extras(lay: StateLayout, acts: Activations | None, checkpointing: boo
         if extra and level:
             backward.append({**extra, ACT: act(level)})
     backward.extend(_block_moments(lay, acts, act))
+    if lay.backward_after_head_extra is not None and acts and acts.backward_head_split:
+        # ZeRO-3: each moment with its own activations, not every one with the highest of them
+        start_level, hook_level, after_head = acts.backward_head_split
+        backward[0] = {**start, ACT: act(start_level)}
+        backward[1] = {**lay.backward_extra, ACT: act(hook_level)}
+        backward.append({**lay.backward_after_head_extra, ACT: act(after_head)})
     # at backward's start only the params gathered for it exist beside the activations; gradients
     # and reduce buckets come with the first hook
     forward = [{**lay.forward_extra, ACT: a_fwd}]

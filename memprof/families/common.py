@@ -89,6 +89,12 @@ class Activations:
     formula: str  # the per-layer formula in words
     loop_held: int = 0  # what the loop holds between steps: its input batch (int64) and the loss
     backward_first_hook: int = 0  # activations alive when the first parameter gradients appear
+    # (backward's start, the first hook's own moment, the largest moment after the head's backward:
+    # the final norm's and the last block's in-block ones, CPU RNG stashes included) where the
+    # family tells them apart (backward_peak and backward_first_hook take the max over all three,
+    # an upper bound for an engine that releases the head's parameters and gradient after its
+    # backward: StateLayout.backward_after_head_extra, ZeRO-3); () where not modelled
+    backward_head_split: tuple[int, int, int] = ()
     # activations alive once the gradient hooks of the final norm and of the last block's MLP
     # output projection have fired (GPT-2 tied: ln_f and mlp.c_proj, 4 hooks), at GELU's last mul
     # of that block; 0 where not modelled. ZeRO-2 with a small reduce bucket allocates

@@ -729,6 +729,7 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     # shift_labels released, the loss and its gradient seed alive
     bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
     first_hook, block_moments = _backward_first_hook(s, shape, attn, saved, recomputed, out)
+    head_split = _head_split(s, shape, q, bwd_start, saved, recomputed, out, block_moments)
     # block by block where the fetch order is LlamaForCausalLM's: then the last layer's in-layer
     # moment is no longer paired with the replay's highest state (an upper bound)
     in_blocks = _forward_in_blocks(shape, s, q, out)
@@ -743,7 +744,7 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
                        block_kept=(s.BSH * s.e + rng_stash(q)) if q.checkpointing else per_layer,
                        later_grad_elements=_later_grads(shape),
                        forward_in_layer=0 if in_blocks else _in_layer_moment(s, q, attn, out) if q.checkpointing else 0,
-                       forward_in_blocks=in_blocks)
+                       forward_in_blocks=in_blocks, backward_head_split=head_split)
 
 
 def _later_grads(shape: Any) -> tuple[int, ...]:
@@ -753,6 +754,22 @@ def _later_grads(shape: Any) -> tuple[int, ...]:
     if shape.trainable_mask is not None or shape.quantization is not None:
         return ()
     return later_grad_elements(shape.param_numels, shape.n_layer, 1, 1 if shape.tied_embeddings else 2)
+
+
+def _head_split(s: _Sizes, shape: Any, q: ActivationQuery, bwd_start: int, saved: int, recomputed: int,
+                out: _Outside, block_moments: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
+    """Activations.backward_head_split: (backward's start, lm_head.weight's hook: an untied head's
+    grad_W formed, the loss gradients and log_softmax's output gone (_backward_first_hook's
+    ``first``), the final norm's backward and the last layer's in-block moments); backward's start
+    and after the head with every checkpoint's CPU RNG stash (common.rng_stash). Untied only: a
+    tied head's first hook is model.norm's, after lm_head's backward."""
+    if shape.tied_embeddings or not block_moments:
+        return ()
+    stashes = s.L * rng_stash(q)
+    first = saved - out.shift_labels - out.log_softmax + 2 * FP32
+    after_norm = saved + recomputed - out.shift_labels - out.log_softmax - s.norm_saved + 2 * FP32
+    norm_bwd = after_norm - recomputed + s.norm_saved + 3 * s.BSH * FP32 + (s.BSH * FP32 if s.e < FP32 else 0) - 4 * s.BS
+    return (bwd_start + stashes, first + stashes, max(norm_bwd, *(m for m, _ in block_moments)) + stashes)
 
 
 def _block_fetch_positions(shape: Any) -> tuple[tuple[int, int], ...]:

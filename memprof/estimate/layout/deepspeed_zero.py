@@ -761,6 +761,7 @@ def _stage3_forward_moments(s: LayoutSetup, out: StateLayout, thr: int, single_r
     gathered, how = _stage3_gathered(s, thr, single_rank)
     out.forward_extra = {P: gathered * e}
     out.backward_extra = {P: gathered * e, G: largest * e}
+    out.backward_after_head_extra = {P: max(0, gathered - _head_released(s, thr)) * e}
     replayed = None if single_rank else shape.stage3_forward(thr, z.max_reuse_distance, z.prefetch_bucket_size,
                                                               z.max_live_parameters, N)
     if replayed is not None and replayed.peak > gathered:
@@ -779,6 +780,21 @@ def _stage3_forward_moments(s: LayoutSetup, out: StateLayout, thr: int, single_r
         after = replayed.after
         out.forward_at_fetch = lambda pos: {P: after[pos][0] * e, C: after[pos][1] * e}
     return gathered, how
+
+
+def _head_released(s: LayoutSetup, thr: int) -> int:
+    """Gathered elements released once the head's backward ran: an untied output embedding and the
+    final norm (the last two parameters of a model with a transformer shape) are used once more in
+    the trace after their backward (none), so release_sub_module frees them then
+    (__params_to_release, partitioned_param_coordinator.py:655-663; the run's peak owners at its
+    backward peak: no lm_head.weight); each gathered as a single all-gather, numel rounded up to the
+    world size. Their gradients went to the reduce bucket at their hooks (the bucket is already
+    counted): none is kept. Tied, the head is embed_tokens' weight, used again by the embedding's
+    backward: kept."""
+    shape = s.shape
+    if not shape.has_transformer_shape or shape.tied_embeddings or len(shape.param_numels) < 2:
+        return 0
+    return sum(-(-n // s.N) * s.N for n in shape.param_numels[-2:] if n > thr)
 
 
 def _trace_reset_each_micro_step(inp: EstimateInputs) -> bool:

@@ -67,6 +67,9 @@ class StateLayout:
     # and of the block's own finished ones) and the block's activations (Activations.block_moments,
     # less the blocks already done: Activations.block_kept each); None: not modelled block by block
     backward_blocks_extra: dict[str, int] | None = None
+    # ZeRO-3: beyond ``rest`` once the head's backward ran (its parameters released, its gradient
+    # reduced into the bucket), paired with Activations.backward_head_split's last level; None: not modelled
+    backward_after_head_extra: dict[str, int] | None = None
     backward_blocks_grad_size: int = 0
     # ZeRO-2 (gradients reduced at their hooks): beyond ``rest`` at a block's backward moment once
     # the hooks of gradients of ``fired`` elements ran (Activations.later_grad_elements[i] + the
@@ -242,6 +245,8 @@ def accumulate_between_microsteps(s: LayoutSetup, out: StateLayout, between: dic
         out.backward_start_extra = plus(out.backward_start_extra, between)
     out.backward_extra = plus(out.backward_extra, {c: n for c, n in between.items() if c not in same_at_hook})
     out.backward_end_extra = plus(out.backward_end_extra, {c: n for c, n in between.items() if c not in same_at_end})
+    if out.backward_after_head_extra is not None:
+        out.backward_after_head_extra = plus(out.backward_after_head_extra, {c: n for c, n in between.items() if c not in same_at_hook})
     if out.backward_blocks_extra is not None:
         # every param.grad already exists from the earlier micro-steps (AccumulateGrad adds in place):
         # the block moments hold ``between`` whole, no gradient grows during the boundary's backward
