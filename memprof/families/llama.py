@@ -499,10 +499,11 @@ def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, ou
 
 
 def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, recomputed: int, out: _Outside
-                         ) -> tuple[int, tuple[tuple[int, int], ...]]:
+                         ) -> tuple[int, tuple[tuple[int, int], ...], int, int]:
     """The largest moment from the first parameter gradient hook through the last layer's
-    backward (traced; module docstring), and the last layer's in-block moments as
-    ``Activations.block_moments`` (activation bytes, elements of its own parameters' .grad)."""
+    backward (traced; module docstring), the last layer's in-block moments as
+    ``Activations.block_moments`` (activation bytes, elements of its own parameters' .grad), the
+    first hook's own moment and the final norm's backward."""
     e, H, I, BSH, BSI, norm_saved, bass = s.e, s.H, s.I, s.BSH, s.BSI, s.norm_saved, s.bass
     # After the final norm's backward (its saved tensors and output freed, the residual stream's
     # gradient BSH*e alive; the loss gradients and log_softmax's output freed; a tied embedding's
@@ -537,7 +538,7 @@ def _backward_first_hook(s: _Sizes, shape: Any, attn: _Attention, saved: int, re
         after_o_proj = after_norm - _mlp(s) - norm_saved - BSH * e
         block.append((after_o_proj - attn.kv_saved // 2 + 2 * bass * FP32
                       - (bass * e if e < FP32 and s.kernel == "eager" else 0), 3 * H * I + mlp_b + H + s.a * s.d * H))
-    return max([first, norm_bwd, *(m for m, _ in block)]), tuple(block)
+    return max([first, norm_bwd, *(m for m, _ in block)]), tuple(block), first, norm_bwd
 
 
 # ---- LoRA on a frozen model ------------------------------------------------------------------
@@ -728,8 +729,8 @@ def llama_activations(shape: Any, q: ActivationQuery) -> Activations | None:
     # backward's start: nll_loss_backward and _log_softmax_backward_data outputs (B*S*V*4 each),
     # shift_labels released, the loss and its gradient seed alive
     bwd_start = saved + _loss_backward(s) - out.shift_labels + 2 * FP32
-    first_hook, block_moments = _backward_first_hook(s, shape, attn, saved, recomputed, out)
-    head_split = _head_split(s, shape, q, bwd_start, saved, recomputed, out, block_moments)
+    first_hook, block_moments, first, norm_bwd = _backward_first_hook(s, shape, attn, saved, recomputed, out)
+    head_split = _head_split(shape, q, s.L, bwd_start, first, norm_bwd, block_moments)
     # block by block where the fetch order is LlamaForCausalLM's: then the last layer's in-layer
     # moment is no longer paired with the replay's highest state (an upper bound)
     in_blocks = _forward_in_blocks(shape, s, q, out)
@@ -756,8 +757,8 @@ def _later_grads(shape: Any) -> tuple[int, ...]:
     return later_grad_elements(shape.param_numels, shape.n_layer, 1, 1 if shape.tied_embeddings else 2)
 
 
-def _head_split(s: _Sizes, shape: Any, q: ActivationQuery, bwd_start: int, saved: int, recomputed: int,
-                out: _Outside, block_moments: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
+def _head_split(shape: Any, q: ActivationQuery, layers: int, bwd_start: int, first: int, norm_bwd: int,
+                block_moments: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
     """Activations.backward_head_split: (backward's start, lm_head.weight's hook: an untied head's
     grad_W formed, the loss gradients and log_softmax's output gone (_backward_first_hook's
     ``first``), the final norm's backward and the last layer's in-block moments); backward's start
@@ -765,10 +766,7 @@ def _head_split(s: _Sizes, shape: Any, q: ActivationQuery, bwd_start: int, saved
     tied head's first hook is model.norm's, after lm_head's backward."""
     if shape.tied_embeddings or not block_moments:
         return ()
-    stashes = s.L * rng_stash(q)
-    first = saved - out.shift_labels - out.log_softmax + 2 * FP32
-    after_norm = saved + recomputed - out.shift_labels - out.log_softmax - s.norm_saved + 2 * FP32
-    norm_bwd = after_norm - recomputed + s.norm_saved + 3 * s.BSH * FP32 + (s.BSH * FP32 if s.e < FP32 else 0) - 4 * s.BS
+    stashes = layers * rng_stash(q)
     return (bwd_start + stashes, first + stashes, max(norm_bwd, *(m for m, _ in block_moments)) + stashes)
 
 
