@@ -473,9 +473,10 @@ def _forward(s: _Sizes, q: ActivationQuery, per_layer: int, attn: _Attention, ou
         # attention at its widest (input_layernorm's output, v_proj's output, the rotated q and k,
         # repeat_kv's copies, then the scores and their scaled copy, or in bf16 the masked scores
         # beside softmax's fp32 input copy and output)
-        layer_base = out.input_ids + positions + out.rotary + mask + L * BSH * e
-        # at the loss every checkpoint's stashed CPU RNG state is alive too (common.rng_stash; traced on
-        # the 2-rank ZeRO-3 Llama w96 run: the measured forward peak held 3 x 5,056 bytes beyond the rest)
+        # every checkpoint's stashed CPU RNG state (common.rng_stash) is alive from its block's forward
+        # to its backward: at the loss all L (traced on the 2-rank ZeRO-3 Llama w96 run: the measured
+        # forward peak held 3 x 5,056 bytes beyond the rest), inside the last layer all L too
+        layer_base = out.input_ids + positions + out.rotary + mask + L * BSH * e + L * rng_stash(q)
         moments = [saved + out.loss_end + L * rng_stash(q), layer_base + 2 * BSH * e + 3 * s.BSI * e]
         if s.kernel == "eager":
             moments.append(layer_base + BSH * e + s.BSQ * e + 2 * s.BSK * e + s.eager_core)
